@@ -1,0 +1,85 @@
+"""Small helpers shared by the dataset loaders (file discovery, label parsing, CSV reading)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from calm.data.base import LABEL_SEP, Clip, DatasetError
+
+# Containers the audio loader (soundfile / PyAV) reads; video containers carry an audio stream.
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".wma",
+     ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi"}
+)
+
+SPLIT_ALIASES = {
+    "train": "train", "training": "train",
+    "test": "test", "eval": "test", "evaluation": "test",
+    "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev",
+}
+
+
+def is_audio(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in AUDIO_EXTENSIONS
+
+
+def split_labels(text: str, where: str) -> tuple[str, ...]:
+    """`a;b;c` -> ("a", "b", "c"), whitespace stripped, duplicates removed (order kept)."""
+    labels = tuple(dict.fromkeys(p.strip() for p in text.split(LABEL_SEP) if p.strip()))
+    if not labels:
+        raise DatasetError(f"{where}: empty label")
+    return labels
+
+
+def normalise_split(text: str, where: str) -> str | None:
+    value = text.strip().lower()
+    if not value:
+        return None
+    if value not in SPLIT_ALIASES:
+        raise DatasetError(
+            f"{where}: unknown split {text!r} (expected one of train, test, dev or an alias: "
+            f"{', '.join(sorted(SPLIT_ALIASES))})"
+        )
+    return SPLIT_ALIASES[value]
+
+
+def parse_fold(text: str, where: str) -> int | None:
+    value = text.strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DatasetError(f"{where}: fold {text!r} is not an integer") from None
+
+
+def read_csv_rows(path: Path, *, header: bool = True) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, cells) for each non-empty, non-comment row (the header excluded).
+
+    Line numbers are 1-based physical lines of the file, as an editor shows them.
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, skipinitialspace=True)
+        start = 1
+        for row in reader:
+            line = start
+            start = reader.line_num + 1
+            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                continue
+            yield line, [c.strip() for c in row]
+
+
+def class_order(clips: list[Clip]) -> list[str]:
+    """Sorted set of every label of every clip (the documented class order: sorted names)."""
+    return sorted({label for clip in clips for label in clip.labels})
+
+
+def require_dir(root: Path, what: str) -> Path:
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: {what} directory not found")
+    return root
