@@ -99,8 +99,14 @@ def test_pseudo_label_keeps_exactly_clips_with_half_agreement():
 
 
 def test_pseudo_label_threshold_and_errors():
-    strict = pseudo_label(ScriptedSampler(), list(range(len(SCRIPT))), CLASSES, rollouts=4, option_labels="ABCD",
-                          min_agreement=0.75)
+    strict = pseudo_label(
+        ScriptedSampler(),
+        list(range(len(SCRIPT))),
+        CLASSES,
+        rollouts=4,
+        option_labels="ABCD",
+        min_agreement=0.75,
+    )
     assert strict.kept.tolist() == [True, False, False, False, True, False, False]
     with pytest.raises(ValueError, match="answers for each"):
         pseudo_label(ScriptedSampler(), [0], CLASSES, rollouts=3)

@@ -65,11 +65,15 @@ class PromptTemplate:
 
     def __post_init__(self) -> None:
         if self.options not in OPTION_MODES:
-            raise ValueError(f"template {self.name!r}: options must be one of {OPTION_MODES}, got {self.options!r}")
+            raise ValueError(
+                f"template {self.name!r}: options must be one of {OPTION_MODES}, got {self.options!r}"
+            )
         if self.options == "fixed" and not self.fixed_options:
             raise ValueError(f"template {self.name!r}: a 'fixed' template needs fixed_options")
         if self.leaks_labels != (self.options == "true-plus-distractors"):
-            raise ValueError(f"template {self.name!r}: leaks_labels must be set exactly for true-plus-distractors")
+            raise ValueError(
+                f"template {self.name!r}: leaks_labels must be set exactly for true-plus-distractors"
+            )
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,9 @@ def format_options(question: str, options: Sequence[str]) -> Prompt:
     return Prompt(text=" ".join(parts), options=options, labels=labels)
 
 
-def _distractor_options(true_class: str, classes: Sequence[str], n_options: int, seed: int | str) -> list[str]:
+def _distractor_options(
+    true_class: str, classes: Sequence[str], n_options: int, seed: int | str
+) -> list[str]:
     others = [c for c in classes if c != true_class]
     if len(others) < n_options - 1:
         raise ValueError(f"need at least {n_options} classes for {n_options} options, got {len(classes)}")

@@ -26,7 +26,9 @@ __all__ = ["PseudoLabels", "Sampler", "draw_temperatures", "majority_vote", "pse
 Sampler = Callable[[Sequence[object], np.ndarray], Sequence[Sequence[str]]]
 
 
-def draw_temperatures(n: int, rollouts: int, low: float = 1.0, high: float = 2.5, seed: int = 0) -> np.ndarray:
+def draw_temperatures(
+    n: int, rollouts: int, low: float = 1.0, high: float = 2.5, seed: int = 0
+) -> np.ndarray:
     """Temperatures of shape (n, rollouts), uniform in [low, high), reproducible from `seed`."""
     if not 0 < low <= high:
         raise ValueError(f"need 0 < low <= high, got {low}, {high}")
@@ -91,7 +93,9 @@ class PseudoLabels:
         indices = self.kept_indices if kept_only else np.arange(len(self.labels))
         if len(indices) == 0:
             return float("nan")
-        right = [self.labels[i] is not None and self.labels[i] in str(true_labels[i]).split(";") for i in indices]
+        right = [
+            self.labels[i] is not None and self.labels[i] in str(true_labels[i]).split(";") for i in indices
+        ]
         return float(np.mean(right))
 
     def report(self, true_labels: Sequence[str] | None = None) -> dict:
@@ -157,7 +161,9 @@ def pseudo_label(
         labels.append(label)
         agreement.append(agree)
     agreement_arr = np.asarray(agreement, dtype=float)
-    kept = np.array([lab is not None for lab in labels], dtype=bool) & (agreement_arr >= min_agreement - 1e-12)
+    kept = np.array([lab is not None for lab in labels], dtype=bool) & (
+        agreement_arr >= min_agreement - 1e-12
+    )
     return PseudoLabels(
         labels=labels,
         agreement=agreement_arr,
