@@ -55,8 +55,8 @@ def parse_fold(text: str, where: str) -> int | None:
         raise DatasetError(f"{where}: fold {text!r} is not an integer") from None
 
 
-def read_csv_rows(path: Path, *, header: bool = True) -> Iterator[tuple[int, list[str]]]:
-    """Yield (line number, cells) for each non-empty, non-comment row (the header excluded).
+def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, cells) for each non-empty row not starting with `#` (header included).
 
     Line numbers are 1-based physical lines of the file, as an editor shows them.
     """
@@ -83,3 +83,18 @@ def require_dir(root: Path, what: str) -> Path:
     if not root.is_dir():
         raise DatasetError(f"{root}: {what} directory not found")
     return root
+
+
+def parse_missing(missing: str) -> str:
+    if missing not in ("error", "skip"):
+        raise DatasetError(f"missing={missing!r}: expected 'error' or 'skip'")
+    return missing
+
+
+def index_audio(root: Path) -> dict[str, Path]:
+    """Map each audio file's stem under root (recursively) to its path; the first in sorted order wins."""
+    index: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if is_audio(path):
+            index.setdefault(path.stem, path)
+    return index

@@ -35,3 +35,5 @@ class Dataset:
     clips: list[Clip]
     classes: list[str]  # class names in a fixed, documented order (class index = position)
     multi_label: bool = False
+    # rows whose audio was absent and skipped on request (`missing="skip"`): "file:line: reason"
+    skipped: list[str] = field(default_factory=list)
