@@ -23,7 +23,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Formats soundfile (libsndfile) decodes; everything else goes to PyAV.
-SOUNDFILE_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".snd"})
+SOUNDFILE_SUFFIXES = frozenset(
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au", ".snd"}
+)
 # Peak amplitude at or below which a clip counts as silent (-100 dBFS; 16-bit audio's step is 3e-5).
 SILENCE_PEAK = 1e-5
 LONG_MODES = ("truncate", "windows")
@@ -171,7 +173,11 @@ def load_audio(
     if not np.isfinite(x).all():
         raise AudioError(path, "contains NaN or infinite samples")
     if float(np.abs(x).max()) <= SILENCE_PEAK:
-        part = f" in its first {max_seconds:g} s" if long == "truncate" and max_seconds and duration > max_seconds else ""
+        part = (
+            f" in its first {max_seconds:g} s"
+            if long == "truncate" and max_seconds and duration > max_seconds
+            else ""
+        )
         raise AudioError(path, f"silent{part} (peak amplitude below -100 dBFS)")
     y = resample(x, rate, sample_rate)
     if max_seconds is None:
@@ -181,5 +187,7 @@ def load_audio(
         return split_windows(y, n)
     if duration > max_seconds + TRUNCATE_TOLERANCE:  # a few ms of codec padding are cut silently
         shown = "" if math.isinf(duration) else f" ({duration:.2f} s)"
-        log.warning("%s%s is longer than %g s: truncated to its first %g s", path, shown, max_seconds, max_seconds)
+        log.warning(
+            "%s%s is longer than %g s: truncated to its first %g s", path, shown, max_seconds, max_seconds
+        )
     return y[:n]
