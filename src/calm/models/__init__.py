@@ -1,0 +1,112 @@
+"""Frozen models as per-head feature extractors.
+
+`load_extractor(name)` accepts a registered name (`MODELS`), a hub id or a local directory.
+Registered names map to a hub id (or an embedded model) and a backend; unregistered ids are
+dispatched on their config's `model_type` (`BACKENDS`). Backend modules are imported lazily so
+that `import calm.models` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from calm.models.base import Extractor, ExtractorError, HeadName, resolve_dtype
+
+__all__ = [
+    "Extractor",
+    "ExtractorError",
+    "HeadName",
+    "MODELS",
+    "BACKENDS",
+    "load_extractor",
+    "register_model",
+]
+
+
+class ModelEntry(NamedTuple):
+    """A registered model name: the checkpoint to load and the backend loader ("module:function")."""
+
+    checkpoint: str | None
+    loader: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "whisper-tiny.en": ModelEntry(None, "calm.models.whisper:load_embedded_whisper"),
+    "qwen2-audio": ModelEntry("Qwen/Qwen2-Audio-7B-Instruct", "calm.models.qwen2_audio:load_qwen2_audio"),
+}
+
+# config.model_type -> backend loader, for hub ids and local directories that are not registered
+BACKENDS: dict[str, str] = {
+    "whisper": "calm.models.whisper:load_whisper",
+    "qwen2_audio": "calm.models.qwen2_audio:load_qwen2_audio",
+}
+
+DEFAULT_MODEL = "whisper-tiny.en"
+
+
+def register_model(name: str, checkpoint: str | None, loader: str) -> None:
+    """Register a short model name (used by backends defined elsewhere)."""
+    MODELS[name] = ModelEntry(checkpoint, loader)
+
+
+def _resolve_loader(spec: str):
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _model_type(model: str) -> str:
+    """`model_type` of a hub id or local directory's config (no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError) as err:
+        where = "local directory" if Path(model).exists() else "hub id"
+        raise ExtractorError(f"cannot read the config of {where} {model!r}: {err}") from err
+
+
+def load_extractor(
+    model: str = DEFAULT_MODEL,
+    *,
+    heads: str = "all",
+    prompt: str | None = None,
+    device: str = "cpu",
+    dtype=None,
+    layers: Sequence[int] | int | None = None,
+    attn_implementation: str | None = None,
+    **options,
+) -> Extractor:
+    """Load a frozen model as a per-head feature extractor.
+
+    Args:
+        model: a registered name (`whisper-tiny.en`, `qwen2-audio`, ... see `MODELS`), a hub id or
+            a local checkpoint directory.
+        heads: head source: `all`, `encoder` or `decoder` for Whisper; LALMs have decoder heads
+            only (`all` and `decoder` mean the same).
+        prompt: text prompt (LALMs: the user text after the audio; Whisper: previous-text context).
+        device: torch device.
+        dtype: None (float32 on CPU, bfloat16/float16 on GPU), a torch dtype or a name.
+        layers: None (all), an int L (the first L layers) or a list of layer indices.
+        attn_implementation: passed to `from_pretrained` (`eager`, `sdpa`, ...).
+        **options: backend options (e.g. Whisper's `encoder_length`, `min_encoder_seconds`).
+    """
+    common = dict(
+        heads=heads, prompt=prompt, device=device, dtype=resolve_dtype(dtype, device),
+        layers=layers, attn_implementation=attn_implementation, **options,
+    )  # fmt: skip
+    if model in MODELS:
+        entry = MODELS[model]
+        loader = _resolve_loader(entry.loader)
+        if entry.checkpoint is None:
+            return loader(**common)
+        return loader(entry.checkpoint, name=model, **common)
+    model_type = _model_type(str(model))
+    if model_type not in BACKENDS:
+        raise ExtractorError(
+            f"no backend for model type {model_type!r} ({model}); supported types: {sorted(BACKENDS)}, "
+            f"registered names: {sorted(MODELS)}"
+        )
+    return _resolve_loader(BACKENDS[model_type])(str(model), **common)

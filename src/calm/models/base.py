@@ -1,0 +1,97 @@
+"""The extractor contract: a frozen model plus a prompt, turned into per-head feature vectors.
+
+An `Extractor` reads audio clips and returns, for each clip, one vector per attention head:
+an array of shape (n, K, d) with K = len(head_names) in layer-major order (see
+docs/architecture.md). Backends subclass it and implement `extract`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+
+class HeadName(NamedTuple):
+    """One attention head: its layer, its index inside the layer, and where it lives.
+
+    `source` is `decoder` for the text decoder of an audio-language model; Whisper uses
+    `encoder`, `decoder_self` and `decoder_cross`.
+    """
+
+    layer: int
+    head: int
+    source: str
+
+
+class ExtractorError(ValueError):
+    """A model or an option that the extractor cannot work with."""
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """float32 on CPU; bfloat16 on CUDA when the card supports it, else float16."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """Parse `dtype` ("float32", "bf16", torch.float16, None = the device default)."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {
+        "float32": torch.float32, "fp32": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    }  # fmt: skip
+    try:
+        return aliases[str(dtype).lower()]
+    except KeyError:
+        raise ExtractorError(f"unknown dtype {dtype!r}; use one of {sorted(aliases)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class Extractor(ABC):
+    """A frozen model as a per-head feature extractor.
+
+    Attributes:
+        model_id: hub id, local directory or registered name of the model.
+        sample_rate: the rate (Hz) `load_input` resamples audio to.
+        max_seconds: clips longer than this are truncated by `load_input` (None: no limit).
+        head_names: one `HeadName` per row of the K axis of `extract`'s output.
+    """
+
+    model_id: str
+    sample_rate: int
+    max_seconds: float | None
+    head_names: list[HeadName]
+
+    @property
+    @abstractmethod
+    def key(self) -> dict[str, Any]:
+        """JSON-serialisable identity of the features: model id and revision, prompt, heads, dtype,
+        options. Two extractors with equal keys produce the same features."""
+
+    def load_input(self, path) -> Any:
+        """Read one clip for `extract` (thread-safe; the store calls it from worker threads)."""
+        from calm.audio import load_audio  # lazy: keeps model code importable on its own
+
+        return load_audio(path, self.sample_rate, max_seconds=self.max_seconds)
+
+    @abstractmethod
+    def extract(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Features of a batch of loaded inputs: float32 array (n, K, d)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model_id={self.model_id!r}, heads={len(self.head_names)})"
