@@ -1,0 +1,208 @@
+"""The paper's analyses as PNG figures (Fig. 3-6), drawn from arrays and `results.json` records.
+
+- Fig. 3 `survival`: per class, the fraction of heads whose CALM weight exceeds w, against w, with
+  dashed lines for uniform SAV voting over k heads (weight 1/k on k of K heads).
+- Fig. 4 `conditional_vs_global`: CALM (class-conditional) and CALM-global accuracy against the
+  number of heads kept.
+- Fig. 5 `shots_and_heads`: accuracy against shots (every method, mean ± std over seeds) and CALM
+  accuracy against the fraction of heads kept (one line per shots value).
+- Fig. 6 `influential_heads`: layer x head heat map of how often each head is a class's most
+  influential one (largest w_c^j), counted over classes and seeds; one panel per head source.
+
+Functions take plain data and a path, write the PNG, and return the path; `make_figures` draws
+every figure whose data is present. Matplotlib runs on the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "survival_curves",
+    "survival",
+    "conditional_vs_global",
+    "shots_and_heads",
+    "top_head_counts",
+    "influential_heads",
+    "make_figures",
+]
+
+FIGURES = {
+    "fig3": "fig3_weight_survival.png",
+    "fig4": "fig4_conditional_vs_global.png",
+    "fig5": "fig5_shots_and_heads.png",
+    "fig6": "fig6_influential_heads.png",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def survival_curves(weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """S_c(w) = fraction of heads j with w_c^j > w, for each class c (rows) and grid value w (columns)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    return (weights[:, :, None] > np.asarray(grid)[None, None, :]).mean(1)
+
+
+def survival(
+    weights: np.ndarray,
+    classes: Sequence[str],
+    path: Path,
+    *,
+    uniform_k: Sequence[int] | None = None,
+    max_classes: int = 10,
+    title: str = "",
+) -> Path:
+    """Fig. 3: per-class weight survival functions against uniform SAV voting lines."""
+    plt = _plt()
+    weights = np.asarray(weights, dtype=np.float64)
+    n_classes, K = weights.shape
+    if uniform_k is None:
+        uniform_k = sorted({max(1, round(K * f)) for f in (0.1, 0.3, 0.5)} | {K})
+    top = max(float(weights.max()), 1.0 / min(uniform_k)) * 1.05
+    grid = np.linspace(0.0, top, 400)
+    curves = survival_curves(weights, grid)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for c in range(min(n_classes, max_classes)):
+        ax.plot(grid, curves[c], lw=1.4, label=str(classes[c]))
+    for k in uniform_k:
+        ax.plot([0, 1.0 / k, 1.0 / k, top], [k / K, k / K, 0, 0], ls="--", color="grey", lw=1)
+        ax.annotate(f"SAV k={k}", (1.0 / k, k / K), fontsize=7, color="grey", xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("head weight w")
+    ax.set_ylabel("fraction of heads with weight > w")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "Per-class head weight survival (CALM) vs uniform SAV voting")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    return _save(fig, path)
+
+
+def conditional_vs_global(sweep: Sequence[Mapping[str, Any]], path: Path, *, shots: int | None = None, metric: str = "accuracy") -> Path:
+    """Fig. 4: class-conditional (CALM) vs global weighting, metric against the number of heads kept."""
+    plt = _plt()
+    rows = [r for r in sweep if r["metric"] == metric]
+    if shots is None:
+        shots = max(r["shots"] for r in rows)
+    rows = [r for r in rows if r["shots"] == shots]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, style in (("calm", "-o"), ("calm-global", "--s")):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["k"])
+        if rs:
+            k = np.array([r["k"] for r in rs])
+            mean = np.array([r["mean"] for r in rs])
+            std = np.array([r["std"] for r in rs])
+            ax.plot(k, mean, style, label="class-conditional (CALM)" if method == "calm" else "global (CALM-global)")
+            ax.fill_between(k, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("heads kept (k)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"Class-conditional vs global weighting, {shots} shots")
+    ax.legend()
+    return _save(fig, path)
+
+
+def shots_and_heads(
+    summary: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]], path: Path, *, metric: str = "accuracy"
+) -> Path:
+    """Fig. 5: metric against shots (all methods) and CALM's metric against the fraction of heads kept."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [s for s in summary if s["metric"] == metric]
+    for method in dict.fromkeys(s["method"] for s in rows):
+        rs = sorted((s for s in rows if s["method"] == method), key=lambda s: s["shots"])
+        ax1.errorbar([s["shots"] for s in rs], [s["mean"] for s in rs], yerr=[s["std"] for s in rs], marker="o",
+                     capsize=3, label=method)
+    ax1.set_xlabel("shots per class")
+    ax1.set_ylabel(f"{metric} (%)")
+    ax1.set_title("Accuracy against shots")
+    ax1.legend(fontsize=8)
+    srows = [r for r in sweep if r["metric"] == metric and r["method"] == "calm"]
+    for n in sorted({r["shots"] for r in srows}):
+        rs = sorted((r for r in srows if r["shots"] == n), key=lambda r: r["fraction"])
+        ax2.plot([r["fraction"] for r in rs], [r["mean"] for r in rs], "-o", label=f"CALM, {n} shots")
+    ax2.set_xlabel("fraction of heads kept")
+    ax2.set_ylabel(f"{metric} (%)")
+    ax2.set_title("Accuracy against the fraction of heads kept")
+    if srows:
+        ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def top_head_counts(weights: Sequence[np.ndarray], n_heads: int) -> np.ndarray:
+    """How often each head is a class's most influential one (arg-max over heads of w_c), over fits."""
+    counts = np.zeros(n_heads, dtype=np.int64)
+    for w in weights:
+        w = np.asarray(w)
+        if w.shape[-1] != n_heads:
+            raise ValueError(f"weights have {w.shape[-1]} heads, expected {n_heads}")
+        np.add.at(counts, np.argmax(w.reshape(-1, n_heads), axis=1), 1)
+    return counts
+
+
+def influential_heads(counts: np.ndarray, head_names: Sequence[Sequence[Any]], path: Path, *, title: str = "") -> Path:
+    """Fig. 6: layer x head heat map of top-head counts, one panel per head source."""
+    plt = _plt()
+    counts = np.asarray(counts)
+    names = [(int(h[0]), int(h[1]), str(h[2]) if len(h) > 2 else "decoder") for h in head_names]
+    if len(names) != len(counts):
+        raise ValueError(f"{len(counts)} counts for {len(names)} head names")
+    sources = list(dict.fromkeys(s for _, _, s in names))
+    fig, axes = plt.subplots(1, len(sources), figsize=(4 * len(sources) + 1, 4), squeeze=False)
+    vmax = max(int(counts.max()), 1)
+    for ax, source in zip(axes[0], sources, strict=True):
+        idx = [i for i, n in enumerate(names) if n[2] == source]
+        layers = sorted({names[i][0] for i in idx})
+        heads = sorted({names[i][1] for i in idx})
+        grid = np.zeros((len(layers), len(heads)))
+        for i in idx:
+            grid[layers.index(names[i][0]), heads.index(names[i][1])] = counts[i]
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=vmax)
+        ax.set_xticks(range(len(heads)), [str(h) for h in heads], fontsize=7)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(source)
+    fig.colorbar(im, ax=axes[0].tolist(), label="times a class's most influential head")
+    fig.suptitle(title or "Most influential head per class (CALM)")
+    return _save(fig, path)
+
+
+def make_figures(
+    out_dir: Path,
+    results: Mapping[str, Any],
+    *,
+    weights: np.ndarray | None = None,
+    classes: Sequence[str] | None = None,
+    counts: np.ndarray | None = None,
+    head_names: Sequence[Sequence[Any]] | None = None,
+) -> dict[str, Path]:
+    """Draw every figure whose data is available; returns {figure id: path}."""
+    out_dir = Path(out_dir)
+    metric = results.get("config", {}).get("primary_metric", "accuracy")
+    sweep = results.get("analyses", {}).get("k_sweep", [])
+    made: dict[str, Path] = {}
+    if weights is not None and classes is not None:
+        made["fig3"] = survival(weights, classes, out_dir / FIGURES["fig3"])
+    if sweep:
+        made["fig4"] = conditional_vs_global(sweep, out_dir / FIGURES["fig4"], metric=metric)
+    if results.get("summary"):
+        made["fig5"] = shots_and_heads(results["summary"], sweep, out_dir / FIGURES["fig5"], metric=metric)
+    if counts is not None and head_names is not None:
+        made["fig6"] = influential_heads(counts, head_names, out_dir / FIGURES["fig6"])
+    return made
