@@ -36,12 +36,16 @@ class ModelEntry(NamedTuple):
 MODELS: dict[str, ModelEntry] = {
     "whisper-tiny.en": ModelEntry(None, "calm.models.whisper:load_embedded_whisper"),
     "qwen2-audio": ModelEntry("Qwen/Qwen2-Audio-7B-Instruct", "calm.models.qwen2_audio:load_qwen2_audio"),
+    "qwen2.5-omni-7b": ModelEntry("Qwen/Qwen2.5-Omni-7B", "calm.models.qwen2_5_omni:load_qwen2_5_omni"),
+    "qwen2.5-omni-3b": ModelEntry("Qwen/Qwen2.5-Omni-3B", "calm.models.qwen2_5_omni:load_qwen2_5_omni"),
 }
 
 # config.model_type -> backend loader, for hub ids and local directories that are not registered
 BACKENDS: dict[str, str] = {
     "whisper": "calm.models.whisper:load_whisper",
     "qwen2_audio": "calm.models.qwen2_audio:load_qwen2_audio",
+    "qwen2_5_omni": "calm.models.qwen2_5_omni:load_qwen2_5_omni",
+    "qwen2_5_omni_thinker": "calm.models.qwen2_5_omni:load_qwen2_5_omni",
 }
 
 DEFAULT_MODEL = "whisper-tiny.en"
