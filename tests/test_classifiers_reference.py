@@ -82,7 +82,9 @@ def ref_weights_row(r, k, tau_w, normalization):
     return w, kept
 
 
-def ref_calm_fit(X, y, n_classes, k, tau_p=0.03, tau_w=0.5, weighting="class", normalization="softmax", loo=False):
+def ref_calm_fit(
+    X, y, n_classes, k, tau_p=0.03, tau_w=0.5, weighting="class", normalization="softmax", loo=False
+):
     X = np.asarray(X, dtype=np.float64)
     n, K, _ = X.shape
     mu = ref_centroids(X, y, n_classes)

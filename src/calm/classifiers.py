@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import NotFittedError  # a ValueError
 
 from calm import _heads as H
 
@@ -63,7 +64,9 @@ class _Features:
             try:
                 X = np.asarray(X, dtype=np.float64)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
+                raise ValueError(
+                    f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}"
+                ) from e
         if not isinstance(X, torch.Tensor):
             kind = np.dtype(X.dtype).kind if not str(X.dtype).startswith("bfloat") else "f"
             if kind not in "fiu":
@@ -75,7 +78,9 @@ class _Features:
             if K <= 0 or f % K:
                 raise ValueError(f"{name} has {f} features per row, which does not split into {K} heads")
             if not hasattr(X, "reshape"):
-                raise ValueError(f"{name} is 2-D and cannot be reshaped into heads; pass (n, n_heads, head_dim)")
+                raise ValueError(
+                    f"{name} is 2-D and cannot be reshaped into heads; pass (n, n_heads, head_dim)"
+                )
             X = X.reshape(n, K, f // K)
             shape = (n, K, f // K)
         elif len(shape) == 2:
@@ -84,7 +89,9 @@ class _Features:
                 "flattened (n_samples, n_heads * head_dim) with n_heads=K given to the estimator"
             )
         elif len(shape) != 3:
-            raise ValueError(f"{name} must have shape (n_samples, n_heads, head_dim), got {len(shape)}-D {shape}")
+            raise ValueError(
+                f"{name} must have shape (n_samples, n_heads, head_dim), got {len(shape)}-D {shape}"
+            )
         if shape[0] == 0:
             raise ValueError(f"{name} is empty (0 samples)")
         if shape[1] == 0 or shape[2] == 0:
@@ -233,7 +240,7 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "centroids_"):
-            raise ValueError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first")
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y) first")
 
     def _query(self, X) -> _Features:
         self._check_fitted()
@@ -255,11 +262,14 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
         return H.compute_dtype(self.centroids_.dtype)
 
     def _rows(self, K: int) -> int:
-        return _chunk_rows(self.chunk_size, K, self.head_dim_, len(self.classes_), torch.finfo(self._dtype()).bits // 8)
+        return _chunk_rows(
+            self.chunk_size, K, self.head_dim_, len(self.classes_), torch.finfo(self._dtype()).bits // 8
+        )
 
     def predict(self, X) -> np.ndarray:
         """Predicted labels (entries of ``classes_``); ties go to the lower class index."""
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        scores = self.decision_function(X)
+        return self.classes_[np.argmax(scores, axis=1)]
 
     def score(self, X, y, sample_weight=None) -> float:
         """Accuracy of ``predict(X)`` against y."""

@@ -44,9 +44,11 @@ def _classes_to_json(classes: np.ndarray) -> tuple[list, str]:
 
 
 def _classes_from_json(values, kind: str) -> np.ndarray:
-    types = {"str": str, "int": int, "float": float, "bool": bool}
+    types = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,)}
     if kind not in types or not isinstance(values, list):
-        raise ValueError(f"bad classes in header (type {kind!r})")
+        raise ValueError(f"bad class names in header (type {kind!r})")
+    if not all(isinstance(v, types[kind]) and (kind == "bool" or not isinstance(v, bool)) for v in values):
+        raise ValueError(f"bad class names in header: not all of type {kind!r}")
     if kind == "str":
         return np.asarray(values, dtype=str)
     return np.asarray(values, dtype={"int": np.int64, "float": np.float64, "bool": np.bool_}[kind])
@@ -99,9 +101,7 @@ def _expected_shapes(est: str, h: dict, tensors: dict) -> dict[str, tuple]:
     shapes = {"centroids": (C, K, d), "class_counts": (C,)}
     if est == "CALM":
         glob = h["params"].get("weighting") == "global"
-        shapes.update(
-            reliability=(K,) if glob else (C, K), weights=(C, K), heads=(k,) if glob else (C, k)
-        )
+        shapes.update(reliability=(K,) if glob else (C, K), weights=(C, K), heads=(k,) if glob else (C, k))
     else:
         shapes.update(head_scores=(K,), heads=(k,))
         if h["params"].get("tie_break") == "margin":
@@ -131,7 +131,9 @@ def load_classifier(path):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the 'calm' header is not valid JSON: {e}") from e
     if not isinstance(h, dict) or h.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a calm classifier file (format {h.get('format') if isinstance(h, dict) else h!r})")
+        raise ValueError(
+            f"{path} is not a calm classifier file (format {h.get('format') if isinstance(h, dict) else h!r})"
+        )
     if h.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has unknown format version {h.get('format_version')!r}; this calm reads version {FORMAT_VERSION}"
@@ -154,7 +156,9 @@ def load_classifier(path):
         raise ValueError(f"{path}: missing tensors {missing}")
     for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}"
+            )
     classes = _classes_from_json(h["classes"], h["classes_type"])
     if len(classes) != h["n_classes"]:
         raise ValueError(f"{path}: {len(classes)} class names for n_classes={h['n_classes']}")
