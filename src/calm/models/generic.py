@@ -1,0 +1,54 @@
+"""Any other audio-language model in transformers whose processor has a chat template (Voxtral,
+Audio Flamingo 3, Granite Speech, Qwen3-Omni thinker, Phi-4-multimodal, Gemma 3n, ...), by hub id
+or local directory, through the shared LALM path (`calm.models.lalm`).
+
+The model loads with `AutoModelForMultimodalLM` and its own processor; the conversation is the
+shared one (a user message with the audio, then the prompt text, then the generation prompt).
+Positions are left to the model (it computes them from the attention mask when it needs to), so
+features are read with right padding, which never moves real tokens. Which architectures were
+tested, and how, is in docs/backends.md.
+"""
+
+from __future__ import annotations
+
+from calm.models.base import ExtractorError
+from calm.models.lalm import LALMExtractor, load_lalm
+
+#: transformers auto classes tried in order; the first whose mapping knows the config is used.
+AUTO_CLASSES = (
+    "AutoModelForMultimodalLM",
+    "AutoModelForImageTextToText",
+    "AutoModelForSpeechSeq2Seq",
+    "AutoModelForSeq2SeqLM",
+    "AutoModelForCausalLM",
+)
+
+
+class GenericLALMExtractor(LALMExtractor):
+    """The shared LALM extractor: conversation, padding and positions as in `calm.models.lalm`."""
+
+
+def model_class(config):
+    """The transformers class with an LM head for `config`, from the first auto class that knows it."""
+    import transformers
+
+    for name in AUTO_CLASSES:
+        auto = getattr(transformers, name, None)
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None and type(config) in mapping:
+            return mapping[type(config)]
+    raise ExtractorError(f"no transformers model class with an LM head for model type {config.model_type!r}")
+
+
+def load_generic(model_id: str, *, revision: str | None = None, **kwargs) -> GenericLALMExtractor:
+    """A `GenericLALMExtractor` for `model_id` (hub id or local directory); see `load_extractor`."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_id), **({"revision": revision} if revision else {}))
+    return load_lalm(
+        str(model_id),
+        extractor_cls=GenericLALMExtractor,
+        model_cls=model_class(config),
+        revision=revision,
+        **kwargs,
+    )
