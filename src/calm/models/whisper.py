@@ -109,6 +109,18 @@ def run_encoder(encoder: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return encoder.layer_norm(hidden)
 
 
+def check_options(heads: str, encoder_length: str, min_encoder_seconds: float) -> None:
+    """Raise ExtractorError for an unknown head source or encoder-length option."""
+    if heads not in HEAD_SOURCES:
+        raise ExtractorError(f"heads={heads!r}: Whisper head sources are {HEAD_SOURCES}")
+    if encoder_length not in ENCODER_LENGTHS:
+        raise ExtractorError(f"encoder_length={encoder_length!r}: use one of {ENCODER_LENGTHS}")
+    if min_encoder_seconds and encoder_length != "clip":
+        raise ExtractorError("min_encoder_seconds only applies with encoder_length='clip'")
+    if not 0 <= min_encoder_seconds <= 30:
+        raise ExtractorError(f"min_encoder_seconds={min_encoder_seconds} must be between 0 and 30")
+
+
 class WhisperExtractor(Extractor):
     """Per-head features of a Whisper model (see the module docstring for head sources)."""
 
@@ -126,12 +138,7 @@ class WhisperExtractor(Extractor):
         encoder_length: str = "full",
         min_encoder_seconds: float = 0.0,
     ):
-        if heads not in HEAD_SOURCES:
-            raise ExtractorError(f"heads={heads!r}: Whisper head sources are {HEAD_SOURCES}")
-        if encoder_length not in ENCODER_LENGTHS:
-            raise ExtractorError(f"encoder_length={encoder_length!r}: use one of {ENCODER_LENGTHS}")
-        if min_encoder_seconds and encoder_length != "clip":
-            raise ExtractorError("min_encoder_seconds only applies with encoder_length='clip'")
+        check_options(heads, encoder_length, min_encoder_seconds)
         self.model = model.eval()
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
@@ -275,6 +282,12 @@ def load_whisper(
     """A `WhisperExtractor` for a hub id or local directory holding a Whisper checkpoint."""
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
+    unknown = set(options) - {"encoder_length", "min_encoder_seconds"}
+    if unknown:
+        raise ExtractorError(
+            f"unknown Whisper options {sorted(unknown)}; known: encoder_length, min_encoder_seconds"
+        )
+    check_options(heads, options.get("encoder_length", "full"), options.get("min_encoder_seconds", 0.0))
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -60,12 +60,21 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "calm"
 
 
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file (memoised per process on path, size and modification time)."""
+    stat = Path(path).stat()
+    memo = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo in _HASHES:
+        return _HASHES[memo]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    return digest.hexdigest()
+    _HASHES[memo] = digest.hexdigest()
+    return _HASHES[memo]
 
 
 # ---------------------------------------------------------------- reading model.bin
