@@ -1,0 +1,232 @@
+"""`calm evaluate`: few-shot episodes over a dataset (or an existing feature store), tables and figures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=what) from None
+    if not values or any(v < 0 for v in values):
+        raise click.BadParameter(f"{text!r}: expected non-negative integers", param_hint=what)
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`10` -> seeds 0..9; `3,7,11` -> those seeds."""
+    values = parse_int_list(text, "--seeds")
+    if "," not in text:
+        if values[0] < 1:
+            raise click.BadParameter("need at least one seed", param_hint="--seeds")
+        return list(range(values[0]))
+    return values
+
+
+def parse_k(text: str) -> float | int:
+    """`0.25` -> a fraction of the heads; `18` -> a head count."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: a fraction in (0, 1] or a head count", param_hint="--k") from None
+    if value <= 0:
+        raise click.BadParameter("k must be positive", param_hint="--k")
+    return value if value <= 1 and "." in text else int(value)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=True)
+
+
+def _features_from_data(model, data_spec, store, heads, prompt, device, batch_size, progress, echo, options):
+    from calm.data import load_dataset
+    from calm.models import load_extractor
+    from calm.store import extract_to_store, load_features
+
+    dataset = load_dataset(data_spec)
+    echo(f"dataset {data_spec}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
+    extractor = load_extractor(model, heads=heads, prompt=prompt, device=device, **options)
+    echo(f"model {model}: {len(extractor.head_names)} heads; feature store {store}")
+    report = extract_to_store(extractor, dataset, store, batch_size=batch_size, progress=progress)
+    echo(report.summary())
+    X, y, meta = load_features(store, key=report.digest)
+    import numpy as np
+
+    wanted = {str(Path(c.path).absolute()) for c in dataset.clips}
+    keep = meta["path"].astype(str).isin(wanted).to_numpy()
+    if not keep.all():  # the store may hold other clips extracted with the same key
+        rows = np.flatnonzero(keep)
+        X, y = X[rows], np.asarray(y)[rows]
+        attrs = dict(meta.attrs)
+        meta = meta[keep].reset_index(drop=True)
+        meta.attrs.update(attrs)
+    failed = [{"path": p, "reason": r} for p, r in report.failed]
+    return X, y, meta, extractor, {"stored": report.stored, "skipped": report.skipped, "failed": failed,
+                                   "seconds": round(report.seconds, 1), "digest": report.digest}
+
+
+def _lalm_skip_reason(extractor) -> str | None:
+    if extractor is None:
+        return "no model loaded (--features): zero-shot and pseudo-labels need the model itself"
+    from calm.zeroshot import as_chat_lm
+
+    try:
+        as_chat_lm(extractor)
+    except TypeError as exc:
+        return str(exc)
+    return "answering questions inside `calm evaluate` is not implemented yet; use calm.zeroshot directly"
+
+
+@click.command()
+@click.option("--model", default="whisper-tiny.en", show_default=True, help="Registered name, hub id or local directory.")
+@click.option("--data", "data_spec", default=None, help="Dataset KIND:ROOT (e.g. esc10:PATH, csv:MANIFEST, esc50).")
+@click.option("--features", "features", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Evaluate an existing feature store instead of extracting (--model/--data unused).")
+@click.option("--key", default=None, help="Extraction key digest, when --features holds several.")
+@click.option("--store", default=None, type=click.Path(file_okay=False),
+              help="Feature store (cache) to extract into [default: RUN_DIR/features].")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory RUN_DIR.")
+@click.option("--shots", default="1,5,10", show_default=True, help="Shots per class, comma-separated.")
+@click.option("--seeds", default="10", show_default=True, help="N (seeds 0..N-1) or a list like 0,4,7.")
+@click.option("--methods", default="sav,calm-global,calm,linear-probe", show_default=True,
+              help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS)}.")
+@click.option("--test-fold", default="5", show_default=True, help="Folded data (ESC): test fold, or 'all' to rotate.")
+@click.option("--tune", is_flag=True, help="Choose hyper-parameters by cross-validation inside each support set.")
+@click.option("--k", "k", default="0.25", show_default=True, help="Heads kept by CALM/CALM-global: fraction or count.")
+@click.option("--sav-k", default=None, help="Heads kept by SAV [default: --k].")
+@click.option("--tau-p", type=float, default=0.03, show_default=True)
+@click.option("--tau-w", type=float, default=0.5, show_default=True)
+@click.option("--heads", type=click.Choice(["all", "encoder", "decoder"]), default="all", show_default=True)
+@click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--figures/--no-figures", default=True, show_default=True, help="Write figures/ (Fig. 3-6).")
+@click.option("--sweep-seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds of the heads-kept sweep behind Fig. 4 and 5.")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Extractor backend option, repeatable (e.g. -o encoder_length=clip).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods, test_fold, tune, k, sav_k,
+             tau_p, tau_w, heads, prompt, device, batch_size, figures, sweep_seeds, options, progress):
+    """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
+    support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table."""
+    from calm import __version__
+    from calm import evaluate as ev
+    from calm.data.base import DatasetError
+
+    t0 = time.perf_counter()
+    echo = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    out = Path(out)
+    shot_list = parse_int_list(shots, "--shots")
+    seed_list = parse_seeds(seeds)
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in method_list if m not in FEWSHOT_METHODS + LALM_METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method(s) {unknown}", param_hint="--methods")
+    if (features is None) == (data_spec is None):
+        raise click.UsageError("give exactly one of --data (extract, then evaluate) or --features STORE")
+    k_value = parse_k(k)
+    sav_k_value = parse_k(sav_k) if sav_k is not None else k_value
+    extractor = None
+    extraction = None
+    try:
+        if features is not None:
+            from calm.store import load_features
+
+            X, y, meta = load_features(features, key=key)
+        else:
+            store_dir = Path(store) if store is not None else out / "features"
+            from calm.commands.extract import parse_options
+
+            X, y, meta, extractor, extraction = _features_from_data(
+                model, data_spec, store_dir, heads, prompt, device, batch_size, progress, echo,
+                parse_options(options))
+    except (DatasetError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    key_info = dict(meta.attrs.get("key") or {})
+    extractor_key = key_info.get("extractor", key_info)
+    head_names = [tuple(h) for h in meta.attrs.get("head_names", [])]
+    echo(f"{len(y)} clips, features {tuple(X.shape[1:])}")
+
+    registry = ev.fewshot_methods(k=k_value, tau_p=tau_p, tau_w=tau_w, sav_k=sav_k_value)
+    chosen = {m: registry[m] for m in method_list if m in registry}
+    skipped = {}
+    lalm = [m for m in method_list if m in LALM_METHODS]
+    if lalm:
+        reason = _lalm_skip_reason(extractor)
+        for m in lalm:
+            skipped[m] = reason
+            echo(f"skipping {m}: {reason}")
+    if not chosen:
+        raise click.ClickException("no method left to run")
+
+    max_shots = max(shot_list)
+    need_fits = figures and "calm" in chosen
+    try:
+        parts, _ = ev.make_parts(meta, test_fold)
+        n_total = len(shot_list) * len(seed_list) * len(parts) * len(chosen)
+        with _progress(progress) as bar:
+            task = bar.add_task("episodes", total=n_total)
+            result = ev.run_protocol(
+                X, y, meta, methods=chosen, shots=shot_list, seeds=seed_list, test_fold=test_fold, do_tune=tune,
+                keep_fits=(lambda m, n, s, p: need_fits and m == "calm" and n == max_shots),
+                progress=lambda msg: bar.update(task, advance=1, description=f"episodes: {msg}"))
+            sweep = []
+            sweep_methods = {m: chosen[m] for m in ("calm", "calm-global") if m in chosen}
+            if figures and sweep_methods:
+                n_sweep = len(ev.SWEEP_FRACTIONS) * len(shot_list) * min(sweep_seeds, len(seed_list)) * len(parts)
+                task2 = bar.add_task("heads-kept sweep", total=n_sweep * len(sweep_methods))
+                sweep = ev.k_sweep(X, y, meta, methods=sweep_methods, shots=shot_list,
+                                   seeds=seed_list[:sweep_seeds], test_fold=test_fold,
+                                   progress=lambda msg: bar.update(task2, advance=1))
+    except ev.ProtocolError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    analyses: dict = {"k_sweep": sweep}
+    weights = counts = None
+    if result.fits:
+        from calm.figures import top_head_counts
+
+        fits = list(result.fits.values())
+        weights = fits[0].weights_
+        counts = top_head_counts([f.weights_ for f in fits], X.shape[1])
+        if head_names:
+            analyses["top_heads"] = [
+                {"layer": h[0], "head": h[1], "source": h[2] if len(h) > 2 else "decoder", "count": int(c)}
+                for h, c in sorted(zip(head_names, counts, strict=True), key=lambda t: -t[1]) if c > 0]
+    config = {
+        "model": (extractor_key.get("model") or extractor_key.get("model_id")) if features is not None else model,
+        "prompt": extractor_key.get("prompt", prompt),
+        "head_source": extractor_key.get("heads", heads),
+        "extraction_key": key_info,
+        "dataset": data_spec or str(features),
+        "features": str(features) if features else None,
+        "n_clips": int(len(y)), "n_heads": int(X.shape[1]), "head_dim": int(X.shape[2]),
+        "shots": shot_list, "seeds": seed_list, "n_seeds": len(seed_list), "methods": list(chosen),
+        "test_fold": test_fold, "tune": tune,
+        "defaults": {name: dict(m.defaults) for name, m in chosen.items()},
+        "package": "calm-audio", "version": __version__,
+        "extraction": extraction,
+    }
+    results = ev.build_results(result, config, analyses=analyses, skipped_methods=skipped)
+    results["config"]["seconds"] = round(time.perf_counter() - t0, 1)
+    js, md = ev.write_results(out, results)
+    if figures:
+        from calm.figures import make_figures
+
+        made = make_figures(out / "figures", results, weights=weights,
+                            classes=[str(c) for c in result.fits[next(iter(result.fits))].classes_] if result.fits else None,
+                            counts=counts, head_names=head_names or None)
+        echo(f"figures: {', '.join(str(p) for p in made.values())}")
+    click.echo(ev.results_markdown(results))
+    echo(f"wrote {js} and {md} in {time.perf_counter() - t0:.0f} s")

@@ -1,0 +1,75 @@
+"""`calm fit`: fit SAV / CALM-global / CALM on a feature store and save it with what `predict` needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+FIT_METHODS = ("sav", "calm-global", "calm")
+
+
+def extractor_metadata(meta) -> dict:
+    """What `calm predict` needs to rebuild the extractor: model, prompt, heads, key, head names."""
+    key = dict(meta.attrs.get("key") or {})
+    ext = dict(key.get("extractor", key))
+    return {
+        "model": ext.get("model") or ext.get("model_id"),
+        "prompt": ext.get("prompt"),
+        "heads": ext.get("heads"),
+        "layers": ext.get("layers"),
+        "options": ext.get("options") or {},
+        "extraction_key": key,
+        "head_names": [list(h) for h in meta.attrs.get("head_names", [])],
+    }
+
+
+@click.command()
+@click.argument("store", type=click.Path(file_okay=False, exists=True))
+@click.option("--method", type=click.Choice(FIT_METHODS), default="calm", show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="MODEL.safetensors")
+@click.option("--key", default=None, help="Extraction key digest, when the store holds several.")
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help="Fit on N clips per class drawn with --seed [default: every clip].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout/--no-holdout", default=False, show_default=True,
+              help="Leave out the test part (official split or --test-fold) as `calm evaluate` does.")
+@click.option("--test-fold", default="5", show_default=True)
+@click.option("--k", "k", default="0.25", show_default=True, help="Heads kept: fraction or count.")
+@click.option("--tau-p", type=float, default=0.03, show_default=True)
+@click.option("--tau-w", type=float, default=0.5, show_default=True)
+def fit(store, method, out, key, shots, seed, holdout, test_fold, k, tau_p, tau_w):
+    """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
+    import numpy as np
+
+    from calm import evaluate as ev
+    from calm.commands.evaluate import parse_k
+    from calm.store import load_features
+
+    try:
+        X, y, meta = load_features(store, key=key)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    y = np.asarray(y).astype(str)
+    rows = np.arange(len(y))
+    if holdout:
+        parts, _ = ev.make_parts(meta, test_fold)
+        rows = parts[0].train
+    support_y = y[rows]
+    if shots is not None:
+        try:
+            episode = ev.sample_episode(ev.row_labels(y), ev.Part("fit", rows, None), shots, seed)
+        except ev.ProtocolError as exc:
+            raise click.ClickException(str(exc)) from None
+        rows, support_y = episode.support, episode.support_y
+    if ev.task_of(support_y) == "multilabel":
+        raise click.ClickException("multi-label rows: use --shots so each support clip stands for one class")
+    m = ev.fewshot_methods(k=parse_k(k), tau_p=tau_p, tau_w=tau_w)[method]
+    clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
+    metadata = {
+        **extractor_metadata(meta),
+        "method": method, "params": dict(m.defaults), "shots": shots, "seed": seed, "holdout": holdout,
+        "n_support": int(len(rows)), "store": str(Path(store).absolute()),
+    }  # fmt: skip
+    clf.save(out, metadata=metadata)
+    click.echo(f"{method} on {len(rows)} clips, {len(clf.classes_)} classes, {X.shape[1]} heads -> {out}")
