@@ -99,6 +99,11 @@ class LALMExtractor(Extractor):
         """Extra keyword arguments for `processor(...)`."""
         return {"sampling_rate": self.sample_rate}
 
+    @property
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of every forward / generate call (e.g. `use_audio_in_video`)."""
+        return {}
+
     # ------------------------------------------------------------------ inputs
 
     @property
@@ -178,7 +183,7 @@ class LALMExtractor(Extractor):
         module = self._forward_module(inputs)
         capture = HeadCapture(self.sites, at_positions(last_token_positions(mask)), stop=stop)
         with torch.inference_mode():
-            features = capture.run(lambda: module(**inputs, use_cache=False))
+            features = capture.run(lambda: module(**inputs, **self.forward_kwargs, use_cache=False))
         return features.cpu().numpy()
 
     def extract(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
