@@ -1,0 +1,168 @@
+"""Extraction speed: `calm extract`'s path against the naive way, on ESC-10 with whisper-tiny.en.
+
+    python benchmarks/bench_extract.py [--clips 40] [--batch-size 8] [--device cpu] [--data DIR]
+
+All in one run, on the same clips and the same loaded model:
+- naive: batch size 1, audio decoded in the main thread, the full model forward
+  (`WhisperForConditionalGeneration(input_features, decoder_input_ids)`, computing logits) with
+  forward pre-hooks on every attention output projection keeping their whole inputs;
+- calm, default: `extract_to_store` (decoding in worker threads overlapped with the model,
+  hooks at the needed positions only, no LM head, early stop, shards written to a store) with
+  the encoder on 30 s as Whisper was trained, at batch size 1 and at --batch-size;
+- calm, `encoder_length="clip"`: the encoder on each clip's own length, and with a 10 s minimum
+  (`min_encoder_seconds=10`); see calm.models.whisper for the measured accuracy cost.
+Also: audio decoding alone (single thread), to show whether the model or decoding limits speed.
+Prints clips/s for each and the ratios to the naive way. Model loading is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def esc10_root(arg: str | None) -> Path:
+    root = (
+        Path(arg)
+        if arg
+        else Path(os.environ.get("CALM_TEST_DATA", ROOT.parent / "shared" / "data")) / "esc10"
+    )
+    if not root.is_dir():
+        sys.exit(f"ESC-10 not found at {root}: pass --data DIR or set CALM_TEST_DATA")
+    return root
+
+
+def pick_clips(root: Path, n: int) -> list:
+    """n clips spread evenly over the dataset (so every class is represented)."""
+    from calm.data import load_dataset
+
+    clips = load_dataset(f"esc10:{root}").clips
+    if n >= len(clips):
+        return list(clips)
+    return [clips[i] for i in np.linspace(0, len(clips) - 1, n).round().astype(int)]
+
+
+def time_naive(ext, clips) -> float:
+    """clips/s of batch-1 full forwards (with logits) keeping every attention output projection input."""
+    from calm.audio import load_audio
+
+    model = ext.model
+    kept: list[torch.Tensor] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, args: kept.append(args[0].detach().clone()))
+        for name, module in model.named_modules()
+        if name.endswith("out_proj")
+    ]
+    prompt = torch.tensor([ext.prompt_ids], device=ext.device)
+
+    def one(clip) -> None:
+        wave = load_audio(clip.path, ext.sample_rate, max_seconds=ext.max_seconds)
+        feats = ext.feature_extractor(wave, sampling_rate=ext.sample_rate, return_tensors="pt").input_features
+        with torch.no_grad():
+            out = model(input_features=feats.to(ext.device, ext.dtype), decoder_input_ids=prompt)
+        assert out.logits.shape[-1] == model.config.vocab_size
+        kept.clear()
+
+    try:
+        one(clips[0])  # warm-up
+        t0 = time.perf_counter()
+        for clip in clips:
+            one(clip)
+        return len(clips) / (time.perf_counter() - t0)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def time_store(ext, clips, batch_size: int, workers: int | None) -> tuple[float, tuple[int, ...]]:
+    from calm.store import extract_to_store, load_features
+
+    ext.extract([ext.load_input(clips[0].path)])  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        report = extract_to_store(ext, clips, tmp, batch_size=batch_size, progress=False, workers=workers)
+        if report.failed:
+            raise SystemExit(f"extraction failed: {report.failed}")
+        shape = load_features(tmp)[0].shape
+    return report.clips_per_second, shape
+
+
+def time_decoding(clips, rate: int, max_seconds: float | None) -> float:
+    from calm.audio import load_audio
+
+    t0 = time.perf_counter()
+    for clip in clips:
+        load_audio(clip.path, rate, max_seconds=max_seconds)
+    return len(clips) / (time.perf_counter() - t0)
+
+
+def variant(ext, **options):
+    from calm.models.whisper import WhisperExtractor
+
+    return WhisperExtractor(
+        ext.model, ext.feature_extractor, ext.tokenizer,
+        model_id=ext.model_id, revision=ext.revision, heads=ext.heads, prompt=ext.prompt, **options,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clips", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data", default=None, help="ESC-10 folder (default: ../shared/data/esc10)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from calm.models import load_extractor
+
+    clips = pick_clips(esc10_root(args.data), args.clips)
+    t0 = time.perf_counter()
+    ext = load_extractor("whisper-tiny.en", device=args.device)
+    print(
+        f"whisper-tiny.en on {args.device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs), "
+        f"{len(clips)} ESC-10 clips, {len(ext.head_names)} heads; model loaded in {time.perf_counter() - t0:.1f} s"
+    )
+    rows: list[tuple[str, float]] = []
+    rows.append(("audio decoding alone (1 thread)", time_decoding(clips, ext.sample_rate, ext.max_seconds)))
+    naive = time_naive(ext, clips)
+    rows.append(("naive: batch 1, full forward with logits", naive))
+    shape = None
+    for label, e, bs in [
+        ("calm default (30 s encoder), batch 1", ext, 1),
+        (f"calm default (30 s encoder), batch {args.batch_size}", ext, args.batch_size),
+        (
+            f"calm encoder_length=clip, batch {args.batch_size}",
+            variant(ext, encoder_length="clip"),
+            args.batch_size,
+        ),
+        (
+            f"calm encoder_length=clip min 10 s, batch {args.batch_size}",
+            variant(ext, encoder_length="clip", min_encoder_seconds=10.0),
+            args.batch_size,
+        ),
+    ]:
+        speed, shape = time_store(e, clips, bs, args.workers)
+        rows.append((label, speed))
+    print(f"features per clip: {shape[1:]}")
+    width = max(len(r[0]) for r in rows)
+    print(f"{'path':<{width}}  clips/s  x naive")
+    for label, speed in rows:
+        print(f"{label:<{width}}  {speed:7.2f}  {speed / naive:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
