@@ -860,6 +860,15 @@ class ShardedArray:
             yield self[i]
 
 
+def _fold_column(folds: list[Any]):
+    """Nullable integers when every fold is an int (or missing), else the values as they are."""
+    import pandas as pd
+
+    if all(f is None or (isinstance(f, int) and not isinstance(f, bool)) for f in folds):
+        return pd.array(folds, dtype="Int64")
+    return pd.array(folds, dtype=object)
+
+
 def load_features(
     store: str | Path, key: str | Mapping[str, Any] | None = None, *, mmap: bool = True, verify: bool = False
 ):
@@ -917,7 +926,7 @@ def load_features(
         "path": [r["path"] for r in ordered],
         "hash": [r["hash"] for r in ordered],
         "label": [r["label"] for r in ordered],
-        "fold": pd.array([r.get("fold") for r in ordered], dtype="Int64"),
+        "fold": _fold_column([r.get("fold") for r in ordered]),
         "split": [r.get("split") for r in ordered],
     }
     meta = pd.DataFrame(base)
