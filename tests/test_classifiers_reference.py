@@ -183,6 +183,7 @@ CALM_CASES = [
     dict(k=4, weighting="class", normalization="power", tau_w=0.3),
     dict(k=3, weighting="class", reliability="leave-one-out"),
     dict(k=5, weighting="global", reliability="leave-one-out", tau_p=1.0),
+    dict(k=3, weighting="class", tau_p=0.001),  # small tau_p: the max-shifted softmax path
 ]
 
 
@@ -227,10 +228,11 @@ def test_sav_matches_loop_reference(seed, tie_break, k):
     np.testing.assert_array_equal(clf.predict(Xq), ref_predict(votes))
 
 
-def test_float32_input_agrees_with_reference():
+@pytest.mark.parametrize("tau_p", [0.03, 0.01])  # 0.01: the max-shifted path in float32
+def test_float32_input_agrees_with_reference(tau_p):
     X, y, Xq, _ = make_problem(7, shots=4)
-    clf = calm.CALM(k=3).fit(X.astype(np.float32), y)
-    ref = ref_calm_fit(X.astype(np.float32), y, 4, 3)
+    clf = calm.CALM(k=3, tau_p=tau_p).fit(X.astype(np.float32), y)
+    ref = ref_calm_fit(X.astype(np.float32), y, 4, 3, tau_p=tau_p)
     np.testing.assert_allclose(clf.weights_, ref["weights"], atol=1e-4)
-    scores = ref_calm_scores(ref, Xq.astype(np.float32))
+    scores = ref_calm_scores(ref, Xq.astype(np.float32), tau_p=tau_p)
     np.testing.assert_allclose(clf.decision_function(Xq.astype(np.float32)), scores, atol=1e-4)

@@ -20,7 +20,7 @@ Tie rules (documented contract):
   class index, i.e. the earlier entry of ``classes_``.
 
 Memory: queries (and support clips) are processed in chunks of ``chunk_size`` rows (None: chosen so
-one chunk's working set is about 256 MiB), so memory stays flat however many queries are passed;
+one chunk's working set is about 512 MiB), so memory stays flat however many queries are passed;
 every sum runs in float32, or float64 when the features are float64.
 
 The math lives in :mod:`calm._heads` as small pure functions; this module adds validation,
@@ -43,7 +43,7 @@ from calm import _heads as H
 __all__ = ["SAV", "CALM", "load"]
 
 #: Target size in bytes of one chunk's working set (features, similarities, posteriors).
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 512 * 2**20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def _encode_labels(y, classes, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _chunk_rows(chunk_size, K: int, d: int, C: int, itemsize: int) -> int:
     if chunk_size is not None:
         return int(chunk_size)
-    per_row = K * (2 * d + 2 * C) * itemsize
+    per_row = K * (3 * d + 2 * C) * itemsize
     return max(1, CHUNK_BYTES // per_row)
 
 
@@ -234,6 +234,7 @@ class _HeadClassifier(ClassifierMixin, BaseEstimator):
         self._unit = H.l2_normalize(centroids).permute(1, 2, 0).contiguous()  # (K, d, C)
         self._fit_heads(feats, y_t, counts, rows, dtype)
         self._prepare()
+        self._unit = None  # predict keeps only what it needs
         return self
 
     # -- helpers shared by predict paths --------------------------------------------------------
@@ -321,7 +322,7 @@ class SAV(_HeadClassifier):
     classes : sequence or None
         Fixed class order (every class needs a clip); None: the sorted labels of y.
     chunk_size : int or None
-        Rows per chunk; None picks ~256 MiB working sets.
+        Rows per chunk; None picks ~512 MiB working sets.
 
     Attributes
     ----------
@@ -351,7 +352,7 @@ class SAV(_HeadClassifier):
             s = H.cosine_similarities(xb, self._unit, normalized=True)  # Eq. 2, (n, K, C)
             correct += (H.head_predictions(s) == yb[:, None]).sum(dim=0)  # Eq. 3 on the support set
             if self.tie_break == "margin":
-                margin_sum += H.clamped_margins(H.head_posteriors(s, self.tau_p), yb).sum(dim=0)  # Eq. 5-6
+                margin_sum += _support_margins(s, yb, self.tau_p).sum(dim=0)  # Eq. 5-6
         self.head_scores_ = (correct.to(torch.float64) / feats.n).numpy()
         margins = None
         if self.tie_break == "margin":
@@ -464,7 +465,7 @@ class CALM(_HeadClassifier):
             s = H.cosine_similarities(xb, self._unit, normalized=True)  # Eq. 2, (n, K, C)
             if loo:
                 s = _leave_one_out_similarities(s, xb, yb, centroids, counts)
-            m = H.clamped_margins(H.head_posteriors(s, self.tau_p), yb)  # Eq. 5-6, (n, K)
+            m = _support_margins(s, yb, self.tau_p)  # Eq. 5-6, (n, K)
             margin_sum.index_add_(0, yb, m)
         if self.weighting == "class":
             r = margin_sum / counts.to(dtype)[:, None]  # Eq. 11
@@ -484,17 +485,27 @@ class CALM(_HeadClassifier):
             w, unit = w[:, self._used], unit[self._used]
         self._unit_used = unit.contiguous()
         self._w_used = w.T.contiguous()  # (K_used, C)
+        self._scaled = None
+
+    def _scaled_centroids(self) -> torch.Tensor:
+        """Unit centroids of the used heads divided by tau_p, (K_used, d, C) (cached per tau_p)."""
+        if getattr(self, "_scaled", None) is None or self._scaled[0] != self.tau_p:
+            self._scaled = (self.tau_p, self._unit_used / self.tau_p)
+        return self._scaled[1]
 
     def decision_function(self, X) -> np.ndarray:
         """Raw scores (n, C) of Eq. 13 (Eq. 9 for ``weighting="global"``)."""
         feats = self._query(X)
         dtype = self._dtype()
-        out = np.empty((feats.n, len(self.classes_)), dtype=np.dtype(str(dtype).replace("torch.", "")))
-        K_used = len(self._w_used)
-        for start, xb in feats.chunks(self._rows(K_used), dtype):
+        C = len(self.classes_)
+        out = np.empty((feats.n, C), dtype=np.float64 if dtype == torch.float64 else np.float32)
+        scaled = self._scaled_centroids()
+        # exp(s / tau_p) needs no max-shift when it can neither overflow nor underflow (|s| <= 1)
+        shift = 1.0 / self.tau_p + np.log(C) + 1.0 > np.log(torch.finfo(dtype).max) - 1.0
+        for start, xb in feats.chunks(self._rows(len(self._w_used)), dtype):
             if self._used is not None:
                 xb = xb[:, self._used]
-            out[start : start + len(xb)] = _calm_scores(xb, self._unit_used, self._w_used, self.tau_p).numpy()
+            out[start : start + len(xb)] = _calm_scores(xb, scaled, self._w_used, shift).numpy()
         return out
 
     def predict_proba(self, X) -> np.ndarray:
@@ -505,16 +516,28 @@ class CALM(_HeadClassifier):
             return np.where(total > 0, s / total, 1.0 / s.shape[1])
 
 
-def _calm_scores(xb: torch.Tensor, unit: torch.Tensor, w_t: torch.Tensor, tau_p: float) -> torch.Tensor:
-    """Eq. 2, 5 and 13 for one chunk, in place: unit centroids (K, d, C), weights w_t (K, C)."""
+def _calm_scores(xb: torch.Tensor, scaled: torch.Tensor, w_t: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Eq. 2, 5 and 13 for one chunk, in place: ``scaled`` = unit centroids / tau_p (K, d, C),
+    weights ``w_t`` (K, C)."""
     x = H.l2_normalize(xb).transpose(0, 1)  # (K, n, d)
-    s = torch.matmul(x, unit)  # Eq. 2, (K, n, C)
+    e = torch.matmul(x, scaled)  # Eq. 2 over tau_p, (K, n, C)
     del x
-    s.mul_(1.0 / tau_p)
-    p = torch.softmax(s, dim=-1)  # Eq. 5
-    del s
-    p.mul_(w_t[:, None, :])  # w_c^j p_c^j
-    return p.sum(dim=0)  # Eq. 13
+    if shift:
+        e.sub_(e.amax(dim=-1, keepdim=True))
+    e.exp_()
+    e.div_(e.sum(dim=-1, keepdim=True))  # Eq. 5
+    e.mul_(w_t[:, None, :])  # w_c^j p_c^j
+    return e.sum(dim=0)  # Eq. 13
+
+
+def _support_margins(s: torch.Tensor, yb: torch.Tensor, tau_p: float) -> torch.Tensor:
+    """Eq. 5-6 on support similarities ``s`` (n, K, C), overwriting them: the same numbers as
+    ``clamped_margins(head_posteriors(s, tau_p), yb)`` without extra (n, K, C) copies."""
+    p = torch.softmax(s.mul_(1.0 / tau_p), dim=-1)
+    idx = yb.view(-1, 1, 1).expand(p.shape[0], p.shape[1], 1)
+    own = p.gather(-1, idx).squeeze(-1)
+    rivals = p.scatter_(-1, idx, float("-inf")).amax(dim=-1)
+    return (own - rivals).clamp_min_(0)
 
 
 def _leave_one_out_similarities(s, xb, yb, centroids, counts) -> torch.Tensor:

@@ -189,4 +189,5 @@ def load_classifier(path):
     clf.metadata_ = md if isinstance(md, dict) else {}
     clf._unit = None
     clf._prepare()
+    clf._unit = None
     return clf
