@@ -112,6 +112,12 @@ def key_dirname(model_id: str, digest: str) -> str:
     return f"{slug}-{digest}"
 
 
+def store_path(path: str | Path) -> str:
+    """How a clip's path is stored (meta["path"]): absolute and normalised (`..` removed), links kept.
+    Compare a dataset's clips with a store's rows through this function."""
+    return os.path.abspath(path)
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -578,7 +584,7 @@ def extract_to_store(
     seen: set[str] = set()
     todo = []
     for clip in items:
-        p = os.path.abspath(clip.path)
+        p = store_path(clip.path)
         if p in seen:
             log.warning("%s listed twice: extracted once", p)
             continue
@@ -958,4 +964,5 @@ __all__ = [
     "list_keys",
     "load_features",
     "resolve_key_dir",
+    "store_path",
 ]
