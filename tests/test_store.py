@@ -188,7 +188,7 @@ from test_store import FakeExtractor, make_clips
 from calm.store import extract_to_store
 from pathlib import Path
 clips = make_clips(Path({audio!r}), write=False)
-extract_to_store(FakeExtractor(delay=0.05), clips, {out!r}, batch_size=1, progress=False, workers=2)
+extract_to_store(FakeExtractor(delay=0.08), clips, {out!r}, batch_size=1, progress=False, workers=2)
 print("finished")
 """
 
@@ -385,6 +385,18 @@ def test_limit_paths_dedupe_and_lock(tmp_path, clips):
     with _Lock(key_dir / ".lock"), pytest.raises(StoreError, match="another extraction"):
         run(FakeExtractor(), clips, out)
     assert run(FakeExtractor(), clips, out).stored == 6
+
+
+def test_paths_are_stored_absolute_and_normalised(tmp_path, clips, monkeypatch):
+    from calm.store import store_path
+
+    monkeypatch.chdir(tmp_path / "audio" / "dog")
+    relative = [Path("..") / c.path.parent.name / c.path.name for c in clips[:3]]
+    run(FakeExtractor(), relative, tmp_path / "store")
+    meta = load_features(tmp_path / "store")[2]
+    assert meta["path"].tolist() == sorted(str(c.path) for c in clips[:3])
+    assert store_path(relative[0]) == str(clips[0].path)
+    assert run(FakeExtractor(), clips[:3], tmp_path / "store").skipped == 3
 
 
 def test_progress_bar_runs(tmp_path, clips, capsys):
