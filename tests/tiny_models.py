@@ -113,3 +113,83 @@ def save_pretrained(model, processor, directory: str | Path) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def _qwen_style_template(audio: str) -> str:
+    """A Qwen-style chat template rendering each audio item as `audio` (the model's placeholder)."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for content in message['content'] %}{% if content['type'] == 'audio' %}" + audio + ""
+        "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# Audio Flamingo 3 (nvidia/audio-flamingo-3-hf): Qwen2 chat format, one `<sound>` per audio item.
+AUDIO_FLAMINGO3_CHAT_TEMPLATE = _qwen_style_template("<sound>")
+# GLM-ASR: the audio between begin/end markers, `<|pad|>` as the audio token.
+GLMASR_CHAT_TEMPLATE = _qwen_style_template("<|begin_of_audio|><|pad|><|end_of_audio|>")
+
+
+def _tiny_text_config(tokenizer, num_layers: int) -> dict:
+    return {
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 12, "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
+    }  # fmt: skip
+
+
+def tiny_audio_flamingo3(*, num_layers: int = 3, seed: int = 0):
+    """(model, processor) of a tiny random Audio Flamingo 3: Whisper-style encoder (fixed 1500
+    positions, so audio must be padded to 30 s) + Qwen2 decoder with 4 heads of dim 12."""
+    from transformers import (
+        AudioFlamingo3Config,
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Processor,
+        WhisperFeatureExtractor,
+    )
+
+    tokenizer = byte_level_tokenizer(
+        (*QWEN_SPECIAL_TOKENS, "<sound>"), chat_template=AUDIO_FLAMINGO3_CHAT_TEMPLATE
+    )
+    processor = AudioFlamingo3Processor(
+        WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+        tokenizer,
+        chat_template=AUDIO_FLAMINGO3_CHAT_TEMPLATE,
+    )
+    config = AudioFlamingo3Config(
+        audio_config={"num_mel_bins": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 32, "hidden_size": 16},
+        text_config=_tiny_text_config(tokenizer, num_layers),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AudioFlamingo3ForConditionalGeneration(config).eval(), processor
+
+
+def tiny_glmasr(*, num_layers: int = 3, seed: int = 0):
+    """(model, processor) of a tiny random GLM-ASR: rotary audio encoder + Llama decoder with 4
+    heads of dim 12."""
+    from transformers import (
+        GlmAsrConfig,
+        GlmAsrForConditionalGeneration,
+        GlmAsrProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tokens = (*QWEN_SPECIAL_TOKENS, "<|pad|>", "<|begin_of_audio|>", "<|end_of_audio|>")
+    tokenizer = byte_level_tokenizer(tokens, chat_template=GLMASR_CHAT_TEMPLATE)
+    processor = GlmAsrProcessor(
+        WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+        tokenizer,
+        chat_template=GLMASR_CHAT_TEMPLATE,
+    )
+    config = GlmAsrConfig(
+        audio_config={"num_mel_bins": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 32, "hidden_size": 16},
+        text_config=_tiny_text_config(tokenizer, num_layers),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|pad|>"),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return GlmAsrForConditionalGeneration(config).eval(), processor

@@ -2,7 +2,8 @@
 
 `load_extractor(name)` accepts a registered name (`MODELS`), a hub id or a local directory.
 Registered names map to a hub id (or an embedded model) and a backend; unregistered ids are
-dispatched on their config's `model_type` (`BACKENDS`). Backend modules are imported lazily so
+dispatched on their config's `model_type` (`BACKENDS`), and types without a backend of their own
+go to the generic LALM path (`GENERIC_BACKEND`, `calm.models.generic`). Backend modules are imported lazily so
 that `import calm.models` stays light.
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "HeadName",
     "MODELS",
     "BACKENDS",
+    "GENERIC_BACKEND",
     "load_extractor",
     "register_model",
 ]
@@ -47,6 +49,9 @@ BACKENDS: dict[str, str] = {
     "qwen2_5_omni": "calm.models.qwen2_5_omni:load_qwen2_5_omni",
     "qwen2_5_omni_thinker": "calm.models.qwen2_5_omni:load_qwen2_5_omni",
 }
+
+# every other model type: an LALM whose processor has a chat template (calm.models.generic)
+GENERIC_BACKEND = "calm.models.generic:load_generic"
 
 DEFAULT_MODEL = "whisper-tiny.en"
 
@@ -95,7 +100,9 @@ def load_extractor(
         dtype: None (float32 on CPU, bfloat16/float16 on GPU), a torch dtype or a name.
         layers: None (all), an int L (the first L layers) or a list of layer indices.
         attn_implementation: passed to `from_pretrained` (`eager`, `sdpa`, ...).
-        **options: backend options (e.g. Whisper's `encoder_length`, `min_encoder_seconds`).
+        **options: backend options (e.g. Whisper's `encoder_length`, `min_encoder_seconds`; LALMs'
+            `truncate_layers`, default True: with `layers` given, load only the text decoder
+            layers up to the last selected one, see `calm.models.lalm.truncated_config`).
     """
     common = dict(
         heads=heads, prompt=prompt, device=device, dtype=resolve_dtype(dtype, device),
@@ -107,10 +114,5 @@ def load_extractor(
         if entry.checkpoint is None:
             return loader(**common)
         return loader(entry.checkpoint, name=model, **common)
-    model_type = _model_type(str(model))
-    if model_type not in BACKENDS:
-        raise ExtractorError(
-            f"no backend for model type {model_type!r} ({model}); supported types: {sorted(BACKENDS)}, "
-            f"registered names: {sorted(MODELS)}"
-        )
-    return _resolve_loader(BACKENDS[model_type])(str(model), **common)
+    loader = BACKENDS.get(_model_type(str(model)), GENERIC_BACKEND)
+    return _resolve_loader(loader)(str(model), **common)

@@ -5,8 +5,11 @@ or local directory, through the shared LALM path (`calm.models.lalm`).
 The model loads with `AutoModelForMultimodalLM` and its own processor; the conversation is the
 shared one (a user message with the audio, then the prompt text, then the generation prompt).
 Positions are left to the model (it computes them from the attention mask when it needs to), so
-features are read with right padding, which never moves real tokens. Which architectures were
-tested, and how, is in docs/backends.md.
+features are read with right padding, which never moves real tokens. Audio is padded the way the
+model's own processor pads it (Whisper-style encoders with fixed positions, e.g. Audio Flamingo 3,
+need 30 s windows); only the text is padded to the batch's longest prompt. `load_extractor`
+sends every model type without its own backend here. Which architectures were tested, and how,
+is in docs/backends.md.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ AUTO_CLASSES = (
 
 
 class GenericLALMExtractor(LALMExtractor):
-    """The shared LALM extractor: conversation, padding and positions as in `calm.models.lalm`."""
+    """The shared LALM extractor: conversation and positions as in `calm.models.lalm`; audio
+    padded by the processor's own default."""
+
+    audio_padding = None
 
 
 def model_class(config):

@@ -12,6 +12,7 @@ before the answer would start (METHOD.md, "Features").
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,13 @@ import numpy as np
 import torch
 
 from calm.models.base import Extractor, ExtractorError, HeadName, dtype_name
-from calm.models.hooks import HeadCapture, at_positions, decoder_attention_sites, last_token_positions
+from calm.models.hooks import (
+    HeadCapture,
+    at_positions,
+    decoder_attention_sites,
+    last_token_positions,
+    select_layers,
+)
 
 DEFAULT_PROMPT = "What is the sound in this audio?"
 AUDIO_PLACEHOLDER = "clip"  # chat templates test for an `audio` key; the waveform goes to the processor
@@ -29,6 +36,33 @@ AUDIO_PLACEHOLDER = "clip"  # chat templates test for an `audio` key; the wavefo
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting real tokens only, so left-padded rows get the positions of unpadded ones."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def padding_kwargs(
+    extra: dict[str, Any], *, padding_side: str, audio_padding: bool | str | None = True
+) -> dict[str, Any]:
+    """Keyword arguments of `processor(...)`: `extra` plus padding, per modality when needed.
+
+    `audio_padding=True` (and no audio `padding` in `extra["audio_kwargs"]`) gives one flat
+    `padding=True, padding_side=...` that the processor applies to text and audio alike (audio
+    features padded to the longest clip of the batch). Otherwise the text padding goes into
+    `text_kwargs` only, and the audio is padded by `extra["audio_kwargs"]["padding"]`, else by
+    `audio_padding` when it is not None, else by the processor's own default (Whisper-style
+    extractors: 30 s windows, which encoders with fixed positions need).
+    """
+    kwargs = dict(extra)
+    audio = dict(kwargs.pop("audio_kwargs", None) or {})
+    if audio_padding is True and "padding" not in audio:
+        if audio:
+            kwargs["audio_kwargs"] = audio
+        return {"padding": True, "padding_side": padding_side, **kwargs}
+    text = {"padding": True, "padding_side": padding_side, **(kwargs.pop("text_kwargs", None) or {})}
+    if audio_padding is not None:
+        audio.setdefault("padding", audio_padding)
+    for name in ("padding", "padding_side"):
+        if name in kwargs:
+            raise ExtractorError(f"give {name!r} in text_kwargs / audio_kwargs, not as a flat processor argument")
+    return {**kwargs, "text_kwargs": text, **({"audio_kwargs": audio} if audio else {})}
 
 
 class LALMExtractor(Extractor):
@@ -44,6 +78,9 @@ class LALMExtractor(Extractor):
     positions_from_mask: bool = False
     #: padding side used for feature extraction; right padding never moves real tokens
     padding_side: str = "right"
+    #: audio padding (see `padding_kwargs`): True pads audio features to the batch's longest clip
+    #: together with the text; None leaves the processor's default; a string is the audio `padding`
+    audio_padding: bool | str | None = True
 
     def __init__(
         self,
@@ -141,9 +178,11 @@ class LALMExtractor(Extractor):
             text=[text] * len(waves),
             audio=waves,
             return_tensors="pt",
-            padding=True,
-            padding_side=padding_side or self.padding_side,
-            **self.processor_kwargs(),
+            **padding_kwargs(
+                self.processor_kwargs(),
+                padding_side=padding_side or self.padding_side,
+                audio_padding=self.audio_padding,
+            ),
         )
         inputs = inputs.to(self.device)
         for name, value in inputs.items():
@@ -190,6 +229,39 @@ class LALMExtractor(Extractor):
         return self.forward_features(self.build_inputs(inputs))
 
 
+#: per-layer lists in text configs, shortened together with `num_hidden_layers`
+PER_LAYER_CONFIG_LISTS = ("layer_types", "intermediate_size", "activation_sparsity_pattern")
+
+
+def truncated_config(config, layers: Sequence[int] | int | None):
+    """(config, layer indices) for loading only the decoder layers that `layers` needs.
+
+    The indices are `layers` resolved against the full text decoder (negative ones count from
+    its end). The config is a copy whose text config keeps layers 0..max(indices) (per-layer
+    lists shortened too), or `config` itself when nothing can be dropped, `layers` is None, or
+    the decoder shares KV caches across layers (Gemma 3n), where dropping layers changes the
+    kept ones. A decoder layer depends only on the layers before it, so the kept layers' heads
+    are exactly those of the full model; the LM head then sees a shortened decoder, so use such
+    a model for features only.
+    """
+    if layers is None:
+        return config, None
+    text = config.get_text_config()
+    total = int(text.num_hidden_layers)
+    chosen = select_layers(total, layers)
+    keep = chosen[-1] + 1
+    if keep == total or getattr(text, "num_kv_shared_layers", 0):
+        return config, chosen
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    text.num_hidden_layers = keep
+    for name in PER_LAYER_CONFIG_LISTS:
+        value = getattr(text, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            setattr(text, name, type(value)(value[:keep]))
+    return config, chosen
+
+
 def model_revision(model) -> str | None:
     """The hub commit of a loaded checkpoint, or None for local directories."""
     return getattr(model.config, "_commit_hash", None)
@@ -209,14 +281,18 @@ def load_lalm(
     name: str | None = None,
     revision: str | None = None,
     padding_side: str | None = None,
+    truncate_layers: bool = True,
     **options,
 ) -> LALMExtractor:
     """Load an LALM (hub id or local directory) with its processor as a `extractor_cls`.
 
-    `model_cls` defaults to `AutoModelForMultimodalLM`. Unknown `options` are an error here;
-    backends consume their own before calling this.
+    `model_cls` defaults to `AutoModelForMultimodalLM`. With `layers` given and
+    `truncate_layers=True` (default) only the text decoder layers up to the last selected one are
+    built and loaded (see `truncated_config`): less memory and time, same features, but the
+    model's LM head is then unusable (no zero-shot / generation with it). Unknown `options` are
+    an error here; backends consume their own before calling this.
     """
-    from transformers import AutoModelForMultimodalLM, AutoProcessor
+    from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor
 
     if heads not in ("all", "decoder"):
         raise ExtractorError(
@@ -224,13 +300,14 @@ def load_lalm(
         )
     if options:
         raise ExtractorError(f"unknown options for {model_id}: {sorted(options)}")
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    hub = {"revision": revision} if revision else {}
+    kwargs: dict[str, Any] = {"dtype": dtype, **hub}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if revision:
-        kwargs["revision"] = revision
+    if truncate_layers and layers is not None:
+        kwargs["config"], layers = truncated_config(AutoConfig.from_pretrained(str(model_id), **hub), layers)
     model = (model_cls or AutoModelForMultimodalLM).from_pretrained(str(model_id), **kwargs).to(device)
-    processor = AutoProcessor.from_pretrained(str(model_id), **({"revision": revision} if revision else {}))
+    processor = AutoProcessor.from_pretrained(str(model_id), **hub)
     return extractor_cls(
         model,
         processor,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from calm.models.base import ExtractorError
-from calm.models.lalm import AUDIO_PLACEHOLDER, LALMExtractor, model_revision
+from calm.models.lalm import AUDIO_PLACEHOLDER, LALMExtractor, model_revision, truncated_config
 
 HUB_IDS = {"qwen2.5-omni-7b": "Qwen/Qwen2.5-Omni-7B", "qwen2.5-omni-3b": "Qwen/Qwen2.5-Omni-3B"}
 DEFAULT_FPS = 2.0
@@ -385,10 +385,12 @@ def load_qwen2_5_omni(
     fps: float = DEFAULT_FPS,
     frame_size: Sequence[int] = DEFAULT_FRAME_SIZE,
     max_frames: int | None = None,
+    truncate_layers: bool = True,
     **options,
 ) -> Qwen25OmniExtractor:
     """Load the thinker of a Qwen2.5-Omni checkpoint (hub id or local directory; a full Omni
-    checkpoint or a thinker-only one) as a `Qwen25OmniExtractor`; see `load_extractor`."""
+    checkpoint or a thinker-only one) as a `Qwen25OmniExtractor`; see `load_extractor`. With `layers`
+    and `truncate_layers` only the decoder layers up to the last selected one are loaded."""
     from transformers import (
         AutoTokenizer,
         Qwen2_5OmniThinkerForConditionalGeneration,
@@ -401,6 +403,8 @@ def load_qwen2_5_omni(
         raise ExtractorError(f"unknown options for {model_id}: {sorted(options)}")
     model_id = str(model_id)
     config, full = _thinker_config(model_id, revision)
+    if truncate_layers:
+        config, layers = truncated_config(config, layers)
     kwargs: dict[str, Any] = {"dtype": dtype, "config": config}
     if full:
         kwargs["key_mapping"] = {r"^thinker\.": ""}  # load the thinker's weights only
