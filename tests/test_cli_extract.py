@@ -40,8 +40,10 @@ def test_extract_end_to_end_with_a_fake_model(tmp_path, fake_model):
     X, y, meta = load_features(out)
     assert X.shape == (7, 6, 4) and sorted(set(y)) == ["dog", "rain", "siren"]
 
-    again = runner.invoke(main, [*args, "--no-progress", "--prompt", "hi"])
+    again = runner.invoke(main, [*args, "--no-progress", "--prompt", "hi", "--compact"])
     assert again.exit_code == 0 and "0 stored, 7 already stored" in again.output
+    assert "compacted 4 shards into 1" in again.output
+    np.testing.assert_array_equal(np.asarray(load_features(out)[0]), np.asarray(X))
 
     # a clip that cannot be read: listed, exit status 1 unless --allow-failures
     (root / "dog" / "broken.wav").write_bytes(b"RIFF nonsense")

@@ -18,6 +18,7 @@ from calm.store import (
     ShardedArray,
     StoreError,
     _Lock,
+    compact,
     extract_to_store,
     list_keys,
     load_features,
@@ -403,6 +404,38 @@ def test_progress_bar_runs(tmp_path, clips, capsys):
     report = extract_to_store(FakeExtractor(), clips[:4], tmp_path / "store", batch_size=2, progress=True)
     assert report.stored == 4
     assert "clips/s" in capsys.readouterr().err
+
+
+def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, reference, monkeypatch):
+    import calm.store as store_mod
+
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips, out, batch_size=2)
+    shards = lambda: sorted(p.name for p in out.glob(f"*/{SHARD_DIR}/*.safetensors"))  # noqa: E731
+    assert len(shards()) == 5
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_mod, "_write_index", crash)
+    with pytest.raises(OSError):
+        compact(out)
+    monkeypatch.undo()
+    assert len(shards()) == 6  # the new shard is an orphan: the index still names the old ones
+    assert_same_store(out, reference)
+    assert compact(out) == (5, 1)
+    assert len(shards()) == 1
+    assert_same_store(out, reference)
+    assert compact(out) == (1, 1)
+    assert run(FakeExtractor(), clips, out).skipped == 10
+    row_kb = N_LAYERS * N_HEADS * DIM * 2 / 1024
+    assert compact(out, max_shard_mb=3.5 * row_kb / 1024) == (1, 1)  # already compact and in order
+    run(FakeExtractor(), make_clips(tmp_path / "more", n=2, seed=5), out)
+    assert compact(out, max_shard_mb=3.5 * row_kb / 1024) == (2, 4)  # 12 rows, 3 a shard
+    X, _, meta = load_features(out)
+    ref = load_features(reference)
+    keep = meta["path"].isin(ref[2]["path"]).to_numpy()
+    np.testing.assert_array_equal(np.asarray(X)[keep], np.asarray(ref[0]))
 
 
 def test_missing_store_is_a_clear_error(tmp_path):

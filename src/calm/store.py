@@ -790,7 +790,8 @@ class ShardedArray:
     Rows are read from the shards only when indexed: `X[idx]` (int, slice, boolean mask or
     integer array, optionally followed by indices over K and d, e.g. `X[:, heads]`) returns a
     numpy array, and `np.asarray(X)` reads everything. Stored float16 values are returned as
-    float32 (`storage_dtype` says what is on disk).
+    float32 (`storage_dtype` says what is on disk). The shards are mapped when the view is made,
+    so it stays valid when a later extraction or `compact` replaces or deletes their files.
     """
 
     def __init__(
@@ -812,6 +813,8 @@ class ShardedArray:
         self.storage_dtype = np.dtype(DTYPES[storage_dtype][0])
         self.dtype = np.dtype(np.float32)
         self.shape = (len(self._shard_of), int(feature_shape[0]), int(feature_shape[1]))
+        for i in range(len(shard_paths)):  # map now: a view stays valid if its files are replaced later
+            self._map(i)
 
     ndim = 3
 
@@ -838,8 +841,9 @@ class ShardedArray:
             self._maps[s] = m
         return m
 
-    def _gather(self, pos: np.ndarray) -> np.ndarray:
-        out = np.empty((len(pos), *self.shape[1:]), dtype=np.float32)
+    def _gather(self, pos: np.ndarray, raw: bool = False) -> np.ndarray:
+        dtype = self.storage_dtype if raw else np.float32
+        out = np.empty((len(pos), *self.shape[1:]), dtype=dtype)
         shard = self._shard_of[pos]
         row = self._row_of[pos]
         for s in np.unique(shard):
@@ -875,28 +879,12 @@ def _fold_column(folds: list[Any]):
     return pd.array(folds, dtype=object)
 
 
-def load_features(
-    store: str | Path, key: str | Mapping[str, Any] | None = None, *, mmap: bool = True, verify: bool = False
-):
-    """(X, y, meta) of a feature store.
-
-    X: (n, K, d) float32 -- a `ShardedArray` over memory-mapped shards (supports `X[idx]` and
-    `np.asarray(X)`), or an in-memory array with `mmap=False`. y: 1-D array of label strings
-    (multi-label joined by `;`). meta: DataFrame with columns path, hash, label, fold, split and
-    the clips' metadata; `meta.attrs` holds "key" (the extractor's key), "dtype" (storage dtype),
-    "head_names" (list of (layer, head, source)), "digest" and "store" (the key folder).
-    Rows are sorted by path. `key` selects the extraction key when the store holds several (see
-    `resolve_key_dir`); `verify=True` also checks every shard's sha256.
-    """
-    import pandas as pd
-
-    root = resolve_key_dir(store, key)
-    info = _read_key_file(root / KEY_FILE)
+def _open_rows(
+    root: Path, info: Mapping[str, Any], ordered: list[dict[str, Any]], *, verify: bool
+) -> ShardedArray:
+    """A ShardedArray over the given index rows, checking every shard they use."""
     dtype = info["key"]["dtype"]
     feature_shape = tuple(info["feature_shape"])
-    rows, _ = read_index(root / INDEX_FILE)
-    latest = latest_rows(rows)
-    ordered = [latest[p] for p in sorted(latest)]
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for r in ordered:
         by_shard.setdefault(r["shard"], []).append(r)
@@ -925,7 +913,74 @@ def load_features(
         shapes.append(shape)
     shard_of = np.array([number[r["shard"]] for r in ordered], dtype=np.int64)
     row_of = np.array([int(r["row"]) for r in ordered], dtype=np.int64)
-    X: Any = ShardedArray(paths, offsets, shapes, shard_of, row_of, feature_shape, dtype)
+    return ShardedArray(paths, offsets, shapes, shard_of, row_of, feature_shape, dtype)
+
+
+def compact(
+    store: str | Path, key: str | Mapping[str, Any] | None = None, *, max_shard_mb: float = 512
+) -> tuple[int, int]:
+    """Merge a key's shards into as few as possible (each at most `max_shard_mb`), rows sorted by path.
+
+    Returns (shards before, shards after). Crash-safe like extraction: the new shards are written
+    (temp name, fsync, rename) before the index is atomically replaced, and the old shards are
+    deleted only after that; an interrupted compaction leaves either the old or the new state,
+    and stray shards are removed by the next run. Values are copied exactly (no dtype change).
+    """
+    root = resolve_key_dir(store, key)
+    with _Lock(root / LOCK_FILE):
+        folder = _KeyFolder(root, _read_key_file(root / KEY_FILE))
+        folder.recover()
+        ordered = [folder.rows[p] for p in sorted(folder.rows)]
+        old = {r["shard"] for r in ordered}
+        in_order = all(
+            r["shard"] == ordered[0]["shard"] and int(r["row"]) == i for i, r in enumerate(ordered)
+        )
+        if len(old) <= 1 and in_order:
+            return len(old), len(old)
+        X = _open_rows(root, folder.info, ordered, verify=True)
+        row_bytes = X.storage_dtype.itemsize * X.shape[1] * X.shape[2]
+        per_shard = max(1, int(max_shard_mb * 2**20 // row_bytes))
+        new_rows = []
+        for start in range(0, len(ordered), per_shard):
+            chunk = [dict(r) for r in ordered[start : start + per_shard]]
+            name = f"shard-{folder.next_shard:06d}.safetensors"
+            folder.next_shard += 1
+            data = _shard_bytes(X._gather(np.arange(start, start + len(chunk)), raw=True), folder.digest)
+            atomic_write_bytes(folder.shards / name, data)
+            sha = hashlib.sha256(data).hexdigest()
+            for i, r in enumerate(chunk):
+                r.update(shard=name, row=i, shard_bytes=len(data), shard_sha256=sha)
+            new_rows.extend(chunk)
+        del X
+        _write_index(folder.index_path, new_rows)
+        for name in old - {r["shard"] for r in new_rows}:
+            (folder.shards / name).unlink(missing_ok=True)
+        _fsync_dir(folder.shards)
+        return len(old), len({r["shard"] for r in new_rows})
+
+
+def load_features(
+    store: str | Path, key: str | Mapping[str, Any] | None = None, *, mmap: bool = True, verify: bool = False
+):
+    """(X, y, meta) of a feature store.
+
+    X: (n, K, d) float32 -- a `ShardedArray` over memory-mapped shards (supports `X[idx]` and
+    `np.asarray(X)`), or an in-memory array with `mmap=False`. y: 1-D array of label strings
+    (multi-label joined by `;`). meta: DataFrame with columns path, hash, label, fold, split and
+    the clips' metadata; `meta.attrs` holds "key" (the extractor's key), "dtype" (storage dtype),
+    "head_names" (list of (layer, head, source)), "digest" and "store" (the key folder).
+    Rows are sorted by path. `key` selects the extraction key when the store holds several (see
+    `resolve_key_dir`); `verify=True` also checks every shard's sha256.
+    """
+    import pandas as pd
+
+    root = resolve_key_dir(store, key)
+    info = _read_key_file(root / KEY_FILE)
+    dtype = info["key"]["dtype"]
+    rows, _ = read_index(root / INDEX_FILE)
+    latest = latest_rows(rows)
+    ordered = [latest[p] for p in sorted(latest)]
+    X: Any = _open_rows(root, info, ordered, verify=verify)
     if not mmap:
         X = np.asarray(X)
     base = {
@@ -963,6 +1018,7 @@ __all__ = [
     "key_digest",
     "list_keys",
     "load_features",
+    "compact",
     "resolve_key_dir",
     "store_path",
 ]

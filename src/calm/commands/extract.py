@@ -93,6 +93,9 @@ def _load_dataset(spec: str):
     metavar="KEY=VALUE",
     help="Backend option, repeatable (e.g. -o encoder_length=clip -o min_encoder_seconds=10).",
 )
+@click.option(
+    "--compact", "compact_store", is_flag=True, help="Merge the key's shards into few large ones at the end."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def extract(
     model,
@@ -109,6 +112,7 @@ def extract(
     allow_failures,
     workers,
     options,
+    compact_store,
     progress,
 ):
     """Extract per-head features of every clip of --data into the store --out.
@@ -117,7 +121,7 @@ def extract(
     skipped. Exits with status 1 if any clip failed, unless --allow-failures.
     """
     from calm.data.base import DatasetError
-    from calm.store import StoreError, extract_to_store
+    from calm.store import StoreError, compact, extract_to_store
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -152,6 +156,12 @@ def extract(
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.summary())
+    if compact_store and report.stored + report.skipped:
+        try:
+            before, after = compact(report.store)
+        except StoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"compacted {before} shards into {after}")
     click.echo(f"key {report.digest}: load with calm.load_features({str(out)!r}, key={report.digest!r})")
     if report.failed:
         click.echo(f"{len(report.failed)} clips failed:")
