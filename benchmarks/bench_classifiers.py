@@ -1,0 +1,280 @@
+"""Benchmark (not a test): SAV and CALM fit + predict time and peak memory on a VGGSound-scale
+synthetic problem, side by side with the loop-based reference of tests/test_classifiers_reference.py.
+
+Default problem: 309 classes x 10 shots, 1024 heads x 128 dims, 20,000 queries. Features are
+stored as float16 memory maps on disk (as `calm.store` provides them; 5.2 GB of queries, cached
+in --workdir between runs) and streamed through the classifiers chunk by chunk.
+
+The loop reference costs about a second per (query, head) thousand, so it is timed on a subset
+(all classes and shots, a few heads, a few hundred queries) and extrapolated linearly to the full
+problem (its cost is exactly linear in heads and in queries); the output says so.
+
+Each fit + predict runs in a fresh process; its memory is the peak anonymous resident memory
+(RssAnon, sampled every 2 ms), which includes the Python interpreter and torch but not the
+file-backed pages of the memory-mapped inputs (the OS can drop those at any time).
+
+    python benchmarks/bench_classifiers.py            # full size (about 5 min, 6 GB of disk)
+    python benchmarks/bench_classifiers.py --small    # quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import calm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ref_module():
+    spec = importlib.util.spec_from_file_location(
+        "calm_ref", ROOT / "tests" / "test_classifiers_reference.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Peak RssAnon above the level at entry, sampled in a background thread."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_anon())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_anon())
+        self.delta_gib = (self.peak - self.base) / 2**30
+
+
+def make_problem(workdir: Path, C: int, shots: int, K: int, d: int, Q: int, signal: float, seed: int = 0):
+    """Float16 memory maps of support (C * shots, K, d) and query (Q, K, d) features (cached)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    meta = {"C": C, "shots": shots, "K": K, "d": d, "Q": Q, "signal": signal, "seed": seed, "version": 2}
+    tag = f"c{C}s{shots}k{K}d{d}q{Q}g{signal}r{seed}"
+    paths = {
+        name: workdir / f"{tag}-{name}" for name in ("support.f16", "queries.f16", "labels.npz", "meta.json")
+    }
+    N = C * shots
+    if paths["meta.json"].exists() and json.loads(paths["meta.json"].read_text()) == meta:
+        lab = np.load(paths["labels.npz"])
+        ys, yq = lab["ys"], lab["yq"]
+    else:
+        print(f"generating features in {workdir} ...", flush=True)
+        g = torch.Generator().manual_seed(seed)
+        # a strong component shared by all classes (real head features are far from centred),
+        # class means whose strength varies by head (some heads are uninformative), and noise
+        strength = torch.rand(K, generator=g) ** 2 * signal
+        shared = torch.randn(K, d, generator=g) * 1.5
+        means = torch.randn(C, K, d, generator=g) * strength[None, :, None] + shared
+        rng = np.random.default_rng(seed)
+        ys = rng.permutation(np.repeat(np.arange(C), shots))
+        yq = rng.integers(0, C, size=Q)
+        for name, y in (("support.f16", ys), ("queries.f16", yq)):
+            mm = np.memmap(paths[name], dtype=np.float16, mode="w+", shape=(len(y), K, d))
+            for start in range(0, len(y), 256):
+                idx = torch.from_numpy(y[start : start + 256])
+                x = means[idx] + torch.randn(len(idx), K, d, generator=g)
+                mm[start : start + len(idx)] = x.half().numpy()
+            mm.flush()
+            del mm
+        np.savez(paths["labels.npz"], ys=ys, yq=yq)
+        paths["meta.json"].write_text(json.dumps(meta))
+    Xs = np.memmap(paths["support.f16"], dtype=np.float16, mode="r", shape=(N, K, d))
+    Xq = np.memmap(paths["queries.f16"], dtype=np.float16, mode="r", shape=(Q, K, d))
+    return Xs, ys, Xq, yq
+
+
+ESTIMATORS = {
+    "SAV": lambda chunk: calm.SAV(k=20, chunk_size=chunk),
+    "CALM-global": lambda chunk: calm.CALM(k=0.4, weighting="global", chunk_size=chunk),
+    "CALM": lambda chunk: calm.CALM(k=0.4, chunk_size=chunk),
+}
+
+
+def worker(job: dict) -> dict:
+    """One measurement in a fresh process: fit on the support set, predict `queries` queries."""
+    Xs, ys, Xq, yq = make_problem(Path(job["workdir"]), *job["shape"])
+    q = job["queries"]
+    est = ESTIMATORS[job["method"]](job["chunk_size"])
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        est.fit(Xs, ys)
+        t1 = time.perf_counter()
+        pred = est.predict(Xq[:q])
+        t2 = time.perf_counter()
+        cpu = time.process_time() - c0
+    used = int((est.weights_ > 0).any(axis=0).sum()) if hasattr(est, "weights_") else len(est.heads_)
+    return {
+        "method": job["method"],
+        "queries": q,
+        "fit_s": t1 - t0,
+        "predict_s": t2 - t1,
+        "total_s": t2 - t0,
+        "cpu_s": cpu,
+        "peak_gib": mem.peak / 2**30,
+        "above_start_gib": mem.delta_gib,
+        "accuracy": float((pred == yq[:q]).mean()),
+        "used_heads": used,
+        "chunk_rows": est._rows(used),
+    }
+
+
+def run_job(args, shape, method, queries) -> dict:
+    job = {
+        "workdir": str(args.workdir),
+        "shape": list(shape),
+        "method": method,
+        "queries": queries,
+        "chunk_size": args.chunk_size,
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], check=True, capture_output=True, text=True
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        f"{method:<12} {queries:>6} queries  fit {row['fit_s']:6.1f} s  predict {row['predict_s']:6.1f} s"
+        f"  total {row['total_s']:6.1f} s  (cpu {row['cpu_s']:6.1f} s)  peak RssAnon {row['peak_gib']:5.2f} GiB"
+        f" (+{row['above_start_gib']:4.2f} over the process before fit)  accuracy {row['accuracy']:.3f}"
+        f"  chunks of {row['chunk_rows']} rows",
+        flush=True,
+    )
+    return row
+
+
+def time_reference(ref, Xs, ys, Xq, C, k_frac, heads, queries, tau_p=0.03, tau_w=0.5):
+    """Loop reference of CALM on the first `heads` heads: fit on all support clips, predict
+    `queries` queries; returns seconds per (support clip x head) and per (query x head)."""
+    Xs_sub = np.asarray(Xs[:, :heads], dtype=np.float64)
+    Xq_sub = np.asarray(Xq[:queries, :heads], dtype=np.float64)
+    k = max(1, int(round(k_frac * heads)))
+    t0 = time.perf_counter()
+    model = ref.ref_calm_fit(Xs_sub, ys, C, k, tau_p=tau_p, tau_w=tau_w)
+    t1 = time.perf_counter()
+    model["weights"][:] = 1.0 / heads  # time every head (the vectorised CALM computes all used heads)
+    ref.ref_calm_scores(model, Xq_sub, tau_p=tau_p)
+    t2 = time.perf_counter()
+    return (t1 - t0) / (len(ys) * heads), (t2 - t1) / (queries * heads)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--small", action="store_true", help="a quick run: 50 classes x 5 shots, 256 x 64, 2,000 queries"
+    )
+    ap.add_argument(
+        "--queries", type=int, default=None, help="number of queries (default 20,000; small 2,000)"
+    )
+    ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "calm-bench")
+    ap.add_argument("--chunk-size", type=int, default=None)
+    ap.add_argument("--ref-heads", type=int, default=2, help="heads the loop reference is timed on")
+    ap.add_argument("--ref-queries", type=int, default=300, help="queries the loop reference is timed on")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    if args.small:
+        C, shots, K, d, Q, signal = 50, 5, 256, 64, args.queries or 2000, 0.3
+    else:
+        C, shots, K, d, Q, signal = 309, 10, 1024, 128, args.queries or 20000, 0.12
+    print(
+        f"problem: {C} classes x {shots} shots, {K} heads x {d} dims, {Q} queries (float16 memory maps); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    shape = (C, shots, K, d, Q, signal)
+    Xs, ys, Xq, yq = make_problem(args.workdir, *shape)
+    k_frac = 0.4
+    rows = [run_job(args, shape, m, Q) for m in ESTIMATORS]
+    calm_row = rows[-1]
+    used = calm_row["used_heads"]
+    # memory stays flat as queries grow: the same CALM run on a tenth of the queries
+    small_row = run_job(args, shape, "CALM", max(1, Q // 10))
+    flat = {small_row["queries"]: small_row["peak_gib"], Q: calm_row["peak_gib"]}
+    print(
+        "CALM fit + predict peak RssAnon by query count: "
+        + ", ".join(f"{q} queries {g:.2f} GiB" for q, g in flat.items()),
+        flush=True,
+    )
+
+    # the loop reference, timed on a subset and extrapolated linearly
+    ref = _ref_module()
+    per_fit, per_query = time_reference(ref, Xs, ys, Xq, C, k_frac, args.ref_heads, min(args.ref_queries, Q))
+    ref_fit = per_fit * len(ys) * K
+    ref_predict = per_query * Q * used
+    ref_total = ref_fit + ref_predict
+    print(
+        f"loop reference (CALM), timed on {args.ref_heads} heads x {len(ys)} support clips and "
+        f"{min(args.ref_queries, Q)} queries x {args.ref_heads} heads, extrapolated linearly to "
+        f"{K} heads and {Q} queries x {used} used heads: fit {ref_fit:.0f} s, predict {ref_predict:.0f} s, "
+        f"total {ref_total:.0f} s ({ref_total / 3600:.1f} h)",
+        flush=True,
+    )
+    speedup = ref_total / calm_row["total_s"]
+    per_query_ratio = (per_query * used) / (calm_row["predict_s"] / Q)
+    print(
+        f"CALM fit+predict: {calm_row['total_s']:.1f} s (target < 60 s): {'PASS' if calm_row['total_s'] < 60 else 'FAIL'}"
+    )
+    print(
+        f"speed-up over the loop reference: {speedup:.0f}x overall, {per_query_ratio:.0f}x per query (target >= 20x): "
+        f"{'PASS' if speedup >= 20 else 'FAIL'}"
+    )
+    peak = max(r["peak_gib"] for r in rows)
+    print(
+        f"peak RssAnon of a whole fit + predict process: {peak:.2f} GiB (target ~2 GiB): "
+        f"{'PASS' if peak <= 2.2 else 'FAIL'}"
+    )
+    print(
+        f"load average at the end {os.getloadavg()[0]:.1f} (other processes share these {os.cpu_count()} cores)"
+    )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "problem": {"C": C, "shots": shots, "K": K, "d": d, "Q": Q},
+                    "rows": rows,
+                    "flat_memory_gib": flat,
+                    "reference": {"fit_s": ref_fit, "predict_s": ref_predict, "per_query_head_s": per_query},
+                    "speedup": speedup,
+                    "per_query_ratio": per_query_ratio,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
