@@ -155,6 +155,11 @@ def extract(
         )
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo(
+            f"interrupted: finished batches are kept in {out}; run the same command again to resume", err=True
+        )
+        sys.exit(130)
     click.echo(report.summary())
     if compact_store and report.stored + report.skipped:
         try:
