@@ -115,3 +115,19 @@ def test_extract_with_real_whisper(tmp_path, esc10_root):
     assert np.isfinite(np.asarray(X)).all()
     assert meta.attrs["key"]["model"] == "whisper-tiny.en"
     assert len(set(y)) == 2
+
+
+def test_ctrl_c_keeps_finished_batches(tmp_path, monkeypatch):
+    make_clips(tmp_path / "audio", n=6)
+
+    class Interrupted(FakeExtractor):
+        def extract(self, inputs):
+            if self.calls >= 1:
+                raise KeyboardInterrupt
+            return super().extract(inputs)
+
+    monkeypatch.setattr(extract_cmd, "_load_extractor", lambda model, **kw: Interrupted())
+    args = ["extract", "--data", f"folder:{tmp_path / 'audio'}", "--out", str(tmp_path / "s"), "--batch-size", "2"]
+    result = CliRunner().invoke(main, [*args, "--no-progress"])
+    assert result.exit_code == 130 and "run the same command again" in result.output
+    assert len(load_features(tmp_path / "s")[0]) == 2
