@@ -107,3 +107,13 @@ def test_padding_kwargs_per_modality():
     }
     with pytest.raises(ExtractorError, match="text_kwargs"):
         padding_kwargs({"padding": "longest"}, padding_side="left", audio_padding=None)
+
+
+def test_zero_shot_refuses_a_truncated_model(qwen_dir, waves):
+    from calm.zeroshot import zero_shot
+
+    short = load_extractor(qwen_dir, prompt=PROMPT, layers=[1])
+    with pytest.raises(ValueError, match="truncate_layers=False"):
+        zero_shot(short, waves, ["dog", "rain"], mode="letters")
+    full = load_extractor(qwen_dir, prompt=PROMPT, layers=[1], truncate_layers=False)
+    assert len(zero_shot(full, waves, ["dog", "rain"], mode="letters").predictions) == 2

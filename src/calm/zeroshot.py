@@ -95,6 +95,14 @@ def as_chat_lm(obj: Any) -> ChatLM:
             "`build_inputs` and a tokenizer (Whisper extractors cannot answer questions)"
         )
 
+    from calm.models.lalm import is_truncated
+
+    if is_truncated(model):
+        raise ValueError(
+            f"{type(obj).__name__} was loaded with only the first decoder layers (layers=...): its LM "
+            "head cannot answer; load it with truncate_layers=False for zero-shot or pseudo-labels"
+        )
+
     def build_left(inputs: Sequence[Any], prompt_text: str):
         return build(inputs, prompt_text, padding_side="left")
 

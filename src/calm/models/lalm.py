@@ -255,11 +255,17 @@ def truncated_config(config, layers: Sequence[int] | int | None):
     config = copy.deepcopy(config)
     text = config.get_text_config()
     text.num_hidden_layers = keep
+    text.calm_truncated_from = total  # marks a features-only model (see `is_truncated`)
     for name in PER_LAYER_CONFIG_LISTS:
         value = getattr(text, name, None)
         if isinstance(value, (list, tuple)) and len(value) == total:
             setattr(text, name, type(value)(value[:keep]))
     return config, chosen
+
+
+def is_truncated(model) -> bool:
+    """Whether `model` was loaded with fewer decoder layers than its checkpoint has."""
+    return getattr(model.config.get_text_config(), "calm_truncated_from", None) is not None
 
 
 def model_revision(model) -> str | None:
