@@ -19,6 +19,9 @@ Tie rules (documented contract):
 - a head's nearest centroid (Eq. 3), SAV vote ties (Eq. 4) and CALM score ties (Eq. 10): the lower
   class index, i.e. the earlier entry of ``classes_``.
 
+Validation: ``fit`` rejects NaN or infinite values anywhere in X; ``predict`` and friends check
+the heads they read (all heads CALM weights, SAV's kept heads), chunk by chunk.
+
 Memory: queries (and support clips) are processed in chunks of ``chunk_size`` rows (None: chosen so
 one chunk's working set is about 512 MiB), so memory stays flat however many queries are passed;
 every sum runs in float32, or float64 when the features are float64.
@@ -100,11 +103,20 @@ class _Features:
         self.n, self.K, self.d = shape
         self.dtype = H.compute_dtype(X.dtype if isinstance(X, torch.Tensor) else _np_dtype(X.dtype))
 
-    def chunks(self, rows: int, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(
+        self, rows: int, dtype: torch.dtype, heads: np.ndarray | None = None, check: bool = True
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, chunk) pairs of at most ``rows`` rows, only ``heads`` (sorted indices) if given,
+        selected before conversion so that unused heads are never copied."""
+        if heads is not None and isinstance(self.X, torch.Tensor):
+            heads = torch.from_numpy(np.asarray(heads, dtype=np.int64))
         for start in range(0, self.n, rows):
             stop = min(start + rows, self.n)
-            t = _chunk_tensor(self.X[start:stop], dtype)
-            if not bool(torch.isfinite(t).all()):
+            raw = self.X[start:stop]
+            if heads is not None:
+                raw = raw[:, heads]
+            t = _chunk_tensor(raw, dtype)
+            if check and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):  # NaN propagates
                 raise ValueError(f"{self.name} contains NaN or infinite values (rows {start}..{stop - 1})")
             yield start, t
 
@@ -347,12 +359,12 @@ class SAV(_HeadClassifier):
         K = feats.K
         correct = torch.zeros(K, dtype=torch.int64)
         margin_sum = torch.zeros(K, dtype=dtype)
-        for start, xb in feats.chunks(rows, dtype):
+        for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
             yb = y_t[start : start + len(xb)]
-            s = H.cosine_similarities(xb, self._unit, normalized=True)  # Eq. 2, (n, K, C)
-            correct += (H.head_predictions(s) == yb[:, None]).sum(dim=0)  # Eq. 3 on the support set
+            s = _similarities(xb, self._unit)  # Eq. 2, (K, n, C)
+            correct += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
             if self.tie_break == "margin":
-                margin_sum += _support_margins(s, yb, self.tau_p).sum(dim=0)  # Eq. 5-6
+                margin_sum += _support_margins(s, yb, self.tau_p).sum(dim=1)  # Eq. 5-6
         self.head_scores_ = (correct.to(torch.float64) / feats.n).numpy()
         margins = None
         if self.tie_break == "margin":
@@ -369,10 +381,12 @@ class SAV(_HeadClassifier):
         """Vote counts (n, C) of the kept heads (Eq. 4), int64."""
         feats = self._query(X)
         C = len(self.classes_)
-        heads = torch.from_numpy(self.heads_)
+        # read each kept head once, in increasing index order (cheap strided reads of memory maps)
+        heads, inverse = np.unique(self.heads_, return_inverse=True)
+        inverse = torch.from_numpy(inverse.reshape(-1))
         out = np.empty((feats.n, C), dtype=np.int64)
-        for start, xb in feats.chunks(self._rows(len(heads)), self._dtype()):
-            s = H.cosine_similarities(xb[:, heads], self._unit_kept, normalized=True)
+        for start, xb in feats.chunks(self._rows(len(heads)), self._dtype(), heads=heads):
+            s = H.cosine_similarities(xb[:, inverse], self._unit_kept, normalized=True)
             out[start : start + len(xb)] = H.vote_counts(H.head_predictions(s), C).numpy()
         return out
 
@@ -460,13 +474,13 @@ class CALM(_HeadClassifier):
             )
         centroids = torch.from_numpy(self.centroids_)
         margin_sum = torch.zeros((C, K), dtype=dtype)
-        for start, xb in feats.chunks(rows, dtype):
+        for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
             yb = y_t[start : start + len(xb)]
-            s = H.cosine_similarities(xb, self._unit, normalized=True)  # Eq. 2, (n, K, C)
+            s = _similarities(xb, self._unit)  # Eq. 2, (K, n, C)
             if loo:
-                s = _leave_one_out_similarities(s, xb, yb, centroids, counts)
-            m = _support_margins(s, yb, self.tau_p)  # Eq. 5-6, (n, K)
-            margin_sum.index_add_(0, yb, m)
+                _leave_one_out_(s, xb, yb, centroids, counts)
+            m = _support_margins(s, yb, self.tau_p)  # Eq. 5-6, (K, n)
+            margin_sum.index_add_(0, yb, m.T)
         if self.weighting == "class":
             r = margin_sum / counts.to(dtype)[:, None]  # Eq. 11
         else:
@@ -500,11 +514,9 @@ class CALM(_HeadClassifier):
         C = len(self.classes_)
         out = np.empty((feats.n, C), dtype=np.float64 if dtype == torch.float64 else np.float32)
         scaled = self._scaled_centroids()
-        # exp(s / tau_p) needs no max-shift when it can neither overflow nor underflow (|s| <= 1)
-        shift = 1.0 / self.tau_p + np.log(C) + 1.0 > np.log(torch.finfo(dtype).max) - 1.0
-        for start, xb in feats.chunks(self._rows(len(self._w_used)), dtype):
-            if self._used is not None:
-                xb = xb[:, self._used]
+        shift = _needs_shift(self.tau_p, C, dtype)
+        used = None if self._used is None else self._used.numpy()
+        for start, xb in feats.chunks(self._rows(len(self._w_used)), dtype, heads=used):
             out[start : start + len(xb)] = _calm_scores(xb, scaled, self._w_used, shift).numpy()
         return out
 
@@ -530,26 +542,44 @@ def _calm_scores(xb: torch.Tensor, scaled: torch.Tensor, w_t: torch.Tensor, shif
     return e.sum(dim=0)  # Eq. 13
 
 
+def _needs_shift(tau_p: float, n_classes: int, dtype: torch.dtype) -> bool:
+    """Whether softmax(s / tau_p) needs the usual max-shift: with |s| <= 1 (cosines),
+    exp(s / tau_p) and its sum over classes can neither overflow nor underflow otherwise."""
+    return 1.0 / tau_p + np.log(n_classes) + 1.0 > np.log(torch.finfo(dtype).max) - 1.0
+
+
+def _similarities(xb: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Eq. 2 for a chunk (n, K, d) against unit centroids (K, d, C), laid out (K, n, C)."""
+    return torch.matmul(H.l2_normalize(xb).transpose(0, 1), unit)
+
+
 def _support_margins(s: torch.Tensor, yb: torch.Tensor, tau_p: float) -> torch.Tensor:
-    """Eq. 5-6 on support similarities ``s`` (n, K, C), overwriting them: the same numbers as
-    ``clamped_margins(head_posteriors(s, tau_p), yb)`` without extra (n, K, C) copies."""
-    p = torch.softmax(s.mul_(1.0 / tau_p), dim=-1)
-    idx = yb.view(-1, 1, 1).expand(p.shape[0], p.shape[1], 1)
-    own = p.gather(-1, idx).squeeze(-1)
-    rivals = p.scatter_(-1, idx, float("-inf")).amax(dim=-1)
-    return (own - rivals).clamp_min_(0)
+    """Eq. 5-6 on support similarities ``s`` (K, n, C), overwriting them, -> (K, n): the same
+    numbers as ``clamped_margins(head_posteriors(s, tau_p), yb)``, as
+    p_c - max_{c' != c} p_c' = (e_c - max_{c' != c} e_c') / sum_c' e_c' with e = exp(s / tau_p)."""
+    K, n, C = s.shape
+    idx = yb.view(1, n, 1).expand(K, n, 1)
+    s.mul_(1.0 / tau_p)
+    if _needs_shift(tau_p, C, s.dtype):
+        s.sub_(s.amax(dim=-1, keepdim=True))
+    own = s.gather(-1, idx).squeeze(-1).exp_()
+    s.exp_()
+    total = s.sum(dim=-1)
+    rivals = s.scatter_(-1, idx, 0.0).amax(dim=-1)
+    return ((own - rivals) / total).clamp_min_(0)
 
 
-def _leave_one_out_similarities(s, xb, yb, centroids, counts) -> torch.Tensor:
-    """Replace s_j(x_i, c_i) by the cosine to mu^{-i}_{c_i} = (n_c mu_c - h_i) / (n_c - 1) for
-    clips whose class has more than one clip (the scale 1 / (n_c - 1) does not change a cosine)."""
+def _leave_one_out_(s, xb, yb, centroids, counts) -> None:
+    """In place on s (K, n, C): s_j(x_i, c_i) becomes the cosine to mu^{-i}_{c_i} =
+    (n_c mu_c - h_i) / (n_c - 1) for clips whose class has more than one clip (the scale
+    1 / (n_c - 1) does not change a cosine)."""
+    K, n, _ = s.shape
     n_c = counts[yb].to(xb.dtype)  # (n,)
     rest = n_c[:, None, None] * centroids[yb].to(xb.dtype) - xb  # (n, K, d)
     loo = (H.l2_normalize(xb) * H.l2_normalize(rest)).sum(dim=-1)  # (n, K)
-    idx = yb.view(-1, 1, 1).expand(len(yb), s.shape[1], 1)
-    own = s.gather(-1, idx).squeeze(-1)
-    new = torch.where((n_c > 1)[:, None], loo.to(s.dtype), own)
-    return s.scatter(-1, idx, new.unsqueeze(-1))
+    idx = yb.view(1, n, 1).expand(K, n, 1)
+    own = s.gather(-1, idx).squeeze(-1)  # (K, n)
+    s.scatter_(-1, idx, torch.where((n_c > 1)[None, :], loo.T.to(s.dtype), own).unsqueeze(-1))
 
 
 def load(path):
