@@ -20,6 +20,11 @@ Protocol (what `calm evaluate` runs):
   every class the clip does not carry (the other true labels are not distractors). Reported:
   question accuracy, clip exact match (all of a clip's questions right) and mAP over classes.
 - bonafide/spoof data: macro-F1 (primary), accuracy and the EER of the bonafide score.
+- Methods that need the model to answer (`run_lalm_protocol`; the model side is injected, see
+  `calm.baselines`): `zero-shot` scores the model's own answers on each episode's queries (unparsed
+  answers are wrong); `sav+pl` / `calm+pl` fit SAV / CALM on the kept pseudo-labelled clips of a
+  seeded unlabelled pool from the training part (`pl_pool`, outside the queries). A class with no
+  kept clip cannot be predicted: its queries stay in the denominator as wrong, with a warning.
 - `tune=True`: hyper-parameters chosen per episode by stratified cross-validation inside the support
   set only (never the queries); the chosen values are recorded for every run. With fewer than two
   support clips in some class there is nothing to cross-validate and the defaults are used (recorded).
@@ -61,7 +66,13 @@ __all__ = [
     "equal_error_rate",
     "multilabel_metrics",
     "evaluate_method",
+    "prediction_metrics",
     "run_protocol",
+    "run_lalm_protocol",
+    "pl_pool",
+    "pl_episode_runs",
+    "zero_shot_episode_run",
+    "order_runs",
     "summarise",
     "paired_differences",
     "results_markdown",
@@ -428,18 +439,37 @@ def class_scores(clf: Any, X: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     return out
 
 
-def evaluate_method(clf: Any, X: np.ndarray, truth: Sequence[tuple[str, ...]], classes: Sequence[str], task: str) -> dict:
-    """Metrics (%) of a fitted classifier on query features X with their true label tuples."""
+def prediction_metrics(
+    y_pred: Sequence[str | None] | None,
+    scores: np.ndarray | None,
+    truth: Sequence[tuple[str, ...]],
+    classes: Sequence[str],
+    task: str,
+) -> dict:
+    """Metrics (%) of predictions of query clips with their true label tuples.
+
+    `y_pred`: one class per query, None = no answer (always wrong; needed unless multi-label).
+    `scores`: (n, C) per-class scores in `classes` order, -inf for a class that cannot be predicted
+    (needed for multi-label and spoof tasks).
+    """
     if task == "multilabel":
-        return multilabel_metrics(class_scores(clf, X, classes), truth, classes)
-    y_true = np.array([t[0] for t in truth])
-    y_pred = np.asarray(clf.predict(X)).astype(str)
+        return multilabel_metrics(scores, truth, classes)
+    y_true = np.array([t[0] for t in truth], dtype=object)
+    y_pred = np.array([None if p is None else str(p) for p in y_pred], dtype=object)
     out = {"accuracy": accuracy(y_true, y_pred)}
     if task == "spoof":
         out["macro_f1"] = macro_f1(y_true, y_pred, ["bonafide", "spoof"])
-        bona = class_scores(clf, X, ["bonafide"])[:, 0]
+        bona = np.asarray(scores, dtype=np.float64)[:, list(classes).index("bonafide")]
         out["eer"] = equal_error_rate(bona, y_true == "bonafide")
     return out
+
+
+def evaluate_method(clf: Any, X: np.ndarray, truth: Sequence[tuple[str, ...]], classes: Sequence[str], task: str) -> dict:
+    """Metrics (%) of a fitted classifier on query features X with their true label tuples."""
+    if task == "multilabel":
+        return prediction_metrics(None, class_scores(clf, X, classes), truth, classes, task)
+    scores = class_scores(clf, X, classes) if task == "spoof" else None
+    return prediction_metrics(list(clf.predict(X)), scores, truth, classes, task)
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -484,7 +514,7 @@ def run_protocol(
     classes = list(eps[0].classes)
     runs: list[dict] = []
     fits: dict = {}
-    for ep in eps:
+    for ep in eps if methods else []:
         Xs = _as_float(X, ep.support)
         Xq = _as_float(X, ep.query)
         truth = [labels[i] for i in ep.query]
@@ -507,6 +537,241 @@ def run_protocol(
             if progress is not None:
                 progress(f"{name} {ep.shots}-shot seed {ep.seed} {ep.part}")
     return ProtocolResult(runs, task, classes, protocol, fits)
+
+
+# ----------------------------------------------------------------------------- methods that need the model to answer
+
+PL_BASES = {"sav+pl": "sav", "calm+pl": "calm"}  # pseudo-label method -> the few-shot method it fits
+PL_STREAM = 0x504C  # keeps the pool's random stream apart from the support draws
+
+
+class ConstantClassifier:
+    """What is left when fewer than two classes have a pseudo-labelled clip: no SAV/CALM can be fitted
+    (they need two classes); the only possible answer is the single kept class, or none at all."""
+
+    def __init__(self, classes: Sequence[str]):
+        if len(classes) > 1:
+            raise ValueError(f"ConstantClassifier takes at most one class, got {list(classes)}")
+        self.classes_ = np.array(list(classes), dtype=object)
+
+    def predict(self, X) -> np.ndarray:
+        value = self.classes_[0] if len(self.classes_) else None
+        return np.array([value] * len(X), dtype=object)
+
+    def predict_proba(self, X) -> np.ndarray:
+        return np.ones((len(X), len(self.classes_)))
+
+
+def one_hot_scores(predictions: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
+    """(n, C) scores of hard predictions: 1 for the predicted class, 0 elsewhere (all 0: no answer)."""
+    index = {c: j for j, c in enumerate(classes)}
+    out = np.zeros((len(predictions), len(classes)))
+    for i, p in enumerate(predictions):
+        if p is not None:
+            out[i, index[p]] = 1.0
+    return out
+
+
+def pl_pool(part: Part, episode: Episode, size: int, seed: int) -> np.ndarray:
+    """The unlabelled pool of an episode: `size` clips drawn with `seed` from the training part,
+    outside the episode's queries (no official split: the queries are every clip outside the
+    support, so the pool comes from the support clips, their labels hidden). Sorted row indices; a
+    smaller pool of the same seed and part is a prefix of the same seeded permutation."""
+    if size < 1:
+        raise ProtocolError(f"pseudo-label pool size must be >= 1, got {size}")
+    candidates = np.setdiff1d(part.train, episode.query)
+    if len(candidates) < size:
+        raise ProtocolError(
+            f"pseudo-label pool of {size} clips, but part {part.name} has only {len(candidates)} "
+            "training clips outside the queries (lower --pl-pool)"
+        )
+    rng = np.random.default_rng([seed, zlib.crc32(part.name.encode()), PL_STREAM])
+    return np.sort(candidates[rng.permutation(len(candidates))[:size]])
+
+
+def pseudo_label_report(pseudo: Any, truth: Sequence[tuple[str, ...]]) -> dict:
+    """Per-episode report of a pool's pseudo-labels (`calm.pseudolabel.PseudoLabels`) against the
+    true labels (a multi-label clip's pseudo-label is right when it is one of its labels), in %."""
+    rep = pseudo.report([LABEL_SEP.join(t) for t in truth])
+    return {
+        "pool": rep["clips"],
+        "kept": rep["kept"],
+        "kept_per_class": rep["kept_per_class"],
+        "missing_classes": [c for c, n in rep["kept_per_class"].items() if n == 0],
+        "rollouts": rep["rollouts"],
+        "answers_unparsed": rep["answers_unparsed"],
+        "label_accuracy_kept": 100 * rep["accuracy_kept"],  # NaN (JSON null) when nothing was kept
+        "label_accuracy_pool": 100 * rep["accuracy_all"],
+    }
+
+
+def pl_episode_runs(
+    X: np.ndarray,
+    labels: Sequence[tuple[str, ...]],
+    episode: Episode,
+    pool: np.ndarray,
+    pseudo: Any,
+    methods: Mapping[str, Method],
+    task: str,
+    *,
+    do_tune: bool = False,
+) -> list[dict]:
+    """One run per method fitted on the pool's kept clips with their pseudo-labels, scored on the
+    episode's queries. `pseudo` (`PseudoLabels`) is aligned with `pool`. A class with no kept clip
+    cannot be predicted: its queries stay in the denominator and count as wrong (a warning says so)."""
+    if len(pseudo.labels) != len(pool):
+        raise ValueError(f"{len(pseudo.labels)} pseudo-labels for a pool of {len(pool)} clips")
+    classes = list(episode.classes)
+    kept = np.flatnonzero(pseudo.kept)
+    rows = pool[kept]
+    support_y = np.array([pseudo.labels[i] for i in kept], dtype=str)
+    report = pseudo_label_report(pseudo, [labels[i] for i in pool])
+    truth = [labels[i] for i in episode.query]
+    present = [c for c in classes if c in set(support_y.tolist())]
+    warnings = []
+    if report["missing_classes"]:
+        n_lost = sum(any(c in t for c in report["missing_classes"]) for t in truth)
+        warnings.append(
+            f"{episode.shots}-shot seed {episode.seed} {episode.part}: no kept pseudo-labelled clip for "
+            f"class(es) {report['missing_classes']}; they cannot be predicted and their {n_lost} "
+            "query clip(s) count as wrong"
+        )
+    Xs = _as_float(X, rows) if len(rows) else None
+    Xq = _as_float(X, episode.query)
+    runs = []
+    for name, method in methods.items():
+        t0 = time.perf_counter()
+        if len(present) < 2:
+            clf = ConstantClassifier(present)
+            params, tuning = {}, {"tuned": False, "reason": f"{len(present)} pseudo-labelled class(es): nothing to fit"}
+        else:
+            if do_tune:
+                params, tuning = tune(method, Xs, support_y, seed=episode.seed)
+            else:
+                params, tuning = dict(method.defaults), {"tuned": False, "reason": "defaults (no --tune)"}
+            clf = method.build(**params).fit(Xs, support_y)
+        runs.append({
+            "method": name, "shots": episode.shots, "seed": episode.seed, "part": episode.part,
+            "metrics": evaluate_method(clf, Xq, truth, classes, task), "params": _jsonable_params(params),
+            "tuning": tuning, "n_support": len(rows), "n_query": len(episode.query),
+            "pseudo_labels": report, "warnings": warnings, "seconds": round(time.perf_counter() - t0, 4),
+        })  # fmt: skip
+    return runs
+
+
+def zero_shot_episode_run(
+    labels: Sequence[tuple[str, ...]],
+    episode: Episode,
+    predictions: Mapping[int, str | None],
+    scores: Mapping[int, np.ndarray] | None,
+    task: str,
+    params: Mapping[str, Any],
+) -> dict:
+    """The zero-shot run of an episode: the model's own answers for the episode's queries (`predictions`
+    and optional per-class `scores` keyed by row; no support set). Unparsed answers (None) are wrong."""
+    missing = [int(i) for i in episode.query if int(i) not in predictions]
+    if missing:
+        raise ProtocolError(f"zero-shot: no prediction for {len(missing)} query row(s), e.g. {missing[:3]}")
+    classes = list(episode.classes)
+    y_pred = [predictions[int(i)] for i in episode.query]
+    if scores is not None:
+        S = np.stack([np.asarray(scores[int(i)], dtype=np.float64) for i in episode.query])
+    else:
+        S = one_hot_scores(y_pred, classes)
+    truth = [labels[i] for i in episode.query]
+    return {
+        "method": "zero-shot", "shots": episode.shots, "seed": episode.seed, "part": episode.part,
+        "metrics": prediction_metrics(y_pred, S, truth, classes, task), "params": _jsonable_params(params),
+        "tuning": {"tuned": False, "reason": "zero-shot has no parameters to fit"},
+        "n_support": 0, "n_query": len(episode.query), "n_unparsed": sum(p is None for p in y_pred),
+    }  # fmt: skip
+
+
+@dataclass
+class LALMRunsResult:
+    runs: list[dict]
+    warnings: list[str]
+    pools: dict = field(default_factory=dict)  # (shots, seed, part) -> pool rows
+
+
+def run_lalm_protocol(
+    X: np.ndarray,
+    y: Sequence[str],
+    meta: pd.DataFrame,
+    *,
+    methods: Sequence[str],
+    shots: Sequence[int],
+    seeds: Sequence[int],
+    test_fold: int | str | None = 5,
+    zero_shot: Callable[[np.ndarray], tuple[Sequence[str | None], np.ndarray | None]] | None = None,
+    zero_shot_params: Mapping[str, Any] | None = None,
+    pseudo_label: Callable[[np.ndarray], Any] | None = None,
+    fewshot: Mapping[str, Method] | None = None,
+    pl_pool_size: int | None = None,
+    do_tune: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> LALMRunsResult:
+    """Runs of `zero-shot`, `sav+pl`, `calm+pl` on the SAME episodes (queries) as `run_protocol`.
+
+    The model side is injected: `zero_shot(rows) -> (predictions, scores (len(rows), C) or None)`
+    is called once with every query row of every episode (sorted), and
+    `pseudo_label(rows) -> PseudoLabels` once with every row of every episode's pool (sorted);
+    each episode then scores its own queries / fits on its own pool. Pools: `pl_pool_size` clips
+    (default shots x classes) per episode, see `pl_pool`.
+    """
+    unknown = [m for m in methods if m not in LALM_METHODS]
+    if unknown:
+        raise ValueError(f"not a method that needs the model to answer: {unknown}")
+    y = np.asarray(y).astype(str)
+    parts, _ = make_parts(meta, test_fold)
+    by_name = {p.name: p for p in parts}
+    labels = row_labels(y)
+    task = task_of(y)
+    eps = episodes(y, parts, shots, seeds)
+    runs: list[dict] = []
+    warnings: list[str] = []
+    if "zero-shot" in methods:
+        if zero_shot is None:
+            raise ValueError("zero-shot requested without a zero_shot function")
+        rows = np.unique(np.concatenate([ep.query for ep in eps]))
+        preds, scores = zero_shot(rows)
+        if len(preds) != len(rows) or (scores is not None and len(scores) != len(rows)):
+            raise ValueError(f"zero_shot returned {len(preds)} predictions for {len(rows)} clips")
+        pred_map = {int(r): p for r, p in zip(rows, preds, strict=True)}
+        score_map = None if scores is None else {int(r): s for r, s in zip(rows, scores, strict=True)}
+        for ep in eps:
+            runs.append(zero_shot_episode_run(labels, ep, pred_map, score_map, task, zero_shot_params or {}))
+            if progress is not None:
+                progress(f"zero-shot {ep.shots}-shot seed {ep.seed} {ep.part}")
+    pl_methods = [m for m in methods if m in PL_BASES]
+    pools: dict = {}
+    if pl_methods:
+        if pseudo_label is None or fewshot is None:
+            raise ValueError("pseudo-label methods requested without pseudo_label / fewshot methods")
+        chosen = {m: fewshot[PL_BASES[m]] for m in pl_methods}
+        for ep in eps:
+            size = pl_pool_size if pl_pool_size is not None else ep.shots * len(ep.classes)
+            pools[(ep.shots, ep.seed, ep.part)] = pl_pool(by_name[ep.part], ep, size, ep.seed)
+        rows = np.unique(np.concatenate(list(pools.values())))
+        pseudo = pseudo_label(rows)
+        if len(pseudo.labels) != len(rows):
+            raise ValueError(f"pseudo_label returned {len(pseudo.labels)} labels for {len(rows)} clips")
+        position = {int(r): i for i, r in enumerate(rows)}
+        for ep in eps:
+            pool = pools[(ep.shots, ep.seed, ep.part)]
+            sub = pseudo.subset([position[int(r)] for r in pool])
+            ep_runs = pl_episode_runs(X, labels, ep, pool, sub, chosen, task, do_tune=do_tune)
+            runs.extend(ep_runs)
+            warnings.extend(ep_runs[0]["warnings"])
+            if progress is not None:
+                progress(f"pseudo-labels {ep.shots}-shot seed {ep.seed} {ep.part}")
+    return LALMRunsResult(runs, warnings, pools)
+
+
+def order_runs(runs: Sequence[dict], methods: Sequence[str]) -> list[dict]:
+    """Runs sorted (stably) by the position of their method in `methods` (the table's column order)."""
+    rank = {m: i for i, m in enumerate(methods)}
+    return sorted(runs, key=lambda r: rank.get(r["method"], len(rank)))
 
 
 def _seed_values(runs: Sequence[dict], method: str, shots: int, metric: str) -> dict[int, float]:
@@ -603,10 +868,48 @@ def results_markdown(results: Mapping[str, Any]) -> str:
             lines.append(f"| {p['shots']} | {METHOD_TITLES.get(p['a'], p['a'])} | "
                          f"{METHOD_TITLES.get(p['b'], p['b'])} | {p['mean_diff']:+.2f} | {ci} |")
         lines.append("")
+    pl = results.get("pseudo_label_summary", [])
+    if pl:
+        lines.append("## Pseudo-labels (support of SAV+PL / CALM+PL; mean over episodes)")
+        lines.append("")
+        lines.append("| shots | pool | kept | right among kept (%) | episodes with a class never kept |")
+        lines.append("|---|---|---|---|---|")
+        for r in pl:
+            acc = "–" if r["label_accuracy_kept"] is None else f"{r['label_accuracy_kept']:.1f}"
+            lines.append(f"| {r['shots']} | {r['pool']:.1f} | {r['kept']:.1f} | {acc} | "
+                         f"{r['episodes_missing_classes']} of {r['episodes']} |")
+        lines.append("")
+    zs = cfg.get("zero_shot")
+    if zs:
+        lines.append(f"- zero-shot ({zs['mode']}): {zs['n_unparsed']} of {zs['clips']} answers named no class "
+                     "(counted wrong)")
+    for w in results.get("warnings", []):
+        lines.append(f"- warning: {w}")
     skipped = results.get("skipped_methods", {})
     for m, why in skipped.items():
         lines.append(f"- {m}: skipped ({why})")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def pseudo_label_summary(runs: Sequence[dict]) -> list[dict]:
+    """Per shots, over the episodes of the pseudo-label methods: mean pool size, mean clips kept,
+    mean accuracy (%) of the kept pseudo-labels (episodes that kept nothing left out of that mean,
+    None when none kept anything), and how many episodes left a class without any kept clip."""
+    per: dict[int, dict[tuple, dict]] = {}
+    for r in runs:
+        if r["method"] in PL_BASES:
+            per.setdefault(r["shots"], {})[(r["seed"], r["part"])] = r["pseudo_labels"]
+    out = []
+    for shots, reps in sorted(per.items()):
+        acc = [v["label_accuracy_kept"] for v in reps.values() if v["kept"] > 0]
+        out.append({
+            "shots": shots, "episodes": len(reps),
+            "pool": float(np.mean([v["pool"] for v in reps.values()])),
+            "kept": float(np.mean([v["kept"] for v in reps.values()])),
+            "label_accuracy_kept": float(np.mean(acc)) if acc else None,
+            "episodes_missing_classes": sum(bool(v["missing_classes"]) for v in reps.values()),
+        })  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------- analyses and results
@@ -650,11 +953,13 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
     primary = PRIMARY_METRIC[result.task]
     config = {**config, "task": result.task, "primary_metric": primary, "protocol": result.protocol,
               "classes": result.classes, "unit": "%"}
+    pl = pseudo_label_summary(result.runs)
     return {
         "config": config,
         "summary": summarise(result.runs),
         "paired": paired_differences(result.runs),
         "runs": result.runs,
+        **({"pseudo_label_summary": pl} if pl else {}),
         **extra,
     }
 

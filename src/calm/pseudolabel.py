@@ -81,6 +81,19 @@ class PseudoLabels:
     def kept_indices(self) -> np.ndarray:
         return np.flatnonzero(self.kept)
 
+    def subset(self, indices: Sequence[int]) -> PseudoLabels:
+        """The pseudo-labels of the clips at `indices`, in that order."""
+        idx = [int(i) for i in indices]
+        return PseudoLabels(
+            labels=[self.labels[i] for i in idx],
+            agreement=self.agreement[idx],
+            kept=self.kept[idx],
+            answers=[self.answers[i] for i in idx],
+            votes=[self.votes[i] for i in idx],
+            temperatures=self.temperatures[idx],
+            classes=self.classes,
+        )
+
     def kept_per_class(self) -> dict[str, int]:
         """How many clips were kept with each pseudo-label (every class listed, zeros included)."""
         counts = Counter(self.labels[i] for i in self.kept_indices)

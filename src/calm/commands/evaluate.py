@@ -76,15 +76,58 @@ def _features_from_data(model, data_spec, store, heads, prompt, device, batch_si
 
 
 def _lalm_skip_reason(extractor) -> str | None:
+    """Why zero-shot / pseudo-labels cannot run with this extractor, or None when they can."""
     if extractor is None:
         return "no model loaded (--features): zero-shot and pseudo-labels need the model itself"
     from calm.zeroshot import as_chat_lm
 
     try:
         as_chat_lm(extractor)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # not an LALM (Whisper), or loaded without its LM head
         return str(exc)
-    return "answering questions inside `calm evaluate` is not implemented yet; use calm.zeroshot directly"
+    return None
+
+
+def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, test_fold, tune, registry, out,
+               zero_shot_mode, pl_rollouts, pl_pool, pl_seed, batch_size, bar):
+    """Runs of zero-shot / sav+pl / calm+pl, and what results.json reports about them."""
+    import numpy as np
+
+    from calm.baselines import pseudo_label_clips, zero_shot_clips
+
+    paths = meta["path"].astype(str).to_numpy()
+    info: dict = {}
+
+    def step(description):
+        task = bar.add_task(description, total=None)
+        return lambda done, total: bar.update(task, completed=done, total=total)
+
+    def zero_shot(rows):
+        res = zero_shot_clips(extractor, list(paths[rows]), classes, mode=zero_shot_mode, batch_size=batch_size,
+                              cache=out / "zero_shot.json", progress=step("zero-shot answers"))
+        info["zero_shot"] = {"mode": zero_shot_mode, "prompt": res.prompt, "clips": len(rows),
+                             "n_unparsed": res.n_unparsed, "cache": str(out / "zero_shot.json")}
+        return res.predictions, res.scores
+
+    def pseudo_label(rows):
+        res = pseudo_label_clips(extractor, list(paths[rows]), classes, rollouts=pl_rollouts, seed=pl_seed,
+                                 batch_size=batch_size, cache=out / "pseudo_labels.json",
+                                 progress=step("pseudo-labels"))
+        info["pseudo_labels"] = {
+            "rollouts": pl_rollouts, "temperature_range": [1.0, 2.5], "min_agreement": 0.5, "seed": pl_seed,
+            "pool": pl_pool if pl_pool is not None else "shots x classes", "clips": len(rows),
+            "kept": int(np.sum(res.kept)), "answers_unparsed": res.n_unparsed,
+            "cache": str(out / "pseudo_labels.json")}
+        return res
+
+    n_eps = len(shots) * len(seeds) * len(ev.make_parts(meta, test_fold)[0])
+    task = bar.add_task("zero-shot / pseudo-label episodes", total=n_eps * (("zero-shot" in methods)
+                        + any(m in ev.PL_BASES for m in methods)))
+    res = ev.run_lalm_protocol(
+        X, y, meta, methods=methods, shots=shots, seeds=seeds, test_fold=test_fold, zero_shot=zero_shot,
+        zero_shot_params={"mode": zero_shot_mode}, pseudo_label=pseudo_label, fewshot=registry,
+        pl_pool_size=pl_pool, do_tune=tune, progress=lambda msg: bar.update(task, advance=1))
+    return res.runs, info, res.warnings
 
 
 @click.command()
@@ -115,11 +158,33 @@ def _lalm_skip_reason(extractor) -> str | None:
               help="Seeds of the heads-kept sweep behind Fig. 4 and 5.")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Extractor backend option, repeatable (e.g. -o encoder_length=clip).")
+@click.option("--zero-shot-mode", type=click.Choice(["letters", "likelihood", "generate"]), default="letters",
+              show_default=True, help="zero-shot: option-letter logits, class-name likelihood, or a generated answer.")
+@click.option("--pl-rollouts", type=click.IntRange(min=1), default=10, show_default=True,
+              help="sav+pl / calm+pl: sampled answers M per unlabelled clip (temperatures U(1, 2.5)).")
+@click.option("--pl-pool", type=click.IntRange(min=1), default=None,
+              help="sav+pl / calm+pl: unlabelled clips drawn per episode [default: shots x classes].")
+@click.option("--pl-seed", type=int, default=0, show_default=True, help="Seed of the pseudo-label sampling.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods, test_fold, tune, k, sav_k,
-             tau_p, tau_w, heads, prompt, device, batch_size, figures, sweep_seeds, options, progress):
+             tau_p, tau_w, heads, prompt, device, batch_size, figures, sweep_seeds, options, zero_shot_mode,
+             pl_rollouts, pl_pool, pl_seed, progress):
     """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
-    support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table."""
+    support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table.
+
+    \b
+    Methods that need the audio-language model to answer (skipped with the
+    reason for models that cannot, e.g. Whisper, and with --features):
+      zero-shot  the model answers the multiple-choice question itself
+                 (--zero-shot-mode); each seed scores its own queries;
+                 answers cached in RUN_DIR/zero_shot.json.
+      sav+pl,    per episode, --pl-pool unlabelled training clips are
+      calm+pl    pseudo-labelled (--pl-rollouts sampled answers at
+                 temperatures U(1, 2.5), majority vote, kept at >= 50 %
+                 agreement) and SAV / CALM is fitted on the kept clips; a
+                 class with no kept clip cannot be predicted and its
+                 queries count as wrong. Cached in RUN_DIR/pseudo_labels.json.
+    """
     from calm import __version__
     from calm import evaluate as ev
     from calm.data.base import DatasetError
@@ -162,12 +227,13 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
     chosen = {m: registry[m] for m in method_list if m in registry}
     skipped = {}
     lalm = [m for m in method_list if m in LALM_METHODS]
-    if lalm:
-        reason = _lalm_skip_reason(extractor)
+    reason = _lalm_skip_reason(extractor) if lalm else None
+    if reason is not None:
         for m in lalm:
             skipped[m] = reason
             echo(f"skipping {m}: {reason}")
-    if not chosen:
+        lalm = []
+    if not chosen and not lalm:
         raise click.ClickException("no method left to run")
 
     max_shots = max(shot_list)
@@ -189,8 +255,20 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
                 sweep = ev.k_sweep(X, y, meta, methods=sweep_methods, shots=shot_list,
                                    seeds=seed_list[:sweep_seeds], test_fold=test_fold,
                                    progress=lambda msg: bar.update(task2, advance=1))
+            lalm_info, warnings = {}, []
+            if lalm:
+                try:
+                    lalm_runs, lalm_info, warnings = _lalm_runs(
+                        ev, X, y, meta, extractor, lalm, result.classes, shots=shot_list, seeds=seed_list,
+                        test_fold=test_fold, tune=tune, registry=registry, out=out, zero_shot_mode=zero_shot_mode,
+                        pl_rollouts=pl_rollouts, pl_pool=pl_pool, pl_seed=pl_seed, batch_size=batch_size, bar=bar)
+                except ValueError as exc:  # e.g. option labels that are not single tokens, a pool too large
+                    raise click.ClickException(f"{', '.join(lalm)}: {exc}") from None
+                result.runs = ev.order_runs(result.runs + lalm_runs, method_list)
     except ev.ProtocolError as exc:
         raise click.ClickException(str(exc)) from None
+    for w in warnings:
+        echo(f"warning: {w}")
 
     analyses: dict = {"k_sweep": sweep}
     weights = counts = None
@@ -212,13 +290,16 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
         "dataset": data_spec or str(features),
         "features": str(features) if features else None,
         "n_clips": int(len(y)), "n_heads": int(X.shape[1]), "head_dim": int(X.shape[2]),
-        "shots": shot_list, "seeds": seed_list, "n_seeds": len(seed_list), "methods": list(chosen),
+        "shots": shot_list, "seeds": seed_list, "n_seeds": len(seed_list),
+        "methods": [m for m in method_list if m in chosen or m in lalm],
         "test_fold": test_fold, "tune": tune,
-        "defaults": {name: dict(m.defaults) for name, m in chosen.items()},
+        "defaults": {**{name: dict(m.defaults) for name, m in chosen.items()},
+                     **{m: dict(registry[ev.PL_BASES[m]].defaults) for m in lalm if m in ev.PL_BASES}},
+        **lalm_info,
         "package": "calm-audio", "version": __version__,
         "extraction": extraction,
     }
-    results = ev.build_results(result, config, analyses=analyses, skipped_methods=skipped)
+    results = ev.build_results(result, config, analyses=analyses, skipped_methods=skipped, warnings=warnings)
     results["config"]["seconds"] = round(time.perf_counter() - t0, 1)
     js, md = ev.write_results(out, results)
     if figures:
