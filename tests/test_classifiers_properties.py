@@ -83,9 +83,15 @@ def test_renaming_labels_renames_predictions(p, params, k, data):
         for est in (CALM(k=k, **params), SAV(k=k)):
             base = type(est)(**est.get_params()).fit(X, y)
             renamed = type(est)(**est.get_params()).fit(X, names[y])
-            if isinstance(est, SAV) and names[0] != order_kept[0]:
-                continue  # vote ties go to the lower class index, which a reordering changes
-            np.testing.assert_array_equal(renamed.predict(Xq), names[base.predict(Xq)])
+            pred = renamed.predict(Xq)
+            if names[0] == order_kept[0]:
+                np.testing.assert_array_equal(pred, names[base.predict(Xq)])
+            else:
+                # a reordering of classes changes who wins an exact tie (lower class index) and
+                # nothing else; exact ties are common (vote counts, posteriors saturated at 1.0)
+                s = base.decision_function(Xq)
+                clear = (s == s.max(axis=1, keepdims=True)).sum(axis=1) == 1
+                np.testing.assert_array_equal(pred[clear], names[base.predict(Xq)][clear])
 
 
 @SETTINGS

@@ -129,13 +129,18 @@ def _np_dtype(dtype) -> np.dtype:
 
 
 def _chunk_tensor(chunk, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh CPU tensor of ``dtype`` holding ``chunk`` (never a view of the caller's data)."""
     if isinstance(chunk, torch.Tensor):
-        return chunk.detach().to(device="cpu", dtype=dtype)
+        return chunk.detach().to(device="cpu", dtype=dtype, copy=True)
     a = np.asarray(chunk)
     if a.dtype not in (np.float16, np.float32, np.float64) and a.dtype.kind not in "iu":
         a = a.astype(np.float32)
-    if not a.flags.writeable or not a.flags.c_contiguous:
-        a = np.array(a, copy=True, order="C")  # read-only memory maps: copy this chunk only
+    if a.dtype == np.dtype(str(dtype).removeprefix("torch.")) or not a.flags.c_contiguous:
+        return torch.from_numpy(np.array(a, dtype=str(dtype).removeprefix("torch."), copy=True, order="C"))
+    if not a.flags.writeable:  # e.g. a read-only memory map: only read, by the converting copy below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a).to(dtype)
     return torch.from_numpy(a).to(dtype)
 
 
@@ -361,7 +366,7 @@ class SAV(_HeadClassifier):
         margin_sum = torch.zeros(K, dtype=dtype)
         for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
             yb = y_t[start : start + len(xb)]
-            s = _similarities(xb, self._unit)  # Eq. 2, (K, n, C)
+            s = _similarities(xb, self._unit, inplace=True)  # Eq. 2, (K, n, C)
             correct += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
             if self.tie_break == "margin":
                 margin_sum += _support_margins(s, yb, self.tau_p).sum(dim=1)  # Eq. 5-6
@@ -476,7 +481,7 @@ class CALM(_HeadClassifier):
         margin_sum = torch.zeros((C, K), dtype=dtype)
         for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
             yb = y_t[start : start + len(xb)]
-            s = _similarities(xb, self._unit)  # Eq. 2, (K, n, C)
+            s = _similarities(xb, self._unit, inplace=not loo)  # Eq. 2, (K, n, C)
             if loo:
                 _leave_one_out_(s, xb, yb, centroids, counts)
             m = _support_margins(s, yb, self.tau_p)  # Eq. 5-6, (K, n)
@@ -492,7 +497,8 @@ class CALM(_HeadClassifier):
 
     def _prepare(self) -> None:
         used = np.flatnonzero((self.weights_ > 0).any(axis=0))
-        self._used = None if len(used) == self.n_heads_ else torch.from_numpy(used)
+        # with most heads in use, reading all of them (zero weights elsewhere) beats a gather
+        self._used = None if len(used) > 0.75 * self.n_heads_ else torch.from_numpy(used)
         w = torch.from_numpy(self.weights_)
         unit = self._unit_centroids()
         if self._used is not None:
@@ -531,9 +537,7 @@ class CALM(_HeadClassifier):
 def _calm_scores(xb: torch.Tensor, scaled: torch.Tensor, w_t: torch.Tensor, shift: bool) -> torch.Tensor:
     """Eq. 2, 5 and 13 for one chunk, in place: ``scaled`` = unit centroids / tau_p (K, d, C),
     weights ``w_t`` (K, C)."""
-    x = H.l2_normalize(xb).transpose(0, 1)  # (K, n, d)
-    e = torch.matmul(x, scaled)  # Eq. 2 over tau_p, (K, n, C)
-    del x
+    e = _similarities(xb, scaled, inplace=True)  # Eq. 2 over tau_p, (K, n, C)
     if shift:
         e.sub_(e.amax(dim=-1, keepdim=True))
     e.exp_()
@@ -548,9 +552,14 @@ def _needs_shift(tau_p: float, n_classes: int, dtype: torch.dtype) -> bool:
     return 1.0 / tau_p + np.log(n_classes) + 1.0 > np.log(torch.finfo(dtype).max) - 1.0
 
 
-def _similarities(xb: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """Eq. 2 for a chunk (n, K, d) against unit centroids (K, d, C), laid out (K, n, C)."""
-    return torch.matmul(H.l2_normalize(xb).transpose(0, 1), unit)
+def _similarities(xb: torch.Tensor, unit: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Eq. 2 for a chunk (n, K, d) against unit centroids (K, d, C), laid out (K, n, C);
+    ``inplace`` normalises ``xb`` itself (a chunk this module owns)."""
+    if inplace:
+        x = xb.div_(torch.linalg.vector_norm(xb, dim=-1, keepdim=True).clamp_min_(H.EPS))
+    else:
+        x = H.l2_normalize(xb)
+    return torch.matmul(x.transpose(0, 1), unit)
 
 
 def _support_margins(s: torch.Tensor, yb: torch.Tensor, tau_p: float) -> torch.Tensor:
