@@ -154,3 +154,17 @@ def test_evaluate_errors(tmp_path, tones):
     res = runner.invoke(main, ["evaluate", "--model", "fake-tones", "--data", f"folder:{tones}", "--methods", "nope",
                                "--out", str(tmp_path / "r")])
     assert res.exit_code != 0 and "unknown method" in res.output
+
+
+def test_evaluate_with_a_relative_data_root_through_dotdot(tmp_path, tones, monkeypatch):
+    # README's main job passes `esc10:../shared/data/esc10`: every clip must still reach the episodes
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = CliRunner().invoke(main, ["evaluate", "--model", "fake-tones", "--data", "folder:../tones", "--shots", "2",
+                                    "--seeds", "1", "--methods", "calm", "--out", "run", "--no-figures",
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((work / "run" / "results.json").read_text())
+    assert doc["config"]["n_clips"] == 24
+    assert doc["summary"][0]["mean"] > 50  # chance is 33 %

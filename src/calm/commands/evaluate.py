@@ -51,7 +51,7 @@ def _progress(enabled: bool):
 def _features_from_data(model, data_spec, store, heads, prompt, device, batch_size, progress, echo, options):
     from calm.data import load_dataset
     from calm.models import load_extractor
-    from calm.store import extract_to_store, load_features
+    from calm.store import extract_to_store, load_features, store_path
 
     dataset = load_dataset(data_spec)
     echo(f"dataset {data_spec}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
@@ -62,7 +62,7 @@ def _features_from_data(model, data_spec, store, heads, prompt, device, batch_si
     X, y, meta = load_features(store, key=report.digest)
     import numpy as np
 
-    wanted = {str(Path(c.path).absolute()) for c in dataset.clips}
+    wanted = {store_path(c.path) for c in dataset.clips}  # the store's own path normalisation
     keep = meta["path"].astype(str).isin(wanted).to_numpy()
     if not keep.all():  # the store may hold other clips extracted with the same key
         rows = np.flatnonzero(keep)
