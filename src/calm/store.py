@@ -347,7 +347,7 @@ def resolve_key_dir(store: str | Path, key: str | Mapping[str, Any] | None = Non
     """The key folder of `store` selected by `key`.
 
     key: None (the store holds exactly one key, or `store` is a key folder itself); a digest, a
-    digest prefix or a folder name; or a mapping equal to an extractor's `key` (or to the full
+    digest prefix, a folder name or its prefix; or a mapping equal to an extractor's `key` (or to the full
     stored key {"extractor": ..., "dtype": ...}).
     """
     infos = list_keys(store)
@@ -365,7 +365,7 @@ def resolve_key_dir(store: str | Path, key: str | Mapping[str, Any] | None = Non
         ]
     else:
         k = str(key)
-        hits = [i for i in infos if i["digest"].startswith(k) or i["dir"].name == k]
+        hits = [i for i in infos if i["digest"].startswith(k) or i["dir"].name.startswith(k)]
     if len(hits) == 1:
         return hits[0]["dir"]
     listing = "\n  ".join(_describe(i) for i in infos)
