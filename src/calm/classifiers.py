@@ -26,8 +26,11 @@ Memory: queries (and support clips) are processed in chunks of ``chunk_size`` ro
 one chunk's working set is about 512 MiB), so memory stays flat however many queries are passed;
 every sum runs in float32, or float64 when the features are float64.
 
-The math lives in :mod:`calm._heads` as small pure functions; this module adds validation,
-chunking, and saving (:mod:`calm.serialization`, safetensors plus a JSON header, never pickle).
+The math lives in :mod:`calm._heads` as small pure functions, re-exported here for analyses
+(e.g. ``head_posteriors(cosine_similarities(X, clf.centroids_), clf.tau_p)`` gives the (n, K, C)
+head posteriors of Eq. 5, ``head_weights(clf.reliability_, k, clf.tau_w)`` the weights another k
+would give without refitting); this module adds validation, chunking, and saving
+(:mod:`calm.serialization`, safetensors plus a JSON header, never pickle).
 """
 
 from __future__ import annotations
@@ -42,8 +45,41 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError  # a ValueError
 
 from calm import _heads as H
+from calm._heads import (
+    clamped_margins,
+    class_centroids,
+    class_reliability,
+    cosine_similarities,
+    global_reliability,
+    head_posteriors,
+    head_predictions,
+    head_weights,
+    rank_heads,
+    resolve_k,
+    top_k_mask,
+    vote_counts,
+    weighted_scores,
+)
 
-__all__ = ["SAV", "CALM", "load"]
+__all__ = [
+    "SAV",
+    "CALM",
+    "load",
+    # the pure head math (calm._heads), re-exported for analyses
+    "class_centroids",
+    "cosine_similarities",
+    "head_predictions",
+    "head_posteriors",
+    "clamped_margins",
+    "global_reliability",
+    "class_reliability",
+    "resolve_k",
+    "top_k_mask",
+    "head_weights",
+    "weighted_scores",
+    "vote_counts",
+    "rank_heads",
+]
 
 #: Target size in bytes of one chunk's working set (features, similarities, posteriors).
 CHUNK_BYTES = 512 * 2**20
