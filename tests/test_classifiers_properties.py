@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from test_classifiers_reference import make_problem
 
@@ -42,13 +42,16 @@ def _problem(p, noise=0.8):
 @SETTINGS
 @given(p=problems, params=calm_params, frac=st.floats(0.05, 1.0), data=st.data())
 def test_permuting_heads_permutes_weights(p, params, frac, data):
-    # tau_p = 1 keeps every margin positive on these problems, so reliabilities have no ties and
-    # the kept heads do not depend on the head order
+    # tau_p = 1 keeps margins positive on these problems, so reliabilities rarely tie
     X, y, Xq, _ = _problem(p, noise=0.3)
     params = {**params, "tau_p": 1.0, "k": frac}
     perm = np.array(data.draw(st.permutations(range(p["n_heads"]))))
     a = CALM(**params).fit(X, y)
     b = CALM(**params).fit(X[:, perm], y)
+    np.testing.assert_allclose(b.reliability_, a.reliability_[..., perm], atol=1e-12)
+    # which of several equally reliable heads is kept depends on head order (lower index first)
+    r = np.atleast_2d(a.reliability_)
+    assume(all(len(np.unique(row)) == len(row) for row in r))
     np.testing.assert_allclose(b.weights_, a.weights_[:, perm], atol=1e-12)
     np.testing.assert_allclose(b.reliability_, a.reliability_[..., perm], atol=1e-12)
     np.testing.assert_array_equal(b.predict(Xq[:, perm]), a.predict(Xq))
