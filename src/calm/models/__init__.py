@@ -102,8 +102,24 @@ def load_extractor(
         attn_implementation: passed to `from_pretrained` (`eager`, `sdpa`, ...).
         **options: backend options (e.g. Whisper's `encoder_length`, `min_encoder_seconds`; LALMs'
             `truncate_layers`, default True: with `layers` given, load only the text decoder
-            layers up to the last selected one, see `calm.models.lalm.truncated_config`).
+            layers up to the last selected one, see `calm.models.lalm.truncated_config`), and
+            `long`: `truncate` (default: clips longer than the model's window are cut, with a
+            warning) or `windows` (features averaged over consecutive windows,
+            `calm.models.windows`).
     """
+    long = options.pop("long", "truncate")
+    if long not in ("truncate", "windows"):
+        raise ExtractorError(f"long={long!r}: use 'truncate' or 'windows'")
+    extractor = _load(model, heads=heads, prompt=prompt, device=device, dtype=dtype, layers=layers,
+                      attn_implementation=attn_implementation, **options)
+    if long == "windows":
+        from calm.models.windows import WindowedExtractor
+
+        return WindowedExtractor(extractor)
+    return extractor
+
+
+def _load(model, *, heads, prompt, device, dtype, layers, attn_implementation, **options) -> Extractor:
     common = dict(
         heads=heads, prompt=prompt, device=device, dtype=resolve_dtype(dtype, device),
         layers=layers, attn_implementation=attn_implementation, **options,
