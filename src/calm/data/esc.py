@@ -10,13 +10,13 @@ names in category-number order. `esc10:ROOT` also accepts an ESC-50 root (the `e
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import urllib.request
 import zipfile
 from pathlib import Path
 
+from calm.cache import cache_root
 from calm.data._util import is_audio, read_csv_rows, require_dir
 from calm.data.base import Clip, Dataset, DatasetError
 
@@ -26,14 +26,6 @@ ESC50_COLUMNS = ["filename", "fold", "target", "category", "esc10", "src_file", 
 _ESC50_NAME = re.compile(r"^(\d+)-([^-]+)-([A-Za-z]+)-(\d+)\.wav$")
 _ESC10_CLASS_DIR = re.compile(r"^(\d+)\s*-\s*(.+?)\s*$")
 _ESC10_NAME = re.compile(r"^(\d+)-([^-]+)-([A-Za-z]+)$")
-
-
-def cache_dir() -> Path:
-    """Where downloads go: $CALM_CACHE, else $XDG_CACHE_HOME/calm-audio, else ~/.cache/calm-audio."""
-    if os.environ.get("CALM_CACHE"):
-        return Path(os.environ["CALM_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "calm-audio"
 
 
 def _find_esc50_root(path: Path) -> Path | None:
@@ -83,7 +75,7 @@ def extract_esc50_archive(archive: Path, dest: Path) -> Path:
 
 def download_esc50(dest: Path | None = None, *, url: str = ESC50_URL) -> Path:
     """Download and unpack the official ESC-50 archive into dest (default: the user cache)."""
-    dest = Path(dest) if dest is not None else cache_dir()
+    dest = Path(dest) if dest is not None else cache_root()
     found = _find_esc50_root(dest)
     if found is not None:
         return found

