@@ -162,73 +162,54 @@ def load_video(
 # ---------------------------------------------------------------------------------------------
 
 
+class _PatchGeometry:
+    """Patch geometry (patch_size, temporal_patch_size, merge_size) of the patchers below, and the
+    patchification of a batch of clips with it."""
+
+    def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self.temporal_patch_size = temporal_patch_size
+        self.merge_size = merge_size
+
+    def patch_batch(self, clips) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patches of every clip (T, H, W, 3) uint8, concatenated, and their [t, h, w] grids."""
+        patches, grids = [], []
+        for clip in clips:
+            p, grid = patchify(
+                np.asarray(clip),
+                patch_size=self.patch_size,
+                temporal_patch_size=self.temporal_patch_size,
+                merge_size=self.merge_size,
+            )
+            patches.append(p)
+            grids.append(grid)
+        return torch.from_numpy(np.concatenate(patches)), torch.tensor(grids)
+
+
 def _vision_classes():
     from transformers.feature_extraction_utils import BatchFeature
     from transformers.image_processing_base import ImageProcessingMixin
     from transformers.models.qwen2_5_omni import Qwen2_5OmniProcessor
     from transformers.video_processing_utils import VideoProcessorMixin
 
-    class OmniVideoPatcher(VideoProcessorMixin):
+    class OmniVideoPatcher(_PatchGeometry, VideoProcessorMixin):
         """Video processor for frames already decoded (T, H, W, 3) uint8 and sized by `read_frames`."""
 
         model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
-        def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2, **kwargs):
-            super().__init__(**kwargs)
-            self.patch_size, self.temporal_patch_size, self.merge_size = (
-                patch_size,
-                temporal_patch_size,
-                merge_size,
-            )
-
         def __call__(self, videos, **kwargs) -> BatchFeature:
-            patches, grids = [], []
-            for video in videos:
-                p, grid = patchify(
-                    np.asarray(video),
-                    patch_size=self.patch_size,
-                    temporal_patch_size=self.temporal_patch_size,
-                    merge_size=self.merge_size,
-                )
-                patches.append(p)
-                grids.append(grid)
-            return BatchFeature(
-                {
-                    "pixel_values_videos": torch.from_numpy(np.concatenate(patches)),
-                    "video_grid_thw": torch.tensor(grids),
-                }
-            )
+            pixels, grids = self.patch_batch(videos)
+            return BatchFeature({"pixel_values_videos": pixels, "video_grid_thw": grids})
 
-    class OmniImagePatcher(ImageProcessingMixin):
+    class OmniImagePatcher(_PatchGeometry, ImageProcessingMixin):
         """Image processor: an image (H, W, 3) uint8 is a one-frame video (sized by the caller)."""
 
         model_input_names = ["pixel_values", "image_grid_thw"]
 
-        def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2, **kwargs):
-            super().__init__(**kwargs)
-            self.patch_size, self.temporal_patch_size, self.merge_size = (
-                patch_size,
-                temporal_patch_size,
-                merge_size,
-            )
-
         def __call__(self, images, **kwargs) -> BatchFeature:
-            patches, grids = [], []
-            for image in images:
-                p, grid = patchify(
-                    np.asarray(image)[None],
-                    patch_size=self.patch_size,
-                    temporal_patch_size=self.temporal_patch_size,
-                    merge_size=self.merge_size,
-                )
-                patches.append(p)
-                grids.append(grid)
-            return BatchFeature(
-                {
-                    "pixel_values": torch.from_numpy(np.concatenate(patches)),
-                    "image_grid_thw": torch.tensor(grids),
-                }
-            )
+            pixels, grids = self.patch_batch(np.asarray(image)[None] for image in images)
+            return BatchFeature({"pixel_values": pixels, "image_grid_thw": grids})
 
     class OmniProcessor(Qwen2_5OmniProcessor):
         """`Qwen2_5OmniProcessor` that accepts the torchvision-free patchers above."""
