@@ -513,8 +513,9 @@ class _KeyFolder:
             self.index_file.close()
             self.index_file = None
 
-    def write_batch(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
-        """Shard first (temp name, fsync, rename), then the index lines (one write, fsync)."""
+    def write_shard(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
+        """Write `features` as the next shard (temp name, fsync, rename) and point `rows` at it
+        (shard, row, shard_bytes, shard_sha256), row i holding features[i]."""
         name = f"shard-{self.next_shard:06d}.safetensors"
         self.next_shard += 1
         data = _shard_bytes(features, self.digest)
@@ -522,6 +523,10 @@ class _KeyFolder:
         sha = hashlib.sha256(data).hexdigest()
         for i, row in enumerate(rows):
             row.update(shard=name, row=i, shard_bytes=len(data), shard_sha256=sha)
+
+    def write_batch(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
+        """Shard first (temp name, fsync, rename), then the index lines (one write, fsync)."""
+        self.write_shard(features, rows)
         assert self.index_file is not None
         self.index_file.write("".join(_row_json(r) + "\n" for r in rows).encode())
         self.index_file.flush()
@@ -944,13 +949,7 @@ def compact(
         new_rows = []
         for start in range(0, len(ordered), per_shard):
             chunk = [dict(r) for r in ordered[start : start + per_shard]]
-            name = f"shard-{folder.next_shard:06d}.safetensors"
-            folder.next_shard += 1
-            data = _shard_bytes(X._gather(np.arange(start, start + len(chunk)), raw=True), folder.digest)
-            atomic_write_bytes(folder.shards / name, data)
-            sha = hashlib.sha256(data).hexdigest()
-            for i, r in enumerate(chunk):
-                r.update(shard=name, row=i, shard_bytes=len(data), shard_sha256=sha)
+            folder.write_shard(X._gather(np.arange(start, start + len(chunk)), raw=True), chunk)
             new_rows.extend(chunk)
         del X
         _write_index(folder.index_path, new_rows)
