@@ -95,7 +95,8 @@ def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
     cfg = doc["config"]
     assert cfg["model"] == "fake-tones" and cfg["dataset"] == f"folder:{tones}" and cfg["n_clips"] == 24
     assert cfg["head_source"] == "all" and "prompt" in cfg and cfg["version"]
-    assert cfg["extraction"]["stored"] == 24 and cfg["defaults"]["calm"] == {"k": 0.25, "tau_p": 0.03, "tau_w": 0.5}
+    assert cfg["extraction"]["stored"] == 24 and cfg["defaults"]["calm"] == {
+        "k": 0.25, "tau_p": 0.03, "tau_w": 0.5, "normalization": "softmax", "reliability": "in-sample"}
     assert "outside the support" in cfg["protocol"]
     assert "zero-shot" in doc["skipped_methods"] and "not an audio-language model" in doc["skipped_methods"]["zero-shot"]
     assert {(s["method"], s["shots"]) for s in doc["summary"] if s["metric"] == "accuracy"} == {
@@ -168,3 +169,23 @@ def test_evaluate_with_a_relative_data_root_through_dotdot(tmp_path, tones, monk
     doc = json.loads((work / "run" / "results.json").read_text())
     assert doc["config"]["n_clips"] == 24
     assert doc["summary"][0]["mean"] > 50  # chance is 33 %
+
+
+def test_options_beyond_the_paper_reach_the_classifiers_and_the_record(tmp_path, tones):
+    res = CliRunner().invoke(main, [
+        "evaluate", "--model", "fake-tones", "--data", f"folder:{tones}", "--shots", "2", "--seeds", "2",
+        "--methods", "sav,calm", "--sav-tie-break", "margin", "--normalization", "power",
+        "--reliability", "leave-one-out", "--out", str(tmp_path / "run"), "--no-figures", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    runs = json.loads((tmp_path / "run" / "results.json").read_text())["runs"]
+    assert {r["params"]["tie_break"] for r in runs if r["method"] == "sav"} == {"margin"}
+    calm_params = [r["params"] for r in runs if r["method"] == "calm"]
+    assert calm_params and all(p["normalization"] == "power" and p["reliability"] == "leave-one-out"
+                               for p in calm_params)
+    model = tmp_path / "m.safetensors"
+    res = CliRunner().invoke(main, ["fit", str(tmp_path / "run" / "features"), "--method", "sav",
+                                    "--sav-tie-break", "margin", "--out", str(model)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    import calm
+
+    assert calm.load(model).tie_break == "margin"

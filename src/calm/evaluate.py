@@ -297,26 +297,38 @@ class Method:
 
 
 def fewshot_methods(
-    *, k: float | int = 0.25, tau_p: float = 0.03, tau_w: float = 0.5, sav_k: float | int | None = None
+    *,
+    k: float | int = 0.25,
+    tau_p: float = 0.03,
+    tau_w: float = 0.5,
+    sav_k: float | int | None = None,
+    sav_tie_break: str = "index",
+    normalization: str = "softmax",
+    reliability: str = "in-sample",
 ) -> dict[str, Method]:
-    """The few-shot methods with the given defaults (paper: tau_p 0.03, tau_w 0.5)."""
+    """The few-shot methods with the given defaults (paper: tau_p 0.03, tau_w 0.5, softmax weights,
+    in-sample reliability, SAV ties to the lower head index); the other values are the named
+    options of `calm.SAV` / `calm.CALM`, recorded in each run's parameters."""
     from calm import classifiers
 
     sav_k = k if sav_k is None else sav_k
+    calm_defaults = {"k": k, "tau_p": tau_p, "tau_w": tau_w, "normalization": normalization,
+                     "reliability": reliability}
+    sav_defaults = {"k": sav_k, "tie_break": sav_tie_break}
     tau_grid = [0.01, 0.03, 0.1]
     k_grid = [0.1, 0.25, 0.5]
     return {
-        "sav": Method("sav", lambda **p: classifiers.SAV(**p), {"k": sav_k}, {"k": [0.05, 0.1, 0.25, 0.5]}),
+        "sav": Method("sav", lambda **p: classifiers.SAV(**p), sav_defaults, {"k": [0.05, 0.1, 0.25, 0.5]}),
         "calm-global": Method(
             "calm-global",
             lambda **p: classifiers.CALM(weighting="global", **p),
-            {"k": k, "tau_p": tau_p, "tau_w": tau_w},
+            calm_defaults,
             {"k": k_grid, "tau_p": tau_grid, "tau_w": [0.1, 0.5, 2.0]},
         ),
         "calm": Method(
             "calm",
             lambda **p: classifiers.CALM(**p),
-            {"k": k, "tau_p": tau_p, "tau_w": tau_w},
+            calm_defaults,
             {"k": k_grid, "tau_p": tau_grid, "tau_w": [0.1, 0.5, 2.0]},
         ),
         "linear-probe": Method("linear-probe", lambda **p: LinearProbe(**p), {"C": 1.0}, {"C": [0.01, 0.1, 1.0, 10.0]}),

@@ -41,6 +41,24 @@ def parse_k(text: str) -> float | int:
     return value if value <= 1 and "." in text else int(value)
 
 
+def classifier_options(command):
+    """The classifiers' hyper-parameters and their options beyond the paper (shared by evaluate and fit)."""
+    for option in reversed([
+        click.option("--k", "k", default="0.25", show_default=True, help="Heads kept by CALM/CALM-global: fraction or count."),
+        click.option("--tau-p", type=float, default=0.03, show_default=True, help="Head posterior temperature (Eq. 5)."),
+        click.option("--tau-w", type=float, default=0.5, show_default=True, help="Head weight temperature (Eq. 8 / 12)."),
+        click.option("--sav-tie-break", type=click.Choice(["index", "margin"]), default="index", show_default=True,
+                     help="SAV heads of equal support accuracy: lower index (paper) or larger mean margin."),
+        click.option("--normalization", type=click.Choice(["softmax", "power"]), default="softmax", show_default=True,
+                     help="CALM weights: softmax(r / tau_w) (paper) or r^(1/tau_w) / sum (authors' code)."),
+        click.option("--reliability", type=click.Choice(["in-sample", "leave-one-out"]), default="in-sample",
+                     show_default=True, help="CALM margins on the support clips (paper) or each clip against its "
+                     "class centroid without it."),
+    ]):
+        command = option(command)
+    return command
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -145,10 +163,8 @@ def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, tes
               help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS)}.")
 @click.option("--test-fold", default="5", show_default=True, help="Folded data (ESC): test fold, or 'all' to rotate.")
 @click.option("--tune", is_flag=True, help="Choose hyper-parameters by cross-validation inside each support set.")
-@click.option("--k", "k", default="0.25", show_default=True, help="Heads kept by CALM/CALM-global: fraction or count.")
+@classifier_options
 @click.option("--sav-k", default=None, help="Heads kept by SAV [default: --k].")
-@click.option("--tau-p", type=float, default=0.03, show_default=True)
-@click.option("--tau-w", type=float, default=0.5, show_default=True)
 @click.option("--heads", type=click.Choice(["all", "encoder", "decoder"]), default="all", show_default=True)
 @click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context).")
 @click.option("--device", default="cpu", show_default=True)
@@ -166,8 +182,8 @@ def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, tes
               help="sav+pl / calm+pl: unlabelled clips drawn per episode [default: shots x classes].")
 @click.option("--pl-seed", type=int, default=0, show_default=True, help="Seed of the pseudo-label sampling.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods, test_fold, tune, k, sav_k,
-             tau_p, tau_w, heads, prompt, device, batch_size, figures, sweep_seeds, options, zero_shot_mode,
+def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods, test_fold, tune, k, tau_p, tau_w,
+             sav_tie_break, normalization, reliability, sav_k, heads, prompt, device, batch_size, figures, sweep_seeds, options, zero_shot_mode,
              pl_rollouts, pl_pool, pl_seed, progress):
     """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
     support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table.
@@ -223,7 +239,8 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
     head_names = [tuple(h) for h in meta.attrs.get("head_names", [])]
     echo(f"{len(y)} clips, features {tuple(X.shape[1:])}")
 
-    registry = ev.fewshot_methods(k=k_value, tau_p=tau_p, tau_w=tau_w, sav_k=sav_k_value)
+    registry = ev.fewshot_methods(k=k_value, tau_p=tau_p, tau_w=tau_w, sav_k=sav_k_value, sav_tie_break=sav_tie_break,
+                                  normalization=normalization, reliability=reliability)
     chosen = {m: registry[m] for m in method_list if m in registry}
     skipped = {}
     lalm = [m for m in method_list if m in LALM_METHODS]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from calm.commands.evaluate import classifier_options
+
 FIT_METHODS = ("sav", "calm-global", "calm")
 
 
@@ -35,10 +37,9 @@ def extractor_metadata(meta) -> dict:
 @click.option("--holdout/--no-holdout", default=False, show_default=True,
               help="Leave out the test part (official split or --test-fold) as `calm evaluate` does.")
 @click.option("--test-fold", default="5", show_default=True)
-@click.option("--k", "k", default="0.25", show_default=True, help="Heads kept: fraction or count.")
-@click.option("--tau-p", type=float, default=0.03, show_default=True)
-@click.option("--tau-w", type=float, default=0.5, show_default=True)
-def fit(store, method, out, key, shots, seed, holdout, test_fold, k, tau_p, tau_w):
+@classifier_options
+def fit(store, method, out, key, shots, seed, holdout, test_fold, k, tau_p, tau_w, sav_tie_break, normalization,
+        reliability):
     """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
     import numpy as np
 
@@ -64,7 +65,8 @@ def fit(store, method, out, key, shots, seed, holdout, test_fold, k, tau_p, tau_
         rows, support_y = episode.support, episode.support_y
     if ev.task_of(support_y) == "multilabel":
         raise click.ClickException("multi-label rows: use --shots so each support clip stands for one class")
-    m = ev.fewshot_methods(k=parse_k(k), tau_p=tau_p, tau_w=tau_w)[method]
+    m = ev.fewshot_methods(k=parse_k(k), tau_p=tau_p, tau_w=tau_w, sav_tie_break=sav_tie_break,
+                           normalization=normalization, reliability=reliability)[method]
     clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
     metadata = {
         **extractor_metadata(meta),
