@@ -62,6 +62,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def pretrained_kwargs(
+    dtype: torch.dtype, attn_implementation: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of a model's `from_pretrained`: `dtype`, and `attn_implementation` and the
+    hub `revision` when given."""
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if revision:
+        kwargs["revision"] = revision
+    return kwargs
+
+
+def model_revision(model) -> str | None:
+    """The hub commit of a loaded checkpoint, or None for local directories."""
+    return getattr(model.config, "_commit_hash", None)
+
+
 class Extractor(ABC):
     """A frozen model as a per-head feature extractor.
 

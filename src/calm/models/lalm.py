@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm.models.base import Extractor, ExtractorError, HeadName, dtype_name
+from calm.models.base import (
+    Extractor,
+    ExtractorError,
+    HeadName,
+    dtype_name,
+    model_revision,
+    pretrained_kwargs,
+)
 from calm.models.hooks import (
     HeadCapture,
     at_positions,
@@ -268,11 +275,6 @@ def is_truncated(model) -> bool:
     return getattr(model.config.get_text_config(), "calm_truncated_from", None) is not None
 
 
-def model_revision(model) -> str | None:
-    """The hub commit of a loaded checkpoint, or None for local directories."""
-    return getattr(model.config, "_commit_hash", None)
-
-
 def load_lalm(
     model_id: str,
     *,
@@ -307,9 +309,7 @@ def load_lalm(
     if options:
         raise ExtractorError(f"unknown options for {model_id}: {sorted(options)}")
     hub = {"revision": revision} if revision else {}
-    kwargs: dict[str, Any] = {"dtype": dtype, **hub}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = pretrained_kwargs(dtype, attn_implementation, revision)
     if truncate_layers and layers is not None:
         kwargs["config"], layers = truncated_config(AutoConfig.from_pretrained(str(model_id), **hub), layers)
     model = (model_cls or AutoModelForMultimodalLM).from_pretrained(str(model_id), **kwargs).to(device)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm.models.base import ExtractorError
-from calm.models.lalm import AUDIO_PLACEHOLDER, LALMExtractor, model_revision, truncated_config
+from calm.models.base import ExtractorError, model_revision, pretrained_kwargs
+from calm.models.lalm import AUDIO_PLACEHOLDER, LALMExtractor, truncated_config
 
 HUB_IDS = {"qwen2.5-omni-7b": "Qwen/Qwen2.5-Omni-7B", "qwen2.5-omni-3b": "Qwen/Qwen2.5-Omni-3B"}
 DEFAULT_FPS = 2.0
@@ -386,13 +386,9 @@ def load_qwen2_5_omni(
     config, full = _thinker_config(model_id, revision)
     if truncate_layers:
         config, layers = truncated_config(config, layers)
-    kwargs: dict[str, Any] = {"dtype": dtype, "config": config}
+    kwargs = {**pretrained_kwargs(dtype, attn_implementation, revision), "config": config}
     if full:
         kwargs["key_mapping"] = {r"^thinker\.": ""}  # load the thinker's weights only
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if revision:
-        kwargs["revision"] = revision
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(model_id, **kwargs).to(device)
     hub = {"revision": revision} if revision else {}
     tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)

@@ -37,7 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from calm.models.base import Extractor, ExtractorError, HeadName, dtype_name
+from calm.models.base import (
+    Extractor,
+    ExtractorError,
+    HeadName,
+    dtype_name,
+    model_revision,
+    pretrained_kwargs,
+)
 from calm.models.hooks import (
     AttentionSite,
     HeadCapture,
@@ -288,13 +295,13 @@ def load_whisper(
             f"unknown Whisper options {sorted(unknown)}; known: encoder_length, min_encoder_seconds"
         )
     check_options(heads, options.get("encoder_length", "full"), options.get("min_encoder_seconds", 0.0))
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = WhisperForConditionalGeneration.from_pretrained(str(model_id), **kwargs).to(device)
+    # `revision` only labels the features here (e.g. sha256:... of a converted checkpoint)
+    model = WhisperForConditionalGeneration.from_pretrained(
+        str(model_id), **pretrained_kwargs(dtype, attn_implementation)
+    ).to(device)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(str(model_id))
     tokenizer = WhisperTokenizerFast.from_pretrained(str(model_id))
-    revision = revision or getattr(model.config, "_commit_hash", None)
+    revision = revision or model_revision(model)
     return WhisperExtractor(
         model, feature_extractor, tokenizer,
         model_id=name or str(model_id), revision=revision,
