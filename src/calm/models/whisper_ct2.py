@@ -206,6 +206,23 @@ def _linear(hf: str, ct2: str, v: dict) -> dict[str, np.ndarray]:
     return {f"{hf}.weight": v[f"{ct2}/weight"], f"{hf}.bias": v[f"{ct2}/bias"]}
 
 
+def _self_attention_block(hf: str, ct2: str, v: dict) -> dict[str, np.ndarray]:
+    """A layer's self-attention and its layer norm (the same in encoder and decoder layers)."""
+    return {
+        **_attention(f"{hf}.self_attn", f"{ct2}/self_attention", v, fused_qkv=True),
+        **_norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm", v),
+    }
+
+
+def _ffn_block(hf: str, ct2: str, v: dict) -> dict[str, np.ndarray]:
+    """A layer's feed-forward network and its layer norm (the same in encoder and decoder layers)."""
+    return {
+        **_linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0", v),
+        **_linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1", v),
+        **_norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm", v),
+    }
+
+
 def ct2_to_hf_state_dict(variables: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
     """State dict of WhisperForConditionalGeneration (without the tied `proj_out`)."""
     v = variables
@@ -215,23 +232,17 @@ def ct2_to_hf_state_dict(variables: dict[str, np.ndarray], config: dict) -> dict
     sd["model.encoder.embed_positions.weight"] = v["encoder/position_encodings/encodings"]
     for i in range(config["encoder_layers"]):
         hf, ct2 = f"model.encoder.layers.{i}", f"encoder/layer_{i}"
-        sd.update(_attention(f"{hf}.self_attn", f"{ct2}/self_attention", v, fused_qkv=True))
-        sd.update(_norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm", v))
-        sd.update(_linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0", v))
-        sd.update(_linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1", v))
-        sd.update(_norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm", v))
+        sd.update(_self_attention_block(hf, ct2, v))
+        sd.update(_ffn_block(hf, ct2, v))
     sd.update(_norm("model.encoder.layer_norm", "encoder/layer_norm", v))
     sd["model.decoder.embed_tokens.weight"] = v["decoder/embeddings/weight"]
     sd["model.decoder.embed_positions.weight"] = v["decoder/position_encodings/encodings"]
     for i in range(config["decoder_layers"]):
         hf, ct2 = f"model.decoder.layers.{i}", f"decoder/layer_{i}"
-        sd.update(_attention(f"{hf}.self_attn", f"{ct2}/self_attention", v, fused_qkv=True))
-        sd.update(_norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm", v))
+        sd.update(_self_attention_block(hf, ct2, v))
         sd.update(_attention(f"{hf}.encoder_attn", f"{ct2}/attention", v, fused_qkv=False))
         sd.update(_norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm", v))
-        sd.update(_linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0", v))
-        sd.update(_linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1", v))
-        sd.update(_norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm", v))
+        sd.update(_ffn_block(hf, ct2, v))
     sd.update(_norm("model.decoder.layer_norm", "decoder/layer_norm", v))
     return {k: np.ascontiguousarray(a) for k, a in sd.items()}
 
