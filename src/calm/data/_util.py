@@ -91,6 +91,14 @@ def parse_missing(missing: str) -> str:
     return missing
 
 
+def skip_missing(message: str, missing: str, skipped: list[str], hint: str = "") -> None:
+    """A clip whose audio is absent: with missing="error" a DatasetError (`message` and `hint`),
+    with missing="skip" `message` is added to `skipped`."""
+    if missing == "error":
+        raise DatasetError(message + hint)
+    skipped.append(message)
+
+
 def index_audio(root: Path) -> dict[str, Path]:
     """Map each audio file's stem under root (recursively) to its path; the first in sorted order wins."""
     index: dict[str, Path] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calm.data._util import parse_missing, require_dir
+from calm.data._util import parse_missing, require_dir, skip_missing
 from calm.data.base import Clip, Dataset, DatasetError
 
 PARTS = {"train": ("train.trn", "train"), "dev": ("dev.trl", "dev"), "eval": ("eval.trl", "test")}
@@ -49,10 +49,7 @@ def load_asvspoof2019_la(root: Path, *, missing: str = "error") -> Dataset:
                     raise DatasetError(f"{where}: system {system!r} inconsistent with key {key!r}")
                 path = audio_dir / f"{file_id}.flac"
                 if not path.is_file():
-                    message = f"{where}: audio file not found: {path}"
-                    if missing == "error":
-                        raise DatasetError(message)
-                    skipped.append(message)
+                    skip_missing(f"{where}: audio file not found: {path}", missing, skipped)
                     continue
                 meta = {"speaker": speaker, "file_id": file_id, "system": system}
                 clips.append(Clip(path=path, labels=(key,), split=split, meta=meta))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calm.data._util import index_audio, parse_missing, read_csv_rows, require_dir
+from calm.data._util import index_audio, parse_missing, read_csv_rows, require_dir, skip_missing
 from calm.data.base import Clip, Dataset, DatasetError
 
 SEGMENT_FILES = {
@@ -109,9 +109,8 @@ def load_audioset(
                 path = next((index[s] for s in (t.format(**fields) for t in DEFAULT_STEMS) if s in index), None)
             if path is None:
                 message = f"{where}: no audio for {ytid} at {start}s under {root}"
-                if missing == "error":
-                    raise DatasetError(message + " (set template=..., or missing=skip to leave absent clips out)")
-                skipped.append(message)
+                hint = " (set template=..., or missing=skip to leave absent clips out)"
+                skip_missing(message, missing, skipped, hint)
                 continue
             meta = {"ytid": ytid, "start_seconds": float(start), "end_seconds": float(end),
                     "mids": ",".join(mids), "segments": split_name}

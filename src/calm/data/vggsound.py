@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calm.data._util import class_order, index_audio, parse_missing, read_csv_rows, require_dir
+from calm.data._util import class_order, index_audio, parse_missing, read_csv_rows, require_dir, skip_missing
 from calm.data.base import Clip, Dataset, DatasetError
 
 
@@ -68,9 +68,7 @@ def load_vggsound(root: Path, *, missing: str = "error") -> Dataset:
         path = index.get(stem)
         if path is None:
             message = f"{where}: no audio or video file named {stem}.* under {root}"
-            if missing == "error":
-                raise DatasetError(message + " (pass missing=skip to leave absent clips out)")
-            skipped.append(message)
+            skip_missing(message, missing, skipped, " (pass missing=skip to leave absent clips out)")
             continue
         meta = {"youtube_id": ytid, "start_seconds": start}
         if categories:
