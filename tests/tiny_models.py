@@ -140,6 +140,29 @@ def _tiny_text_config(tokenizer, num_layers: int) -> dict:
     }  # fmt: skip
 
 
+def _tiny_whisper_encoder_lalm(
+    model_cls, config_cls, processor_cls, tokenizer, audio_token: str, *, num_layers: int, seed: int
+):
+    """(model, processor) of a tiny random LALM whose config takes a Whisper-style `audio_config`
+    (128 mel bins, one layer) and a `_tiny_text_config` decoder; `audio_token` is the audio placeholder
+    of the tokenizer's chat template."""
+    from transformers import WhisperFeatureExtractor
+
+    processor = processor_cls(
+        WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+        tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+    config = config_cls(
+        audio_config={"num_mel_bins": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                      "intermediate_size": 32, "hidden_size": 16},
+        text_config=_tiny_text_config(tokenizer, num_layers),
+        audio_token_id=tokenizer.convert_tokens_to_ids(audio_token),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return model_cls(config).eval(), processor
+
+
 def tiny_audio_flamingo3(*, num_layers: int = 3, seed: int = 0):
     """(model, processor) of a tiny random Audio Flamingo 3: Whisper-style encoder (fixed 1500
     positions, so audio must be padded to 30 s) + Qwen2 decoder with 4 heads of dim 12."""
@@ -147,49 +170,25 @@ def tiny_audio_flamingo3(*, num_layers: int = 3, seed: int = 0):
         AudioFlamingo3Config,
         AudioFlamingo3ForConditionalGeneration,
         AudioFlamingo3Processor,
-        WhisperFeatureExtractor,
     )
 
     tokenizer = byte_level_tokenizer(
         (*QWEN_SPECIAL_TOKENS, "<sound>"), chat_template=AUDIO_FLAMINGO3_CHAT_TEMPLATE
     )
-    processor = AudioFlamingo3Processor(
-        WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
-        tokenizer,
-        chat_template=AUDIO_FLAMINGO3_CHAT_TEMPLATE,
-    )
-    config = AudioFlamingo3Config(
-        audio_config={"num_mel_bins": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "intermediate_size": 32, "hidden_size": 16},
-        text_config=_tiny_text_config(tokenizer, num_layers),
-        audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"),
+    return _tiny_whisper_encoder_lalm(
+        AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Config, AudioFlamingo3Processor, tokenizer,
+        "<sound>", num_layers=num_layers, seed=seed,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    return AudioFlamingo3ForConditionalGeneration(config).eval(), processor
 
 
 def tiny_glmasr(*, num_layers: int = 3, seed: int = 0):
     """(model, processor) of a tiny random GLM-ASR: rotary audio encoder + Llama decoder with 4
     heads of dim 12."""
-    from transformers import (
-        GlmAsrConfig,
-        GlmAsrForConditionalGeneration,
-        GlmAsrProcessor,
-        WhisperFeatureExtractor,
-    )
+    from transformers import GlmAsrConfig, GlmAsrForConditionalGeneration, GlmAsrProcessor
 
     tokens = (*QWEN_SPECIAL_TOKENS, "<|pad|>", "<|begin_of_audio|>", "<|end_of_audio|>")
     tokenizer = byte_level_tokenizer(tokens, chat_template=GLMASR_CHAT_TEMPLATE)
-    processor = GlmAsrProcessor(
-        WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
-        tokenizer,
-        chat_template=GLMASR_CHAT_TEMPLATE,
-    )
-    config = GlmAsrConfig(
-        audio_config={"num_mel_bins": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "intermediate_size": 32, "hidden_size": 16},
-        text_config=_tiny_text_config(tokenizer, num_layers),
-        audio_token_id=tokenizer.convert_tokens_to_ids("<|pad|>"),
+    return _tiny_whisper_encoder_lalm(
+        GlmAsrForConditionalGeneration, GlmAsrConfig, GlmAsrProcessor, tokenizer,
+        "<|pad|>", num_layers=num_layers, seed=seed,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    return GlmAsrForConditionalGeneration(config).eval(), processor
