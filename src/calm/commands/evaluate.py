@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from calm.commands.extract import extractor_kwargs, model_options
 from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS
 
 
@@ -66,14 +67,14 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=True)
 
 
-def _features_from_data(model, data_spec, store, heads, prompt, device, batch_size, progress, echo, options):
+def _features_from_data(model, data_spec, store, extractor_kw, batch_size, progress, echo):
     from calm.data import load_dataset
     from calm.models import load_extractor
     from calm.store import extract_to_store, load_features, store_path
 
     dataset = load_dataset(data_spec)
     echo(f"dataset {data_spec}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
-    extractor = load_extractor(model, heads=heads, prompt=prompt, device=device, **options)
+    extractor = load_extractor(model, **extractor_kw)
     echo(f"model {model}: {len(extractor.head_names)} heads; feature store {store}")
     report = extract_to_store(extractor, dataset, store, batch_size=batch_size, progress=progress)
     echo(report.summary())
@@ -149,7 +150,7 @@ def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, tes
 
 
 @click.command()
-@click.option("--model", default="whisper-tiny.en", show_default=True, help="Registered name, hub id or local directory.")
+@model_options
 @click.option("--data", "data_spec", default=None, help="Dataset KIND:ROOT (e.g. esc10:PATH, csv:MANIFEST, esc50).")
 @click.option("--features", "features", default=None, type=click.Path(file_okay=False, exists=True),
               help="Evaluate an existing feature store instead of extracting (--model/--data unused).")
@@ -165,15 +166,10 @@ def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, tes
 @click.option("--tune", is_flag=True, help="Choose hyper-parameters by cross-validation inside each support set.")
 @classifier_options
 @click.option("--sav-k", default=None, help="Heads kept by SAV [default: --k].")
-@click.option("--heads", type=click.Choice(["all", "encoder", "decoder"]), default="all", show_default=True)
-@click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context).")
-@click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--figures/--no-figures", default=True, show_default=True, help="Write figures/ (Fig. 3-6).")
 @click.option("--sweep-seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds of the heads-kept sweep behind Fig. 4 and 5.")
-@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Extractor backend option, repeatable (e.g. -o encoder_length=clip).")
 @click.option("--zero-shot-mode", type=click.Choice(["letters", "likelihood", "generate"]), default="letters",
               show_default=True, help="zero-shot: option-letter logits, class-name likelihood, or a generated answer.")
 @click.option("--pl-rollouts", type=click.IntRange(min=1), default=10, show_default=True,
@@ -183,7 +179,8 @@ def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, tes
 @click.option("--pl-seed", type=int, default=0, show_default=True, help="Seed of the pseudo-label sampling.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods, test_fold, tune, k, tau_p, tau_w,
-             sav_tie_break, normalization, reliability, sav_k, heads, prompt, device, batch_size, figures, sweep_seeds, options, zero_shot_mode,
+             sav_tie_break, normalization, reliability, sav_k, model_dtype, layers, attn_implementation, heads,
+             prompt, device, batch_size, figures, sweep_seeds, options, zero_shot_mode,
              pl_rollouts, pl_pool, pl_seed, progress):
     """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
     support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table.
@@ -227,11 +224,10 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
             X, y, meta = load_features(features, key=key)
         else:
             store_dir = Path(store) if store is not None else out / "features"
-            from calm.commands.extract import parse_options
-
             X, y, meta, extractor, extraction = _features_from_data(
-                model, data_spec, store_dir, heads, prompt, device, batch_size, progress, echo,
-                parse_options(options))
+                model, data_spec, store_dir,
+                extractor_kwargs(heads, prompt, device, model_dtype, layers, attn_implementation, options),
+                batch_size, progress, echo)
     except (DatasetError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     key_info = dict(meta.attrs.get("key") or {})
