@@ -118,3 +118,62 @@ def write_video(
         for packet in audio.encode():
             out.mux(packet)
     return path
+
+
+def tiny_qwen3_omni_thinker(*, num_layers: int = 3, seed: int = 0):
+    """(thinker in eval mode, processor) of a tiny random Qwen3-Omni-MoE thinker: MoE text decoder
+    (4 experts, 2 per token) with 3 layers x 4 heads of dim 12 (hidden size 32, so heads x head_dim
+    != hidden), interleaved M-RoPE, and the torchvision-free `Qwen3OmniMoeProcessor`."""
+    from transformers.models.qwen3_omni_moe import (
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+    )
+
+    tokenizer = omni_tokenizer()
+    ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in OMNI_TOKENS.items()}
+    config = Qwen3OmniMoeThinkerConfig(
+        audio_config=dict(
+            num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
+            output_dim=32, n_window=50, downsample_hidden_size=8,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+            deepstack_visual_indexes=[0], num_position_embeddings=64,
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=4096,
+            moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, pad_token_id=ids["pad_token"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2],
+                             "mrope_interleaved": True},
+        ),
+        audio_token_id=ids["audio_token"], image_token_id=ids["image_token"], video_token_id=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"], vision_start_token_id=ids["vision_bos_token"],
+        user_token_id=ids["im_start"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
+    features = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
+    processor = build_processor(
+        tokenizer, features, OMNI_CHAT_TEMPLATE, config.vision_config,
+        processor_base="qwen3_omni_moe.Qwen3OmniMoeProcessor",
+    )  # fmt: skip
+    return model, processor
+
+
+def save_like_hub_qwen3_omni(model, processor, directory):
+    """Save a tiny Qwen3-Omni(-thinker) checkpoint whose processor config names the hub's classes
+    (`Qwen3OmniMoeProcessor` with Qwen2-VL image / video processors, which need torchvision)."""
+    import json
+    from pathlib import Path
+
+    from tiny_models import save_pretrained
+
+    directory = save_pretrained(model, processor, directory)
+    path = Path(directory) / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["processor_class"] = "Qwen3OmniMoeProcessor"
+    config["image_processor"]["image_processor_type"] = "Qwen2VLImageProcessor"
+    config["video_processor"]["video_processor_type"] = "Qwen2VLVideoProcessor"
+    path.write_text(json.dumps(config, indent=2))
+    return directory

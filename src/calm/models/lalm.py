@@ -290,6 +290,9 @@ def load_lalm(
     revision: str | None = None,
     padding_side: str | None = None,
     truncate_layers: bool = True,
+    config=None,
+    key_mapping: dict[str, str] | None = None,
+    load_processor=None,
     **options,
 ) -> LALMExtractor:
     """Load an LALM (hub id or local directory) with its processor as a `extractor_cls`.
@@ -298,7 +301,9 @@ def load_lalm(
     `truncate_layers=True` (default) only the text decoder layers up to the last selected one are
     built and loaded (see `truncated_config`): less memory and time, same features, but the
     model's LM head is then unusable (no zero-shot / generation with it). Unknown `options` are
-    an error here; backends consume their own before calling this.
+    an error here; backends consume their own before calling this. `config` replaces the
+    checkpoint's config (e.g. the thinker config of a full Omni checkpoint, with `key_mapping`
+    for its weights); `load_processor(model_id, **hub)` replaces `AutoProcessor.from_pretrained`.
     """
     from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor
 
@@ -310,10 +315,14 @@ def load_lalm(
         raise ExtractorError(f"unknown options for {model_id}: {sorted(options)}")
     hub = {"revision": revision} if revision else {}
     kwargs = pretrained_kwargs(dtype, attn_implementation, revision)
+    if config is not None:
+        kwargs["config"] = config
+    if key_mapping:
+        kwargs["key_mapping"] = key_mapping
     if truncate_layers and layers is not None:
-        kwargs["config"], layers = truncated_config(AutoConfig.from_pretrained(str(model_id), **hub), layers)
+        kwargs["config"], layers = truncated_config(config or AutoConfig.from_pretrained(str(model_id), **hub), layers)
     model = (model_cls or AutoModelForMultimodalLM).from_pretrained(str(model_id), **kwargs).to(device)
-    processor = AutoProcessor.from_pretrained(str(model_id), **hub)
+    processor = (load_processor or AutoProcessor.from_pretrained)(str(model_id), **hub)
     return extractor_cls(
         model,
         processor,

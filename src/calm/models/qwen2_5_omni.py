@@ -16,6 +16,7 @@ computed by the model from the attention mask, so features do not depend on the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,11 +188,18 @@ class _PatchGeometry:
         return torch.from_numpy(np.concatenate(patches)), torch.tensor(grids)
 
 
-def _vision_classes():
+@functools.cache
+def _vision_classes(processor_base: str = "qwen2_5_omni.Qwen2_5OmniProcessor"):
+    """(video patcher, image patcher, processor) classes; the processor is a subclass of
+    `transformers.models.<processor_base>` that accepts the patchers in place of torchvision ones."""
+    import importlib
+
     from transformers.feature_extraction_utils import BatchFeature
     from transformers.image_processing_base import ImageProcessingMixin
-    from transformers.models.qwen2_5_omni import Qwen2_5OmniProcessor
     from transformers.video_processing_utils import VideoProcessorMixin
+
+    module, _, name = processor_base.rpartition(".")
+    base = getattr(importlib.import_module(f"transformers.models.{module}"), name)
 
     class OmniVideoPatcher(_PatchGeometry, VideoProcessorMixin):
         """Video processor for frames already decoded (T, H, W, 3) uint8 and sized by `read_frames`."""
@@ -211,21 +219,31 @@ def _vision_classes():
             pixels, grids = self.patch_batch(np.asarray(image)[None] for image in images)
             return BatchFeature({"pixel_values": pixels, "image_grid_thw": grids})
 
-    class OmniProcessor(Qwen2_5OmniProcessor):
-        """`Qwen2_5OmniProcessor` that accepts the torchvision-free patchers above."""
+    class OmniProcessor(base):
+        """The Qwen omni processor `base` that accepts the torchvision-free patchers above."""
 
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name in ("image_processor", "video_processor"):
                 return type(argument)
             return super().check_argument_for_proper_class(argument_name, argument)
 
+    if name != "Qwen2_5OmniProcessor":
+        OmniProcessor.__name__ = OmniProcessor.__qualname__ = f"NumpyVision{name}"
     return OmniVideoPatcher, OmniImagePatcher, OmniProcessor
 
 
-def build_processor(tokenizer, feature_extractor, chat_template: str | None, vision_config=None):
-    """A Qwen2.5-Omni processor from its parts, with this module's image and video patchers sized
-    from the thinker's `vision_config` (patch_size, temporal_patch_size, spatial_merge_size)."""
-    video_cls, image_cls, processor_cls = _vision_classes()
+def build_processor(
+    tokenizer,
+    feature_extractor,
+    chat_template: str | None,
+    vision_config=None,
+    *,
+    processor_base: str = "qwen2_5_omni.Qwen2_5OmniProcessor",
+):
+    """A Qwen2.5-Omni processor (or another Qwen omni processor, `processor_base` under
+    `transformers.models`) from its parts, with this module's image and video patchers sized from
+    the thinker's `vision_config` (patch_size, temporal_patch_size, spatial_merge_size)."""
+    video_cls, image_cls, processor_cls = _vision_classes(processor_base)
     geometry = {
         "patch_size": int(getattr(vision_config, "patch_size", 14)),
         "temporal_patch_size": int(getattr(vision_config, "temporal_patch_size", 2)),
@@ -233,7 +251,7 @@ def build_processor(tokenizer, feature_extractor, chat_template: str | None, vis
     }
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if template is None:
-        raise ExtractorError("Qwen2.5-Omni needs a chat template (none in the tokenizer or processor config)")
+        raise ExtractorError(f"{processor_cls.__name__} needs a chat template (none in the tokenizer or processor config)")
     return processor_cls(
         image_processor=image_cls(**geometry),
         video_processor=video_cls(**geometry),
