@@ -445,3 +445,16 @@ def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, ref
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no feature store"):
         load_features(tmp_path / "nothing")
+
+
+def test_changed_file_that_now_fails_leaves_no_stale_features(tmp_path, clips):
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips, out)
+    clips[0].path.write_bytes(b"RIFF this is no longer audio")
+    report = run(FakeExtractor(), clips, out, allow_failures=True)
+    assert (report.stored, report.skipped, len(report.failed)) == (0, 9, 1)
+    X, _, meta = load_features(out)
+    assert len(X) == 9 and str(clips[0].path) not in set(meta["path"])
+    # and the store stays consistent for the next run (nothing to redo but the broken file)
+    again = run(FakeExtractor(), clips, out, allow_failures=True)
+    assert (again.stored, again.skipped, len(again.failed), again.redone) == (0, 9, 1, 0)

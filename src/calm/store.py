@@ -22,7 +22,8 @@ damaged) is detected on resume, moved aside (`*.corrupt`) and its clips redone; 
 refuses it with a message saying to re-run the extraction.
 
 Resume: a clip is skipped when its absolute path is in the index with the same content hash; a
-changed file is extracted again and its new row supersedes the old one.
+changed file is extracted again: its old row is dropped first, so a failed re-extraction never
+leaves the old content's features behind.
 """
 
 from __future__ import annotations
@@ -505,6 +506,15 @@ class _KeyFolder:
         self.rows = latest
         return dropped
 
+    def forget(self, paths: Iterable[str]) -> None:
+        """Drop the rows of `paths` from the index (atomically): their files changed, so their old
+        features must not outlive a failed re-extraction."""
+        stale = [p for p in paths if p in self.rows]
+        if stale:
+            for p in stale:
+                del self.rows[p]
+            _write_index(self.index_path, self.rows.values())
+
     def open_for_append(self) -> None:
         self.index_file = open(self.index_path, "ab")
 
@@ -619,6 +629,7 @@ def extract_to_store(
                 report.skipped += 1
             else:
                 pending.append((p, clip))
+        folder.forget(p for p, _ in pending)  # changed (or vanished) files: their old rows go
         failures_path = folder.root / FAILURES_FILE
         with open(failures_path, "w") as failures_log:
             _run(
