@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
 
 from calm.data.base import LABEL_SEP
 
@@ -245,20 +246,13 @@ def episodes(
 # ----------------------------------------------------------------------------- methods
 
 
-class LinearProbe:
-    """Logistic regression on the flattened, standardised head features (scikit-learn estimator API)."""
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    """Logistic regression on the flattened, standardised head features (what a practitioner tries
+    first); a scikit-learn estimator on (n, K, d) input."""
 
     def __init__(self, C: float = 1.0, max_iter: int = 2000):
         self.C = C
         self.max_iter = max_iter
-
-    def get_params(self, deep: bool = True) -> dict:
-        return {"C": self.C, "max_iter": self.max_iter}
-
-    def set_params(self, **params) -> LinearProbe:
-        for k, v in params.items():
-            setattr(self, k, v)
-        return self
 
     @staticmethod
     def _flat(X) -> np.ndarray:
@@ -271,7 +265,7 @@ class LinearProbe:
         Xf = self._flat(X)
         self.mean_ = Xf.mean(0)
         self.scale_ = Xf.std(0)
-        self.scale_[self.scale_ < 1e-8] = 1.0
+        self.scale_[self.scale_ < 1e-8] = 1.0  # constant features stay at 0
         y = np.asarray(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
