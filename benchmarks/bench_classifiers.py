@@ -164,7 +164,8 @@ def run_job(args, shape, method, queries) -> dict:
     row = json.loads(out.stdout.strip().splitlines()[-1])
     print(
         f"{method:<12} {queries:>6} queries  fit {row['fit_s']:6.1f} s  predict {row['predict_s']:6.1f} s"
-        f"  total {row['total_s']:6.1f} s  (cpu {row['cpu_s']:6.1f} s)  peak RssAnon {row['peak_gib']:5.2f} GiB"
+        f"  total {row['total_s']:6.1f} s  (cpu {row['cpu_s']:6.1f} s)"
+        f"  peak RssAnon {row['peak_gib']:5.2f} GiB"
         f" (+{row['above_start_gib']:4.2f} over the process before fit)  accuracy {row['accuracy']:.3f}"
         f"  chunks of {row['chunk_rows']} rows",
         flush=True,
@@ -212,7 +213,8 @@ def main(argv=None):
         C, shots, K, d, Q, signal = 309, 10, 1024, 128, args.queries or 20000, 0.12
     print(
         f"problem: {C} classes x {shots} shots, {K} heads x {d} dims, {Q} queries (float16 memory maps); "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     shape = (C, shots, K, d, Q, signal)
@@ -246,10 +248,12 @@ def main(argv=None):
     speedup = ref_total / calm_row["total_s"]
     per_query_ratio = (per_query * used) / (calm_row["predict_s"] / Q)
     print(
-        f"CALM fit+predict: {calm_row['total_s']:.1f} s (target < 60 s): {'PASS' if calm_row['total_s'] < 60 else 'FAIL'}"
+        f"CALM fit+predict: {calm_row['total_s']:.1f} s (target < 60 s): "
+        f"{'PASS' if calm_row['total_s'] < 60 else 'FAIL'}"
     )
     print(
-        f"speed-up over the loop reference: {speedup:.0f}x overall, {per_query_ratio:.0f}x per query (target >= 20x): "
+        f"speed-up over the loop reference: {speedup:.0f}x overall, "
+        f"{per_query_ratio:.0f}x per query (target >= 20x): "
         f"{'PASS' if speedup >= 20 else 'FAIL'}"
     )
     peak = max(r["peak_gib"] for r in rows)
@@ -258,7 +262,8 @@ def main(argv=None):
         f"{'PASS' if peak <= 2.2 else 'FAIL'}"
     )
     print(
-        f"load average at the end {os.getloadavg()[0]:.1f} (other processes share these {os.cpu_count()} cores)"
+        f"load average at the end {os.getloadavg()[0]:.1f} "
+        f"(other processes share these {os.cpu_count()} cores)"
     )
     if args.json:
         args.json.write_text(

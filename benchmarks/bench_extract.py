@@ -128,9 +128,15 @@ def variant(ext, **options):
     from calm.models.whisper import WhisperExtractor
 
     return WhisperExtractor(
-        ext.model, ext.feature_extractor, ext.tokenizer,
-        model_id=ext.model_id, revision=ext.revision, heads=ext.heads, prompt=ext.prompt, **options,
-    )  # fmt: skip
+        ext.model,
+        ext.feature_extractor,
+        ext.tokenizer,
+        model_id=ext.model_id,
+        revision=ext.revision,
+        heads=ext.heads,
+        prompt=ext.prompt,
+        **options,
+    )
 
 
 def main() -> None:
@@ -155,7 +161,8 @@ def main() -> None:
     ext = load_extractor("whisper-tiny.en", device=args.device)
     print(
         f"whisper-tiny.en on {args.device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs), "
-        f"{len(clips)} ESC-10 clips, {len(ext.head_names)} heads; model loaded in {time.perf_counter() - t0:.1f} s"
+        f"{len(clips)} ESC-10 clips, {len(ext.head_names)} heads; "
+        f"model loaded in {time.perf_counter() - t0:.1f} s"
     )
     configs = [
         ("calm default (30 s encoder), batch 1", ext, 1),

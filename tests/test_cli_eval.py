@@ -32,8 +32,14 @@ class ToneExtractor:
 
     @property
     def key(self) -> dict:
-        return {"model": self.model_id, "prompt": self.prompt, "heads": self.heads, "layers": None,
-                "options": {}, "dtype": "float32"}
+        return {
+            "model": self.model_id,
+            "prompt": self.prompt,
+            "heads": self.heads,
+            "layers": None,
+            "options": {},
+            "dtype": "float32",
+        }
 
     def load_input(self, path):
         x, sr = sf.read(path, dtype="float32")
@@ -63,7 +69,9 @@ def fake_model():
 def tone(path: Path, freq: float, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     t = np.arange(int(0.25 * SR)) / SR
-    x = 0.3 * np.sin(2 * np.pi * (freq * (1 + 0.05 * rng.standard_normal())) * t) + 0.05 * rng.standard_normal(len(t))
+    x = 0.3 * np.sin(
+        2 * np.pi * (freq * (1 + 0.05 * rng.standard_normal())) * t
+    ) + 0.05 * rng.standard_normal(len(t))
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, x.astype(np.float32), SR)
     return path
@@ -86,45 +94,105 @@ def is_png(path: Path) -> bool:
 def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
     runner = CliRunner()
     run = tmp_path / "run"
-    res = runner.invoke(main, [
-        "evaluate", "--model", "fake-tones", "--data", f"folder:{tones}", "--shots", "1,3", "--seeds", "3",
-        "--methods", "sav,calm-global,calm,linear-probe,zero-shot", "--out", str(run), "--no-progress",
-        "--sweep-seeds", "1"])
+    res = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            "fake-tones",
+            "--data",
+            f"folder:{tones}",
+            "--shots",
+            "1,3",
+            "--seeds",
+            "3",
+            "--methods",
+            "sav,calm-global,calm,linear-probe,zero-shot",
+            "--out",
+            str(run),
+            "--no-progress",
+            "--sweep-seeds",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     doc = json.loads((run / "results.json").read_text())
     cfg = doc["config"]
     assert cfg["model"] == "fake-tones" and cfg["dataset"] == f"folder:{tones}" and cfg["n_clips"] == 24
     assert cfg["head_source"] == "all" and "prompt" in cfg and cfg["version"]
     assert cfg["extraction"]["stored"] == 24 and cfg["defaults"]["calm"] == {
-        "k": 0.25, "tau_p": 0.03, "tau_w": 0.5, "normalization": "softmax", "reliability": "in-sample"}
+        "k": 0.25,
+        "tau_p": 0.03,
+        "tau_w": 0.5,
+        "normalization": "softmax",
+        "reliability": "in-sample",
+    }
     assert "outside the support" in cfg["protocol"]
-    assert "zero-shot" in doc["skipped_methods"] and "not an audio-language model" in doc["skipped_methods"]["zero-shot"]
+    assert (
+        "zero-shot" in doc["skipped_methods"]
+        and "not an audio-language model" in doc["skipped_methods"]["zero-shot"]
+    )
     assert {(s["method"], s["shots"]) for s in doc["summary"] if s["metric"] == "accuracy"} == {
-        (m, n) for m in ("sav", "calm-global", "calm", "linear-probe") for n in (1, 3)}
+        (m, n) for m in ("sav", "calm-global", "calm", "linear-probe") for n in (1, 3)
+    }
     assert all(s["n_seeds"] == 3 for s in doc["summary"])
     assert len(doc["runs"]) == 4 * 2 * 3 and all("params" in r for r in doc["runs"])
     calm3 = next(s for s in doc["summary"] if s["method"] == "calm" and s["shots"] == 3)
     assert calm3["mean"] > 80  # three well separated tones
     assert {(p["a"], p["b"]) for p in doc["paired"]} >= {("sav", "calm"), ("calm", "linear-probe")}
     assert doc["analyses"]["k_sweep"] and doc["analyses"]["top_heads"]
-    assert "| model | dataset | shots | SAV | CALM-global | CALM | linear probe |" in (run / "results.md").read_text()
+    assert (
+        "| model | dataset | shots | SAV | CALM-global | CALM | linear probe |"
+        in (run / "results.md").read_text()
+    )
     assert "CALM" in res.output  # the table is printed
     figs = sorted(p.name for p in (run / "figures").glob("*.png"))
-    assert figs == ["fig3_weight_survival.png", "fig4_conditional_vs_global.png", "fig5_shots_and_heads.png",
-                    "fig6_influential_heads.png"]
+    assert figs == [
+        "fig3_weight_survival.png",
+        "fig4_conditional_vs_global.png",
+        "fig5_shots_and_heads.png",
+        "fig6_influential_heads.png",
+    ]
     assert all(is_png(run / "figures" / f) for f in figs)
 
     # the same store again, without extraction: identical numbers (episodes only index the store)
-    res2 = runner.invoke(main, ["evaluate", "--features", str(run / "features"), "--out", str(tmp_path / "run2"),
-                                "--shots", "1,3", "--seeds", "3", "--no-figures", "--no-progress"])
+    res2 = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--features",
+            str(run / "features"),
+            "--out",
+            str(tmp_path / "run2"),
+            "--shots",
+            "1,3",
+            "--seeds",
+            "3",
+            "--no-figures",
+            "--no-progress",
+        ],
+    )
     assert res2.exit_code == 0, res2.output + repr(res2.exception)
     doc2 = json.loads((tmp_path / "run2" / "results.json").read_text())
     assert [s["mean"] for s in doc2["summary"]] == [s["mean"] for s in doc["summary"]]
     assert doc2["config"]["model"] == "fake-tones"
 
     model = tmp_path / "m.safetensors"
-    res3 = runner.invoke(main, ["fit", str(run / "features"), "--method", "calm", "--shots", "3", "--seed", "1",
-                                "--out", str(model)])
+    res3 = runner.invoke(
+        main,
+        [
+            "fit",
+            str(run / "features"),
+            "--method",
+            "calm",
+            "--shots",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            str(model),
+        ],
+    )
     assert res3.exit_code == 0, res3.output + repr(res3.exception)
     import calm
 
@@ -134,8 +202,18 @@ def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
     new = [tone(tmp_path / "new" / f"{n}.wav", f, seed=999 + i) for i, (n, f) in enumerate(FREQS.items())]
     bad = tmp_path / "new" / "broken.wav"
     bad.write_bytes(b"not audio")
-    res4 = runner.invoke(main, ["predict", str(model), *map(str, new), "--csv", str(tmp_path / "p.csv"),
-                                "--json", str(tmp_path / "p.json")])
+    res4 = runner.invoke(
+        main,
+        [
+            "predict",
+            str(model),
+            *map(str, new),
+            "--csv",
+            str(tmp_path / "p.csv"),
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+    )
     assert res4.exit_code == 0, res4.output + repr(res4.exception)
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert [r["label"] for r in rows] == list(FREQS) and all(0 < float(r["probability"]) <= 1 for r in rows)
@@ -149,11 +227,39 @@ def test_evaluate_errors(tmp_path, tones):
     runner = CliRunner()
     res = runner.invoke(main, ["evaluate", "--out", str(tmp_path / "r")])
     assert res.exit_code != 0 and "exactly one of --data" in res.output
-    res = runner.invoke(main, ["evaluate", "--model", "fake-tones", "--data", f"folder:{tones}", "--shots", "8",
-                               "--seeds", "1", "--out", str(tmp_path / "r"), "--no-progress", "--no-figures"])
+    res = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            "fake-tones",
+            "--data",
+            f"folder:{tones}",
+            "--shots",
+            "8",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path / "r"),
+            "--no-progress",
+            "--no-figures",
+        ],
+    )
     assert res.exit_code != 0 and "no query clips left" in res.output
-    res = runner.invoke(main, ["evaluate", "--model", "fake-tones", "--data", f"folder:{tones}", "--methods", "nope",
-                               "--out", str(tmp_path / "r")])
+    res = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            "fake-tones",
+            "--data",
+            f"folder:{tones}",
+            "--methods",
+            "nope",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert res.exit_code != 0 and "unknown method" in res.output
 
 
@@ -162,9 +268,26 @@ def test_evaluate_with_a_relative_data_root_through_dotdot(tmp_path, tones, monk
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    res = CliRunner().invoke(main, ["evaluate", "--model", "fake-tones", "--data", "folder:../tones", "--shots", "2",
-                                    "--seeds", "1", "--methods", "calm", "--out", "run", "--no-figures",
-                                    "--no-progress"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            "fake-tones",
+            "--data",
+            "folder:../tones",
+            "--shots",
+            "2",
+            "--seeds",
+            "1",
+            "--methods",
+            "calm",
+            "--out",
+            "run",
+            "--no-figures",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     doc = json.loads((work / "run" / "results.json").read_text())
     assert doc["config"]["n_clips"] == 24
@@ -172,19 +295,53 @@ def test_evaluate_with_a_relative_data_root_through_dotdot(tmp_path, tones, monk
 
 
 def test_options_beyond_the_paper_reach_the_classifiers_and_the_record(tmp_path, tones):
-    res = CliRunner().invoke(main, [
-        "evaluate", "--model", "fake-tones", "--data", f"folder:{tones}", "--shots", "2", "--seeds", "2",
-        "--methods", "sav,calm", "--sav-tie-break", "margin", "--normalization", "power",
-        "--reliability", "leave-one-out", "--out", str(tmp_path / "run"), "--no-figures", "--no-progress"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            "fake-tones",
+            "--data",
+            f"folder:{tones}",
+            "--shots",
+            "2",
+            "--seeds",
+            "2",
+            "--methods",
+            "sav,calm",
+            "--sav-tie-break",
+            "margin",
+            "--normalization",
+            "power",
+            "--reliability",
+            "leave-one-out",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-figures",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     runs = json.loads((tmp_path / "run" / "results.json").read_text())["runs"]
     assert {r["params"]["tie_break"] for r in runs if r["method"] == "sav"} == {"margin"}
     calm_params = [r["params"] for r in runs if r["method"] == "calm"]
-    assert calm_params and all(p["normalization"] == "power" and p["reliability"] == "leave-one-out"
-                               for p in calm_params)
+    assert calm_params and all(
+        p["normalization"] == "power" and p["reliability"] == "leave-one-out" for p in calm_params
+    )
     model = tmp_path / "m.safetensors"
-    res = CliRunner().invoke(main, ["fit", str(tmp_path / "run" / "features"), "--method", "sav",
-                                    "--sav-tie-break", "margin", "--out", str(model)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            str(tmp_path / "run" / "features"),
+            "--method",
+            "sav",
+            "--sav-tie-break",
+            "margin",
+            "--out",
+            str(model),
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     import calm
 

@@ -30,15 +30,32 @@ def test_extract_end_to_end_with_a_fake_model(tmp_path, fake_model):
     runner = CliRunner()
     args = ["extract", "--model", "fake", "--data", f"folder:{root}", "--out", str(out), "--batch-size", "2"]
     result = runner.invoke(
-        main, [*args, "--no-progress", "--prompt", "hi", "--layers", "0-1", "-o", "encoder_length=clip",
-               "--attn-implementation", "eager", "--model-dtype", "bf16", "--device", "cpu"]
+        main,
+        [
+            *args,
+            "--no-progress",
+            "--prompt",
+            "hi",
+            "--layers",
+            "0-1",
+            "-o",
+            "encoder_length=clip",
+            "--attn-implementation",
+            "eager",
+            "--model-dtype",
+            "bf16",
+            "--device",
+            "cpu",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "7 stored, 0 already stored, 0 failed of 7 clips" in result.output
     model, kwargs = fake_model[0]
     assert model == "fake" and kwargs["prompt"] == "hi" and kwargs["layers"] == [0, 1]
     assert kwargs["encoder_length"] == "clip" and kwargs["heads"] == "all"
-    assert kwargs["attn_implementation"] == "eager" and kwargs["dtype"] == "bf16" and kwargs["device"] == "cpu"
+    assert (
+        kwargs["attn_implementation"] == "eager" and kwargs["dtype"] == "bf16" and kwargs["device"] == "cpu"
+    )
     X, y, meta = load_features(out)
     assert X.shape == (7, 6, 4) and sorted(set(y)) == ["dog", "rain", "siren"]
 
@@ -129,7 +146,15 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, monkeypatch):
             return super().extract(inputs)
 
     monkeypatch.setattr(extract_cmd, "_load_extractor", lambda model, **kw: Interrupted())
-    args = ["extract", "--data", f"folder:{tmp_path / 'audio'}", "--out", str(tmp_path / "s"), "--batch-size", "2"]
+    args = [
+        "extract",
+        "--data",
+        f"folder:{tmp_path / 'audio'}",
+        "--out",
+        str(tmp_path / "s"),
+        "--batch-size",
+        "2",
+    ]
     result = CliRunner().invoke(main, [*args, "--no-progress"])
     assert result.exit_code == 130 and "run the same command again" in result.output
     assert len(load_features(tmp_path / "s")[0]) == 2

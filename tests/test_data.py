@@ -27,7 +27,10 @@ def test_parse_spec():
     assert parse_spec("esc10:/d/esc10") == ("esc10", "/d/esc10", {})
     assert parse_spec("esc50") == ("esc50", None, {})
     assert parse_spec("audioset:/d?template=Y{ytid}.wav&missing=skip") == (
-        "audioset", "/d", {"template": "Y{ytid}.wav", "missing": "skip"})
+        "audioset",
+        "/d",
+        {"template": "Y{ytid}.wav", "missing": "skip"},
+    )
     with pytest.raises(DatasetError, match="unknown dataset kind"):
         parse_spec("nope:/x")
     with pytest.raises(DatasetError, match="needs a root"):
@@ -86,8 +89,19 @@ def test_csv_manifest(tmp_path):
     assert ds.classes == ["bird", "cat", "dog"] and ds.multi_label
     a, b, c = ds.clips
     assert (a.path, a.labels, a.split, a.fold, dict(a.meta)) == (
-        tmp_path / "audio" / "a.wav", ("dog",), "train", 1, {"speaker": "ann"})
-    assert (b.labels, b.label, b.split, b.fold, dict(b.meta)) == (("cat", "dog"), "cat;dog", "test", 2, {"speaker": "bob"})
+        tmp_path / "audio" / "a.wav",
+        ("dog",),
+        "train",
+        1,
+        {"speaker": "ann"},
+    )
+    assert (b.labels, b.label, b.split, b.fold, dict(b.meta)) == (
+        ("cat", "dog"),
+        "cat;dog",
+        "test",
+        2,
+        {"speaker": "bob"},
+    )
     assert (c.labels, c.split, c.fold, dict(c.meta)) == (("bird",), None, None, {"speaker": ""})
 
 
@@ -150,10 +164,27 @@ def test_esc50(tmp_path):
         assert ds.name == "esc50" and ds.root == root and ds.classes == ["dog", "chirping_birds"]
         got = [(c.path.name, c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips]
         assert got == [
-            ("1-100032-A-0.wav", ("dog",), 1, None, {"target": 0, "esc10": True, "src_file": "100032", "take": "A"}),
-            ("2-100038-A-14.wav", ("chirping_birds",), 2, None,
-             {"target": 14, "esc10": False, "src_file": "100038", "take": "A"}),
-            ("5-9032-B-0.wav", ("dog",), 5, None, {"target": 0, "esc10": True, "src_file": "9032", "take": "B"}),
+            (
+                "1-100032-A-0.wav",
+                ("dog",),
+                1,
+                None,
+                {"target": 0, "esc10": True, "src_file": "100032", "take": "A"},
+            ),
+            (
+                "2-100038-A-14.wav",
+                ("chirping_birds",),
+                2,
+                None,
+                {"target": 14, "esc10": False, "src_file": "100038", "take": "A"},
+            ),
+            (
+                "5-9032-B-0.wav",
+                ("dog",),
+                5,
+                None,
+                {"target": 0, "esc10": True, "src_file": "9032", "take": "B"},
+            ),
         ]
     sub = load_dataset(f"esc10:{root}")
     assert sub.name == "esc10" and sub.classes == ["dog"] and len(sub.clips) == 2
@@ -180,7 +211,8 @@ def test_esc50_archive_extraction_and_cache(tmp_path, monkeypatch):
     root = extract_esc50_archive(archive, tmp_path / "cache")
     assert root == tmp_path / "cache" / "ESC-50-master"
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*")) == sorted(
-        ["meta/esc50.csv"] + [f"audio/{r[0]}" for r in ESC50_ROWS])
+        ["meta/esc50.csv"] + [f"audio/{r[0]}" for r in ESC50_ROWS]
+    )
     data, sr = sf.read(root / "audio" / ESC50_ROWS[0][0])
     assert sr == 44100 and len(data) == 4410
     # `esc50` with no root: finds the extracted copy in the user cache, no network needed
@@ -227,7 +259,13 @@ def test_esc10_release_layout(tmp_path):
         ("1-100032-A.ogg", ("Dog bark",), 1, None, {"category_id": 1, "src_file": "100032", "take": "A"}),
         ("5-9032-B.ogg", ("Dog bark",), 5, None, {"category_id": 1, "src_file": "9032", "take": "B"}),
         ("2-101-C.ogg", ("Rain",), 2, None, {"category_id": 2, "src_file": "101", "take": "C"}),
-        ("3-17808-A.ogg", ("Fire crackling",), 3, None, {"category_id": 10, "src_file": "17808", "take": "A"}),
+        (
+            "3-17808-A.ogg",
+            ("Fire crackling",),
+            3,
+            None,
+            {"category_id": 10, "src_file": "17808", "take": "A"},
+        ),
     ]
     write_audio(tmp_path / "002 - Rain" / "oops.ogg", fmt="OGG")
     with pytest.raises(DatasetError, match=r"oops.ogg: file name is not fold-freesoundid-take"):
@@ -238,7 +276,9 @@ def test_real_esc10(esc10_root):
     ds = load_dataset(f"esc10:{esc10_root}")
     assert len(ds.clips) == 400 and len(ds.classes) == 10 and ds.classes[0] == "Dog bark"
     assert sorted({c.fold for c in ds.clips}) == [1, 2, 3, 4, 5]
-    assert all(sum(c.fold == f and c.label == k for c in ds.clips) == 8 for f in range(1, 6) for k in ds.classes)
+    assert all(
+        sum(c.fold == f and c.label == k for c in ds.clips) == 8 for f in range(1, 6) for k in ds.classes
+    )
 
 
 # ---------------------------------------------------------------- VGGSound
@@ -246,19 +286,30 @@ def test_real_esc10(esc10_root):
 
 def test_vggsound(tmp_path):
     (tmp_path / "vggsound.csv").write_text(
-        'abc,10,"bird chirping, tweeting",train\n'
-        "xyz-_1,250,dog barking,test\n"
+        'abc,10,"bird chirping, tweeting",train\nxyz-_1,250,dog barking,test\n'
     )
     (tmp_path / "stat.csv").write_text('"bird chirping, tweeting",1050,animals\ndog barking,1050,animals\n')
     write_audio(tmp_path / "video" / "abc_000010.flac")
     write_audio(tmp_path / "audio" / "xyz-_1_000250.wav")
     ds = load_dataset(f"vggsound:{tmp_path}")
     assert ds.classes == ["bird chirping, tweeting", "dog barking"]
-    assert [(c.path.relative_to(tmp_path).as_posix(), c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips] == [
-        ("video/abc_000010.flac", ("bird chirping, tweeting",), None, "train",
-         {"youtube_id": "abc", "start_seconds": 10, "category": "animals"}),
-        ("audio/xyz-_1_000250.wav", ("dog barking",), None, "test",
-         {"youtube_id": "xyz-_1", "start_seconds": 250, "category": "animals"}),
+    assert [
+        (c.path.relative_to(tmp_path).as_posix(), c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips
+    ] == [
+        (
+            "video/abc_000010.flac",
+            ("bird chirping, tweeting",),
+            None,
+            "train",
+            {"youtube_id": "abc", "start_seconds": 10, "category": "animals"},
+        ),
+        (
+            "audio/xyz-_1_000250.wav",
+            ("dog barking",),
+            None,
+            "test",
+            {"youtube_id": "xyz-_1", "start_seconds": 250, "category": "animals"},
+        ),
     ]
 
 
@@ -276,7 +327,8 @@ def test_vggsound_missing_and_test_csv(tmp_path):
     (tmp_path / "test.csv").write_text("abc_000010.mp4,dog\n")
     ds = load_dataset(f"vggsound:{tmp_path}")
     assert [(c.labels, c.split, c.meta["youtube_id"], c.meta["start_seconds"]) for c in ds.clips] == [
-        (("dog",), None, "abc", 10)]
+        (("dog",), None, "abc", 10)
+    ]
 
 
 # ---------------------------------------------------------------- AudioSet
@@ -290,9 +342,13 @@ SEGMENTS_HEADER = (
 
 def make_audioset(root: Path) -> None:
     (root / "class_labels_indices.csv").write_text(
-        'index,mid,display_name\n0,/m/09x0r,"Speech"\n1,/m/05zppz,"Male speech, man speaking"\n2,/m/04rlf,"Music"\n')
+        'index,mid,display_name\n0,/m/09x0r,"Speech"\n'
+        '1,/m/05zppz,"Male speech, man speaking"\n2,/m/04rlf,"Music"\n'
+    )
     (root / "balanced_train_segments.csv").write_text(
-        SEGMENTS_HEADER + '--PU0Bs8-Ug, 30.000, 40.000, "/m/04rlf,/m/09x0r"\n-0RWZT-miFs, 420.000, 430.000, "/m/05zppz"\n')
+        SEGMENTS_HEADER
+        + '--PU0Bs8-Ug, 30.000, 40.000, "/m/04rlf,/m/09x0r"\n-0RWZT-miFs, 420.000, 430.000, "/m/05zppz"\n'
+    )
     (root / "eval_segments.csv").write_text(SEGMENTS_HEADER + 'zz1, 0.000, 10.000, "/m/04rlf"\n')
     (root / "unbalanced_train_segments.csv").write_text(SEGMENTS_HEADER + 'uu1, 5.500, 15.500, "/m/09x0r"\n')
 
@@ -304,28 +360,69 @@ def test_audioset_default_names(tmp_path):
     write_audio(tmp_path / "eval" / "zz1.wav")
     ds = load_dataset(f"audioset:{tmp_path}")
     assert ds.multi_label and ds.classes == ["Speech", "Male speech, man speaking", "Music"]
-    assert [(c.path.relative_to(tmp_path).as_posix(), c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips] == [
-        ("wav/Y--PU0Bs8-Ug.wav", ("Music", "Speech"), None, "train",
-         {"ytid": "--PU0Bs8-Ug", "start_seconds": 30.0, "end_seconds": 40.0, "mids": "/m/04rlf,/m/09x0r",
-          "segments": "balanced_train"}),
-        ("wav/-0RWZT-miFs_420.flac", ("Male speech, man speaking",), None, "train",
-         {"ytid": "-0RWZT-miFs", "start_seconds": 420.0, "end_seconds": 430.0, "mids": "/m/05zppz",
-          "segments": "balanced_train"}),
-        ("eval/zz1.wav", ("Music",), None, "test",
-         {"ytid": "zz1", "start_seconds": 0.0, "end_seconds": 10.0, "mids": "/m/04rlf", "segments": "eval"}),
+    assert [
+        (c.path.relative_to(tmp_path).as_posix(), c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips
+    ] == [
+        (
+            "wav/Y--PU0Bs8-Ug.wav",
+            ("Music", "Speech"),
+            None,
+            "train",
+            {
+                "ytid": "--PU0Bs8-Ug",
+                "start_seconds": 30.0,
+                "end_seconds": 40.0,
+                "mids": "/m/04rlf,/m/09x0r",
+                "segments": "balanced_train",
+            },
+        ),
+        (
+            "wav/-0RWZT-miFs_420.flac",
+            ("Male speech, man speaking",),
+            None,
+            "train",
+            {
+                "ytid": "-0RWZT-miFs",
+                "start_seconds": 420.0,
+                "end_seconds": 430.0,
+                "mids": "/m/05zppz",
+                "segments": "balanced_train",
+            },
+        ),
+        (
+            "eval/zz1.wav",
+            ("Music",),
+            None,
+            "test",
+            {
+                "ytid": "zz1",
+                "start_seconds": 0.0,
+                "end_seconds": 10.0,
+                "mids": "/m/04rlf",
+                "segments": "eval",
+            },
+        ),
     ]
     assert ds.clips[0].label == "Music;Speech"
 
 
 def test_audioset_template_unbalanced_and_errors(tmp_path):
     make_audioset(tmp_path)
-    for split, ytid, start in [("balanced_train", "--PU0Bs8-Ug", 30000), ("balanced_train", "-0RWZT-miFs", 420000),
-                               ("eval", "zz1", 0), ("unbalanced_train", "uu1", 5500)]:
+    for split, ytid, start in [
+        ("balanced_train", "--PU0Bs8-Ug", 30000),
+        ("balanced_train", "-0RWZT-miFs", 420000),
+        ("eval", "zz1", 0),
+        ("unbalanced_train", "uu1", 5500),
+    ]:
         write_audio(tmp_path / "audio" / split / f"{ytid}-{start}.wav")
     spec = f"audioset:{tmp_path}?template=audio/{{split}}/{{ytid}}-{{start_ms}}.wav"
     assert len(load_dataset(spec).clips) == 3
     ds = load_dataset(spec + "&unbalanced=true")
-    assert len(ds.clips) == 4 and ds.clips[-1].split == "train" and ds.clips[-1].meta["segments"] == "unbalanced_train"
+    assert (
+        len(ds.clips) == 4
+        and ds.clips[-1].split == "train"
+        and ds.clips[-1].meta["segments"] == "unbalanced_train"
+    )
     (tmp_path / "audio" / "eval" / "zz1-0.wav").unlink()
     with pytest.raises(DatasetError, match=r"eval_segments.csv:4: no audio for zz1"):
         load_dataset(spec)
@@ -345,26 +442,55 @@ def test_asvspoof(tmp_path):
     proto = la / "ASVspoof2019_LA_cm_protocols"
     proto.mkdir(parents=True)
     (proto / "ASVspoof2019.LA.cm.train.trn.txt").write_text(
-        "LA_0079 LA_T_1138215 - - bonafide\nLA_0079 LA_T_1271820 - A01 spoof\n")
+        "LA_0079 LA_T_1138215 - - bonafide\nLA_0079 LA_T_1271820 - A01 spoof\n"
+    )
     (proto / "ASVspoof2019.LA.cm.dev.trl.txt").write_text("LA_0069 LA_D_1047731 - - bonafide\n")
     (proto / "ASVspoof2019.LA.cm.eval.trl.txt").write_text("LA_0039 LA_E_2834763 - A11 spoof\n")
-    for part, fid in [("train", "LA_T_1138215"), ("train", "LA_T_1271820"), ("dev", "LA_D_1047731"),
-                      ("eval", "LA_E_2834763")]:
+    for part, fid in [
+        ("train", "LA_T_1138215"),
+        ("train", "LA_T_1271820"),
+        ("dev", "LA_D_1047731"),
+        ("eval", "LA_E_2834763"),
+    ]:
         write_audio(la / f"ASVspoof2019_LA_{part}" / "flac" / f"{fid}.flac")
     for root in (tmp_path, la):
         ds = load_dataset(f"asvspoof2019-la:{root}")
         assert ds.classes == ["bonafide", "spoof"] and ds.root == la
-        assert [(c.path.relative_to(la).as_posix(), c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips] == [
-            ("ASVspoof2019_LA_train/flac/LA_T_1138215.flac", ("bonafide",), None, "train",
-             {"speaker": "LA_0079", "file_id": "LA_T_1138215", "system": "-"}),
-            ("ASVspoof2019_LA_train/flac/LA_T_1271820.flac", ("spoof",), None, "train",
-             {"speaker": "LA_0079", "file_id": "LA_T_1271820", "system": "A01"}),
-            ("ASVspoof2019_LA_dev/flac/LA_D_1047731.flac", ("bonafide",), None, "dev",
-             {"speaker": "LA_0069", "file_id": "LA_D_1047731", "system": "-"}),
-            ("ASVspoof2019_LA_eval/flac/LA_E_2834763.flac", ("spoof",), None, "test",
-             {"speaker": "LA_0039", "file_id": "LA_E_2834763", "system": "A11"}),
+        assert [
+            (c.path.relative_to(la).as_posix(), c.labels, c.fold, c.split, dict(c.meta)) for c in ds.clips
+        ] == [
+            (
+                "ASVspoof2019_LA_train/flac/LA_T_1138215.flac",
+                ("bonafide",),
+                None,
+                "train",
+                {"speaker": "LA_0079", "file_id": "LA_T_1138215", "system": "-"},
+            ),
+            (
+                "ASVspoof2019_LA_train/flac/LA_T_1271820.flac",
+                ("spoof",),
+                None,
+                "train",
+                {"speaker": "LA_0079", "file_id": "LA_T_1271820", "system": "A01"},
+            ),
+            (
+                "ASVspoof2019_LA_dev/flac/LA_D_1047731.flac",
+                ("bonafide",),
+                None,
+                "dev",
+                {"speaker": "LA_0069", "file_id": "LA_D_1047731", "system": "-"},
+            ),
+            (
+                "ASVspoof2019_LA_eval/flac/LA_E_2834763.flac",
+                ("spoof",),
+                None,
+                "test",
+                {"speaker": "LA_0039", "file_id": "LA_E_2834763", "system": "A11"},
+            ),
         ]
-    (proto / "ASVspoof2019.LA.cm.eval.trl.txt").write_text("LA_0039 LA_E_2834763 - A11 spoof\nLA_0039 LA_E_0 - A11\n")
+    (proto / "ASVspoof2019.LA.cm.eval.trl.txt").write_text(
+        "LA_0039 LA_E_2834763 - A11 spoof\nLA_0039 LA_E_0 - A11\n"
+    )
     with pytest.raises(DatasetError, match=r"eval.trl.txt:2: expected SPEAKER_ID"):
         load_dataset(f"asvspoof2019-la:{tmp_path}")
     (proto / "ASVspoof2019.LA.cm.eval.trl.txt").write_text("LA_0039 LA_E_9 - A11 spoof\n")

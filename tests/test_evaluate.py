@@ -20,8 +20,14 @@ def synthetic(n_classes=4, per_class=10, K=6, d=4, folds=5, seed=0, noise=0.6):
     y = np.repeat([f"c{i}" for i in range(n_classes)], per_class)
     X = centres[np.repeat(np.arange(n_classes), per_class)] + noise * rng.normal(size=(len(y), K, d))
     X[:, 0, 0] = np.arange(len(y))  # row id, for spies
-    meta = pd.DataFrame({"path": [f"/a/{i}.wav" for i in range(len(y))], "label": y,
-                         "fold": np.tile(np.arange(1, folds + 1), len(y) // folds), "split": None})
+    meta = pd.DataFrame(
+        {
+            "path": [f"/a/{i}.wav" for i in range(len(y))],
+            "label": y,
+            "fold": np.tile(np.arange(1, folds + 1), len(y) // folds),
+            "split": None,
+        }
+    )
     return X.astype(np.float32), y, meta
 
 
@@ -61,7 +67,9 @@ def test_parts_folds_official_and_none():
     X, y, meta = synthetic()
     parts, desc = ev.make_parts(meta, 5)
     assert [p.name for p in parts] == ["fold5"] and "test fold 5" in desc
-    assert set(meta.fold.to_numpy()[parts[0].test]) == {5} and 5 not in set(meta.fold.to_numpy()[parts[0].train])
+    assert set(meta.fold.to_numpy()[parts[0].test]) == {5} and 5 not in set(
+        meta.fold.to_numpy()[parts[0].train]
+    )
     parts, _ = ev.make_parts(meta, "all")
     assert [p.name for p in parts] == [f"fold{f}" for f in range(1, 6)]
     with pytest.raises(ProtocolError, match="test fold 9 not among"):
@@ -108,8 +116,15 @@ def test_same_support_for_every_method_and_no_test_leak_in_tuning():
     X, y, meta = synthetic()
     test_rows = set(np.flatnonzero(meta.fold == 5))
     Centroid.log = []
-    res = ev.run_protocol(X, y, meta, methods={"a": centroid_method("a"), "b": centroid_method("b")},
-                          shots=[4], seeds=[0, 1], do_tune=True)
+    res = ev.run_protocol(
+        X,
+        y,
+        meta,
+        methods={"a": centroid_method("a"), "b": centroid_method("b")},
+        shots=[4],
+        seeds=[0, 1],
+        do_tune=True,
+    )
     fitted = Centroid.log
     assert fitted and all(not (set(rows) & test_rows) for rows in fitted)  # tuning never sees queries
     labels = ev.row_labels(y)
@@ -139,16 +154,24 @@ def test_run_protocol_rotating_folds_and_determinism():
     assert [r["metrics"] for r in r1.runs] == [r["metrics"] for r in r2.runs]
     summary = ev.summarise(r1.runs)
     s3 = next(s for s in summary if s["shots"] == 3)
-    per_seed = [np.mean([r["metrics"]["accuracy"] for r in r1.runs if r["shots"] == 3 and r["seed"] == s])
-                for s in range(3)]
+    per_seed = [
+        np.mean([r["metrics"]["accuracy"] for r in r1.runs if r["shots"] == 3 and r["seed"] == s])
+        for s in range(3)
+    ]
     assert s3["n_seeds"] == 3 and s3["mean"] == pytest.approx(np.mean(per_seed))
     assert s3["std"] == pytest.approx(np.std(per_seed, ddof=1)) and s3["mean"] > 80
 
 
 def test_linear_probe_learns():
     X, y, meta = synthetic(noise=0.3)
-    res = ev.run_protocol(X, y, meta, methods={"lp": Method("lp", lambda **p: ev.LinearProbe(**p), {"C": 1.0})},
-                          shots=[5], seeds=[0])
+    res = ev.run_protocol(
+        X,
+        y,
+        meta,
+        methods={"lp": Method("lp", lambda **p: ev.LinearProbe(**p), {"C": 1.0})},
+        shots=[5],
+        seeds=[0],
+    )
     assert res.runs[0]["metrics"]["accuracy"] >= 90
 
 
@@ -200,7 +223,11 @@ def test_multilabel_and_spoof_protocols():
     y[0], y[15] = "c0;c1", "c1;c2"
     meta = meta.assign(split=np.where(meta.fold == 5, "test", "train"))
     res = ev.run_protocol(X, y, meta, methods={"a": centroid_method()}, shots=[2], seeds=[0])
-    assert res.task == "multilabel" and set(res.runs[0]["metrics"]) == {"question_accuracy", "exact_match", "map"}
+    assert res.task == "multilabel" and set(res.runs[0]["metrics"]) == {
+        "question_accuracy",
+        "exact_match",
+        "map",
+    }
     X, y, meta = synthetic(n_classes=2, per_class=20)
     y = np.where(y == "c0", "bonafide", "spoof")
     res = ev.run_protocol(X, y, meta, methods={"a": centroid_method()}, shots=[3], seeds=[0])
@@ -211,8 +238,11 @@ def test_multilabel_and_spoof_protocols():
 
 
 def _runs(values_a, values_b):
-    return [{"method": m, "shots": 5, "seed": s, "part": "fold5", "metrics": {"accuracy": v}, "params": {}}
-            for m, vals in (("a", values_a), ("b", values_b)) for s, v in enumerate(vals)]
+    return [
+        {"method": m, "shots": 5, "seed": s, "part": "fold5", "metrics": {"accuracy": v}, "params": {}}
+        for m, vals in (("a", values_a), ("b", values_b))
+        for s, v in enumerate(vals)
+    ]
 
 
 def test_paired_differences_t_interval():
@@ -227,9 +257,12 @@ def test_paired_differences_t_interval():
 
 def test_results_json_schema_and_markdown(tmp_path):
     X, y, meta = synthetic()
-    res = ev.run_protocol(X, y, meta, methods={"a": centroid_method("a"), "b": centroid_method("b")},
-                          shots=[1, 3], seeds=[0, 1])
-    results = ev.build_results(res, {"model": "m", "dataset": "synthetic", "n_seeds": 2}, analyses={"k_sweep": []})
+    res = ev.run_protocol(
+        X, y, meta, methods={"a": centroid_method("a"), "b": centroid_method("b")}, shots=[1, 3], seeds=[0, 1]
+    )
+    results = ev.build_results(
+        res, {"model": "m", "dataset": "synthetic", "n_seeds": 2}, analyses={"k_sweep": []}
+    )
     js, md = ev.write_results(tmp_path, results)
     doc = json.loads(js.read_text())
     assert set(doc) >= {"config", "summary", "runs", "paired"}

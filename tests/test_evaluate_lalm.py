@@ -33,8 +33,17 @@ def test_class_without_kept_clips_counts_as_wrong_not_dropped():
     X, y, meta = synthetic(n_classes=3, per_class=10, noise=0.05)
     script = {"c0": ["c0"] * 4, "c1": ["B", "B", "b", "rain"], "c2": ["piano", "C", "A", "?"]}
     res = ev.run_lalm_protocol(
-        X, y, meta, methods=["sav+pl", "calm+pl"], shots=[1, 2], seeds=[0, 1], test_fold=5,
-        pseudo_label=scripted_pseudo_labels(y, script), fewshot=ev.fewshot_methods(k=0.5), pl_pool_size=12)
+        X,
+        y,
+        meta,
+        methods=["sav+pl", "calm+pl"],
+        shots=[1, 2],
+        seeds=[0, 1],
+        test_fold=5,
+        pseudo_label=scripted_pseudo_labels(y, script),
+        fewshot=ev.fewshot_methods(k=0.5),
+        pl_pool_size=12,
+    )
     assert len(res.runs) == 2 * 2 * 2
     (part,), _ = ev.make_parts(meta, 5)
     for run in res.runs:
@@ -42,7 +51,9 @@ def test_class_without_kept_clips_counts_as_wrong_not_dropped():
         pool = res.pools[(run["shots"], run["seed"], run["part"])]
         assert len(pool) == 12 and set(pool) <= set(part.train)
         assert rep["pool"] == 12 and rep["missing_classes"] == ["c2"] and rep["kept_per_class"]["c2"] == 0
-        assert rep["kept"] == sum(y[pool] != "c2") == rep["kept_per_class"]["c0"] + rep["kept_per_class"]["c1"]
+        assert (
+            rep["kept"] == sum(y[pool] != "c2") == rep["kept_per_class"]["c0"] + rep["kept_per_class"]["c1"]
+        )
         assert rep["label_accuracy_kept"] == 100.0 and rep["label_accuracy_pool"] < 100.0
         assert run["n_query"] == 6 and run["n_support"] == rep["kept"]
         # c0 and c1 queries right (well separated), the two c2 queries wrong: 4 of 6, not 4 of 4
@@ -54,14 +65,35 @@ def test_class_without_kept_clips_counts_as_wrong_not_dropped():
 def test_single_or_no_kept_class_predicts_what_it_can():
     X, y, meta = synthetic(n_classes=3, per_class=10, noise=0.05)
     only_c0 = {"c0": ["A"] * 4, "c1": ["x"] * 4, "c2": ["y"] * 4}
-    res = ev.run_lalm_protocol(X, y, meta, methods=["calm+pl"], shots=[1], seeds=[0], test_fold=5,
-                               pseudo_label=scripted_pseudo_labels(y, only_c0), fewshot=ev.fewshot_methods(),
-                               pl_pool_size=24)
+    res = ev.run_lalm_protocol(
+        X,
+        y,
+        meta,
+        methods=["calm+pl"],
+        shots=[1],
+        seeds=[0],
+        test_fold=5,
+        pseudo_label=scripted_pseudo_labels(y, only_c0),
+        fewshot=ev.fewshot_methods(),
+        pl_pool_size=24,
+    )
     (run,) = res.runs
-    assert run["metrics"]["accuracy"] == pytest.approx(100 * 2 / 6) and "nothing to fit" in run["tuning"]["reason"]
+    assert (
+        run["metrics"]["accuracy"] == pytest.approx(100 * 2 / 6)
+        and "nothing to fit" in run["tuning"]["reason"]
+    )
     nothing = {c: ["?"] * 4 for c in CLASSES}
-    res = ev.run_lalm_protocol(X, y, meta, methods=["sav+pl"], shots=[1], seeds=[0], test_fold=5,
-                               pseudo_label=scripted_pseudo_labels(y, nothing), fewshot=ev.fewshot_methods())
+    res = ev.run_lalm_protocol(
+        X,
+        y,
+        meta,
+        methods=["sav+pl"],
+        shots=[1],
+        seeds=[0],
+        test_fold=5,
+        pseudo_label=scripted_pseudo_labels(y, nothing),
+        fewshot=ev.fewshot_methods(),
+    )
     (run,) = res.runs
     assert run["metrics"]["accuracy"] == 0.0 and run["n_query"] == 6 and run["pseudo_labels"]["kept"] == 0
     assert run["pseudo_labels"]["pool"] == 3  # default pool: shots x classes
@@ -76,8 +108,16 @@ def test_zero_shot_scores_each_seeds_own_queries_once_computed():
         calls.append(rows)
         return [y[r] if r % 3 else None for r in rows], None  # every third row: unparsed answer
 
-    res = ev.run_lalm_protocol(X, y, meta, methods=["zero-shot"], shots=[1, 2], seeds=[0, 1, 2],
-                               zero_shot=zero_shot, zero_shot_params={"mode": "generate"})
+    res = ev.run_lalm_protocol(
+        X,
+        y,
+        meta,
+        methods=["zero-shot"],
+        shots=[1, 2],
+        seeds=[0, 1, 2],
+        zero_shot=zero_shot,
+        zero_shot_params={"mode": "generate"},
+    )
     assert len(calls) == 1 and len(res.runs) == 6
     parts, _ = ev.make_parts(meta, 5)
     eps = ev.episodes(y, parts, [1, 2], [0, 1, 2])
@@ -172,10 +212,30 @@ def test_calm_evaluate_with_zero_shot_and_pseudo_labels(tmp_path, tiny_lalm_dir)
     manifest = write_tones(tmp_path / "tones")
     run = tmp_path / "run"
     methods = ["sav", "calm", "zero-shot", "sav+pl", "calm+pl"]
-    res = CliRunner().invoke(main, [
-        "evaluate", "--model", str(tiny_lalm_dir), "--data", f"csv:{manifest}", "--shots", "1", "--seeds", "2",
-        "--methods", ",".join(methods), "--pl-rollouts", "3", "--batch-size", "4", "--out", str(run),
-        "--no-figures", "--no-progress"])
+    res = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--model",
+            str(tiny_lalm_dir),
+            "--data",
+            f"csv:{manifest}",
+            "--shots",
+            "1",
+            "--seeds",
+            "2",
+            "--methods",
+            ",".join(methods),
+            "--pl-rollouts",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(run),
+            "--no-figures",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output + repr(res.exception)
     doc = json.loads((run / "results.json").read_text())
     assert doc["config"]["methods"] == methods and not doc.get("skipped_methods")

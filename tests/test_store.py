@@ -316,7 +316,11 @@ def test_different_key_never_reuses_features(tmp_path, clips):
     digest = mb.attrs["digest"]
     assert resolve_key_dir(out, digest[:6]) == Path(mb.attrs["store"])
     folder = Path(mb.attrs["store"]).name  # "<model>-<digest>": the folder name or its prefix
-    assert resolve_key_dir(out, folder) == resolve_key_dir(out, folder[: folder.rindex("-") + 5]) == Path(mb.attrs["store"])
+    assert (
+        resolve_key_dir(out, folder)
+        == resolve_key_dir(out, folder[: folder.rindex("-") + 5])
+        == Path(mb.attrs["store"])
+    )
     with pytest.raises(StoreError, match="matches several keys"):
         resolve_key_dir(out, folder[: folder.rindex("-")])
     assert load_features(Path(ma.attrs["store"]))[2].attrs["digest"] == ma.attrs["digest"]

@@ -211,9 +211,13 @@ def test_head_sources_and_prompt(extractor, esc10_waves):
 @pytest.mark.slow
 def test_clip_length_encoder_option(extractor, esc10_waves):
     clip = WhisperExtractor(
-        extractor.model, extractor.feature_extractor, extractor.tokenizer, model_id="t",
-        encoder_length="clip", min_encoder_seconds=1,
-    )  # fmt: skip
+        extractor.model,
+        extractor.feature_extractor,
+        extractor.tokenizer,
+        model_id="t",
+        encoder_length="clip",
+        min_encoder_seconds=1,
+    )
     assert clip.key["options"] == {"encoder_length": "clip", "min_encoder_seconds": 1.0}
     waves = [esc10_waves[0][:8000], esc10_waves[1][:24000], esc10_waves[2]]  # 0.5 s, 1.5 s, 5 s
     batched = clip.extract(waves)

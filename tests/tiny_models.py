@@ -134,10 +134,16 @@ GLMASR_CHAT_TEMPLATE = _qwen_style_template("<|begin_of_audio|><|pad|><|end_of_a
 
 def _tiny_text_config(tokenizer, num_layers: int) -> dict:
     return {
-        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": num_layers, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 12, "max_position_embeddings": 4096, "pad_token_id": tokenizer.pad_token_id,
-    }  # fmt: skip
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 12,
+        "max_position_embeddings": 4096,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 def _tiny_whisper_encoder_lalm(
@@ -154,11 +160,16 @@ def _tiny_whisper_encoder_lalm(
         chat_template=tokenizer.chat_template,
     )
     config = config_cls(
-        audio_config={"num_mel_bins": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-                      "intermediate_size": 32, "hidden_size": 16},
+        audio_config={
+            "num_mel_bins": 128,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "hidden_size": 16,
+        },
         text_config=_tiny_text_config(tokenizer, num_layers),
         audio_token_id=tokenizer.convert_tokens_to_ids(audio_token),
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     return model_cls(config).eval(), processor
 
@@ -176,9 +187,14 @@ def tiny_audio_flamingo3(*, num_layers: int = 3, seed: int = 0):
         (*QWEN_SPECIAL_TOKENS, "<sound>"), chat_template=AUDIO_FLAMINGO3_CHAT_TEMPLATE
     )
     return _tiny_whisper_encoder_lalm(
-        AudioFlamingo3ForConditionalGeneration, AudioFlamingo3Config, AudioFlamingo3Processor, tokenizer,
-        "<sound>", num_layers=num_layers, seed=seed,
-    )  # fmt: skip
+        AudioFlamingo3ForConditionalGeneration,
+        AudioFlamingo3Config,
+        AudioFlamingo3Processor,
+        tokenizer,
+        "<sound>",
+        num_layers=num_layers,
+        seed=seed,
+    )
 
 
 def tiny_glmasr(*, num_layers: int = 3, seed: int = 0):
@@ -189,6 +205,11 @@ def tiny_glmasr(*, num_layers: int = 3, seed: int = 0):
     tokens = (*QWEN_SPECIAL_TOKENS, "<|pad|>", "<|begin_of_audio|>", "<|end_of_audio|>")
     tokenizer = byte_level_tokenizer(tokens, chat_template=GLMASR_CHAT_TEMPLATE)
     return _tiny_whisper_encoder_lalm(
-        GlmAsrForConditionalGeneration, GlmAsrConfig, GlmAsrProcessor, tokenizer,
-        "<|pad|>", num_layers=num_layers, seed=seed,
-    )  # fmt: skip
+        GlmAsrForConditionalGeneration,
+        GlmAsrConfig,
+        GlmAsrProcessor,
+        tokenizer,
+        "<|pad|>",
+        num_layers=num_layers,
+        seed=seed,
+    )

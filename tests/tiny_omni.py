@@ -62,23 +62,42 @@ def tiny_qwen2_5_omni(*, num_layers: int = 2, num_heads: int = 4, seed: int = 0)
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in OMNI_TOKENS.items()}
     config = Qwen2_5OmniThinkerConfig(
         audio_config=dict(
-            num_mel_bins=MEL_BINS, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
-            d_model=16, output_dim=32, n_window=50,
+            num_mel_bins=MEL_BINS,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            d_model=16,
+            output_dim=32,
+            n_window=50,
         ),
         vision_config=dict(
-            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-            fullatt_block_indexes=[0], window_size=28,
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            fullatt_block_indexes=[0],
+            window_size=28,
         ),
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-            num_attention_heads=num_heads, num_key_value_heads=2, max_position_embeddings=4096,
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
         ),
-        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"],
-        video_token_index=ids["video_token"], audio_start_token_id=ids["audio_bos_token"],
-        audio_end_token_id=ids["audio_eos_token"], vision_start_token_id=ids["vision_bos_token"],
-        vision_end_token_id=ids["vision_eos_token"], user_token_id=ids["im_start"],
-    )  # fmt: skip
+        audio_token_index=ids["audio_token"],
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        audio_end_token_id=ids["audio_eos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+        user_token_id=ids["im_start"],
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
@@ -133,31 +152,61 @@ def tiny_qwen3_omni_thinker(*, num_layers: int = 3, seed: int = 0):
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in OMNI_TOKENS.items()}
     config = Qwen3OmniMoeThinkerConfig(
         audio_config=dict(
-            num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16,
-            output_dim=32, n_window=50, downsample_hidden_size=8,
+            num_mel_bins=128,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            d_model=16,
+            output_dim=32,
+            n_window=50,
+            downsample_hidden_size=8,
         ),
         vision_config=dict(
-            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-            deepstack_visual_indexes=[0], num_position_embeddings=64,
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=32,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=64,
         ),
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=4096,
-            moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, pad_token_id=ids["pad_token"],
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2],
-                             "mrope_interleaved": True},
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            max_position_embeddings=4096,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            pad_token_id=ids["pad_token"],
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 2, 2],
+                "mrope_interleaved": True,
+            },
         ),
-        audio_token_id=ids["audio_token"], image_token_id=ids["image_token"], video_token_id=ids["video_token"],
-        audio_start_token_id=ids["audio_bos_token"], vision_start_token_id=ids["vision_bos_token"],
+        audio_token_id=ids["audio_token"],
+        image_token_id=ids["image_token"],
+        video_token_id=ids["video_token"],
+        audio_start_token_id=ids["audio_bos_token"],
+        vision_start_token_id=ids["vision_bos_token"],
         user_token_id=ids["im_start"],
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = Qwen3OmniMoeThinkerForConditionalGeneration(config).eval()
     features = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
     processor = build_processor(
-        tokenizer, features, OMNI_CHAT_TEMPLATE, config.vision_config,
+        tokenizer,
+        features,
+        OMNI_CHAT_TEMPLATE,
+        config.vision_config,
         processor_base="qwen3_omni_moe.Qwen3OmniMoeProcessor",
-    )  # fmt: skip
+    )
     return model, processor
 
 

@@ -18,7 +18,6 @@ settings is ignored and replaced. Clips are processed in chunks, the cache being
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from calm._files import atomic_write_json
 from calm.prompts import Prompt, render_prompt
 from calm.pseudolabel import PseudoLabels
 
@@ -55,9 +55,7 @@ def _write_cache(path: Path | None, key: dict, clips: dict[str, dict]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "clips": clips}))
-    os.replace(tmp, path)
+    atomic_write_json(path, {"key": key, "clips": clips}, indent=None)
 
 
 def _chunks(items: Sequence[str], size: int):
@@ -132,18 +130,34 @@ def zero_shot_clips(
         raise ValueError(f"zero-shot mode must be one of {MODES}, got {mode!r}")
     classes = list(classes)
     prompt = zero_shot_prompt(mode, classes)
-    key = {"version": CACHE_VERSION, "kind": "zero-shot", "extractor": extractor.key, "mode": mode,
-           "prompt": prompt.text, "classes": classes, "max_new_tokens": max_new_tokens}  # fmt: skip
+    key = {
+        "version": CACHE_VERSION,
+        "kind": "zero-shot",
+        "extractor": extractor.key,
+        "mode": mode,
+        "prompt": prompt.text,
+        "classes": classes,
+        "max_new_tokens": max_new_tokens,
+    }
 
     def compute(part: list[str], inputs: list[Any]) -> list[dict]:
-        res = zero_shot(extractor, inputs, classes, mode=mode, prompt=prompt, batch_size=batch_size,
-                        max_new_tokens=max_new_tokens)  # fmt: skip
+        res = zero_shot(
+            extractor,
+            inputs,
+            classes,
+            mode=mode,
+            prompt=prompt,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
         return [
-            {"prediction": res.predictions[i],
-             "scores": None if res.scores is None else [float(v) for v in res.scores[i]],
-             "answer": None if res.answers is None else res.answers[i]}
+            {
+                "prediction": res.predictions[i],
+                "scores": None if res.scores is None else [float(v) for v in res.scores[i]],
+                "answer": None if res.answers is None else res.answers[i],
+            }
             for i in range(len(part))
-        ]  # fmt: skip
+        ]
 
     entries = _run_cached(paths, key, cache, compute, extractor.load_input, chunk, progress)
     scores = None if mode == "generate" else np.array([e["scores"] for e in entries], dtype=np.float64)
@@ -180,23 +194,44 @@ def pseudo_label_clips(
 
     classes = tuple(classes)
     prompt = render_prompt("choices", classes)
-    key = {"version": CACHE_VERSION, "kind": "pseudo-labels", "extractor": extractor.key,
-           "prompt": prompt.text, "classes": list(classes), "rollouts": rollouts,
-           "temperature_range": list(temperature_range), "min_agreement": min_agreement, "seed": seed,
-           "max_new_tokens": max_new_tokens}  # fmt: skip
+    key = {
+        "version": CACHE_VERSION,
+        "kind": "pseudo-labels",
+        "extractor": extractor.key,
+        "prompt": prompt.text,
+        "classes": list(classes),
+        "rollouts": rollouts,
+        "temperature_range": list(temperature_range),
+        "min_agreement": min_agreement,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+    }
 
     def compute(part: list[str], inputs: list[Any]) -> list[dict]:
         chunk_seed = _chunk_seed(seed, part)
         sampler = LALMSampler(extractor, prompt.text, max_new_tokens=max_new_tokens, seed=chunk_seed)
-        res = pseudo_label(sampler, inputs, classes, rollouts=rollouts, temperature_range=temperature_range,
-                           min_agreement=min_agreement, option_labels=prompt.labels, batch_size=batch_size,
-                           seed=chunk_seed)  # fmt: skip
+        res = pseudo_label(
+            sampler,
+            inputs,
+            classes,
+            rollouts=rollouts,
+            temperature_range=temperature_range,
+            min_agreement=min_agreement,
+            option_labels=prompt.labels,
+            batch_size=batch_size,
+            seed=chunk_seed,
+        )
         return [
-            {"label": res.labels[i], "agreement": float(res.agreement[i]), "kept": bool(res.kept[i]),
-             "answers": res.answers[i], "votes": res.votes[i],
-             "temperatures": [float(t) for t in res.temperatures[i]]}
+            {
+                "label": res.labels[i],
+                "agreement": float(res.agreement[i]),
+                "kept": bool(res.kept[i]),
+                "answers": res.answers[i],
+                "votes": res.votes[i],
+                "temperatures": [float(t) for t in res.temperatures[i]],
+            }
             for i in range(len(part))
-        ]  # fmt: skip
+        ]
 
     entries = _run_cached(paths, key, cache, compute, extractor.load_input, chunk, progress)
     return PseudoLabels(
@@ -205,6 +240,8 @@ def pseudo_label_clips(
         kept=np.array([e["kept"] for e in entries], dtype=bool),
         answers=[list(e["answers"]) for e in entries],
         votes=[list(e["votes"]) for e in entries],
-        temperatures=np.array([e["temperatures"] for e in entries], dtype=float).reshape(len(entries), rollouts),
+        temperatures=np.array([e["temperatures"] for e in entries], dtype=float).reshape(
+            len(entries), rollouts
+        ),
         classes=classes,
     )

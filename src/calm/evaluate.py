@@ -94,9 +94,14 @@ METRIC_TITLES = {
     "map": "mAP (%)",
 }
 METHOD_TITLES = {
-    "zero-shot": "zero-shot", "sav": "SAV", "sav+pl": "SAV+PL", "calm-global": "CALM-global",
-    "calm": "CALM", "calm+pl": "CALM+PL", "linear-probe": "linear probe",
-}  # fmt: skip
+    "zero-shot": "zero-shot",
+    "sav": "SAV",
+    "sav+pl": "SAV+PL",
+    "calm-global": "CALM-global",
+    "calm": "CALM",
+    "calm+pl": "CALM+PL",
+    "linear-probe": "linear probe",
+}
 
 
 class ProtocolError(ValueError):
@@ -167,7 +172,8 @@ def make_parts(meta: pd.DataFrame, test_fold: int | str | None = 5) -> tuple[lis
             if chosen[0] not in present:
                 raise ProtocolError(f"test fold {chosen[0]} not among the folds {present}")
         parts = [Part(f"fold{f}", np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in chosen]
-        desc = f"folds: support from the other folds, test fold {'all (rotating)' if len(chosen) > 1 else chosen[0]}"
+        which = "all (rotating)" if len(chosen) > 1 else chosen[0]
+        desc = f"folds: support from the other folds, test fold {which}"
         return parts, desc
     return [Part("all", np.arange(n), None)], (
         "no official split: support drawn from all clips, queries = every clip outside the support set"
@@ -209,7 +215,8 @@ def sample_episode(
         candidates = np.array([i for i in part.train if c in labels[i]], dtype=np.int64)
         if len(candidates) < shots:
             raise ProtocolError(
-                f"class {c!r} has {len(candidates)} training clip(s) in part {part.name}, fewer than {shots} shots"
+                f"class {c!r} has {len(candidates)} training clip(s) in part {part.name}, "
+                f"fewer than {shots} shots"
             )
         rng = np.random.default_rng([seed, part_code, ci])
         chosen = candidates[rng.permutation(len(candidates))[:shots]]
@@ -235,12 +242,7 @@ def episodes(
 ) -> list[Episode]:
     labels = row_labels(y)
     classes = sorted({c for t in labels for c in t})
-    return [
-        sample_episode(labels, part, n, s, classes)
-        for n in shots
-        for s in seeds
-        for part in parts
-    ]
+    return [sample_episode(labels, part, n, s, classes) for n in shots for s in seeds for part in parts]
 
 
 # ----------------------------------------------------------------------------- methods
@@ -270,7 +272,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ProtocolError("linear probe needs at least two classes")
-        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit((Xf - self.mean_) / self.scale_, y)
+        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(
+            (Xf - self.mean_) / self.scale_, y
+        )
         return self
 
     def predict_proba(self, X) -> np.ndarray:
@@ -306,8 +310,13 @@ def fewshot_methods(
     from calm import classifiers
 
     sav_k = k if sav_k is None else sav_k
-    calm_defaults = {"k": k, "tau_p": tau_p, "tau_w": tau_w, "normalization": normalization,
-                     "reliability": reliability}
+    calm_defaults = {
+        "k": k,
+        "tau_p": tau_p,
+        "tau_w": tau_w,
+        "normalization": normalization,
+        "reliability": reliability,
+    }
     sav_defaults = {"k": sav_k, "tie_break": sav_tie_break}
     tau_grid = [0.01, 0.03, 0.1]
     k_grid = [0.1, 0.25, 0.5]
@@ -325,13 +334,17 @@ def fewshot_methods(
             calm_defaults,
             {"k": k_grid, "tau_p": tau_grid, "tau_w": [0.1, 0.5, 2.0]},
         ),
-        "linear-probe": Method("linear-probe", lambda **p: LinearProbe(**p), {"C": 1.0}, {"C": [0.01, 0.1, 1.0, 10.0]}),
+        "linear-probe": Method(
+            "linear-probe", lambda **p: LinearProbe(**p), {"C": 1.0}, {"C": [0.01, 0.1, 1.0, 10.0]}
+        ),
     }
 
 
 def _grid_points(method: Method) -> list[dict]:
     keys = list(method.grid)
-    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(method.grid[k] for k in keys))]
+    points = [
+        dict(zip(keys, values, strict=True)) for values in itertools.product(*(method.grid[k] for k in keys))
+    ]
     default = {k: method.defaults[k] for k in keys if k in method.defaults}
     rest = [p for p in points if p != default]
     return [{**method.defaults, **p} for p in ([default] if len(default) == len(keys) else []) + rest]
@@ -362,7 +375,12 @@ def tune(method: Method, X: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[di
         scores.append(score)
         if score > best_score:
             best, best_score = params, score
-    return dict(best), {"tuned": True, "cv_folds": n_splits, "cv_accuracy": 100 * best_score, "grid_size": len(scores)}
+    return dict(best), {
+        "tuned": True,
+        "cv_folds": n_splits,
+        "cv_accuracy": 100 * best_score,
+        "grid_size": len(scores),
+    }
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -430,7 +448,11 @@ def multilabel_metrics(scores: np.ndarray, truth: Sequence[tuple[str, ...]], cla
     questions = right.sum() / Y.sum()
     exact = np.mean(right.sum(1) == Y.sum(1))
     ap = [average_precision(scores[:, j], Y[:, j]) for j in range(len(classes)) if Y[:, j].any()]
-    return {"question_accuracy": 100 * float(questions), "exact_match": 100 * float(exact), "map": 100 * float(np.mean(ap))}
+    return {
+        "question_accuracy": 100 * float(questions),
+        "exact_match": 100 * float(exact),
+        "map": 100 * float(np.mean(ap)),
+    }
 
 
 def class_scores(clf: Any, X: np.ndarray, classes: Sequence[str]) -> np.ndarray:
@@ -470,7 +492,9 @@ def prediction_metrics(
     return out
 
 
-def evaluate_method(clf: Any, X: np.ndarray, truth: Sequence[tuple[str, ...]], classes: Sequence[str], task: str) -> dict:
+def evaluate_method(
+    clf: Any, X: np.ndarray, truth: Sequence[tuple[str, ...]], classes: Sequence[str], task: str
+) -> dict:
     """Metrics (%) of a fitted classifier on query features X with their true label tuples."""
     if task == "multilabel":
         return prediction_metrics(None, class_scores(clf, X, classes), truth, classes, task)
@@ -532,12 +556,20 @@ def run_protocol(
                 params, report = dict(method.defaults), {"tuned": False, "reason": "defaults (no --tune)"}
             clf = method.build(**params).fit(Xs, ep.support_y)
             metrics = evaluate_method(clf, Xq, truth, classes, task)
-            runs.append({
-                "method": name, "shots": ep.shots, "seed": ep.seed, "part": ep.part,
-                "metrics": metrics, "params": _jsonable_params(params), "tuning": report,
-                "n_support": len(ep.support), "n_query": len(ep.query),
-                "seconds": round(time.perf_counter() - t0, 4),
-            })  # fmt: skip
+            runs.append(
+                {
+                    "method": name,
+                    "shots": ep.shots,
+                    "seed": ep.seed,
+                    "part": ep.part,
+                    "metrics": metrics,
+                    "params": _jsonable_params(params),
+                    "tuning": report,
+                    "n_support": len(ep.support),
+                    "n_query": len(ep.query),
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
+            )
             if keep_fits is not None and keep_fits(name, ep.shots, ep.seed, ep.part):
                 fits[(name, ep.shots, ep.seed, ep.part)] = clf
             if progress is not None:
@@ -545,7 +577,7 @@ def run_protocol(
     return ProtocolResult(runs, task, classes, protocol, fits)
 
 
-# ----------------------------------------------------------------------------- methods that need the model to answer
+# ------------------------------------------------------------ methods that need the model to answer
 
 PL_BASES = {"sav+pl": "sav", "calm+pl": "calm"}  # pseudo-label method -> the few-shot method it fits
 PL_STREAM = 0x504C  # keeps the pool's random stream apart from the support draws
@@ -649,19 +681,32 @@ def pl_episode_runs(
         t0 = time.perf_counter()
         if len(present) < 2:
             clf = ConstantClassifier(present)
-            params, tuning = {}, {"tuned": False, "reason": f"{len(present)} pseudo-labelled class(es): nothing to fit"}
+            params, tuning = (
+                {},
+                {"tuned": False, "reason": f"{len(present)} pseudo-labelled class(es): nothing to fit"},
+            )
         else:
             if do_tune:
                 params, tuning = tune(method, Xs, support_y, seed=episode.seed)
             else:
                 params, tuning = dict(method.defaults), {"tuned": False, "reason": "defaults (no --tune)"}
             clf = method.build(**params).fit(Xs, support_y)
-        runs.append({
-            "method": name, "shots": episode.shots, "seed": episode.seed, "part": episode.part,
-            "metrics": evaluate_method(clf, Xq, truth, classes, task), "params": _jsonable_params(params),
-            "tuning": tuning, "n_support": len(rows), "n_query": len(episode.query),
-            "pseudo_labels": report, "warnings": warnings, "seconds": round(time.perf_counter() - t0, 4),
-        })  # fmt: skip
+        runs.append(
+            {
+                "method": name,
+                "shots": episode.shots,
+                "seed": episode.seed,
+                "part": episode.part,
+                "metrics": evaluate_method(clf, Xq, truth, classes, task),
+                "params": _jsonable_params(params),
+                "tuning": tuning,
+                "n_support": len(rows),
+                "n_query": len(episode.query),
+                "pseudo_labels": report,
+                "warnings": warnings,
+                "seconds": round(time.perf_counter() - t0, 4),
+            }
+        )
     return runs
 
 
@@ -686,11 +731,17 @@ def zero_shot_episode_run(
         S = one_hot_scores(y_pred, classes)
     truth = [labels[i] for i in episode.query]
     return {
-        "method": "zero-shot", "shots": episode.shots, "seed": episode.seed, "part": episode.part,
-        "metrics": prediction_metrics(y_pred, S, truth, classes, task), "params": _jsonable_params(params),
+        "method": "zero-shot",
+        "shots": episode.shots,
+        "seed": episode.seed,
+        "part": episode.part,
+        "metrics": prediction_metrics(y_pred, S, truth, classes, task),
+        "params": _jsonable_params(params),
         "tuning": {"tuned": False, "reason": "zero-shot has no parameters to fit"},
-        "n_support": 0, "n_query": len(episode.query), "n_unparsed": sum(p is None for p in y_pred),
-    }  # fmt: skip
+        "n_support": 0,
+        "n_query": len(episode.query),
+        "n_unparsed": sum(p is None for p in y_pred),
+    }
 
 
 @dataclass
@@ -806,13 +857,21 @@ def summarise(runs: Sequence[dict]) -> list[dict]:
         if len(values) == 0:
             continue
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        out.append({"method": m, "shots": n, "metric": metric, "mean": float(values.mean()), "std": std,
-                    "n_seeds": len(values)})
+        out.append(
+            {
+                "method": m,
+                "shots": n,
+                "metric": metric,
+                "mean": float(values.mean()),
+                "std": std,
+                "n_seeds": len(values),
+            }
+        )
     return out
 
 
 def paired_differences(runs: Sequence[dict]) -> list[dict]:
-    """For every pair of methods (in run order), shots and metric: mean per-seed a - b with a 95 % t interval."""
+    """For every pair of methods (in run order), shots and metric: mean per-seed a - b, 95 % t interval."""
     from scipy import stats
 
     methods, shots = _keys(runs)
@@ -829,8 +888,18 @@ def paired_differences(runs: Sequence[dict]) -> list[dict]:
             low, high = mean - half, mean + half
         else:
             low = high = None
-        out.append({"a": a, "b": b, "shots": n, "metric": metric, "mean_diff": mean, "ci95_low": low,
-                    "ci95_high": high, "n_seeds": len(d)})
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "shots": n,
+                "metric": metric,
+                "mean_diff": mean,
+                "ci95_low": low,
+                "ci95_high": high,
+                "n_seeds": len(d),
+            }
+        )
     return out
 
 
@@ -849,12 +918,16 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     shots = sorted({s["shots"] for s in summary})
     model, data = cfg.get("model", "?"), cfg.get("dataset", "?")
     lines = [f"# Results: {model} on {data}", ""]
-    lines.append(f"Protocol: {cfg.get('protocol', '?')}; {cfg.get('n_seeds', '?')} seeds; mean ± std over seeds.")
+    lines.append(
+        f"Protocol: {cfg.get('protocol', '?')}; {cfg.get('n_seeds', '?')} seeds; mean ± std over seeds."
+    )
     lines.append("")
     for metric in metrics:
         lines.append(f"## {METRIC_TITLES.get(metric, metric)}")
         lines.append("")
-        lines.append("| model | dataset | shots | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " |")
+        lines.append(
+            "| model | dataset | shots | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " |"
+        )
         lines.append("|---|---|---|" + "---|" * len(methods))
         for n in shots:
             cells = []
@@ -865,14 +938,18 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append("")
     paired = [p for p in results.get("paired", []) if p["metric"] == primary]
     if paired:
-        lines.append(f"## Paired differences ({METRIC_TITLES.get(primary, primary)}, a - b, same support sets)")
+        lines.append(
+            f"## Paired differences ({METRIC_TITLES.get(primary, primary)}, a - b, same support sets)"
+        )
         lines.append("")
         lines.append("| shots | a | b | mean diff | 95 % interval |")
         lines.append("|---|---|---|---|---|")
         for p in paired:
             ci = "–" if p["ci95_low"] is None else f"[{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}]"
-            lines.append(f"| {p['shots']} | {METHOD_TITLES.get(p['a'], p['a'])} | "
-                         f"{METHOD_TITLES.get(p['b'], p['b'])} | {p['mean_diff']:+.2f} | {ci} |")
+            lines.append(
+                f"| {p['shots']} | {METHOD_TITLES.get(p['a'], p['a'])} | "
+                f"{METHOD_TITLES.get(p['b'], p['b'])} | {p['mean_diff']:+.2f} | {ci} |"
+            )
         lines.append("")
     pl = results.get("pseudo_label_summary", [])
     if pl:
@@ -882,13 +959,17 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         lines.append("|---|---|---|---|---|")
         for r in pl:
             acc = "–" if r["label_accuracy_kept"] is None else f"{r['label_accuracy_kept']:.1f}"
-            lines.append(f"| {r['shots']} | {r['pool']:.1f} | {r['kept']:.1f} | {acc} | "
-                         f"{r['episodes_missing_classes']} of {r['episodes']} |")
+            lines.append(
+                f"| {r['shots']} | {r['pool']:.1f} | {r['kept']:.1f} | {acc} | "
+                f"{r['episodes_missing_classes']} of {r['episodes']} |"
+            )
         lines.append("")
     zs = cfg.get("zero_shot")
     if zs:
-        lines.append(f"- zero-shot ({zs['mode']}): {zs['n_unparsed']} of {zs['clips']} answers named no class "
-                     "(counted wrong)")
+        lines.append(
+            f"- zero-shot ({zs['mode']}): {zs['n_unparsed']} of {zs['clips']} answers named no class "
+            "(counted wrong)"
+        )
     for w in results.get("warnings", []):
         lines.append(f"- warning: {w}")
     skipped = results.get("skipped_methods", {})
@@ -908,13 +989,16 @@ def pseudo_label_summary(runs: Sequence[dict]) -> list[dict]:
     out = []
     for shots, reps in sorted(per.items()):
         acc = [v["label_accuracy_kept"] for v in reps.values() if v["kept"] > 0]
-        out.append({
-            "shots": shots, "episodes": len(reps),
-            "pool": float(np.mean([v["pool"] for v in reps.values()])),
-            "kept": float(np.mean([v["kept"] for v in reps.values()])),
-            "label_accuracy_kept": float(np.mean(acc)) if acc else None,
-            "episodes_missing_classes": sum(bool(v["missing_classes"]) for v in reps.values()),
-        })  # fmt: skip
+        out.append(
+            {
+                "shots": shots,
+                "episodes": len(reps),
+                "pool": float(np.mean([v["pool"] for v in reps.values()])),
+                "kept": float(np.mean([v["kept"] for v in reps.values()])),
+                "label_accuracy_kept": float(np.mean(acc)) if acc else None,
+                "episodes_missing_classes": sum(bool(v["missing_classes"]) for v in reps.values()),
+            }
+        )
     return out
 
 
@@ -947,8 +1031,9 @@ def k_sweep(
         variants = {
             name: Method(name, m.build, {**m.defaults, "k": k}, m.grid) for name, m in methods.items()
         }
-        res = run_protocol(X, y, meta, methods=variants, shots=shots, seeds=seeds, test_fold=test_fold,
-                           progress=progress)
+        res = run_protocol(
+            X, y, meta, methods=variants, shots=shots, seeds=seeds, test_fold=test_fold, progress=progress
+        )
         for s in summarise(res.runs):
             out.append({**s, "k": k, "fraction": float(fraction)})
     return out
@@ -957,8 +1042,14 @@ def k_sweep(
 def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: Any) -> dict:
     """The results.json document: config, summary, runs, paired differences and any extras."""
     primary = PRIMARY_METRIC[result.task]
-    config = {**config, "task": result.task, "primary_metric": primary, "protocol": result.protocol,
-              "classes": result.classes, "unit": "%"}
+    config = {
+        **config,
+        "task": result.task,
+        "primary_metric": primary,
+        "protocol": result.protocol,
+        "classes": result.classes,
+        "unit": "%",
+    }
     pl = pseudo_label_summary(result.runs)
     return {
         "config": config,

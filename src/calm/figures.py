@@ -85,7 +85,14 @@ def survival(
         ax.plot(grid, curves[c], lw=1.4, label=str(classes[c]))
     for k in uniform_k:
         ax.plot([0, 1.0 / k, 1.0 / k, top], [k / K, k / K, 0, 0], ls="--", color="grey", lw=1)
-        ax.annotate(f"SAV k={k}", (1.0 / k, k / K), fontsize=7, color="grey", xytext=(3, 2), textcoords="offset points")
+        ax.annotate(
+            f"SAV k={k}",
+            (1.0 / k, k / K),
+            fontsize=7,
+            color="grey",
+            xytext=(3, 2),
+            textcoords="offset points",
+        )
     ax.set_xlabel("head weight w")
     ax.set_ylabel("fraction of heads with weight > w")
     ax.set_ylim(0, 1.02)
@@ -94,7 +101,9 @@ def survival(
     return _save(fig, path)
 
 
-def conditional_vs_global(sweep: Sequence[Mapping[str, Any]], path: Path, *, shots: int | None = None, metric: str = "accuracy") -> Path:
+def conditional_vs_global(
+    sweep: Sequence[Mapping[str, Any]], path: Path, *, shots: int | None = None, metric: str = "accuracy"
+) -> Path:
     """Fig. 4: class-conditional (CALM) vs global weighting, metric against the number of heads kept."""
     plt = _plt()
     rows = [r for r in sweep if r["metric"] == metric]
@@ -108,7 +117,12 @@ def conditional_vs_global(sweep: Sequence[Mapping[str, Any]], path: Path, *, sho
             k = np.array([r["k"] for r in rs])
             mean = np.array([r["mean"] for r in rs])
             std = np.array([r["std"] for r in rs])
-            ax.plot(k, mean, style, label="class-conditional (CALM)" if method == "calm" else "global (CALM-global)")
+            ax.plot(
+                k,
+                mean,
+                style,
+                label="class-conditional (CALM)" if method == "calm" else "global (CALM-global)",
+            )
             ax.fill_between(k, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("heads kept (k)")
     ax.set_ylabel(f"{metric} (%)")
@@ -118,7 +132,11 @@ def conditional_vs_global(sweep: Sequence[Mapping[str, Any]], path: Path, *, sho
 
 
 def shots_and_heads(
-    summary: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]], path: Path, *, metric: str = "accuracy"
+    summary: Sequence[Mapping[str, Any]],
+    sweep: Sequence[Mapping[str, Any]],
+    path: Path,
+    *,
+    metric: str = "accuracy",
 ) -> Path:
     """Fig. 5: metric against shots (all methods) and CALM's metric against the fraction of heads kept."""
     plt = _plt()
@@ -126,8 +144,14 @@ def shots_and_heads(
     rows = [s for s in summary if s["metric"] == metric]
     for method in dict.fromkeys(s["method"] for s in rows):
         rs = sorted((s for s in rows if s["method"] == method), key=lambda s: s["shots"])
-        ax1.errorbar([s["shots"] for s in rs], [s["mean"] for s in rs], yerr=[s["std"] for s in rs], marker="o",
-                     capsize=3, label=method)
+        ax1.errorbar(
+            [s["shots"] for s in rs],
+            [s["mean"] for s in rs],
+            yerr=[s["std"] for s in rs],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
     ax1.set_xlabel("shots per class")
     ax1.set_ylabel(f"{metric} (%)")
     ax1.set_title("Accuracy against shots")
@@ -155,7 +179,9 @@ def top_head_counts(weights: Sequence[np.ndarray], n_heads: int) -> np.ndarray:
     return counts
 
 
-def influential_heads(counts: np.ndarray, head_names: Sequence[Sequence[Any]], path: Path, *, title: str = "") -> Path:
+def influential_heads(
+    counts: np.ndarray, head_names: Sequence[Sequence[Any]], path: Path, *, title: str = ""
+) -> Path:
     """Fig. 6: layer x head heat map of top-head counts, one panel per head source."""
     plt = _plt()
     counts = np.asarray(counts)

@@ -16,23 +16,16 @@ a wrong shape or an unknown format version is refused with a ValueError naming t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from calm._files import atomic_write_bytes, json_default
 
 FORMAT = "calm-classifier"
 FORMAT_VERSION = 1
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_classifier", "load_classifier"]
-
-
-def _json_default(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
 
 
 def _classes_to_json(classes: np.ndarray) -> tuple[list, str]:
@@ -67,7 +60,7 @@ def _tensors(clf) -> dict[str, np.ndarray]:
 
 def save_classifier(clf, path, metadata: dict | None = None) -> None:
     """Write fitted ``clf`` (SAV or CALM) to ``path`` (written atomically)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     import calm
 
@@ -87,13 +80,11 @@ def save_classifier(clf, path, metadata: dict | None = None) -> None:
         "metadata": dict(metadata or {}),
     }
     try:
-        text = json.dumps(header, default=_json_default, allow_nan=False)
+        text = json.dumps(header, default=json_default, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"parameters and metadata must be JSON-serialisable: {e}") from e
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_tensors(clf), str(tmp), metadata={"calm": text})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(_tensors(clf), metadata={"calm": text}))
 
 
 def _expected_shapes(est: str, h: dict, tensors: dict) -> dict[str, tuple]:
@@ -136,7 +127,8 @@ def load_classifier(path):
         )
     if h.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path} has unknown format version {h.get('format_version')!r}; this calm reads version {FORMAT_VERSION}"
+            f"{path} has unknown format version {h.get('format_version')!r}; "
+            f"this calm reads version {FORMAT_VERSION}"
         )
     required = ("estimator", "params", "classes", "classes_type", "n_classes", "n_heads", "head_dim", "k")
     missing = [key for key in required if key not in h]

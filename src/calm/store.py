@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from calm import _files
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -85,7 +87,8 @@ class ExtractReport:
     def summary(self) -> str:
         text = (
             f"{self.stored} stored, {self.skipped} already stored, {len(self.failed)} failed "
-            f"of {self.total} clips in {self.seconds:.1f} s ({self.clips_per_second:.2f} clips/s) -> {self.store}"
+            f"of {self.total} clips in {self.seconds:.1f} s ({self.clips_per_second:.2f} clips/s) "
+            f"-> {self.store}"
         )
         if self.redone:
             text += f"; {self.redone} clips of damaged shards redone"
@@ -98,7 +101,7 @@ class ExtractReport:
 
 def canonical_json(obj: Any) -> str:
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _files.canonical_json(obj)
     except (TypeError, ValueError) as exc:
         raise StoreError(f"extraction key is not JSON-serialisable: {exc}") from None
 
@@ -120,75 +123,28 @@ def store_path(path: str | Path) -> str:
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 (hex) of a file's bytes, read `chunk` bytes at a time."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 (hex) of a clip's bytes, read afresh (a clip may change between two runs)."""
+    return _files.file_sha256(path, chunk, memo=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+_fsync_dir = _files.fsync_dir
+atomic_write_bytes = _files.atomic_write_bytes
+_json_default = _files.json_default
 
 
 def _row_json(row: Mapping[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False, default=_json_default)
 
 
-class _Lock:
-    """An exclusive, non-blocking lock on a file (released by the kernel if the process dies)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
+class _Lock(_files.FileLock):
+    """The store's writer lock: `StoreError` naming the store when another extraction holds it."""
 
     def __enter__(self) -> _Lock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - no fcntl (Windows): no cross-process guard
-            pass
-        except OSError:
-            os.close(self.fd)
-            self.fd = None
+            super().__enter__()
+        except _files.LockedError:
             raise StoreError(f"{self.path.parent}: another extraction is writing to this store") from None
         return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +202,8 @@ def check_shard(
     shape = tuple(int(s) for s in info.get("shape", ()))
     if info.get("dtype") != DTYPES[dtype][1] or len(shape) != 3 or list(shape[1:]) != list(feature_shape):
         raise StoreError(
-            f"{path}: shard holds {info.get('dtype')} {shape}, the store expects {dtype} (rows, {feature_shape[0]}, {feature_shape[1]})"
+            f"{path}: shard holds {info.get('dtype')} {shape}, "
+            f"the store expects {dtype} (rows, {feature_shape[0]}, {feature_shape[1]})"
         )
     if shape[0] < rows:
         raise StoreError(f"{path}: shard has {shape[0]} rows, the index refers to row {rows - 1}")

@@ -36,7 +36,9 @@ def parse_k(text: str) -> float | int:
     try:
         value = float(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r}: a fraction in (0, 1] or a head count", param_hint="--k") from None
+        raise click.BadParameter(
+            f"{text!r}: a fraction in (0, 1] or a head count", param_hint="--k"
+        ) from None
     if value <= 0:
         raise click.BadParameter("k must be positive", param_hint="--k")
     return value if value <= 1 and "." in text else int(value)
@@ -44,18 +46,53 @@ def parse_k(text: str) -> float | int:
 
 def classifier_options(command):
     """The classifiers' hyper-parameters and their options beyond the paper (shared by evaluate and fit)."""
-    for option in reversed([
-        click.option("--k", "k", default="0.25", show_default=True, help="Heads kept by CALM/CALM-global: fraction or count."),
-        click.option("--tau-p", type=float, default=0.03, show_default=True, help="Head posterior temperature (Eq. 5)."),
-        click.option("--tau-w", type=float, default=0.5, show_default=True, help="Head weight temperature (Eq. 8 / 12)."),
-        click.option("--sav-tie-break", type=click.Choice(["index", "margin"]), default="index", show_default=True,
-                     help="SAV heads of equal support accuracy: lower index (paper) or larger mean margin."),
-        click.option("--normalization", type=click.Choice(["softmax", "power"]), default="softmax", show_default=True,
-                     help="CALM weights: softmax(r / tau_w) (paper) or r^(1/tau_w) / sum (authors' code)."),
-        click.option("--reliability", type=click.Choice(["in-sample", "leave-one-out"]), default="in-sample",
-                     show_default=True, help="CALM margins on the support clips (paper) or each clip against its "
-                     "class centroid without it."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--k",
+                "k",
+                default="0.25",
+                show_default=True,
+                help="Heads kept by CALM/CALM-global: fraction or count.",
+            ),
+            click.option(
+                "--tau-p",
+                type=float,
+                default=0.03,
+                show_default=True,
+                help="Head posterior temperature (Eq. 5).",
+            ),
+            click.option(
+                "--tau-w",
+                type=float,
+                default=0.5,
+                show_default=True,
+                help="Head weight temperature (Eq. 8 / 12).",
+            ),
+            click.option(
+                "--sav-tie-break",
+                type=click.Choice(["index", "margin"]),
+                default="index",
+                show_default=True,
+                help="SAV heads of equal support accuracy: lower index (paper) or larger mean margin.",
+            ),
+            click.option(
+                "--normalization",
+                type=click.Choice(["softmax", "power"]),
+                default="softmax",
+                show_default=True,
+                help="CALM weights: softmax(r / tau_w) (paper) or r^(1/tau_w) / sum (authors' code).",
+            ),
+            click.option(
+                "--reliability",
+                type=click.Choice(["in-sample", "leave-one-out"]),
+                default="in-sample",
+                show_default=True,
+                help="CALM margins on the support clips (paper) or each clip against its "
+                "class centroid without it.",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -63,8 +100,14 @@ def classifier_options(command):
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=True,
+    )
 
 
 def _features_from_data(model, data_spec, store, extractor_kw, batch_size, progress, echo):
@@ -90,8 +133,19 @@ def _features_from_data(model, data_spec, store, extractor_kw, batch_size, progr
         meta = meta[keep].reset_index(drop=True)
         meta.attrs.update(attrs)
     failed = [{"path": p, "reason": r} for p, r in report.failed]
-    return X, y, meta, extractor, {"stored": report.stored, "skipped": report.skipped, "failed": failed,
-                                   "seconds": round(report.seconds, 1), "digest": report.digest}
+    return (
+        X,
+        y,
+        meta,
+        extractor,
+        {
+            "stored": report.stored,
+            "skipped": report.skipped,
+            "failed": failed,
+            "seconds": round(report.seconds, 1),
+            "digest": report.digest,
+        },
+    )
 
 
 def _lalm_skip_reason(extractor) -> str | None:
@@ -107,8 +161,28 @@ def _lalm_skip_reason(extractor) -> str | None:
     return None
 
 
-def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, test_fold, tune, registry, out,
-               zero_shot_mode, pl_rollouts, pl_pool, pl_seed, batch_size, bar):
+def _lalm_runs(
+    ev,
+    X,
+    y,
+    meta,
+    extractor,
+    methods,
+    classes,
+    *,
+    shots,
+    seeds,
+    test_fold,
+    tune,
+    registry,
+    out,
+    zero_shot_mode,
+    pl_rollouts,
+    pl_pool,
+    pl_seed,
+    batch_size,
+    bar,
+):
     """Runs of zero-shot / sav+pl / calm+pl, and what results.json reports about them."""
     import numpy as np
 
@@ -122,66 +196,174 @@ def _lalm_runs(ev, X, y, meta, extractor, methods, classes, *, shots, seeds, tes
         return lambda done, total: bar.update(task, completed=done, total=total)
 
     def zero_shot(rows):
-        res = zero_shot_clips(extractor, list(paths[rows]), classes, mode=zero_shot_mode, batch_size=batch_size,
-                              cache=out / "zero_shot.json", progress=step("zero-shot answers"))
-        info["zero_shot"] = {"mode": zero_shot_mode, "prompt": res.prompt, "clips": len(rows),
-                             "n_unparsed": res.n_unparsed, "cache": str(out / "zero_shot.json")}
+        res = zero_shot_clips(
+            extractor,
+            list(paths[rows]),
+            classes,
+            mode=zero_shot_mode,
+            batch_size=batch_size,
+            cache=out / "zero_shot.json",
+            progress=step("zero-shot answers"),
+        )
+        info["zero_shot"] = {
+            "mode": zero_shot_mode,
+            "prompt": res.prompt,
+            "clips": len(rows),
+            "n_unparsed": res.n_unparsed,
+            "cache": str(out / "zero_shot.json"),
+        }
         return res.predictions, res.scores
 
     def pseudo_label(rows):
-        res = pseudo_label_clips(extractor, list(paths[rows]), classes, rollouts=pl_rollouts, seed=pl_seed,
-                                 batch_size=batch_size, cache=out / "pseudo_labels.json",
-                                 progress=step("pseudo-labels"))
+        res = pseudo_label_clips(
+            extractor,
+            list(paths[rows]),
+            classes,
+            rollouts=pl_rollouts,
+            seed=pl_seed,
+            batch_size=batch_size,
+            cache=out / "pseudo_labels.json",
+            progress=step("pseudo-labels"),
+        )
         info["pseudo_labels"] = {
-            "rollouts": pl_rollouts, "temperature_range": [1.0, 2.5], "min_agreement": 0.5, "seed": pl_seed,
-            "pool": pl_pool if pl_pool is not None else "shots x classes", "clips": len(rows),
-            "kept": int(np.sum(res.kept)), "answers_unparsed": res.n_unparsed,
-            "cache": str(out / "pseudo_labels.json")}
+            "rollouts": pl_rollouts,
+            "temperature_range": [1.0, 2.5],
+            "min_agreement": 0.5,
+            "seed": pl_seed,
+            "pool": pl_pool if pl_pool is not None else "shots x classes",
+            "clips": len(rows),
+            "kept": int(np.sum(res.kept)),
+            "answers_unparsed": res.n_unparsed,
+            "cache": str(out / "pseudo_labels.json"),
+        }
         return res
 
     n_eps = len(shots) * len(seeds) * len(ev.make_parts(meta, test_fold)[0])
-    task = bar.add_task("zero-shot / pseudo-label episodes", total=n_eps * (("zero-shot" in methods)
-                        + any(m in ev.PL_BASES for m in methods)))
+    task = bar.add_task(
+        "zero-shot / pseudo-label episodes",
+        total=n_eps * (("zero-shot" in methods) + any(m in ev.PL_BASES for m in methods)),
+    )
     res = ev.run_lalm_protocol(
-        X, y, meta, methods=methods, shots=shots, seeds=seeds, test_fold=test_fold, zero_shot=zero_shot,
-        zero_shot_params={"mode": zero_shot_mode}, pseudo_label=pseudo_label, fewshot=registry,
-        pl_pool_size=pl_pool, do_tune=tune, progress=lambda msg: bar.update(task, advance=1))
+        X,
+        y,
+        meta,
+        methods=methods,
+        shots=shots,
+        seeds=seeds,
+        test_fold=test_fold,
+        zero_shot=zero_shot,
+        zero_shot_params={"mode": zero_shot_mode},
+        pseudo_label=pseudo_label,
+        fewshot=registry,
+        pl_pool_size=pl_pool,
+        do_tune=tune,
+        progress=lambda msg: bar.update(task, advance=1),
+    )
     return res.runs, info, res.warnings
 
 
 @click.command()
 @model_options
-@click.option("--data", "data_spec", default=None, help="Dataset KIND:ROOT (e.g. esc10:PATH, csv:MANIFEST, esc50).")
-@click.option("--features", "features", default=None, type=click.Path(file_okay=False, exists=True),
-              help="Evaluate an existing feature store instead of extracting (--model/--data unused).")
+@click.option(
+    "--data", "data_spec", default=None, help="Dataset KIND:ROOT (e.g. esc10:PATH, csv:MANIFEST, esc50)."
+)
+@click.option(
+    "--features",
+    "features",
+    default=None,
+    type=click.Path(file_okay=False, exists=True),
+    help="Evaluate an existing feature store instead of extracting (--model/--data unused).",
+)
 @click.option("--key", default=None, help="Extraction key digest, when --features holds several.")
-@click.option("--store", default=None, type=click.Path(file_okay=False),
-              help="Feature store (cache) to extract into [default: RUN_DIR/features].")
+@click.option(
+    "--store",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Feature store (cache) to extract into [default: RUN_DIR/features].",
+)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory RUN_DIR.")
 @click.option("--shots", default="1,5,10", show_default=True, help="Shots per class, comma-separated.")
 @click.option("--seeds", default="10", show_default=True, help="N (seeds 0..N-1) or a list like 0,4,7.")
-@click.option("--methods", default="sav,calm-global,calm,linear-probe", show_default=True,
-              help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS)}.")
-@click.option("--test-fold", default="5", show_default=True, help="Folded data (ESC): test fold, or 'all' to rotate.")
-@click.option("--tune", is_flag=True, help="Choose hyper-parameters by cross-validation inside each support set.")
+@click.option(
+    "--methods",
+    default="sav,calm-global,calm,linear-probe",
+    show_default=True,
+    help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS)}.",
+)
+@click.option(
+    "--test-fold", default="5", show_default=True, help="Folded data (ESC): test fold, or 'all' to rotate."
+)
+@click.option(
+    "--tune", is_flag=True, help="Choose hyper-parameters by cross-validation inside each support set."
+)
 @classifier_options
 @click.option("--sav-k", default=None, help="Heads kept by SAV [default: --k].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--figures/--no-figures", default=True, show_default=True, help="Write figures/ (Fig. 3-6).")
-@click.option("--sweep-seeds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Seeds of the heads-kept sweep behind Fig. 4 and 5.")
-@click.option("--zero-shot-mode", type=click.Choice(["letters", "likelihood", "generate"]), default="letters",
-              show_default=True, help="zero-shot: option-letter logits, class-name likelihood, or a generated answer.")
-@click.option("--pl-rollouts", type=click.IntRange(min=1), default=10, show_default=True,
-              help="sav+pl / calm+pl: sampled answers M per unlabelled clip (temperatures U(1, 2.5)).")
-@click.option("--pl-pool", type=click.IntRange(min=1), default=None,
-              help="sav+pl / calm+pl: unlabelled clips drawn per episode [default: shots x classes].")
+@click.option(
+    "--sweep-seeds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Seeds of the heads-kept sweep behind Fig. 4 and 5.",
+)
+@click.option(
+    "--zero-shot-mode",
+    type=click.Choice(["letters", "likelihood", "generate"]),
+    default="letters",
+    show_default=True,
+    help="zero-shot: option-letter logits, class-name likelihood, or a generated answer.",
+)
+@click.option(
+    "--pl-rollouts",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="sav+pl / calm+pl: sampled answers M per unlabelled clip (temperatures U(1, 2.5)).",
+)
+@click.option(
+    "--pl-pool",
+    type=click.IntRange(min=1),
+    default=None,
+    help="sav+pl / calm+pl: unlabelled clips drawn per episode [default: shots x classes].",
+)
 @click.option("--pl-seed", type=int, default=0, show_default=True, help="Seed of the pseudo-label sampling.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods, test_fold, tune, k, tau_p, tau_w,
-             sav_tie_break, normalization, reliability, sav_k, model_dtype, layers, attn_implementation, heads,
-             prompt, device, batch_size, figures, sweep_seeds, options, zero_shot_mode,
-             pl_rollouts, pl_pool, pl_seed, progress):
+def evaluate(
+    model,
+    data_spec,
+    features,
+    key,
+    store,
+    out,
+    shots,
+    seeds,
+    methods,
+    test_fold,
+    tune,
+    k,
+    tau_p,
+    tau_w,
+    sav_tie_break,
+    normalization,
+    reliability,
+    sav_k,
+    model_dtype,
+    layers,
+    attn_implementation,
+    heads,
+    prompt,
+    device,
+    batch_size,
+    figures,
+    sweep_seeds,
+    options,
+    zero_shot_mode,
+    pl_rollouts,
+    pl_pool,
+    pl_seed,
+    progress,
+):
     """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
     support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table.
 
@@ -225,9 +407,14 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
         else:
             store_dir = Path(store) if store is not None else out / "features"
             X, y, meta, extractor, extraction = _features_from_data(
-                model, data_spec, store_dir,
+                model,
+                data_spec,
+                store_dir,
                 extractor_kwargs(heads, prompt, device, model_dtype, layers, attn_implementation, options),
-                batch_size, progress, echo)
+                batch_size,
+                progress,
+                echo,
+            )
     except (DatasetError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     key_info = dict(meta.attrs.get("key") or {})
@@ -235,8 +422,15 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
     head_names = [tuple(h) for h in meta.attrs.get("head_names", [])]
     echo(f"{len(y)} clips, features {tuple(X.shape[1:])}")
 
-    registry = ev.fewshot_methods(k=k_value, tau_p=tau_p, tau_w=tau_w, sav_k=sav_k_value, sav_tie_break=sav_tie_break,
-                                  normalization=normalization, reliability=reliability)
+    registry = ev.fewshot_methods(
+        k=k_value,
+        tau_p=tau_p,
+        tau_w=tau_w,
+        sav_k=sav_k_value,
+        sav_tie_break=sav_tie_break,
+        normalization=normalization,
+        reliability=reliability,
+    )
     chosen = {m: registry[m] for m in method_list if m in registry}
     skipped = {}
     lalm = [m for m in method_list if m in LALM_METHODS]
@@ -257,24 +451,58 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
         with _progress(progress) as bar:
             task = bar.add_task("episodes", total=n_total)
             result = ev.run_protocol(
-                X, y, meta, methods=chosen, shots=shot_list, seeds=seed_list, test_fold=test_fold, do_tune=tune,
+                X,
+                y,
+                meta,
+                methods=chosen,
+                shots=shot_list,
+                seeds=seed_list,
+                test_fold=test_fold,
+                do_tune=tune,
                 keep_fits=(lambda m, n, s, p: need_fits and m == "calm" and n == max_shots),
-                progress=lambda msg: bar.update(task, advance=1, description=f"episodes: {msg}"))
+                progress=lambda msg: bar.update(task, advance=1, description=f"episodes: {msg}"),
+            )
             sweep = []
             sweep_methods = {m: chosen[m] for m in ("calm", "calm-global") if m in chosen}
             if figures and sweep_methods:
-                n_sweep = len(ev.SWEEP_FRACTIONS) * len(shot_list) * min(sweep_seeds, len(seed_list)) * len(parts)
+                n_sweep = (
+                    len(ev.SWEEP_FRACTIONS) * len(shot_list) * min(sweep_seeds, len(seed_list)) * len(parts)
+                )
                 task2 = bar.add_task("heads-kept sweep", total=n_sweep * len(sweep_methods))
-                sweep = ev.k_sweep(X, y, meta, methods=sweep_methods, shots=shot_list,
-                                   seeds=seed_list[:sweep_seeds], test_fold=test_fold,
-                                   progress=lambda msg: bar.update(task2, advance=1))
+                sweep = ev.k_sweep(
+                    X,
+                    y,
+                    meta,
+                    methods=sweep_methods,
+                    shots=shot_list,
+                    seeds=seed_list[:sweep_seeds],
+                    test_fold=test_fold,
+                    progress=lambda msg: bar.update(task2, advance=1),
+                )
             lalm_info, warnings = {}, []
             if lalm:
                 try:
                     lalm_runs, lalm_info, warnings = _lalm_runs(
-                        ev, X, y, meta, extractor, lalm, result.classes, shots=shot_list, seeds=seed_list,
-                        test_fold=test_fold, tune=tune, registry=registry, out=out, zero_shot_mode=zero_shot_mode,
-                        pl_rollouts=pl_rollouts, pl_pool=pl_pool, pl_seed=pl_seed, batch_size=batch_size, bar=bar)
+                        ev,
+                        X,
+                        y,
+                        meta,
+                        extractor,
+                        lalm,
+                        result.classes,
+                        shots=shot_list,
+                        seeds=seed_list,
+                        test_fold=test_fold,
+                        tune=tune,
+                        registry=registry,
+                        out=out,
+                        zero_shot_mode=zero_shot_mode,
+                        pl_rollouts=pl_rollouts,
+                        pl_pool=pl_pool,
+                        pl_seed=pl_seed,
+                        batch_size=batch_size,
+                        bar=bar,
+                    )
                 except ValueError as exc:  # e.g. option labels that are not single tokens, a pool too large
                     raise click.ClickException(f"{', '.join(lalm)}: {exc}") from None
                 result.runs = ev.order_runs(result.runs + lalm_runs, method_list)
@@ -294,22 +522,34 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
         if head_names:
             analyses["top_heads"] = [
                 {"layer": h[0], "head": h[1], "source": h[2] if len(h) > 2 else "decoder", "count": int(c)}
-                for h, c in sorted(zip(head_names, counts, strict=True), key=lambda t: -t[1]) if c > 0]
+                for h, c in sorted(zip(head_names, counts, strict=True), key=lambda t: -t[1])
+                if c > 0
+            ]
     config = {
-        "model": (extractor_key.get("model") or extractor_key.get("model_id")) if features is not None else model,
+        "model": (extractor_key.get("model") or extractor_key.get("model_id"))
+        if features is not None
+        else model,
         "prompt": extractor_key.get("prompt", prompt),
         "head_source": extractor_key.get("heads", heads),
         "extraction_key": key_info,
         "dataset": data_spec or str(features),
         "features": str(features) if features else None,
-        "n_clips": int(len(y)), "n_heads": int(X.shape[1]), "head_dim": int(X.shape[2]),
-        "shots": shot_list, "seeds": seed_list, "n_seeds": len(seed_list),
+        "n_clips": int(len(y)),
+        "n_heads": int(X.shape[1]),
+        "head_dim": int(X.shape[2]),
+        "shots": shot_list,
+        "seeds": seed_list,
+        "n_seeds": len(seed_list),
         "methods": [m for m in method_list if m in chosen or m in lalm],
-        "test_fold": test_fold, "tune": tune,
-        "defaults": {**{name: dict(m.defaults) for name, m in chosen.items()},
-                     **{m: dict(registry[ev.PL_BASES[m]].defaults) for m in lalm if m in ev.PL_BASES}},
+        "test_fold": test_fold,
+        "tune": tune,
+        "defaults": {
+            **{name: dict(m.defaults) for name, m in chosen.items()},
+            **{m: dict(registry[ev.PL_BASES[m]].defaults) for m in lalm if m in ev.PL_BASES},
+        },
         **lalm_info,
-        "package": "calm-audio", "version": __version__,
+        "package": "calm-audio",
+        "version": __version__,
         "extraction": extraction,
     }
     results = ev.build_results(result, config, analyses=analyses, skipped_methods=skipped, warnings=warnings)
@@ -318,9 +558,14 @@ def evaluate(model, data_spec, features, key, store, out, shots, seeds, methods,
     if figures:
         from calm.figures import make_figures
 
-        made = make_figures(out / "figures", results, weights=weights,
-                            classes=[str(c) for c in result.fits[next(iter(result.fits))].classes_] if result.fits else None,
-                            counts=counts, head_names=head_names or None)
+        made = make_figures(
+            out / "figures",
+            results,
+            weights=weights,
+            classes=[str(c) for c in result.fits[next(iter(result.fits))].classes_] if result.fits else None,
+            counts=counts,
+            head_names=head_names or None,
+        )
         echo(f"figures: {', '.join(str(p) for p in made.values())}")
     click.echo(ev.results_markdown(results))
     echo(f"wrote {js} and {md} in {time.perf_counter() - t0:.0f} s")

@@ -44,27 +44,56 @@ def parse_options(items: tuple[str, ...]) -> dict[str, object]:
 
 def model_options(command):
     """The frozen model that extracts the features, and how it runs (shared by extract and evaluate)."""
-    for option in reversed([
-        click.option("--model", default="whisper-tiny.en", show_default=True,
-                     help="Registered name, hub id or local directory."),
-        click.option("--heads", type=click.Choice(["all", "encoder", "decoder"]), default="all", show_default=True),
-        click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context)."),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
-        click.option("--model-dtype", default=None, help="Compute dtype (default: float32 on CPU, bf16/fp16 on GPU)."),
-        click.option("--layers", default=None, help="N (first N layers) or a list like 0,2,5-7 (default: all)."),
-        click.option("--attn-implementation", default=None, help="eager, sdpa, flash_attention_2 (transformers)."),
-        click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
-                     help="Backend option, repeatable (e.g. -o encoder_length=clip -o min_encoder_seconds=10, "
-                     "-o long=windows, -o video=true)."),
-    ]):  # fmt: skip
+    for option in reversed(
+        [
+            click.option(
+                "--model",
+                default="whisper-tiny.en",
+                show_default=True,
+                help="Registered name, hub id or local directory.",
+            ),
+            click.option(
+                "--heads", type=click.Choice(["all", "encoder", "decoder"]), default="all", show_default=True
+            ),
+            click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context)."),
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+            click.option(
+                "--model-dtype",
+                default=None,
+                help="Compute dtype (default: float32 on CPU, bf16/fp16 on GPU).",
+            ),
+            click.option(
+                "--layers", default=None, help="N (first N layers) or a list like 0,2,5-7 (default: all)."
+            ),
+            click.option(
+                "--attn-implementation", default=None, help="eager, sdpa, flash_attention_2 (transformers)."
+            ),
+            click.option(
+                "-o",
+                "--option",
+                "options",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Backend option, repeatable (e.g. -o encoder_length=clip -o min_encoder_seconds=10, "
+                "-o long=windows, -o video=true).",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
 
 def extractor_kwargs(heads, prompt, device, model_dtype, layers, attn_implementation, options) -> dict:
     """`load_extractor` keyword arguments from the `model_options` values."""
-    return dict(heads=heads, prompt=prompt, device=device, dtype=model_dtype, layers=parse_layers(layers),
-                attn_implementation=attn_implementation, **parse_options(options))
+    return dict(
+        heads=heads,
+        prompt=prompt,
+        device=device,
+        dtype=model_dtype,
+        layers=parse_layers(layers),
+        attn_implementation=attn_implementation,
+        **parse_options(options),
+    )
 
 
 def _load_extractor(model: str, **kwargs):
@@ -137,7 +166,8 @@ def extract(
     click.echo(f"dataset {data_spec}: {len(dataset.clips)} clips, {len(dataset.classes)} classes", err=True)
     try:
         extractor = _load_extractor(
-            model, **extractor_kwargs(heads, prompt, device, model_dtype, layers, attn_implementation, options)
+            model,
+            **extractor_kwargs(heads, prompt, device, model_dtype, layers, attn_implementation, options),
         )
     except (ValueError, OSError) as exc:  # ExtractorError is a ValueError
         raise click.ClickException(f"cannot load model {model!r}: {exc}") from None

@@ -31,15 +31,37 @@ def extractor_metadata(meta) -> dict:
 @click.option("--method", type=click.Choice(FIT_METHODS), default="calm", show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="MODEL.safetensors")
 @click.option("--key", default=None, help="Extraction key digest, when the store holds several.")
-@click.option("--shots", type=click.IntRange(min=1), default=None,
-              help="Fit on N clips per class drawn with --seed [default: every clip].")
+@click.option(
+    "--shots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Fit on N clips per class drawn with --seed [default: every clip].",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--holdout/--no-holdout", default=False, show_default=True,
-              help="Leave out the test part (official split or --test-fold) as `calm evaluate` does.")
+@click.option(
+    "--holdout/--no-holdout",
+    default=False,
+    show_default=True,
+    help="Leave out the test part (official split or --test-fold) as `calm evaluate` does.",
+)
 @click.option("--test-fold", default="5", show_default=True)
 @classifier_options
-def fit(store, method, out, key, shots, seed, holdout, test_fold, k, tau_p, tau_w, sav_tie_break, normalization,
-        reliability):
+def fit(
+    store,
+    method,
+    out,
+    key,
+    shots,
+    seed,
+    holdout,
+    test_fold,
+    k,
+    tau_p,
+    tau_w,
+    sav_tie_break,
+    normalization,
+    reliability,
+):
     """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
     import numpy as np
 
@@ -65,13 +87,24 @@ def fit(store, method, out, key, shots, seed, holdout, test_fold, k, tau_p, tau_
         rows, support_y = episode.support, episode.support_y
     if ev.task_of(support_y) == "multilabel":
         raise click.ClickException("multi-label rows: use --shots so each support clip stands for one class")
-    m = ev.fewshot_methods(k=parse_k(k), tau_p=tau_p, tau_w=tau_w, sav_tie_break=sav_tie_break,
-                           normalization=normalization, reliability=reliability)[method]
+    m = ev.fewshot_methods(
+        k=parse_k(k),
+        tau_p=tau_p,
+        tau_w=tau_w,
+        sav_tie_break=sav_tie_break,
+        normalization=normalization,
+        reliability=reliability,
+    )[method]
     clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
     metadata = {
         **extractor_metadata(meta),
-        "method": method, "params": dict(m.defaults), "shots": shots, "seed": seed, "holdout": holdout,
-        "n_support": int(len(rows)), "store": str(Path(store).absolute()),
-    }  # fmt: skip
+        "method": method,
+        "params": dict(m.defaults),
+        "shots": shots,
+        "seed": seed,
+        "holdout": holdout,
+        "n_support": int(len(rows)),
+        "store": str(Path(store).absolute()),
+    }
     clf.save(out, metadata=metadata)
     click.echo(f"{method} on {len(rows)} clips, {len(clf.classes_)} classes, {X.shape[1]} heads -> {out}")

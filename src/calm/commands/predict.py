@@ -26,15 +26,21 @@ def rebuild_extractor(metadata: dict, device: str):
         now = json.loads(json.dumps(extractor.key))
         diff = sorted(k for k in set(stored) | set(now) if k != "dtype" and stored.get(k) != now.get(k))
         if diff:
-            raise click.ClickException(f"the extractor differs from the one the classifier was fitted on in {diff}")
+            raise click.ClickException(
+                f"the extractor differs from the one the classifier was fitted on in {diff}"
+            )
     return extractor
 
 
 @click.command()
 @click.argument("model_path", metavar="MODEL.safetensors", type=click.Path(dir_okay=False, exists=True))
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--csv", "csv_out", default=None, type=click.Path(dir_okay=False), help="Also write a CSV here.")
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write JSON here.")
+@click.option(
+    "--csv", "csv_out", default=None, type=click.Path(dir_okay=False), help="Also write a CSV here."
+)
+@click.option(
+    "--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write JSON here."
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 def predict(model_path, files, csv_out, json_out, device, batch_size):
@@ -52,7 +58,7 @@ def predict(model_path, files, csv_out, json_out, device, batch_size):
         except (ValueError, OSError, RuntimeError) as exc:  # AudioError, missing files, decoder errors
             rows.append({"path": f, "label": None, "probability": None, "error": str(exc)})
     for i in range(0, len(loaded), batch_size):
-        batch = loaded[i: i + batch_size]
+        batch = loaded[i : i + batch_size]
         feats = np.asarray(extractor.extract([x for _, x in batch]), dtype=np.float32)
         proba = np.asarray(clf.predict_proba(feats))
         for (f, _), p in zip(batch, proba, strict=True):

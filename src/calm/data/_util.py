@@ -10,14 +10,37 @@ from calm.data.base import LABEL_SEP, Clip, DatasetError
 
 # Containers the audio loader (soundfile / PyAV) reads; video containers carry an audio stream.
 AUDIO_EXTENSIONS = frozenset(
-    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff", ".wma",
-     ".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi"}
+    {
+        ".wav",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".m4a",
+        ".aac",
+        ".aif",
+        ".aiff",
+        ".wma",
+        ".mp4",
+        ".m4v",
+        ".mkv",
+        ".webm",
+        ".mov",
+        ".avi",
+    }
 )
 
 SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "test": "test", "eval": "test", "evaluation": "test",
-    "dev": "dev", "val": "dev", "valid": "dev", "validation": "dev",
+    "train": "train",
+    "training": "train",
+    "test": "test",
+    "eval": "test",
+    "evaluation": "test",
+    "dev": "dev",
+    "val": "dev",
+    "valid": "dev",
+    "validation": "dev",
 }
 
 

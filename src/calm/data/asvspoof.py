@@ -41,7 +41,9 @@ def load_asvspoof2019_la(root: Path, *, missing: str = "error") -> Dataset:
                 where = f"{proto}:{line}"
                 cells = text.split()
                 if len(cells) != 5:
-                    raise DatasetError(f"{where}: expected SPEAKER_ID FILE_ID - SYSTEM_ID KEY, got {len(cells)} fields")
+                    raise DatasetError(
+                        f"{where}: expected SPEAKER_ID FILE_ID - SYSTEM_ID KEY, got {len(cells)} fields"
+                    )
                 speaker, file_id, _, system, key = cells
                 if key not in CLASSES:
                     raise DatasetError(f"{where}: key {key!r} is not bonafide or spoof")

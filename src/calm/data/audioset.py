@@ -55,8 +55,15 @@ def _fields(ytid: str, start: str, end: str, split: str, where: str) -> dict:
         raise DatasetError(f"{where}: start/end {start!r}/{end!r} are not numbers") from None
     if e <= s:
         raise DatasetError(f"{where}: end_seconds {end} is not after start_seconds {start}")
-    return {"ytid": ytid, "start": start, "end": end, "start_int": int(s), "end_int": int(e),
-            "start_ms": int(round(s * 1000)), "split": split}
+    return {
+        "ytid": ytid,
+        "start": start,
+        "end": end,
+        "start_int": int(s),
+        "end_int": int(e),
+        "start_ms": int(round(s * 1000)),
+        "split": split,
+    }
 
 
 def load_audioset(
@@ -86,7 +93,9 @@ def load_audioset(
         for line, cells in read_csv_rows(csv_path):
             where = f"{csv_path}:{line}"
             if len(cells) != 4:
-                raise DatasetError(f'{where}: expected YTID, start_seconds, end_seconds, "mids"; got {len(cells)} fields')
+                raise DatasetError(
+                    f'{where}: expected YTID, start_seconds, end_seconds, "mids"; got {len(cells)} fields'
+                )
             ytid, start, end, mids_text = cells
             fields = _fields(ytid, start, end, split_name, where)
             mids = tuple(dict.fromkeys(m.strip() for m in mids_text.split(",") if m.strip()))
@@ -103,22 +112,35 @@ def load_audioset(
                 try:
                     path = root / template.format(**fields)
                 except (KeyError, ValueError, IndexError) as exc:
-                    raise DatasetError(f"template {template!r}: {exc!r} (fields: {', '.join(fields)})") from None
+                    raise DatasetError(
+                        f"template {template!r}: {exc!r} (fields: {', '.join(fields)})"
+                    ) from None
                 path = path if path.is_file() else None
             else:
-                path = next((index[s] for s in (t.format(**fields) for t in DEFAULT_STEMS) if s in index), None)
+                path = next(
+                    (index[s] for s in (t.format(**fields) for t in DEFAULT_STEMS) if s in index), None
+                )
             if path is None:
                 message = f"{where}: no audio for {ytid} at {start}s under {root}"
                 hint = " (set template=..., or missing=skip to leave absent clips out)"
                 skip_missing(message, missing, skipped, hint)
                 continue
-            meta = {"ytid": ytid, "start_seconds": float(start), "end_seconds": float(end),
-                    "mids": ",".join(mids), "segments": split_name}
+            meta = {
+                "ytid": ytid,
+                "start_seconds": float(start),
+                "end_seconds": float(end),
+                "mids": ",".join(mids),
+                "segments": split_name,
+            }
             clips.append(Clip(path=path, labels=labels, split=split, meta=meta))
     if not found_any:
-        raise DatasetError(f"{root}: no AudioSet segments CSV ({', '.join(f for f, _ in SEGMENT_FILES.values())})")
+        raise DatasetError(
+            f"{root}: no AudioSet segments CSV ({', '.join(f for f, _ in SEGMENT_FILES.values())})"
+        )
     if not clips:
         raise DatasetError(f"{root}: no AudioSet clip found on disk ({len(skipped)} rows without audio)")
     present = {label for c in clips for label in c.labels}
     classes = [n for n in ordered if n in present] if ordered else sorted(present)
-    return Dataset(name="audioset", root=root, clips=clips, classes=classes, multi_label=True, skipped=skipped)
+    return Dataset(
+        name="audioset", root=root, clips=clips, classes=classes, multi_label=True, skipped=skipped
+    )

@@ -58,7 +58,7 @@ def extract_esc50_archive(archive: Path, dest: Path) -> Path:
         for name in names:
             if not name.startswith(prefix) or name.endswith("/"):
                 continue
-            rel = name[len(prefix):]
+            rel = name[len(prefix) :]
             if not (rel.startswith("meta/") or rel.startswith("audio/")):
                 continue
             target = (tmp / rel).resolve()

@@ -38,7 +38,9 @@ def load_manifest(manifest: str | Path, *, check_files: bool = True) -> Dataset:
     for line, cells in rows:
         where = f"{manifest}:{line}"
         if len(cells) != len(header):
-            raise DatasetError(f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(cells)}")
+            raise DatasetError(
+                f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(cells)}"
+            )
         rel = cells[col["path"]]
         if not rel:
             raise DatasetError(f"{where}: empty path")

@@ -22,7 +22,9 @@ def _categories(root: Path) -> dict[str, str]:
             out = {}
             for line, cells in read_csv_rows(path):
                 if len(cells) != 3:
-                    raise DatasetError(f"{path}:{line}: expected label,count,category, got {len(cells)} fields")
+                    raise DatasetError(
+                        f"{path}:{line}: expected label,count,category, got {len(cells)} fields"
+                    )
                 out[cells[0]] = cells[2]
             return out
     return {}
@@ -39,7 +41,9 @@ def load_vggsound(root: Path, *, missing: str = "error") -> Dataset:
         for line, cells in read_csv_rows(main):
             where = f"{main}:{line}"
             if len(cells) != 4:
-                raise DatasetError(f"{where}: expected youtube_id,start_seconds,label,split; got {len(cells)} fields")
+                raise DatasetError(
+                    f"{where}: expected youtube_id,start_seconds,label,split; got {len(cells)} fields"
+                )
             ytid, start, label, split = cells
             try:
                 start_i = int(float(start))

@@ -110,8 +110,16 @@ def load_extractor(
     long = options.pop("long", "truncate")
     if long not in ("truncate", "windows"):
         raise ExtractorError(f"long={long!r}: use 'truncate' or 'windows'")
-    extractor = _load(model, heads=heads, prompt=prompt, device=device, dtype=dtype, layers=layers,
-                      attn_implementation=attn_implementation, **options)
+    extractor = _load(
+        model,
+        heads=heads,
+        prompt=prompt,
+        device=device,
+        dtype=dtype,
+        layers=layers,
+        attn_implementation=attn_implementation,
+        **options,
+    )
     if long == "windows":
         from calm.models.windows import WindowedExtractor
 
@@ -121,9 +129,14 @@ def load_extractor(
 
 def _load(model, *, heads, prompt, device, dtype, layers, attn_implementation, **options) -> Extractor:
     common = dict(
-        heads=heads, prompt=prompt, device=device, dtype=resolve_dtype(dtype, device),
-        layers=layers, attn_implementation=attn_implementation, **options,
-    )  # fmt: skip
+        heads=heads,
+        prompt=prompt,
+        device=device,
+        dtype=resolve_dtype(dtype, device),
+        layers=layers,
+        attn_implementation=attn_implementation,
+        **options,
+    )
     if model in MODELS:
         entry = MODELS[model]
         loader = _resolve_loader(entry.loader)

@@ -48,10 +48,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     if isinstance(dtype, torch.dtype):
         return dtype
     aliases = {
-        "float32": torch.float32, "fp32": torch.float32,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    }  # fmt: skip
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     try:
         return aliases[str(dtype).lower()]
     except KeyError:

