@@ -137,6 +137,11 @@ def decoder_attention_sites(
     return attention_sites(decoder_layers(model), layers, source="decoder")
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so left-padded rows get the positions of unpadded ones."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real (mask == 1) token of each row; right and left padding both work."""
     mask = attention_mask.bool()
