@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import shared_data
 
-from calm._files import canonical_json
+from calm._files import canonical_json, file_sha256
 from calm.models import load_extractor
 from calm.models.base import ExtractorError
 from calm.models.hooks import HeadCapture, at_positions, attention_sites
@@ -22,7 +22,7 @@ from calm.models.whisper import (
     real_encoder_frames,
     run_encoder,
 )
-from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, sha256_file, verify
+from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, verify
 
 N_CLIPS = 3
 
@@ -72,7 +72,7 @@ def test_ct2_reader_parses_every_variable():
 
 def test_conversion_maps_weights_and_is_reused(converted):
     directory, record = converted
-    assert record["source_sha256"] == sha256_file(package_model_dir() / "model.bin")
+    assert record["source_sha256"] == file_sha256(package_model_dir() / "model.bin")
     from transformers import WhisperForConditionalGeneration
 
     model = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
