@@ -114,7 +114,7 @@ def select_layers(n_layers: int, layers: Sequence[int] | int | None) -> list[int
 
 
 def attention_sites(
-    layer_list: Sequence[nn.Module],
+    layer_list: Sequence[nn.Module] | nn.ModuleList,
     layers: Sequence[int] | int | None = None,
     *,
     attention: str | None = None,

@@ -77,7 +77,7 @@ class LoadSpec:
 
     def layer_list(self) -> list[int] | int | None:
         """`layers` as the extractors take it (a list of indices, an int or None)."""
-        return list(self.layers) if isinstance(self.layers, tuple) else self.layers
+        return list(self.layers) if isinstance(self.layers, Sequence) else self.layers
 
 
 def backend_options(**defaults: Any) -> Callable[[F], F]:

@@ -12,7 +12,7 @@ of the wrapped extractor is forwarded.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -56,24 +56,24 @@ class WindowedExtractor(Extractor):
 
     @property
     def model(self) -> Any:
-        return self.inner.model
+        return cast(Any, self.inner).model
 
     @property
     def processor(self) -> Any:
-        return self.inner.processor
+        return cast(Any, self.inner).processor
 
     @property
     def tokenizer(self) -> Any:
-        return self.inner.tokenizer
+        return cast(Any, self.inner).tokenizer
 
     @property
     def build_inputs(self) -> Any:
-        return self.inner.build_inputs
+        return cast(Any, self.inner).build_inputs
 
     @property
     def forward_kwargs(self) -> dict[str, Any]:
-        return self.inner.forward_kwargs
+        return cast(Any, self.inner).forward_kwargs
 
     @property
     def positions_from_mask(self) -> bool:
-        return self.inner.positions_from_mask
+        return cast(Any, self.inner).positions_from_mask
