@@ -89,7 +89,7 @@ class SavedClassifier:
         return {"C": len(self.classes), "K": self.n_heads, "d": self.head_dim, "k": self.k}
 
 
-def _classes_to_json(classes: np.ndarray) -> tuple[list, str]:
+def _classes_to_json(classes: np.ndarray) -> tuple[list[Any], str]:
     values = classes.tolist()
     for name, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)), ("str", (str,))):
         if all(isinstance(v, types) and (name == "bool" or not isinstance(v, bool)) for v in values):

@@ -54,7 +54,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     classes: Any
     chunk_size: int | None
 
-    _parameter_constraints: ClassVar[dict[str, list]] = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "k": [_POSITIVE_INT, Interval(RealNotInt, 0, 1, closed="right"), None],
         "tau_p": [Interval(Real, 0, np.inf, closed="neither")],
         "n_heads": [_POSITIVE_INT, None],
@@ -133,7 +133,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (entries of ``classes_``); ties go to the lower class index."""
         scores = self.decision_function(X)
-        return self.classes_[np.argmax(scores, axis=1)]
+        labels: np.ndarray = self.classes_[np.argmax(scores, axis=1)]
+        return labels
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy of ``predict(X)`` against y."""

@@ -57,7 +57,7 @@ class CALM(HeadClassifier):
     decreasing reliability, k_, n_heads_, head_dim_, metadata_.
     """
 
-    _parameter_constraints: ClassVar[dict[str, list]] = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **HeadClassifier._parameter_constraints,
         "tau_w": HeadClassifier._parameter_constraints["tau_p"],
         "weighting": [StrOptions({"class", "global"})],
@@ -162,4 +162,5 @@ class CALM(HeadClassifier):
         s = self.decision_function(X)
         total = s.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(total > 0, s / total, 1.0 / s.shape[1])
+            proba: np.ndarray = np.where(total > 0, s / total, 1.0 / s.shape[1])
+        return proba

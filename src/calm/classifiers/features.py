@@ -108,7 +108,7 @@ def _split_heads(
 
 def _np_dtype(dtype: Any) -> np.dtype:
     try:
-        return np.dtype(dtype)
+        return np.dtype(dtype)  # type: ignore[no-any-return]
     except TypeError:
         return np.dtype(np.float32)
 

@@ -50,7 +50,7 @@ class SAV(HeadClassifier):
     only), k_, n_heads_, head_dim_, metadata_.
     """
 
-    _parameter_constraints: ClassVar[dict[str, list]] = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **HeadClassifier._parameter_constraints,
         "tie_break": [StrOptions({"index", "margin"})],
     }
