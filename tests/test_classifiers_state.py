@@ -21,6 +21,7 @@ from sklearn.exceptions import NotFittedError
 from test_classifiers_reference import make_problem
 
 import calm
+from calm import _heads as H
 from calm.classifiers import CALM, SAV
 from calm.classifiers.base import ESTIMATORS, HeadClassifier
 from calm.serialization import read_classifier
@@ -83,6 +84,11 @@ def test_declared_state_is_what_is_saved_and_restores_the_estimator(est):
 
 
 def _snapshot(value):
+    """A deep copy of ``value`` plus the identity and memory address of every array inside it."""
+    if isinstance(value, (tuple, list)):
+        return ("seq", type(value), [_snapshot(v) for v in value], id(value))
+    if isinstance(value, dict):
+        return ("dict", {k: _snapshot(v) for k, v in value.items()}, id(value))
     if isinstance(value, torch.Tensor):
         return ("tensor", value.clone(), value.data_ptr())
     if isinstance(value, np.ndarray):
@@ -91,12 +97,29 @@ def _snapshot(value):
 
 
 def _same(before, value):
-    kind, copied, ptr = before
+    kind = before[0]
+    if kind == "seq":
+        _, typ, items, ident = before
+        return (
+            type(value) is typ
+            and id(value) == ident
+            and len(items) == len(value)
+            and all(_same(b, v) for b, v in zip(items, value, strict=True))
+        )
+    if kind == "dict":
+        _, items, ident = before
+        return (
+            id(value) == ident
+            and items.keys() == value.keys()
+            and all(_same(items[k], value[k]) for k in items)
+        )
+    _, copied, ptr = before
     if kind == "tensor":
         return torch.equal(copied, value) and value.data_ptr() == ptr and copied.dtype == value.dtype
     if kind == "array":
-        return np.array_equal(copied, value) and value.__array_interface__["data"][0] == ptr
-    return copied == value if not isinstance(copied, np.ndarray) else np.array_equal(copied, value)
+        same_bytes = value.__array_interface__["data"][0] == ptr
+        return np.array_equal(copied, value) and same_bytes and copied.dtype == value.dtype
+    return bool(copied == value)
 
 
 @pytest.mark.parametrize("est", ESTIMATOR_CASES)
@@ -116,6 +139,16 @@ def test_predict_paths_change_nothing(tmp_path, est):
         for key, value in vars(clf).items():
             assert id(value) == ids[key], key
             assert _same(before[key], value), key
+
+
+def test_calm_scores_use_the_current_tau_p_without_caching_it():
+    X, y, Xq, _ = make_problem(37, shots=3)
+    clf = CALM(k=3).fit(X, y).set_params(tau_p=0.2)  # set after fit: weights stay, posteriors change
+    before = {key: _snapshot(v) for key, v in vars(clf).items()}
+    got = clf.decision_function(Xq)
+    post = H.head_posteriors(H.cosine_similarities(Xq, clf.centroids_), 0.2)
+    np.testing.assert_allclose(got, H.weighted_scores(post, clf.weights_).numpy(), rtol=1e-5, atol=1e-6)
+    assert all(_same(before[key], v) for key, v in vars(clf).items())
 
 
 def test_fit_returns_self_and_refit_replaces_state():

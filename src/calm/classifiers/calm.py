@@ -144,6 +144,7 @@ class CALM(HeadClassifier):
             w, unit = w[:, index], unit[index]
         self._unit_used = unit.contiguous()  # (K_used, d, C)
         self._w_used = w.T.contiguous()  # (K_used, C)
+        self._scaled = (self.tau_p, self._unit_used / self.tau_p)  # the unit centroids over tau_p (Eq. 5)
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Raw scores (n, C) of Eq. 13 (Eq. 9 for ``weighting="global"``)."""
@@ -151,7 +152,9 @@ class CALM(HeadClassifier):
         dtype = self._dtype()
         C = len(self.classes_)
         out = np.empty((feats.n, C), dtype=np.float64 if dtype == torch.float64 else np.float32)
-        scaled = self._unit_used / self.tau_p  # the unit centroids over tau_p (Eq. 5)
+        tau_p, scaled = self._scaled
+        if tau_p != self.tau_p:  # changed by set_params since fit: scale here, keep the fitted tensors
+            scaled = self._unit_used / self.tau_p
         shift = needs_shift(self.tau_p, C, dtype)
         for start, xb in feats.chunks(self._rows(len(self._w_used)), dtype, heads=self._used):
             out[start : start + len(xb)] = calm_scores(xb, scaled, self._w_used, shift).numpy()
