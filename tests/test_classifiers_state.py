@@ -24,7 +24,7 @@ import calm
 from calm import _heads as H
 from calm.classifiers import CALM, SAV
 from calm.classifiers.base import ESTIMATORS, HeadClassifier
-from calm.serialization import read_classifier
+from calm.serialization import read_classifier, write_classifier
 
 V1 = Path(__file__).parent / "data" / "classifier_v1"
 SRC = Path(calm.__file__).parent
@@ -186,8 +186,6 @@ def test_unknown_estimator_names_the_known_ones(tmp_path):
     X, y, _, _ = make_problem(36)
     saved = SAV(k=2).fit(X, y)._to_state()
     saved.estimator = "KNN"
-    from calm.serialization import write_classifier
-
     write_classifier(tmp_path / "m.safetensors", saved)
     assert read_classifier(tmp_path / "m.safetensors").estimator == "KNN"
     with pytest.raises(ValueError, match=r"unknown estimator 'KNN' \(known: \['CALM', 'SAV'\]\)"):
