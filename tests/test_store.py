@@ -415,7 +415,7 @@ def test_progress_bar_runs(tmp_path, clips, capsys):
 
 
 def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, reference, monkeypatch):
-    import calm.store as store_mod
+    import calm.store.compaction as compaction_mod
 
     out = tmp_path / "store"
     run(FakeExtractor(), clips, out, batch_size=2)
@@ -425,7 +425,7 @@ def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, ref
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod, "_write_index", crash)
+    monkeypatch.setattr(compaction_mod, "write_index", crash)
     with pytest.raises(OSError):
         compact(out)
     monkeypatch.undo()
