@@ -15,6 +15,7 @@ from calm.data.base import Clip
 from calm.store import (
     INDEX_FILE,
     SHARD_DIR,
+    ExtractProgress,
     ShardedArray,
     StoreError,
     _Lock,
@@ -408,10 +409,60 @@ def test_paths_are_stored_absolute_and_normalised(tmp_path, clips, monkeypatch):
     assert run(FakeExtractor(), clips[:3], tmp_path / "store").skipped == 3
 
 
-def test_progress_bar_runs(tmp_path, clips, capsys):
+def test_progress_true_prints_plain_lines(tmp_path, clips, capsys):
     report = extract_to_store(FakeExtractor(), clips[:4], tmp_path / "store", batch_size=2, progress=True)
     assert report.stored == 4
-    assert "clips/s" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "extracting: 4/4 clips" in err and "clips/s" in err and "\x1b" not in err  # no terminal codes
+
+
+def test_progress_callback_gets_every_event(tmp_path, clips):
+    bad = tmp_path / "audio" / "bad.wav"
+    bad.write_bytes(b"not audio" * 20)
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips[:3], out)
+    events: list[ExtractProgress] = []
+    items = [*clips[:7], Clip(bad, ("x",))]
+    report = run(FakeExtractor(), items, out, batch_size=2, progress=events.append)
+    assert (report.stored, report.skipped, len(report.failed)) == (4, 3, 1)
+    assert events[0].done == 0 and all(e.total == 5 and e.skipped == 3 for e in events)
+    assert [e.done for e in events] == sorted(e.done for e in events)  # done never goes back
+    last = events[-1]
+    assert (last.done, last.stored, last.failed) == (5, 4, 1)
+    assert all(e.done == e.stored + e.failed for e in events)
+    assert all(e.clips_per_second >= 0 and e.seconds >= 0 for e in events)
+    # each batch of two and the failed clip is one event after the first
+    assert len(events) == 1 + 3
+    with pytest.raises(TypeError, match="progress"):
+        run(FakeExtractor(), items, out, progress="yes")
+
+
+def test_read_raw_returns_stored_values_exactly(tmp_path, clips):
+    out = tmp_path / "store"
+    run(FakeExtractor(scale=1.001), clips, out)
+    X, _, meta = load_features(out)
+    assert X.storage_dtype == np.float16
+    raw = X.read_raw([4, 0, -1])
+    assert raw.dtype == np.float16 and raw.shape == (3, *X.shape[1:])
+    np.testing.assert_array_equal(raw.astype(np.float32), X[[4, 0, -1]])
+    # the bytes are those of the shard, not a float32 round trip
+    from safetensors.numpy import load_file
+
+    row = load_features(out, mmap=True)[2].index[0]
+    shard_rows = [json.loads(line) for line in next(out.glob(f"*/{INDEX_FILE}")).read_text().splitlines()]
+    first = {r["path"]: r for r in shard_rows}[meta["path"][row]]
+    stored = load_file(str(Path(meta.attrs["store"]) / SHARD_DIR / first["shard"]))["features"][first["row"]]
+    assert X.read_raw([row])[0].tobytes() == stored.tobytes()
+    np.testing.assert_array_equal(X.read_raw(slice(2, 8, 3)), X.read_raw([2, 5]))
+    assert X.read_raw([]).shape == (0, *X.shape[1:])
+    with pytest.raises(IndexError):
+        X.read_raw([10])
+    with pytest.raises(IndexError):
+        X.read_raw([[0, 1]])
+    with pytest.raises(IndexError):
+        X.read_raw(np.array([0.5]))
+    X32 = load_features(run(FakeExtractor(), clips, tmp_path / "f32", dtype="float32").store)[0]
+    assert X32.read_raw([1]).dtype == np.float32
 
 
 def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, reference, monkeypatch):
