@@ -217,6 +217,8 @@ def read_key_file(path: Path) -> dict[str, Any]:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path}: unreadable key file ({exc})") from None
+    if not isinstance(info, dict):
+        raise StoreError(f"{path}: key file is not a JSON object")
     for name in ("digest", "key", "head_names", "feature_shape"):
         if name not in info:
             raise StoreError(f"{path}: key file lacks {name!r}")
@@ -261,7 +263,7 @@ def resolve_key_dir(store: str | Path, key: str | Mapping[str, Any] | None = Non
         raise StoreError(f"{store}: the store holds no features yet")
     if key is None:
         if len(infos) == 1:
-            return infos[0]["dir"]
+            return Path(infos[0]["dir"])
         listing = "\n  ".join(_describe(i) for i in infos)
         raise StoreError(f"{store} holds {len(infos)} extraction keys; pass key= one of:\n  {listing}")
     if isinstance(key, Mapping):
@@ -273,7 +275,7 @@ def resolve_key_dir(store: str | Path, key: str | Mapping[str, Any] | None = Non
         k = str(key)
         hits = [i for i in infos if i["digest"].startswith(k) or i["dir"].name.startswith(k)]
     if len(hits) == 1:
-        return hits[0]["dir"]
+        return Path(hits[0]["dir"])
     listing = "\n  ".join(_describe(i) for i in infos)
     what = "matches several keys" if hits else "matches no key"
     raise StoreError(f"{store}: key {key!r} {what}; the store holds:\n  {listing}")

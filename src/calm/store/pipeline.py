@@ -9,7 +9,7 @@ the clips that break it. Nothing here writes to disk.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,11 +68,11 @@ def decode_ahead(
     *,
     workers: int,
     prefetch: int,
-) -> Iterator[Decoded]:
+) -> Generator[Decoded, None, None]:
     """`Decoded` clips in the order of `pending` ((path, clip) pairs), decoded in `workers` threads
     at most `prefetch` clips ahead. Close the iterator (or exhaust it) to stop the threads."""
     pool = ThreadPoolExecutor(workers, thread_name_prefix="calm-load")
-    queue: deque[tuple[str, Any, Future]] = deque()
+    queue: deque[tuple[str, Any, Future[tuple[str | None, Any, str | None]]]] = deque()
     it = iter(pending)
 
     def fill() -> None:
@@ -119,7 +119,8 @@ def extract_batch(
     except Exception as batch_exc:
         if len(inputs) == 1:
             raise
-        parts, ok, errors = [], [], []
+        parts, ok = [], []
+        errors: list[tuple[int, BaseException]] = []
         for i, x in enumerate(inputs):
             try:
                 parts.append(_extract_checked(extractor, [x], n_heads))

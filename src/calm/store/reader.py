@@ -94,7 +94,7 @@ class ShardedArray:
             out[mask] = self._map(int(s))[row[mask]]
         return out
 
-    def read_raw(self, positions: npt.ArrayLike) -> np.ndarray:
+    def read_raw(self, positions: npt.ArrayLike | slice) -> np.ndarray:
         """Rows at the given positions exactly as stored: (len(positions), K, d) in `storage_dtype`.
 
         positions: 1-D integers (negative ones count from the end) or a slice. Unlike `X[idx]`,
@@ -108,7 +108,7 @@ class ShardedArray:
             pos = np.arange(self.shape[0])[pos.astype(np.int64)]
         return self._gather(pos, self.storage_dtype)
 
-    def __getitem__(self, idx: Any) -> np.ndarray:
+    def __getitem__(self, idx: Any) -> Any:
         first, rest = (idx[0], idx[1:]) if isinstance(idx, tuple) else (idx, ())
         if first is Ellipsis:
             first, rest = slice(None), (Ellipsis, *rest)
@@ -119,8 +119,8 @@ class ShardedArray:
         out = self._gather(pos.ravel(), np.float32).reshape(*pos.shape, *self.shape[1:])
         return out[(slice(None),) * pos.ndim + rest] if rest else out
 
-    def __array__(self, dtype: npt.DTypeLike = None, copy: bool | None = None) -> np.ndarray:
-        out = self[:]
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
+        out: np.ndarray = self._gather(np.arange(self.shape[0]), np.float32)
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __iter__(self) -> Iterator[np.ndarray]:
