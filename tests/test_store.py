@@ -21,6 +21,7 @@ from calm.store import (
     _Lock,
     compact,
     extract_to_store,
+    file_sha256,
     list_keys,
     load_features,
     resolve_key_dir,
@@ -280,14 +281,41 @@ def test_crash_leftovers_are_cleaned_up(tmp_path, clips, reference):
     # and an index line cut short
     (shards / "shard-000009.safetensors").write_bytes((shards / "shard-000001.safetensors").read_bytes())
     (shards / ".shard-000010.safetensors.tmp-123").write_bytes(b"half")
+    (shards / ".shard-000011.safetensors.k2x9.tmp").write_bytes(b"half")  # calm._files' unique names
+    (key_dir / ".index.jsonl.a1b2.tmp").write_bytes(b"half")
     with open(key_dir / INDEX_FILE, "ab") as f:
         f.write(b'{"path": "/x.wav", "hash": "ab')
     assert len(load_features(out)[0]) == 6  # the cut line is ignored when reading
     report = run(FakeExtractor(), clips, out)
     assert (report.skipped, report.stored) == (6, 4)
     assert not (shards / "shard-000009.safetensors").exists()
-    assert not list(shards.glob(".*tmp*"))
+    assert not list(shards.glob(".*tmp*")) and not list(key_dir.glob(".*tmp*"))
     assert_same_store(out, reference)
+
+
+def test_a_run_driven_from_outside_writes_the_same_store(tmp_path, clips, reference):
+    """What a distributed extraction does: plan under the lock, compute features elsewhere, write."""
+    from calm.audio import load_audio
+    from calm.store import Decoded, Extraction
+
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips[:4], out)  # some clips are stored already
+    ext = FakeExtractor()
+    events = []
+    job = Extraction(ext, out, batch_size=3, progress=events.append)
+    with job.start(clips) as part:
+        assert [p for p, _ in part.pending] == [str(c.path) for c in clips[4:]]
+        with pytest.raises(StoreError, match="another extraction"):
+            run(FakeExtractor(), clips, out)  # the lock is held while the run is open
+        for start in range(0, len(part.pending), 3):
+            chunk = part.pending[start : start + 3]
+            items = [Decoded(p, c, part.hashes.get(p) or file_sha256(p), None, None, True) for p, c in chunk]
+            part.write(items, np.stack([ext.features(load_audio(p, RATE)) for p, _ in chunk]))
+            part.advance(len(items))
+    assert (part.report.skipped, part.report.stored, part.report.failed) == (4, 6, [])
+    assert [e.done for e in events] == [0, 3, 6] and events[-1].stored == 6
+    assert_same_store(out, reference)
+    assert run(FakeExtractor(), clips, out).skipped == 10
 
 
 def test_damaged_index_line_in_the_middle_is_an_error(tmp_path, clips):

@@ -5,7 +5,8 @@ One job: keep extracted features between runs. The package is split by job:
 - `calm.store.format`: the on-disk format (key, key folders, index, shards and their checks);
 - `calm.store.folder`: one key folder opened for writing (crash recovery, shard/index appends);
 - `calm.store.pipeline`: threaded decoding ahead of the model, and the checked model call;
-- `calm.store.writer`: `Extraction` / `extract_to_store`, `ExtractReport`, `ExtractProgress`;
+- `calm.store.events`: `ExtractReport`, `ExtractProgress` events and the `TextProgress` printer;
+- `calm.store.writer`: `Extraction` / `ExtractionRun` / `extract_to_store` (resume plan, batches);
 - `calm.store.reader`: `load_features` and the memory-mapped `ShardedArray`;
 - `calm.store.compaction`: `compact`.
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 from calm._files import atomic_write_bytes
 from calm.store.compaction import compact
+from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, TextProgress
 from calm.store.folder import KeyFolder, open_key_folder
 from calm.store.format import (
     DTYPES,
@@ -63,16 +65,9 @@ from calm.store.format import (
     resolve_key_dir,
     store_path,
 )
+from calm.store.pipeline import Decoded
 from calm.store.reader import ShardedArray, load_features, open_rows
-from calm.store.writer import (
-    Extraction,
-    ExtractProgress,
-    ExtractReport,
-    ProgressCallback,
-    TextProgress,
-    extract_to_store,
-    plan_clips,
-)
+from calm.store.writer import Extraction, ExtractionRun, extract_to_store, plan_clips
 
 _Lock = StoreLock  # the name tests and older code use
 
@@ -85,9 +80,13 @@ __all__ = [
     "LOCK_FILE",
     "SHARD_DIR",
     "TENSOR",
+    "Decoded",
+    "Decoded",
     "ExtractProgress",
     "ExtractReport",
     "Extraction",
+    "ExtractionRun",
+    "ExtractionRun",
     "KeyFolder",
     "ProgressCallback",
     "ShardedArray",

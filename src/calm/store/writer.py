@@ -13,102 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from dataclasses import dataclass, field
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, as_callback
 from calm.store.folder import KeyFolder, open_key_folder
 from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, store_path
 from calm.store.pipeline import Decoded, decode_ahead, extract_batch, failure_reason, safe_hash
 
 log = logging.getLogger("calm.store")
-
-
-@dataclass(frozen=True)
-class ExtractProgress:
-    """One progress event of an extraction (sent at the start and after every clip or batch)."""
-
-    done: int  # clips finished by this run, stored or failed
-    total: int  # clips this run has to extract (those already stored are not counted)
-    failed: int  # clips of this run that failed so far
-    stored: int  # clips of this run stored so far
-    skipped: int  # clips already in the store (same path and content)
-    seconds: float  # since the extraction of the pending clips started
-    clips_per_second: float  # done / seconds
-
-
-ProgressCallback = Callable[[ExtractProgress], None]
-
-
-@dataclass
-class ExtractReport:
-    """What one `extract_to_store` run did."""
-
-    store: Path  # the key folder the features went to
-    digest: str
-    total: int = 0  # clips considered (after `limit` and de-duplication)
-    stored: int = 0  # extracted and stored by this run
-    skipped: int = 0  # already in the store with the same content hash
-    redone: int = 0  # rows dropped at start because their shard was damaged or orphaned
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    seconds: float = 0.0
-
-    @property
-    def clips_per_second(self) -> float:
-        return self.stored / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    def summary(self) -> str:
-        text = (
-            f"{self.stored} stored, {self.skipped} already stored, {len(self.failed)} failed "
-            f"of {self.total} clips in {self.seconds:.1f} s ({self.clips_per_second:.2f} clips/s) "
-            f"-> {self.store}"
-        )
-        if self.redone:
-            text += f"; {self.redone} clips of damaged shards redone"
-        return text
-
-
-class TextProgress:
-    """A plain progress printer: one line to `stream` (default stderr) at most every `interval`
-    seconds, and one when the last clip is done. What `progress=True` means."""
-
-    def __init__(self, stream: IO[str] | None = None, interval: float = 10.0):
-        self.stream = stream
-        self.interval = interval
-        self._last = -float("inf")
-
-    def __call__(self, event: ExtractProgress) -> None:
-        now = time.monotonic()
-        if event.done < event.total and now - self._last < self.interval:
-            return
-        self._last = now
-        failed = f", {event.failed} failed" if event.failed else ""
-        print(
-            f"extracting: {event.done}/{event.total} clips{failed}, {event.clips_per_second:.2f} clips/s",
-            file=self.stream or sys.stderr,
-            flush=True,
-        )
-
-
-def _as_callback(progress: bool | ProgressCallback | None) -> ProgressCallback | None:
-    if progress is True:
-        return TextProgress()
-    if progress is False or progress is None:
-        return None
-    if not callable(progress):
-        raise TypeError(f"progress must be a bool or a callable taking ExtractProgress, got {progress!r}")
-    return progress
 
 
 def _as_clips(clips: Any) -> list[Any]:
@@ -165,7 +84,7 @@ class Extraction:
         self.dtype = dtype
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.prefetch = max(prefetch or 2 * batch_size + self.workers, batch_size)
-        self.progress = _as_callback(progress)
+        self.progress = as_callback(progress)
 
     def open_folder(self) -> KeyFolder:
         """The key folder this extraction writes to (created, not yet locked or recovered)."""
@@ -176,9 +95,12 @@ class Extraction:
         folder.root.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def run(self, clips: Any, *, limit: int | None = None, allow_failures: bool = True) -> ExtractReport:
-        """Extract the features of `clips` (Clips, a Dataset or paths) not stored yet; see
-        `extract_to_store`."""
+    @contextmanager
+    def start(self, clips: Any, *, limit: int | None = None) -> Iterator[ExtractionRun]:
+        """Lock the key folder, recover it after a crash and plan: yields an `ExtractionRun` whose
+        `pending` clips still need features. `run` drives it with the local pipeline; a
+        distributed extraction can compute features elsewhere and `write` them through it. On
+        exit the index is closed and `report.seconds` set; the lock is held until then."""
         t0 = time.perf_counter()
         todo = plan_clips(clips, limit)
         folder = self.open_folder()
@@ -188,10 +110,19 @@ class Extraction:
                 report.redone = folder.recover()
             pending, hashes = self.pending(folder, todo, report)
             with open(folder.root / FAILURES_FILE, "w") as failures_log:
-                _Run(self, folder, report, failures_log, len(pending)).extract(pending, hashes)
+                try:
+                    yield ExtractionRun(self, folder, report, failures_log, pending, hashes)
+                finally:
+                    folder.close()
         report.seconds = time.perf_counter() - t0
-        _check_failures(report, allow_failures)
-        return report
+
+    def run(self, clips: Any, *, limit: int | None = None, allow_failures: bool = True) -> ExtractReport:
+        """Extract the features of `clips` (Clips, a Dataset or paths) not stored yet; see
+        `extract_to_store`."""
+        with self.start(clips, limit=limit) as run:
+            run.extract()
+        _check_failures(run.report, allow_failures)
+        return run.report
 
     def pending(
         self, folder: KeyFolder, todo: list[tuple[str, Any]], report: ExtractReport
@@ -224,30 +155,46 @@ def _check_failures(report: ExtractReport, allow_failures: bool) -> None:
         raise StoreError(f"{n} clips failed (the others are stored in {report.store}):\n  {listing}")
 
 
-class _Run:
-    """The state of one run through the pending clips: batching, failures, progress events."""
+class ExtractionRun:
+    """One run of an `Extraction` under the key folder's lock (made by `Extraction.start`).
+
+    `pending`: the (path, clip) pairs still to extract; `hashes`: path -> sha256 of the clips
+    already indexed. `extract()` runs the local pipeline (threaded decoding, the model, writes);
+    a driver of its own calls `store(items)` (model + write) or `write(items, features)`
+    (features computed elsewhere) with `Decoded` items, `fail` for clips that failed, and
+    `advance(n)` to send a progress event. The first event (done 0) is sent on creation.
+    """
 
     def __init__(
-        self, job: Extraction, folder: KeyFolder, report: ExtractReport, failures_log: IO[str], total: int
+        self,
+        job: Extraction,
+        folder: KeyFolder,
+        report: ExtractReport,
+        failures_log: IO[str],
+        pending: list[tuple[str, Any]],
+        hashes: dict[str, str | None],
     ):
         self.job = job
         self.folder = folder
         self.report = report
         self.failures_log = failures_log
-        self.total = total
+        self.pending = pending
+        self.hashes = hashes
         self.done = 0
         self.stored_before = report.stored
         self.t0 = time.perf_counter()
+        self.advance(0)
 
-    def emit(self, advance: int = 0) -> None:
-        self.done += advance
+    def advance(self, n: int) -> None:
+        """Count `n` more clips as done (stored or failed) and send a progress event."""
+        self.done += n
         if self.job.progress is None:
             return
         seconds = time.perf_counter() - self.t0
         self.job.progress(
             ExtractProgress(
                 done=self.done,
-                total=self.total,
+                total=len(self.pending),
                 failed=len(self.report.failed),
                 stored=self.report.stored - self.stored_before,
                 skipped=self.report.skipped,
@@ -257,54 +204,57 @@ class _Run:
         )
 
     def fail(self, path: str, clip_hash: str | None, reason: str) -> None:
+        """Record a failed clip in the report and in failures.jsonl."""
         self.report.failed.append((path, reason))
         self.failures_log.write(json.dumps({"path": path, "hash": clip_hash, "reason": reason}) + "\n")
         self.failures_log.flush()
 
-    def extract(self, pending: list[tuple[str, Any]], hashes: dict[str, str | None]) -> None:
+    def extract(self) -> None:
+        """Decode the pending clips ahead of the model in threads, and store them batch by batch."""
         job = self.job
-        self.emit()
         batch: list[Decoded] = []
-        decoded = decode_ahead(job.extractor, pending, hashes, workers=job.workers, prefetch=job.prefetch)
-        try:
-            with closing(decoded):
-                for item in decoded:
-                    if item.reason is not None:
-                        self.fail(item.path, item.hash, item.reason)
-                        self.emit(1)
-                    else:
-                        batch.append(item)
-                    if len(batch) >= job.batch_size or (batch and not item.more):
-                        self.store(batch)
-                        self.emit(len(batch))
-                        batch = []
-        finally:
-            self.folder.close()
+        decoded = decode_ahead(
+            job.extractor, self.pending, self.hashes, workers=job.workers, prefetch=job.prefetch
+        )
+        with closing(decoded):
+            for item in decoded:
+                if item.reason is not None:
+                    self.fail(item.path, item.hash, item.reason)
+                    self.advance(1)
+                else:
+                    batch.append(item)
+                if len(batch) >= job.batch_size or (batch and not item.more):
+                    self.store(batch)
+                    self.advance(len(batch))
+                    batch = []
 
     def store(self, batch: list[Decoded]) -> None:
-        """Extract a batch and store its clips with finite features as one shard."""
-        folder = self.folder
-        feats, ok, errors = extract_batch(
-            self.job.extractor, [d.input for d in batch], len(folder.info["head_names"])
-        )
+        """Run the model on decoded clips and write those it handled (see `write`)."""
+        n_heads = len(self.folder.info["head_names"])
+        feats, ok, errors = extract_batch(self.job.extractor, [d.input for d in batch], n_heads)
         for i, exc in errors:
             self.fail(batch[i].path, batch[i].hash, f"model error: {failure_reason(exc)}")
+        self.write([batch[i] for i in ok], feats)
+
+    def write(self, items: list[Decoded], features: np.ndarray) -> None:
+        """Store `features` (len(items), K, d) of `items` as one shard; rows that are not finite in
+        the storage dtype are recorded as failures instead."""
+        folder = self.folder
         with np.errstate(over="ignore", invalid="ignore"):
-            stored = feats.astype(DTYPES[folder.dtype][0])
+            stored = features.astype(DTYPES[folder.dtype][0])
         finite = np.isfinite(stored).reshape(len(stored), -1).all(axis=1)
         for j in np.flatnonzero(~finite):
-            hint = " (too large for float16: use dtype float32)" if np.isfinite(feats[j]).all() else ""
-            self.fail(batch[ok[j]].path, batch[ok[j]].hash, f"non-finite features{hint}")
+            hint = " (too large for float16: use dtype float32)" if np.isfinite(features[j]).all() else ""
+            self.fail(items[j].path, items[j].hash, f"non-finite features{hint}")
         keep = np.flatnonzero(finite)
         if keep.size == 0:
             return
         if "feature_shape" not in folder.info:
-            folder.set_feature_shape((int(feats.shape[1]), int(feats.shape[2])))
-        elif list(feats.shape[1:]) != list(folder.feature_shape):
-            raise StoreError(
-                f"{folder.root}: features of shape {feats.shape[1:]}, the store holds {folder.feature_shape}"
-            )
-        rows = [_index_row(batch[ok[j]], folder.digest) for j in keep]
+            folder.set_feature_shape((int(features.shape[1]), int(features.shape[2])))
+        elif list(features.shape[1:]) != list(folder.feature_shape):
+            held = folder.feature_shape
+            raise StoreError(f"{folder.root}: features of shape {features.shape[1:]}, the store holds {held}")
+        rows = [_index_row(items[j], folder.digest) for j in keep]
         folder.write_batch(stored[keep], rows)
         self.report.stored += len(rows)
 
