@@ -24,7 +24,7 @@ import numpy as np
 
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, as_callback
 from calm.store.folder import KeyFolder, open_key_folder
-from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, store_path
+from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, no_link, store_path
 from calm.store.pipeline import Decoded, decode_ahead, extract_batch, failure_reason, safe_hash
 
 log = logging.getLogger("calm.store")
@@ -105,11 +105,11 @@ class Extraction:
         todo = plan_clips(clips, limit)
         folder = self.open_folder()
         report = ExtractReport(store=folder.root, digest=folder.digest, total=len(todo))
-        with StoreLock(folder.root / LOCK_FILE):
+        with StoreLock(no_link(folder.root / LOCK_FILE)):
             if "feature_shape" in folder.info:
                 report.redone = folder.recover()
             pending, hashes = self.pending(folder, todo, report)
-            with open(folder.root / FAILURES_FILE, "w") as failures_log:
+            with open(no_link(folder.root / FAILURES_FILE), "w", encoding="utf-8") as failures_log:
                 try:
                     yield ExtractionRun(self, folder, report, failures_log, pending, hashes)
                 finally:
