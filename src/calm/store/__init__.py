@@ -8,7 +8,8 @@ One job: keep extracted features between runs. The package is split by job:
 - `calm.store.events`: `ExtractReport`, `ExtractProgress` events and the `TextProgress` printer;
 - `calm.store.writer`: `Extraction` / `ExtractionRun` / `extract_to_store` (resume plan, batches);
 - `calm.store.reader`: `load_features` and the memory-mapped `ShardedArray`;
-- `calm.store.compaction`: `compact`.
+- `calm.store.compaction`: `compact`;
+- `calm.store.verify`: `verify_store` (`calm verify STORE [--repair]`).
 
 Layout of a store directory (one sub-folder per extraction key, so a different model, prompt,
 head source, option or storage dtype never reuses another key's features):
@@ -31,6 +32,14 @@ removed and its clips redone. A shard whose size or header does not match the in
 damaged) is detected on resume, moved aside (`*.corrupt`) and its clips redone; `load_features`
 refuses it with a message saying to re-run the extraction.
 
+Integrity: every index row records its shard's crc32 (and sha256) and a `check` (crc32 of the
+row's other fields); each shard is checked against them once per process when first opened (by
+`load_features`, resume, compaction), and an edited index line is refused. Shard names must be
+`shard-NNNNNN.safetensors` and no file of the store may be a symbolic link, so a crafted index or
+key file never makes the store read, move or write outside its key folder. Recovery sets aside
+only shards failing their own checks; a damaged key.json or index line is refused with the
+repair route `calm verify STORE --repair` (`verify_store`).
+
 Resume: a clip is skipped when its absolute path is in the index with the same content hash; a
 changed file is extracted again: its old row is dropped first, so a failed re-extraction never
 leaves the old content's features behind.
@@ -51,6 +60,7 @@ from calm.store.format import (
     LOCK_FILE,
     SHARD_DIR,
     TENSOR,
+    ShardDamaged,
     StoreError,
     StoreLock,
     canonical_json,
@@ -67,6 +77,7 @@ from calm.store.format import (
 )
 from calm.store.pipeline import Decoded
 from calm.store.reader import ShardedArray, load_features, open_rows
+from calm.store.verify import VerifyReport, verify_store
 from calm.store.writer import Extraction, ExtractionRun, extract_to_store, plan_clips
 
 _Lock = StoreLock  # the name tests and older code use
@@ -81,18 +92,18 @@ __all__ = [
     "SHARD_DIR",
     "TENSOR",
     "Decoded",
-    "Decoded",
     "ExtractProgress",
     "ExtractReport",
     "Extraction",
     "ExtractionRun",
-    "ExtractionRun",
     "KeyFolder",
     "ProgressCallback",
+    "ShardDamaged",
     "ShardedArray",
     "StoreError",
     "StoreLock",
     "TextProgress",
+    "VerifyReport",
     "atomic_write_bytes",
     "canonical_json",
     "check_shard",
@@ -111,4 +122,5 @@ __all__ = [
     "read_shard_header",
     "resolve_key_dir",
     "store_path",
+    "verify_store",
 ]

@@ -1,0 +1,82 @@
+"""Benchmark (not a test): the cost of checking shard integrity when a store is first opened.
+
+`load_features` checks every shard it uses once per process (issue 9 item 3): the crc32 its
+index rows record (sha256 for stores written before crc32 was recorded). This script opens a
+store and reads all its features in fresh processes, side by side:
+
+  checked    `load_features` + `np.asarray(X)` with the checksums forgotten (computed again)
+  memoised   the same again in that process (checksums remembered: no integrity cost)
+
+(both after a warm-up call, so imports and the page cache do not count)
+
+and prints the ratio, plus the raw speed of crc32 and sha256 over the store's shard files.
+
+    python benchmarks/bench_store_integrity.py /work/runs-before/fsdd/features
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+CHILD = """
+import json, sys, time
+import numpy as np
+from calm.store import format, load_features
+def timed():
+    t = time.perf_counter()
+    X, y, meta = load_features(sys.argv[1])
+    np.asarray(X)
+    return time.perf_counter() - t, len(y)
+timed()  # warm up: imports, page cache
+format._CHECKED.clear()  # forget the checksums: the next open computes them again
+checked, rows = timed()
+memoised, _ = timed()
+print(json.dumps({"rows": rows, "checked": checked, "memoised": memoised}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("store")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", CHILD, args.store], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(args.repeats)
+    ]
+    checked = sorted(r["checked"] for r in runs)[len(runs) // 2]
+    memo = sorted(r["memoised"] for r in runs)[len(runs) // 2]
+    shards = sorted(Path(args.store).glob("*/shards/shard-*.safetensors"))
+    data = [p.read_bytes() for p in shards]
+    size = sum(map(len, data))
+    speed = {}
+    for name, fn in (("crc32", zlib.crc32), ("sha256", lambda b: hashlib.sha256(b).digest())):
+        t = time.perf_counter()
+        for b in data:
+            fn(b)
+        speed[name] = size / (time.perf_counter() - t) / 1e6
+    print(f"store {args.store}: {runs[0]['rows']} rows, {len(shards)} shards, {size / 1e6:.1f} MB")
+    print(f"load_features + read all, median of {args.repeats} fresh processes:")
+    print(
+        f"  checked (first open) {checked * 1000:.1f} ms, "
+        f"memoised {memo * 1000:.1f} ms, ratio {checked / memo:.2f}"
+    )
+    print(
+        f"checksum speed over the shards (in memory): crc32 {speed['crc32']:.0f} MB/s, "
+        f"sha256 {speed['sha256']:.0f} MB/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
