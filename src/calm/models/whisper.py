@@ -23,8 +23,8 @@ Encoder length (`encoder_length=`): `full` (default) runs the encoder on 30 s of
 does. Measured for issue 3 on the same features: own length is 6.7-8.4x faster on ESC-10 and
 15-62x on FSDD but costs CALM about 2 points of accuracy at 5 shots on both; a 10 s minimum
 keeps about 4x, is lossless on FSDD and still costs about 2 points on ESC-10. Hence the
-default stays `full`. In `clip` mode a batch is split into groups of equal encoder length, so
-batched features still equal single-clip features.
+default stays `full`. In `clip` mode a batch is split into groups of equal encoder length, and on
+CPU every clip runs on its own, so features are bit-identical whatever batch a clip was in.
 """
 
 from __future__ import annotations
@@ -241,13 +241,18 @@ class WhisperExtractor(TorchExtractor):
         return out
 
     def _micro_batch(self, encoder_positions: int) -> int | None:
-        """Clips per forward pass on CPU (None: the whole batch, as on GPU). On CPU a batch of long
-        encoder inputs is memory-bound: measured on tiny.en with 2 threads, 8 windows of 30 s run
-        about 8 % slower per clip than one at a time, while 5 s clips (`encoder_length="clip"`)
-        gain about 20 % from batching; so CPU passes hold about `CPU_ENCODER_POSITIONS` positions."""
+        """Clips per forward pass: one on CPU, the whole batch on other devices.
+
+        One clip per pass makes CPU features independent of the batch a clip was in (issue 9
+        item 11): batched matrix products sum in a different order, which changed features by up
+        to 2.3e-7 relative in float32 and 45 of 6 x 66 x 64 values by one float16 step (6 ESC-10
+        clips, `encoder_length="clip"`), so a resumed store was not bit-identical to an
+        uninterrupted one. Batching 5 s clips had gained about 20 % on CPU; 30 s windows already
+        ran one at a time (batched they were 8 % slower per clip). On GPUs the whole batch runs
+        at once and features may differ between batch compositions by that rounding."""
         if torch.device(self.device).type != "cpu":
             return None
-        return max(1, CPU_ENCODER_POSITIONS // max(1, encoder_positions))
+        return 1
 
     def _head_dim(self) -> int:
         return (self.encoder_sites or self.decoder_sites)[0].head_dim
@@ -280,10 +285,6 @@ class WhisperExtractor(TorchExtractor):
                 )
             )
         return torch.cat(parts, dim=1).cpu().numpy()
-
-
-#: encoder positions per forward pass on CPU (one 30 s window = 1500), see `WhisperExtractor._micro_batch`
-CPU_ENCODER_POSITIONS = 1500
 
 
 #: Whisper's backend options (see the module docstring)

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from calm._files import printable
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, as_callback
 from calm.store.folder import KeyFolder, open_key_folder
 from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, no_link, store_path
@@ -39,15 +40,21 @@ def _as_clips(clips: Any) -> list[Any]:
 
 def plan_clips(clips: Any, limit: int | None = None) -> list[tuple[str, Any]]:
     """(stored path, Clip) pairs of `clips` (Clips, a Dataset or paths), each path once, the first
-    `limit` of them (so re-running with the same limit resumes the same work)."""
-    seen: set[str] = set()
+    `limit` of them (so re-running with the same limit resumes the same work). A path listed twice
+    with different labels is refused."""
+    seen: dict[str, Any] = {}
     todo = []
     for clip in _as_clips(clips):
         p = store_path(clip.path)
         if p in seen:
-            log.warning("%s listed twice: extracted once", p)
+            if tuple(seen[p].labels) != tuple(clip.labels):
+                raise StoreError(
+                    f"{printable(p)}: listed twice with different labels "
+                    f"({seen[p].label!r} and {clip.label!r}); fix the dataset"
+                )
+            log.warning("%s listed twice: extracted once", printable(p))
             continue
-        seen.add(p)
+        seen[p] = clip
         todo.append((p, clip))
     return todo if limit is None else todo[: max(0, int(limit))]
 
