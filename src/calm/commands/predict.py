@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from calm._files import printable
+
 
 def rebuild_extractor(metadata: dict, device: str):
     """The extractor a saved classifier was fitted on, checked against the stored extraction key."""
@@ -68,14 +70,14 @@ def predict(model_path, files, csv_out, json_out, device, batch_size):
     rows.sort(key=lambda r: order[r["path"]])
     for r in rows:
         if r["error"]:
-            click.echo(f"{r['path']}\tERROR\t{r['error']}")
+            click.echo(f"{printable(r['path'])}\tERROR\t{printable(r['error'])}")
         else:
-            click.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}")
-    if csv_out:
-        with open(csv_out, "w", newline="") as fh:
+            click.echo(f"{printable(r['path'])}\t{r['label']}\t{r['probability']:.4f}")
+    if csv_out:  # file names that are not valid UTF-8 are written with \xNN escapes
+        with open(csv_out, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=["path", "label", "probability", "error"])
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: printable(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows)
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=1) + "\n")
     if any(r["error"] for r in rows):

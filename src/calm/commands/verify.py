@@ -36,5 +36,7 @@ def verify(store: str, key: str | None, repair: bool, full: bool) -> None:
     if remaining and repair:  # what the repair could not fix
         remaining = not all(r.ok for r in verify_store(store, key, full=full))
     if remaining:
-        click.echo("problems remain" if repair else "run again with --repair to fix what can be fixed", err=True)
+        click.echo(
+            "problems remain" if repair else "run again with --repair to fix what can be fixed", err=True
+        )
         sys.exit(1)
