@@ -81,7 +81,10 @@ class KeyFolder:
         cannot be used, or key.json disagreeing with an intact shard, raise StoreError (with the
         repair route) and change nothing, and so does a recovery that would drop every row."""
         no_link(self.shards)
-        self.shards.mkdir(parents=True, exist_ok=True)
+        try:
+            self.shards.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.shards}: cannot create ({exc.strerror or exc})") from None
         for folder in (self.shards, self.root):
             for pattern in _TEMP_PATTERNS:
                 for tmp in folder.glob(pattern):
@@ -175,6 +178,12 @@ class KeyFolder:
             self.index_file.close()
             self.index_file = None
 
+    def _write_error(self, path: Path, exc: OSError) -> str:
+        return (
+            f"{exc.filename or path}: cannot write ({exc.strerror or exc}); the {len(self.rows)} clips "
+            f"stored so far are kept: run the extraction again once this is fixed"
+        )
+
     def write_shard(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
         """Write `features` as the next shard (temp name, fsync, rename) and point `rows` at it
         (shard, row, shard_bytes, shard_sha256), row i holding features[i]."""
@@ -189,13 +198,23 @@ class KeyFolder:
             row[ROW_CHECK] = row_check(row)
 
     def write_batch(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
-        """Shard first (temp name, fsync, rename), then the index lines (one write, fsync)."""
-        self.write_shard(features, rows)
+        """Shard first (temp name, fsync, rename), then the index lines (one write, fsync).
+        A failed write (disk full, read-only) raises StoreError naming the file; the clips
+        stored before stay stored, and the next run redoes this batch."""
+        try:
+            self.write_shard(features, rows)
+        except OSError as exc:
+            raise StoreError(self._write_error(self.shards, exc)) from None
         if self.index_file is None:
             self.index_file = open_append(self.index_path)
-        self.index_file.write("".join(row_json(r) + "\n" for r in rows).encode())
-        self.index_file.flush()
-        os.fsync(self.index_file.fileno())
+        try:
+            self.index_file.write("".join(row_json(r) + "\n" for r in rows).encode())
+            self.index_file.flush()
+            os.fsync(self.index_file.fileno())
+        except OSError as exc:
+            self.index_file.close()  # a partial line is cut off by the next run's recovery
+            self.index_file = None
+            raise StoreError(self._write_error(self.index_path, exc)) from None
         for row in rows:
             self.rows[row["path"]] = row
 

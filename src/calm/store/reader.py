@@ -181,16 +181,30 @@ def open_rows(
     return ShardedArray(paths, offsets, shapes, shard_of, row_of, feature_shape, dtype)
 
 
+def _text_safe(values: list[Any]) -> Any:
+    """`values` as a column: plain, or as Python objects when a string holds lone surrogates (a
+    path that is not UTF-8), which pandas' Arrow-backed strings cannot hold."""
+    import pandas as pd
+
+    for v in values:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return pd.Series(values, dtype=object)
+    return values
+
+
 def _meta_frame(ordered: list[dict[str, Any]]) -> Any:
     """The meta DataFrame of index rows: the fixed columns, then the clips' metadata."""
     import pandas as pd
 
     base = {
-        "path": [r["path"] for r in ordered],
+        "path": _text_safe([r["path"] for r in ordered]),
         "hash": [r["hash"] for r in ordered],
-        "label": [r["label"] for r in ordered],
+        "label": _text_safe([r["label"] for r in ordered]),
         "fold": _fold_column([r.get("fold") for r in ordered]),
-        "split": [r.get("split") for r in ordered],
+        "split": _text_safe([r.get("split") for r in ordered]),
     }
     meta = pd.DataFrame(base)
     extra_cols: dict[str, list[Any]] = {}
@@ -200,7 +214,7 @@ def _meta_frame(ordered: list[dict[str, Any]]) -> Any:
                 k = f"meta_{k}"
             extra_cols.setdefault(k, [None] * len(ordered))[i] = v
     for k, col in extra_cols.items():
-        meta[k] = col
+        meta[k] = _text_safe(col)
     return meta
 
 

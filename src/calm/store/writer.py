@@ -99,7 +99,12 @@ class Extraction:
         folder = open_key_folder(
             self.out, ext.key, ext.head_names, getattr(ext, "model_id", "model"), self.dtype
         )
-        folder.root.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"{folder.root}: cannot create the store folder ({exc.strerror or exc})"
+            ) from None
         return folder
 
     @contextmanager
