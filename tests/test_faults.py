@@ -48,83 +48,99 @@ TESTS = Path(__file__).resolve().parent
 DOC = TESTS.parent / "docs" / "reliability.md"
 RUNS = int(os.environ.get("CALM_FAULT_RUNS", "3"))
 
-# id -> (issue 9 item, what is tried, runs per test session, outcome)
-CASES: dict[str, tuple[str, str, str, str]] = {
+# id -> (issue 9 item, what is tried, runs tried, handled (stored or recovered), clear error)
+CASES: dict[str, tuple[str, str, str, str, str]] = {
     "sigkill_random": (
         "tests",
         "SIGKILL at a random moment of an extraction, then resume",
-        f"{RUNS}",
-        "recovered",
+        "3 (CI)",
+        "3 (CI)",
+        "0",
     ),
     "enospc": (
         "tests",
         "disk full (ENOSPC) while writing shards, then resume with space",
         "1",
-        "clear error",
+        "0",
+        "1",
     ),
-    "concurrent_writers": ("tests", "two extractions into one store at once", "1", "clear error"),
-    "read_only_store": ("tests", "resume on a read-only store", "1", "clear error"),
-    "read_only_output": ("tests", "a new store on a read-only file system", "1", "clear error"),
+    "concurrent_writers": ("tests", "two extractions into one store at once", "1", "0", "1"),
+    "read_only_store": ("tests", "resume on a read-only store", "1", "0", "1"),
+    "read_only_output": ("tests", "a new store on a read-only file system", "1", "0", "1"),
     "nonutf8_name": (
         "1",
         "a file name that is not UTF-8 (b'caf\\xe9.wav') in a folder class",
         "1",
-        "handled",
+        "1",
+        "0",
     ),
     "nonutf8_printable": (
         "1",
         "the same name printed / written to CSV (`calm predict --csv`)",
         "1",
-        "handled",
+        "1",
+        "0",
     ),
-    "shard_name_absolute": ("2", "an index row whose shard is an absolute path", "1", "clear error"),
-    "shard_name_dotdot": ("2", "an index row whose shard name contains `..`", "1", "clear error"),
+    "shard_name_absolute": ("2", "an index row whose shard is an absolute path", "1", "0", "1"),
+    "shard_name_dotdot": ("2", "an index row whose shard name contains `..`", "1", "0", "1"),
     "shard_symlink": (
         "2",
         "a shard (or the shards folder) that is a link outside the store",
         "1",
-        "clear error",
+        "0",
+        "1",
     ),
     "store_file_symlink": (
         "2",
         "index.jsonl / failures.jsonl / .lock as links outside the store",
         "1",
-        "clear error",
+        "0",
+        "1",
     ),
-    "flipped_bytes": ("3", "flipped bytes inside shard data (size and header intact)", "1", "clear error"),
-    "swapped_shards": ("3", "two shard files of equal size swapped", "1", "clear error"),
-    "edited_index_row": ("3", "an index row edited (label changed)", "1", "clear error"),
-    "verify_repair": ("3", "`calm verify STORE --repair` on a damaged store, then extract", "1", "recovered"),
-    "key_wrong_shape": ("5", "key.json with a wrong feature_shape, then resume", "1", "clear error"),
-    "key_damaged": ("5", "key.json that is not JSON", "1", "clear error"),
+    "flipped_bytes": ("3", "flipped bytes inside shard data (size and header intact)", "1", "0", "1"),
+    "swapped_shards": ("3", "two shard files of equal size swapped", "1", "0", "1"),
+    "edited_index_row": ("3", "an index row edited (label changed)", "1", "0", "1"),
+    "verify_repair": ("3", "`calm verify STORE --repair` on a damaged store, then extract", "1", "1", "0"),
+    "key_wrong_shape": ("5", "key.json with a wrong feature_shape, then resume", "1", "0", "1"),
+    "key_damaged": ("5", "key.json that is not JSON", "1", "0", "1"),
     "index_damaged_line": (
         "5",
         "a damaged line in the middle of index.jsonl, then resume",
         "1",
-        "clear error",
+        "0",
+        "1",
     ),
-    "all_shards_bad": ("5", "every shard damaged: resume must not empty the index", "1", "clear error"),
+    "all_shards_bad": ("5", "every shard damaged: resume must not empty the index", "1", "0", "1"),
     "undecodable_sparse": (
         "9",
         "an undecodable 4 GB sparse file: fails without being hashed",
         "1",
-        "handled",
+        "1",
+        "0",
     ),
     "folder_skips": (
         "9",
         "`folder:` with a dir x.wav, link loop, dangling link, FIFO, empty class",
         "1",
-        "handled",
+        "1",
+        "0",
     ),
-    "manifest_conflict": ("9", "a manifest listing one file twice with different labels", "1", "clear error"),
+    "manifest_conflict": ("9", "a manifest listing one file twice with different labels", "1", "0", "1"),
     "batch_invariant": (
         "11",
         "encoder_length=clip: batched vs single / resumed store (Whisper)",
         "1",
-        "handled",
+        "1",
+        "0",
     ),
-    "fuzz_manifest": ("tests", "hypothesis: random manifest text", "60", "clear error"),
-    "fuzz_decoder": ("tests", "hypothesis: random bytes as an audio file", "40", "clear error"),
+    "fuzz_manifest": ("tests", "hypothesis: random manifest bytes", "60", "parsed or", "DatasetError"),
+    "fuzz_decoder": (
+        "tests",
+        "hypothesis: random bytes as an audio file",
+        "40",
+        "decoded or",
+        "per-clip reason",
+    ),
 }
 COLUMNS = ["Case", "Item", "Tried", "Handled", "Clear error", "Traceback", "Silent", "Data lost", "Test"]
 
@@ -132,10 +148,10 @@ COLUMNS = ["Case", "Item", "Tried", "Handled", "Clear error", "Traceback", "Sile
 def reliability_rows() -> list[list[str]]:
     """The table rows of docs/reliability.md for this module's cases."""
     rows = []
-    for cid, (item, what, tried, outcome) in CASES.items():
-        handled = tried if outcome in ("handled", "recovered") else "0"
-        clear = tried if outcome == "clear error" else "0"
-        rows.append([what, item, tried, handled, clear, "0", "0", "0", f"`test_faults.py::test_case_{cid}`"])
+    for cid, (item, what, tried, handled, clear) in CASES.items():
+        rows.append(
+            [what, item, tried, handled, clear, "0", "0", "0", f"`tests/test_faults.py::test_case_{cid}`"]
+        )
     return rows
 
 
