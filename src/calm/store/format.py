@@ -217,7 +217,7 @@ def _tensor_layout(path: Path, start: int, header: Mapping[str, Any]) -> tuple[s
     try:
         shape = tuple(int(s) for s in info.get("shape", ()))
         begin, end = (int(v) for v in info["data_offsets"])
-        itemsize = {"F16": 2, "F32": 4}[info.get("dtype")]
+        itemsize = {"F16": 2, "F32": 4}[str(info.get("dtype"))]
     except (KeyError, TypeError, ValueError):
         raise ShardDamaged(f"{path}: damaged shard header ({str(info)[:200]})") from None
     if len(shape) != 3 or end - begin != int(np.prod(shape)) * itemsize or start + end != path.stat().st_size:
@@ -311,6 +311,7 @@ def scan_index(path: Path) -> tuple[list[dict[str, Any]], int, list[tuple[int, s
         if nl < 0:  # unterminated last line: a crash mid-append
             break
         line = data[pos:nl]
+        problem: str | None
         try:
             row = json.loads(line) if line.strip() else None
         except (ValueError, RecursionError):
