@@ -471,6 +471,13 @@ def test_case_flipped_bytes(tmp_path, clips, reference):
     victim.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=f"{victim}: shard crc32 checksum mismatch"):
         load_features(out)
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    fit = CliRunner().invoke(main, ["fit", str(out), "--out", str(tmp_path / "m.safetensors")])
+    assert fit.exit_code == 1 and f"{victim}: shard crc32 checksum mismatch" in fit.output
+    assert not (tmp_path / "m.safetensors").exists()
     report = run(FakeExtractor(), clips, out)  # resume sets the bad shard aside and redoes it
     assert report.redone == 3 and report.stored == 3
     assert victim.with_name(victim.name + ".corrupt").exists()
