@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
@@ -154,10 +154,101 @@ UPLOAD_ERRORS = _errors(
 )
 
 
+router = APIRouter()
+TOP_K = Query(1, ge=1, description="How many classes to list, most probable first")
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def _label_all(request: Request, uploads: list[Upload], top_k: int) -> list[Any]:
+    service = _service(request)
+    top_k = min(top_k, len(service.predictor.classes))
+    return await asyncio.gather(*(service.label(request, u, top_k) for u in uploads), return_exceptions=True)
+
+
+async def _guarded(request: Request, answer, *, batch: bool):
+    """Admit the request, read its uploads, call `answer(uploads)`; release the queue slots after."""
+    service = _service(request)
+    config = service.config
+    service.admit(1)
+    held = 1
+    try:
+        uploads = await read_uploads(request, config.max_upload_bytes, max_files=config.max_files)
+        if batch and len(uploads) > 1:
+            service.admit(len(uploads) - 1)
+            held = len(uploads)
+        request.state.clips = len(uploads)
+        return await answer(uploads)
+    except ClientDisconnect:
+        request.state.error = "client_disconnected"
+        return JSONResponse({}, status_code=499)
+    finally:
+        service.admitted -= held
+
+
+@router.post("/predict", openapi_extra=AUDIO_BODY, responses=UPLOAD_ERRORS)
+async def predict(request: Request, top_k: int = TOP_K):
+    """Label one audio file sent as the body (Content-Type audio/*) or as a multipart file part."""
+
+    async def one(uploads: list[Upload]):
+        if len(uploads) != 1:
+            raise ApiError("too_many_files", f"{len(uploads)} files: /predict takes one, use /predict/batch")
+        result = (await _label_all(request, uploads, top_k))[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return await _guarded(request, one, batch=False)
+
+
+@router.post("/predict/batch", openapi_extra=BATCH_BODY, responses=UPLOAD_ERRORS)
+async def predict_batch(request: Request, top_k: int = TOP_K):
+    """Label several files of one multipart request; a file that fails gets its own error entry."""
+
+    async def many(uploads: list[Upload]):
+        results = []
+        for u, r in zip(uploads, await _label_all(request, uploads, top_k), strict=True):
+            if isinstance(r, ApiError):
+                r = {"filename": u.name, "error": {"status": r.status, "code": r.code, "message": r.message}}
+            elif isinstance(r, BaseException):
+                raise r
+            results.append(r)
+        return {"model": _service(request).predictor.model_id, "results": results}
+
+    return await _guarded(request, many, batch=True)
+
+
+@router.get("/health")
+async def health(request: Request):
+    """200 `ready` while serving; 503 `draining` once shutting down."""
+    service = _service(request)
+    body = {
+        "status": "draining" if service.draining else "ready",
+        "queued": service.admitted,
+        "max_queue": service.config.max_queue,
+    }
+    return JSONResponse(body, status_code=503 if service.draining else 200)
+
+
+@router.get("/info")
+async def info(request: Request):
+    """Classes, model, prompt, heads, limits and package version."""
+    service = _service(request)
+    config = service.config
+    limits = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files")
+    return {
+        **service.predictor.info(),
+        "classifier": Path(config.model_file).name if config.model_file else None,
+        "version": calm.__version__,
+        "limits": {name: getattr(config, name) for name in limits},
+    }
+
+
 def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastAPI:
     """The ASGI app serving `predictor`; the batcher thread runs for the app's lifespan."""
-    config = config or ServeConfig()
-    service = Service(predictor, config)
+    service = Service(predictor, config or ServeConfig())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -177,87 +268,5 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     app.state.service = service
     install_handlers(app)
     app.add_middleware(AccessLog)
-    n_classes = len(predictor.classes)
-
-    async def run(request: Request, uploads: list[Upload], top_k: int) -> list[dict[str, Any]]:
-        tasks = [service.label(request, u, min(top_k, n_classes)) for u in uploads]
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def guarded(request: Request, body, *, batch: bool):
-        service.admit(1)
-        held = 1
-        try:
-            uploads = await read_uploads(request, config.max_upload_bytes, max_files=config.max_files)
-            if batch and len(uploads) > 1:
-                service.admit(len(uploads) - 1)
-                held = len(uploads)
-            request.state.clips = len(uploads)
-            return await body(uploads)
-        except ClientDisconnect:
-            request.state.error = "client_disconnected"
-            return JSONResponse({}, status_code=499)
-        finally:
-            service.admitted -= held
-
-    @app.post("/predict", openapi_extra=AUDIO_BODY, responses=UPLOAD_ERRORS)
-    async def predict(request: Request, top_k: int = Query(1, ge=1, description="Classes to list")):
-        """Label one audio file sent as the body (Content-Type audio/*) or as a multipart file part."""
-
-        async def one(uploads: list[Upload]):
-            if len(uploads) != 1:
-                raise ApiError(
-                    "too_many_files", f"{len(uploads)} files: /predict takes one, use /predict/batch"
-                )
-            result = (await run(request, uploads, top_k))[0]
-            if isinstance(result, BaseException):
-                raise result
-            return result
-
-        return await guarded(request, one, batch=False)
-
-    @app.post("/predict/batch", openapi_extra=BATCH_BODY, responses=UPLOAD_ERRORS)
-    async def predict_batch(request: Request, top_k: int = Query(1, ge=1, description="Classes to list")):
-        """Label several files of one multipart request; a file that fails gets its own error entry."""
-
-        async def many(uploads: list[Upload]):
-            results = []
-            for u, r in zip(uploads, await run(request, uploads, top_k), strict=True):
-                if isinstance(r, ApiError):
-                    r = {
-                        "filename": u.name,
-                        "error": {"status": r.status, "code": r.code, "message": r.message},
-                    }
-                elif isinstance(r, BaseException):
-                    raise r
-                results.append(r)
-            return {"model": predictor.model_id, "results": results}
-
-        return await guarded(request, many, batch=True)
-
-    @app.get("/health")
-    async def health():
-        """200 `ready` while serving; 503 `draining` once shutting down."""
-        body = {
-            "status": "draining" if service.draining else "ready",
-            "queued": service.admitted,
-            "max_queue": config.max_queue,
-        }
-        return JSONResponse(body, status_code=503 if service.draining else 200)
-
-    @app.get("/info")
-    async def info():
-        """Classes, model, prompt, heads, limits and package version."""
-        return {
-            **predictor.info(),
-            "classifier": Path(config.model_file).name if config.model_file else None,
-            "version": calm.__version__,
-            "limits": {
-                "max_batch": config.max_batch,
-                "max_wait_ms": config.max_wait_ms,
-                "max_queue": config.max_queue,
-                "max_upload_mb": config.max_upload_mb,
-                "max_files": config.max_files,
-            },
-        }
-
+    app.include_router(router)
     return app
