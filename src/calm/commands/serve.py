@@ -37,6 +37,12 @@ INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[se
     "--max-files", type=click.IntRange(min=1), default=64, show_default=True, help="Per /predict/batch."
 )
 @click.option("--decode-workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch intra-op threads of the model [default: torch's choice, one per core].",
+)
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def serve(
@@ -51,6 +57,7 @@ def serve(
     max_upload_mb,
     max_files,
     decode_workers,
+    threads,
     drain_timeout,
     log_level,
 ):
@@ -64,6 +71,11 @@ def serve(
     except ImportError as exc:
         raise click.ClickException(f"{INSTALL_HINT} ({exc})") from None
     from calm.inference import load_predictor
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     def announce(choice) -> None:
         click.echo(f"calm serve: loading {choice.describe()}", err=True)
