@@ -42,7 +42,7 @@ __all__ = [
 #: clips shorter than this (seconds, after decoding) are refused: too little audio to label
 MIN_SECONDS = 0.1
 # magic bytes -> file suffix, so that uploaded bytes take the same decoder as the file on disk
-_MAGIC = ((b"RIFF", 0, ".wav"), (b"fLaC", 0, ".flac"), (b"OggS", 0, ".ogg"), (b"FORM", 0, ".aiff"))
+_MAGIC = ((b"RIFF", ".wav"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"FORM", ".aiff"))
 
 
 class ClipError(ValueError):
@@ -150,13 +150,18 @@ def check_extraction_key(metadata: dict, extractor: Any, choice: ExtractorChoice
             f"model {choice.model} gives different features from the ones the classifier was fitted on "
             f"({shown}). Refit on this model's features: `calm extract --model {choice.model} "
             f"--data KIND:ROOT --out STORE` (same --prompt/--heads/--layers/-o options), then "
-            f"`calm fit STORE --out MODEL.safetensors`; or drop --model to use the fitted one."
+            f"`calm fit STORE --out MODEL.safetensors`"
+            + (
+                "; or drop --model to use the model it was fitted on."
+                if choice.source == "override"
+                else " (the model changed since the classifier was fitted, e.g. a new hub revision)."
+            )
         )
 
 
 def _suffix_for(data: bytes, name: str | None) -> str:
-    for magic, offset, suffix in _MAGIC:
-        if data[offset : offset + len(magic)] == magic:
+    for magic, suffix in _MAGIC:
+        if data.startswith(magic):
             return suffix
     suffix = Path(name or "").suffix.lower()
     return suffix if suffix.isascii() and suffix[1:].isalnum() and len(suffix) <= 6 else ".bin"
