@@ -14,7 +14,8 @@ figure brackets the concurrent one on a shared machine):
 
 Prints requests/s, p50/p95/p99 latency, the mean model batch size (from the server's access log),
 the server's CPU-seconds per request (robust to other load on the machine), the load average,
-and the ratio concurrent / sequential requests/s (target >= 1.5). Bounded: at most
+and the ratio concurrent / sequential requests/s (target >= 1.5). `--model-cpu-only`: no server,
+the CPU-seconds per clip of the model alone at batch 1, 4 and 8 (what batching can save). Bounded: at most
 clients x requests + 2 x sequential requests, and no new request after --time-limit seconds.
 """
 
@@ -128,6 +129,29 @@ def phase(name: str, server, url: str, clips, clients: int, per_client: int, dea
     return res
 
 
+def model_cpu(model: Path, clips: list[bytes], threads: int | None) -> None:
+    """In-process, no HTTP: CPU-seconds per clip of `Predictor.forward` at batch 1, 4 and 8."""
+    import torch
+
+    from calm.inference import load_predictor
+
+    if threads:
+        torch.set_num_threads(threads)
+    pred = load_predictor(model)
+    waves = [pred.preprocess(c).waveform for c in clips[:8]]
+    pred.forward(waves[:2])  # warm-up
+    for bs in (1, 4, 8):
+        cpu, wall = time.process_time(), time.perf_counter()
+        for i in range(0, len(waves), bs):
+            pred.forward(waves[i : i + bs])
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        print(
+            f"model only, {torch.get_num_threads()} threads, batch {bs}: {cpu / len(waves):.3f} CPU-s "
+            f"and {wall / len(waves):.3f} s per clip (load average {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -141,11 +165,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="calm serve --threads")
     ap.add_argument("--time-limit", type=float, default=600)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--model-cpu-only", action="store_true", help="Only time the model in-process.")
     args = ap.parse_args()
     root = esc10_root(args.data)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = Path(args.model) if args.model else fit_model(root, work, args.support)
     clips = [p.read_bytes() for p in sorted(root.glob("*/*.ogg"))[1::7][:40]]  # spread over classes
+    if args.model_cpu_only:
+        return model_cpu(model, clips, args.threads)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = work / "access.log"
