@@ -236,6 +236,11 @@ def test_bad_inputs_get_their_4xx_and_the_next_request_succeeds(served, tmp_path
     )
     ok = post_audio(server.url, good, timeout=120)
     assert ok.status_code == 200 and ok.json()["label"] == expected[good.name]["label"]
+    end = time.monotonic() + 30
+    while not any(x["status"] == 499 for x in server.log_lines()) and time.monotonic() < end:
+        time.sleep(0.2)
+    gone = [x for x in server.log_lines() if x["status"] == 499]
+    assert gone and gone[0]["error"] == "client_disconnected" and gone[0]["batch_size"] is None
     # a batch with a bad file: that file gets its error, the others their labels
     files = [("files", ("a.ogg", good.read_bytes())), ("files", ("b.ogg", rng.bytes(3000)))]
     results = httpx.post(server.url + "/predict/batch", files=files, timeout=120).json()["results"]
@@ -271,6 +276,8 @@ def test_sigterm_during_a_burst_completes_in_flight_requests_and_exits_0(served)
         ]
         end = time.monotonic() + 120
         while httpx.get(server.url + "/health").json()["queued"] < n and time.monotonic() < end:
+            if any(f.done() for f in futures):
+                break
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGTERM)
         responses = [f.result() for f in futures]
