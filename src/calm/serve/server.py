@@ -9,6 +9,7 @@ normally.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 
@@ -60,7 +61,7 @@ def serve(
         log_config=None,
         log_level=log_level,
         access_log=False,
-        timeout_graceful_shutdown=drain_timeout,
+        timeout_graceful_shutdown=math.ceil(drain_timeout),
         lifespan="on",
     )
     server = _DrainingServer(uv_config, app.state.service)

@@ -9,7 +9,7 @@ disconnects mid-upload raises `ClientDisconnect` and nothing is decoded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -42,7 +42,7 @@ def _declared_length(request: Request, limit: int) -> None:
         raise ApiError("payload_too_large", f"the body declares {int(value)} bytes; the limit is {limit}")
 
 
-async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
