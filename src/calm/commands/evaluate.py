@@ -18,6 +18,7 @@ from calm.commands.options import (
     model_spec,
     parse_int_list,
     parse_seeds,
+    stack,
 )
 from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS, EvalConfig, LALMSpec
 
@@ -86,9 +87,9 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
     )
 
 
-def _options(command):
-    """`calm evaluate`'s own options (beside the model and classifier ones)."""
-    options = [
+# `calm evaluate`'s own options (beside the model and classifier ones)
+_options = stack(
+    [
         click.option(
             "--data",
             "data_spec",
@@ -149,14 +150,11 @@ def _options(command):
             help="Seeds of the heads-kept sweep behind Fig. 4 and 5.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+)
 
-
-def _lalm_options(command):
-    """The options of the baselines that need the model to answer."""
-    options = [
+# the options of the baselines that need the model to answer
+_lalm_options = stack(
+    [
         click.option(
             "--zero-shot-mode",
             type=click.Choice(["letters", "likelihood", "generate"]),
@@ -182,9 +180,7 @@ def _lalm_options(command):
         ),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+)
 
 
 @click.command()

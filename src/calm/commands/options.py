@@ -21,6 +21,7 @@ __all__ = [
     "parse_layers",
     "parse_options",
     "parse_seeds",
+    "stack",
 ]
 
 
@@ -89,7 +90,9 @@ def parse_k(text: str) -> float | int:
     return value if value <= 1 and "." in text else int(value)
 
 
-def _apply(options: list[Callable]) -> Callable:
+def stack(options: list[Callable]) -> Callable:
+    """One decorator applying click `options` in order (the first one shows first in --help)."""
+
     def decorate(command: Callable) -> Callable:
         for option in reversed(options):
             command = option(command)
@@ -98,7 +101,7 @@ def _apply(options: list[Callable]) -> Callable:
     return decorate
 
 
-model_options = _apply(
+model_options = stack(
     [
         click.option(
             "--model",
@@ -148,7 +151,7 @@ def model_spec(params: dict[str, Any]) -> ModelSpec:
     )
 
 
-classifier_options = _apply(
+classifier_options = stack(
     [
         click.option(
             "--k",
