@@ -13,10 +13,14 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from calm.evaluate.episodes import ProtocolError
 
@@ -38,7 +42,18 @@ PL_BASES = {"sav+pl": "sav", "calm+pl": "calm"}  # pseudo-label method -> the fe
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
     """Logistic regression on the flattened, standardised head features (what a practitioner tries
-    first); a scikit-learn estimator on (n, K, d) input."""
+    first); a scikit-learn estimator on (n, K, d) input.
+
+    Reproducible to the digit: the BLAS runs on one thread while the probe fits and predicts.
+    OpenBLAS splits its float32 products differently with the thread count (1 against 2 threads
+    gives probabilities a few ulp apart, enough to flip a near tie), so the same seeds gave other
+    accuracies under other thread counts; the probe's problems are small, one thread costs little.
+    """
+
+    _parameter_constraints: dict = {
+        "C": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+    }
 
     def __init__(self, C: float = 1.0, max_iter: int = 2000):
         self.C = C
@@ -52,6 +67,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> LinearProbe:
         from sklearn.linear_model import LogisticRegression
 
+        self._validate_params()
         Xf = self._flat(X)
         self.mean_ = Xf.mean(0)
         self.scale_ = Xf.std(0)
@@ -60,13 +76,16 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ProtocolError("linear probe needs at least two classes")
-        self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(
-            (Xf - self.mean_) / self.scale_, y
-        )
+        with threadpool_limits(limits=1, user_api="blas"):
+            self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(
+                (Xf - self.mean_) / self.scale_, y
+            )
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        return self.model_.predict_proba((self._flat(X) - self.mean_) / self.scale_)
+        check_is_fitted(self, "model_")
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self.model_.predict_proba((self._flat(X) - self.mean_) / self.scale_)
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
