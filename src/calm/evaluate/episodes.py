@@ -24,7 +24,10 @@ import pandas as pd
 
 from calm.data.base import LABEL_SEP
 
+Labels = Sequence[str] | np.ndarray  # one label string per clip (`a;b` for multi-label)
+
 __all__ = [
+    "Labels",
     "Episode",
     "Part",
     "ProtocolError",
@@ -43,12 +46,12 @@ class ProtocolError(ValueError):
 # ----------------------------------------------------------------------------- labels and parts
 
 
-def row_labels(y: Sequence[str]) -> list[tuple[str, ...]]:
+def row_labels(y: Labels) -> list[tuple[str, ...]]:
     """Label strings (`a;b` for multi-label) as tuples."""
     return [tuple(p for p in str(v).split(LABEL_SEP) if p) for v in y]
 
 
-def task_of(y: Sequence[str]) -> str:
+def task_of(y: Labels) -> str:
     """`multilabel` if any clip has several labels, `spoof` for bonafide/spoof, else `single`."""
     labels = row_labels(y)
     if any(len(t) > 1 for t in labels):
@@ -171,9 +174,7 @@ def sample_episode(
     return Episode(part.name, shots, seed, support_arr, np.array(support_y), query, tuple(classes))
 
 
-def episodes(
-    y: Sequence[str], parts: Sequence[Part], shots: Iterable[int], seeds: Iterable[int]
-) -> list[Episode]:
+def episodes(y: Labels, parts: Sequence[Part], shots: Iterable[int], seeds: Iterable[int]) -> list[Episode]:
     """Every (shots, seed, part) episode, in that nesting order, over the classes of all of `y`."""
     labels = row_labels(y)
     classes = sorted({c for t in labels for c in t})

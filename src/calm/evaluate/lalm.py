@@ -21,6 +21,7 @@ import pandas as pd
 from calm.data.base import LABEL_SEP
 from calm.evaluate.episodes import (
     Episode,
+    Labels,
     Part,
     ProtocolError,
     episode_features,
@@ -139,7 +140,7 @@ def pl_episode_runs(
     present = [c for c in classes if c in set(support_y.tolist())]
     missing = report["missing_classes"]
     warnings = [_missing_class_warning(episode, missing, truth)] if missing else []
-    Xs = episode_features(X, rows) if len(rows) else None
+    Xs = episode_features(X, rows) if len(rows) else np.empty((0, *X.shape[1:]), np.float32)
     Xq = episode_features(X, episode.query)
     runs = []
     for name, method in methods.items():
@@ -279,7 +280,7 @@ def _pl_runs(
 
 def run_lalm_protocol(
     X: np.ndarray,
-    y: Sequence[str],
+    y: Labels,
     meta: pd.DataFrame,
     *,
     methods: Sequence[str],

@@ -172,7 +172,8 @@ def tune(method: Method, X: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[di
         reason = "no grid" if not method.grid else "a class has a single support clip: no cross-validation"
         return dict(method.defaults), {"tuned": False, "reason": reason}
     folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
-    best, best_score, scores = None, -math.inf, []
+    best: dict = dict(method.defaults)
+    best_score, scores = -math.inf, []
     for params in _grid_points(method):
         correct = 0
         for tr, va in folds:

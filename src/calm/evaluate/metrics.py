@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from calm.evaluate.episodes import ProtocolError
 
@@ -30,27 +31,28 @@ __all__ = [
 PRIMARY_METRIC = {"single": "accuracy", "spoof": "macro_f1", "multilabel": "exact_match"}
 
 
-def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if len(y_true) == 0:
+def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Percentage of queries whose prediction equals the true label."""
+    true, pred = np.asarray(y_true), np.asarray(y_pred)
+    if len(true) == 0:
         raise ProtocolError("accuracy of an empty query set")
-    return 100.0 * float(np.mean(y_true == y_pred))
+    return 100.0 * float(np.mean(true == pred))
 
 
-def macro_f1(y_true: Sequence[str], y_pred: Sequence[str], classes: Sequence[str]) -> float:
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, classes: Sequence[str]) -> float:
     """Unweighted mean over `classes` of per-class F1 (a class never predicted nor present scores 0)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    true, pred = np.asarray(y_true), np.asarray(y_pred)
     f1 = []
     for c in classes:
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
+        tp = np.sum((pred == c) & (true == c))
+        fp = np.sum((pred == c) & (true != c))
+        fn = np.sum((pred != c) & (true == c))
         denom = 2 * tp + fp + fn
         f1.append(2 * tp / denom if denom else 0.0)
     return 100.0 * float(np.mean(f1))
 
 
-def equal_error_rate(scores: Sequence[float], positive: Sequence[bool]) -> float:
+def equal_error_rate(scores: ArrayLike, positive: ArrayLike) -> float:
     """EER (%) of a detector: higher score = more likely positive (e.g. bonafide).
 
     At each threshold t (every distinct score), false rejection FRR(t) = P(score < t | positive) and
@@ -125,12 +127,16 @@ def prediction_metrics(
     (needed for multi-label and spoof tasks).
     """
     if task == "multilabel":
+        if scores is None:
+            raise ValueError("multi-label metrics need per-class scores")
         return multilabel_metrics(scores, truth, classes)
+    if y_pred is None:
+        raise ValueError("single-label metrics need predictions")
     y_true = np.array([t[0] for t in truth], dtype=object)
-    y_pred = np.array([None if p is None else str(p) for p in y_pred], dtype=object)
-    out = {"accuracy": accuracy(y_true, y_pred)}
+    pred = np.array([None if p is None else str(p) for p in y_pred], dtype=object)
+    out = {"accuracy": accuracy(y_true, pred)}
     if task == "spoof":
-        out["macro_f1"] = macro_f1(y_true, y_pred, ["bonafide", "spoof"])
+        out["macro_f1"] = macro_f1(y_true, pred, ["bonafide", "spoof"])
         bona = np.asarray(scores, dtype=np.float64)[:, list(classes).index("bonafide")]
         out["eer"] = equal_error_rate(bona, y_true == "bonafide")
     return out

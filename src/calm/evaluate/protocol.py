@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from calm.evaluate.episodes import Episode, episode_features, episodes, make_parts, row_labels, task_of
+from calm.evaluate.episodes import (
+    Episode,
+    Labels,
+    episode_features,
+    episodes,
+    make_parts,
+    row_labels,
+    task_of,
+)
 from calm.evaluate.methods import Method, choose_params
 from calm.evaluate.metrics import evaluate_method
 from calm.evaluate.records import Run
@@ -73,7 +81,7 @@ def _episode_runs(
 
 def run_protocol(
     X: np.ndarray,
-    y: Sequence[str],
+    y: Labels,
     meta: pd.DataFrame,
     *,
     methods: Mapping[str, Method],
@@ -105,7 +113,7 @@ def run_protocol(
 
 def k_sweep(
     X: np.ndarray,
-    y: Sequence[str],
+    y: Labels,
     meta: pd.DataFrame,
     *,
     methods: Mapping[str, Method],

@@ -80,7 +80,7 @@ def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log)
 
     out = Path(config.out)
     store = Path(config.store) if config.store is not None else out / "features"
-    dataset = load_dataset(config.data)
+    dataset = load_dataset(str(config.data))
     log(f"dataset {config.data}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
     extractor = load_extractor(config.model.name, **config.model.load_kwargs())
     log(f"model {config.model.name}: {len(extractor.head_names)} heads; feature store {store}")
@@ -152,7 +152,7 @@ def _few_shot(
         keep_fits=(lambda m, n, s, p: need_fits and m == "calm" and n == max_shots),
         progress=_counter(progress, "episodes", len(shots) * len(seeds) * n_parts * len(chosen)),
     )
-    sweep_methods = {m: chosen[m] for m in ("calm", "calm-global") if m in chosen}
+    sweep_methods: dict[str, Method] = {m: chosen[m] for m in ("calm", "calm-global") if m in chosen}
     if not (config.figures and sweep_methods):
         return result, []
     sweep_seeds = seeds[: config.sweep_seeds]

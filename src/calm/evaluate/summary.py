@@ -72,7 +72,8 @@ def paired_differences(runs: Sequence[dict]) -> list[dict]:
         mean = float(d.mean())
         if len(d) > 1:
             half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-            low, high = mean - half, mean + half
+            low: float | None = mean - half
+            high: float | None = mean + half
         else:
             low = high = None
         out.append(
