@@ -25,9 +25,9 @@ from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run
 from calm.evaluate.records import order_runs
 from calm.evaluate.reports import build_results, results_markdown, write_results
 
-__all__ = ["EvaluationResult", "Features", "Progress", "run_evaluation"]
+__all__ = ["EvaluationResult", "Features", "Progress", "load_evaluation_features", "run_evaluation"]
 
-Progress = Callable[[str, int, "int | None"], None]
+Progress = Callable[[str, int, int | None], None]  # (stage, done, total or None)
 Log = Callable[[str], None]
 
 
