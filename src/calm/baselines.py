@@ -6,7 +6,7 @@ prompt template (every class, in the given order, labelled A, B, C, ...):
 
 - `zero_shot_clips`: `calm.zeroshot.zero_shot` (modes `letters`, `likelihood` with the `caption`
   question and the class names as answers, `generate`).
-- `pseudo_label_clips`: `calm.pseudolabel.pseudo_label` with `calm.zeroshot.LALMSampler`: M sampled
+- `pseudo_label_clips`: `calm.pseudolabel.pseudo_label` with `calm.chat_lm.LALMSampler`: M sampled
   answers per clip at temperatures from U(1, 2.5), majority vote, kept at >= 50 % agreement.
 
 Results are cached per clip in a JSON file (`cache=`), keyed by everything that changes an answer
@@ -170,6 +170,36 @@ def _chunk_seed(seed: int, paths: Sequence[str]) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32("\n".join(paths).encode())) % (2**31)
 
 
+def _cache_entries(res: PseudoLabels) -> list[dict]:
+    """One JSON cache entry per clip of a `PseudoLabels`."""
+    return [
+        {
+            "label": res.labels[i],
+            "agreement": float(res.agreement[i]),
+            "kept": bool(res.kept[i]),
+            "answers": res.answers[i],
+            "votes": res.votes[i],
+            "temperatures": [float(t) for t in res.temperatures[i]],
+        }
+        for i in range(len(res.labels))
+    ]
+
+
+def _from_cache_entries(entries: list[dict], classes: tuple[str, ...], rollouts: int) -> PseudoLabels:
+    """The `PseudoLabels` of cache entries (the inverse of `_cache_entries`)."""
+    return PseudoLabels(
+        labels=[e["label"] for e in entries],
+        agreement=np.array([e["agreement"] for e in entries], dtype=float),
+        kept=np.array([e["kept"] for e in entries], dtype=bool),
+        answers=[list(e["answers"]) for e in entries],
+        votes=[list(e["votes"]) for e in entries],
+        temperatures=np.array([e["temperatures"] for e in entries], dtype=float).reshape(
+            len(entries), rollouts
+        ),
+        classes=classes,
+    )
+
+
 def pseudo_label_clips(
     extractor: Any,
     paths: Sequence[str],
@@ -189,8 +219,8 @@ def pseudo_label_clips(
 
     Temperatures and sampling are seeded per chunk from `seed` and the chunk's paths.
     """
+    from calm.chat_lm import LALMSampler
     from calm.pseudolabel import pseudo_label
-    from calm.zeroshot import LALMSampler
 
     classes = tuple(classes)
     prompt = render_prompt("choices", classes)
@@ -221,27 +251,7 @@ def pseudo_label_clips(
             batch_size=batch_size,
             seed=chunk_seed,
         )
-        return [
-            {
-                "label": res.labels[i],
-                "agreement": float(res.agreement[i]),
-                "kept": bool(res.kept[i]),
-                "answers": res.answers[i],
-                "votes": res.votes[i],
-                "temperatures": [float(t) for t in res.temperatures[i]],
-            }
-            for i in range(len(part))
-        ]
+        return _cache_entries(res)
 
     entries = _run_cached(paths, key, cache, compute, extractor.load_input, chunk, progress)
-    return PseudoLabels(
-        labels=[e["label"] for e in entries],
-        agreement=np.array([e["agreement"] for e in entries], dtype=float),
-        kept=np.array([e["kept"] for e in entries], dtype=bool),
-        answers=[list(e["answers"]) for e in entries],
-        votes=[list(e["votes"]) for e in entries],
-        temperatures=np.array([e["temperatures"] for e in entries], dtype=float).reshape(
-            len(entries), rollouts
-        ),
-        classes=classes,
-    )
+    return _from_cache_entries(entries, classes, rollouts)

@@ -7,7 +7,7 @@ least half of the M rollouts agree with it. Unparseable answers count as rollout
 The kept clips with their pseudo-labels are the support set of SAV or CALM.
 
 The sampler is injectable: anything called as `sampler(inputs, temperatures)` with `temperatures`
-of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.zeroshot.LALMSampler`
+of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.chat_lm.LALMSampler`
 is the one backed by a model; tests script their own.
 """
 
