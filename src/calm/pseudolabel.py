@@ -107,7 +107,8 @@ class PseudoLabels:
         if len(indices) == 0:
             return float("nan")
         right = [
-            self.labels[i] is not None and self.labels[i] in str(true_labels[i]).split(";") for i in indices
+            self.labels[i] is not None and self.labels[i] in str(true_labels[i]).split(";")
+            for i in map(int, indices)
         ]
         return float(np.mean(right))
 
