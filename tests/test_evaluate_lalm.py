@@ -204,6 +204,7 @@ def write_tones(root: Path) -> Path:
     return manifest
 
 
+@pytest.mark.slow
 def test_calm_evaluate_with_zero_shot_and_pseudo_labels(tmp_path, tiny_lalm_dir):
     from calm.cli import main
     from calm.models import load_extractor

@@ -194,6 +194,7 @@ print("finished")
 """
 
 
+@pytest.mark.slow
 def test_killed_with_sigkill_resumes_to_the_same_rows(tmp_path, clips, reference):
     out = tmp_path / "killed"
     script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), audio=str(tmp_path / "audio"), out=str(out))

@@ -60,6 +60,7 @@ def test_encoder_frame_arithmetic():
     assert real_encoder_frames(16000 * 40, 1500) == 1500
 
 
+@pytest.mark.slow
 def test_ct2_reader_parses_every_variable():
     spec, variables = read_ct2_model(package_model_dir() / "model.bin")
     assert spec == "WhisperSpec"
@@ -68,6 +69,7 @@ def test_ct2_reader_parses_every_variable():
     assert variables["decoder/projection/weight"] is variables["decoder/embeddings/weight"]  # alias
 
 
+@pytest.mark.slow
 def test_conversion_maps_weights_and_is_reused(converted):
     directory, record = converted
     assert record["source_sha256"] == sha256_file(package_model_dir() / "model.bin")
@@ -86,6 +88,7 @@ def test_conversion_maps_weights_and_is_reused(converted):
     assert again == directory and (directory / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_corrupt_or_incomplete_cache_fails_verification(converted, tmp_path):
     directory, record = converted
     copy = tmp_path / directory.name
@@ -100,6 +103,7 @@ def test_corrupt_or_incomplete_cache_fails_verification(converted, tmp_path):
     assert verify(copy, record["source_sha256"]) is None
 
 
+@pytest.mark.slow
 def test_decoder_prompt_ids_carry_previous_text(extractor):
     tokenizer = extractor.tokenizer
     plain = decoder_prompt_ids(tokenizer, None)
@@ -226,6 +230,7 @@ def test_clip_length_encoder_option(extractor, esc10_waves):
     assert np.abs(batched[:1] - extractor.extract(waves[:1])).max() > 1e-3  # a different encoder context
 
 
+@pytest.mark.slow
 def test_invalid_options(converted):
     with pytest.raises(ExtractorError, match="head sources"):
         load_extractor("whisper-tiny.en", heads="everything")
@@ -235,6 +240,7 @@ def test_invalid_options(converted):
         load_extractor("whisper-tiny.en", min_encoder_seconds=10)
 
 
+@pytest.mark.slow
 def test_key_is_json_and_names_the_checksum(extractor, converted):
     key = extractor.key
     assert json.loads(json.dumps(key)) == key
