@@ -61,7 +61,7 @@ def load_tone_extractor(**kwargs):
 
 @pytest.fixture(autouse=True)
 def fake_model():
-    register_model("fake-tones", None, "test_cli_eval:load_tone_extractor")
+    register_model("fake-tones", None, "tests.test_cli_eval:load_tone_extractor")
     yield
     MODELS.pop("fake-tones", None)
 

@@ -127,7 +127,7 @@ def test_csv_errors_name_file_and_line(tmp_path, body, message):
 
 @pytest.mark.slow
 def test_real_fsdd_manifest():
-    from conftest import shared_data
+    from tests.helpers import shared_data
 
     manifest = shared_data() / "fsdd" / "manifest.csv"
     if not manifest.is_file():

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from tiny_omni import tiny_qwen2_5_omni, write_video
 
 from calm.models.base import ExtractorError
 from calm.models.qwen2_5_omni import (
@@ -10,6 +9,7 @@ from calm.models.qwen2_5_omni import (
     patchify,
     read_frames,
 )
+from tests.helpers.tiny_omni import tiny_qwen2_5_omni, write_video
 
 
 @pytest.fixture(scope="module")

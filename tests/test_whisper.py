@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 
 from calm.models import load_extractor
 from calm.models.base import ExtractorError
@@ -21,6 +20,7 @@ from calm.models.whisper import (
     run_encoder,
 )
 from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, sha256_file, verify
+from tests.helpers import shared_data
 
 N_CLIPS = 3
 
