@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from test_classifiers_reference import make_problem
+from tests.test_classifiers_reference import make_problem
 
 import calm
 from calm import _heads as H

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_cli_eval import fake_model, tones  # noqa: F401  (fixtures: the tone model, a tiny dataset)
-from test_evaluate import synthetic
+from tests.test_cli_eval import fake_model, tones  # noqa: F401  (fixtures: the tone model, a tiny dataset)
+from tests.test_evaluate import synthetic
 from threadpoolctl import threadpool_limits
 
 from calm import evaluate as ev
