@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from conftest import shared_data
 
 from calm.cli import main
+from tests.helpers import shared_data
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
