@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from test_store import FakeExtractor, assert_same_store, make_clips, run
 
 from calm._files import printable
 from calm.data import DatasetError, load_dataset
@@ -43,6 +42,7 @@ from calm.store import (
     load_features,
     verify_store,
 )
+from tests.test_store import FakeExtractor, assert_same_store, make_clips, run
 
 TESTS = Path(__file__).resolve().parent
 DOC = TESTS.parent / "docs" / "reliability.md"
@@ -227,8 +227,8 @@ def mounted_tmpfs(path: Path, size: str):
 
 CHILD = """
 import os, sys
-sys.path.insert(0, {tests!r})
-from test_store import FakeExtractor, make_clips
+sys.path.insert(0, {root!r})
+from tests.test_store import FakeExtractor, make_clips
 from calm.store import extract_to_store
 from pathlib import Path
 clips = make_clips(Path({audio!r}), write=False)
@@ -253,14 +253,20 @@ print("finished", flush=True)
 
 def child(audio: Path, out: Path, *, delay=0.0, batch=2, enospc_after=None) -> subprocess.Popen:
     code = CHILD.format(
-        tests=str(TESTS), audio=str(audio), out=str(out), delay=delay, batch=batch, enospc_after=enospc_after
+        root=str(TESTS.parent),
+        audio=str(audio),
+        out=str(out),
+        delay=delay,
+        batch=batch,
+        enospc_after=enospc_after,
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS.parent)])}
     return subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
 
 
+@pytest.mark.slow
 def test_case_sigkill_random(tmp_path, clips, reference):
     rng = random.Random(int(os.environ.get("CALM_FAULT_SEED", "0")) or None)
     for i in range(RUNS):
@@ -276,6 +282,7 @@ def test_case_sigkill_random(tmp_path, clips, reference):
         assert not list(out.glob(f"*/{SHARD_DIR}/.*tmp*"))
 
 
+@pytest.mark.slow
 def test_case_enospc(tmp_path, clips, reference):
     out = tmp_path / "small" / "store"
     with mounted_tmpfs(tmp_path / "small", "48k") as tmpfs:
@@ -296,6 +303,7 @@ def test_case_enospc(tmp_path, clips, reference):
     assert_same_store(saved, reference)
 
 
+@pytest.mark.slow
 def test_case_concurrent_writers(tmp_path, clips, reference):
     out = tmp_path / "store"
     first = child(tmp_path / "audio", out, delay=0.3, batch=1)
@@ -657,7 +665,7 @@ def test_case_manifest_conflict(tmp_path, clips):
 
 @pytest.mark.slow
 def test_case_batch_invariant(tmp_path):
-    from conftest import shared_data
+    from tests.helpers import shared_data
 
     files = sorted((shared_data() / "esc10").glob("*/*.ogg"))[:5]
     if len(files) < 5:
