@@ -6,7 +6,7 @@ or lost data. Every case that writes ends with "nothing lost": after the fault i
 gives a store equal to an uninterrupted run. `docs/reliability.md` lists the cases as a table
 that `test_reliability_doc_lists_every_case` checks; regenerate it with
 
-    python tests/test_faults.py --table
+    python -m tests.test_faults --table
 
 SIGKILL runs: CALM_FAULT_RUNS=N (default 3) kills at N random moments. The model is the
 `FakeExtractor` of test_store.py except for the batch-invariance case (real Whisper).
@@ -76,7 +76,7 @@ CASES: dict[str, tuple[str, str, str, str, str]] = {
     ),
     "nonutf8_printable": (
         "1",
-        "the same name printed / written to CSV (`calm predict --csv`)",
+        "the same name printed as text (`calm verify`, `calm._files.printable`)",
         "1",
         "1",
         "0",
@@ -776,7 +776,7 @@ def test_reliability_doc_lists_every_case():
         line = "| " + " | ".join(row) + " |"
         assert line in text, (
             f"docs/reliability.md lacks (or has a different) row:\n{line}\n"
-            "regenerate: python tests/test_faults.py --table"
+            "regenerate: python -m tests.test_faults --table"
         )
     for cid in CASES:
         assert callable(globals().get(f"test_case_{cid}")), cid
