@@ -33,7 +33,7 @@ from pathlib import Path
 CHILD = """
 import json, sys, time
 import numpy as np
-from calm.store import format, load_features
+from calm.store import checks, load_features
 def timed():
     t = time.perf_counter()
     X, y, meta = load_features(sys.argv[1])
@@ -42,7 +42,7 @@ def timed():
 timed()  # warm up: imports, page cache
 checked, memoised = [], []
 for _ in range(5):  # alternate; the minimum of each is the least disturbed by other processes
-    format._CHECKED.clear()  # forget the checksums: the next open computes them again
+    checks._CHECKED.clear()  # forget the checksums: the next open computes them again
     seconds, rows = timed()
     checked.append(seconds)
     memoised.append(timed()[0])
@@ -52,7 +52,8 @@ print(json.dumps({"rows": rows, "checked": min(checked), "memoised": min(memoise
 
 def with_crc32(store: Path, into: Path) -> Path:
     """A copy of `store` whose index rows record crc32 (as stores written now do)."""
-    from calm.store.format import latest_rows, read_index, row_check, shard_checksum, write_index
+    from calm.store.checks import shard_checksum
+    from calm.store.format import latest_rows, read_index, row_check, write_index
 
     shutil.copytree(store, into)
     for index in into.glob("*/index.jsonl"):

@@ -2,7 +2,8 @@
 
 One job: keep extracted features between runs. The package is split by job:
 
-- `calm.store.format`: the on-disk format (key, key folders, index, shards and their checks);
+- `calm.store.format`: the on-disk format (key, key folders, index, shard names);
+- `calm.store.checks`: shard checks (own integrity: header, size, checksum; agreement with index and key);
 - `calm.store.folder`: one key folder opened for writing (crash recovery, shard/index appends);
 - `calm.store.pipeline`: threaded decoding ahead of the model, and the checked model call;
 - `calm.store.events`: `ExtractReport`, `ExtractProgress` events and the `TextProgress` printer;
@@ -48,6 +49,7 @@ leaves the old content's features behind.
 from __future__ import annotations
 
 from calm._files import atomic_write_bytes
+from calm.store.checks import ShardDamaged, check_shard, read_shard_header
 from calm.store.compaction import compact
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, TextProgress
 from calm.store.folder import KeyFolder, open_key_folder
@@ -60,18 +62,15 @@ from calm.store.format import (
     LOCK_FILE,
     SHARD_DIR,
     TENSOR,
-    ShardDamaged,
     StoreError,
     StoreLock,
     canonical_json,
-    check_shard,
     file_sha256,
     key_digest,
     key_dirname,
     latest_rows,
     list_keys,
     read_index,
-    read_shard_header,
     resolve_key_dir,
     store_path,
 )

@@ -22,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from calm import _files
+from calm.store.checks import ShardDamaged, check_shard, expected_checksum
 from calm.store.format import (
     FORMAT,
     INDEX_FILE,
@@ -29,11 +30,8 @@ from calm.store.format import (
     ROW_CHECK,
     SHARD_DIR,
     SHARD_RE,
-    ShardDamaged,
     StoreError,
     canonical_json,
-    check_shard,
-    expected_checksum,
     key_digest,
     key_dirname,
     latest_rows,

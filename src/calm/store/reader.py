@@ -13,13 +13,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from calm.store.checks import ShardDamaged, check_shard, expected_checksum
 from calm.store.format import (
     DTYPES,
     INDEX_FILE,
     KEY_FILE,
-    ShardDamaged,
-    check_shard,
-    expected_checksum,
     latest_rows,
     read_index,
     read_key_file,

@@ -17,22 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calm.store.checks import ShardDamaged, _tensor_layout, check_shard, expected_checksum, read_shard_header
 from calm.store.folder import KeyFolder
 from calm.store.format import (
     INDEX_FILE,
     KEY_FILE,
     LOCK_FILE,
-    ShardDamaged,
     StoreError,
     StoreLock,
-    _tensor_layout,
-    check_shard,
-    expected_checksum,
     latest_rows,
     list_keys,
     no_link,
     read_key_file,
-    read_shard_header,
     resolve_key_dir,
     scan_index,
     shard_path,
