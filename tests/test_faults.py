@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from calm._files import printable
 from calm.data import DatasetError, load_dataset
@@ -699,10 +701,6 @@ def test_case_batch_invariant(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # property-based fuzzing: the manifest parser and the audio decoder
 
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 CELLS = st.sampled_from(
     [
