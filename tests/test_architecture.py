@@ -1,9 +1,11 @@
 """The layering rules of docs/architecture.md, checked on the source with `ast` (nothing is imported):
 
+- every module imports only from its own layer or those below (the table of docs/architecture.md);
 - `calm.models` and `calm.data` reach neither the store, the evaluation nor the commands, directly or
   through other modules;
 - no import cycle between modules of `calm`;
-- no module of 400 lines or more, no function (or method) over 60 lines.
+- no module of 400 lines or more, no function (or method) over 60 lines;
+- every module opens with a docstring (its one job), and docs/architecture.md names every top-level one.
 
 Every import statement counts: module level, inside functions and methods, under `if TYPE_CHECKING:`.
 An import names the most specific module it loads (`from calm.store import reader` -> calm.store.reader,
@@ -19,6 +21,32 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FORBIDDEN_FOR_LOWER_LAYERS = ("calm.store", "calm.evaluate", "calm.commands")
+# docs/architecture.md, "Layers": a top-level module or package of calm -> its layer
+LAYERS = {
+    "calm": 0,  # the package root loads its public names lazily (importlib), so it imports nothing
+    "calm._files": 0,
+    "calm.cache": 0,
+    "calm._heads": 0,
+    "calm.answers": 0,
+    "calm.prompts": 0,
+    "calm.audio": 1,
+    "calm.video": 1,
+    "calm.data": 1,
+    "calm.models": 2,
+    "calm.chat_lm": 2,
+    "calm.zeroshot": 2,
+    "calm.pseudolabel": 2,
+    "calm.baselines": 2,
+    "calm.store": 3,
+    "calm.serialization": 4,
+    "calm.classifiers": 4,
+    "calm.evaluate": 5,
+    "calm.figures": 5,
+    "calm.inference": 5,
+    "calm.serve": 6,
+    "calm.commands": 6,
+    "calm.cli": 6,
+}
 
 
 def all_modules(src: Path = SRC) -> dict[str, Path]:
@@ -156,3 +184,28 @@ def test_modules_under_400_lines_and_functions_at_most_60():
                 if length > 60:
                     too_long.append(f"{name}.{node.name} (line {node.lineno}): {length} lines")
     assert not too_long, "\n".join(too_long)
+
+
+def top_level(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_every_module_imports_only_its_own_layer_or_lower():
+    graph = import_graph()
+    unplaced = sorted({top_level(m) for m in graph} - set(LAYERS))
+    assert not unplaced, f"give these a layer in docs/architecture.md and LAYERS: {unplaced}"
+    upward = [
+        f"{a} (layer {LAYERS[top_level(a)]}) imports {b} (layer {LAYERS[top_level(b)]})"
+        for a, targets in graph.items()
+        for b in sorted(targets)
+        if LAYERS[top_level(b)] > LAYERS[top_level(a)]
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_every_module_says_its_job_and_the_architecture_doc_names_it():
+    doc = (SRC.parent / "docs" / "architecture.md").read_text()
+    silent = [m for m, p in all_modules().items() if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not silent, f"modules without an opening docstring: {silent}"
+    missing = sorted(m for m in {top_level(m) for m in all_modules()} if f"`{m}`" not in doc)
+    assert not missing, f"docs/architecture.md does not name {missing}"
