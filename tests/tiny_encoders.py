@@ -47,7 +47,9 @@ def tiny_wav2vec2_family(model_type: str = "wav2vec2", *, norm: str = "layer", s
         extra = {"conv_pos_kernel_size": 5, "num_conv_pos_embeddings": 2}
     if model_type == "wavlm":
         extra.update(num_buckets=16, max_bucket_distance=32)
-    config = getattr(transformers, config_cls)(**_TRANSFORMER, **{**_CONV, **extra}, attn_implementation="eager")
+    config = getattr(transformers, config_cls)(
+        **_TRANSFORMER, **{**_CONV, **extra}, attn_implementation="eager"
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     mask = norm == "layer" or model_type == "data2vec-audio"
@@ -78,8 +80,14 @@ def tiny_clap(seed: int = 0):
     torch.manual_seed(seed)
     model = ClapModel(config).eval()
     extractor = ClapFeatureExtractor(
-        feature_size=16, sampling_rate=16000, hop_length=160, max_length_s=1, fft_window_size=400,
-        frequency_max=8000, truncation="rand_trunc", padding="repeatpad",
+        feature_size=16,
+        sampling_rate=16000,
+        hop_length=160,
+        max_length_s=1,
+        fft_window_size=400,
+        frequency_max=8000,
+        truncation="rand_trunc",
+        padding="repeatpad",
     )
     return model, extractor
 
