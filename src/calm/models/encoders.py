@@ -116,6 +116,7 @@ class Wav2Vec2Family(EncoderExtractor):
         super().__init__(model, feature_extractor, sites, **kwargs)
         self.sample_rate = int(feature_extractor.sampling_rate)
         self.max_seconds = max_seconds
+        self.conv = (tuple(model.config.conv_kernel), tuple(model.config.conv_stride))
         # data2vec-audio's stacked positional convs see padded frames: it never pads either
         self.use_mask = bool(getattr(feature_extractor, "return_attention_mask", False)) and (
             self.model_type != "data2vec-audio"
@@ -142,7 +143,7 @@ class Wav2Vec2Family(EncoderExtractor):
             return_tensors="pt",
         )
         samples = torch.tensor([len(w) for w in waves])
-        frames = conv_frames(samples, self.model.config.conv_kernel, self.model.config.conv_stride)
+        frames = conv_frames(samples, *self.conv)
         inputs = {"input_values": batch["input_values"]}
         if self.use_mask:
             inputs["attention_mask"] = batch["attention_mask"]
@@ -201,16 +202,11 @@ class ASTExtractor(EncoderExtractor):
         self.max_seconds = ((config.max_length - 1) * _FBANK_HOP + _FBANK_WINDOW) / self.sample_rate
         self.freq_rows = (config.num_mel_bins - config.patch_size) // config.frequency_stride + 1
         self.time_columns = (config.max_length - config.patch_size) // config.time_stride + 1
+        self.grid = (int(config.max_length), int(config.patch_size), int(config.time_stride))
 
     def token_mask(self, waves: list[np.ndarray]) -> torch.Tensor:
         """(n, 2 + rows x columns) weights: 1 on patches of real time columns, 0 elsewhere."""
-        config = self.model.config
-        real = torch.tensor(
-            [
-                ast_real_columns(len(w), config.max_length, config.patch_size, config.time_stride)
-                for w in waves
-            ]
-        )
+        real = torch.tensor([ast_real_columns(len(w), *self.grid) for w in waves])
         columns = torch.arange(self.time_columns)[None, :] < real[:, None]  # (n, columns)
         grid = columns[:, None, :].expand(-1, self.freq_rows, -1).reshape(len(waves), -1)  # row-major f, t
         return torch.cat([torch.zeros(len(waves), 2, dtype=torch.bool), grid], dim=1).float()
