@@ -2,7 +2,8 @@
 
 Public API (imported lazily so that `import calm` stays light):
 `calm.AudioClassifier` (audio in, labels out), `calm.SAV`, `calm.CALM`, `calm.load` (a saved
-classifier), `calm.load_features` (a feature store), `calm.load_extractor` (a frozen model as a per-head feature extractor), `calm.load_dataset`.
+classifier), `calm.load_features` (a feature store), `calm.load_extractor` (a frozen model as a
+per-head feature extractor), `calm.load_dataset`.
 """
 
 from __future__ import annotations

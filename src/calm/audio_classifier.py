@@ -75,7 +75,11 @@ def head_classifier(method: str, params: dict[str, Any]):
     if method == "calm+st" and "calm+st" in available_methods():
         selftraining = importlib.import_module("calm.selftraining")
         return selftraining.SelfTrainingCALM(**params)
-    builders = {"sav": SAV, "calm-global": lambda **p: CALM(weighting="global", **p), "calm": CALM}
+    builders: dict[str, Any] = {
+        "sav": SAV,
+        "calm-global": lambda **p: CALM(weighting="global", **p),
+        "calm": CALM,
+    }
     if method not in builders:
         raise ValueError(f"method={method!r}: use one of {available_methods()}")
     try:

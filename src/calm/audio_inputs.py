@@ -55,7 +55,7 @@ def as_input(item: Any, index: int, sample_rate: int | None = None) -> AudioInpu
         if item.get("path"):
             return AudioInput(str(item["path"]), path=Path(item["path"]))
         raise ValueError(f"{name}: an audio dict needs 'array' and 'sampling_rate', or 'path'")
-    if isinstance(item, tuple) and len(item) == 2 and np.isscalar(item[1]):
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], int | float | np.number):
         return AudioInput(name, wave=np.asarray(item[0]), rate=int(item[1]))
     if isinstance(item, np.ndarray | list):
         if sample_rate is None:

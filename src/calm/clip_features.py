@@ -85,7 +85,7 @@ def _cached(
     """Files through the store under `cache` (stored clips with the same content are read back)."""
     from calm.store import extract_to_store, load_features, store_path
 
-    paths = [store_path(clip.path) for _, clip in clips]
+    paths = [store_path(clip.path or clip.name) for _, clip in clips]
     report = extract_to_store(
         extractor, paths, cache, batch_size=batch_size, dtype=CACHE_DTYPE, progress=False
     )
