@@ -101,7 +101,11 @@ def _reference(ex, wave: np.ndarray, layer: int) -> np.ndarray:
         with torch.no_grad():
             if isinstance(ex, ClapExtractor):
                 fe = ex.feature_extractor(
-                    [wave], sampling_rate=ex.sample_rate, padding="repeatpad", return_tensors="pt"
+                    [wave],
+                    sampling_rate=ex.sample_rate,
+                    padding="repeatpad",
+                    truncation="rand_trunc",  # unfused: one mel (clips under 10 s are never cut)
+                    return_tensors="pt",
                 )
                 ex.model(
                     input_features=fe["input_features"],
@@ -191,6 +195,25 @@ def test_clap_blocks_with_different_head_dims_are_refused(tmp_path):
     with pytest.raises(ExtractorError, match="different head dims"):
         load_extractor(str(directory))
     assert load_extractor(str(directory), layers=[1, 2]).extract(_waves((4000,))).shape == (1, 4, 16)
+
+
+def test_fused_clap_never_takes_the_random_fusion_branch(tmp_path):
+    """A fused CLAP's feature extractor marks a random clip of a batch as longer; the backend does not."""
+    from transformers import ClapConfig, ClapModel
+
+    model, fe = tiny_clap()
+    audio = {**model.config.audio_config.to_dict(), "enable_fusion": True}
+    config = ClapConfig(audio_config=audio, text_config=model.config.text_config.to_dict(), projection_dim=8)
+    torch.manual_seed(0)
+    ex = load_extractor(str(save_encoder(ClapModel(config), fe, tmp_path / "fused")))
+    assert ex.truncation == "fusion"
+    waves = _waves((4000, 9000, 16000))
+    batched = ex.extract(waves)
+    for seed in range(3):
+        np.random.seed(seed)  # noqa: NPY002 - the feature extractor draws from the global generator
+        np.testing.assert_allclose(ex.extract(waves), batched, atol=1e-6)
+    for wave, row in zip(waves, batched, strict=True):
+        np.testing.assert_allclose(row, ex.extract([wave])[0], atol=1e-5)
 
 
 def test_registered_encoder_names_point_at_hub_ids():

@@ -86,7 +86,7 @@ def tiny_clap(seed: int = 0):
         max_length_s=1,
         fft_window_size=400,
         frequency_max=8000,
-        truncation="rand_trunc",
+        truncation="fusion",  # the feature extractor default: the backend picks
         padding="repeatpad",
     )
     return model, extractor

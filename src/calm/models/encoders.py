@@ -235,10 +235,16 @@ class ClapExtractor(EncoderExtractor):
         super().__init__(model, feature_extractor, sites, **kwargs)
         self.sample_rate = int(feature_extractor.sampling_rate)
         self.max_seconds = float(feature_extractor.nb_max_samples) / self.sample_rate
+        # 4 stacked mel crops for fused checkpoints, 1 mel for unfused ones (no crop below 10 s)
+        self.truncation = "fusion" if getattr(model.config, "enable_fusion", False) else "rand_trunc"
 
     def forward(self, waves: list[np.ndarray]) -> torch.Tensor:
         batch = self.feature_extractor(
-            waves, sampling_rate=self.sample_rate, padding="repeatpad", return_tensors="pt"
+            waves,
+            sampling_rate=self.sample_rate,
+            padding="repeatpad",
+            truncation=self.truncation,
+            return_tensors="pt",
         )
         # no clip is longer than the window (load_input cut it); the feature extractor marks a random
         # clip as "longer" when none is, which would send it through the fusion branch: undo that
