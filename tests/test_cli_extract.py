@@ -7,7 +7,7 @@ from test_store import FakeExtractor, make_clips
 
 from calm.cli import main
 from calm.commands import extract as extract_cmd
-from calm.commands.extract import parse_layers, parse_options
+from calm.commands.options import parse_layers, parse_options
 from calm.store import list_keys, load_features
 
 
