@@ -195,3 +195,24 @@ def test_encoder_model_by_directory(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert [r["label"] for r in json.loads(out.read_text())] == list(clf.predict(files))
+
+
+def test_load_reads_a_file_calm_fit_wrote(fitted, esc10_clips, tmp_path):
+    """The cache is a feature store: `calm fit` on it; `AudioClassifier.load` of that file agrees with
+    the pipeline of `calm predict` (`calm.inference`)."""
+    from calm.cli import main
+    from calm.inference import load_predictor
+
+    _, _, queries = esc10_clips
+    path = tmp_path / "fit.safetensors"
+    result = CliRunner().invoke(
+        main, ["fit", str(fitted.cache), "--method", "calm-global", "--out", str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    loaded = AudioClassifier.load(path)
+    assert loaded.method == "calm-global" and loaded.model == "whisper-tiny.en" and loaded.n_support_ == 6
+    predictions = load_predictor(path)(list(map(str, queries)))
+    assert list(loaded.predict(queries)) == [p.label for p in predictions]
+    np.testing.assert_allclose(
+        loaded.predict_proba(queries).max(axis=1), [p.probability for p in predictions], atol=1e-5
+    )

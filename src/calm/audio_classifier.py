@@ -25,7 +25,6 @@ so `calm predict` takes the file and `calm.load(path)` returns that feature-leve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 from numbers import Integral
@@ -41,7 +40,7 @@ from calm.audio_inputs import as_inputs
 from calm.clip_features import CACHE_DTYPE, clip_features
 
 DEFAULT_MODEL = "whisper-tiny.en"
-#: few-shot methods; `calm+st` (self-training) joins them once `calm.selftraining` exists
+#: few-shot methods (self-training, `calm+st`, is not in the library yet)
 METHODS = ("sav", "calm-global", "calm")
 ERRORS = ("raise", "skip")
 
@@ -63,25 +62,17 @@ class ClipWarning(UserWarning):
     """Clips skipped by `predict(..., errors="skip")`, each with its reason."""
 
 
-def available_methods() -> tuple[str, ...]:
-    """`METHODS`, plus `calm+st` when the self-training module is installed."""
-    return (*METHODS, "calm+st") if importlib.util.find_spec("calm.selftraining") else METHODS
-
-
 def head_classifier(method: str, params: dict[str, Any]):
     """An unfitted `calm.SAV` / `calm.CALM` for `method` with `params` (ValueError names bad ones)."""
     from calm.classifiers import CALM, SAV
 
-    if method == "calm+st" and "calm+st" in available_methods():
-        selftraining = importlib.import_module("calm.selftraining")
-        return selftraining.SelfTrainingCALM(**params)
     builders: dict[str, Any] = {
         "sav": SAV,
         "calm-global": lambda **p: CALM(weighting="global", **p),
         "calm": CALM,
     }
     if method not in builders:
-        raise ValueError(f"method={method!r}: use one of {available_methods()}")
+        raise ValueError(f"method={method!r}: use one of {METHODS}")
     try:
         return builders[method](**params)
     except TypeError as exc:
@@ -97,7 +88,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     model : str
         Registered name (`whisper-tiny.en`, `clap-htsat`, `ast-audioset`, ...), hub id or local
         checkpoint directory (`calm.load_extractor`).
-    method : "sav", "calm-global" or "calm" ("calm+st" once `calm.selftraining` exists).
+    method : "sav", "calm-global" or "calm".
     model_options : dict or None
         Keyword arguments of `calm.load_extractor` (`prompt`, `heads`, `layers`, `dtype`, `long`,
         backend options such as Whisper's `encoder_length`).
@@ -117,7 +108,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "model": [str],
-        "method": [StrOptions(set(available_methods()))],
+        "method": [StrOptions(set(METHODS))],
         "model_options": [dict, None],
         "cache": [str, Path, None],
         "device": [str, None],
