@@ -58,6 +58,7 @@ def test_dispatch_by_model_type_and_key(name, extractors, checkpoints):
     assert ex.head_names == [
         HeadName(layer, h, "encoder") for layer, n in enumerate(heads_per_layer) for h in range(n)
     ]
+    assert ex.extract([]).shape == (0, sum(heads_per_layer), 8)
     feats = ex.extract(_waves())
     assert feats.shape == (3, sum(heads_per_layer), 8) and feats.dtype == np.float32
     assert np.isfinite(feats).all() and not np.allclose(feats[0], feats[1])

@@ -103,7 +103,7 @@ class EncoderExtractor(TorchExtractor):
     def extract(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         waves = [np.asarray(w, dtype=np.float32).reshape(-1) for w in inputs]
         out = np.empty((len(waves), len(self.head_names), self.head_dim), dtype=np.float32)
-        for rows in self.groups(waves):
+        for rows in self.groups(waves) if waves else []:
             with torch.inference_mode():
                 out[rows] = self.forward([waves[i] for i in rows]).cpu().numpy()
         return out
