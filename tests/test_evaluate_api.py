@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_cli_eval import fake_model, tones  # noqa: F401  (fixtures: the tone model, a tiny dataset)
-from test_evaluate import synthetic
 from threadpoolctl import threadpool_limits
 
 from calm import evaluate as ev
 from calm.cli import main
 from calm.evaluate import ClassifierSpec, EvalConfig, ModelSpec, Run, run_evaluation
+from tests.test_cli_eval import fake_model, tones  # noqa: F401  (fixtures: the tone model, a tiny dataset)
+from tests.test_evaluate import synthetic
 
 torch.set_num_threads(1)
 

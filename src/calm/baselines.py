@@ -224,8 +224,8 @@ def _pseudo_label_entries(
     batch_size: int,
 ) -> list[dict]:
     """The cache entries of one chunk of clips: `rollouts` sampled answers each, seeded by the chunk."""
+    from calm.chat_lm import LALMSampler
     from calm.pseudolabel import pseudo_label
-    from calm.zeroshot import LALMSampler
 
     sampler = LALMSampler(extractor, prompt.text, max_new_tokens=key["max_new_tokens"], seed=chunk_seed)
     res = pseudo_label(
