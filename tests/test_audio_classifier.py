@@ -8,13 +8,13 @@ import warnings
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import shared_data
 from sklearn.base import clone
 
 import calm
 from calm.audio import AudioError, load_audio
 from calm.audio_classifier import AudioClassifier, ClipError, ClipWarning, head_classifier
 from calm.audio_inputs import as_inputs, prepare_wave
+from tests.helpers import shared_data
 
 N_SUPPORT = 3  # clips per class (2 classes) for the real-audio tests
 
@@ -101,6 +101,7 @@ def _forward_calls(clf):
     return calls, handle
 
 
+@pytest.mark.slow
 def test_second_fit_on_the_same_files_extracts_nothing(fitted, esc10_clips):
     support, labels, _ = esc10_clips
     shards = sorted(p.name for p in fitted.cache.rglob("*.safetensors"))
@@ -114,6 +115,7 @@ def test_second_fit_on_the_same_files_extracts_nothing(fitted, esc10_clips):
     np.testing.assert_array_equal(fitted.classifier_.centroids_, before)
 
 
+@pytest.mark.slow
 def test_predict_save_load_round_trip_and_calm_predict(fitted, esc10_clips, tmp_path):
     _, _, queries = esc10_clips
     proba = fitted.predict_proba(queries)
@@ -139,6 +141,7 @@ def test_predict_save_load_round_trip_and_calm_predict(fitted, esc10_clips, tmp_
     np.testing.assert_allclose([r["probability"] for r in rows], proba.max(axis=1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_waveforms_and_dicts_give_the_features_of_their_file(fitted, esc10_clips):
     _, _, queries = esc10_clips
     import soundfile as sf
@@ -152,6 +155,7 @@ def test_waveforms_and_dicts_give_the_features_of_their_file(fitted, esc10_clips
     np.testing.assert_allclose(by_wave, np.repeat(by_path, 3, axis=0), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_bad_clips_are_named(fitted, esc10_clips, tmp_path):
     support, labels, queries = esc10_clips
     missing = tmp_path / "missing.wav"
@@ -171,9 +175,10 @@ def test_bad_clips_are_named(fitted, esc10_clips, tmp_path):
         fitted.predict(queries, errors="ignore")
 
 
+@pytest.mark.slow
 def test_encoder_model_by_directory(tmp_path):
     """Any backend by directory: a tiny random AST, fitted on waveforms, saved and predicted by the CLI."""
-    from tiny_encoders import save_encoder, tiny_ast
+    from tests.helpers.tiny_encoders import save_encoder, tiny_ast
 
     directory = save_encoder(*tiny_ast(), tmp_path / "ast")
     rng = np.random.default_rng(0)
@@ -197,6 +202,7 @@ def test_encoder_model_by_directory(tmp_path):
     assert [r["label"] for r in json.loads(out.read_text())] == list(clf.predict(files))
 
 
+@pytest.mark.slow
 def test_load_reads_a_file_calm_fit_wrote(fitted, esc10_clips, tmp_path):
     """The cache is a feature store: `calm fit` on it; `AudioClassifier.load` of that file agrees with
     the pipeline of `calm predict` (`calm.inference`)."""

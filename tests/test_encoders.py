@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_encoders import save_encoder, tiny_ast, tiny_clap, tiny_wav2vec2_family
 
 from calm.models import BACKENDS, MODELS, load_extractor
 from calm.models.base import ExtractorError, HeadName
@@ -17,6 +16,7 @@ from calm.models.encoders import (
     conv_frames,
     encoder_layers,
 )
+from tests.helpers.tiny_encoders import save_encoder, tiny_ast, tiny_clap, tiny_wav2vec2_family
 
 BUILDERS = {
     "ast": tiny_ast,
