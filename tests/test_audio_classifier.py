@@ -204,16 +204,19 @@ def test_encoder_model_by_directory(tmp_path):
 
 @pytest.mark.slow
 def test_load_reads_a_file_calm_fit_wrote(fitted, esc10_clips, tmp_path):
-    """The cache is a feature store: `calm fit` on it; `AudioClassifier.load` of that file agrees with
-    the pipeline of `calm predict` (`calm.inference`)."""
+    """`calm fit` on a labelled store of the support clips; `AudioClassifier.load` of that file agrees
+    with the pipeline of `calm predict` (`calm.inference`)."""
     from calm.cli import main
+    from calm.data.base import Clip
     from calm.inference import load_predictor
+    from calm.store import extract_to_store
 
-    _, _, queries = esc10_clips
+    support, labels, queries = esc10_clips
+    store = tmp_path / "store"
+    clips = [Clip(path=p, labels=(label,)) for p, label in zip(support, labels, strict=True)]
+    extract_to_store(fitted._get_extractor(), clips, store, progress=False, allow_failures=False)
     path = tmp_path / "fit.safetensors"
-    result = CliRunner().invoke(
-        main, ["fit", str(fitted.cache), "--method", "calm-global", "--out", str(path)]
-    )
+    result = CliRunner().invoke(main, ["fit", str(store), "--method", "calm-global", "--out", str(path)])
     assert result.exit_code == 0, result.output
     loaded = AudioClassifier.load(path)
     assert loaded.method == "calm-global" and loaded.model == "whisper-tiny.en" and loaded.n_support_ == 6

@@ -10,7 +10,8 @@ or Hugging Face audio dicts (`calm.audio_inputs`). `fit` extracts per-head featu
 model (`calm.load_extractor(model, device=..., **model_options)`) and fits SAV, CALM-global or
 CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`). With `cache=FOLDER` files go
 through the feature store there, so a second fit or predict on the same files extracts nothing;
-waveforms are never cached (the store keys features by file path and content hash).
+waveforms are never cached (the store keys features by file path and content hash). The cache
+stores no labels (a clip's features do not depend on them): it is not a training set for `calm fit`.
 
 Bad clips: `fit` refuses any, with a `ClipError` naming each clip and its reason. `predict` and
 `predict_proba` take `errors="raise"` (default, the same `ClipError`) or `errors="skip"`: the other
