@@ -1,8 +1,9 @@
 """calm-audio: few-shot audio classification with class-conditional sparse attention vectors.
 
 Public API (imported lazily so that `import calm` stays light):
-`calm.SAV`, `calm.CALM`, `calm.load` (a saved classifier), `calm.load_features` (a feature store),
-`calm.load_extractor` (a frozen model as a per-head feature extractor), `calm.load_dataset`.
+`calm.AudioClassifier` (audio in, labels out), `calm.SAV`, `calm.CALM`, `calm.load` (a saved
+classifier), `calm.load_features` (a feature store), `calm.load_extractor` (a frozen model as a
+per-head feature extractor), `calm.load_dataset`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _LAZY = {
     "load_features": "calm.store",
     "load_extractor": "calm.models",
     "load_dataset": "calm.data",
+    "AudioClassifier": "calm.audio_classifier",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from calm.models.base import Extractor, ExtractorError, HeadName, TorchExtractor
+from calm.models.encoders import ENCODER_BACKENDS, ENCODER_MODELS
 from calm.models.spec import LoadSpec, backend_options, check_options, declared_options
 
 __all__ = [
@@ -51,6 +52,8 @@ MODELS: dict[str, ModelEntry] = {
     "qwen2-audio": ModelEntry("Qwen/Qwen2-Audio-7B-Instruct", "calm.models.qwen2_audio:load_qwen2_audio"),
     "qwen2.5-omni-7b": ModelEntry("Qwen/Qwen2.5-Omni-7B", "calm.models.qwen2_5_omni:load_qwen2_5_omni"),
     "qwen2.5-omni-3b": ModelEntry("Qwen/Qwen2.5-Omni-3B", "calm.models.qwen2_5_omni:load_qwen2_5_omni"),
+    # encoder-only models (calm.models.encoders)
+    **{name: ModelEntry(*entry) for name, entry in ENCODER_MODELS.items()},
 }
 
 # config.model_type -> backend loader, for hub ids and local directories that are not registered
@@ -59,6 +62,8 @@ BACKENDS: dict[str, str] = {
     "qwen2_audio": "calm.models.qwen2_audio:load_qwen2_audio",
     "qwen2_5_omni": "calm.models.qwen2_5_omni:load_qwen2_5_omni",
     "qwen2_5_omni_thinker": "calm.models.qwen2_5_omni:load_qwen2_5_omni",
+    # AST, wav2vec2, HuBERT, WavLM, data2vec-audio, CLAP (audio tower)
+    **ENCODER_BACKENDS,
 }
 
 # every other model type: an LALM whose processor has a chat template (calm.models.generic)
