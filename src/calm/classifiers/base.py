@@ -24,7 +24,14 @@ from sklearn.utils.validation import check_is_fitted
 from calm import _heads as H
 from calm.classifiers.features import Features, chunk_rows, encode_labels, labels_array, ndim
 from calm.classifiers.kernels import unit_layout
-from calm.serialization import SavedClassifier, TensorSpec, check_tensors, read_classifier, write_classifier
+from calm.serialization import (
+    ModelFileError,
+    SavedClassifier,
+    TensorSpec,
+    check_tensors,
+    read_classifier,
+    write_classifier,
+)
 
 __all__ = ["ESTIMATORS", "HeadClassifier", "load", "register"]
 
@@ -153,7 +160,10 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         """The fitted arrays saved for an estimator with ``params`` (attribute = name + "_")."""
-        return (TensorSpec("centroids", ("C", "K", "d")), TensorSpec("class_counts", ("C",), "i"))
+        return (
+            TensorSpec("centroids", ("C", "K", "d")),
+            TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
+        )
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:
         """The fitted state as a file's contents (``metadata`` default: ``metadata_``)."""
@@ -179,7 +189,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             clf = cls(**saved.params)
             clf._validate_params()
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad parameters {saved.params}: {e}") from e
+            raise ModelFileError(f"{path}: bad parameters {saved.params}: {e}") from e
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         clf.classes_ = saved.classes
@@ -201,15 +211,28 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
             check_tensors(saved, self._state_specs(saved.params), type(self).__name__)
         except ValueError as e:  # e.g. parameters changed by set_params since fit
             raise ValueError(
-                f"cannot save: the fitted arrays do not match the parameters ({e}); refit"
+                "cannot save: the fitted arrays do not match the parameters "
+                f"or hold invalid values ({e}); refit"
             ) from e
         write_classifier(path, saved)
 
 
-def load(path: str | Path) -> HeadClassifier:
-    """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict."""
-    saved = read_classifier(path)
-    cls = ESTIMATORS.get(saved.estimator)
+def _estimator(name: str, path: str | Path) -> type[HeadClassifier]:
+    cls = ESTIMATORS.get(name)
     if cls is None:
-        raise ValueError(f"{path}: unknown estimator {saved.estimator!r} (known: {sorted(ESTIMATORS)})")
-    return cls._from_state(saved, path)
+        raise ModelFileError(f"{path}: unknown estimator {name[:40]!r} (known: {sorted(ESTIMATORS)})")
+    return cls
+
+
+def load(path: str | Path) -> HeadClassifier:
+    """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict.
+
+    Raises :class:`calm.serialization.ModelFileError` (a ValueError naming the file and the problem)
+    for a malformed, damaged or inconsistent file, before reading any tensor the estimator does not
+    declare; FileNotFoundError when there is no file."""
+
+    def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
+        return _estimator(name, path)._state_specs(params)
+
+    saved = read_classifier(path, layout)
+    return _estimator(saved.estimator, path)._from_state(saved, path)
