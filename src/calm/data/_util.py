@@ -88,7 +88,17 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, skipinitialspace=True)
         start = 1
-        for row in reader:
+        while True:
+            try:
+                row = next(reader, None)
+            except UnicodeDecodeError as e:  # the reader decodes ahead: name the byte offset
+                raise DatasetError(
+                    f"{path}: not UTF-8 text (byte {e.start} of a chunk near line {start})"
+                ) from e
+            except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
+                raise DatasetError(f"{path}:{start}: unreadable CSV: {e}") from e
+            if row is None:
+                return
             line = start
             start = reader.line_num + 1
             if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
