@@ -91,9 +91,10 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         while True:
             try:
                 row = next(reader, None)
-            except UnicodeDecodeError as e:  # the reader decodes ahead: name the byte offset
+            except UnicodeDecodeError as e:  # decoded a chunk at a time: the line is approximate
+                bad = e.object[e.start : e.start + 1].hex()
                 raise DatasetError(
-                    f"{path}: not UTF-8 text (byte {e.start} of a chunk near line {start})"
+                    f"{path}: not UTF-8 text near line {start} (byte 0x{bad}); save it as UTF-8"
                 ) from e
             except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
                 raise DatasetError(f"{path}:{start}: unreadable CSV: {e}") from e
