@@ -117,6 +117,7 @@ def read_only(path: Path):
 # -- the cases of issue 9, item 8 ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # `calm evaluate` imports the evaluation stack
 def test_fit_and_evaluate_on_a_one_class_store(tmp_path):
     store = tmp_path / "one"
     assert extract(make_data(tmp_path / "data", classes=("low",)), store).exit_code == 0
@@ -234,20 +235,23 @@ def test_debug_flag_and_env_show_the_traceback(tmp_path, model_file):
     wav = tone(tmp_path / "q.wav", 300.0, 1)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"junk")
+    one_error_line(invoke("predict", junk, wav), str(junk))
+    for args, env in ((["--debug"], None), ([], {"CALM_DEBUG": "1"})):
+        res = invoke(*args, "predict", junk, wav, env=env)
+        assert res.exit_code == 1 and "Traceback" in res.output and "ModelFileError" in res.output
+        assert res.output.strip().splitlines()[-1].startswith(f"calm: error: {junk}")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
+def test_the_entry_point_in_its_own_process_prints_one_line(tmp_path):
+    wav = tone(tmp_path / "q.wav", 300.0, 1)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(calm.__file__).parents[1]), os.getcwd()])}
-    cmd = [sys.executable, "-m", "calm.cli"]
-    quiet = subprocess.run([*cmd, "predict", junk, wav], capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", "calm.cli", "predict", str(junk), str(wav)]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
     assert quiet.stderr.strip().splitlines()[-1].startswith(f"calm: error: {junk}")
-    for extra_args, extra_env in ((["--debug"], {}), ([], {"CALM_DEBUG": "1"})):
-        loud = subprocess.run(
-            [*cmd, *extra_args, "predict", junk, wav],
-            capture_output=True,
-            text=True,
-            env={**env, **extra_env},
-        )
-        assert loud.returncode == 1 and "Traceback" in loud.stderr and "ModelFileError" in loud.stderr
-        assert loud.stderr.strip().splitlines()[-1].startswith("calm: error: ")
 
 
 def test_unexpected_errors_are_one_line_with_a_hint(tmp_path, store, monkeypatch):
