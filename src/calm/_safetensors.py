@@ -111,12 +111,12 @@ def loads_bounded(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH)
 
 
 def _entry(name: str, info: Any, data_start: int) -> TensorEntry:
-    where = f"tensor {name!r}"
+    where = f"tensor {name[:40]!r}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise SafetensorsError(f"{where}: header entry must hold exactly dtype, shape and data_offsets")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if code not in DTYPES:
-        raise SafetensorsError(f"{where}: unknown dtype {code!r}")
+    if not isinstance(code, str) or code not in DTYPES:
+        raise SafetensorsError(f"{where}: unknown dtype {str(code)[:20]!r}")
 
     def is_int(x: Any) -> bool:
         return isinstance(x, int) and not isinstance(x, bool) and x >= 0

@@ -133,10 +133,10 @@ def _classes_from_json(values: Any, kind: Any) -> np.ndarray:
         "float": (float, int),
         "bool": (bool,),
     }
-    if kind not in types or not isinstance(values, list):
-        raise ValueError(f"bad class names in header (type {kind!r})")
+    if not isinstance(kind, str) or kind not in types or not isinstance(values, list):
+        raise ValueError(f"bad class names in header (type {_short(kind)})")
     if not all(isinstance(v, types[kind]) and (kind == "bool" or not isinstance(v, bool)) for v in values):
-        raise ValueError(f"bad class names in header: not all of type {kind!r}")
+        raise ValueError(f"bad class names in header: not all of type {_short(kind)}")
     if kind == "str":
         return np.asarray(values, dtype=str)
     return np.asarray(values, dtype={"int": np.int64, "float": np.float64, "bool": np.bool_}[kind])

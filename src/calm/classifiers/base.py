@@ -35,6 +35,12 @@ from calm.serialization import (
 
 __all__ = ["ESTIMATORS", "HeadClassifier", "load", "register"]
 
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (scikit-learn's parameter errors span several)."""
+    return " ".join(str(e).split())
+
+
 #: Estimator classes by the name written into files.
 ESTIMATORS: dict[str, type[HeadClassifier]] = {}
 
@@ -182,14 +188,20 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
         )
 
     @classmethod
+    def _checked(cls: type[_Self], params: dict[str, Any], path: str | Path) -> _Self:
+        """An unfitted estimator with ``params``; ModelFileError naming ``path`` if they are invalid."""
+        try:
+            clf = cls(**params)
+            clf._validate_params()
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"{path}: bad parameters {str(params)[:200]}: {_one_line(e)}") from None
+        return clf
+
+    @classmethod
     def _from_state(cls: type[_Self], saved: SavedClassifier, path: str | Path = "<state>") -> _Self:
         """A fitted estimator restored from ``saved``; ValueError naming ``path`` if it does not fit
         this class (bad parameters, or tensors unlike ``_state_specs``)."""
-        try:
-            clf = cls(**saved.params)
-            clf._validate_params()
-        except (TypeError, ValueError) as e:
-            raise ModelFileError(f"{path}: bad parameters {saved.params}: {e}") from e
+        clf = cls._checked(saved.params, path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         clf.classes_ = saved.classes
@@ -232,7 +244,9 @@ def load(path: str | Path) -> HeadClassifier:
     declare; FileNotFoundError when there is no file."""
 
     def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
-        return _estimator(name, path)._state_specs(params)
+        cls = _estimator(name, path)
+        cls._checked(params, path)  # bad parameters are refused before any tensor is read
+        return cls._state_specs(params)
 
     saved = read_classifier(path, layout)
     return _estimator(saved.estimator, path)._from_state(saved, path)
