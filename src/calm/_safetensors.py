@@ -12,11 +12,12 @@ is a :class:`SafetensorsError` whose message says what is wrong (the caller adds
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,7 @@ def _check_tiling(entries: list[TensorEntry], data_start: int, file_size: int) -
         raise SafetensorsError(f"{file_size - pos} bytes after the last tensor belong to no tensor")
 
 
-def read_header(fh: IO[bytes]) -> tuple[dict[str, str], dict[str, TensorEntry]]:
+def read_header(fh: io.BufferedIOBase) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     """The ``__metadata__`` dict and the tensor entries of the open file ``fh``; reads the header
     only (bounded by :data:`MAX_HEADER_BYTES`); SafetensorsError for any malformed part."""
     file_size = os.fstat(fh.fileno()).st_size
@@ -173,11 +174,11 @@ def read_header(fh: IO[bytes]) -> tuple[dict[str, str], dict[str, TensorEntry]]:
     return meta, entries
 
 
-def read_tensor(fh: IO[bytes], entry: TensorEntry) -> np.ndarray:
+def read_tensor(fh: io.BufferedIOBase, entry: TensorEntry) -> np.ndarray:
     """The bytes of ``entry`` as a fresh native-order array of its dtype and shape."""
     out = np.empty(entry.shape, dtype=entry.dtype)
     fh.seek(entry.begin)
-    got = fh.readinto(memoryview(out).cast("B")) if entry.nbytes else 0  # type: ignore[attr-defined]
+    got = fh.readinto(memoryview(out).cast("B")) if entry.nbytes else 0  # type: ignore[arg-type]
     if got != entry.nbytes:
         raise SafetensorsError(f"tensor {entry.name!r}: file ended after {got} of {entry.nbytes} bytes")
     return out.astype(entry.dtype.newbyteorder("="), copy=False)

@@ -27,11 +27,12 @@ estimator's layout), :func:`check_tensors` (a state against a layout, also used 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save
@@ -189,7 +190,7 @@ def write_classifier(path: str | Path, saved: SavedClassifier) -> None:
     atomic_write_bytes(Path(path), save(tensors, metadata=meta))
 
 
-def _open_checked(path: Path) -> IO[bytes]:
+def _open_checked(path: Path) -> io.BufferedReader:
     if not path.is_file():
         raise FileNotFoundError(f"no classifier file at {path}")
     return open(path, "rb")
@@ -251,12 +252,16 @@ def read_classifier(path: str | Path, layout: Layout | None = None) -> SavedClas
             _check_entries(path, entries, specs, saved.dims)
         digest = hashlib.sha256(b"calm-classifier\0" + meta["calm"].encode("utf-8"))
         for name in sorted(entries):
-            e = entries[name]
+            entry = entries[name]
             try:
-                a = read_tensor(fh, e)
+                a = read_tensor(fh, entry)
             except SafetensorsError as exc:
                 raise ModelFileError(f"{path}: {exc}") from None
-            _digest_tensor(digest, name, e.code, e.shape, _le_bytes(a))
+            except MemoryError:
+                raise ModelFileError(
+                    f"{path}: tensor {name!r} ({entry.nbytes} bytes) does not fit in memory"
+                ) from None
+            _digest_tensor(digest, name, entry.code, entry.shape, _le_bytes(a))
             saved.tensors[name] = a
     stored = meta.get(CHECKSUM_KEY)
     if stored is not None and stored != digest.hexdigest():
