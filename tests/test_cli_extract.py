@@ -83,7 +83,7 @@ def test_extract_reports_bad_dataset_and_model(tmp_path, monkeypatch):
     result = runner.invoke(
         main, ["extract", "--data", f"folder:{tmp_path / 'none'}", "--out", str(tmp_path / "s")]
     )
-    assert result.exit_code == 1 and "Error" in result.output
+    assert result.exit_code == 1 and "calm: error:" in result.output
     make_clips(tmp_path / "audio", n=3)
 
     def broken(model, **kwargs):

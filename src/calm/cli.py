@@ -1,8 +1,20 @@
-"""The `calm` command line: a thin group; each command lives in `calm.commands.<name>`."""
+"""The `calm` command line: a thin group; each command lives in `calm.commands.<name>`.
+
+Errors: click's own usage errors print as click prints them (usage line, exit status 2). Anything
+else that stops a command prints one line, ``calm: error: <what and which file>``, and exits with
+status 1: the library's documented errors (ValueError and its subclasses such as ModelFileError,
+StoreError, DatasetError; OSError such as a full disk or a read-only file system) as their message,
+any other exception with its type and a hint. ``calm --debug`` or ``CALM_DEBUG=1`` shows the
+traceback as well.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import traceback
+from typing import Any
 
 import click
 
@@ -19,6 +31,36 @@ COMMANDS = {
     "verify": "calm.commands.verify:verify",
 }
 
+DEBUG_HINT = "run with --debug (or CALM_DEBUG=1) for the traceback"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by " | " (a message may quote a multi-line library error)."""
+    return " | ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def describe(exc: BaseException) -> str:
+    """The one-line message for an exception that stopped a command."""
+    if isinstance(exc, click.ClickException):
+        return one_line(exc.format_message())
+    if isinstance(exc, OSError) and exc.strerror:
+        names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+        return one_line(f"{exc.strerror}" + (f": {' -> '.join(names)}" if names else ""))
+    if isinstance(exc, (ValueError, OSError)):
+        return one_line(str(exc) or type(exc).__name__)
+    return one_line(f"{type(exc).__name__}: {exc} ({DEBUG_HINT})")
+
+
+def _debug_requested(ctx: click.Context) -> bool:
+    return bool(ctx.params.get("debug")) or os.environ.get("CALM_DEBUG", "") not in ("", "0")
+
+
+def _report(exc: BaseException, debug: bool) -> None:
+    if debug:
+        shown = exc.__context__ if isinstance(exc, click.ClickException) and exc.__context__ else exc
+        traceback.print_exception(type(shown), shown, shown.__traceback__, file=sys.stderr)
+    click.echo(f"calm: error: {describe(exc)}", err=True)
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -31,10 +73,26 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; turn what stops it into one ``calm: error:`` line (see the module doc)."""
+        try:
+            return super().invoke(ctx)
+        except (click.UsageError, click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except click.ClickException as exc:  # a command's own error: same one-line form
+            _report(exc, _debug_requested(ctx))
+            sys.exit(exc.exit_code)
+        except Exception as exc:
+            _report(exc, _debug_requested(ctx))
+            sys.exit(1)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="calm")
-def main() -> None:
+@click.option(
+    "--debug", is_flag=True, help="Show the full traceback when a command fails (or set CALM_DEBUG=1)."
+)
+def main(debug: bool) -> None:
     """Few-shot audio classification from frozen audio-language models (CALM, SAV)."""
 
 

@@ -24,9 +24,22 @@ from sklearn.utils.validation import check_is_fitted
 from calm import _heads as H
 from calm.classifiers.features import Features, chunk_rows, encode_labels, labels_array, ndim
 from calm.classifiers.kernels import unit_layout
-from calm.serialization import SavedClassifier, TensorSpec, check_tensors, read_classifier, write_classifier
+from calm.serialization import (
+    ModelFileError,
+    SavedClassifier,
+    TensorSpec,
+    check_tensors,
+    read_classifier,
+    write_classifier,
+)
 
 __all__ = ["ESTIMATORS", "HeadClassifier", "load", "register"]
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (scikit-learn's parameter errors span several)."""
+    return " ".join(str(e).split())
+
 
 #: Estimator classes by the name written into files.
 ESTIMATORS: dict[str, type[HeadClassifier]] = {}
@@ -154,7 +167,10 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         """The fitted arrays saved for an estimator with ``params`` (attribute = name + "_")."""
-        return (TensorSpec("centroids", ("C", "K", "d")), TensorSpec("class_counts", ("C",), "i"))
+        return (
+            TensorSpec("centroids", ("C", "K", "d")),
+            TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
+        )
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:
         """The fitted state as a file's contents (``metadata`` default: ``metadata_``)."""
@@ -173,14 +189,20 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         )
 
     @classmethod
+    def _checked(cls: type[_Self], params: dict[str, Any], path: str | Path) -> _Self:
+        """An unfitted estimator with ``params``; ModelFileError naming ``path`` if they are invalid."""
+        try:
+            clf = cls(**params)
+            clf._validate_params()
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"{path}: bad parameters {str(params)[:200]}: {_one_line(e)}") from None
+        return clf
+
+    @classmethod
     def _from_state(cls: type[_Self], saved: SavedClassifier, path: str | Path = "<state>") -> _Self:
         """A fitted estimator restored from ``saved``; ValueError naming ``path`` if it does not fit
         this class (bad parameters, or tensors unlike ``_state_specs``)."""
-        try:
-            clf = cls(**saved.params)
-            clf._validate_params()
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: bad parameters {saved.params}: {e}") from e
+        clf = cls._checked(saved.params, path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         clf.classes_ = saved.classes
@@ -202,15 +224,30 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             check_tensors(saved, self._state_specs(saved.params), type(self).__name__)
         except ValueError as e:  # e.g. parameters changed by set_params since fit
             raise ValueError(
-                f"cannot save: the fitted arrays do not match the parameters ({e}); refit"
+                "cannot save: the fitted arrays do not match the parameters "
+                f"or hold invalid values ({e}); refit"
             ) from e
         write_classifier(path, saved)
 
 
-def load(path: str | Path) -> HeadClassifier:
-    """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict."""
-    saved = read_classifier(path)
-    cls = ESTIMATORS.get(saved.estimator)
+def _estimator(name: str, path: str | Path) -> type[HeadClassifier]:
+    cls = ESTIMATORS.get(name)
     if cls is None:
-        raise ValueError(f"{path}: unknown estimator {saved.estimator!r} (known: {sorted(ESTIMATORS)})")
-    return cls._from_state(saved, path)
+        raise ModelFileError(f"{path}: unknown estimator {name[:40]!r} (known: {sorted(ESTIMATORS)})")
+    return cls
+
+
+def load(path: str | Path) -> HeadClassifier:
+    """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict.
+
+    Raises :class:`calm.serialization.ModelFileError` (a ValueError naming the file and the problem)
+    for a malformed, damaged or inconsistent file, before reading any tensor the estimator does not
+    declare; FileNotFoundError when there is no file."""
+
+    def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
+        cls = _estimator(name, path)
+        cls._checked(params, path)  # bad parameters are refused before any tensor is read
+        return cls._state_specs(params)
+
+    saved = read_classifier(path, layout)
+    return _estimator(saved.estimator, path)._from_state(saved, path)

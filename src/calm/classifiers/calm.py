@@ -93,8 +93,10 @@ class CALM(HeadClassifier):
         per_class = params.get("weighting") != "global"
         return (
             *super()._state_specs(params),
-            TensorSpec("reliability", ("C", "K") if per_class else ("K",)),
-            TensorSpec("weights", ("C", "K")),
+            TensorSpec(
+                "reliability", ("C", "K") if per_class else ("K",), bounds=(0, 1), same_dtype_as="centroids"
+            ),
+            TensorSpec("weights", ("C", "K"), bounds=(0, 1), rows_sum_to_one=True, same_dtype_as="centroids"),
             TensorSpec("heads", ("C", "k") if per_class else ("k",), "i", index_of="K"),
         )
 

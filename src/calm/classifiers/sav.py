@@ -76,11 +76,11 @@ class SAV(HeadClassifier):
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         specs = (
             *super()._state_specs(params),
-            TensorSpec("head_scores", ("K",)),
+            TensorSpec("head_scores", ("K",), bounds=(0, 1)),
             TensorSpec("heads", ("k",), "i", index_of="K"),
         )
         if params.get("tie_break") == "margin":
-            specs += (TensorSpec("head_margins", ("K",)),)
+            specs += (TensorSpec("head_margins", ("K",), bounds=(0, 1)),)
         return specs
 
     def _fit_heads(

@@ -60,7 +60,10 @@ def fit(**params: Any) -> None:
         raise click.ClickException(str(exc)) from None
     rows, support_y = _support(np.asarray(y).astype(str), meta, params)
     m = classifier_spec(params).registry()[method]
-    clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
+    try:
+        clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
+    except ValueError as exc:  # e.g. a store with one class
+        raise click.ClickException(f"{store}: cannot fit {method}: {exc}") from exc
     metadata = {
         **extractor_metadata(meta),
         "method": method,

@@ -88,19 +88,23 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, skipinitialspace=True)
         start = 1
-        try:
-            for row in reader:
-                line = start
-                start = reader.line_num + 1
-                if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                    continue
-                yield line, [c.strip() for c in row]
-        except UnicodeDecodeError as exc:
-            raise DatasetError(
-                f"{path}: not UTF-8 text (byte {exc.start} of a block); save it as UTF-8"
-            ) from None
-        except csv.Error as exc:
-            raise DatasetError(f"{path}:{reader.line_num}: unreadable CSV ({exc})") from None
+        while True:
+            try:
+                row = next(reader, None)
+            except UnicodeDecodeError as e:  # decoded a chunk at a time: the line is approximate
+                bad = e.object[e.start : e.start + 1].hex()
+                raise DatasetError(
+                    f"{path}: not UTF-8 text near line {start} (byte 0x{bad}); save it as UTF-8"
+                ) from e
+            except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
+                raise DatasetError(f"{path}:{start}: unreadable CSV: {e}") from e
+            if row is None:
+                return
+            line = start
+            start = reader.line_num + 1
+            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                continue
+            yield line, [c.strip() for c in row]
 
 
 def class_order(clips: list[Clip]) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from calm.evaluate.config import EvalConfig
-from calm.evaluate.episodes import make_parts
+from calm.evaluate.episodes import ProtocolError, make_parts, row_labels
 from calm.evaluate.lalm_runs import lalm_runs, lalm_skip_reason
 from calm.evaluate.methods import LALM_METHODS, PL_BASES, Method
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
@@ -128,6 +128,15 @@ def load_evaluation_features(
         X, y, meta = load_features(config.features, key=config.key)
         return Features(X, np.asarray(y), meta)
     return _features_from_data(config, progress, log or (lambda _: None))
+
+
+def _require_two_classes(y: np.ndarray, source: Any) -> None:
+    """ProtocolError naming ``source`` when its clips carry fewer than two classes."""
+    classes = sorted({label for labels in row_labels(y) for label in labels})
+    if len(classes) < 2:
+        raise ProtocolError(
+            f"{source}: {len(classes)} class(es) {classes[:3]}; few-shot classification needs at least two"
+        )
 
 
 def _counter(progress: Progress | None, stage: str, total: int | None) -> Callable[[str], None] | None:
@@ -267,6 +276,7 @@ def run_evaluation(
     log = log or (lambda _: None)
     out = Path(config.out)
     feats = load_evaluation_features(config, progress, log)
+    _require_two_classes(feats.y, config.features if config.features is not None else config.data)
     head_names = [tuple(h) for h in feats.meta.attrs.get("head_names", [])]
     log(f"{len(feats.y)} clips, features {tuple(feats.X.shape[1:])}")
     registry = config.classifier.registry()
