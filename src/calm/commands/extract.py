@@ -60,7 +60,10 @@ def model_options(command):
             click.option(
                 "--model-dtype",
                 default=None,
-                help="Compute dtype (default: float32 on CPU, bf16/fp16 on GPU).",
+                help=(
+                    "Compute dtype (default auto: bf16 on CPUs with native bf16 matrix units, "
+                    "else float32; bf16/fp16 on GPU)."
+                ),
             ),
             click.option(
                 "--layers", default=None, help="N (first N layers) or a list like 0,2,5-7 (default: all)."
