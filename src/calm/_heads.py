@@ -31,6 +31,7 @@ __all__ = [
     "as_tensor",
     "compute_dtype",
     "l2_normalize",
+    "norms_in_range",
     "class_centroids",
     "cosine_similarities",
     "head_predictions",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 #: Norms are clamped to at least EPS, so a zero feature vector has cosine 0 with every centroid.
+#: Vectors are first scaled by their largest magnitude when their norm would overflow or lose
+#: precision (see :func:`l2_normalize`), so only exact zeros meet the clamp.
 EPS = 1e-12
 
 
@@ -78,10 +81,25 @@ def _float(x) -> torch.Tensor:
     return t.to(compute_dtype(t.dtype)) if t.is_floating_point() else t.to(torch.float32)
 
 
+def norms_in_range(norms: torch.Tensor) -> bool:
+    """Whether vector norms computed directly are accurate: finite (no square overflowed) and not
+    so small that the squares of a vector's entries could underflow (``norms`` of zero vectors
+    count as small)."""
+    tiny = torch.finfo(norms.dtype)
+    low = float(np.sqrt(tiny.tiny) / tiny.eps) * 64.0
+    return bool(torch.isfinite(norms).all()) and (norms.numel() == 0 or float(norms.amin()) > low)
+
+
 def l2_normalize(x, dim: int = -1) -> torch.Tensor:
-    """``x / max(||x||_2, EPS)`` along ``dim`` (the normalisation inside Eq. 2)."""
+    """``x / ||x||_2`` along ``dim`` (the normalisation inside Eq. 2) for features of any scale:
+    when a norm would overflow or underflow, vectors are first divided by their largest
+    magnitude; zero vectors stay zero (norms clamped to EPS)."""
     t = _float(x)
-    return t / torch.linalg.vector_norm(t, dim=dim, keepdim=True).clamp_min(EPS)
+    norms = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    if not norms_in_range(norms):
+        t = t / t.abs().amax(dim=dim, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+        norms = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    return t / norms.clamp_min(EPS)
 
 
 def class_centroids(X, y_idx, n_classes: int) -> torch.Tensor:
