@@ -82,11 +82,11 @@ def _float(x) -> torch.Tensor:
 
 
 def norms_in_range(norms: torch.Tensor) -> bool:
-    """Whether vector norms computed directly are accurate: finite (no square overflowed) and not
-    so small that the squares of a vector's entries could underflow (``norms`` of zero vectors
-    count as small)."""
-    tiny = torch.finfo(norms.dtype)
-    low = float(np.sqrt(tiny.tiny) / tiny.eps) * 64.0
+    """Whether vector norms computed directly are accurate and unaffected by the EPS clamp: finite
+    (no square overflowed), above EPS and not so small that the squares of a vector's entries could
+    underflow (``norms`` of zero vectors count as small)."""
+    info = torch.finfo(norms.dtype)
+    low = max(EPS, float(np.sqrt(info.tiny) / info.eps) * 64.0)
     return bool(torch.isfinite(norms).all()) and (norms.numel() == 0 or float(norms.amin()) > low)
 
 
