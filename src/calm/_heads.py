@@ -93,7 +93,10 @@ def norms_in_range(norms: torch.Tensor) -> bool:
     underflow (``norms`` of zero vectors count as small)."""
     info = torch.finfo(norms.dtype)
     low = max(EPS, float(np.sqrt(info.tiny) / info.eps) * 64.0)
-    return bool(torch.isfinite(norms).all()) and (norms.numel() == 0 or float(norms.amin()) > low)
+    if norms.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(norms)
+    return float(lo) > low and float(hi) < float("inf")  # NaN fails both
 
 
 def l2_normalize(x: ArrayLike, dim: int = -1) -> torch.Tensor:

@@ -162,7 +162,8 @@ class CALM(HeadClassifier):
         if tau_p != self.tau_p or scaled.device != dev:  # set_params since fit: keep the fitted tensors
             scaled, w_t = (self._unit_used / self.tau_p).to(dev), w_t.to(dev)
         shift = needs_shift(self.tau_p, C, dtype)
-        for start, xb in feats.chunks(self._query_rows(len(w_t)), dtype, heads=self._used):
+        store = feats.storage_dtype if feats.storage_dtype != torch.float64 else dtype  # converted per block
+        for start, xb in feats.chunks(self._query_rows(len(w_t)), store, heads=self._used):
             out[start : start + len(xb)] = calm_scores(xb.to(dev), scaled, w_t, shift).cpu().numpy()
         return out
 

@@ -100,15 +100,16 @@ def head_block(n: int, C: int, itemsize: int) -> int:
 
 def calm_scores(xb: torch.Tensor, scaled: torch.Tensor, w_t: torch.Tensor, shift: bool) -> torch.Tensor:
     """Eq. 2, 5 and 13 for one chunk: ``scaled`` = unit centroids / tau_p (K, d, C), weights
-    ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C). ``xb`` (n, K, d) is
-    read, never written; heads are processed in cache-sized blocks."""
+    ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C). ``xb`` (n, K, d), in
+    any floating dtype (e.g. the store's float16), is read, never written; heads are processed in
+    cache-sized blocks, each converted to ``scaled``'s dtype as it is laid out head-major."""
     n, K, _ = xb.shape
     C = scaled.shape[-1]
     out = torch.zeros((n, C), dtype=scaled.dtype, device=scaled.device)
     step = head_block(n, C, scaled.element_size())
     for h0 in range(0, K, step):
         h1 = min(h0 + step, K)
-        x = normalize_(xb[:, h0:h1].transpose(0, 1).contiguous())  # (k, n, d)
+        x = normalize_(xb[:, h0:h1].transpose(0, 1).to(scaled.dtype, memory_format=torch.contiguous_format))
         e = torch.matmul(x, scaled[h0:h1])  # Eq. 2 over tau_p, (k, n, C)
         if shift:
             e.sub_(e.amax(dim=-1, keepdim=True))
