@@ -104,11 +104,12 @@ def l2_normalize(x: ArrayLike, dim: int = -1) -> torch.Tensor:
     when a norm would overflow or underflow, vectors are first divided by their largest
     magnitude; zero vectors stay zero (norms clamped to EPS)."""
     t = _float(x)
-    norms = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    norms: torch.Tensor = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
     if not norms_in_range(norms):
         t = t / t.abs().amax(dim=dim, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
         norms = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
-    return t / norms.clamp_min(EPS)
+    out: torch.Tensor = t / norms.clamp_min(EPS)
+    return out
 
 
 def class_centroids(X: ArrayLike, y_idx: ArrayLike, n_classes: int) -> torch.Tensor:
