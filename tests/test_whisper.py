@@ -228,7 +228,7 @@ def test_clip_length_encoder_option(extractor, esc10_waves):
     waves = [esc10_waves[0][:8000], esc10_waves[1][:24000], esc10_waves[2]]  # 0.5 s, 1.5 s, 5 s
     batched = clip.extract(waves)
     single = np.concatenate([clip.extract([w]) for w in waves])
-    np.testing.assert_allclose(batched, single, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(batched, single)  # on CPU one clip per pass: batch invariant
     assert np.abs(batched[:1] - extractor.extract(waves[:1])).max() > 1e-3  # a different encoder context
 
 

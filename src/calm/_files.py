@@ -28,6 +28,8 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "json_default",
+    "json_text",
+    "printable",
 ]
 
 
@@ -49,6 +51,30 @@ def json_default(value: Any) -> Any:
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no spaces, UTF-8, no NaN: equal objects give equal strings (for hashing)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def json_text(obj: Any, *, indent: int | None = None) -> str:
+    """JSON text that is always valid UTF-8: non-ASCII characters as they are, except when a
+    string holds lone surrogates (a file name that is not valid UTF-8, decoded with
+    surrogateescape as `os.fsdecode` does): then the text uses JSON escapes, which read back to
+    the same string, so `os.fsencode` gives the original bytes."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, default=json_default)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=indent, ensure_ascii=True, default=json_default)
+    return text
+
+
+def printable(text: str | os.PathLike[str]) -> str:
+    """`text` (e.g. a file name) safe to print or write as UTF-8: bytes that are not valid UTF-8
+    (lone surrogates from `os.fsdecode`) are shown as `\\xNN`."""
+    s = os.fspath(text)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 _HASHES: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime_ns) -> sha256
@@ -117,7 +143,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """`atomic_write_text` of `obj` as JSON (numpy values and paths converted)."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=json_default) + "\n")
+    atomic_write_text(path, json_text(obj, indent=indent) + "\n")
 
 
 class FileLock:
@@ -130,7 +156,7 @@ class FileLock:
         self.fd: int | None = None
 
     def __enter__(self) -> FileLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             import fcntl
 

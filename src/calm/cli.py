@@ -16,6 +16,7 @@ COMMANDS = {
     "fit": "calm.commands.fit:fit",
     "predict": "calm.commands.predict:predict",
     "serve": "calm.commands.serve:serve",
+    "verify": "calm.commands.verify:verify",
 }
 
 

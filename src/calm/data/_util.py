@@ -88,12 +88,19 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, skipinitialspace=True)
         start = 1
-        for row in reader:
-            line = start
-            start = reader.line_num + 1
-            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                continue
-            yield line, [c.strip() for c in row]
+        try:
+            for row in reader:
+                line = start
+                start = reader.line_num + 1
+                if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                    continue
+                yield line, [c.strip() for c in row]
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"{path}: not UTF-8 text (byte {exc.start} of a block); save it as UTF-8"
+            ) from None
+        except csv.Error as exc:
+            raise DatasetError(f"{path}:{reader.line_num}: unreadable CSV ({exc})") from None
 
 
 def class_order(clips: list[Clip]) -> list[str]:

@@ -35,5 +35,6 @@ class Dataset:
     clips: list[Clip]
     classes: list[str]  # class names in a fixed, documented order (class index = position)
     multi_label: bool = False
-    # rows whose audio was absent and skipped on request (`missing="skip"`): "file:line: reason"
+    # rows whose audio was absent and skipped on request (`missing="skip"`): "file:line: reason";
+    # `folder:` entries that are not readable audio files and empty class folders: "path: reason"
     skipped: list[str] = field(default_factory=list)

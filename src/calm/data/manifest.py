@@ -7,6 +7,7 @@ column is kept as per-clip metadata (strings).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from calm.data._util import class_order, normalise_split, parse_fold, read_csv_rows, split_labels
@@ -34,7 +35,7 @@ def load_manifest(manifest: str | Path, *, check_files: bool = True) -> Dataset:
     extra = [h for h in header if h not in RESERVED]
     base = manifest.parent
     clips: list[Clip] = []
-    seen: dict[Path, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # normalised absolute path -> (line, label cell)
     for line, cells in rows:
         where = f"{manifest}:{line}"
         if len(cells) != len(header):
@@ -47,9 +48,16 @@ def load_manifest(manifest: str | Path, *, check_files: bool = True) -> Dataset:
         path = (base / rel) if not Path(rel).is_absolute() else Path(rel)
         if check_files and not path.is_file():
             raise DatasetError(f"{where}: audio file not found: {path}")
-        if path in seen:
-            raise DatasetError(f"{where}: {rel} already listed on line {seen[path]}")
-        seen[path] = line
+        same = os.path.normpath(os.path.abspath(path))
+        if same in seen:
+            first, label = seen[same]
+            if label != cells[col["label"]]:
+                raise DatasetError(
+                    f"{where}: {rel} already listed on line {first} with label {label!r}, "
+                    f"here with label {cells[col['label']]!r} (conflicting labels)"
+                )
+            raise DatasetError(f"{where}: {rel} already listed on line {first}")
+        seen[same] = (line, cells[col["label"]])
         clips.append(
             Clip(
                 path=path,

@@ -23,8 +23,8 @@ Encoder length (`encoder_length=`): `full` (default) runs the encoder on 30 s of
 does. Measured for issue 3 on the same features: own length is 6.7-8.4x faster on ESC-10 and
 15-62x on FSDD but costs CALM about 2 points of accuracy at 5 shots on both; a 10 s minimum
 keeps about 4x, is lossless on FSDD and still costs about 2 points on ESC-10. Hence the
-default stays `full`. In `clip` mode a batch is split into groups of equal encoder length, so
-batched features still equal single-clip features.
+default stays `full`. In `clip` mode a batch is split into groups of equal encoder length, and on
+CPU every clip runs on its own, so features are bit-identical whatever batch a clip was in.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,10 @@ from calm.models.hooks import (
     select_layers,
 )
 from calm.models.spec import LoadSpec, backend_options
+
+if TYPE_CHECKING:
+    from transformers import WhisperForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 HEAD_SOURCES = ("all", "encoder", "decoder")
 ENCODER_LENGTHS = ("full", "clip")
@@ -96,7 +100,7 @@ def real_encoder_frames(n_samples: int, n_encoder_frames: int) -> int:
     return int(min(max(math.ceil(n_samples / per_frame), 1), n_encoder_frames))
 
 
-def run_encoder(encoder: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def run_encoder(encoder: WhisperEncoder, features: torch.Tensor) -> torch.Tensor:
     """Whisper's encoder forward on mel features of any even length up to 30 s.
 
     Same computation as `WhisperEncoder.forward` (which insists on exactly 3000 frames), with the
@@ -125,6 +129,8 @@ def check_options(heads: str, encoder_length: str, min_encoder_seconds: float) -
 
 class WhisperExtractor(TorchExtractor):
     """Per-head features of a Whisper model (see the module docstring for head sources)."""
+
+    model: WhisperForConditionalGeneration
 
     def __init__(
         self,
@@ -241,13 +247,18 @@ class WhisperExtractor(TorchExtractor):
         return out
 
     def _micro_batch(self, encoder_positions: int) -> int | None:
-        """Clips per forward pass on CPU (None: the whole batch, as on GPU). On CPU a batch of long
-        encoder inputs is memory-bound: measured on tiny.en with 2 threads, 8 windows of 30 s run
-        about 8 % slower per clip than one at a time, while 5 s clips (`encoder_length="clip"`)
-        gain about 20 % from batching; so CPU passes hold about `CPU_ENCODER_POSITIONS` positions."""
+        """Clips per forward pass: one on CPU, the whole batch on other devices.
+
+        One clip per pass makes CPU features independent of the batch a clip was in (issue 9
+        item 11): batched matrix products sum in a different order, which changed features by up
+        to 2.3e-7 relative in float32 and 45 of 6 x 66 x 64 values by one float16 step (6 ESC-10
+        clips, `encoder_length="clip"`), so a resumed store was not bit-identical to an
+        uninterrupted one. Batching 5 s clips had gained about 20 % on CPU; 30 s windows already
+        ran one at a time (batched they were 8 % slower per clip). On GPUs the whole batch runs
+        at once and features may differ between batch compositions by that rounding."""
         if torch.device(self.device).type != "cpu":
             return None
-        return max(1, CPU_ENCODER_POSITIONS // max(1, encoder_positions))
+        return 1
 
     def _head_dim(self) -> int:
         return (self.encoder_sites or self.decoder_sites)[0].head_dim
@@ -282,10 +293,6 @@ class WhisperExtractor(TorchExtractor):
         return torch.cat(parts, dim=1).cpu().numpy()
 
 
-#: encoder positions per forward pass on CPU (one 30 s window = 1500), see `WhisperExtractor._micro_batch`
-CPU_ENCODER_POSITIONS = 1500
-
-
 #: Whisper's backend options (see the module docstring)
 WHISPER_OPTIONS = {"encoder_length": "full", "min_encoder_seconds": 0.0}
 
@@ -293,18 +300,20 @@ WHISPER_OPTIONS = {"encoder_length": "full", "min_encoder_seconds": 0.0}
 @backend_options(**WHISPER_OPTIONS)
 def load_whisper(spec: LoadSpec) -> WhisperExtractor:
     """A `WhisperExtractor` for a hub id or local directory holding a Whisper checkpoint."""
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
     options = {**WHISPER_OPTIONS, **spec.options}
     check_options(spec.heads, options["encoder_length"], options["min_encoder_seconds"])
     # `revision` only labels the features here (e.g. sha256:... of a converted checkpoint)
     model = WhisperForConditionalGeneration.from_pretrained(
         spec.model_id, **spec.pretrained_kwargs(revision=False)
-    ).to(spec.device)
+    )
+    # transformers types its decorated `PreTrainedModel.to` as taking the model as first argument
+    model = model.to(spec.device)  # type: ignore[arg-type]
     return WhisperExtractor(
         model,
         WhisperFeatureExtractor.from_pretrained(spec.model_id),
-        WhisperTokenizerFast.from_pretrained(spec.model_id),
+        WhisperTokenizer.from_pretrained(spec.model_id),
         model_id=spec.label,
         revision=spec.revision or model_revision(model),
         heads=spec.heads,

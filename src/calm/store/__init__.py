@@ -2,13 +2,15 @@
 
 One job: keep extracted features between runs. The package is split by job:
 
-- `calm.store.format`: the on-disk format (key, key folders, index, shards and their checks);
+- `calm.store.format`: the on-disk format (key, key folders, index, shard names);
+- `calm.store.checks`: shard checks (own integrity: header, size, checksum; agreement with index and key);
 - `calm.store.folder`: one key folder opened for writing (crash recovery, shard/index appends);
 - `calm.store.pipeline`: threaded decoding ahead of the model, and the checked model call;
 - `calm.store.events`: `ExtractReport`, `ExtractProgress` events and the `TextProgress` printer;
 - `calm.store.writer`: `Extraction` / `ExtractionRun` / `extract_to_store` (resume plan, batches);
 - `calm.store.reader`: `load_features` and the memory-mapped `ShardedArray`;
-- `calm.store.compaction`: `compact`.
+- `calm.store.compaction`: `compact`;
+- `calm.store.verify`: `verify_store` (`calm verify STORE [--repair]`).
 
 Layout of a store directory (one sub-folder per extraction key, so a different model, prompt,
 head source, option or storage dtype never reuses another key's features):
@@ -31,6 +33,14 @@ removed and its clips redone. A shard whose size or header does not match the in
 damaged) is detected on resume, moved aside (`*.corrupt`) and its clips redone; `load_features`
 refuses it with a message saying to re-run the extraction.
 
+Integrity: every index row records its shard's crc32 (and sha256) and a `check` (crc32 of the
+row's other fields); each shard is checked against them once per process when first opened (by
+`load_features`, resume, compaction), and an edited index line is refused. Shard names must be
+`shard-NNNNNN.safetensors` and no file of the store may be a symbolic link, so a crafted index or
+key file never makes the store read, move or write outside its key folder. Recovery sets aside
+only shards failing their own checks; a damaged key.json or index line is refused with the
+repair route `calm verify STORE --repair` (`verify_store`).
+
 Resume: a clip is skipped when its absolute path is in the index with the same content hash; a
 changed file is extracted again: its old row is dropped first, so a failed re-extraction never
 leaves the old content's features behind.
@@ -39,6 +49,7 @@ leaves the old content's features behind.
 from __future__ import annotations
 
 from calm._files import atomic_write_bytes
+from calm.store.checks import ShardDamaged, check_shard, read_shard_header
 from calm.store.compaction import compact
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, TextProgress
 from calm.store.folder import KeyFolder, open_key_folder
@@ -54,19 +65,18 @@ from calm.store.format import (
     StoreError,
     StoreLock,
     canonical_json,
-    check_shard,
     file_sha256,
     key_digest,
     key_dirname,
     latest_rows,
     list_keys,
     read_index,
-    read_shard_header,
     resolve_key_dir,
     store_path,
 )
 from calm.store.pipeline import Decoded
 from calm.store.reader import ShardedArray, load_features, open_rows
+from calm.store.verify import VerifyReport, verify_store
 from calm.store.writer import Extraction, ExtractionRun, extract_to_store, plan_clips
 
 _Lock = StoreLock  # the name tests and older code use
@@ -81,18 +91,18 @@ __all__ = [
     "SHARD_DIR",
     "TENSOR",
     "Decoded",
-    "Decoded",
     "ExtractProgress",
     "ExtractReport",
     "Extraction",
     "ExtractionRun",
-    "ExtractionRun",
     "KeyFolder",
     "ProgressCallback",
+    "ShardDamaged",
     "ShardedArray",
     "StoreError",
     "StoreLock",
     "TextProgress",
+    "VerifyReport",
     "atomic_write_bytes",
     "canonical_json",
     "check_shard",
@@ -111,4 +121,5 @@ __all__ = [
     "read_shard_header",
     "resolve_key_dir",
     "store_path",
+    "verify_store",
 ]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -21,22 +22,28 @@ from typing import IO, Any
 import numpy as np
 
 from calm import _files
+from calm.store.checks import ShardDamaged, check_shard, expected_checksum
 from calm.store.format import (
     FORMAT,
     INDEX_FILE,
     KEY_FILE,
+    ROW_CHECK,
     SHARD_DIR,
     SHARD_RE,
     StoreError,
     canonical_json,
-    check_shard,
     key_digest,
     key_dirname,
     latest_rows,
+    no_link,
+    open_append,
     read_index,
     read_key_file,
+    repair_hint,
+    row_check,
     row_json,
     shard_bytes,
+    shard_path,
     write_index,
     write_key_file,
 )
@@ -66,8 +73,16 @@ class KeyFolder:
         self.index_file: IO[bytes] | None = None
 
     def recover(self) -> int:
-        """Clean up after a crash and drop rows of damaged shards; returns the rows dropped."""
-        self.shards.mkdir(parents=True, exist_ok=True)
+        """Clean up after a crash and drop rows of damaged shards; returns the rows dropped.
+
+        Only a shard failing its own checks (`ShardDamaged`) is set aside; an index line that
+        cannot be used, or key.json disagreeing with an intact shard, raise StoreError (with the
+        repair route) and change nothing, and so does a recovery that would drop every row."""
+        no_link(self.shards)
+        try:
+            self.shards.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"{self.shards}: cannot create ({exc.strerror or exc})") from None
         for folder in (self.shards, self.root):
             for pattern in _TEMP_PATTERNS:
                 for tmp in folder.glob(pattern):
@@ -83,35 +98,53 @@ class KeyFolder:
         self.rows = latest
         return dropped
 
-    def _drop_damaged(self, latest: dict[str, dict[str, Any]]) -> int:
-        """Move shards that do not match the index aside and drop their rows from `latest`."""
+    def damaged_shards(self, latest: dict[str, dict[str, Any]]) -> dict[str, tuple[str, list[str]]]:
+        """shard name -> (why, paths of its clips) for the shards of `latest` failing their own
+        checks; StoreError when an intact shard disagrees with the index or key.json."""
         by_shard: dict[str, list[dict[str, Any]]] = {}
         for row in latest.values():
             by_shard.setdefault(row["shard"], []).append(row)
-        dropped = 0
-        for name, shard_rows in by_shard.items():
-            path = self.shards / name
+        damaged = {}
+        for name, shard_rows in sorted(by_shard.items()):
             try:
                 check_shard(
-                    path,
+                    shard_path(self.root, name),
                     rows=1 + max(int(r["row"]) for r in shard_rows),
                     feature_shape=self.feature_shape,
                     dtype=self.dtype,
                     nbytes=shard_rows[0].get("shard_bytes"),
+                    checksum=expected_checksum(shard_rows[0]),
                 )
-            except StoreError as exc:
-                log.warning("%s; its %d clips will be extracted again", exc, len(shard_rows))
-                if path.exists():
-                    os.replace(path, path.with_name(path.name + ".corrupt"))
-                for r in shard_rows:
-                    del latest[r["path"]]
-                dropped += len(shard_rows)
+            except ShardDamaged as exc:
+                damaged[name] = (str(exc), [r["path"] for r in shard_rows])
+        return damaged
+
+    def _drop_damaged(self, latest: dict[str, dict[str, Any]]) -> int:
+        """Move shards failing their own checks aside and drop their rows from `latest`."""
+        damaged = self.damaged_shards(latest)
+        dropped = sum(len(paths) for _, paths in damaged.values())
+        if latest and dropped == len(latest):
+            raise StoreError(
+                f"{self.root}: every shard fails its checks (first: {next(iter(damaged.values()))[0]}); "
+                f"refusing to empty the index: check the disk, then {repair_hint(self.root)}"
+            )
+        for name, (why, paths) in damaged.items():
+            log.warning("%s; its %d clips will be extracted again", why, len(paths))
+            self.set_aside(name)
+            for p in paths:
+                del latest[p]
         return dropped
+
+    def set_aside(self, name: str) -> None:
+        """Rename shard `name` to `name.corrupt` (kept for inspection, never read again)."""
+        path = shard_path(self.root, name)
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".corrupt"))
 
     def _remove_orphans(self, referenced: set[str]) -> None:
         """Delete shards the index does not name and set the next shard number."""
         numbers = []
-        for p in self.shards.iterdir():
+        for p in no_link(self.shards).iterdir():
             m = SHARD_RE.match(p.name.removesuffix(".corrupt"))
             if m is None:
                 continue
@@ -143,6 +176,12 @@ class KeyFolder:
             self.index_file.close()
             self.index_file = None
 
+    def _write_error(self, path: Path, exc: OSError) -> str:
+        return (
+            f"{exc.filename or path}: cannot write ({exc.strerror or exc}); the {len(self.rows)} clips "
+            f"stored so far are kept: run the extraction again once this is fixed"
+        )
+
     def write_shard(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
         """Write `features` as the next shard (temp name, fsync, rename) and point `rows` at it
         (shard, row, shard_bytes, shard_sha256), row i holding features[i]."""
@@ -151,17 +190,29 @@ class KeyFolder:
         data = shard_bytes(features, self.digest)
         _files.atomic_write_bytes(self.shards / name, data)
         sha = hashlib.sha256(data).hexdigest()
+        crc = f"{zlib.crc32(data):08x}"
         for i, row in enumerate(rows):
-            row.update(shard=name, row=i, shard_bytes=len(data), shard_sha256=sha)
+            row.update(shard=name, row=i, shard_bytes=len(data), shard_sha256=sha, shard_crc32=crc)
+            row[ROW_CHECK] = row_check(row)
 
     def write_batch(self, features: np.ndarray, rows: list[dict[str, Any]]) -> None:
-        """Shard first (temp name, fsync, rename), then the index lines (one write, fsync)."""
-        self.write_shard(features, rows)
+        """Shard first (temp name, fsync, rename), then the index lines (one write, fsync).
+        A failed write (disk full, read-only) raises StoreError naming the file; the clips
+        stored before stay stored, and the next run redoes this batch."""
+        try:
+            self.write_shard(features, rows)
+        except OSError as exc:
+            raise StoreError(self._write_error(self.shards, exc)) from None
         if self.index_file is None:
-            self.index_file = open(self.index_path, "ab")
-        self.index_file.write("".join(row_json(r) + "\n" for r in rows).encode())
-        self.index_file.flush()
-        os.fsync(self.index_file.fileno())
+            self.index_file = open_append(self.index_path)
+        try:
+            self.index_file.write("".join(row_json(r) + "\n" for r in rows).encode())
+            self.index_file.flush()
+            os.fsync(self.index_file.fileno())
+        except OSError as exc:
+            self.index_file.close()  # a partial line is cut off by the next run's recovery
+            self.index_file = None
+            raise StoreError(self._write_error(self.index_path, exc)) from None
         for row in rows:
             self.rows[row["path"]] = row
 

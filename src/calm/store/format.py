@@ -1,9 +1,10 @@
 """The feature store's on-disk format: the extraction key, key folders, shards and the index.
 
-One job: name, write, read and check the files of a store (no extraction, no models). A store
-holds one folder per extraction key (`<model-slug>-<digest>`, digest = first 16 hex of sha256 of
-the key's canonical JSON) with `key.json`, `index.jsonl` (one JSON line per clip), `failures.jsonl`
-and `shards/shard-NNNNNN.safetensors` (one tensor "features" (rows, K, d), float16 or float32).
+One job: name, write and read the files of a store (no extraction, no models; shard checks are
+in `calm.store.checks`). A store holds one folder per extraction key (`<model-slug>-<digest>`,
+digest = first 16 hex of sha256 of the key's canonical JSON) with `key.json`, `index.jsonl` (one
+JSON line per clip), `failures.jsonl` and `shards/shard-NNNNNN.safetensors` (one tensor
+"features" (rows, K, d), float16 or float32).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import hashlib
 import json
 import os
 import re
-import struct
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,48 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def row_json(row: Mapping[str, Any]) -> str:
-    """One index line (without its newline)."""
-    return json.dumps(row, ensure_ascii=False, default=_files.json_default)
+    """One index line (without its newline), always encodable as UTF-8: a path that is not valid
+    UTF-8 (decoded with surrogateescape, as `os.fsdecode` does) is written with JSON escapes, so
+    `os.fsencode(row["path"])` gives the file's bytes back."""
+    return _files.json_text(row)
+
+
+REPAIR_HINT = "run `calm verify {store} --repair` (the next extraction then redoes the clips it drops)"
+
+
+def repair_hint(key_dir: Path) -> str:
+    """How to repair the store holding key folder `key_dir`."""
+    return REPAIR_HINT.format(store=key_dir.parent)
+
+
+def shard_path(root: Path, name: Any, where: str = "") -> Path:
+    """`root/shards/name` after checking that `name` is a plain `shard-NNNNNN.safetensors` and that
+    neither the shards folder nor the shard is a symbolic link: whatever an index says, a store
+    never reads, moves or writes outside its key folder."""
+    if not isinstance(name, str) or SHARD_RE.match(name) is None:
+        raise StoreError(
+            f"{where or root / INDEX_FILE}: shard name {name!r} is not shard-NNNNNN.safetensors "
+            f"(crafted or damaged index); {repair_hint(root)}"
+        )
+    return no_link(no_link(root / SHARD_DIR) / name)
+
+
+def no_link(path: Path) -> Path:
+    """`path`, after checking it is not a symbolic link (a store's own files never are: one that
+    is could make the store read or write outside its key folder)."""
+    if path.is_symlink():
+        raise StoreError(f"{path}: is a symbolic link; a store only uses files inside its key folder")
+    return path
+
+
+def open_append(path: Path) -> Any:
+    """`path` opened for appending bytes, refusing a symbolic link (O_NOFOLLOW where available)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(no_link(path), flags, 0o644)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open for writing ({exc.strerror or exc})") from None
+    return os.fdopen(fd, "ab")
 
 
 class StoreLock(_files.FileLock):
@@ -83,6 +124,10 @@ class StoreLock(_files.FileLock):
             super().__enter__()
         except _files.LockedError:
             raise StoreError(f"{self.path.parent}: another extraction is writing to this store") from None
+        except OSError as exc:  # a read-only store, a lock file that is a symbolic link, ...
+            raise StoreError(
+                f"{self.path}: cannot lock the store for writing ({exc.strerror or exc})"
+            ) from None
         return self
 
 
@@ -97,100 +142,78 @@ def shard_bytes(features: np.ndarray, digest: str) -> bytes:
     return save({TENSOR: np.ascontiguousarray(features)}, metadata={"calm_store": str(FORMAT), "key": digest})
 
 
-def read_shard_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header dict) of a safetensors file; StoreError when it is malformed."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise StoreError(f"{path}: truncated shard ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise StoreError(f"{path}: truncated or damaged shard (header length {n}, file {size} bytes)")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise StoreError(f"{path}: shard missing") from None
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, StoreError):
-            raise
-        raise StoreError(f"{path}: damaged shard header ({exc})") from None
-    return 8 + n, header
-
-
-def check_shard(
-    path: Path,
-    *,
-    rows: int,
-    feature_shape: Sequence[int],
-    dtype: str,
-    nbytes: int | None = None,
-    sha256: str | None = None,
-) -> tuple[int, tuple[int, ...]]:
-    """Verify a shard against what the index expects; returns (data offset, tensor shape).
-
-    Checks existence, byte size, header, dtype, shape (at least `rows` rows) and that the tensor's
-    data ends exactly at the end of the file; the sha256 too when given (reads the whole file).
-    """
-    start, header = read_shard_header(path)
-    size = path.stat().st_size
-    if nbytes is not None and size != nbytes:
-        raise StoreError(f"{path}: shard is {size} bytes, the index expects {nbytes} (truncated or damaged)")
-    info = header.get(TENSOR)
-    if not isinstance(info, dict):
-        raise StoreError(f"{path}: shard has no {TENSOR!r} tensor")
-    shape = tuple(int(s) for s in info.get("shape", ()))
-    if info.get("dtype") != DTYPES[dtype][1] or len(shape) != 3 or list(shape[1:]) != list(feature_shape):
-        raise StoreError(
-            f"{path}: shard holds {info.get('dtype')} {shape}, "
-            f"the store expects {dtype} (rows, {feature_shape[0]}, {feature_shape[1]})"
-        )
-    if shape[0] < rows:
-        raise StoreError(f"{path}: shard has {shape[0]} rows, the index refers to row {rows - 1}")
-    begin, end = (int(v) for v in info["data_offsets"])
-    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
-    if end - begin != int(np.prod(shape)) * itemsize or start + end != size:
-        raise StoreError(f"{path}: shard data does not fill the file (truncated or damaged)")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise StoreError(f"{path}: shard checksum mismatch (damaged)")
-    return start + begin, shape
-
-
 # ----------------------------------------------------------------------------------------------
 # index
 
 
-def read_index(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Rows of an index file and the byte length of its valid part.
+ROW_CHECK = "check"  # crc32 of the rest of the row's canonical JSON: an edited row is refused
 
-    A last line cut short by a crash (no newline, or not valid JSON) is ignored; a damaged line
-    anywhere else raises StoreError naming the line.
+
+def row_check(row: Mapping[str, Any]) -> str:
+    """The `check` field of an index row: crc32 (8 hex) of its other fields' canonical JSON."""
+    rest = {k: v for k, v in row.items() if k != ROW_CHECK}
+    text = json.dumps(
+        rest, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_files.json_default
+    )
+    return f"{zlib.crc32(text.encode('utf-8', 'surrogatepass')):08x}"
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why an index row cannot be used (None when it can)."""
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+        return "index line without a path"
+    if not isinstance(row.get("shard"), str) or SHARD_RE.match(row["shard"]) is None:
+        return f"shard name {row.get('shard')!r} is not shard-NNNNNN.safetensors (crafted or damaged index)"
+    if not isinstance(row.get("row"), int) or isinstance(row["row"], bool) or row["row"] < 0:
+        return f"row {row.get('row')!r} is not a row number"
+    if ROW_CHECK in row and row[ROW_CHECK] != row_check(row):
+        return "index line edited or damaged (its check does not match)"
+    return None
+
+
+def scan_index(path: Path) -> tuple[list[dict[str, Any]], int, list[tuple[int, str]]]:
+    """(usable rows, byte length of the part read, [(line number, problem)] of unusable lines).
+
+    A last line cut short by a crash (no newline, or not valid JSON) ends the part read and is not
+    a problem; a damaged line anywhere else is.
     """
-    if not path.exists():
-        return [], 0
+    if not no_link(path).exists():
+        return [], 0, []
     data = path.read_bytes()
     rows: list[dict[str, Any]] = []
-    good = 0
-    pos = 0
-    lineno = 0
+    bad: list[tuple[int, str]] = []
+    good = pos = lineno = 0
     while pos < len(data):
         lineno += 1
         nl = data.find(b"\n", pos)
         if nl < 0:  # unterminated last line: a crash mid-append
             break
         line = data[pos:nl]
+        problem: str | None
         try:
             row = json.loads(line) if line.strip() else None
-        except ValueError:
-            if data[nl + 1 :].strip():
-                raise StoreError(f"{path}:{lineno}: damaged index line") from None
-            break  # a damaged last line: a crash mid-append
-        if row is not None:
-            if not isinstance(row, dict) or "path" not in row or "shard" not in row:
-                raise StoreError(f"{path}:{lineno}: index line without path/shard")
+        except (ValueError, RecursionError):
+            if not data[nl + 1 :].strip():
+                break  # a damaged last line: a crash mid-append
+            row, problem = None, "damaged index line (not JSON)"
+        else:
+            problem = None if row is None else _row_problem(row)
+        if problem is not None:
+            bad.append((lineno, problem))
+        elif row is not None:
             rows.append(row)
-        pos = nl + 1
-        good = pos
+        pos = good = nl + 1
+    return rows, good, bad
+
+
+def read_index(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Rows of an index file and the byte length of its valid part (see `scan_index`); StoreError
+    naming the first unusable line, with the repair route."""
+    rows, good, bad = scan_index(path)
+    if bad:
+        lineno, problem = bad[0]
+        more = f" (and {len(bad) - 1} more lines)" if len(bad) > 1 else ""
+        raise StoreError(f"{path}:{lineno}: {problem}{more}; {repair_hint(path.parent)}")
     return rows, good
 
 
@@ -214,14 +237,31 @@ def write_index(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 def read_key_file(path: Path) -> dict[str, Any]:
     """The contents of a key.json; StoreError when it is unreadable or incomplete."""
     try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{path}: unreadable key file ({exc})") from None
+        info = json.loads(no_link(path).read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise StoreError(
+            f"{path}: unreadable key file ({exc}); restore it, or move its key folder aside to extract again"
+        ) from None
     if not isinstance(info, dict):
         raise StoreError(f"{path}: key file is not a JSON object")
     for name in ("digest", "key", "head_names", "feature_shape"):
         if name not in info:
-            raise StoreError(f"{path}: key file lacks {name!r}")
+            raise StoreError(f"{path}: key file lacks {name!r}; {repair_hint(path.parent)}")
+    shape = info["feature_shape"]
+    dtype = info["key"].get("dtype") if isinstance(info["key"], dict) else None
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(v, int) and v > 0 for v in shape)
+        or dtype not in DTYPES
+        or not isinstance(info["head_names"], list)
+        or len(info["head_names"]) != shape[0]
+    ):
+        raise StoreError(
+            f"{path}: damaged key file (feature_shape {shape!r}, dtype {dtype!r}, "
+            f"{len(info['head_names']) if isinstance(info['head_names'], list) else '?'} head names); "
+            f"{repair_hint(path.parent)}"
+        )
     return info
 
 

@@ -1,13 +1,14 @@
 """The extraction pipeline's two stages: threaded decoding ahead of the model, and the model call.
 
-One job: turn pending clips into features. `decode_ahead` hashes and decodes clips
-(`extractor.load_input`) in worker threads, a bounded number of clips ahead of the consumer;
+One job: turn pending clips into features. `decode_ahead` decodes clips (`extractor.load_input`)
+and hashes those that decode, in worker threads, a bounded number of clips ahead of the consumer;
 `extract_batch` runs the model on a batch and, when the batch fails, clip by clip to single out
 the clips that break it. Nothing here writes to disk.
 """
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,15 +51,26 @@ def safe_hash(path: str) -> str | None:
 
 
 def prepare(extractor: Any, path: str, known_hash: str | None) -> tuple[str | None, Any, str | None]:
-    """Worker: (content hash, model input, failure reason)."""
+    """Worker: (content hash, model input, failure reason). Decodes first and hashes only what
+    decodes (an undecodable file, however large, fails without being read in full); a file that
+    changes while it is read fails too, so a stored hash always belongs to the decoded content."""
     try:
-        digest = known_hash or file_sha256(path)
-    except OSError as exc:
+        before = os.stat(path)
+        x = extractor.load_input(path)
+    except Exception as exc:  # any per-clip decoding problem is recorded, not fatal
         return None, None, failure_reason(exc)
     try:
-        return digest, extractor.load_input(path), None
-    except Exception as exc:  # any per-clip decoding problem is recorded, not fatal
-        return digest, None, failure_reason(exc)
+        digest = known_hash or file_sha256(path)
+        after = os.stat(path)
+    except OSError as exc:
+        return None, None, failure_reason(exc)
+    if (before.st_ino, before.st_size, before.st_mtime_ns) != (
+        after.st_ino,
+        after.st_size,
+        after.st_mtime_ns,
+    ):
+        return None, None, "file changed while it was read (extract again)"
+    return digest, x, None
 
 
 def decode_ahead(

@@ -13,17 +13,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from calm.store.checks import ShardDamaged, check_shard, expected_checksum
 from calm.store.format import (
     DTYPES,
     INDEX_FILE,
     KEY_FILE,
-    SHARD_DIR,
-    StoreError,
-    check_shard,
     latest_rows,
     read_index,
     read_key_file,
+    repair_hint,
     resolve_key_dir,
+    shard_path,
 )
 
 
@@ -141,7 +141,9 @@ def open_rows(
     root: Path, info: Mapping[str, Any], ordered: list[dict[str, Any]], *, verify: bool = False
 ) -> ShardedArray:
     """A ShardedArray over the given index rows of key folder `root` (key.json content `info`),
-    row i of the view being `ordered[i]`; checks every shard they use (sha256 too with `verify`)."""
+    row i of the view being `ordered[i]`; checks every shard they use (`check_shard`: its recorded
+    crc32, or sha256 for shards written before crc32 was recorded, once per process per file;
+    sha256 as well with `verify`)."""
     dtype = info["key"]["dtype"]
     feature_shape = tuple(info["feature_shape"])
     by_shard: dict[str, list[dict[str, Any]]] = {}
@@ -153,7 +155,7 @@ def open_rows(
     for name in names:
         first = by_shard[name][0]
         max_row = max(int(r["row"]) for r in by_shard[name])
-        path = root / SHARD_DIR / name
+        path = shard_path(root, name)
         try:
             offset, shape = check_shard(
                 path,
@@ -162,10 +164,12 @@ def open_rows(
                 dtype=dtype,
                 nbytes=first.get("shard_bytes"),
                 sha256=first.get("shard_sha256") if verify else None,
+                checksum=expected_checksum(first),
             )
-        except StoreError as exc:
-            raise StoreError(
-                f"{exc}; re-run the extraction with the same arguments to redo its clips"
+        except ShardDamaged as exc:
+            raise ShardDamaged(
+                f"{exc}; re-run the extraction with the same arguments to redo its clips, "
+                f"or {repair_hint(root)}"
             ) from None
         paths.append(path)
         offsets.append(offset)
@@ -175,16 +179,30 @@ def open_rows(
     return ShardedArray(paths, offsets, shapes, shard_of, row_of, feature_shape, dtype)
 
 
+def _text_safe(values: list[Any]) -> Any:
+    """`values` as a column: plain, or as Python objects when a string holds lone surrogates (a
+    path that is not UTF-8), which pandas' Arrow-backed strings cannot hold."""
+    import pandas as pd
+
+    for v in values:
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return pd.Series(values, dtype=object)
+    return values
+
+
 def _meta_frame(ordered: list[dict[str, Any]]) -> Any:
     """The meta DataFrame of index rows: the fixed columns, then the clips' metadata."""
     import pandas as pd
 
     base = {
-        "path": [r["path"] for r in ordered],
+        "path": _text_safe([r["path"] for r in ordered]),
         "hash": [r["hash"] for r in ordered],
-        "label": [r["label"] for r in ordered],
+        "label": _text_safe([r["label"] for r in ordered]),
         "fold": _fold_column([r.get("fold") for r in ordered]),
-        "split": [r.get("split") for r in ordered],
+        "split": _text_safe([r.get("split") for r in ordered]),
     }
     meta = pd.DataFrame(base)
     extra_cols: dict[str, list[Any]] = {}
@@ -194,7 +212,7 @@ def _meta_frame(ordered: list[dict[str, Any]]) -> Any:
                 k = f"meta_{k}"
             extra_cols.setdefault(k, [None] * len(ordered))[i] = v
     for k, col in extra_cols.items():
-        meta[k] = col
+        meta[k] = _text_safe(col)
     return meta
 
 
@@ -209,7 +227,9 @@ def load_features(
     the clips' metadata; `meta.attrs` holds "key" (the extractor's key), "dtype" (storage dtype),
     "head_names" (list of (layer, head, source)), "digest" and "store" (the key folder).
     Rows are sorted by path. `key` selects the extraction key when the store holds several (see
-    `resolve_key_dir`); `verify=True` also checks every shard's sha256.
+    `resolve_key_dir`). Every shard used is checked once per process (size, header and the
+    checksum its index rows record) and every index line against its own check; `verify=True`
+    also checks every shard's sha256.
     """
     root = resolve_key_dir(store, key)
     info = read_key_file(root / KEY_FILE)

@@ -22,9 +22,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from calm._files import printable
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, as_callback
 from calm.store.folder import KeyFolder, open_key_folder
-from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, store_path
+from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, no_link, store_path
 from calm.store.pipeline import Decoded, decode_ahead, extract_batch, failure_reason, safe_hash
 
 log = logging.getLogger("calm.store")
@@ -39,15 +40,21 @@ def _as_clips(clips: Any) -> list[Any]:
 
 def plan_clips(clips: Any, limit: int | None = None) -> list[tuple[str, Any]]:
     """(stored path, Clip) pairs of `clips` (Clips, a Dataset or paths), each path once, the first
-    `limit` of them (so re-running with the same limit resumes the same work)."""
-    seen: set[str] = set()
+    `limit` of them (so re-running with the same limit resumes the same work). A path listed twice
+    with different labels is refused."""
+    seen: dict[str, Any] = {}
     todo = []
     for clip in _as_clips(clips):
         p = store_path(clip.path)
         if p in seen:
-            log.warning("%s listed twice: extracted once", p)
+            if tuple(seen[p].labels) != tuple(clip.labels):
+                raise StoreError(
+                    f"{printable(p)}: listed twice with different labels "
+                    f"({seen[p].label!r} and {clip.label!r}); fix the dataset"
+                )
+            log.warning("%s listed twice: extracted once", printable(p))
             continue
-        seen.add(p)
+        seen[p] = clip
         todo.append((p, clip))
     return todo if limit is None else todo[: max(0, int(limit))]
 
@@ -92,7 +99,12 @@ class Extraction:
         folder = open_key_folder(
             self.out, ext.key, ext.head_names, getattr(ext, "model_id", "model"), self.dtype
         )
-        folder.root.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"{folder.root}: cannot create the store folder ({exc.strerror or exc})"
+            ) from None
         return folder
 
     @contextmanager
@@ -105,11 +117,11 @@ class Extraction:
         todo = plan_clips(clips, limit)
         folder = self.open_folder()
         report = ExtractReport(store=folder.root, digest=folder.digest, total=len(todo))
-        with StoreLock(folder.root / LOCK_FILE):
+        with StoreLock(no_link(folder.root / LOCK_FILE)):
             if "feature_shape" in folder.info:
                 report.redone = folder.recover()
             pending, hashes = self.pending(folder, todo, report)
-            with open(folder.root / FAILURES_FILE, "w") as failures_log:
+            with open(no_link(folder.root / FAILURES_FILE), "w", encoding="utf-8") as failures_log:
                 try:
                     yield ExtractionRun(self, folder, report, failures_log, pending, hashes)
                 finally:
