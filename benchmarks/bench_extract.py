@@ -1,6 +1,12 @@
 """Extraction speed: `calm extract`'s path against the naive way, on ESC-10 with whisper-tiny.en.
 
     python benchmarks/bench_extract.py [--clips 40] [--batch-size 8] [--repeats 1] [--device cpu] [--data DIR]
+                                       [--bf16]
+
+The default compute dtype is `auto` (bf16 on CPUs with native bf16 matrix units, AMX-BF16 or
+AVX512-BF16, float32 elsewhere; calm.models.base.cpu_has_native_bf16): the run reports the default
+(auto) path and float32 side by side, and with --bf16 also bf16 forced (emulated, slower, on CPUs
+without those units).
 
 All in one run, on the same clips and the same loaded model:
 - naive: batch size 1, audio decoded in the main thread, the full model forward
@@ -11,7 +17,8 @@ All in one run, on the same clips and the same loaded model:
   the encoder on 30 s as Whisper was trained, at batch size 1 and at --batch-size;
 - calm, `encoder_length="clip"`: the encoder on each clip's own length, and with a 10 s minimum
   (`min_encoder_seconds=10`); see calm.models.whisper for the measured accuracy cost.
-Also: audio decoding alone (single thread), to show whether the model or decoding limits speed.
+Also: audio decoding alone (single thread), and its share of the default path's wall time, to show
+that decoding (in worker threads) stays ahead of the model.
 Prints clips/s for each (wall clock, and per CPU-second of all this process's threads, which is
 robust to other load on a shared machine) and the ratios to the naive way. Model loading is not
 timed.
@@ -150,34 +157,44 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all paths; the best is kept")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", default=None, help="ESC-10 folder (default: ../shared/data/esc10)")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 forced (emulated without AMX)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from calm.models import load_extractor
+    from calm.models.base import cpu_has_native_bf16
 
     clips = pick_clips(esc10_root(args.data), args.clips)
     t0 = time.perf_counter()
-    ext = load_extractor("whisper-tiny.en", device=args.device)
+    auto = load_extractor("whisper-tiny.en", device=args.device)  # the default: dtype auto
+    ext = load_extractor("whisper-tiny.en", device=args.device, dtype="float32")
+    auto_name = str(auto.dtype).removeprefix("torch.")
     print(
         f"whisper-tiny.en on {args.device} ({torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs), "
         f"{len(clips)} ESC-10 clips, {len(ext.head_names)} heads; "
-        f"model loaded in {time.perf_counter() - t0:.1f} s"
+        f"model loaded in {time.perf_counter() - t0:.1f} s; "
+        f"native bf16 on this CPU: {cpu_has_native_bf16()}, so dtype auto = {auto_name}"
     )
+    default = f"calm default (auto = {auto_name}, 30 s encoder), batch {args.batch_size}"
     configs = [
-        ("calm default (30 s encoder), batch 1", ext, 1),
-        (f"calm default (30 s encoder), batch {args.batch_size}", ext, args.batch_size),
+        ("calm float32 (30 s encoder), batch 1", ext, 1),
+        (default, auto, args.batch_size),
+        (f"calm float32 (30 s encoder), batch {args.batch_size}", ext, args.batch_size),
         (
-            f"calm encoder_length=clip, batch {args.batch_size}",
-            variant(ext, encoder_length="clip"),
+            f"calm encoder_length=clip (auto = {auto_name}), batch {args.batch_size}",
+            variant(auto, encoder_length="clip"),
             args.batch_size,
         ),
         (
-            f"calm encoder_length=clip min 10 s, batch {args.batch_size}",
-            variant(ext, encoder_length="clip", min_encoder_seconds=10.0),
+            f"calm encoder_length=clip min 10 s (auto = {auto_name}), batch {args.batch_size}",
+            variant(auto, encoder_length="clip", min_encoder_seconds=10.0),
             args.batch_size,
         ),
     ]
+    if args.bf16:
+        bf16 = load_extractor("whisper-tiny.en", device=args.device, dtype="bf16")
+        configs.append((f"calm bf16 forced (30 s encoder), batch {args.batch_size}", bf16, args.batch_size))
     best: dict[str, tuple[float, float]] = {}
 
     def keep(label: str, speeds: tuple[float, float]) -> None:
@@ -199,6 +216,13 @@ def main() -> None:
     print(f"{'path':<{width}}  clips/s  x naive  clips/CPU-s  x naive")
     for label, (wall, cpu) in rows:
         print(f"{label:<{width}}  {wall:7.2f}  {wall / naive[0]:6.2f}x  {cpu:11.2f}  {cpu / naive[1]:6.2f}x")
+    decode = best["audio decoding alone (1 thread)"][0]
+    f32 = best[f"calm float32 (30 s encoder), batch {args.batch_size}"][0]
+    print(
+        f"default (auto = {auto_name}) / float32 at batch {args.batch_size}: {best[default][0] / f32:.2f}x; "
+        f"audio decoding alone would take {100 * best[default][0] / decode:.0f} % of the default path's "
+        "wall time (one thread; the store decodes in worker threads, overlapped with the model)"
+    )
 
 
 if __name__ == "__main__":

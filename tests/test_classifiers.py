@@ -476,3 +476,58 @@ def test_load_refuses_bad_files(tmp_path, fitted):
             calm.load(path)
     with pytest.raises(FileNotFoundError):
         calm.load(tmp_path / "absent.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# temperatures, feature scale, device (issues 9.7, 9.10, 11.2)
+
+
+@pytest.mark.parametrize("params", [dict(tau_p=1e-40), dict(tau_w=1e-300), dict(tau_p=0.0), dict(tau_w=-1.0)])
+def test_temperatures_that_overflow_are_refused_at_fit(params):
+    X, y, _, _ = make_problem(0)
+    name = next(iter(params))
+    with pytest.raises(ValueError, match=name):
+        CALM(k=3, **params).fit(X.astype(np.float32), y)
+
+
+def test_smallest_accepted_temperatures_give_finite_weights_and_scores():
+    X, y, Xq, _ = make_problem(0)
+    for est in (CALM(k=3, tau_p=1e-30, tau_w=1e-30), CALM(k=3, tau_w=1e-30, normalization="power")):
+        est.fit(X.astype(np.float32), y)
+        assert np.isfinite(est.weights_).all() and (est.weights_ >= 0).all()
+        np.testing.assert_allclose(est.weights_.sum(axis=1), 1.0)
+        assert np.isfinite(est.decision_function(Xq.astype(np.float32))).all()
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+@pytest.mark.parametrize(
+    "est",
+    [CALM(k=3), CALM(k=3, weighting="global", reliability="leave-one-out"), SAV(k=3, tie_break="margin")],
+)
+def test_predictions_do_not_depend_on_feature_scale(est, scale):
+    X, y, Xq, _ = make_problem(3)
+    X32, Xq32 = X.astype(np.float32), Xq.astype(np.float32)
+    base = clone(est).fit(X32, y)
+    scaled = clone(est).fit((X * scale).astype(np.float32), y)
+    q = (Xq * scale).astype(np.float32)
+    assert np.isfinite(scaled.decision_function(q)).all()
+    np.testing.assert_array_equal(scaled.predict(q), base.predict(Xq32))
+    np.testing.assert_allclose(
+        scaled.decision_function(q), base.decision_function(Xq32), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_array_equal(scaled.heads_, base.heads_)
+
+
+@pytest.mark.parametrize("est", [CALM(k=3), CALM(k=0.5, weighting="global"), SAV(k=3)])
+def test_device_parameter_runs_chunks_there_and_is_not_saved(est, tmp_path):
+    X, y, Xq, _ = make_problem(5)
+    X32, Xq32 = X.astype(np.float32), Xq.astype(np.float32)
+    ref = clone(est).fit(X32, y)
+    other = clone(est).set_params(device=torch.device("cpu"), chunk_size=4).fit(X32, y)
+    np.testing.assert_allclose(other.decision_function(Xq32), ref.decision_function(Xq32), rtol=0, atol=1e-5)
+    assert other._device() == torch.device("cpu")
+    other.save(tmp_path / "m.safetensors")
+    loaded = calm.load(tmp_path / "m.safetensors")
+    assert loaded.device == "cpu" and "device" not in loaded.metadata_
+    with pytest.raises((RuntimeError, ValueError)):
+        clone(est).set_params(device="no-such-device").fit(X32, y)

@@ -51,8 +51,9 @@ def test_files_written_before_the_split_load_unchanged(tmp_path, name):
     assert type(clf).__name__ == _header(V1 / f"{name}.safetensors")["estimator"]
     assert clf.metadata_["name"] == name
     q = expected["queries"]
-    np.testing.assert_array_equal(clf.decision_function(q), expected[f"{name}_decision"])
-    np.testing.assert_array_equal(clf.predict_proba(q), expected[f"{name}_proba"])
+    # the blocked query path (issue 11) normalises and sums per head block: float32 rounding only
+    np.testing.assert_allclose(clf.decision_function(q), expected[f"{name}_decision"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(clf.predict_proba(q), expected[f"{name}_proba"], rtol=1e-6, atol=0)
     np.testing.assert_array_equal(clf.predict(q), expected[f"{name}_predict"])
     # saving it again writes the same layout: header fields, tensor names, dtypes and values
     clf.save(tmp_path / "again.safetensors")

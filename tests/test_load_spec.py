@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from calm.models import MODELS, LoadSpec, backend_options, load_extractor, register_model
-from calm.models.base import ExtractorError, TorchExtractor
+from calm.models.base import ExtractorError, TorchExtractor, cpu_has_native_bf16, default_dtype
 from calm.models.hooks import position_ids_from_mask
 from calm.models.spec import check_options, declared_options
 
@@ -22,11 +22,13 @@ def test_spec_is_frozen_and_normalised():
     spec = LoadSpec("some/model", dtype="bf16", layers=[0, 2], options={"a": 1})
     assert spec.dtype is torch.bfloat16 and spec.layers == (0, 2) and spec.layer_list() == [0, 2]
     assert spec.label == "some/model" and LoadSpec("x", name="short").label == "short"
-    assert LoadSpec("x").dtype is torch.float32  # CPU default
+    assert LoadSpec("x").dtype is default_dtype("cpu") and LoadSpec("x", dtype="auto").dtype is default_dtype(
+        "cpu"
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.prompt = "changed"  # type: ignore[misc]
     assert spec.hub_kwargs() == {} and LoadSpec("x", revision="abc").hub_kwargs() == {"revision": "abc"}
-    assert LoadSpec("x", revision="abc", attn_implementation="eager").pretrained_kwargs() == {
+    assert LoadSpec("x", revision="abc", attn_implementation="eager", dtype="fp32").pretrained_kwargs() == {
         "dtype": torch.float32,
         "attn_implementation": "eager",
         "revision": "abc",
@@ -35,6 +37,18 @@ def test_spec_is_frozen_and_normalised():
         LoadSpec("x", long="sometimes")
     with pytest.raises(ExtractorError, match="unknown dtype"):
         LoadSpec("x", dtype="int3")
+
+
+def test_cpu_auto_dtype_is_bf16_only_with_native_bf16_units(monkeypatch):
+    monkeypatch.delenv("CALM_CPU_BF16", raising=False)
+    caps = torch.cpu.get_capabilities()
+    native = bool(caps.get("amx_bf16") or caps.get("avx512_bf16") or caps.get("bf16"))
+    assert cpu_has_native_bf16() == (native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert default_dtype("cpu") is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    for forced, dtype in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("CALM_CPU_BF16", forced)
+        assert default_dtype("cpu") is dtype and LoadSpec("x").dtype is dtype
+        assert LoadSpec("x", dtype="float32").dtype is torch.float32  # an explicit dtype wins
 
 
 def test_options_are_checked_against_the_declaration():

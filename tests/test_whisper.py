@@ -39,7 +39,7 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extractor(converted):
-    return load_extractor("whisper-tiny.en")
+    return load_extractor("whisper-tiny.en", dtype="float32")  # the CPU default where bf16 is not native
 
 
 @pytest.fixture(scope="module")
@@ -250,8 +250,15 @@ def test_key_is_json_and_names_the_checksum(extractor, converted):
     assert key["revision"] == f"sha256:{converted[1]['weights_sha256']}"
 
 
-# sha256 of the canonical JSON of whisper-tiny.en's default key, computed before the backends were
-# reshaped (issue 8): feature-store digests depend on the key, so it must never change by accident
+def test_key_records_the_dtype_auto_resolved_to(converted, monkeypatch):
+    for forced, name in (("1", "bfloat16"), ("0", "float32")):
+        monkeypatch.setenv("CALM_CPU_BF16", forced)
+        assert load_extractor("whisper-tiny.en").key["dtype"] == name
+
+
+# sha256 of the canonical JSON of whisper-tiny.en's float32 key (the CPU default without native bf16),
+# computed before the backends were reshaped (issue 8): feature-store digests depend on the key,
+# so it must never change by accident
 DEFAULT_KEY_SHA256 = "6af7c71b49a42564554e5a9dbc08e0bf5db88bdfb0df659ac678bfcc2f3aefa2"
 
 

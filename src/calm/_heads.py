@@ -34,6 +34,7 @@ __all__ = [
     "as_tensor",
     "compute_dtype",
     "l2_normalize",
+    "norms_in_range",
     "class_centroids",
     "cosine_similarities",
     "head_predictions",
@@ -53,6 +54,8 @@ __all__ = [
 ArrayLike: TypeAlias = torch.Tensor | npt.ArrayLike
 
 #: Norms are clamped to at least EPS, so a zero feature vector has cosine 0 with every centroid.
+#: Vectors are first scaled by their largest magnitude when their norm would overflow or lose
+#: precision (see :func:`l2_normalize`), so only exact zeros meet the clamp.
 EPS = 1e-12
 
 
@@ -84,11 +87,29 @@ def _float(x: ArrayLike) -> torch.Tensor:
     return t.to(compute_dtype(t.dtype)) if t.is_floating_point() else t.to(torch.float32)
 
 
+def norms_in_range(norms: torch.Tensor) -> bool:
+    """Whether vector norms computed directly are accurate and unaffected by the EPS clamp: finite
+    (no square overflowed), above EPS and not so small that the squares of a vector's entries could
+    underflow (``norms`` of zero vectors count as small)."""
+    info = torch.finfo(norms.dtype)
+    low = max(EPS, float(np.sqrt(info.tiny) / info.eps) * 64.0)
+    if norms.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(norms)
+    return float(lo) > low and float(hi) < float("inf")  # NaN fails both
+
+
 def l2_normalize(x: ArrayLike, dim: int = -1) -> torch.Tensor:
-    """``x / max(||x||_2, EPS)`` along ``dim`` (the normalisation inside Eq. 2)."""
+    """``x / ||x||_2`` along ``dim`` (the normalisation inside Eq. 2) for features of any scale:
+    when a norm would overflow or underflow, vectors are first divided by their largest
+    magnitude; zero vectors stay zero (norms clamped to EPS)."""
     t = _float(x)
-    norm: torch.Tensor = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
-    return t / norm.clamp_min(EPS)
+    norms: torch.Tensor = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    if not norms_in_range(norms):
+        t = t / t.abs().amax(dim=dim, keepdim=True).clamp_min(torch.finfo(t.dtype).tiny)
+        norms = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    out: torch.Tensor = t / norms.clamp_min(EPS)
+    return out
 
 
 def class_centroids(X: ArrayLike, y_idx: ArrayLike, n_classes: int) -> torch.Tensor:

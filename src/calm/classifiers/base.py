@@ -49,6 +49,9 @@ _Self = TypeVar("_Self", bound="HeadClassifier")
 
 _POSITIVE_INT = Interval(Integral, 1, None, closed="left")
 
+#: Smallest temperature accepted: 1 / tau must stay far inside float32's range on the query path.
+MIN_TEMPERATURE = 1e-30
+
 
 def register(cls: _C) -> _C:
     """Class decorator: files naming ``cls.__name__`` load as ``cls``."""
@@ -60,20 +63,27 @@ def register(cls: _C) -> _C:
 class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     """Shared fit/predict plumbing: centroids (Eq. 1), chunked queries, labels, saving.
 
-    Subclasses set the parameters k, tau_p, n_heads, classes and chunk_size in ``__init__``."""
+    Subclasses set the parameters k, tau_p, n_heads, classes, chunk_size and device in ``__init__``.
+
+    Precision: the support side (centroids, margins, reliabilities, head ranking, weights) is
+    computed in float64, so the kept heads are those of the equations even where float32 would
+    round margins to ties; the query side runs in float32 (float64 for float64 features), and
+    ``centroids_`` are stored in that query dtype."""
 
     k: Any
     tau_p: float
     n_heads: int | None
     classes: Any
     chunk_size: int | None
+    device: Any
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "k": [_POSITIVE_INT, Interval(RealNotInt, 0, 1, closed="right"), None],
-        "tau_p": [Interval(Real, 0, np.inf, closed="neither")],
+        "tau_p": [Interval(Real, MIN_TEMPERATURE, np.inf, closed="left")],
         "n_heads": [_POSITIVE_INT, None],
         "classes": ["array-like", None],
         "chunk_size": [_POSITIVE_INT, None],
+        "device": [str, torch.device],
     }
 
     # -- fitting --------------------------------------------------------------------------------
@@ -85,24 +95,23 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         classes, y_idx = encode_labels(y, self.classes, feats.n)
         C, K, d = len(classes), feats.K, feats.d
         k = H.resolve_k(self.k, K)
-        dtype = feats.dtype
-        rows = chunk_rows(self.chunk_size, K, d, C, torch.finfo(dtype).bits // 8)
-        y_t = torch.from_numpy(y_idx)
+        dev, dtype = torch.device(self.device), torch.float64  # the support side in float64
+        rows = chunk_rows(self.chunk_size, K, d, C, 8)
+        y_t = torch.from_numpy(y_idx).to(dev)
         counts = torch.bincount(y_t, minlength=C)
-        sums = torch.zeros((C, K, d), dtype=dtype)
+        sums = torch.zeros((C, K, d), dtype=dtype, device=dev)
         for start, xb in feats.chunks(rows, dtype):  # Eq. 1, accumulated chunk by chunk
-            sums.index_add_(0, y_t[start : start + len(xb)], xb)
+            sums.index_add_(0, y_t[start : start + len(xb)], xb.to(dev))
         centroids = sums / counts.to(dtype)[:, None, None]
         del sums
         self.classes_ = classes
-        self.class_counts_ = counts.numpy()
+        self.class_counts_ = counts.cpu().numpy()
         self.n_heads_, self.head_dim_, self.n_features_in_ = K, d, K * d
         self.k_ = k
-        self.centroids_ = centroids.numpy()
+        self.centroids_ = centroids.to(feats.dtype).cpu().numpy()  # stored in the query dtype
         self.metadata_: dict[str, Any] = {}
-        unit = unit_layout(centroids)  # (K, d, C)
-        self._fit_heads(feats, y_t, counts, rows, dtype, unit)
-        self._prepare(unit)
+        self._fit_heads(feats, y_t, counts, rows, centroids, unit_layout(centroids))  # float64
+        self._prepare(unit_layout(torch.from_numpy(self.centroids_)))  # as after loading
         return self
 
     def _fit_heads(
@@ -111,10 +120,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         y_t: torch.Tensor,
         counts: torch.Tensor,
         rows: int,
-        dtype: torch.dtype,
+        centroids: torch.Tensor,
         unit: torch.Tensor,
     ) -> None:
-        """Fit the head ranking / weights from the support chunks (``unit``: (K, d, C) centroids)."""
+        """Fit the head ranking / weights from the support chunks: ``centroids`` (C, K, d) and
+        ``unit`` (K, d, C) unit centroids, both float64 on the estimator's device."""
         raise NotImplementedError
 
     def _prepare(self, unit: torch.Tensor) -> None:
@@ -135,6 +145,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def _dtype(self) -> torch.dtype:
         return H.compute_dtype(self.centroids_.dtype)
+
+    def _device(self) -> torch.device:
+        return torch.device(self.device)
 
     def _rows(self, K: int) -> int:
         itemsize = torch.finfo(self._dtype()).bits // 8
@@ -176,6 +189,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         """The fitted state as a file's contents (``metadata`` default: ``metadata_``)."""
         check_is_fitted(self)
         params = self.get_params(deep=False)
+        params.pop("device", None)  # where it runs, not what it is: loaded classifiers run on "cpu"
         arrays = {s.name: getattr(self, s.attr) for s in self._state_specs(params) if hasattr(self, s.attr)}
         return SavedClassifier(
             estimator=type(self).__name__,

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import StrOptions
 
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
-from calm.classifiers.features import Features
+from calm.classifiers.features import CHUNK_BYTES, Features
 from calm.classifiers.kernels import calm_scores, leave_one_out_, needs_shift, similarities, support_margins
 from calm.serialization import TensorSpec
 
@@ -47,7 +47,7 @@ class CALM(HeadClassifier):
         Margins of support clips against centroids that include them (paper), or against their own
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
-    n_heads, classes, chunk_size : as for :class:`calm.classifiers.SAV`.
+    n_heads, classes, chunk_size, device : as for :class:`calm.classifiers.SAV`.
 
     Attributes
     ----------
@@ -59,7 +59,7 @@ class CALM(HeadClassifier):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         **HeadClassifier._parameter_constraints,
-        "tau_w": HeadClassifier._parameter_constraints["tau_p"],
+        "tau_w": HeadClassifier._parameter_constraints["tau_p"],  # both at least MIN_TEMPERATURE
         "weighting": [StrOptions({"class", "global"})],
         "normalization": [StrOptions({"softmax", "power"})],
         "reliability": [StrOptions({"in-sample", "leave-one-out"})],
@@ -77,6 +77,7 @@ class CALM(HeadClassifier):
         n_heads: int | None = None,
         classes: Any = None,
         chunk_size: int | None = None,
+        device: Any = "cpu",
     ):
         self.k = k
         self.tau_p = tau_p
@@ -87,6 +88,7 @@ class CALM(HeadClassifier):
         self.n_heads = n_heads
         self.classes = classes
         self.chunk_size = chunk_size
+        self.device = device
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
@@ -106,10 +108,10 @@ class CALM(HeadClassifier):
         y_t: torch.Tensor,
         counts: torch.Tensor,
         rows: int,
-        dtype: torch.dtype,
+        centroids: torch.Tensor,
         unit: torch.Tensor,
     ) -> None:
-        C, K = len(counts), feats.K
+        C, K, dtype, dev = len(counts), feats.K, centroids.dtype, centroids.device
         loo = self.reliability == "leave-one-out"
         if loo and bool((counts == 1).any()):
             single = self.classes_[(counts == 1).numpy()][:10].tolist()
@@ -118,10 +120,9 @@ class CALM(HeadClassifier):
                 UserWarning,
                 stacklevel=4,
             )
-        centroids = torch.from_numpy(self.centroids_)
-        margin_sum = torch.zeros((C, K), dtype=dtype)
+        margin_sum = torch.zeros((C, K), dtype=dtype, device=dev)
         for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
-            yb = y_t[start : start + len(xb)]
+            xb, yb = xb.to(dev), y_t[start : start + len(xb)]
             s = similarities(xb, unit, inplace=not loo)  # Eq. 2, (K, n, C)
             if loo:
                 leave_one_out_(s, xb, yb, centroids, counts)
@@ -131,10 +132,13 @@ class CALM(HeadClassifier):
             r = margin_sum / counts.to(dtype)[:, None]  # Eq. 11
         else:
             r = margin_sum.sum(dim=0) / feats.n  # Eq. 7
-        w = H.head_weights(r, self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
-        self.reliability_ = r.numpy()
+        w = H.head_weights(r.cpu(), self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
+        self.reliability_ = r.cpu().numpy()
         self.weights_ = (w.expand(C, K) if w.ndim == 1 else w).contiguous().numpy()
-        self.heads_ = torch.sort(r, dim=-1, descending=True, stable=True).indices[..., : self.k_].numpy()
+        order = torch.sort(r.cpu(), dim=-1, descending=True, stable=True).indices
+        self.heads_ = order[..., : self.k_].numpy()
 
     def _prepare(self, unit: torch.Tensor) -> None:
         used = np.flatnonzero((self.weights_ > 0).any(axis=0))
@@ -144,8 +148,9 @@ class CALM(HeadClassifier):
         if self._used is not None:
             index = torch.from_numpy(self._used)
             w, unit = w[:, index], unit[index]
-        self._unit_used = unit.contiguous()  # (K_used, d, C)
-        self._w_used = w.T.contiguous()  # (K_used, C)
+        dev = self._device()
+        self._unit_used = unit.contiguous().to(dev)  # (K_used, d, C)
+        self._w_used = w.T.to(unit.dtype).contiguous().to(dev)  # (K_used, C), in the query dtype
         self._scaled = (self.tau_p, self._unit_used / self.tau_p)  # the unit centroids over tau_p (Eq. 5)
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -155,12 +160,21 @@ class CALM(HeadClassifier):
         C = len(self.classes_)
         out = np.empty((feats.n, C), dtype=np.float64 if dtype == torch.float64 else np.float32)
         tau_p, scaled = self._scaled
-        if tau_p != self.tau_p:  # changed by set_params since fit: scale here, keep the fitted tensors
-            scaled = self._unit_used / self.tau_p
+        dev, w_t = self._device(), self._w_used
+        if tau_p != self.tau_p or scaled.device != dev:  # set_params since fit: keep the fitted tensors
+            scaled, w_t = (self._unit_used / self.tau_p).to(dev), w_t.to(dev)
         shift = needs_shift(self.tau_p, C, dtype)
-        for start, xb in feats.chunks(self._rows(len(self._w_used)), dtype, heads=self._used):
-            out[start : start + len(xb)] = calm_scores(xb, scaled, self._w_used, shift).numpy()
+        store = feats.storage_dtype if feats.storage_dtype != torch.float64 else dtype  # converted per block
+        for start, xb in feats.chunks(self._query_rows(len(w_t)), store, heads=self._used):
+            out[start : start + len(xb)] = calm_scores(xb.to(dev), scaled, w_t, shift).cpu().numpy()
         return out
+
+    def _query_rows(self, K: int) -> int:
+        """Rows per query chunk: ``chunk_size``, or as many as keep the chunk's features near a
+        quarter of CHUNK_BYTES (the similarities are computed per head block, see calm_scores)."""
+        if self.chunk_size is not None:
+            return int(self.chunk_size)
+        return max(1, CHUNK_BYTES // 4 // (K * self.head_dim_ * (torch.finfo(self._dtype()).bits // 8)))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Scores normalised to sum to 1 over classes."""

@@ -29,7 +29,8 @@ class Features:
 
     ``n_heads`` (or ``head_dim``) splits 2-D (n, K * d) input into heads; ``name`` names the
     argument in error messages. Attributes: ``X`` (the possibly reshaped input), ``shape``, ``n``,
-    ``K``, ``d`` and ``dtype`` (the torch accumulation dtype)."""
+    ``K``, ``d``, ``dtype`` (the torch accumulation dtype) and ``storage_dtype`` (the input's own
+    floating dtype: chunks in it are plain copies, converted later block by block)."""
 
     def __init__(self, X: Any, *, n_heads: int | None = None, head_dim: int | None = None, name: str = "X"):
         X = _as_array(X, name)
@@ -52,6 +53,7 @@ class Features:
         self.X, self.shape, self.name = X, shape, name
         self.n, self.K, self.d = shape
         self.dtype = H.compute_dtype(X.dtype if isinstance(X, torch.Tensor) else _np_dtype(X.dtype))
+        self.storage_dtype = _storage_dtype(X)
 
     def chunks(
         self, rows: int, dtype: torch.dtype, heads: np.ndarray | None = None, check: bool = True
@@ -104,6 +106,15 @@ def _split_heads(
     if not hasattr(X, "reshape"):
         raise ValueError(f"{name} is 2-D and cannot be reshaped into heads; pass (n, n_heads, head_dim)")
     return X.reshape(n, K, f // K), (n, K, f // K)
+
+
+def _storage_dtype(X: Any) -> torch.dtype:
+    """The floating torch dtype the features are stored in (chunks in it need no conversion), or
+    float32 for integer and other input."""
+    if isinstance(X, torch.Tensor):
+        return X.dtype if X.is_floating_point() else torch.float32
+    names = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+    return names.get(str(X.dtype), torch.float32)
 
 
 def _np_dtype(dtype: Any) -> np.dtype:

@@ -4,6 +4,10 @@ predict loops of the head classifiers.
 They give the same numbers as the pure functions of :mod:`calm._heads` while overwriting a chunk
 the caller owns, so a chunk's working set is one (K, n, C) tensor. Shapes: chunk ``xb`` (n, K, d),
 unit centroids laid out (K, d, C), similarities (K, n, C), class indices ``yb`` (n,).
+
+The query path (:func:`calm_scores`) works on blocks of heads small enough for the CPU caches:
+for each block one batched matmul of many rows per head, then exp in place, the per-head
+normaliser and the weighted sum over heads, so the (K, n, C) posteriors never reach main memory.
 """
 
 from __future__ import annotations
@@ -13,7 +17,20 @@ import torch
 
 from calm import _heads as H
 
-__all__ = ["calm_scores", "leave_one_out_", "needs_shift", "similarities", "support_margins", "unit_layout"]
+__all__ = [
+    "BLOCK_BYTES",
+    "calm_scores",
+    "head_block",
+    "leave_one_out_",
+    "needs_shift",
+    "normalize_",
+    "similarities",
+    "support_margins",
+    "unit_layout",
+]
+
+#: Target size of one head block's similarities in :func:`calm_scores` (fits in L2/L3 caches).
+BLOCK_BYTES = 2 * 2**20
 
 
 def unit_layout(centroids: torch.Tensor) -> torch.Tensor:
@@ -27,13 +44,21 @@ def needs_shift(tau_p: float, n_classes: int, dtype: torch.dtype) -> bool:
     return bool(1.0 / tau_p + np.log(n_classes) + 1.0 > np.log(torch.finfo(dtype).max) - 1.0)
 
 
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """``x`` divided in place by its L2 norm along the last axis, for any scale (as
+    :func:`calm._heads.l2_normalize`: rescaled by the largest magnitude first only when a norm
+    would overflow or underflow)."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if not H.norms_in_range(norms):
+        x.div_(x.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny))
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.div_(norms.clamp_min_(H.EPS))
+
+
 def similarities(xb: torch.Tensor, unit: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Eq. 2 for a chunk (n, K, d) against unit centroids (K, d, C), laid out (K, n, C);
     ``inplace`` normalises ``xb`` itself (a chunk the caller owns)."""
-    if inplace:
-        x = xb.div_(torch.linalg.vector_norm(xb, dim=-1, keepdim=True).clamp_min_(H.EPS))
-    else:
-        x = H.l2_normalize(xb)
+    x = normalize_(xb) if inplace else H.l2_normalize(xb)
     return torch.matmul(x.transpose(0, 1), unit)
 
 
@@ -68,13 +93,28 @@ def leave_one_out_(
     s.scatter_(-1, idx, torch.where((n_c > 1)[None, :], loo.T.to(s.dtype), own).unsqueeze(-1))
 
 
+def head_block(n: int, C: int, itemsize: int) -> int:
+    """Heads per block so that a block's (heads, n, C) similarities take about BLOCK_BYTES."""
+    return max(1, BLOCK_BYTES // max(1, n * C * itemsize))
+
+
 def calm_scores(xb: torch.Tensor, scaled: torch.Tensor, w_t: torch.Tensor, shift: bool) -> torch.Tensor:
-    """Eq. 2, 5 and 13 for one chunk, in place: ``scaled`` = unit centroids / tau_p (K, d, C),
-    weights ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C)."""
-    e = similarities(xb, scaled, inplace=True)  # Eq. 2 over tau_p, (K, n, C)
-    if shift:
-        e.sub_(e.amax(dim=-1, keepdim=True))
-    e.exp_()
-    e.div_(e.sum(dim=-1, keepdim=True))  # Eq. 5
-    e.mul_(w_t[:, None, :])  # w_c^j p_c^j
-    return e.sum(dim=0)  # Eq. 13
+    """Eq. 2, 5 and 13 for one chunk: ``scaled`` = unit centroids / tau_p (K, d, C), weights
+    ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C). ``xb`` (n, K, d), in
+    any floating dtype (e.g. the store's float16), is read, never written; heads are processed in
+    cache-sized blocks, each converted to ``scaled``'s dtype as it is laid out head-major."""
+    n, K, _ = xb.shape
+    C = scaled.shape[-1]
+    out = torch.zeros((n, C), dtype=scaled.dtype, device=scaled.device)
+    step = head_block(n, C, scaled.element_size())
+    for h0 in range(0, K, step):
+        h1 = min(h0 + step, K)
+        x = normalize_(xb[:, h0:h1].transpose(0, 1).to(scaled.dtype, memory_format=torch.contiguous_format))
+        e = torch.matmul(x, scaled[h0:h1])  # Eq. 2 over tau_p, (k, n, C)
+        if shift:
+            e.sub_(e.amax(dim=-1, keepdim=True))
+        e.exp_()
+        z = e.sum(dim=-1, keepdim=True)  # Eq. 5's normaliser, (k, n, 1)
+        e.mul_(w_t[h0:h1, None, :]).div_(z)  # w_c^j p_c^j
+        out.add_(e.sum(dim=0))  # Eq. 13
+    return out

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import StrOptions
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
-from calm.classifiers.kernels import similarities, support_margins
+from calm.classifiers.kernels import normalize_, similarities, support_margins
 from calm.serialization import TensorSpec
 
 __all__ = ["SAV"]
@@ -42,6 +42,9 @@ class SAV(HeadClassifier):
         Fixed class order (every class needs a clip); None: the sorted labels of y.
     chunk_size : int or None
         Rows per chunk; None picks ~512 MiB working sets.
+    device : str or torch.device
+        Where the chunks are computed (``"cpu"``, ``"cuda"``, ...); features are read on the CPU
+        and each chunk is moved there. Not saved: a loaded classifier runs on ``"cpu"``.
 
     Attributes
     ----------
@@ -64,6 +67,7 @@ class SAV(HeadClassifier):
         n_heads: int | None = None,
         classes: Any = None,
         chunk_size: int | None = None,
+        device: Any = "cpu",
     ):
         self.k = k
         self.tie_break = tie_break
@@ -71,6 +75,7 @@ class SAV(HeadClassifier):
         self.n_heads = n_heads
         self.classes = classes
         self.chunk_size = chunk_size
+        self.device = device
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
@@ -89,22 +94,23 @@ class SAV(HeadClassifier):
         y_t: torch.Tensor,
         counts: torch.Tensor,
         rows: int,
-        dtype: torch.dtype,
+        centroids: torch.Tensor,
         unit: torch.Tensor,
     ) -> None:
-        K = feats.K
-        correct = torch.zeros(K, dtype=torch.int64)
-        margin_sum = torch.zeros(K, dtype=dtype)
+        K, dtype, dev = feats.K, centroids.dtype, centroids.device
+        correct = torch.zeros(K, dtype=torch.int64, device=dev)
+        margin_sum = torch.zeros(K, dtype=dtype, device=dev)
         for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
-            yb = y_t[start : start + len(xb)]
+            xb, yb = xb.to(dev), y_t[start : start + len(xb)]
             s = similarities(xb, unit, inplace=True)  # Eq. 2, (K, n, C)
             correct += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
             if self.tie_break == "margin":
                 margin_sum += support_margins(s, yb, self.tau_p).sum(dim=1)  # Eq. 5-6
+        correct = correct.cpu()
         self.head_scores_ = (correct.to(torch.float64) / feats.n).numpy()
         margins = None
         if self.tie_break == "margin":
-            self.head_margins_ = (margin_sum / feats.n).numpy()  # Eq. 7
+            self.head_margins_ = (margin_sum / feats.n).cpu().numpy()  # Eq. 7
             margins = self.head_margins_
         else:
             self.__dict__.pop("head_margins_", None)  # from an earlier fit
@@ -115,18 +121,21 @@ class SAV(HeadClassifier):
         heads, inverse = np.unique(self.heads_, return_inverse=True)
         self._read_heads = heads
         self._read_order = torch.from_numpy(inverse.reshape(-1))
-        self._unit_kept = unit[torch.from_numpy(self.heads_)].contiguous()  # (k, d, C)
+        self._unit_kept = unit[torch.from_numpy(self.heads_)].contiguous().to(self._device())  # (k, d, C)
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Vote counts (n, C) of the kept heads (Eq. 4), int64."""
         feats = self._query(X)
         C = len(self.classes_)
         out = np.empty((feats.n, C), dtype=np.int64)
+        dev, unit = self._device(), self._unit_kept
+        unit = unit if unit.device == dev else unit.to(dev)  # device changed by set_params since fit
         for start, xb in feats.chunks(
             self._rows(len(self._read_heads)), self._dtype(), heads=self._read_heads
         ):
-            s = H.cosine_similarities(xb[:, self._read_order], self._unit_kept, normalized=True)
-            out[start : start + len(xb)] = H.vote_counts(H.head_predictions(s), C).numpy()
+            x = normalize_(xb[:, self._read_order].to(dev))  # Eq. 2
+            best = torch.matmul(x.transpose(0, 1), unit).argmax(dim=-1).T  # Eq. 3, (n, k)
+            out[start : start + len(xb)] = H.vote_counts(best.cpu(), C).numpy()  # Eq. 4
         return out
 
     def predict_proba(self, X: Any) -> np.ndarray:

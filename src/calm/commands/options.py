@@ -115,7 +115,12 @@ model_options = stack(
         click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context)."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option(
-            "--model-dtype", default=None, help="Compute dtype (default: float32 on CPU, bf16/fp16 on GPU)."
+            "--model-dtype",
+            default=None,
+            help=(
+                "Compute dtype (default auto: bf16 on CPUs with native bf16 matrix units, "
+                "else float32; bf16/fp16 on GPU)."
+            ),
         ),
         click.option(
             "--layers", default=None, help="N (first N layers) or a list like 0,2,5-7 (default: all)."

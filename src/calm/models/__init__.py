@@ -116,7 +116,8 @@ def load_extractor(
             only (`all` and `decoder` mean the same).
         prompt: text prompt (LALMs: the user text after the audio; Whisper: previous-text context).
         device: torch device.
-        dtype: None (float32 on CPU, bfloat16/float16 on GPU), a torch dtype or a name.
+        dtype: None or "auto" (CPU: bfloat16 where the CPU has native bf16 matrix units, else float32;
+            GPU: bfloat16, else float16), a torch dtype or a name.
         layers: None (all), an int L (the first L layers) or a list of layer indices.
         attn_implementation: passed to `from_pretrained` (`eager`, `sdpa`, ...).
         revision: hub revision to load (None: the default branch).

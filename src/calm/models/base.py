@@ -8,6 +8,7 @@ module subclass `TorchExtractor` (its device and dtype, and moving inputs onto t
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -32,11 +33,29 @@ class ExtractorError(ValueError):
     """A model or an option that the extractor cannot work with."""
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware: x86 with AMX-BF16 or AVX512-BF16,
+    or Arm with the BF16 extension (BFMMLA), as torch's cpuinfo reports them, and oneDNN able to use
+    them (``torch.ops.mkldnn._is_mkldnn_bf16_supported``). Elsewhere bf16 is emulated and slower
+    than float32. ``CALM_CPU_BF16=0`` / ``1`` overrides the detection."""
+    forced = os.environ.get("CALM_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        caps = torch.cpu.get_capabilities()
+        native = bool(caps.get("amx_bf16") or caps.get("avx512_bf16") or caps.get("bf16"))
+        return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without cpuinfo or oneDNN
+        return False
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """float32 on CPU; bfloat16 on CUDA when the card supports it, else float16."""
+    """The `auto` dtype: on CPU bfloat16 where the CPU has native bf16 matrix units
+    (:func:`cpu_has_native_bf16`), float32 elsewhere; on CUDA bfloat16 when the card supports it,
+    else float16."""
     device = torch.device(device)
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
