@@ -182,14 +182,19 @@ def test_crafted_negative_or_nan_weights_are_refused_at_load(saved, tmp_path, se
         _refused(path, match)
 
 
-def test_weights_must_share_the_centroids_float_dtype(saved, tmp_path):
+def test_weights_must_share_the_reliability_float_dtype(saved, tmp_path):
+    # the support side (reliability, weights) is float64 since the exact head ranking; the
+    # centroids are kept in the query dtype
     header, data = split_file(saved)
     t = {k: np.array(v) for k, v in tensors_of(header, data).items()}
     meta = {"calm": header["__metadata__"]["calm"]}
-    save_file(
-        {**t, "weights": t["weights"].astype(np.float64)}, str(tmp_path / "a.safetensors"), metadata=meta
+    rel = t["reliability"].dtype
+    other = np.float32 if rel == np.float64 else np.float64
+    save_file({**t, "weights": t["weights"].astype(other)}, str(tmp_path / "a.safetensors"), metadata=meta)
+    _refused(
+        tmp_path / "a.safetensors",
+        f"tensor 'weights' has dtype {np.dtype(other)} but 'reliability' has {rel}",
     )
-    _refused(tmp_path / "a.safetensors", "tensor 'weights' has dtype float64 but 'centroids' has float32")
     save_file(
         {**t, "centroids": t["centroids"].astype(np.float16)}, str(tmp_path / "b.safetensors"), metadata=meta
     )

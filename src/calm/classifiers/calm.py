@@ -95,10 +95,10 @@ class CALM(HeadClassifier):
         per_class = params.get("weighting") != "global"
         return (
             *super()._state_specs(params),
+            TensorSpec("reliability", ("C", "K") if per_class else ("K",), bounds=(0, 1)),
             TensorSpec(
-                "reliability", ("C", "K") if per_class else ("K",), bounds=(0, 1), same_dtype_as="centroids"
+                "weights", ("C", "K"), bounds=(0, 1), rows_sum_to_one=True, same_dtype_as="reliability"
             ),
-            TensorSpec("weights", ("C", "K"), bounds=(0, 1), rows_sum_to_one=True, same_dtype_as="centroids"),
             TensorSpec("heads", ("C", "k") if per_class else ("k",), "i", index_of="K"),
         )
 
