@@ -8,6 +8,8 @@
   accuracy against the fraction of heads kept (one line per shots value).
 - Fig. 6 `influential_heads`: layer x head heat map of how often each head is a class's most
   influential one (largest w_c^j), counted over classes and seeds; one panel per head source.
+- `confusion_matrix_png`: a method's confusion matrix at one shot count (mean counts over seeds,
+  coloured by row percentage); `calm evaluate` writes one per method and shot count.
 
 Functions take plain data and a path, write the PNG, and return the path; `make_figures` draws
 every figure whose data is present. Matplotlib runs on the non-interactive Agg backend.
@@ -29,6 +31,7 @@ __all__ = [
     "top_head_counts",
     "influential_heads",
     "make_figures",
+    "confusion_matrix_png",
 ]
 
 FIGURES = {
@@ -232,3 +235,39 @@ def make_figures(
     if counts is not None and head_names is not None:
         made["fig6"] = influential_heads(counts, head_names, out_dir / FIGURES["fig6"])
     return made
+
+
+def confusion_matrix_png(
+    counts: np.ndarray, classes: Sequence[str], path: Path, *, title: str = "", no_answer: bool = False
+) -> Path:
+    """A confusion matrix (rows true, columns predicted; mean counts over seeds) coloured by row
+    percentage, each cell labelled with its count and percentage (labels left out above 30 classes)."""
+    plt = _plt()
+    counts = np.asarray(counts, dtype=np.float64)
+    cols = list(classes) + (["no answer"] if no_answer else [])
+    counts = counts[:, : len(cols)]
+    totals = counts.sum(1, keepdims=True)
+    pct = np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    size = max(4.0, 0.42 * len(cols) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(classes)), list(classes), fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(cols) <= 30:
+        for i, j in np.ndindex(pct.shape):
+            if counts[i, j]:
+                text = f"{counts[i, j]:.1f}".removesuffix(".0") + f"\n{pct[i, j]:.0f}%"
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if pct[i, j] > 55 else "black",
+                )
+    fig.colorbar(im, ax=ax, label="% of the true class", fraction=0.046)
+    ax.set_title(title or "Confusion matrix (mean over seeds)")
+    return _save(fig, path)
