@@ -94,7 +94,7 @@ def per_class_section(confs: Sequence[Confusion]) -> str:
         rows = [
             [f'<td class="l">{escape(name)}</td>']
             + [
-                f'<td data-method="{escape(c.method)}">{fmt(m[j])} ± {fmt(s[j])}</td>'
+                f'<td data-method="{escape(c.method)}">{fmt(m[j], ".1f")} ± {fmt(s[j], ".1f")}</td>'
                 for c, (m, s) in zip(group, stats, strict=True)
             ]
             for j, name in enumerate(group[0].classes)
