@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 
+from calm._files import canonical_json, file_sha256
 from calm.models import load_extractor
 from calm.models.base import ExtractorError
 from calm.models.hooks import HeadCapture, at_positions, attention_sites
@@ -20,7 +21,8 @@ from calm.models.whisper import (
     real_encoder_frames,
     run_encoder,
 )
-from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, sha256_file, verify
+from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, verify
+from tests.helpers import shared_data
 
 N_CLIPS = 3
 
@@ -60,6 +62,7 @@ def test_encoder_frame_arithmetic():
     assert real_encoder_frames(16000 * 40, 1500) == 1500
 
 
+@pytest.mark.slow
 def test_ct2_reader_parses_every_variable():
     spec, variables = read_ct2_model(package_model_dir() / "model.bin")
     assert spec == "WhisperSpec"
@@ -68,9 +71,10 @@ def test_ct2_reader_parses_every_variable():
     assert variables["decoder/projection/weight"] is variables["decoder/embeddings/weight"]  # alias
 
 
+@pytest.mark.slow
 def test_conversion_maps_weights_and_is_reused(converted):
     directory, record = converted
-    assert record["source_sha256"] == sha256_file(package_model_dir() / "model.bin")
+    assert record["source_sha256"] == file_sha256(package_model_dir() / "model.bin")
     from transformers import WhisperForConditionalGeneration
 
     model = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
@@ -86,6 +90,7 @@ def test_conversion_maps_weights_and_is_reused(converted):
     assert again == directory and (directory / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_corrupt_or_incomplete_cache_fails_verification(converted, tmp_path):
     directory, record = converted
     copy = tmp_path / directory.name
@@ -100,6 +105,7 @@ def test_corrupt_or_incomplete_cache_fails_verification(converted, tmp_path):
     assert verify(copy, record["source_sha256"]) is None
 
 
+@pytest.mark.slow
 def test_decoder_prompt_ids_carry_previous_text(extractor):
     tokenizer = extractor.tokenizer
     plain = decoder_prompt_ids(tokenizer, None)
@@ -226,6 +232,7 @@ def test_clip_length_encoder_option(extractor, esc10_waves):
     assert np.abs(batched[:1] - extractor.extract(waves[:1])).max() > 1e-3  # a different encoder context
 
 
+@pytest.mark.slow
 def test_invalid_options(converted):
     with pytest.raises(ExtractorError, match="head sources"):
         load_extractor("whisper-tiny.en", heads="everything")
@@ -235,8 +242,18 @@ def test_invalid_options(converted):
         load_extractor("whisper-tiny.en", min_encoder_seconds=10)
 
 
+@pytest.mark.slow
 def test_key_is_json_and_names_the_checksum(extractor, converted):
     key = extractor.key
     assert json.loads(json.dumps(key)) == key
     assert key["model"] == "whisper-tiny.en" and key["heads"] == "all" and key["dtype"] == "float32"
     assert key["revision"] == f"sha256:{converted[1]['weights_sha256']}"
+
+
+# sha256 of the canonical JSON of whisper-tiny.en's default key, computed before the backends were
+# reshaped (issue 8): feature-store digests depend on the key, so it must never change by accident
+DEFAULT_KEY_SHA256 = "6af7c71b49a42564554e5a9dbc08e0bf5db88bdfb0df659ac678bfcc2f3aefa2"
+
+
+def test_default_key_is_pinned(extractor):
+    assert hashlib.sha256(canonical_json(extractor.key).encode()).hexdigest() == DEFAULT_KEY_SHA256
