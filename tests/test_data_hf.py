@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import shared_data
 
 from calm.cli import main
 from calm.data import DatasetError, load_dataset
 from calm.store import load_features
+from tests.helpers import shared_data
 
 datasets = pytest.importorskip("datasets")
 CLASSES = ("bed", "bird", "cat")

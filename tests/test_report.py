@@ -10,15 +10,22 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
-import pandas as pd
 import pytest
 import soundfile as sf
 from sklearn.metrics import confusion_matrix
 
-from calm import evaluate as ev
-from calm.figures import make_figures
-from calm.report import ReportData, confusions, reproduce_command, write_report
-from calm.report.predictions import episode_record, misclassified, per_class_accuracy
+from calm.data import Clip
+from calm.evaluate import ClassifierSpec, EvalConfig, run_evaluation
+from calm.evaluate.predictions import (
+    PREDICTIONS_FILE,
+    confusions,
+    misclassified,
+    per_class_accuracy,
+    read_predictions,
+)
+from calm.evaluate.report_html import reproduce_command
+from calm.store import extract_to_store
+from tests.test_store import RATE, FakeExtractor
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -33,67 +40,43 @@ CHROMIUM_FLAGS = [
 SHOTS, SEEDS = [1, 3], [0, 1, 2]
 
 
-def synthetic_run(root: Path, n_per: int = 8, n_classes: int = 5, heads: int = 12, dim: int = 8):
-    """Features with class structure, a fold column, and a real (short) WAV file behind every row."""
+def synthetic_store(root: Path, n_per: int = 8, n_classes: int = 5) -> Path:
+    """A real feature store over real WAV files: each class has its own amplitude envelope, which
+    the fake extractor of test_store (slice means of |x|) turns into class-shaped head features."""
     rng = np.random.default_rng(0)
-    classes = [f"class {c}" for c in "ABCDEFGH"[:n_classes]]
-    centres = rng.normal(size=(n_classes, heads, dim))
-    X, y, paths, folds = [], [], [], []
-    for c, name in enumerate(classes):
-        (root / "audio" / name).mkdir(parents=True)
+    t = np.linspace(0, 1, RATE // 2)
+    clips = []
+    for c in range(n_classes):
+        name = f"class {'ABCDEFGH'[c]}"
+        envelope = 1 + 0.8 * np.sin(2 * np.pi * (c + 1) * t + c)
         for i in range(n_per):
-            X.append(centres[c] + rng.normal(scale=1.6, size=(heads, dim)))
-            y.append(name)
             path = root / "audio" / name / f"clip {i}.wav"  # a space, to exercise the URL quoting
-            sf.write(path, 0.1 * np.sin(np.arange(1600) * (0.05 + 0.01 * c)), 16000)
-            paths.append(str(path))
-            folds.append(i % 4 + 1)
-    return np.array(X, np.float32), np.array(y), pd.DataFrame({"path": paths, "fold": folds})
-
-
-def episode_predictions(X, y, meta, result):
-    """Prediction records of every kept fit (the episodes re-drawn from the same seeds)."""
-    parts, _ = ev.make_parts(meta, 4)
-    eps = {(e.shots, e.seed, e.part): e for e in ev.episodes(y, parts, SHOTS, SEEDS)}
-    records = []
-    for (method, shots, seed, part), clf in result.fits.items():
-        e = eps[shots, seed, part]
-        scores = ev.class_scores(clf, X[e.query], result.classes)
-        key = {"method": method, "shots": shots, "seed": seed, "part": part}
-        records.append(
-            episode_record(
-                key, result.classes, e.query, list(y[e.query]), list(clf.predict(X[e.query])), scores
-            )
-        )
-    return records
+            path.parent.mkdir(parents=True, exist_ok=True)
+            wobble = 0.8 * np.sin(2 * np.pi * rng.uniform(0.5, 5) * t + rng.uniform(0, 6.3))  # overlap
+            x = 0.1 * np.clip(envelope + wobble, 0.05, None) * (1 + 0.6 * rng.standard_normal(len(t)))
+            sf.write(path, x.astype(np.float32), RATE)
+            clips.append(Clip(path=path, labels=(name,), fold=i % 4 + 1))
+    extract_to_store(FakeExtractor(), clips, root / "store", batch_size=8, progress=False)
+    return root / "store"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> tuple[Path, list]:
+    """`run_evaluation` on the store: results.json, predictions.jsonl, figures/ and report.html."""
     root = tmp_path_factory.mktemp("report")
-    X, y, meta = synthetic_run(root)
-    methods = ev.fewshot_methods(k=0.5)
-    result = ev.run_protocol(
-        X, y, meta, methods=methods, shots=SHOTS, seeds=SEEDS, test_fold=4, keep_fits=lambda *a: True
+    store = synthetic_store(root)
+    config = EvalConfig(
+        out=root / "run",
+        features=store,
+        shots=SHOTS,
+        seeds=SEEDS,
+        test_fold=4,
+        classifier=ClassifierSpec(k=0.5),
+        sweep_seeds=1,
     )
-    config = {
-        "model": "synthetic",
-        "dataset": "synthetic",
-        "shots": SHOTS,
-        "seeds": SEEDS,
-        "n_seeds": len(SEEDS),
-        "methods": list(methods),
-        "test_fold": 4,
-        "n_clips": len(y),
-        "defaults": {name: dict(m.defaults) for name, m in methods.items()},
-    }
-    results = ev.build_results(result, config)
-    run = root / "run"
-    ev.write_results(run, results)
-    records = episode_predictions(X, y, meta, result)
-    figures = make_figures(run / "figures", results)
-    write_report(ReportData(results, records, list(meta["path"]), figures), run)
-    return run, records
+    result = run_evaluation(config)
+    assert result.report_html == root / "run" / "report.html"
+    return root / "run", read_predictions(root / "run" / PREDICTIONS_FILE)
 
 
 class Cells(HTMLParser):
@@ -176,7 +159,9 @@ def test_report_in_headless_chromium_holds_the_results(run_dir, tmp_path):
     assert parser.audio and all((run / unquote(src)).is_file() for src in parser.audio)
     assert all(not src.startswith(("/", "file:")) for src in parser.audio)
     # the reproducing command and the embedded figures
-    assert "calm evaluate --model synthetic --data synthetic" in dom and "data:image/png;base64," in dom
+    assert f"calm evaluate --features {run.parent / 'store'} --out {run}" in dom
+    assert "--shots 1,3 --seeds 3 --methods sav,calm-global,calm,linear-probe --test-fold 4" in dom
+    assert dom.count("data:image/png;base64,") == 3  # Fig. 3, 5 and 6 (Fig. 4 needs CALM-global's sweep too)
     assert "http://" not in dom.replace("http://www.w3.org", "") and "https://" not in dom
 
 

@@ -96,9 +96,8 @@ def test_the_named_gaps(make):
 @pytest.fixture
 def stored(tmp_path):
     """(X, y) from a real feature store (the fake extractor of test_store over WAV files)."""
-    from test_store import FakeExtractor, make_clips
-
     from calm.store import extract_to_store, load_features
+    from tests.test_store import FakeExtractor, make_clips
 
     clips = make_clips(tmp_path / "audio", n=18)
     extract_to_store(FakeExtractor(), clips, tmp_path / "store", batch_size=4, progress=False)

@@ -1,7 +1,7 @@
 """report.html: one self-contained page per run directory (figures embedded, no network, no JavaScript).
 
 Input: a `ReportData` -- the results.json document, the per-episode prediction records
-(`calm.report.predictions`), the audio file of each store row (for the players), the PNG figures to
+(`calm.evaluate.predictions`), the audio file of each store row (for the players), the PNG figures to
 embed and the command that reproduces the run. Sections, in order: the Table 1-style summary and
 the paired differences; confusion matrices per method and shot count (mean counts over seeds and
 row percentages); per-class accuracy with its spread over seeds and the classes CALM gains or loses
@@ -20,17 +20,17 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from calm.report._markup import method_title, table, titles
-from calm.report.predictions import confusions
-from calm.report.sections import (
-    MAX_CLIPS,
-    MAX_MATRIX_CLASSES,
+from calm.evaluate.predictions import confusions
+from calm.evaluate.report_sections import (
     confusion_section,
+    method_title,
     misclassified_section,
     per_class_section,
+    table,
 )
+from calm.evaluate.reports import METRIC_TITLES
 
-__all__ = ["ReportData", "render_report", "write_report", "MAX_MATRIX_CLASSES", "MAX_CLIPS"]
+__all__ = ["ReportData", "evaluate_command", "render_report", "reproduce_command", "write_report"]
 
 FIGURE_CAPTIONS = {
     "fig3": "Fig. 3: per-class head weight survival (CALM) against uniform SAV voting",
@@ -65,7 +65,7 @@ class ReportData:
     """What report.html shows.
 
     results: the results.json document (config, summary, paired, runs, analyses, warnings).
-    predictions: per-episode prediction records (schema in `calm.report.predictions`); empty = the
+    predictions: per-episode prediction records (schema in `calm.evaluate.predictions`); empty = the
       confusion, per-class and misclassified sections say that the run kept none.
     clip_paths: audio file of each store row (`query` indices point here); empty = no players.
     figures: figure id ("fig3" ...) -> PNG file, embedded as base64.
@@ -93,7 +93,7 @@ def summary_section(results: Mapping[str, Any]) -> str:
         f"{escape(str(cfg.get('n_seeds', '?')))} seeds; mean ± sample std over seeds (%).</p>"
     )
     for metric in metrics:
-        out.append(f"<h3>{escape(titles()[1].get(metric, metric))}</h3>")
+        out.append(f"<h3>{escape(METRIC_TITLES.get(metric, metric))}</h3>")
         rows = []
         for n in sorted({s["shots"] for s in summary}):
             present = [lookup[m, n, metric]["mean"] for m in methods if (m, n, metric) in lookup]
@@ -132,7 +132,7 @@ def paired_section(results: Mapping[str, Any]) -> str:
             + [f"<td{sign} {attrs}>{p['mean_diff']:+.2f}</td>", f"<td{sign}>{ci}</td>", str(p["n_seeds"])]
         )
     head = ["shots", '<th class="l">a</th>', '<th class="l">b</th>', "mean a − b", "95 % interval", "seeds"]
-    title = escape(titles()[1].get(primary, primary))
+    title = escape(METRIC_TITLES.get(primary, primary))
     return (
         f'<h2 id="paired">Paired differences</h2><p class="muted">{title}: per-seed differences on the '
         "same support sets, mean with a 95 % Student-t interval; coloured where it excludes 0.</p>"
@@ -184,6 +184,55 @@ def reproduce_command(config: Mapping[str, Any], run_dir: str | Path = "RUN_DIR"
     if "tie_break" in sav:
         parts.append(f"--sav-tie-break {_arg(sav['tie_break'])}")
     return " ".join(parts)
+
+
+def evaluate_command(config: Any) -> str:
+    """The `calm evaluate` command line of an `EvalConfig`, every classifier option spelled out."""
+    import shlex
+
+    q = shlex.quote
+    parts = ["calm evaluate"]
+    if config.features is not None:
+        parts += [f"--features {q(str(config.features))}"] + (
+            [f"--key {q(config.key)}"] if config.key else []
+        )
+    else:
+        parts += [f"--data {q(str(config.data))}", *_model_args(config.model)]
+        parts += [f"--store {q(str(config.store))}"] if config.store is not None else []
+    seeds = list(config.seeds)
+    seed_text = str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
+    parts += [f"--out {q(str(config.out))}", f"--shots {','.join(map(str, config.shots))}"]
+    parts += [f"--seeds {seed_text}", f"--methods {','.join(config.methods)}"]
+    parts += [f"--test-fold {q(str(config.test_fold))}"] + (["--tune"] if config.tune else [])
+    c = config.classifier
+    parts += [f"--k {c.k}", f"--tau-p {c.tau_p}", f"--tau-w {c.tau_w}"]
+    parts += [f"--sav-k {c.sav_k}"] if c.sav_k is not None else []
+    parts += [f"--sav-tie-break {c.sav_tie_break}", f"--normalization {c.normalization}"]
+    parts += [f"--reliability {c.reliability}", f"--batch-size {config.batch_size}"]
+    parts += [f"--sweep-seeds {config.sweep_seeds}"] if config.figures else ["--no-figures"]
+    if any(m in ("zero-shot", "sav+pl", "calm+pl") for m in config.methods):
+        lalm = config.lalm
+        parts += [f"--zero-shot-mode {lalm.zero_shot_mode}", f"--pl-rollouts {lalm.pl_rollouts}"]
+        parts += [f"--pl-pool {lalm.pl_pool}"] if lalm.pl_pool is not None else []
+        parts += [f"--pl-seed {lalm.pl_seed}"]
+    return " ".join(parts)
+
+
+def _model_args(model: Any) -> list[str]:
+    import shlex
+
+    q = shlex.quote
+    out = [f"--model {q(model.name)}"]
+    out += [f"--heads {model.heads}"] if model.heads != "all" else []
+    out += [f"--prompt {q(model.prompt)}"] if model.prompt is not None else []
+    out += [f"--device {q(model.device)}"] if model.device != "cpu" else []
+    out += [f"--model-dtype {q(model.dtype)}"] if model.dtype else []
+    if model.layers is not None:
+        layers = model.layers if isinstance(model.layers, int) else ",".join(f"{n}-{n}" for n in model.layers)
+        out.append(f"--layers {layers}")
+    out += [f"--attn-implementation {q(model.attn_implementation)}"] if model.attn_implementation else []
+    out += [f"-o {q(f'{k}={v}')}" for k, v in model.options.items()]
+    return out
 
 
 def config_section(results: Mapping[str, Any], command: str) -> str:

@@ -1,5 +1,6 @@
-"""The report's analysis sections: confusion matrices, per-class accuracy and the classes CALM gains
-or loses, and the misclassified clips with audio players (all from per-episode prediction records)."""
+"""report.html's markup helpers and analysis sections: confusion matrices, per-class accuracy and the
+classes CALM gains or loses, and the misclassified clips with audio players (all from per-episode
+prediction records)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,31 @@ from urllib.parse import quote
 
 import numpy as np
 
-from calm.report._markup import fmt, method_title, table
-from calm.report.predictions import Confusion, class_changes, misclassified, per_class_accuracy
+from calm.evaluate.predictions import Confusion, class_changes, misclassified, per_class_accuracy
+from calm.evaluate.reports import METHOD_TITLES
 
 MAX_MATRIX_CLASSES = 25  # above this a confusion matrix is summarised by its largest confusions
 MAX_CLIPS = 40  # misclassified clips listed per method
+
+
+def method_title(method: str) -> str:
+    return escape(METHOD_TITLES.get(method, method))
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None or not np.isfinite(value) else format(value, spec)
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+    """A table from already-escaped cell HTML (a cell may be a full `<td ...>` or `<th ...>`)."""
+
+    def cell(c: str, tag: str) -> str:
+        return c if c.startswith(("<td", "<th")) else f"<{tag}>{c}</{tag}>"
+
+    out = [f'<table class="{cls}">' if cls else "<table>", "<thead><tr>"]
+    out += [cell(h, "th") for h in head] + ["</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(cell(c, "td") for c in row) + "</tr>" for row in rows]
+    return "".join(out) + "</tbody></table>"
 
 
 def _heat(pct: float) -> str:

@@ -1,6 +1,8 @@
 """Per-episode test predictions, and what they add up to: confusion matrices and per-class accuracy.
 
-One prediction record per (method, shots, seed, part) -- the keys of the run record it belongs to:
+`calm evaluate` keeps them beside results.json, in RUN_DIR/predictions.jsonl (a side file: they grow
+as queries x episodes, which would swamp results.json), one prediction record per line and per
+(method, shots, seed, part) -- the keys of the run record it belongs to:
 
     {"method": "calm", "shots": 5, "seed": 0, "part": "fold5",
      "classes": ["dog", "rain", ...],     # the episode's classes; the indices below point into it
@@ -19,8 +21,10 @@ accuracies are then averaged over seeds, with the sample standard deviation over
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +37,12 @@ __all__ = [
     "class_changes",
     "misclassified",
     "episode_record",
+    "write_predictions",
+    "read_predictions",
+    "PREDICTIONS_FILE",
 ]
+
+PREDICTIONS_FILE = "predictions.jsonl"  # in every run directory, one record per line
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,7 @@ def misclassified(
 def episode_record(
     key: Mapping[str, Any],
     classes: Sequence[str],
-    query: Sequence[int],
+    query: Sequence[int] | np.ndarray,
     truth: Sequence[str],
     y_pred: Sequence[str | None],
     scores: np.ndarray | None,
@@ -191,3 +200,25 @@ def episode_record(
         "p_pred": [prob(i, p) for i, p in enumerate(pred)],
         "p_true": [prob(i, t) for i, t in enumerate(y_true)],
     }
+
+
+def write_predictions(path: str | Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the records as JSON lines (one per run, compact), atomically; returns the path."""
+    from calm._files import atomic_write_text
+
+    path = Path(path)
+    text = "".join(json.dumps(dict(r), separators=(",", ":"), allow_nan=False) + "\n" for r in records)
+    atomic_write_text(path, text)
+    return path
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a predictions.jsonl file; a bad line is a ValueError naming file and line."""
+    out = []
+    for line, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if text.strip():
+            try:
+                out.append(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line}: not a JSON prediction record ({exc.msg})") from None
+    return out
