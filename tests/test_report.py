@@ -161,7 +161,7 @@ def test_report_in_headless_chromium_holds_the_results(run_dir, tmp_path):
     # the reproducing command and the embedded figures
     assert f"calm evaluate --features {run.parent / 'store'} --out {run}" in dom
     assert "--shots 1,3 --seeds 3 --methods sav,calm-global,calm,linear-probe --test-fold 4" in dom
-    assert dom.count("data:image/png;base64,") == 3  # Fig. 3, 5 and 6 (Fig. 4 needs CALM-global's sweep too)
+    assert dom.count("data:image/png;base64,") == 4  # Fig. 3-6
     assert "http://" not in dom.replace("http://www.w3.org", "") and "https://" not in dom
 
 
