@@ -33,7 +33,7 @@ class Features:
     ``K``, ``d`` and ``dtype`` (the torch accumulation dtype)."""
 
     def __init__(self, X: Any, *, n_heads: int | None = None, head_dim: int | None = None, name: str = "X"):
-        if not isinstance(X, torch.Tensor) and ndim(X) != 3:  # the 2-D adapter: scikit-learn's checks
+        if not isinstance(X, torch.Tensor) and ndim(X) < 3:  # the 2-D adapter: scikit-learn's checks
             from sklearn.utils.validation import check_array
 
             X = check_array(X, dtype=[np.float64, np.float32, np.float16], input_name=name)
