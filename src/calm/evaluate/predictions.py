@@ -209,6 +209,7 @@ def write_predictions(path: str | Path, records: Sequence[Mapping[str, Any]]) ->
     path = Path(path)
     text = "".join(json.dumps(dict(r), separators=(",", ":"), allow_nan=False) + "\n" for r in records)
     atomic_write_text(path, text)
+    path.chmod(0o644)  # beside results.json, readable like it (the atomic write leaves 0600)
     return path
 
 
