@@ -149,7 +149,7 @@ def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
     assert "CALM" in res.output  # the table is printed
     figs = sorted(p.name for p in (run / "figures").glob("*.png"))
     confusion = [
-        f"confusion_{m}_{n}shots.png" for m in ("calm-global", "calm", "linear-probe", "sav") for n in (1, 2)
+        f"confusion_{m}_{n}shots.png" for m in ("calm-global", "calm", "linear-probe", "sav") for n in (1, 3)
     ]
     assert figs == sorted(confusion) + [
         "fig3_weight_survival.png",
