@@ -130,9 +130,8 @@ def test_calm_end_to_end_by_hand():
     # a query equal to class "a" on head 0: score_a = w0 * e / (e + 1) + (1 - w0) * 0.5
     q = X[:1]
     pa = math.e / (math.e + 1)
-    np.testing.assert_allclose(
-        clf.decision_function(q), [[w0 * pa + (1 - w0) / 2, w0 * (1 - pa) + (1 - w0) / 2]]
-    )
+    np.testing.assert_allclose(clf.class_scores(q), [[w0 * pa + (1 - w0) / 2, w0 * (1 - pa) + (1 - w0) / 2]])
+    assert clf.decision_function(q).shape == (1,)  # binary: classes_[1] minus classes_[0]
     np.testing.assert_allclose(clf.predict_proba(q).sum(), 1.0)
     assert clf.predict(q).tolist() == ["a"]
     assert clf.heads_.tolist() == [[0, 1], [0, 1]]
@@ -179,7 +178,7 @@ def test_sav_by_hand_and_margin_tie_break():
     # a query on which the two heads disagree: 1 vote each -> the lower class index wins
     both = SAV(k=2).fit(X, y)
     q = np.array([[[1.0, 0.5], [0.0, 1.0]]])
-    assert both.decision_function(q).tolist() == [[1, 1]]
+    assert both.class_scores(q).tolist() == [[1, 1]] and both.decision_function(q).tolist() == [0]
     assert both.predict(q).tolist() == ["a"]
     np.testing.assert_allclose(both.predict_proba(q), [[0.5, 0.5]])
 
@@ -188,7 +187,7 @@ def test_calm_score_tie_goes_to_lower_class():
     X, y = _two_head_problem()
     clf = CALM(k=None).fit(X, y)
     q = np.array([[[1.0, 1.0], [1.0, 1.0]]])  # equidistant from both classes on every head
-    s = clf.decision_function(q)
+    s = clf.class_scores(q)
     assert s[0, 0] == s[0, 1]
     assert clf.predict(q).tolist() == ["a"]
 

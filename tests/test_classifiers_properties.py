@@ -92,7 +92,7 @@ def test_renaming_labels_renames_predictions(p, params, k, data):
             else:
                 # a reordering of classes changes who wins an exact tie (lower class index) and
                 # nothing else; exact ties are common (vote counts, posteriors saturated at 1.0)
-                s = base.decision_function(Xq)
+                s = base.class_scores(Xq)
                 clear = (s == s.max(axis=1, keepdims=True)).sum(axis=1) == 1
                 np.testing.assert_array_equal(pred[clear], names[base.predict(Xq)][clear])
 
@@ -131,7 +131,7 @@ def test_global_with_all_heads_and_equal_reliability_is_mean_posterior(p, tau_p,
     np.testing.assert_allclose(clf.reliability_, clf.reliability_[0], atol=1e-12)
     np.testing.assert_allclose(clf.weights_, 1.0 / p["n_heads"], atol=1e-12)
     post = H.head_posteriors(H.cosine_similarities(Xq, clf.centroids_), tau_p).numpy()
-    np.testing.assert_allclose(clf.decision_function(Xq), post.mean(axis=1), atol=1e-12)
+    np.testing.assert_allclose(clf.class_scores(Xq), post.mean(axis=1), atol=1e-12)
 
 
 @SETTINGS

@@ -148,12 +148,16 @@ def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
     )
     assert "CALM" in res.output  # the table is printed
     figs = sorted(p.name for p in (run / "figures").glob("*.png"))
-    assert figs == [
+    confusion = [
+        f"confusion_{m}_{n}shots.png" for m in ("calm-global", "calm", "linear-probe", "sav") for n in (1, 3)
+    ]
+    assert figs == sorted(confusion) + [
         "fig3_weight_survival.png",
         "fig4_conditional_vs_global.png",
         "fig5_shots_and_heads.png",
         "fig6_influential_heads.png",
     ]
+    assert (run / "report.html").is_file() and (run / "predictions.jsonl").is_file()
     assert all(is_png(run / "figures" / f) for f in figs)
 
     # the same store again, without extraction: identical numbers (episodes only index the store)

@@ -8,6 +8,8 @@
   accuracy against the fraction of heads kept (one line per shots value).
 - Fig. 6 `influential_heads`: layer x head heat map of how often each head is a class's most
   influential one (largest w_c^j), counted over classes and seeds; one panel per head source.
+- `confusion_matrix_png`: a method's confusion matrix at one shot count (mean counts over seeds,
+  coloured by row percentage); `calm evaluate` writes one per method and shot count.
 
 Each figure has a `*_figure` function that takes plain data and returns the matplotlib `Figure`
 (built without pyplot, so no global state and no display), and a function of the figure's name
@@ -38,6 +40,9 @@ __all__ = [
     "influential_heads",
     "influential_heads_figure",
     "make_figures",
+    "confusion_matrix_figure",
+    "confusion_matrix_png",
+    "confusion_pngs",
 ]
 
 FIGURES = {
@@ -244,8 +249,10 @@ def make_figures(
     classes: Sequence[str] | None = None,
     counts: np.ndarray | None = None,
     head_names: Sequence[Sequence[Any]] | None = None,
+    confusions: Sequence[Any] = (),
 ) -> dict[str, Path]:
-    """Draw every figure whose data is available; returns {figure id: path}."""
+    """Draw every figure whose data is available (confusion matrices: `confusion_pngs`); returns
+    {figure id: path}."""
     out_dir = Path(out_dir)
     metric = results.get("config", {}).get("primary_metric", "accuracy")
     sweep = results.get("analyses", {}).get("k_sweep", [])
@@ -258,4 +265,54 @@ def make_figures(
         made["fig5"] = shots_and_heads(results["summary"], sweep, out_dir / FIGURES["fig5"], metric=metric)
     if counts is not None and head_names is not None:
         made["fig6"] = influential_heads(counts, head_names, out_dir / FIGURES["fig6"])
+    made.update(confusion_pngs(out_dir, confusions))
+    return made
+
+
+def confusion_matrix_figure(
+    counts: np.ndarray, classes: Sequence[str], *, title: str = "", no_answer: bool = False
+) -> Figure:
+    """A confusion matrix (rows true, columns predicted; mean counts over seeds, last column the
+    queries with no answer when `no_answer`) coloured by row percentage; each non-empty cell is
+    labelled with its count and percentage (labels left out above 30 classes)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    cols = list(classes) + (["no answer"] if no_answer else [])
+    counts = counts[:, : len(cols)]
+    totals = counts.sum(1, keepdims=True)
+    pct = np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    size = max(4.0, 0.42 * len(cols) + 2.5)
+    fig = _new_figure((size + 1.2, size))
+    ax = fig.subplots()
+    im = ax.imshow(pct, cmap="Blues", vmin=0, vmax=100)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(classes)), list(classes), fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(cols) <= 30:
+        for i, j in np.ndindex(pct.shape):
+            if counts[i, j]:
+                text = f"{counts[i, j]:.1f}".removesuffix(".0") + f"\n{pct[i, j]:.0f}%"
+                ink = "white" if pct[i, j] > 55 else "black"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6, color=ink)
+    fig.colorbar(im, ax=ax, label="% of the true class", fraction=0.046)
+    ax.set_title(title or "Confusion matrix (mean over seeds)")
+    return fig
+
+
+def confusion_matrix_png(counts: np.ndarray, classes: Sequence[str], path: Path, **options: Any) -> Path:
+    """`confusion_matrix_figure` (same options) written as a PNG at `path`."""
+    return _save(confusion_matrix_figure(counts, classes, **options), path)
+
+
+def confusion_pngs(out_dir: Path, confusions: Sequence[Any]) -> dict[str, Path]:
+    """One PNG per confusion matrix (objects with method, shots, classes, counts, has_no_answer, like
+    `calm.evaluate.predictions.Confusion`): OUT/confusion_<method>_<shots>shots.png, keyed
+    "confusion:<method>:<shots>"."""
+    made = {}
+    for c in confusions:
+        path = Path(out_dir) / f"confusion_{c.method}_{c.shots}shots.png"
+        title = f"{c.method}, {c.shots} shots: confusion matrix (mean over seeds)"
+        made[f"confusion:{c.method}:{c.shots}"] = confusion_matrix_png(
+            c.counts, c.classes, path, title=title, no_answer=c.has_no_answer
+        )
     return made

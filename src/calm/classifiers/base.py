@@ -22,7 +22,7 @@ from sklearn.utils._param_validation import Interval, RealNotInt
 from sklearn.utils.validation import check_is_fitted
 
 from calm import _heads as H
-from calm.classifiers.features import Features, chunk_rows, encode_labels, labels_array, ndim
+from calm.classifiers.features import Features, chunk_rows, encode_labels, labels_array, ndim, shaped
 from calm.classifiers.kernels import unit_layout
 from calm.serialization import (
     ModelFileError,
@@ -91,7 +91,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     @_fit_context(prefer_skip_nested_validation=True)  # type: ignore[untyped-decorator]
     def fit(self: _Self, X: Any, y: Any) -> _Self:
         """Fit on support features X (n, K, d) (or flattened with ``n_heads``) and labels y."""
-        feats = Features(X, n_heads=self.n_heads)
+        feats = Features(shaped(X), n_heads=self.n_heads)
         classes, y_idx = encode_labels(y, self.classes, feats.n)
         C, K, d = len(classes), feats.K, feats.d
         k = H.resolve_k(self.k, K)
@@ -135,6 +135,12 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def _query(self, X: Any) -> Features:
         check_is_fitted(self)
+        X = shaped(X)
+        if ndim(X) == 2 and X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
         feats = Features(X, n_heads=self.n_heads_ if ndim(X) == 2 else None)
         if (feats.K, feats.d) != (self.n_heads_, self.head_dim_):
             raise ValueError(
@@ -153,13 +159,19 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         itemsize = torch.finfo(self._dtype()).bits // 8
         return chunk_rows(self.chunk_size, K, self.head_dim_, len(self.classes_), itemsize)
 
-    def decision_function(self, X: Any) -> np.ndarray:
+    def class_scores(self, X: Any) -> np.ndarray:
         """Class scores (n, C)."""
         raise NotImplementedError
 
+    def decision_function(self, X: Any) -> np.ndarray:
+        """``class_scores`` (n, C); with two classes, as scikit-learn expects, shape (n,): the score of
+        ``classes_[1]`` minus that of ``classes_[0]`` (> 0 predicts ``classes_[1]``)."""
+        s = self.class_scores(X)
+        return s[:, 1] - s[:, 0] if s.shape[1] == 2 else s
+
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (entries of ``classes_``); ties go to the lower class index."""
-        scores = self.decision_function(X)
+        scores = self.class_scores(X)
         labels: np.ndarray = self.classes_[np.argmax(scores, axis=1)]
         return labels
 

@@ -153,7 +153,7 @@ class CALM(HeadClassifier):
         self._w_used = w.T.to(unit.dtype).contiguous().to(dev)  # (K_used, C), in the query dtype
         self._scaled = (self.tau_p, self._unit_used / self.tau_p)  # the unit centroids over tau_p (Eq. 5)
 
-    def decision_function(self, X: Any) -> np.ndarray:
+    def class_scores(self, X: Any) -> np.ndarray:
         """Raw scores (n, C) of Eq. 13 (Eq. 9 for ``weighting="global"``)."""
         feats = self._query(X)
         dtype = self._dtype()
@@ -178,7 +178,7 @@ class CALM(HeadClassifier):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Scores normalised to sum to 1 over classes."""
-        s = self.decision_function(X)
+        s = self.class_scores(X)
         total = s.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             proba: np.ndarray = np.where(total > 0, s / total, 1.0 / s.shape[1])

@@ -9,6 +9,7 @@ known. Chunks are fresh CPU tensors in float32, or float64 when the features are
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,10 @@ class Features:
     floating dtype: chunks in it are plain copies, converted later block by block)."""
 
     def __init__(self, X: Any, *, n_heads: int | None = None, head_dim: int | None = None, name: str = "X"):
+        if not isinstance(X, torch.Tensor) and ndim(X) < 3:  # the 2-D adapter: scikit-learn's checks
+            from sklearn.utils.validation import check_array
+
+            X = check_array(X, dtype=[np.float64, np.float32, np.float16], input_name=name)
         X = _as_array(X, name)
         shape = tuple(int(s) for s in X.shape)
         if len(shape) == 2 and (n_heads is not None or head_dim is not None):
@@ -145,28 +150,66 @@ def ndim(X: Any) -> int:
     return len(X.shape) if hasattr(X, "shape") else int(np.ndim(X))
 
 
+def shaped(X: Any, name: str = "X") -> Any:
+    """X itself when it has a shape (arrays, memory maps, tensors), else ``np.asarray(X)`` (lists,
+    array-likes with only ``__array__``); ragged nested lists are a ValueError."""
+    if hasattr(X, "shape"):
+        return X
+    try:
+        return np.asarray(X)
+    except ValueError as e:
+        raise ValueError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
+
+
 def labels_array(y: Any) -> np.ndarray:
-    """Labels as a 1-D NumPy array (str dtype when all are strings, object for mixed hashables)."""
+    """Labels as an array scikit-learn's metrics accept: lists and object arrays of one kind of
+    value become str, int or float arrays; mixed kinds stay object (and cannot be sorted, in fit)."""
     if isinstance(y, torch.Tensor):
         return y.detach().cpu().numpy()
-    if isinstance(y, np.ndarray):
+    if not isinstance(y, np.ndarray) and hasattr(y, "__array__"):  # pandas, array-likes
+        y = np.asarray(y)
+    if isinstance(y, np.ndarray) and y.dtype != object:
         return y
-    items = list(y)
+    items = list(y.ravel()) if isinstance(y, np.ndarray) else list(y)
+    shape = y.shape if isinstance(y, np.ndarray) else (len(items),)
     arr = np.empty(len(items), dtype=object)
     arr[:] = items
     kinds = {type(v) for v in items}
     if kinds and all(issubclass(t, str) for t in kinds):
-        return arr.astype(str)
-    return arr
+        arr = arr.astype(str)
+    elif kinds and all(issubclass(t, numbers.Integral) for t in kinds):
+        arr = arr.astype(np.int64)
+    elif kinds and all(issubclass(t, numbers.Real) for t in kinds):
+        arr = arr.astype(np.float64)
+    return arr.reshape(shape)
+
+
+def _as_1d(y: np.ndarray) -> np.ndarray:
+    """(n, 1) labels raveled with scikit-learn's DataConversionWarning; continuous targets refused."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        from sklearn.exceptions import DataConversionWarning
+
+        warnings.warn(
+            "A column-vector y was passed when a 1d array was expected. Please change the shape of y "
+            "to (n_samples,), for example using ravel().",
+            DataConversionWarning,
+            stacklevel=4,
+        )
+        y = y.ravel()
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D with one label per sample, got shape {y.shape}")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise ValueError("Unknown label type: continuous (class labels are strings or integers)")
+    return y
 
 
 def encode_labels(y: Any, classes: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """classes_ and the (n,) class index of every label; ValueError for anything unusable.
 
     ``classes`` None: the sorted distinct labels; otherwise that order, every class with a clip."""
-    y = labels_array(y)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-D with one label per sample, got shape {y.shape}")
+    if y is None:
+        raise ValueError("this classifier requires y to be passed, but the target y is None")
+    y = _as_1d(labels_array(y))
     if len(y) != n:
         raise ValueError(f"X has {n} samples but y has {len(y)} labels")
     try:
@@ -178,7 +221,7 @@ def encode_labels(y: Any, classes: Any, n: int) -> tuple[np.ndarray, np.ndarray]
     else:
         cls, idx = _fixed_order(labels_array(classes), uniq, inverse.reshape(-1))
     if len(cls) < 2:
-        raise ValueError(f"need at least two classes, got {len(cls)}: {cls.tolist()}")
+        raise ValueError(f"need at least two classes, got {len(cls)} class: {cls.tolist()}")
     return cls, idx.astype(np.int64)
 
 

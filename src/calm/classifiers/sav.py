@@ -123,7 +123,7 @@ class SAV(HeadClassifier):
         self._read_order = torch.from_numpy(inverse.reshape(-1))
         self._unit_kept = unit[torch.from_numpy(self.heads_)].contiguous().to(self._device())  # (k, d, C)
 
-    def decision_function(self, X: Any) -> np.ndarray:
+    def class_scores(self, X: Any) -> np.ndarray:
         """Vote counts (n, C) of the kept heads (Eq. 4), int64."""
         feats = self._query(X)
         C = len(self.classes_)
@@ -140,4 +140,4 @@ class SAV(HeadClassifier):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Vote shares (n, C): vote counts divided by k."""
-        return self.decision_function(X) / float(self.k_)
+        return self.class_scores(X) / float(self.k_)

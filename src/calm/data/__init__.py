@@ -1,8 +1,9 @@
 """Dataset loaders: `load_dataset("KIND:ROOT")` -> `Dataset` of `Clip`s (labels, folds/splits, meta).
 
-Kinds: `folder`, `csv`, `esc50`, `esc10`, `vggsound`, `audioset`, `asvspoof2019-la`; one module per
-corpus. Loader options (e.g. AudioSet's file-name template, `missing=skip`) are keyword arguments,
-or, from the command line, a query after the root: `audioset:/data/as?template=Y{ytid}.wav&missing=skip`.
+Kinds: `folder`, `csv`, `esc50`, `esc10`, `vggsound`, `audioset`, `asvspoof2019-la`, `hf` (Hugging
+Face datasets); one module per corpus. Loader options (e.g. AudioSet's file-name template,
+`missing=skip`) are keyword arguments, or, from the command line, a query after the root:
+`audioset:/data/as?template=Y{ytid}.wav&missing=skip`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ LOADERS = {
     "vggsound": "calm.data.vggsound:load_vggsound",
     "audioset": "calm.data.audioset:load_audioset",
     "asvspoof2019-la": "calm.data.asvspoof:load_asvspoof2019_la",
+    "hf": "calm.data.hf:load_hf",
 }
 # kinds that may be given without a root (they download into the user cache)
 ROOT_OPTIONAL = {"esc50"}

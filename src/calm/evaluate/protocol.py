@@ -23,7 +23,8 @@ from calm.evaluate.episodes import (
     task_of,
 )
 from calm.evaluate.methods import Method, choose_params
-from calm.evaluate.metrics import evaluate_method
+from calm.evaluate.metrics import class_scores, evaluate_method, prediction_metrics
+from calm.evaluate.predictions import episode_record
 from calm.evaluate.records import Run
 from calm.evaluate.summary import summarise
 
@@ -35,14 +36,30 @@ SWEEP_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 @dataclass
 class ProtocolResult:
     """What `run_protocol` returns: `runs` (`Run.to_dict()` records), the task (`single`, `spoof`,
-    `multilabel`), the classes, a one-line description of the train/test rule, and the fitted
-    classifiers `keep_fits` asked for ((method, shots, seed, part) -> classifier)."""
+    `multilabel`), the classes, a one-line description of the train/test rule, the fitted
+    classifiers `keep_fits` asked for ((method, shots, seed, part) -> classifier), and one
+    prediction record per run (`calm.evaluate.predictions`; none for multi-label tasks)."""
 
     runs: list[dict]
     task: str
     classes: list[str]
     protocol: str
     fits: dict = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+
+
+def _score(
+    clf: object, Xq: np.ndarray, ep: Episode, name: str, truth: list, task: str
+) -> tuple[dict, dict | None]:
+    """(metrics, prediction record or None for multi-label) of a fitted classifier on the queries."""
+    classes = list(ep.classes)
+    if task == "multilabel":
+        return evaluate_method(clf, Xq, truth, classes, task), None
+    y_pred = list(clf.predict(Xq))  # type: ignore[attr-defined]
+    scores = class_scores(clf, Xq, classes)
+    key = {"method": name, "shots": ep.shots, "seed": ep.seed, "part": ep.part}
+    record = episode_record(key, classes, ep.query, [t[0] for t in truth], y_pred, scores)
+    return prediction_metrics(y_pred, scores, truth, classes, task), record
 
 
 def _episode_runs(
@@ -52,8 +69,8 @@ def _episode_runs(
     methods: Mapping[str, Method],
     task: str,
     do_tune: bool,
-) -> list[tuple[Run, object]]:
-    """(run, fitted classifier) of every method on one episode."""
+) -> list[tuple[Run, object, dict | None]]:
+    """(run, fitted classifier, prediction record) of every method on one episode."""
     Xs = episode_features(X, ep.support)
     Xq = episode_features(X, ep.query)
     truth = [labels[i] for i in ep.query]
@@ -62,7 +79,7 @@ def _episode_runs(
         t0 = time.perf_counter()
         params, report = choose_params(method, Xs, ep.support_y, seed=ep.seed, do_tune=do_tune)
         clf = method.build(**params).fit(Xs, ep.support_y)
-        metrics = evaluate_method(clf, Xq, truth, list(ep.classes), task)
+        metrics, record = _score(clf, Xq, ep, name, truth, task)
         run = Run(
             method=name,
             shots=ep.shots,
@@ -75,7 +92,7 @@ def _episode_runs(
             n_query=len(ep.query),
             seconds=round(time.perf_counter() - t0, 4),
         )
-        out.append((run, clf))
+        out.append((run, clf, record))
     return out
 
 
@@ -90,9 +107,12 @@ def run_protocol(
     test_fold: int | str | None = 5,
     do_tune: bool = False,
     keep_fits: Callable[[str, int, int, str], bool] | None = None,
+    keep_predictions: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> ProtocolResult:
-    """Run every (shots, seed, part) episode for every method; one run record per (episode, method)."""
+    """Run every (shots, seed, part) episode for every method; one run record per (episode, method),
+    and (`keep_predictions`) its prediction record: each query's true and predicted class and the
+    probabilities of both."""
     y = np.asarray(y).astype(str)
     parts, protocol = make_parts(meta, test_fold)
     labels = row_labels(y)
@@ -101,14 +121,17 @@ def run_protocol(
     classes = list(eps[0].classes)
     runs: list[dict] = []
     fits: dict = {}
+    predictions: list[dict] = []
     for ep in eps if methods else []:
-        for run, clf in _episode_runs(X, labels, ep, methods, task, do_tune):
+        for run, clf, record in _episode_runs(X, labels, ep, methods, task, do_tune):
             runs.append(run.to_dict())
+            if keep_predictions and record is not None:
+                predictions.append(record)
             if keep_fits is not None and keep_fits(run.method, ep.shots, ep.seed, ep.part):
                 fits[(run.method, ep.shots, ep.seed, ep.part)] = clf
             if progress is not None:
                 progress(f"{run.method} {ep.shots}-shot seed {ep.seed} {ep.part}")
-    return ProtocolResult(runs, task, classes, protocol, fits)
+    return ProtocolResult(runs, task, classes, protocol, fits, predictions)
 
 
 def k_sweep(
@@ -136,7 +159,15 @@ def k_sweep(
             name: Method(name, m.build, {**m.defaults, "k": k}, m.grid) for name, m in methods.items()
         }
         res = run_protocol(
-            X, y, meta, methods=variants, shots=shots, seeds=seeds, test_fold=test_fold, progress=progress
+            X,
+            y,
+            meta,
+            methods=variants,
+            shots=shots,
+            seeds=seeds,
+            test_fold=test_fold,
+            keep_predictions=False,
+            progress=progress,
         )
         for s in summarise(res.runs):
             out.append({**s, "k": k, "fraction": float(fraction)})

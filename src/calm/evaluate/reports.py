@@ -16,10 +16,19 @@ import numpy as np
 
 from calm._files import atomic_write_text
 from calm.evaluate.metrics import PRIMARY_METRIC
+from calm.evaluate.predictions import Confusion, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
 
-__all__ = ["METHOD_TITLES", "METRIC_TITLES", "build_results", "results_markdown", "write_results"]
+__all__ = [
+    "METHOD_TITLES",
+    "METRIC_TITLES",
+    "build_results",
+    "confusion_markdown",
+    "per_class_markdown",
+    "results_markdown",
+    "write_results",
+]
 
 METRIC_TITLES = {
     "accuracy": "accuracy (%)",
@@ -105,8 +114,9 @@ def _notes(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """results.md: the paper's Table 1 layout (rows: model / dataset / shots; columns: methods)."""
+def results_markdown(results: Mapping[str, Any], confusions: Sequence[Confusion] = ()) -> str:
+    """results.md: the paper's Table 1 layout (rows: model / dataset / shots; columns: methods), then,
+    from the runs' predictions, confusion matrices and per-class accuracy."""
     cfg = results.get("config", {})
     summary = results["summary"]
     metrics = list(dict.fromkeys(s["metric"] for s in summary))
@@ -122,7 +132,57 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     lines += _paired_table([p for p in results.get("paired", []) if p["metric"] == primary], primary)
     lines += _pseudo_label_table(results.get("pseudo_label_summary", []))
     lines += _notes(results)
-    return "\n".join(lines).rstrip() + "\n"
+    tables = [t for t in (confusion_markdown(confusions), per_class_markdown(confusions)) if t]
+    return "\n".join(lines + [""] + tables).rstrip() + "\n"
+
+
+MAX_MARKDOWN_CLASSES = 25  # wider matrices are left to figures/ and report.html
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def confusion_markdown(confs: Sequence[Confusion]) -> str:
+    """One table per method and shot count: mean count over seeds with the row percentage."""
+    if not confs:
+        return ""
+    lines = ["## Confusion matrices (rows true, columns predicted; mean count over seeds, row %)", ""]
+    for conf in confs:
+        title = METHOD_TITLES.get(conf.method, conf.method)
+        lines += [f"### {title}, {conf.shots} shots ({len(conf.seeds)} seeds)", ""]
+        if len(conf.classes) > MAX_MARKDOWN_CLASSES:
+            lines += [f"{len(conf.classes)} classes: see report.html and figures/.", ""]
+            continue
+        cols = conf.classes + (["no answer"] if conf.has_no_answer else [])
+        pct = conf.row_percent
+        lines.append("| true \\ predicted | " + " | ".join(_cell(c) for c in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for i, name in enumerate(conf.classes):
+            cells = [f"{conf.counts[i, j]:.1f} ({pct[i, j]:.0f}%)" for j in range(len(cols))]
+            lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def per_class_markdown(confs: Sequence[Confusion]) -> str:
+    """Per shot count: rows classes, columns methods, accuracy mean ± std over seeds (%)."""
+    if not confs:
+        return ""
+    lines = ["## Per-class accuracy (%, mean ± std over seeds)", ""]
+    for shots in sorted({c.shots for c in confs}):
+        group = [c for c in confs if c.shots == shots]
+        stats = [per_class_accuracy(c) for c in group]
+        lines += [f"### {shots} shots", ""]
+        lines.append("| class | " + " | ".join(METHOD_TITLES.get(c.method, c.method) for c in group) + " |")
+        lines.append("|---|" + "---|" * len(group))
+        for j, name in enumerate(group[0].classes):
+            cells = [
+                "–" if not np.isfinite(mean[j]) else f"{mean[j]:.1f} ± {std[j]:.1f}" for mean, std in stats
+            ]
+            lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: Any) -> dict:
@@ -162,12 +222,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> tuple[Path, Path]:
+def write_results(
+    out_dir: str | Path, results: Mapping[str, Any], confusions: Sequence[Confusion] = ()
+) -> tuple[Path, Path]:
     """Write results.json and results.md into out_dir (atomically); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "results.json"
     md = out_dir / "results.md"
     atomic_write_text(js, json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
-    atomic_write_text(md, results_markdown(results))
+    atomic_write_text(md, results_markdown(results, confusions))
     return js, md

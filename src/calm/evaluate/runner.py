@@ -1,6 +1,7 @@
 """`run_evaluation`: the whole of `calm evaluate` as one library call. Features are extracted into a
 store (or read from one), the few-shot protocol and the heads-kept sweep run, the model-answer
-baselines run when the model can answer, and results.json / results.md / figures are written.
+baselines run when the model can answer, and results.json / results.md / figures/ (Fig. 3-6 and a
+confusion matrix per method and shot count), predictions.jsonl and report.html are written.
 
 Progress is reported through `progress(stage, done, total)` (total None when unknown) and lines
 worth showing through `log(text)`; both are optional, nothing here prints.
@@ -21,6 +22,7 @@ from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, make_parts, row_labels
 from calm.evaluate.lalm_runs import lalm_runs, lalm_skip_reason
 from calm.evaluate.methods import LALM_METHODS, PL_BASES, Method
+from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs
 from calm.evaluate.reports import build_results, results_markdown, write_results
@@ -55,6 +57,8 @@ class EvaluationResult:
         protocol: the few-shot protocol's result (runs, and the fitted classifiers behind the figures).
         warnings: what some episodes could not do (pseudo-label classes never kept).
         skipped: method -> why it was not run.
+        report_html: RUN_DIR/report.html (predictions of the few-shot runs: RUN_DIR/predictions.jsonl,
+            `protocol.predictions`).
     """
 
     results: dict
@@ -65,6 +69,7 @@ class EvaluationResult:
     protocol: ProtocolResult | None = None
     warnings: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    report_html: Path | None = None
 
     @property
     def summary(self) -> list[dict]:
@@ -251,7 +256,7 @@ def _select_lalm(config: EvalConfig, feats: Features, log: Log) -> tuple[list[st
     return [], {m: reason for m in lalm}
 
 
-def _figures(out: Path, results: dict, result: ProtocolResult, weights, counts, head_names) -> dict:
+def _figures(out: Path, results: dict, result: ProtocolResult, weights, counts, head_names, confs) -> dict:
     from calm.figures import make_figures
 
     first = result.fits[next(iter(result.fits))] if result.fits else None
@@ -262,7 +267,21 @@ def _figures(out: Path, results: dict, result: ProtocolResult, weights, counts, 
         classes=[str(c) for c in first.classes_] if first is not None else None,
         counts=counts,
         head_names=head_names or None,
+        confusions=confs,
     )
+
+
+def _report(config: EvalConfig, results: dict, result: ProtocolResult, feats: Features, made: dict) -> Path:
+    """RUN_DIR/predictions.jsonl and RUN_DIR/report.html (Fig. 3-6 embedded, players for the clips)."""
+    from calm.evaluate.predictions import PREDICTIONS_FILE, write_predictions
+    from calm.evaluate.report_html import ReportData, evaluate_command, write_report
+
+    out = Path(config.out)
+    write_predictions(out / PREDICTIONS_FILE, result.predictions)
+    paths = [str(p) for p in feats.meta["path"]] if "path" in feats.meta.columns else []
+    figures = {k: v for k, v in made.items() if k.startswith("fig")}
+    data = ReportData(results, result.predictions, paths, figures, evaluate_command(config))
+    return write_report(data, out)
 
 
 def run_evaluation(
@@ -307,6 +326,9 @@ def run_evaluation(
     }
     results = build_results(result, doc, analyses=analyses, skipped_methods=skipped, warnings=warnings)
     results["config"]["seconds"] = round(time.perf_counter() - t0, 1)
-    js, md = write_results(out, results)
-    made = _figures(out, results, result, weights, counts, head_names) if config.figures else {}
-    return EvaluationResult(results, results_markdown(results), js, md, made, result, warnings, skipped)
+    confs = confusions(result.predictions)
+    js, md = write_results(out, results, confs)
+    made = _figures(out, results, result, weights, counts, head_names, confs) if config.figures else {}
+    html = _report(config, results, result, feats, made)
+    markdown = results_markdown(results, confs)
+    return EvaluationResult(results, markdown, js, md, made, result, warnings, skipped, html)

@@ -1,0 +1,300 @@
+"""report.html: one self-contained page per run directory (figures embedded, no network, no JavaScript).
+
+Input: a `ReportData` -- the results.json document, the per-episode prediction records
+(`calm.evaluate.predictions`), the audio file of each store row (for the players), the PNG figures to
+embed and the command that reproduces the run. Sections, in order: the Table 1-style summary and
+the paired differences; confusion matrices per method and shot count (mean counts over seeds and
+row percentages); per-class accuracy with its spread over seeds and the classes CALM gains or loses
+against SAV and the linear probe; the misclassified test clips of one seed per method with an
+`<audio>` player (links relative to the run directory, so the page works next to the data); the
+figures; the configuration and the command. Light and dark colours follow prefers-color-scheme.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from calm.evaluate.predictions import confusions
+from calm.evaluate.report_sections import (
+    confusion_section,
+    method_title,
+    misclassified_section,
+    per_class_section,
+    table,
+)
+from calm.evaluate.reports import METRIC_TITLES
+
+__all__ = ["ReportData", "evaluate_command", "render_report", "reproduce_command", "write_report"]
+
+FIGURE_CAPTIONS = {
+    "fig3": "Fig. 3: per-class head weight survival (CALM) against uniform SAV voting",
+    "fig4": "Fig. 4: class-conditional (CALM) against global (CALM-global) weighting",
+    "fig5": "Fig. 5: accuracy against shots, and against the fraction of heads kept",
+    "fig6": "Fig. 6: most influential head per class",
+}
+CSS = """
+:root{color-scheme:light dark;--bg:#fff;--fg:#1b1f24;--muted:#57606a;--line:#d0d7de;--card:#f3f5f7;
+--good:#1a7f37;--bad:#cf222e;--heat:37,99,235}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--muted:#9da7b3;--line:#3d444d;
+--card:#161b22;--good:#3fb950;--bad:#ff7b72;--heat:56,139,253}}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;background:var(--bg);color:var(--fg);
+max-width:1200px;margin:0 auto;padding:20px 28px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 6px;border-bottom:1px solid var(--line)}
+h3{font-size:15px;margin:16px 0 4px}.muted{color:var(--muted)}
+table{border-collapse:collapse;margin:6px 0 14px}th,td{border:1px solid var(--line);padding:3px 8px;
+text-align:right;vertical-align:middle}th{background:var(--card);font-weight:600}.l{text-align:left}
+td.best{font-weight:700}.pos{color:var(--good)}.neg{color:var(--bad)}
+table.cm td{text-align:center;min-width:3.3em;line-height:1.15}table.cm small{display:block;opacity:.85}
+table.cm td.z{opacity:.4}.grid{display:flex;flex-wrap:wrap;gap:6px 22px}.card h3{margin:8px 0 2px}
+table.cm th.rot{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left;max-height:9em}
+details{border:1px solid var(--line);border-radius:6px;padding:4px 12px;margin:6px 0}
+summary{cursor:pointer;font-weight:600}figure{margin:12px 0}figcaption{color:var(--muted)}
+img{max-width:100%;background:#fff;border-radius:6px;padding:4px}
+pre{background:var(--card);padding:10px;overflow-x:auto;border-radius:6px}pre.cmd{white-space:pre-wrap}audio{height:30px;width:240px}
+"""
+
+
+@dataclass
+class ReportData:
+    """What report.html shows.
+
+    results: the results.json document (config, summary, paired, runs, analyses, warnings).
+    predictions: per-episode prediction records (schema in `calm.evaluate.predictions`); empty = the
+      confusion, per-class and misclassified sections say that the run kept none.
+    clip_paths: audio file of each store row (`query` indices point here); empty = no players.
+    figures: figure id ("fig3" ...) -> PNG file, embedded as base64.
+    command: the command line that reproduces the run.
+    """
+
+    results: Mapping[str, Any]
+    predictions: Sequence[Mapping[str, Any]] = ()
+    clip_paths: Sequence[str] = ()
+    figures: Mapping[str, Path] = field(default_factory=dict)
+    command: str | None = None
+
+
+def summary_section(results: Mapping[str, Any]) -> str:
+    """Table 1 layout: one table per metric, rows = shots, columns = methods (mean ± std over seeds)."""
+    cfg, summary = results.get("config", {}), results.get("summary", [])
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    metrics = list(dict.fromkeys(s["metric"] for s in summary))
+    primary = cfg.get("primary_metric", metrics[0] if metrics else "accuracy")
+    metrics = [primary] + [m for m in metrics if m != primary]
+    lookup = {(s["method"], s["shots"], s["metric"]): s for s in summary}
+    out = ['<h2 id="summary">Summary</h2>']
+    out.append(
+        f'<p class="muted">Protocol: {escape(str(cfg.get("protocol", "?")))}; '
+        f"{escape(str(cfg.get('n_seeds', '?')))} seeds; mean ± sample std over seeds (%).</p>"
+    )
+    for metric in metrics:
+        out.append(f"<h3>{escape(METRIC_TITLES.get(metric, metric))}</h3>")
+        rows = []
+        for n in sorted({s["shots"] for s in summary}):
+            present = [lookup[m, n, metric]["mean"] for m in methods if (m, n, metric) in lookup]
+            best = (min if metric == "eer" else max)(present) if present else None
+            row = [f'<td class="l">{n}</td>']
+            for m in methods:
+                s = lookup.get((m, n, metric))
+                text = "–" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
+                mark = ' class="best"' if s is not None and s["mean"] == best else ""
+                row.append(
+                    f'<td{mark} data-method="{escape(m)}" data-shots="{n}" data-metric="{metric}">{text}</td>'
+                )
+            rows.append(row)
+        out.append(table(['<th class="l">shots</th>', *(method_title(m) for m in methods)], rows, "summary"))
+    return "\n".join(out)
+
+
+def paired_section(results: Mapping[str, Any]) -> str:
+    cfg = results.get("config", {})
+    primary = cfg.get("primary_metric", "accuracy")
+    paired = [p for p in results.get("paired", []) if p["metric"] == primary]
+    if not paired:
+        return ""
+    rows = []
+    for p in paired:
+        low, high = p["ci95_low"], p["ci95_high"]
+        ci = "–" if low is None else f"[{low:+.2f}, {high:+.2f}]"
+        sign = "" if low is None or low <= 0 <= high else (' class="pos"' if low > 0 else ' class="neg"')
+        attrs = f'data-a="{escape(p["a"])}" data-b="{escape(p["b"])}" data-shots="{p["shots"]}"'
+        rows.append(
+            [
+                str(p["shots"]),
+                f'<td class="l">{method_title(p["a"])}</td>',
+                f'<td class="l">{method_title(p["b"])}</td>',
+            ]
+            + [f"<td{sign} {attrs}>{p['mean_diff']:+.2f}</td>", f"<td{sign}>{ci}</td>", str(p["n_seeds"])]
+        )
+    head = ["shots", '<th class="l">a</th>', '<th class="l">b</th>', "mean a − b", "95 % interval", "seeds"]
+    title = escape(METRIC_TITLES.get(primary, primary))
+    return (
+        f'<h2 id="paired">Paired differences</h2><p class="muted">{title}: per-seed differences on the '
+        "same support sets, mean with a 95 % Student-t interval; coloured where it excludes 0.</p>"
+        + table(head, rows, "paired")
+    )
+
+
+def figures_section(figures: Mapping[str, Path]) -> str:
+    shown = [(k, Path(p)) for k, p in figures.items() if Path(p).is_file()]
+    if not shown:
+        return ""
+    out = ['<h2 id="figures">Figures</h2>']
+    for key, path in shown:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        caption = escape(FIGURE_CAPTIONS.get(key, path.stem))
+        out.append(
+            f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return "\n".join(out)
+
+
+def _arg(value: Any) -> str:
+    import shlex
+
+    return shlex.quote(str(value))
+
+
+def reproduce_command(config: Mapping[str, Any], run_dir: str | Path = "RUN_DIR") -> str:
+    """The `calm evaluate` command line that reproduces a run from its recorded configuration."""
+    parts = ["calm", "evaluate"]
+    if config.get("features"):
+        parts += ["--features", _arg(config["features"])]
+    else:
+        parts += ["--model", _arg(config.get("model")), "--data", _arg(config.get("dataset"))]
+    seeds = list(config.get("seeds", []))
+    seed_text = str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
+    parts += ["--out", _arg(run_dir), "--shots", ",".join(map(str, config.get("shots", [])))]
+    parts += ["--seeds", seed_text, "--methods", ",".join(config.get("methods", []))]
+    parts += ["--test-fold", _arg(config.get("test_fold"))] + (["--tune"] if config.get("tune") else [])
+    defaults = config.get("defaults", {})
+    calm = defaults.get("calm") or defaults.get("calm-global") or {}
+    options = {"k": "--k", "tau_p": "--tau-p", "tau_w": "--tau-w"}
+    options |= {"normalization": "--normalization", "reliability": "--reliability"}
+    parts += [f"{flag} {_arg(calm[key])}" for key, flag in options.items() if key in calm]
+    sav = defaults.get("sav") or {}
+    if "k" in sav and sav["k"] != calm.get("k"):
+        parts.append(f"--sav-k {_arg(sav['k'])}")
+    if "tie_break" in sav:
+        parts.append(f"--sav-tie-break {_arg(sav['tie_break'])}")
+    return " ".join(parts)
+
+
+def evaluate_command(config: Any) -> str:
+    """The `calm evaluate` command line of an `EvalConfig`, every classifier option spelled out."""
+    import shlex
+
+    q = shlex.quote
+    parts = ["calm evaluate"]
+    if config.features is not None:
+        parts += [f"--features {q(str(config.features))}"] + (
+            [f"--key {q(config.key)}"] if config.key else []
+        )
+    else:
+        parts += [f"--data {q(str(config.data))}", *_model_args(config.model)]
+        parts += [f"--store {q(str(config.store))}"] if config.store is not None else []
+    seeds = list(config.seeds)
+    seed_text = str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
+    parts += [f"--out {q(str(config.out))}", f"--shots {','.join(map(str, config.shots))}"]
+    parts += [f"--seeds {seed_text}", f"--methods {','.join(config.methods)}"]
+    parts += [f"--test-fold {q(str(config.test_fold))}"] + (["--tune"] if config.tune else [])
+    c = config.classifier
+    parts += [f"--k {c.k}", f"--tau-p {c.tau_p}", f"--tau-w {c.tau_w}"]
+    parts += [f"--sav-k {c.sav_k}"] if c.sav_k is not None else []
+    parts += [f"--sav-tie-break {c.sav_tie_break}", f"--normalization {c.normalization}"]
+    parts += [f"--reliability {c.reliability}", f"--batch-size {config.batch_size}"]
+    parts += [f"--sweep-seeds {config.sweep_seeds}"] if config.figures else ["--no-figures"]
+    if any(m in ("zero-shot", "sav+pl", "calm+pl") for m in config.methods):
+        lalm = config.lalm
+        parts += [f"--zero-shot-mode {lalm.zero_shot_mode}", f"--pl-rollouts {lalm.pl_rollouts}"]
+        parts += [f"--pl-pool {lalm.pl_pool}"] if lalm.pl_pool is not None else []
+        parts += [f"--pl-seed {lalm.pl_seed}"]
+    return " ".join(parts)
+
+
+def _model_args(model: Any) -> list[str]:
+    import shlex
+
+    q = shlex.quote
+    out = [f"--model {q(model.name)}"]
+    out += [f"--heads {model.heads}"] if model.heads != "all" else []
+    out += [f"--prompt {q(model.prompt)}"] if model.prompt is not None else []
+    out += [f"--device {q(model.device)}"] if model.device != "cpu" else []
+    out += [f"--model-dtype {q(model.dtype)}"] if model.dtype else []
+    if model.layers is not None:
+        layers = model.layers if isinstance(model.layers, int) else ",".join(f"{n}-{n}" for n in model.layers)
+        out.append(f"--layers {layers}")
+    out += [f"--attn-implementation {q(model.attn_implementation)}"] if model.attn_implementation else []
+    out += [f"-o {q(f'{k}={v}')}" for k, v in model.options.items()]
+    return out
+
+
+def config_section(results: Mapping[str, Any], command: str) -> str:
+    cfg = results.get("config", {})
+    notes = [f"<li>warning: {escape(str(w))}</li>" for w in results.get("warnings", [])]
+    notes += [
+        f"<li>{method_title(m)}: skipped ({escape(str(w))})</li>"
+        for m, w in results.get("skipped_methods", {}).items()
+    ]
+    return (
+        '<h2 id="config">Configuration</h2><h3>Command that reproduces this run</h3>'
+        f'<pre class="cmd"><code>{escape(command)}</code></pre>'
+        + (f"<ul>{''.join(notes)}</ul>" if notes else "")
+        + "<details><summary>config (results.json)</summary>"
+        + f"<pre>{escape(json.dumps(cfg, indent=1, default=str))}</pre></details>"
+    )
+
+
+def render_report(data: ReportData, run_dir: str | Path) -> str:
+    """The report page as one HTML string (links relative to `run_dir`)."""
+    run_dir = Path(run_dir).resolve()
+    cfg = data.results.get("config", {})
+    confs = confusions(data.predictions) if data.predictions else []
+    title = f"{cfg.get('model', '?')} on {cfg.get('dataset', '?')}"
+    command = data.command or reproduce_command(cfg, run_dir)
+    nav = " · ".join(
+        f'<a href="#{a}">{t}</a>'
+        for a, t in (("summary", "summary"), ("paired", "paired"), ("confusion", "confusion"))
+        + (
+            ("per-class", "per class"),
+            ("misclassified", "misclassified"),
+            ("figures", "figures"),
+            ("config", "config"),
+        )
+    )
+    body = [
+        f"<h1>Results: {escape(title)}</h1>",
+        f'<p class="muted">{escape(str(cfg.get("package", "calm-audio")))} '
+        f"{escape(str(cfg.get('version', '')))} · {escape(str(cfg.get('n_clips', '?')))} clips · "
+        f"{len(cfg.get('classes', []))} classes · {nav}</p>",
+        summary_section(data.results),
+        paired_section(data.results),
+        confusion_section(confs),
+        per_class_section(confs),
+        misclassified_section(data.predictions, data.clip_paths, run_dir, confs),
+        figures_section(data.figures),
+        config_section(data.results, command),
+    ]
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>calm: {escape(title)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(b for b in body if b)
+        + "\n</body></html>\n"
+    )
+
+
+def write_report(data: ReportData, run_dir: str | Path, name: str = "report.html") -> Path:
+    """Write RUN_DIR/report.html atomically; returns its path."""
+    from calm._files import atomic_write_text
+
+    path = Path(run_dir) / name
+    atomic_write_text(path, render_report(data, run_dir))
+    path.chmod(0o644)  # a page to share, like results.json (the atomic write leaves 0600)
+    return path
