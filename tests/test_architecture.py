@@ -25,6 +25,7 @@ FORBIDDEN_FOR_LOWER_LAYERS = ("calm.store", "calm.evaluate", "calm.commands")
 LAYERS = {
     "calm": 0,  # the package root loads its public names lazily (importlib), so it imports nothing
     "calm._files": 0,
+    "calm._safetensors": 0,
     "calm.cache": 0,
     "calm._heads": 0,
     "calm.answers": 0,
