@@ -94,35 +94,64 @@ def draw_support(y: np.ndarray, train: np.ndarray, shots: int, seed: int) -> np.
     return np.concatenate(out)
 
 
+ROUNDS = (1, 2, 3, 5, 8)  # reported after these rounds of each schedule (one run of max(ROUNDS))
+_FITTED: list = []  # the inner estimators of one SelfTraining fit, in fit order (round 0 first)
+
+
+class RecordingCALM(CALM):
+    """CALM that records every fitted instance, so one run of R rounds gives rounds 1..R."""
+
+    def fit(self, X, y):
+        super().fit(X, y)
+        _FITTED.append(self)
+        return self
+
+
+class RecordingSAV(SAV):
+    def fit(self, X, y):
+        super().fit(X, y)
+        _FITTED.append(self)
+        return self
+
+
+class RecordingFixedHeads(FixedHeads):
+    def fit(self, X, y):
+        super().fit(X, y)
+        _FITTED.append(self)
+        return self
+
+
 def variants() -> dict[str, dict]:
-    """Every schedule tried (the name encodes it: R rounds, m clips/class/round, confidence ...)."""
+    """Every schedule tried; the name encodes it (m clips/class/round, confidence, ...)."""
     v: dict[str, dict] = {}
-    for R in (1, 2, 3, 5, 8):
-        for m in (1, 2, 3, 5):
-            v[f"R{R} m{m}"] = {"rounds": R, "per_round": m}
-    for R, m in ((3, 2), (5, 1), (5, 2), (8, 2)):
-        v[f"R{R} m{m} prob"] = {"rounds": R, "per_round": m, "confidence": "probability"}
-        v[f"R{R} m{m} relabel"] = {"rounds": R, "per_round": m, "relabel": True}
-        v[f"R{R} m{m} w2"] = {"rounds": R, "per_round": m, "labelled_weight": 2}
-        v[f"R{R} m{m} w4"] = {"rounds": R, "per_round": m, "labelled_weight": 4}
-        v[f"R{R} m{m} fixed-heads"] = {"rounds": R, "per_round": m, "heads": "fixed"}
-    for R in (1, 2, 3, 5):
-        v[f"R{R} m=shots"] = {"rounds": R, "per_round": "shots"}
+    for m in (1, 2, 3, 5, "shots"):
+        v[f"m={m} margin"] = {"per_round": m}
+    for m in (1, 2):
+        v[f"m={m} probability"] = {"per_round": m, "confidence": "probability"}
+        v[f"m={m} margin relabel"] = {"per_round": m, "relabel": True}
+        v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
+        v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
+        v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
     return v
 
 
-def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str):
+def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str) -> tuple[SelfTraining, list]:
+    """The fitted wrapper (max(ROUNDS) rounds) and its inner estimator after each round (0 = labelled)."""
     spec = dict(spec)
     heads = spec.pop("heads", "reselect")
     if spec.get("per_round") == "shots":
         spec["per_round"] = shots
     if inner == "sav":
-        est = SAV(**SAV_PARAMS)
+        est = RecordingSAV(**SAV_PARAMS)
     elif heads == "fixed":
-        est = FixedHeads(CALM(**CALM_PARAMS).fit(Xs, ys).weights_, CALM_PARAMS["tau_p"])
+        est = RecordingFixedHeads(CALM(**CALM_PARAMS).fit(Xs, ys).weights_, CALM_PARAMS["tau_p"])
     else:
-        est = CALM(**CALM_PARAMS)
-    return SelfTraining(est, **spec).fit(Xs, ys, Xpool)
+        est = RecordingCALM(**CALM_PARAMS)
+    _FITTED.clear()
+    st = SelfTraining(est, rounds=max(ROUNDS), **spec).fit(Xs, ys, Xpool)
+    fitted = list(_FITTED)
+    fitted += [fitted[-1]] * (max(ROUNDS) + 1 - len(fitted))  # stopped early: the last one stays
+    return st, fitted
 
 
 def run_dataset(name: str, seeds: list[int], specs: dict[str, dict], inner: str, log) -> list[dict]:
@@ -140,23 +169,37 @@ def run_dataset(name: str, seeds: list[int], specs: dict[str, dict], inner: str,
             base_est = SAV(**SAV_PARAMS) if inner == "sav" else CALM(**CALM_PARAMS)
             base = 100 * base_est.fit(Xs, ys).score(Xv, yv)
             for vname, spec in specs.items():
-                st = fit_variant(spec, Xs, ys, Xp, shots, inner)
-                right = st.pseudo_labels_ == y[pool][st.pseudo_index_]
-                rows.append(
-                    {
-                        "dataset": name,
-                        "inner": inner,
-                        "shots": shots,
-                        "seed": seed,
-                        "variant": vname,
-                        "base": base,
-                        "acc": 100 * st.score(Xv, yv),
-                        "n_pseudo": len(st.pseudo_index_),
-                        "pseudo_acc": 100 * float(right.mean()) if len(right) else None,
-                    }
-                )
+                st, fitted = fit_variant(spec, Xs, ys, Xp, shots, inner)
+                for R in ROUNDS:
+                    n_p, p_acc = _pseudo_at(st, R, y[pool], bool(spec.get("relabel")))
+                    rows.append(
+                        {
+                            "dataset": name,
+                            "inner": inner,
+                            "shots": shots,
+                            "seed": seed,
+                            "variant": f"{vname} R={R}",
+                            "base": base,
+                            "acc": 100 * float(np.mean(fitted[R].predict(Xv) == yv)),
+                            "n_pseudo": n_p,
+                            "pseudo_acc": p_acc,
+                        }
+                    )
             log(f"{name} {inner} {shots}-shot seed {seed}")
     return rows
+
+
+def _pseudo_at(st: SelfTraining, R: int, y_pool: np.ndarray, relabel: bool) -> tuple[int, float | None]:
+    """Size and accuracy (%) against the hidden labels of the pseudo-labelled set after round R
+    (relabel: only the final set is kept, so earlier rounds report their size without accuracy)."""
+    if relabel:
+        if R < st.n_rounds_:
+            return st.rounds_[R - 1]["n_pseudo"], None
+        chosen = np.arange(len(st.pseudo_index_))
+    else:
+        chosen = np.flatnonzero(st.pseudo_round_ <= R)
+    right = st.pseudo_labels_[chosen] == y_pool[st.pseudo_index_[chosen]]
+    return len(chosen), 100 * float(right.mean()) if len(right) else None
 
 
 def paired(rows: list[dict]) -> dict:
