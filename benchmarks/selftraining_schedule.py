@@ -124,7 +124,7 @@ class RecordingFixedHeads(FixedHeads):
 def variants() -> dict[str, dict]:
     """Every schedule tried; the name encodes it (m clips/class/round, confidence, ...)."""
     v: dict[str, dict] = {}
-    for m in (1, 2, 3, 5, "shots"):
+    for m in (1, 2, 3, 5, 10, 20, "shots"):
         v[f"m={m} margin"] = {"per_round": m}
     for m in (1, 2):
         v[f"m={m} probability"] = {"per_round": m, "confidence": "probability"}
