@@ -218,6 +218,52 @@ def paired(rows: list[dict]) -> dict:
     }
 
 
+HEAD_TO_HEAD = [
+    ("m=5 margin R=3", "m=3 margin R=5"),
+    ("m=5 margin R=3", "m=2 margin R=8"),
+    ("m=5 margin R=5", "m=5 margin R=3"),
+    ("m=1 probability R=3", "m=1 margin R=3"),
+    ("m=2 probability R=8", "m=2 margin R=8"),
+    ("m=2 margin relabel R=8", "m=2 margin R=8"),
+    ("m=2 margin w=2 R=8", "m=2 margin R=8"),
+    ("m=2 margin w=4 R=8", "m=2 margin R=8"),
+    ("m=2 margin fixed-heads R=3", "m=2 margin R=3"),
+    ("m=2 margin fixed-heads R=8", "m=2 margin R=8"),
+]
+
+
+def head_to_head(rows: list[dict]) -> str:
+    """Paired differences between schedules (same seeds), for the pairs of HEAD_TO_HEAD present."""
+    out = []
+    for inner in sorted({r["inner"] for r in rows}):
+        sub = [r for r in rows if r["inner"] == inner]
+        cols = sorted({(r["dataset"], r["shots"]) for r in sub})
+        names = {r["variant"] for r in sub}
+        pairs = [(a, b) for a, b in HEAD_TO_HEAD if a in names and b in names]
+        if not pairs:
+            continue
+        out.append(f"\n{inner}: schedule A minus schedule B, paired per seed (points)\n")
+        out.append("| A - B | " + " | ".join(f"{d} {s}" for d, s in cols) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
+        for a, b in pairs:
+            cells = []
+            for d, s in cols:
+                acc = {
+                    v: {
+                        r["seed"]: r["acc"]
+                        for r in sub
+                        if r["variant"] == v and (r["dataset"], r["shots"]) == (d, s)
+                    }
+                    for v in (a, b)
+                }
+                p = paired(
+                    [{"acc": acc[a][k], "base": acc[b][k], "n_pseudo": 0, "pseudo_acc": None} for k in acc[a]]
+                )
+                cells.append(f"{p['diff']:+.2f} [{p['lo']:+.2f}, {p['hi']:+.2f}]")
+            out.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def report(rows: list[dict]) -> str:
     """One markdown table per inner estimator: variant x (dataset, shots) paired differences."""
     out = []
@@ -250,7 +296,7 @@ def report(rows: list[dict]) -> str:
                 acc = "-" if p["pseudo_acc"] is None else f"{p['pseudo_acc']:.1f}"
                 cells.append(f"{p['n_pseudo']:.0f} @ {acc} %")
             out.append(f"| {v} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return "\n".join(out) + "\n" + head_to_head(rows)
 
 
 def main() -> None:

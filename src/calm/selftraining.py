@@ -19,7 +19,8 @@ Why a wrapper with ``fit(X, y, X_unlabelled=None)``:
   the pool is the caller's decision (``calm evaluate`` draws it from the training part, never from
   the test clips, unless the ``-trans`` methods are asked for).
 
-Schedule (defaults chosen by paired measurements inside the training parts, docs/results.md):
+Schedule (defaults rounds=3, per_round=5, margin, no relabelling, labelled_weight=1: chosen by paired
+measurements on validation splits inside the training part, docs/results.md "Self-training"):
 
 - each round every class gains at most ``per_round`` clips: the pool clips predicted as that class
   with the highest ``confidence`` ("margin": top score minus the runner-up of
@@ -128,8 +129,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self,
         estimator=None,
         *,
-        rounds: int = 5,
-        per_round: int = 1,
+        rounds: int = 3,
+        per_round: int = 5,
         confidence: str = "margin",
         relabel: bool = False,
         labelled_weight: int = 1,
