@@ -347,14 +347,17 @@ def test_bad_fit_input(est):
 )
 def test_bad_calm_params(params):
     X, y, _, _ = make_problem(11)
-    with pytest.raises(ValueError):
+    (name,) = params
+    with pytest.raises(ValueError, match=f"'{name}' parameter of CALM must be"):
         CALM(**params).fit(X, y)
 
 
 def test_bad_sav_params():
     X, y, _, _ = make_problem(11)
-    with pytest.raises(ValueError, match="tie_break"):
+    with pytest.raises(ValueError, match="'tie_break' parameter of SAV must be a str among"):
         SAV(tie_break="random").fit(X, y)
+    with pytest.raises(ValueError, match="'tau_p' parameter of SAV must be a float in the range"):
+        SAV(tau_p=float("inf")).fit(X, y)
 
 
 def test_bad_predict_input(fitted):
@@ -461,7 +464,9 @@ def test_load_refuses_bad_files(tmp_path, fitted):
             good, tmp_path / "k", header=lambda h: h.update(classes=["a", "b", "c", "d"])
         ): "class names",
         _rewrite(good, tmp_path / "k2", header=lambda h: h.update(classes=[0, 1])): "class names",
-        _rewrite(good, tmp_path / "l", tensors=lambda t: t.update(heads=t["heads"] + 100)): "head indices",
+        _rewrite(
+            good, tmp_path / "l", tensors=lambda t: t.update(heads=t["heads"] + 100)
+        ): r"indices in \[0, 7\)",
         _rewrite(
             good, tmp_path / "m", tensors=lambda t: t.update(centroids=np.full_like(t["centroids"], np.nan))
         ): "NaN",

@@ -55,8 +55,8 @@ class ToneExtractor:
         return np.stack(out).astype(np.float32)
 
 
-def load_tone_extractor(**kwargs):
-    return ToneExtractor(**kwargs)
+def load_tone_extractor(spec):
+    return ToneExtractor(prompt=spec.prompt, heads=spec.heads)
 
 
 @pytest.fixture(autouse=True)

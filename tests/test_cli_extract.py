@@ -158,3 +158,16 @@ def test_ctrl_c_keeps_finished_batches(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, [*args, "--no-progress"])
     assert result.exit_code == 130 and "run the same command again" in result.output
     assert len(load_features(tmp_path / "s")[0]) == 2
+
+
+def test_progress_bar_is_drawn_by_the_cli(tmp_path, fake_model):
+    root = tmp_path / "audio"
+    make_clips(root, n=5)
+    (root / "dog" / "broken.wav").write_bytes(b"not audio" * 20)
+    args = ["extract", "--data", f"folder:{root}", "--out", str(tmp_path / "store"), "--batch-size", "2"]
+    result = CliRunner().invoke(main, [*args, "--progress", "--allow-failures"])
+    assert result.exit_code == 0, result.output
+    assert "extracting (1 failed)" in result.stderr and "6/6" in result.stderr
+    assert "clips/s" in result.stderr and "ETA" in result.stderr
+    quiet = CliRunner().invoke(main, [*args, "--no-progress", "--allow-failures"])
+    assert quiet.exit_code == 0 and "clips/s" not in quiet.stderr and "ETA" not in quiet.stderr

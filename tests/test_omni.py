@@ -3,13 +3,9 @@ import pytest
 from tiny_omni import tiny_qwen2_5_omni, write_video
 
 from calm.models.base import ExtractorError
-from calm.models.qwen2_5_omni import (
-    Qwen25OmniExtractor,
-    VideoClip,
-    frame_times,
-    patchify,
-    read_frames,
-)
+from calm.models.processors import patchify
+from calm.models.qwen2_5_omni import Qwen25OmniExtractor
+from calm.video import VideoClip, frame_times, read_frames
 
 
 @pytest.fixture(scope="module")

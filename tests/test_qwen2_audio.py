@@ -156,3 +156,15 @@ def test_lalms_have_no_encoder_heads(extractor, tmp_path):
     directory = save_pretrained(extractor.model, extractor.processor, tmp_path / "tiny")
     with pytest.raises(ExtractorError, match="decoder heads only"):
         load_extractor(str(directory), heads="encoder")
+
+
+def test_windowed_lalm_keeps_the_zero_shot_surface_and_options_are_checked(extractor, tmp_path):
+    from calm.zeroshot import as_chat_lm
+
+    directory = save_pretrained(extractor.model, extractor.processor, tmp_path / "tiny")
+    windowed = load_extractor(str(directory), attn_implementation="eager", long="windows")
+    chat = as_chat_lm(windowed)
+    assert chat.model is windowed.inner.model and chat.positions_from_mask is True
+    assert chat.tokenizer is windowed.processor.tokenizer
+    with pytest.raises(ExtractorError, match=r"\['video'\] .*accepts: padding_side, truncate_layers"):
+        load_extractor(str(directory), video=True)

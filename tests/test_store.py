@@ -15,11 +15,13 @@ from calm.data.base import Clip
 from calm.store import (
     INDEX_FILE,
     SHARD_DIR,
+    ExtractProgress,
     ShardedArray,
     StoreError,
     _Lock,
     compact,
     extract_to_store,
+    file_sha256,
     list_keys,
     load_features,
     resolve_key_dir,
@@ -279,14 +281,41 @@ def test_crash_leftovers_are_cleaned_up(tmp_path, clips, reference):
     # and an index line cut short
     (shards / "shard-000009.safetensors").write_bytes((shards / "shard-000001.safetensors").read_bytes())
     (shards / ".shard-000010.safetensors.tmp-123").write_bytes(b"half")
+    (shards / ".shard-000011.safetensors.k2x9.tmp").write_bytes(b"half")  # calm._files' unique names
+    (key_dir / ".index.jsonl.a1b2.tmp").write_bytes(b"half")
     with open(key_dir / INDEX_FILE, "ab") as f:
         f.write(b'{"path": "/x.wav", "hash": "ab')
     assert len(load_features(out)[0]) == 6  # the cut line is ignored when reading
     report = run(FakeExtractor(), clips, out)
     assert (report.skipped, report.stored) == (6, 4)
     assert not (shards / "shard-000009.safetensors").exists()
-    assert not list(shards.glob(".*tmp*"))
+    assert not list(shards.glob(".*tmp*")) and not list(key_dir.glob(".*tmp*"))
     assert_same_store(out, reference)
+
+
+def test_a_run_driven_from_outside_writes_the_same_store(tmp_path, clips, reference):
+    """What a distributed extraction does: plan under the lock, compute features elsewhere, write."""
+    from calm.audio import load_audio
+    from calm.store import Decoded, Extraction
+
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips[:4], out)  # some clips are stored already
+    ext = FakeExtractor()
+    events = []
+    job = Extraction(ext, out, batch_size=3, progress=events.append)
+    with job.start(clips) as part:
+        assert [p for p, _ in part.pending] == [str(c.path) for c in clips[4:]]
+        with pytest.raises(StoreError, match="another extraction"):
+            run(FakeExtractor(), clips, out)  # the lock is held while the run is open
+        for start in range(0, len(part.pending), 3):
+            chunk = part.pending[start : start + 3]
+            items = [Decoded(p, c, part.hashes.get(p) or file_sha256(p), None, None, True) for p, c in chunk]
+            part.write(items, np.stack([ext.features(load_audio(p, RATE)) for p, _ in chunk]))
+            part.advance(len(items))
+    assert (part.report.skipped, part.report.stored, part.report.failed) == (4, 6, [])
+    assert [e.done for e in events] == [0, 3, 6] and events[-1].stored == 6
+    assert_same_store(out, reference)
+    assert run(FakeExtractor(), clips, out).skipped == 10
 
 
 def test_damaged_index_line_in_the_middle_is_an_error(tmp_path, clips):
@@ -408,14 +437,64 @@ def test_paths_are_stored_absolute_and_normalised(tmp_path, clips, monkeypatch):
     assert run(FakeExtractor(), clips[:3], tmp_path / "store").skipped == 3
 
 
-def test_progress_bar_runs(tmp_path, clips, capsys):
+def test_progress_true_prints_plain_lines(tmp_path, clips, capsys):
     report = extract_to_store(FakeExtractor(), clips[:4], tmp_path / "store", batch_size=2, progress=True)
     assert report.stored == 4
-    assert "clips/s" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "extracting: 4/4 clips" in err and "clips/s" in err and "\x1b" not in err  # no terminal codes
+
+
+def test_progress_callback_gets_every_event(tmp_path, clips):
+    bad = tmp_path / "audio" / "bad.wav"
+    bad.write_bytes(b"not audio" * 20)
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips[:3], out)
+    events: list[ExtractProgress] = []
+    items = [*clips[:7], Clip(bad, ("x",))]
+    report = run(FakeExtractor(), items, out, batch_size=2, progress=events.append)
+    assert (report.stored, report.skipped, len(report.failed)) == (4, 3, 1)
+    assert events[0].done == 0 and all(e.total == 5 and e.skipped == 3 for e in events)
+    assert [e.done for e in events] == sorted(e.done for e in events)  # done never goes back
+    last = events[-1]
+    assert (last.done, last.stored, last.failed) == (5, 4, 1)
+    assert all(e.done == e.stored + e.failed for e in events)
+    assert all(e.clips_per_second >= 0 and e.seconds >= 0 for e in events)
+    # each batch of two and the failed clip is one event after the first
+    assert len(events) == 1 + 3
+    with pytest.raises(TypeError, match="progress"):
+        run(FakeExtractor(), items, out, progress="yes")
+
+
+def test_read_raw_returns_stored_values_exactly(tmp_path, clips):
+    out = tmp_path / "store"
+    run(FakeExtractor(scale=1.001), clips, out)
+    X, _, meta = load_features(out)
+    assert X.storage_dtype == np.float16
+    raw = X.read_raw([4, 0, -1])
+    assert raw.dtype == np.float16 and raw.shape == (3, *X.shape[1:])
+    np.testing.assert_array_equal(raw.astype(np.float32), X[[4, 0, -1]])
+    # the bytes are those of the shard, not a float32 round trip
+    from safetensors.numpy import load_file
+
+    row = load_features(out, mmap=True)[2].index[0]
+    shard_rows = [json.loads(line) for line in next(out.glob(f"*/{INDEX_FILE}")).read_text().splitlines()]
+    first = {r["path"]: r for r in shard_rows}[meta["path"][row]]
+    stored = load_file(str(Path(meta.attrs["store"]) / SHARD_DIR / first["shard"]))["features"][first["row"]]
+    assert X.read_raw([row])[0].tobytes() == stored.tobytes()
+    np.testing.assert_array_equal(X.read_raw(slice(2, 8, 3)), X.read_raw([2, 5]))
+    assert X.read_raw([]).shape == (0, *X.shape[1:])
+    with pytest.raises(IndexError):
+        X.read_raw([10])
+    with pytest.raises(IndexError):
+        X.read_raw([[0, 1]])
+    with pytest.raises(IndexError):
+        X.read_raw(np.array([0.5]))
+    X32 = load_features(run(FakeExtractor(), clips, tmp_path / "f32", dtype="float32").store)[0]
+    assert X32.read_raw([1]).dtype == np.float32
 
 
 def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, reference, monkeypatch):
-    import calm.store as store_mod
+    import calm.store.compaction as compaction_mod
 
     out = tmp_path / "store"
     run(FakeExtractor(), clips, out, batch_size=2)
@@ -425,7 +504,7 @@ def test_compact_merges_shards_exactly_and_survives_a_crash(tmp_path, clips, ref
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod, "_write_index", crash)
+    monkeypatch.setattr(compaction_mod, "write_index", crash)
     with pytest.raises(OSError):
         compact(out)
     monkeypatch.undo()

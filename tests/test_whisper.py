@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import shared_data
 
+from calm._files import canonical_json, file_sha256
 from calm.models import load_extractor
 from calm.models.base import ExtractorError
 from calm.models.hooks import HeadCapture, at_positions, attention_sites
@@ -20,7 +22,7 @@ from calm.models.whisper import (
     real_encoder_frames,
     run_encoder,
 )
-from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, sha256_file, verify
+from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, verify
 
 N_CLIPS = 3
 
@@ -70,7 +72,7 @@ def test_ct2_reader_parses_every_variable():
 
 def test_conversion_maps_weights_and_is_reused(converted):
     directory, record = converted
-    assert record["source_sha256"] == sha256_file(package_model_dir() / "model.bin")
+    assert record["source_sha256"] == file_sha256(package_model_dir() / "model.bin")
     from transformers import WhisperForConditionalGeneration
 
     model = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
@@ -240,3 +242,12 @@ def test_key_is_json_and_names_the_checksum(extractor, converted):
     assert json.loads(json.dumps(key)) == key
     assert key["model"] == "whisper-tiny.en" and key["heads"] == "all" and key["dtype"] == "float32"
     assert key["revision"] == f"sha256:{converted[1]['weights_sha256']}"
+
+
+# sha256 of the canonical JSON of whisper-tiny.en's default key, computed before the backends were
+# reshaped (issue 8): feature-store digests depend on the key, so it must never change by accident
+DEFAULT_KEY_SHA256 = "6af7c71b49a42564554e5a9dbc08e0bf5db88bdfb0df659ac678bfcc2f3aefa2"
+
+
+def test_default_key_is_pinned(extractor):
+    assert hashlib.sha256(canonical_json(extractor.key).encode()).hexdigest() == DEFAULT_KEY_SHA256

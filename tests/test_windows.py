@@ -56,3 +56,12 @@ def test_windows_change_the_key_and_bad_values_are_refused(extractors):
     assert windowed.key == {**plain.key, "long": "windows"} and windowed.head_names == plain.head_names
     with pytest.raises(ExtractorError, match="long='sometimes'"):
         load_extractor("whisper-tiny.en", long="sometimes")
+
+
+def test_windowed_forwards_only_what_it_means_to(extractors):
+    _, windowed = extractors
+    assert windowed.model is windowed.inner.model and windowed.tokenizer is windowed.inner.tokenizer
+    with pytest.raises(AttributeError):
+        windowed.encoder_sites  # noqa: B018  (Whisper internals are not forwarded)
+    with pytest.raises(AttributeError):
+        windowed.build_inputs  # noqa: B018  (Whisper has no build_inputs: not an LALM)

@@ -12,7 +12,7 @@ from transformers.models.qwen2_5_omni import (
     Qwen2_5OmniThinkerForConditionalGeneration,
 )
 
-from calm.models.qwen2_5_omni import build_processor
+from calm.models.processors import build_processor
 
 OMNI_TOKENS = {
     "pad_token": "<|endoftext|>",

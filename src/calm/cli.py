@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": "calm.commands.evaluate:evaluate",
     "fit": "calm.commands.fit:fit",
     "predict": "calm.commands.predict:predict",
+    "serve": "calm.commands.serve:serve",
 }
 
 

@@ -1,34 +1,95 @@
-"""Saving and loading fitted classifiers: safetensors tensors plus a JSON header. Never pickle.
+"""The classifier file format: safetensors tensors plus a JSON header. Never pickle.
 
-File layout: a safetensors file whose string metadata holds one key, ``"calm"``, a JSON object::
+This module reads and writes files and checks them against a layout the estimator declares; it
+knows no estimator class. A file holds the string metadata key ``"calm"``, a JSON object::
 
     {"format": "calm-classifier", "format_version": 1, "estimator": "CALM" | "SAV",
      "calm_version": "...", "params": {...get_params()...},
      "classes": [...], "classes_type": "str" | "int" | "float" | "bool",
      "n_classes": C, "n_heads": K, "head_dim": d, "k": k_, "metadata": {...}}
 
-and the tensors ``centroids`` (C, K, d) and ``class_counts`` (C,), plus for CALM ``reliability``
-((C, K) or (K,)), ``weights`` (C, K), ``heads`` ((C, k) or (k,)), and for SAV ``head_scores`` (K,),
-``heads`` (k,) and, with ``tie_break="margin"``, ``head_margins`` (K,). A file with a missing key,
-a wrong shape or an unknown format version is refused with a ValueError naming the problem.
+and the estimator's fitted arrays as tensors, each named after its attribute without the trailing
+underscore (``centroids_`` -> ``centroids``). The estimator lists them as :class:`TensorSpec` (shape
+in the symbols C, K, d, k of the header, dtype kind, index range); :func:`check_tensors` refuses a
+missing tensor, a wrong shape or dtype kind, a NaN or infinite float, or an index out of range. A
+file with a missing header key or an unknown format version is refused with a ValueError naming the
+file and the problem.
+
+Writers: :func:`write_classifier` (atomically). Readers: :func:`read_classifier` (header and raw
+tensors, format checks only), then :func:`check_tensors` with the estimator's layout.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
 
+from calm import __version__
 from calm._files import atomic_write_bytes, json_default
 
 FORMAT = "calm-classifier"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_classifier", "load_classifier"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SavedClassifier",
+    "TensorSpec",
+    "check_tensors",
+    "read_classifier",
+    "write_classifier",
+]
+
+_HEADER_KEYS = ("estimator", "params", "classes", "classes_type", "n_classes", "n_heads", "head_dim", "k")
 
 
-def _classes_to_json(classes: np.ndarray) -> tuple[list, str]:
+@dataclass(frozen=True)
+class TensorSpec:
+    """One saved array: tensor ``name`` (attribute ``name + "_"``), ``shape`` in header symbols
+    ("C" classes, "K" heads, "d" head dim, "k" kept heads) or ints, dtype ``kind`` ("f" floating,
+    checked finite; "i" integer), and for index arrays ``index_of``, the symbol bounding the values
+    (each in [0, dims[index_of]))."""
+
+    name: str
+    shape: tuple[str | int, ...]
+    kind: str = "f"
+    index_of: str | None = None
+
+    @property
+    def attr(self) -> str:
+        """The estimator attribute holding this array."""
+        return self.name + "_"
+
+
+@dataclass
+class SavedClassifier:
+    """The contents of a classifier file: estimator name, its ``get_params`` dict, ``classes``
+    (C,), the header dims, raw tensors by name, the user ``metadata`` and the writing calm version."""
+
+    estimator: str
+    params: dict[str, Any]
+    classes: np.ndarray
+    n_heads: int
+    head_dim: int
+    k: int
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    calm_version: str = __version__
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Values of the shape symbols C, K, d, k."""
+        return {"C": len(self.classes), "K": self.n_heads, "d": self.head_dim, "k": self.k}
+
+
+def _classes_to_json(classes: np.ndarray) -> tuple[list[Any], str]:
     values = classes.tolist()
     for name, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)), ("str", (str,))):
         if all(isinstance(v, types) and (name == "bool" or not isinstance(v, bool)) for v in values):
@@ -36,8 +97,13 @@ def _classes_to_json(classes: np.ndarray) -> tuple[list, str]:
     raise ValueError("only str, int, float or bool class labels can be saved; got " + repr(values[:3]))
 
 
-def _classes_from_json(values, kind: str) -> np.ndarray:
-    types = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,)}
+def _classes_from_json(values: Any, kind: Any) -> np.ndarray:
+    types: dict[str, tuple[type, ...]] = {
+        "str": (str,),
+        "int": (int,),
+        "float": (float, int),
+        "bool": (bool,),
+    }
     if kind not in types or not isinstance(values, list):
         raise ValueError(f"bad class names in header (type {kind!r})")
     if not all(isinstance(v, types[kind]) and (kind == "bool" or not isinstance(v, bool)) for v in values):
@@ -47,66 +113,33 @@ def _classes_from_json(values, kind: str) -> np.ndarray:
     return np.asarray(values, dtype={"int": np.int64, "float": np.float64, "bool": np.bool_}[kind])
 
 
-def _tensors(clf) -> dict[str, np.ndarray]:
-    t = {"centroids": clf.centroids_, "class_counts": clf.class_counts_, "heads": clf.heads_}
-    if type(clf).__name__ == "CALM":
-        t.update(reliability=clf.reliability_, weights=clf.weights_)
-    else:
-        t["head_scores"] = clf.head_scores_
-        if getattr(clf, "head_margins_", None) is not None and clf.tie_break == "margin":
-            t["head_margins"] = clf.head_margins_
-    return {k: np.ascontiguousarray(v) for k, v in t.items()}
-
-
-def save_classifier(clf, path, metadata: dict | None = None) -> None:
-    """Write fitted ``clf`` (SAV or CALM) to ``path`` (written atomically)."""
-    from safetensors.numpy import save
-
-    import calm
-
-    classes, kind = _classes_to_json(clf.classes_)
+def write_classifier(path: str | Path, saved: SavedClassifier) -> None:
+    """Write ``saved`` to ``path`` atomically; ValueError for labels or parameters / metadata that
+    cannot be stored as JSON."""
+    classes, kind = _classes_to_json(saved.classes)
     header = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "estimator": type(clf).__name__,
-        "calm_version": calm.__version__,
-        "params": clf.get_params(deep=False),
+        "estimator": saved.estimator,
+        "calm_version": saved.calm_version,
+        "params": saved.params,
         "classes": classes,
         "classes_type": kind,
         "n_classes": len(classes),
-        "n_heads": int(clf.n_heads_),
-        "head_dim": int(clf.head_dim_),
-        "k": int(clf.k_),
-        "metadata": dict(metadata or {}),
+        "n_heads": int(saved.n_heads),
+        "head_dim": int(saved.head_dim),
+        "k": int(saved.k),
+        "metadata": dict(saved.metadata or {}),
     }
     try:
         text = json.dumps(header, default=json_default, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"parameters and metadata must be JSON-serialisable: {e}") from e
-    path = Path(path)
-    atomic_write_bytes(path, save(_tensors(clf), metadata={"calm": text}))
+    tensors = {name: np.ascontiguousarray(a) for name, a in saved.tensors.items()}
+    atomic_write_bytes(Path(path), save(tensors, metadata={"calm": text}))
 
 
-def _expected_shapes(est: str, h: dict, tensors: dict) -> dict[str, tuple]:
-    C, K, d, k = h["n_classes"], h["n_heads"], h["head_dim"], h["k"]
-    shapes = {"centroids": (C, K, d), "class_counts": (C,)}
-    if est == "CALM":
-        glob = h["params"].get("weighting") == "global"
-        shapes.update(reliability=(K,) if glob else (C, K), weights=(C, K), heads=(k,) if glob else (C, k))
-    else:
-        shapes.update(head_scores=(K,), heads=(k,))
-        if h["params"].get("tie_break") == "margin":
-            shapes["head_margins"] = (K,)
-    return shapes
-
-
-def load_classifier(path):
-    """Read a classifier written by :func:`save_classifier`; refuses bad files with ValueError."""
-    from safetensors import safe_open
-
-    from calm.classifiers import CALM, SAV
-
-    path = Path(path)
+def _read_raw(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     if not path.is_file():
         raise FileNotFoundError(f"no classifier file at {path}")
     try:
@@ -115,6 +148,10 @@ def load_classifier(path):
             tensors = {key: np.array(f.get_tensor(key)) for key in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    return meta, tensors
+
+
+def _read_header(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     if "calm" not in meta:
         raise ValueError(f"{path} is not a calm classifier (no 'calm' header)")
     try:
@@ -130,56 +167,62 @@ def load_classifier(path):
             f"{path} has unknown format version {h.get('format_version')!r}; "
             f"this calm reads version {FORMAT_VERSION}"
         )
-    required = ("estimator", "params", "classes", "classes_type", "n_classes", "n_heads", "head_dim", "k")
-    missing = [key for key in required if key not in h]
+    missing = [key for key in _HEADER_KEYS if key not in h]
     if missing:
         raise ValueError(f"{path}: header is missing {missing}")
-    est_cls = {"SAV": SAV, "CALM": CALM}.get(h["estimator"])
-    if est_cls is None:
-        raise ValueError(f"{path}: unknown estimator {h['estimator']!r}")
+    if not isinstance(h["estimator"], str):
+        raise ValueError(f"{path}: header 'estimator' must be a string, got {h['estimator']!r}")
     for key in ("n_classes", "n_heads", "head_dim", "k"):
         if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
             raise ValueError(f"{path}: header field {key!r} must be a positive int, got {h[key]!r}")
     if not isinstance(h["params"], dict):
         raise ValueError(f"{path}: header 'params' must be an object")
-    shapes = _expected_shapes(h["estimator"], h, tensors)
-    missing = sorted(set(shapes) - set(tensors))
-    if missing:
-        raise ValueError(f"{path}: missing tensors {missing}")
-    for key, shape in shapes.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}"
-            )
-    classes = _classes_from_json(h["classes"], h["classes_type"])
+    return h
+
+
+def read_classifier(path: str | Path) -> SavedClassifier:
+    """Header and raw tensors of the classifier file at ``path``, format checks only (tensors are
+    checked against the estimator's layout by :func:`check_tensors`)."""
+    path = Path(path)
+    meta, tensors = _read_raw(path)
+    h = _read_header(path, meta)
+    try:
+        classes = _classes_from_json(h["classes"], h["classes_type"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     if len(classes) != h["n_classes"]:
         raise ValueError(f"{path}: {len(classes)} class names for n_classes={h['n_classes']}")
-    try:
-        clf = est_cls(**h["params"])
-        clf._validate_params()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bad parameters {h['params']}: {e}") from e
-    for key in ("centroids", "reliability", "weights", "head_scores", "head_margins"):
-        if key in tensors and not np.isfinite(tensors[key]).all():
-            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
-    heads = tensors["heads"]
-    if heads.dtype.kind not in "iu" or heads.min() < 0 or heads.max() >= h["n_heads"]:
-        raise ValueError(f"{path}: tensor 'heads' must hold head indices in [0, {h['n_heads']})")
-    clf.classes_ = classes
-    clf.class_counts_ = tensors["class_counts"]
-    clf.centroids_ = tensors["centroids"]
-    clf.n_heads_, clf.head_dim_, clf.k_ = h["n_heads"], h["head_dim"], h["k"]
-    clf.n_features_in_ = clf.n_heads_ * clf.head_dim_
-    clf.heads_ = heads.astype(np.int64)
-    if est_cls is CALM:
-        clf.reliability_, clf.weights_ = tensors["reliability"], tensors["weights"]
-    else:
-        clf.head_scores_ = tensors["head_scores"]
-        if "head_margins" in tensors:
-            clf.head_margins_ = tensors["head_margins"]
     md = h.get("metadata", {})
-    clf.metadata_ = md if isinstance(md, dict) else {}
-    clf._unit = None
-    clf._prepare()
-    clf._unit = None
-    return clf
+    return SavedClassifier(
+        estimator=h["estimator"],
+        params=h["params"],
+        classes=classes,
+        n_heads=h["n_heads"],
+        head_dim=h["head_dim"],
+        k=h["k"],
+        tensors=tensors,
+        metadata=md if isinstance(md, dict) else {},
+        calm_version=str(h.get("calm_version", "")),
+    )
+
+
+def check_tensors(saved: SavedClassifier, specs: Sequence[TensorSpec], path: str | Path) -> None:
+    """Refuse (ValueError naming ``path``) tensors of ``saved`` that do not match ``specs``: missing,
+    wrong shape or dtype kind, NaN or infinite floats, indices out of range. Extra tensors pass."""
+    dims = saved.dims
+    missing = sorted(s.name for s in specs if s.name not in saved.tensors)
+    if missing:
+        raise ValueError(f"{path}: missing tensors {missing}")
+    for s in specs:
+        a = saved.tensors[s.name]
+        shape = tuple(dims[x] if isinstance(x, str) else x for x in s.shape)
+        if tuple(a.shape) != shape:
+            raise ValueError(f"{path}: tensor {s.name!r} has shape {tuple(a.shape)}, expected {shape}")
+        kinds = "iu" if s.kind == "i" else s.kind
+        if a.dtype.kind not in kinds:
+            raise ValueError(f"{path}: tensor {s.name!r} has dtype {a.dtype}, expected kind {s.kind!r}")
+        if s.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{path}: tensor {s.name!r} holds NaN or infinite values")
+        if s.index_of is not None and a.size and (a.min() < 0 or a.max() >= dims[s.index_of]):
+            n = dims[s.index_of]
+            raise ValueError(f"{path}: tensor {s.name!r} must hold indices in [0, {n}) ({s.index_of})")

@@ -98,16 +98,9 @@ def classifier_options(command):
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from calm.commands._progress import progress_bar
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-        transient=True,
-    )
+    return progress_bar(enabled)
 
 
 def _features_from_data(model, data_spec, store, extractor_kw, batch_size, progress, echo):
@@ -119,7 +112,10 @@ def _features_from_data(model, data_spec, store, extractor_kw, batch_size, progr
     echo(f"dataset {data_spec}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
     extractor = load_extractor(model, **extractor_kw)
     echo(f"model {model}: {len(extractor.head_names)} heads; feature store {store}")
-    report = extract_to_store(extractor, dataset, store, batch_size=batch_size, progress=progress)
+    from calm.commands._progress import extraction_progress
+
+    with extraction_progress(progress) as bar:
+        report = extract_to_store(extractor, dataset, store, batch_size=batch_size, progress=bar)
     echo(report.summary())
     X, y, meta = load_features(store, key=report.digest)
     import numpy as np

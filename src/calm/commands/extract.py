@@ -155,6 +155,7 @@ def extract(
     Re-running the same command resumes: clips already stored (same path and content) are
     skipped. Exits with status 1 if any clip failed, unless --allow-failures.
     """
+    from calm.commands._progress import extraction_progress
     from calm.data.base import DatasetError
     from calm.store import StoreError, compact, extract_to_store
 
@@ -173,16 +174,17 @@ def extract(
         raise click.ClickException(f"cannot load model {model!r}: {exc}") from None
     click.echo(f"model {model}: {len(extractor.head_names)} heads", err=True)
     try:
-        report = extract_to_store(
-            extractor,
-            dataset,
-            out,
-            batch_size=batch_size,
-            dtype=dtype,
-            limit=limit,
-            progress=progress,
-            workers=workers,
-        )
+        with extraction_progress(progress) as bar:
+            report = extract_to_store(
+                extractor,
+                dataset,
+                out,
+                batch_size=batch_size,
+                dtype=dtype,
+                limit=limit,
+                progress=bar,
+                workers=workers,
+            )
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

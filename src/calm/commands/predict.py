@@ -1,35 +1,42 @@
-"""`calm predict`: label audio files with a classifier saved by `calm fit` (or `clf.save`)."""
+"""`calm predict`: label audio files with a classifier saved by `calm fit` (or `clf.save`).
+
+A thin command over `calm.inference`: every file gets a row (label and probability, or its error),
+the --csv / --json files are always written, and the exit status is 1 when any file failed.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import sys
-from pathlib import Path
 
 import click
 
+FIELDS = ["path", "label", "probability", "duration", "error"]
 
-def rebuild_extractor(metadata: dict, device: str):
-    """The extractor a saved classifier was fitted on, checked against the stored extraction key."""
-    from calm.models import load_extractor
 
-    model = metadata.get("model")
-    if not model:
-        raise click.ClickException("the classifier's metadata names no model (fit it with `calm fit`)")
-    kwargs = {"heads": metadata.get("heads") or "all", "prompt": metadata.get("prompt"), "device": device}
-    if metadata.get("layers") is not None:
-        kwargs["layers"] = metadata["layers"]
-    extractor = load_extractor(model, **kwargs, **(metadata.get("options") or {}))
-    stored = (metadata.get("extraction_key") or {}).get("extractor")
-    if stored is not None:
-        now = json.loads(json.dumps(extractor.key))
-        diff = sorted(k for k in set(stored) | set(now) if k != "dtype" and stored.get(k) != now.get(k))
-        if diff:
-            raise click.ClickException(
-                f"the extractor differs from the one the classifier was fitted on in {diff}"
-            )
-    return extractor
+def _row(p) -> dict:
+    label = None if p.label is None else str(p.label)
+    return {
+        "path": p.source,
+        "label": label,
+        "probability": p.probability,
+        "duration": p.duration,
+        "error": p.error,
+    }
+
+
+def write_outputs(rows: list[dict], csv_out: str | None, json_out: str | None) -> None:
+    """The rows as CSV and/or JSON (file names that are not UTF-8 are kept byte for byte in the CSV)."""
+    from calm._files import atomic_write_text
+
+    if csv_out:
+        with open(csv_out, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(rows, indent=1) + "\n")
 
 
 @click.command()
@@ -41,42 +48,36 @@ def rebuild_extractor(metadata: dict, device: str):
 @click.option(
     "--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Also write JSON here."
 )
+@click.option(
+    "--model",
+    default=None,
+    help="Load this model instead of the one the classifier names (its extraction key must match).",
+)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-def predict(model_path, files, csv_out, json_out, device, batch_size):
-    """Print the predicted label and its probability for each audio file."""
-    import numpy as np
+def predict(model_path, files, csv_out, json_out, model, device, batch_size):
+    """Print the predicted label and its probability for each audio file.
 
-    import calm
+    Exit status 1 when any file could not be labelled (its row then holds the error).
+    """
+    from calm.inference import load_predictor
 
-    clf = calm.load(model_path)
-    extractor = rebuild_extractor(dict(getattr(clf, "metadata_", {}) or {}), device)
-    rows, loaded = [], []
-    for f in files:
-        try:
-            loaded.append((f, extractor.load_input(f)))
-        except (ValueError, OSError, RuntimeError) as exc:  # AudioError, missing files, decoder errors
-            rows.append({"path": f, "label": None, "probability": None, "error": str(exc)})
-    for i in range(0, len(loaded), batch_size):
-        batch = loaded[i : i + batch_size]
-        feats = np.asarray(extractor.extract([x for _, x in batch]), dtype=np.float32)
-        proba = np.asarray(clf.predict_proba(feats))
-        for (f, _), p in zip(batch, proba, strict=True):
-            j = int(np.argmax(p))
-            rows.append({"path": f, "label": str(clf.classes_[j]), "probability": float(p[j]), "error": None})
-    order = {f: i for i, f in enumerate(files)}
-    rows.sort(key=lambda r: order[r["path"]])
+    def announce(choice) -> None:
+        click.echo(f"calm predict: loading {choice.describe()}", err=True)
+
+    try:
+        predictor = load_predictor(model_path, model=model, device=device, announce=announce)
+    except (ValueError, OSError) as exc:  # bad classifier file, model mismatch, model not found
+        raise click.ClickException(str(exc)) from None
+    rows = [_row(p) for p in predictor(list(files), batch_size=batch_size)]
     for r in rows:
+        shown = r["path"].encode("utf-8", "backslashreplace").decode("utf-8")
         if r["error"]:
-            click.echo(f"{r['path']}\tERROR\t{r['error']}")
+            click.echo(f"{shown}\tERROR\t{r['error']}")
         else:
-            click.echo(f"{r['path']}\t{r['label']}\t{r['probability']:.4f}")
-    if csv_out:
-        with open(csv_out, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["path", "label", "probability", "error"])
-            w.writeheader()
-            w.writerows(rows)
-    if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=1) + "\n")
-    if any(r["error"] for r in rows):
+            click.echo(f"{shown}\t{r['label']}\t{r['probability']:.4f}")
+    write_outputs(rows, csv_out, json_out)
+    failed = sum(1 for r in rows if r["error"])
+    if failed:
+        click.echo(f"calm predict: {failed} of {len(rows)} files failed", err=True)
         sys.exit(1)

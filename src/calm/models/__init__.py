@@ -3,23 +3,33 @@
 `load_extractor(name)` accepts a registered name (`MODELS`), a hub id or a local directory.
 Registered names map to a hub id (or an embedded model) and a backend; unregistered ids are
 dispatched on their config's `model_type` (`BACKENDS`), and types without a backend of their own
-go to the generic LALM path (`GENERIC_BACKEND`, `calm.models.generic`). Backend modules are imported lazily so
-that `import calm.models` stays light.
+go to the generic LALM path (`GENERIC_BACKEND`, `calm.models.generic`). Backend modules are imported
+lazily so that `import calm.models` stays light.
+
+`load_extractor` builds one frozen `LoadSpec` (`calm.models.spec`) and calls the backend loader
+with it: `loader(spec) -> Extractor`. A loader declares the options it accepts with
+`@backend_options(name=default, ...)`; unknown options are refused here, once, naming the
+accepted ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from calm.models.base import Extractor, ExtractorError, HeadName, resolve_dtype
+from calm.models.base import Extractor, ExtractorError, HeadName, TorchExtractor
+from calm.models.spec import LoadSpec, backend_options, check_options, declared_options
 
 __all__ = [
     "Extractor",
     "ExtractorError",
     "HeadName",
+    "LoadSpec",
+    "TorchExtractor",
+    "backend_options",
     "MODELS",
     "BACKENDS",
     "GENERIC_BACKEND",
@@ -29,7 +39,8 @@ __all__ = [
 
 
 class ModelEntry(NamedTuple):
-    """A registered model name: the checkpoint to load and the backend loader ("module:function")."""
+    """A registered model name: the checkpoint to load (None: the loader knows it) and the backend
+    loader ("module:function", called as `loader(spec: LoadSpec)`)."""
 
     checkpoint: str | None
     loader: str
@@ -57,7 +68,8 @@ DEFAULT_MODEL = "whisper-tiny.en"
 
 
 def register_model(name: str, checkpoint: str | None, loader: str) -> None:
-    """Register a short model name (used by backends defined elsewhere)."""
+    """Register a short model name (used by backends defined elsewhere). The loader ("module:function")
+    is called as `loader(spec: LoadSpec)`; it declares its options with `backend_options`."""
     MODELS[name] = ModelEntry(checkpoint, loader)
 
 
@@ -86,6 +98,8 @@ def load_extractor(
     dtype=None,
     layers: Sequence[int] | int | None = None,
     attn_implementation: str | None = None,
+    revision: str | None = None,
+    long: str = "truncate",
     **options,
 ) -> Extractor:
     """Load a frozen model as a per-head feature extractor.
@@ -100,17 +114,16 @@ def load_extractor(
         dtype: None (float32 on CPU, bfloat16/float16 on GPU), a torch dtype or a name.
         layers: None (all), an int L (the first L layers) or a list of layer indices.
         attn_implementation: passed to `from_pretrained` (`eager`, `sdpa`, ...).
-        **options: backend options (e.g. Whisper's `encoder_length`, `min_encoder_seconds`; LALMs'
-            `truncate_layers`, default True: with `layers` given, load only the text decoder
-            layers up to the last selected one, see `calm.models.lalm.truncated_config`), and
-            `long`: `truncate` (default: clips longer than the model's window are cut, with a
-            warning) or `windows` (features averaged over consecutive windows,
-            `calm.models.windows`).
+        revision: hub revision to load (None: the default branch).
+        long: `truncate` (default: clips longer than the model's window are cut, with a warning)
+            or `windows` (features averaged over consecutive windows, `calm.models.windows`).
+        **options: backend options, checked against the backend's declaration (e.g. Whisper's
+            `encoder_length`, `min_encoder_seconds`; LALMs' `padding_side` and `truncate_layers`,
+            default True: with `layers` given, load only the text decoder layers up to the last
+            selected one, see `calm.models.lalm.truncated_config`; Qwen2.5-Omni's `video`, `fps`,
+            `frame_size`, `max_frames`).
     """
-    long = options.pop("long", "truncate")
-    if long not in ("truncate", "windows"):
-        raise ExtractorError(f"long={long!r}: use 'truncate' or 'windows'")
-    extractor = _load(
+    loader, spec = resolve(
         model,
         heads=heads,
         prompt=prompt,
@@ -118,30 +131,24 @@ def load_extractor(
         dtype=dtype,
         layers=layers,
         attn_implementation=attn_implementation,
-        **options,
+        revision=revision,
+        long=long,
     )
-    if long == "windows":
+    backend = f"{model} ({loader.__module__}:{loader.__name__})"
+    spec = dataclasses.replace(spec, options=check_options(options, declared_options(loader), backend))
+    extractor = loader(spec)
+    if spec.long == "windows":
         from calm.models.windows import WindowedExtractor
 
         return WindowedExtractor(extractor)
     return extractor
 
 
-def _load(model, *, heads, prompt, device, dtype, layers, attn_implementation, **options) -> Extractor:
-    common = dict(
-        heads=heads,
-        prompt=prompt,
-        device=device,
-        dtype=resolve_dtype(dtype, device),
-        layers=layers,
-        attn_implementation=attn_implementation,
-        **options,
-    )
+def resolve(model: str, **fields):
+    """(backend loader, `LoadSpec` without options) for a registered name, hub id or directory."""
     if model in MODELS:
         entry = MODELS[model]
-        loader = _resolve_loader(entry.loader)
-        if entry.checkpoint is None:
-            return loader(**common)
-        return loader(entry.checkpoint, name=model, **common)
-    loader = BACKENDS.get(_model_type(str(model)), GENERIC_BACKEND)
-    return _resolve_loader(loader)(str(model), **common)
+        spec = LoadSpec(entry.checkpoint or model, name=model, **fields)
+        return _resolve_loader(entry.loader), spec
+    spec = LoadSpec(str(model), **fields)
+    return _resolve_loader(BACKENDS.get(_model_type(spec.model_id), GENERIC_BACKEND)), spec

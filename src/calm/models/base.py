@@ -2,7 +2,8 @@
 
 An `Extractor` reads audio clips and returns, for each clip, one vector per attention head:
 an array of shape (n, K, d) with K = len(head_names) in layer-major order (see
-docs/architecture.md). Backends subclass it and implement `extract`.
+docs/architecture.md). Backends subclass it and implement `extract`; those that run a torch
+module subclass `TorchExtractor` (its device and dtype, and moving inputs onto them).
 """
 
 from __future__ import annotations
@@ -117,3 +118,38 @@ class Extractor(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model_id={self.model_id!r}, heads={len(self.head_names)})"
+
+
+class TorchExtractor(Extractor):
+    """An extractor around a frozen torch module `model`: its device and dtype, and inputs moved
+    onto them. Whisper, the LALMs (and any encoder-only backend) share this."""
+
+    model: torch.nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def to_model(self, batch):
+        """`batch` (a tensor, or a BatchFeature / dict of them) on the model's device, floating
+        tensors in the model's dtype; integer tensors (ids, masks) keep theirs."""
+        if torch.is_tensor(batch):
+            batch = batch.to(self.device)
+            return batch.to(self.dtype) if batch.is_floating_point() else batch
+        batch = (
+            batch.to(self.device)
+            if hasattr(batch, "to")
+            else {k: _to(v, self.device) for k, v in batch.items()}
+        )
+        for name, value in batch.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                batch[name] = value.to(self.dtype)
+        return batch
+
+
+def _to(value, device: torch.device):
+    return value.to(device) if torch.is_tensor(value) else value

@@ -14,13 +14,15 @@ is in docs/backends.md.
 Omni checkpoints whose config has a `thinker_config` (Qwen3-Omni-MoE) load only the thinker, with
 the checkpoint's `thinker.*` weights, never the talker. A processor that needs torchvision only
 for its image / video processors is built without it when `NUMPY_VISION_PROCESSORS` knows it
-(the numpy patchers of `calm.models.qwen2_5_omni`; this path feeds audio only).
+(the numpy patchers of `calm.models.processors`; this path feeds audio only).
 """
 
 from __future__ import annotations
 
 from calm.models.base import ExtractorError
-from calm.models.lalm import LALMExtractor, load_lalm
+from calm.models.lalm import LALM_OPTIONS, LALMExtractor, load_lalm
+from calm.models.processors import NUMPY_VISION_PROCESSORS, load_processor
+from calm.models.spec import LoadSpec, backend_options
 
 #: transformers auto classes tried in order; the first whose mapping knows the config is used.
 AUTO_CLASSES = (
@@ -30,10 +32,6 @@ AUTO_CLASSES = (
     "AutoModelForSeq2SeqLM",
     "AutoModelForCausalLM",
 )
-
-#: model type (without `_thinker`) -> processor class under `transformers.models` that can be
-#: built with numpy image / video patchers when torchvision is missing
-NUMPY_VISION_PROCESSORS = {"qwen3_omni_moe": "qwen3_omni_moe.Qwen3OmniMoeProcessor"}
 
 
 class GenericLALMExtractor(LALMExtractor):
@@ -55,46 +53,24 @@ def model_class(config):
     raise ExtractorError(f"no transformers model class with an LM head for model type {config.model_type!r}")
 
 
-def load_processor(model_id: str, config, **hub):
-    """`AutoProcessor.from_pretrained(model_id)`, or, when that fails for want of torchvision and
-    the model type is in `NUMPY_VISION_PROCESSORS`, the same processor built from the checkpoint's
-    tokenizer, Whisper feature extractor and chat template with numpy image / video patchers."""
-    from transformers import AutoProcessor
-
-    try:
-        return AutoProcessor.from_pretrained(model_id, **hub)
-    except ImportError as err:
-        processor_base = NUMPY_VISION_PROCESSORS.get(config.model_type.removesuffix("_thinker"))
-        if "torchvision" not in str(err).lower() or processor_base is None:
-            raise
-    from transformers import AutoTokenizer, WhisperFeatureExtractor
-
-    from calm.models.qwen2_5_omni import _chat_template, build_processor
-
-    tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-    return build_processor(
-        tokenizer,
-        WhisperFeatureExtractor.from_pretrained(model_id, **hub),
-        _chat_template(model_id, tokenizer, hub),
-        getattr(config, "vision_config", None),
-        processor_base=processor_base,
-    )
-
-
-def load_generic(model_id: str, *, revision: str | None = None, **kwargs) -> GenericLALMExtractor:
-    """A `GenericLALMExtractor` for `model_id` (hub id or local directory); see `load_extractor`."""
+@backend_options(**LALM_OPTIONS)
+def load_generic(spec: LoadSpec) -> GenericLALMExtractor:
+    """A `GenericLALMExtractor` for `spec.model_id` (hub id or local directory); see `load_extractor`."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_id), **({"revision": revision} if revision else {}))
+    config = AutoConfig.from_pretrained(spec.model_id, **spec.hub_kwargs())
+    extra = {}
     thinker = getattr(config, "thinker_config", None)
     if thinker is not None:  # a full Omni checkpoint: the thinker only, from its `thinker.*` weights
-        kwargs.update(config=thinker, key_mapping={r"^thinker\.": ""})
+        extra = {"config": thinker, "key_mapping": {r"^thinker\.": ""}}
         config = thinker
-    return load_lalm(
-        str(model_id),
+    return load_lalm(  # type: ignore[return-value]
+        spec,
         extractor_cls=GenericLALMExtractor,
         model_cls=model_class(config),
-        revision=revision,
         load_processor=lambda path, **hub: load_processor(path, config, **hub),
-        **kwargs,
+        **extra,
     )
+
+
+__all__ = ["AUTO_CLASSES", "NUMPY_VISION_PROCESSORS", "GenericLALMExtractor", "load_generic", "model_class"]

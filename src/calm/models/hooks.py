@@ -114,7 +114,7 @@ def select_layers(n_layers: int, layers: Sequence[int] | int | None) -> list[int
 
 
 def attention_sites(
-    layer_list: Sequence[nn.Module],
+    layer_list: Sequence[nn.Module] | nn.ModuleList,
     layers: Sequence[int] | int | None = None,
     *,
     attention: str | None = None,
@@ -135,6 +135,11 @@ def decoder_attention_sites(
 ) -> list[AttentionSite]:
     """Self-attention sites of the text decoder of `model` (an LALM or any causal LM)."""
     return attention_sites(decoder_layers(model), layers, source="decoder")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so left-padded rows get the positions of unpadded ones."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def last_token_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,29 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm.models.base import (
-    Extractor,
-    ExtractorError,
-    HeadName,
-    dtype_name,
-    model_revision,
-    pretrained_kwargs,
-)
+from calm.models.base import ExtractorError, HeadName, TorchExtractor, dtype_name, model_revision
 from calm.models.hooks import (
     HeadCapture,
     at_positions,
     decoder_attention_sites,
     last_token_positions,
+    position_ids_from_mask,
     select_layers,
 )
+from calm.models.spec import LoadSpec, backend_options
+
+__all__ = ["LALMExtractor", "load_lalm", "position_ids_from_mask", "padding_kwargs", "truncated_config"]
 
 DEFAULT_PROMPT = "What is the sound in this audio?"
 AUDIO_PLACEHOLDER = "clip"  # chat templates test for an `audio` key; the waveform goes to the processor
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only, so left-padded rows get the positions of unpadded ones."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 def padding_kwargs(
@@ -74,7 +66,7 @@ def padding_kwargs(
     return {**kwargs, "text_kwargs": text, **({"audio_kwargs": audio} if audio else {})}
 
 
-class LALMExtractor(Extractor):
+class LALMExtractor(TorchExtractor):
     """Per-head features of an LALM's text decoder at the last prompt token.
 
     Attributes besides the `Extractor` contract: `model` (the loaded model, eval mode),
@@ -152,14 +144,6 @@ class LALMExtractor(Extractor):
 
     # ------------------------------------------------------------------ inputs
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
     def chat_text(self, prompt_text: str | None = None) -> str:
         """The rendered chat (with generation prompt) for one clip, before audio-token expansion."""
         text = self.processor.apply_chat_template(
@@ -193,11 +177,7 @@ class LALMExtractor(Extractor):
                 audio_padding=self.audio_padding,
             ),
         )
-        inputs = inputs.to(self.device)
-        for name, value in inputs.items():
-            if torch.is_tensor(value) and value.is_floating_point():
-                inputs[name] = value.to(self.dtype)
-        return inputs
+        return self.to_model(inputs)
 
     # ------------------------------------------------------------------ features
 
@@ -277,62 +257,59 @@ def is_truncated(model) -> bool:
     return getattr(model.config.get_text_config(), "calm_truncated_from", None) is not None
 
 
+#: options of the LALM backends (`qwen2-audio`, the generic path): `padding_side` of feature
+#: extraction (None: the extractor's default) and `truncate_layers` (see `truncated_config`)
+LALM_OPTIONS = {"padding_side": None, "truncate_layers": True}
+
+
+def check_decoder_heads(spec: LoadSpec, what: str = "audio-language models have") -> None:
+    """LALMs have decoder heads only: `heads` must be `all` or `decoder`."""
+    if spec.heads not in ("all", "decoder"):
+        raise ExtractorError(f"heads={spec.heads!r}: {what} decoder heads only ('all' or 'decoder')")
+
+
+@backend_options(**LALM_OPTIONS)
 def load_lalm(
-    model_id: str,
+    spec: LoadSpec,
     *,
     extractor_cls: type[LALMExtractor] = LALMExtractor,
     model_cls=None,
-    heads: str = "all",
-    prompt: str | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    layers: Sequence[int] | int | None = None,
-    attn_implementation: str | None = None,
-    name: str | None = None,
-    revision: str | None = None,
-    padding_side: str | None = None,
-    truncate_layers: bool = True,
     config=None,
     key_mapping: dict[str, str] | None = None,
     load_processor=None,
-    **options,
 ) -> LALMExtractor:
-    """Load an LALM (hub id or local directory) with its processor as a `extractor_cls`.
+    """Load the LALM `spec.model_id` (hub id or local directory) with its processor as an
+    `extractor_cls`.
 
-    `model_cls` defaults to `AutoModelForMultimodalLM`. With `layers` given and
-    `truncate_layers=True` (default) only the text decoder layers up to the last selected one are
+    `model_cls` defaults to `AutoModelForMultimodalLM`. With `spec.layers` given and the option
+    `truncate_layers` (default True) only the text decoder layers up to the last selected one are
     built and loaded (see `truncated_config`): less memory and time, same features, but the
-    model's LM head is then unusable (no zero-shot / generation with it). Unknown `options` are
-    an error here; backends consume their own before calling this. `config` replaces the
+    model's LM head is then unusable (no zero-shot / generation with it). `config` replaces the
     checkpoint's config (e.g. the thinker config of a full Omni checkpoint, with `key_mapping`
     for its weights); `load_processor(model_id, **hub)` replaces `AutoProcessor.from_pretrained`.
     """
     from transformers import AutoConfig, AutoModelForMultimodalLM, AutoProcessor
 
-    if heads not in ("all", "decoder"):
-        raise ExtractorError(
-            f"heads={heads!r}: audio-language models have decoder heads only ('all' or 'decoder')"
-        )
-    if options:
-        raise ExtractorError(f"unknown options for {model_id}: {sorted(options)}")
-    hub = {"revision": revision} if revision else {}
-    kwargs = pretrained_kwargs(dtype, attn_implementation, revision)
+    check_decoder_heads(spec)
+    hub = spec.hub_kwargs()
+    kwargs = spec.pretrained_kwargs()
     if config is not None:
         kwargs["config"] = config
     if key_mapping:
         kwargs["key_mapping"] = key_mapping
-    if truncate_layers and layers is not None:
+    layers = spec.layer_list()
+    if spec.options.get("truncate_layers", True) and layers is not None:
         kwargs["config"], layers = truncated_config(
-            config or AutoConfig.from_pretrained(str(model_id), **hub), layers
+            config or AutoConfig.from_pretrained(spec.model_id, **hub), layers
         )
-    model = (model_cls or AutoModelForMultimodalLM).from_pretrained(str(model_id), **kwargs).to(device)
-    processor = (load_processor or AutoProcessor.from_pretrained)(str(model_id), **hub)
+    model = (model_cls or AutoModelForMultimodalLM).from_pretrained(spec.model_id, **kwargs).to(spec.device)
+    processor = (load_processor or AutoProcessor.from_pretrained)(spec.model_id, **hub)
     return extractor_cls(
         model,
         processor,
-        model_id=name or str(model_id),
-        prompt=prompt,
+        model_id=spec.label,
+        prompt=spec.prompt,
         layers=layers,
-        revision=revision or model_revision(model),
-        padding_side=padding_side,
+        revision=spec.revision or model_revision(model),
+        padding_side=spec.options.get("padding_side"),
     )

@@ -8,264 +8,41 @@ Two input kinds:
   and scaled to `frame_size`, plus its audio track, interleaved by the processor in 2 s chunks
   (`use_audio_in_video`). `load_input` then returns a `VideoClip` (frames + audio).
 
-The processor is built explicitly (tokenizer, Whisper feature extractor, and this module's own
-image/video patchers that reproduce Qwen2-VL's patch layout in numpy), so no torchvision or image
-library is needed. It pads text on the left by default; positions are Qwen's multimodal M-RoPE,
-computed by the model from the attention mask, so features do not depend on the padding side.
+The processor is built explicitly (tokenizer, Whisper feature extractor, and the numpy image /
+video patchers of `calm.models.processors`), so no torchvision or image library is needed; video
+files are decoded by `calm.video`. It pads text on the left by default; positions are Qwen's
+multimodal M-RoPE, computed by the model from the attention mask, so features do not depend on
+the padding side.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from calm.models.base import ExtractorError, model_revision, pretrained_kwargs
-from calm.models.lalm import AUDIO_PLACEHOLDER, LALMExtractor, truncated_config
+from calm.models.base import ExtractorError, model_revision
+from calm.models.lalm import (
+    AUDIO_PLACEHOLDER,
+    LALM_OPTIONS,
+    LALMExtractor,
+    check_decoder_heads,
+    truncated_config,
+)
+from calm.models.processors import build_processor, chat_template
+from calm.models.spec import LoadSpec, backend_options
+from calm.video import DEFAULT_FPS, DEFAULT_FRAME_SIZE, VideoClip, load_video
 
 HUB_IDS = {"qwen2.5-omni-7b": "Qwen/Qwen2.5-Omni-7B", "qwen2.5-omni-3b": "Qwen/Qwen2.5-Omni-3B"}
-DEFAULT_FPS = 2.0
-DEFAULT_FRAME_SIZE = (224, 224)
-
-# ---------------------------------------------------------------------------------------------
-# Video: frames decoded with PyAV, patchified the way Qwen2-VL's vision encoder reads them.
-# ---------------------------------------------------------------------------------------------
-
-# CLIP normalisation used by Qwen2-VL / Qwen2.5-Omni's vision processors.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class VideoClip:
-    """A decoded video for the audio-visual path: RGB frames at `fps` plus the mono audio track."""
-
-    frames: np.ndarray  # (T, H, W, 3) uint8
-    fps: float
-    audio: np.ndarray  # (n,) float32 at the model's sample rate
-
-
-def frame_times(duration: float, fps: float, max_frames: int | None = None) -> np.ndarray:
-    """Sampling instants 0, 1/fps, 2/fps, ... before `duration` (at least one frame)."""
-    if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    n = max(1, int(np.ceil(duration * fps - 1e-9)))
-    if max_frames is not None:
-        n = min(n, max_frames)
-    return np.arange(n) / fps
-
-
-def read_frames(
-    path: str | Path,
-    *,
-    fps: float = 2.0,
-    size: tuple[int, int] = (224, 224),
-    max_seconds: float | None = None,
-    max_frames: int | None = None,
-) -> np.ndarray:
-    """RGB frames (T, height, width, 3) uint8 of a video file, one every 1/fps seconds.
-
-    Each sampling instant takes the last decoded frame shown at or before it; frames are scaled
-    to `size` = (height, width) by libswscale (PyAV), so no image library is needed.
-    """
-    import av
-
-    height, width = size
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as err:
-        raise ValueError(f"{path}: cannot open video: {err}") from err
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        decoded: list[tuple[float, np.ndarray]] = []
-        for frame in container.decode(stream):
-            if frame.time is None:
-                continue
-            if max_seconds is not None and frame.time > max_seconds:
-                break
-            decoded.append(
-                (float(frame.time), frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
-            )
-    if not decoded:
-        raise ValueError(f"{path}: no decodable video frames")
-    starts = np.array([t for t, _ in decoded])
-    duration = starts[-1] + (starts[-1] - starts[-2] if len(starts) > 1 else 1.0 / fps)
-    if max_seconds is not None:
-        duration = min(duration, max_seconds)
-    times = frame_times(duration - starts[0], fps, max_frames) + starts[0]
-    index = np.clip(np.searchsorted(starts, times + 1e-6, side="right") - 1, 0, len(decoded) - 1)
-    return np.stack([decoded[i][1] for i in index])
-
-
-def patchify(
-    frames: np.ndarray, *, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
-) -> tuple[np.ndarray, list[int]]:
-    """Qwen2-VL patches of RGB frames (T, H, W, 3) uint8: ((t*h*w, 3*tps*ps*ps) float32, [t, h, w]).
-
-    Pixels are scaled to [0, 1] and CLIP-normalised; T is padded to a multiple of the temporal
-    patch by repeating the last frame; H and W must be multiples of patch_size * merge_size.
-    """
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be (T, H, W, 3), got {frames.shape}")
-    t, h, w, c = frames.shape
-    unit = patch_size * merge_size
-    if h % unit or w % unit:
-        raise ValueError(f"frame size {h}x{w} must be a multiple of {unit} (patch_size x merge_size)")
-    x = ((frames.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD).transpose(0, 3, 1, 2)
-    if t % temporal_patch_size:
-        x = np.concatenate([x, np.repeat(x[-1:], temporal_patch_size - t % temporal_patch_size, axis=0)])
-    gt, gh, gw = x.shape[0] // temporal_patch_size, h // patch_size, w // patch_size
-    x = x.reshape(
-        gt,
-        temporal_patch_size,
-        c,
-        gh // merge_size,
-        merge_size,
-        patch_size,
-        gw // merge_size,
-        merge_size,
-        patch_size,
-    )
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return np.ascontiguousarray(x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)), [
-        gt,
-        gh,
-        gw,
-    ]
-
-
-def load_video(
-    path: str | Path,
-    *,
-    sample_rate: int = 16000,
-    fps: float = DEFAULT_FPS,
-    frame_size: tuple[int, int] = DEFAULT_FRAME_SIZE,
-    max_seconds: float | None = None,
-    max_frames: int | None = None,
-) -> VideoClip:
-    """Frames (see `read_frames`) and the mono audio track of a video file."""
-    from calm.audio import load_audio
-
-    frames = read_frames(path, fps=fps, size=frame_size, max_seconds=max_seconds, max_frames=max_frames)
-    audio = load_audio(path, sample_rate, max_seconds=max_seconds)
-    return VideoClip(frames=frames, fps=fps, audio=audio)
-
-
-# ---------------------------------------------------------------------------------------------
-# torchvision-free processor
-# ---------------------------------------------------------------------------------------------
-
-
-class _PatchGeometry:
-    """Patch geometry (patch_size, temporal_patch_size, merge_size) of the patchers below, and the
-    patchification of a batch of clips with it."""
-
-    def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = patch_size
-        self.temporal_patch_size = temporal_patch_size
-        self.merge_size = merge_size
-
-    def patch_batch(self, clips) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patches of every clip (T, H, W, 3) uint8, concatenated, and their [t, h, w] grids."""
-        patches, grids = [], []
-        for clip in clips:
-            p, grid = patchify(
-                np.asarray(clip),
-                patch_size=self.patch_size,
-                temporal_patch_size=self.temporal_patch_size,
-                merge_size=self.merge_size,
-            )
-            patches.append(p)
-            grids.append(grid)
-        return torch.from_numpy(np.concatenate(patches)), torch.tensor(grids)
-
-
-@functools.cache
-def _vision_classes(processor_base: str = "qwen2_5_omni.Qwen2_5OmniProcessor"):
-    """(video patcher, image patcher, processor) classes; the processor is a subclass of
-    `transformers.models.<processor_base>` that accepts the patchers in place of torchvision ones."""
-    import importlib
-
-    from transformers.feature_extraction_utils import BatchFeature
-    from transformers.image_processing_base import ImageProcessingMixin
-    from transformers.video_processing_utils import VideoProcessorMixin
-
-    module, _, name = processor_base.rpartition(".")
-    base = getattr(importlib.import_module(f"transformers.models.{module}"), name)
-
-    class OmniVideoPatcher(_PatchGeometry, VideoProcessorMixin):
-        """Video processor for frames already decoded (T, H, W, 3) uint8 and sized by `read_frames`."""
-
-        model_input_names = ["pixel_values_videos", "video_grid_thw"]
-
-        def __call__(self, videos, **kwargs) -> BatchFeature:
-            pixels, grids = self.patch_batch(videos)
-            return BatchFeature({"pixel_values_videos": pixels, "video_grid_thw": grids})
-
-    class OmniImagePatcher(_PatchGeometry, ImageProcessingMixin):
-        """Image processor: an image (H, W, 3) uint8 is a one-frame video (sized by the caller)."""
-
-        model_input_names = ["pixel_values", "image_grid_thw"]
-
-        def __call__(self, images, **kwargs) -> BatchFeature:
-            pixels, grids = self.patch_batch(np.asarray(image)[None] for image in images)
-            return BatchFeature({"pixel_values": pixels, "image_grid_thw": grids})
-
-    class OmniProcessor(base):
-        """The Qwen omni processor `base` that accepts the torchvision-free patchers above."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name in ("image_processor", "video_processor"):
-                return type(argument)
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    if name != "Qwen2_5OmniProcessor":
-        OmniProcessor.__name__ = OmniProcessor.__qualname__ = f"NumpyVision{name}"
-    return OmniVideoPatcher, OmniImagePatcher, OmniProcessor
-
-
-def build_processor(
-    tokenizer,
-    feature_extractor,
-    chat_template: str | None,
-    vision_config=None,
-    *,
-    processor_base: str = "qwen2_5_omni.Qwen2_5OmniProcessor",
-):
-    """A Qwen2.5-Omni processor (or another Qwen omni processor, `processor_base` under
-    `transformers.models`) from its parts, with this module's image and video patchers sized from
-    the thinker's `vision_config` (patch_size, temporal_patch_size, spatial_merge_size)."""
-    video_cls, image_cls, processor_cls = _vision_classes(processor_base)
-    geometry = {
-        "patch_size": int(getattr(vision_config, "patch_size", 14)),
-        "temporal_patch_size": int(getattr(vision_config, "temporal_patch_size", 2)),
-        "merge_size": int(getattr(vision_config, "spatial_merge_size", 2)),
-    }
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if template is None:
-        raise ExtractorError(
-            f"{processor_cls.__name__} needs a chat template (none in the tokenizer or processor config)"
-        )
-    return processor_cls(
-        image_processor=image_cls(**geometry),
-        video_processor=video_cls(**geometry),
-        feature_extractor=feature_extractor,
-        tokenizer=tokenizer,
-        chat_template=template,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Extractor
-# ---------------------------------------------------------------------------------------------
+#: the LALM options, and the audio-visual ones: `video`, `fps`, `frame_size` (height, width), `max_frames`
+OMNI_OPTIONS = {
+    **LALM_OPTIONS,
+    "video": False,
+    "fps": DEFAULT_FPS,
+    "frame_size": DEFAULT_FRAME_SIZE,
+    "max_frames": None,
+}
 
 
 class Qwen25OmniExtractor(LALMExtractor):
@@ -350,10 +127,7 @@ class Qwen25OmniExtractor(LALMExtractor):
             padding_side=padding_side or self.padding_side,
             sampling_rate=self.sample_rate,
         )
-        batch = batch.to(self.device)
-        for name, value in batch.items():
-            if torch.is_tensor(value) and value.is_floating_point():
-                batch[name] = value.to(self.dtype)
+        batch = self.to_model(batch)
         batch["use_audio_in_video"] = True
         return batch
 
@@ -370,78 +144,43 @@ def _thinker_config(model_id: str, revision: str | None):
     raise ExtractorError(f"{model_id} is a {config.model_type!r} model, not Qwen2.5-Omni")
 
 
-def load_qwen2_5_omni(
-    model_id: str = HUB_IDS["qwen2.5-omni-7b"],
-    *,
-    heads: str = "all",
-    prompt: str | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    layers: Sequence[int] | int | None = None,
-    attn_implementation: str | None = None,
-    name: str | None = None,
-    revision: str | None = None,
-    padding_side: str | None = None,
-    video: bool = False,
-    fps: float = DEFAULT_FPS,
-    frame_size: Sequence[int] = DEFAULT_FRAME_SIZE,
-    max_frames: int | None = None,
-    truncate_layers: bool = True,
-    **options,
-) -> Qwen25OmniExtractor:
+@backend_options(**OMNI_OPTIONS)
+def load_qwen2_5_omni(spec: LoadSpec) -> Qwen25OmniExtractor:
     """Load the thinker of a Qwen2.5-Omni checkpoint (hub id or local directory; a full Omni
     checkpoint or a thinker-only one) as a `Qwen25OmniExtractor`; see `load_extractor`. With `layers`
-    and `truncate_layers` only the decoder layers up to the last selected one are loaded."""
+    and the option `truncate_layers` only the decoder layers up to the last selected one are loaded."""
     from transformers import (
         AutoTokenizer,
         Qwen2_5OmniThinkerForConditionalGeneration,
         WhisperFeatureExtractor,
     )
 
-    if heads not in ("all", "decoder"):
-        raise ExtractorError(f"heads={heads!r}: Qwen2.5-Omni has decoder heads only ('all' or 'decoder')")
-    if options:
-        raise ExtractorError(f"unknown options for {model_id}: {sorted(options)}")
-    model_id = str(model_id)
-    config, full = _thinker_config(model_id, revision)
-    if truncate_layers:
+    check_decoder_heads(spec, "Qwen2.5-Omni has")
+    options = spec.options
+    config, full = _thinker_config(spec.model_id, spec.revision)
+    layers = spec.layer_list()
+    if options["truncate_layers"]:
         config, layers = truncated_config(config, layers)
-    kwargs = {**pretrained_kwargs(dtype, attn_implementation, revision), "config": config}
+    kwargs = {**spec.pretrained_kwargs(), "config": config}
     if full:
         kwargs["key_mapping"] = {r"^thinker\.": ""}  # load the thinker's weights only
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(model_id, **kwargs).to(device)
-    hub = {"revision": revision} if revision else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_id, **hub)
-    feature_extractor = WhisperFeatureExtractor.from_pretrained(model_id, **hub)
-    processor = build_processor(
-        tokenizer, feature_extractor, _chat_template(model_id, tokenizer, hub), config.vision_config
-    )
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(spec.model_id, **kwargs)
+    model = model.to(spec.device)
+    hub = spec.hub_kwargs()
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_id, **hub)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(spec.model_id, **hub)
+    template = chat_template(spec.model_id, tokenizer, hub)
+    processor = build_processor(tokenizer, feature_extractor, template, config.vision_config)
     return Qwen25OmniExtractor(
         model,
         processor,
-        model_id=name or model_id,
-        prompt=prompt,
+        model_id=spec.label,
+        prompt=spec.prompt,
         layers=layers,
-        revision=revision or model_revision(model),
-        padding_side=padding_side,
-        video=video,
-        fps=fps,
-        frame_size=frame_size,
-        max_frames=max_frames,
+        revision=spec.revision or model_revision(model),
+        padding_side=options["padding_side"],
+        video=options["video"],
+        fps=options["fps"],
+        frame_size=options["frame_size"],
+        max_frames=options["max_frames"],
     )
-
-
-def _chat_template(model_id: str, tokenizer, hub: dict) -> str | None:
-    """The chat template: the tokenizer's, else the processor's (chat_template.json / .jinja)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.chat_template
-    import json
-
-    from transformers.utils import cached_file
-
-    for filename in ("chat_template.jinja", "chat_template.json"):
-        path = cached_file(model_id, filename, _raise_exceptions_for_missing_entries=False, **hub)
-        if path:
-            text = Path(path).read_text()
-            return text if filename.endswith(".jinja") else json.loads(text)["chat_template"]
-    return None

@@ -10,7 +10,8 @@ right padding.
 
 from __future__ import annotations
 
-from calm.models.lalm import LALMExtractor, load_lalm
+from calm.models.lalm import LALM_OPTIONS, LALMExtractor, load_lalm
+from calm.models.spec import LoadSpec, backend_options
 
 HUB_ID = "Qwen/Qwen2-Audio-7B-Instruct"
 
@@ -19,10 +20,11 @@ class Qwen2AudioExtractor(LALMExtractor):
     positions_from_mask = True
 
 
-def load_qwen2_audio(model_id: str = HUB_ID, **kwargs) -> Qwen2AudioExtractor:
-    """A `Qwen2AudioExtractor` for `model_id` (hub id or local directory); see `load_extractor`."""
+@backend_options(**LALM_OPTIONS)
+def load_qwen2_audio(spec: LoadSpec) -> Qwen2AudioExtractor:
+    """A `Qwen2AudioExtractor` for `spec.model_id` (hub id or local directory); see `load_extractor`."""
     from transformers import Qwen2AudioForConditionalGeneration
 
-    return load_lalm(
-        model_id, extractor_cls=Qwen2AudioExtractor, model_cls=Qwen2AudioForConditionalGeneration, **kwargs
+    return load_lalm(  # type: ignore[return-value]
+        spec, extractor_cls=Qwen2AudioExtractor, model_cls=Qwen2AudioForConditionalGeneration
     )

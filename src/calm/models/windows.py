@@ -4,12 +4,15 @@ By default `load_input` truncates a clip to the model's window (`max_seconds`, 3
 and Qwen2-Audio) with a logged warning. `WindowedExtractor` instead cuts the clip into windows of
 exactly `max_seconds` (the last one ends at the clip's end, see `calm.audio.split_windows`), runs
 every window through the wrapped extractor and averages the per-head features over the windows.
+It exposes the `Extractor` contract, `inner`, and the LALM attributes zero-shot reads (`model`,
+`processor`, `tokenizer`, `build_inputs`, `forward_kwargs`, `positions_from_mask`); nothing else
+of the wrapped extractor is forwarded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -47,7 +50,30 @@ class WindowedExtractor(Extractor):
         bounds = np.cumsum([0] + [len(w) for w in windows])
         return np.stack([feats[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
-    def __getattr__(self, name: str) -> Any:  # model, processor, build_inputs, ... of the wrapped one
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    # ------------------------------------------------------- the wrapped LALM, for zero-shot
+    # (`calm.zeroshot.as_chat_lm` reads these; on a Whisper inner extractor, which has no
+    # `build_inputs`, reading one raises AttributeError as it would there)
+
+    @property
+    def model(self) -> Any:
+        return cast(Any, self.inner).model
+
+    @property
+    def processor(self) -> Any:
+        return cast(Any, self.inner).processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return cast(Any, self.inner).tokenizer
+
+    @property
+    def build_inputs(self) -> Any:
+        return cast(Any, self.inner).build_inputs
+
+    @property
+    def forward_kwargs(self) -> dict[str, Any]:
+        return cast(Any, self.inner).forward_kwargs
+
+    @property
+    def positions_from_mask(self) -> bool:
+        return cast(Any, self.inner).positions_from_mask

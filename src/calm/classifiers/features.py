@@ -1,0 +1,196 @@
+"""Input handling of the head classifiers: feature arrays checked and streamed as torch chunks,
+labels encoded as class indices, chunk sizes chosen for a memory target.
+
+Features X have shape (n_samples, n_heads, head_dim) and may be a NumPy array, a ``np.memmap``, a
+torch tensor (float16 / bfloat16 / float32 / float64) or any array-like with ``shape``, ``dtype``
+and row slicing; 2-D (n, n_heads * head_dim) input is split into heads when the number of heads is
+known. Chunks are fresh CPU tensors in float32, or float64 when the features are float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from calm import _heads as H
+
+__all__ = ["CHUNK_BYTES", "Features", "chunk_rows", "encode_labels", "labels_array", "ndim"]
+
+#: Target size in bytes of one chunk's working set (features, similarities, posteriors).
+CHUNK_BYTES = 512 * 2**20
+
+
+class Features:
+    """Validated view of (n, K, d) features that yields float32/float64 torch chunks.
+
+    ``n_heads`` (or ``head_dim``) splits 2-D (n, K * d) input into heads; ``name`` names the
+    argument in error messages. Attributes: ``X`` (the possibly reshaped input), ``shape``, ``n``,
+    ``K``, ``d`` and ``dtype`` (the torch accumulation dtype)."""
+
+    def __init__(self, X: Any, *, n_heads: int | None = None, head_dim: int | None = None, name: str = "X"):
+        X = _as_array(X, name)
+        shape = tuple(int(s) for s in X.shape)
+        if len(shape) == 2 and (n_heads is not None or head_dim is not None):
+            X, shape = _split_heads(X, shape, n_heads, head_dim, name)
+        elif len(shape) == 2:
+            raise ValueError(
+                f"{name} is 2-D {shape}; pass features of shape (n_samples, n_heads, head_dim), or "
+                "flattened (n_samples, n_heads * head_dim) with n_heads=K given to the estimator"
+            )
+        elif len(shape) != 3:
+            raise ValueError(
+                f"{name} must have shape (n_samples, n_heads, head_dim), got {len(shape)}-D {shape}"
+            )
+        if shape[0] == 0:
+            raise ValueError(f"{name} is empty (0 samples)")
+        if shape[1] == 0 or shape[2] == 0:
+            raise ValueError(f"{name} has no features: shape {shape}")
+        self.X, self.shape, self.name = X, shape, name
+        self.n, self.K, self.d = shape
+        self.dtype = H.compute_dtype(X.dtype if isinstance(X, torch.Tensor) else _np_dtype(X.dtype))
+
+    def chunks(
+        self, rows: int, dtype: torch.dtype, heads: np.ndarray | None = None, check: bool = True
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, chunk) pairs of at most ``rows`` rows, only ``heads`` (sorted indices) if given,
+        selected before conversion so that unused heads are never copied; ``check`` refuses NaN or
+        infinite values."""
+        index: np.ndarray | torch.Tensor | None = heads
+        if heads is not None and isinstance(self.X, torch.Tensor):
+            index = torch.from_numpy(np.asarray(heads, dtype=np.int64))
+        for start in range(0, self.n, rows):
+            stop = min(start + rows, self.n)
+            raw = self.X[start:stop]
+            if index is not None:
+                raw = raw[:, index]
+            t = _chunk_tensor(raw, dtype)
+            if check and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):  # NaN propagates
+                raise ValueError(f"{self.name} contains NaN or infinite values (rows {start}..{stop - 1})")
+            yield start, t
+
+
+def _as_array(X: Any, name: str) -> Any:
+    """X as a real-valued torch tensor or array-like (``shape``, ``dtype``, slicing); ValueError else."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach()
+        if X.is_complex() or X.dtype == torch.bool:
+            raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}")
+        return X
+    if not isinstance(X, np.ndarray) and not (
+        hasattr(X, "shape") and hasattr(X, "dtype") and hasattr(X, "__getitem__")
+    ):
+        try:
+            X = np.asarray(X, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
+    kind = np.dtype(X.dtype).kind if not str(X.dtype).startswith("bfloat") else "f"
+    if kind not in "fiu":
+        raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}")
+    return X
+
+
+def _split_heads(
+    X: Any, shape: tuple[int, ...], n_heads: int | None, head_dim: int | None, name: str
+) -> tuple[Any, tuple[int, int, int]]:
+    """2-D (n, K * d) input reshaped to (n, K, d)."""
+    n, f = shape
+    K = int(n_heads) if n_heads is not None else f // int(head_dim)  # type: ignore[arg-type]
+    if K <= 0 or f % K:
+        raise ValueError(f"{name} has {f} features per row, which does not split into {K} heads")
+    if not hasattr(X, "reshape"):
+        raise ValueError(f"{name} is 2-D and cannot be reshaped into heads; pass (n, n_heads, head_dim)")
+    return X.reshape(n, K, f // K), (n, K, f // K)
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    try:
+        return np.dtype(dtype)  # type: ignore[no-any-return]
+    except TypeError:
+        return np.dtype(np.float32)
+
+
+def _chunk_tensor(chunk: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh CPU tensor of ``dtype`` holding ``chunk`` (never a view of the caller's data)."""
+    if isinstance(chunk, torch.Tensor):
+        return chunk.detach().to(device="cpu", dtype=dtype, copy=True)
+    a = np.asarray(chunk)
+    if a.dtype not in (np.float16, np.float32, np.float64) and a.dtype.kind not in "iu":
+        a = a.astype(np.float32)
+    if a.dtype == np.dtype(str(dtype).removeprefix("torch.")) or not a.flags.c_contiguous:
+        return torch.from_numpy(np.array(a, dtype=str(dtype).removeprefix("torch."), copy=True, order="C"))
+    if not a.flags.writeable:  # e.g. a read-only memory map: only read, by the converting copy below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a).to(dtype)
+    return torch.from_numpy(a).to(dtype)
+
+
+def ndim(X: Any) -> int:
+    """Number of dimensions of an array-like without converting it."""
+    return len(X.shape) if hasattr(X, "shape") else int(np.ndim(X))
+
+
+def labels_array(y: Any) -> np.ndarray:
+    """Labels as a 1-D NumPy array (str dtype when all are strings, object for mixed hashables)."""
+    if isinstance(y, torch.Tensor):
+        return y.detach().cpu().numpy()
+    if isinstance(y, np.ndarray):
+        return y
+    items = list(y)
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    kinds = {type(v) for v in items}
+    if kinds and all(issubclass(t, str) for t in kinds):
+        return arr.astype(str)
+    return arr
+
+
+def encode_labels(y: Any, classes: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """classes_ and the (n,) class index of every label; ValueError for anything unusable.
+
+    ``classes`` None: the sorted distinct labels; otherwise that order, every class with a clip."""
+    y = labels_array(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D with one label per sample, got shape {y.shape}")
+    if len(y) != n:
+        raise ValueError(f"X has {n} samples but y has {len(y)} labels")
+    try:
+        uniq, inverse = np.unique(y, return_inverse=True)
+    except TypeError as e:
+        raise ValueError(f"labels must be mutually comparable (e.g. all strings or all numbers): {e}") from e
+    if classes is None:
+        cls, idx = uniq, inverse.reshape(-1)
+    else:
+        cls, idx = _fixed_order(labels_array(classes), uniq, inverse.reshape(-1))
+    if len(cls) < 2:
+        raise ValueError(f"need at least two classes, got {len(cls)}: {cls.tolist()}")
+    return cls, idx.astype(np.int64)
+
+
+def _fixed_order(cls: np.ndarray, uniq: np.ndarray, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices into a given class order ``cls`` for labels ``uniq[inverse]``."""
+    if cls.ndim != 1 or len(np.unique(cls)) != len(cls):
+        raise ValueError("classes must be a 1-D sequence of distinct labels")
+    sorter = np.argsort(cls, kind="stable")
+    pos = np.clip(np.searchsorted(cls, uniq, sorter=sorter), 0, len(cls) - 1)
+    found = cls[sorter[pos]] == uniq
+    if not np.all(found):
+        raise ValueError(f"labels not in classes: {uniq[~found][:10].tolist()}")
+    idx = sorter[pos][inverse]
+    present = np.bincount(idx, minlength=len(cls)) > 0
+    if not present.all():
+        raise ValueError(f"class with zero clips: {cls[~present][:10].tolist()}")
+    return cls, idx
+
+
+def chunk_rows(chunk_size: int | None, K: int, d: int, C: int, itemsize: int) -> int:
+    """Rows per chunk: ``chunk_size``, or as many as keep one chunk's working set (features,
+    similarities, posteriors of K heads, d dims, C classes) near :data:`CHUNK_BYTES`."""
+    if chunk_size is not None:
+        return int(chunk_size)
+    per_row = K * (3 * d + 2 * C) * itemsize
+    return max(1, CHUNK_BYTES // per_row)

@@ -1,0 +1,134 @@
+"""SAV, sparse attention vectors (Mitra et al.; paper Sec. 3.1, Eq. 1-4): the k heads whose
+nearest-centroid prediction is most accurate on the support set vote with equal weights."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.utils._param_validation import StrOptions
+
+from calm import _heads as H
+from calm.classifiers.base import HeadClassifier, register
+from calm.classifiers.features import Features
+from calm.classifiers.kernels import similarities, support_margins
+from calm.serialization import TensorSpec
+
+__all__ = ["SAV"]
+
+
+@register
+class SAV(HeadClassifier):
+    """Sparse attention vectors (Mitra et al.; paper Sec. 3.1, Eq. 1-4).
+
+    Each head predicts its nearest centroid by cosine similarity (Eq. 2-3); heads are ranked by that
+    prediction's accuracy on the support set and the top k vote with equal weights (Eq. 4).
+
+    Parameters
+    ----------
+    k : int, float in (0, 1] or None
+        Heads kept: a count, a fraction of all heads (``round(k * n_heads)``, at least 1), or all.
+    tie_break : "index" or "margin"
+        Order of heads with equal support accuracy: the lower head index first (``"index"``), or
+        the larger mean clamped margin (Eq. 5-7 with ``tau_p``) first, then the lower index
+        (``"margin"``; avoids keeping merely the first heads when many heads score 100 %, as with
+        one shot per class).
+    tau_p : float
+        Posterior temperature of the margins used by ``tie_break="margin"``.
+    n_heads : int or None
+        Split 2-D (n, n_heads * head_dim) input into this many heads (the scikit-learn adapter).
+    classes : sequence or None
+        Fixed class order (every class needs a clip); None: the sorted labels of y.
+    chunk_size : int or None
+        Rows per chunk; None picks ~512 MiB working sets.
+
+    Attributes
+    ----------
+    classes_ (C,), class_counts_ (C,), centroids_ (C, K, d), head_scores_ (K,) support accuracy of
+    each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
+    only), k_, n_heads_, head_dim_, metadata_.
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        **HeadClassifier._parameter_constraints,
+        "tie_break": [StrOptions({"index", "margin"})],
+    }
+
+    def __init__(
+        self,
+        k: Any = 20,
+        *,
+        tie_break: str = "index",
+        tau_p: float = 0.03,
+        n_heads: int | None = None,
+        classes: Any = None,
+        chunk_size: int | None = None,
+    ):
+        self.k = k
+        self.tie_break = tie_break
+        self.tau_p = tau_p
+        self.n_heads = n_heads
+        self.classes = classes
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
+        specs = (
+            *super()._state_specs(params),
+            TensorSpec("head_scores", ("K",)),
+            TensorSpec("heads", ("k",), "i", index_of="K"),
+        )
+        if params.get("tie_break") == "margin":
+            specs += (TensorSpec("head_margins", ("K",)),)
+        return specs
+
+    def _fit_heads(
+        self,
+        feats: Features,
+        y_t: torch.Tensor,
+        counts: torch.Tensor,
+        rows: int,
+        dtype: torch.dtype,
+        unit: torch.Tensor,
+    ) -> None:
+        K = feats.K
+        correct = torch.zeros(K, dtype=torch.int64)
+        margin_sum = torch.zeros(K, dtype=dtype)
+        for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
+            yb = y_t[start : start + len(xb)]
+            s = similarities(xb, unit, inplace=True)  # Eq. 2, (K, n, C)
+            correct += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
+            if self.tie_break == "margin":
+                margin_sum += support_margins(s, yb, self.tau_p).sum(dim=1)  # Eq. 5-6
+        self.head_scores_ = (correct.to(torch.float64) / feats.n).numpy()
+        margins = None
+        if self.tie_break == "margin":
+            self.head_margins_ = (margin_sum / feats.n).numpy()  # Eq. 7
+            margins = self.head_margins_
+        else:
+            self.__dict__.pop("head_margins_", None)  # from an earlier fit
+        self.heads_ = H.rank_heads(correct, margins)[: self.k_].numpy()
+
+    def _prepare(self, unit: torch.Tensor) -> None:
+        # each kept head is read once, in increasing index order (cheap strided reads of memory maps)
+        heads, inverse = np.unique(self.heads_, return_inverse=True)
+        self._read_heads = heads
+        self._read_order = torch.from_numpy(inverse.reshape(-1))
+        self._unit_kept = unit[torch.from_numpy(self.heads_)].contiguous()  # (k, d, C)
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Vote counts (n, C) of the kept heads (Eq. 4), int64."""
+        feats = self._query(X)
+        C = len(self.classes_)
+        out = np.empty((feats.n, C), dtype=np.int64)
+        for start, xb in feats.chunks(
+            self._rows(len(self._read_heads)), self._dtype(), heads=self._read_heads
+        ):
+            s = H.cosine_similarities(xb[:, self._read_order], self._unit_kept, normalized=True)
+            out[start : start + len(xb)] = H.vote_counts(H.head_predictions(s), C).numpy()
+        return out
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Vote shares (n, C): vote counts divided by k."""
+        return self.decision_function(X) / float(self.k_)

@@ -1,0 +1,99 @@
+"""`calm serve`: a saved classifier as an HTTP service (FastAPI + uvicorn, `calm.serve`)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[serve]'"
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL.safetensors", type=click.Path(dir_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--model", default=None, help="Load this model instead of the one the classifier names.")
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Clips per model batch."
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="How long the first clip of a batch waits for others.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Clips in the service at once; more are answered 503 with Retry-After.",
+)
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), default=50.0, show_default=True)
+@click.option(
+    "--max-files", type=click.IntRange(min=1), default=64, show_default=True, help="Per /predict/batch."
+)
+@click.option("--decode-workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch intra-op threads of the model [default: torch's choice, one per core].",
+)
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def serve(
+    model_path,
+    host,
+    port,
+    device,
+    model,
+    max_batch,
+    max_wait_ms,
+    max_queue,
+    max_upload_mb,
+    max_files,
+    decode_workers,
+    threads,
+    drain_timeout,
+    log_level,
+):
+    """Serve MODEL.safetensors over HTTP: POST /predict, POST /predict/batch, GET /health, GET /info.
+
+    OpenAPI docs at /docs. SIGTERM or Ctrl-C finishes the requests in flight, then exits 0.
+    """
+    try:
+        from calm.serve.app import ServeConfig
+        from calm.serve.server import serve as run_server
+    except ImportError as exc:
+        raise click.ClickException(f"{INSTALL_HINT} ({exc})") from None
+    from calm.inference import load_predictor
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def announce(choice) -> None:
+        click.echo(f"calm serve: loading {choice.describe()}", err=True)
+
+    try:
+        predictor = load_predictor(model_path, model=model, device=device, announce=announce)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    config = ServeConfig(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_upload_mb=max_upload_mb,
+        max_files=max_files,
+        decode_workers=decode_workers,
+        model_file=model_path,
+    )
+    click.echo(f"calm serve: {len(predictor.classes)} classes; http://{host}:{port}/docs", err=True)
+    sys.exit(
+        run_server(predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level)
+    )

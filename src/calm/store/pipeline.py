@@ -1,0 +1,134 @@
+"""The extraction pipeline's two stages: threaded decoding ahead of the model, and the model call.
+
+One job: turn pending clips into features. `decode_ahead` hashes and decodes clips
+(`extractor.load_input`) in worker threads, a bounded number of clips ahead of the consumer;
+`extract_batch` runs the model on a batch and, when the batch fails, clip by clip to single out
+the clips that break it. Nothing here writes to disk.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Generator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from calm.store.format import StoreError, file_sha256
+
+
+@dataclass
+class Decoded:
+    """One clip after decoding: its model input, or the reason it could not be read."""
+
+    path: str  # as stored (`store_path`)
+    clip: Any  # the `Clip`
+    hash: str | None  # sha256 of the file's bytes (None when unreadable)
+    input: Any  # `extractor.load_input(path)`, None on failure
+    reason: str | None  # why it failed, None when it did not
+    more: bool  # whether more clips follow
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short reason for a clip's failure (an AudioError's bare reason when there is one)."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        return reason
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def safe_hash(path: str) -> str | None:
+    """A clip's sha256, or None when it cannot be read."""
+    try:
+        return file_sha256(path)
+    except OSError:
+        return None
+
+
+def prepare(extractor: Any, path: str, known_hash: str | None) -> tuple[str | None, Any, str | None]:
+    """Worker: (content hash, model input, failure reason)."""
+    try:
+        digest = known_hash or file_sha256(path)
+    except OSError as exc:
+        return None, None, failure_reason(exc)
+    try:
+        return digest, extractor.load_input(path), None
+    except Exception as exc:  # any per-clip decoding problem is recorded, not fatal
+        return digest, None, failure_reason(exc)
+
+
+def decode_ahead(
+    extractor: Any,
+    pending: Sequence[tuple[str, Any]],
+    known_hashes: Mapping[str, str | None],
+    *,
+    workers: int,
+    prefetch: int,
+) -> Generator[Decoded, None, None]:
+    """`Decoded` clips in the order of `pending` ((path, clip) pairs), decoded in `workers` threads
+    at most `prefetch` clips ahead. Close the iterator (or exhaust it) to stop the threads."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="calm-load")
+    queue: deque[tuple[str, Any, Future[tuple[str | None, Any, str | None]]]] = deque()
+    it = iter(pending)
+
+    def fill() -> None:
+        while len(queue) < prefetch:
+            nxt = next(it, None)
+            if nxt is None:
+                return
+            p, clip = nxt
+            queue.append((p, clip, pool.submit(prepare, extractor, p, known_hashes.get(p))))
+
+    try:
+        fill()
+        while queue:
+            p, clip, fut = queue.popleft()
+            clip_hash, x, reason = fut.result()
+            fill()
+            yield Decoded(p, clip, clip_hash, x, reason, more=bool(queue))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _extract_checked(extractor: Any, inputs: list[Any], n_heads: int) -> np.ndarray:
+    feats = np.asarray(extractor.extract(inputs))
+    if feats.ndim != 3 or feats.shape[0] != len(inputs) or feats.shape[1] != n_heads:
+        raise StoreError(
+            f"{type(extractor).__name__}.extract returned shape {feats.shape} for {len(inputs)} clips; "
+            f"expected ({len(inputs)}, {n_heads}, d)"
+        )
+    return feats
+
+
+def extract_batch(
+    extractor: Any, inputs: list[Any], n_heads: int
+) -> tuple[np.ndarray, list[int], list[tuple[int, BaseException]]]:
+    """(features of the clips that worked, their indices in `inputs`, [(index, error)] of the others).
+
+    A failing batch is retried clip by clip; a model that fails on every clip (or on a batch of
+    one) raises its error, and a wrong output shape raises StoreError.
+    """
+    try:
+        return _extract_checked(extractor, inputs, n_heads), list(range(len(inputs))), []
+    except StoreError:
+        raise
+    except Exception as batch_exc:
+        if len(inputs) == 1:
+            raise
+        parts, ok = [], []
+        errors: list[tuple[int, BaseException]] = []
+        for i, x in enumerate(inputs):
+            try:
+                parts.append(_extract_checked(extractor, [x], n_heads))
+                ok.append(i)
+            except StoreError:
+                raise
+            except Exception as exc:
+                errors.append((i, exc))
+        if not ok:
+            raise batch_exc
+        return np.concatenate(parts), ok, errors
