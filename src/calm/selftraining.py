@@ -45,6 +45,7 @@ set), ``rounds_`` (one dict per round run: ``round``, ``added``, ``n_pseudo``, `
 from __future__ import annotations
 
 from numbers import Integral
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, _fit_context, clone
@@ -116,7 +117,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         How many times a labelled clip counts relative to a pseudo-labelled one.
     """
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "estimator": [HasMethods(["fit", "predict", "decision_function"]), None],
         "rounds": [Interval(Integral, 0, None, closed="left")],
         "per_round": [Interval(Integral, 1, None, closed="left")],
