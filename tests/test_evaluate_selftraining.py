@@ -3,6 +3,8 @@ per-episode reports and summaries, on synthetic features with row ids."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from calm import CALM
 from calm.evaluate import Method, ProtocolError, build_results, episodes, make_parts, results_markdown
 from calm.evaluate.protocol import run_protocol
 from calm.evaluate.selftraining import STSpec, run_st_protocol, st_pool, st_summary
+from tests.test_cli_eval import FREQS, fake_model, tone  # noqa: F401 (fake_model: the fake-tones model)
 
 torch.set_num_threads(1)
 
@@ -113,7 +116,6 @@ def test_report_per_episode_and_summary_and_markdown():
     runs = run_st_protocol(
         X, y, meta, methods={"calm+st": methods["calm"]}, spec=spec, shots=[1, 3], seeds=[0, 1, 2]
     )
-    labels = dict(enumerate(y))
     for r in runs:
         st = r["self_training"]
         assert st["pool"] == 30 and st["rounds"] == 2
@@ -124,7 +126,6 @@ def test_report_per_episode_and_summary_and_markdown():
         assert set(st["per_class"]) == {"c0", "c1", "c2", "c3"}
         assert all(0 <= v["query_recall_without_st"] <= 100 for v in st["per_class"].values())
         assert r["params"]["st_rounds"] == 2 and r["params"]["k"] == 0.5
-    assert len(labels) == len(y)
     result = base
     result.runs = base.runs + runs
     doc = build_results(result, {"model": "m", "dataset": "d", "n_seeds": 3})
@@ -147,3 +148,76 @@ def test_same_support_and_queries_as_the_few_shot_protocol():
     for a, b in zip(base.runs, runs, strict=True):  # zero rounds: exactly CALM on the same episode
         assert (a["seed"], a["n_support"], a["n_query"]) == (b["seed"], b["n_support"], b["n_query"])
         assert a["metrics"] == b["metrics"]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def tone_dir(tmp_path):
+    root = tmp_path / "tones"
+    for ci, (name, f) in enumerate(FREQS.items()):
+        for i in range(8):
+            tone(root / name / f"{i}.wav", f, seed=100 * ci + i)
+    return root
+
+
+def test_cli_self_training_methods_end_to_end(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    manifest = tmp_path / "manifest.csv"
+    rows = ["path,label,split"]
+    for wav in sorted(tone_dir.rglob("*.wav")):
+        split = "test" if int(wav.stem) >= 6 else "train"
+        rows.append(f"{wav.relative_to(tmp_path)},{wav.parent.name},{split}")
+    manifest.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    args = [
+        "evaluate",
+        "--model",
+        "fake-tones",
+        "--data",
+        f"csv:{manifest}",
+        "--shots",
+        "1,3",
+        "--seeds",
+        "3",
+    ]
+    args += ["--methods", "calm+st,calm,calm+st-trans", "--no-figures", "--no-progress", "--out", str(run)]
+    res = CliRunner().invoke(main, [*args, "--st-pool", "4", "--st-rounds", "2", "--st-per-round", "1"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((run / "results.json").read_text())
+    st_runs = [r for r in doc["runs"] if r["method"] == "calm+st"]
+    assert len(st_runs) == 6 and all(r["self_training"]["pool"] == 4 for r in st_runs)
+    assert all(r["self_training"]["pseudo_labelled"] <= 2 * 3 for r in st_runs)
+    trans = [r for r in doc["runs"] if r["method"] == "calm+st-trans"]
+    assert all(r["self_training"]["pool"] == 4 for r in trans)  # --st-pool caps both settings
+    assert doc["config"]["defaults"]["calm+st"]["st_rounds"] == 2
+    assert {("calm+st", "calm"), ("calm", "calm+st-trans")} <= {(p["a"], p["b"]) for p in doc["paired"]}
+    assert {s["method"] for s in doc["self_training_summary"]} == {"calm+st", "calm+st-trans"}
+    assert "## Self-training" in (run / "results.md").read_text()
+
+
+def test_cli_inductive_self_training_without_a_split_is_a_one_line_error(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    args = [
+        "evaluate",
+        "--model",
+        "fake-tones",
+        "--data",
+        f"folder:{tone_dir}",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+    ]
+    res = CliRunner().invoke(
+        main, [*args, "--methods", "calm,calm+st", "--no-progress", "--out", str(tmp_path / "r")]
+    )
+    assert res.exit_code != 0 and "calm+st-trans" in res.output
+    assert "Traceback" not in res.output
