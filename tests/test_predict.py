@@ -59,9 +59,9 @@ class BandExtractor:
 @pytest.fixture(autouse=True)
 def fake_models():
     names = {
-        "fake-bands": "test_predict:load_bands",
-        "fake-bands-copy": "test_predict:load_bands_copy",
-        "fake-other": "test_predict:load_other",
+        "fake-bands": "tests.test_predict:load_bands",
+        "fake-bands-copy": "tests.test_predict:load_bands_copy",
+        "fake-other": "tests.test_predict:load_other",
     }
     for name, loader in names.items():
         register_model(name, None, loader)
@@ -70,16 +70,16 @@ def fake_models():
         MODELS.pop(name, None)
 
 
-def load_bands(**kwargs):
-    return BandExtractor(**kwargs)
+def load_bands(spec):
+    return BandExtractor(prompt=spec.prompt, heads=spec.heads)
 
 
-def load_bands_copy(**kwargs):  # the same weights under another name (same revision)
-    return BandExtractor(model_id="fake-bands-copy", **kwargs)
+def load_bands_copy(spec):  # the same weights under another name (same revision)
+    return BandExtractor(model_id="fake-bands-copy", prompt=spec.prompt, heads=spec.heads)
 
 
-def load_other(**kwargs):
-    return BandExtractor(model_id="fake-other", revision="r2", **kwargs)
+def load_other(spec):
+    return BandExtractor(model_id="fake-other", revision="r2", prompt=spec.prompt, heads=spec.heads)
 
 
 def tone(path: Path, freq: float, seed: int, peak: float = 0.35) -> Path:

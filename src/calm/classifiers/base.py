@@ -43,7 +43,8 @@ def register(cls: _C) -> _C:
     return cls
 
 
-class HeadClassifier(ClassifierMixin, BaseEstimator):
+# scikit-learn ships no type information: its bases and `_fit_context` are Any to mypy
+class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     """Shared fit/predict plumbing: centroids (Eq. 1), chunked queries, labels, saving.
 
     Subclasses set the parameters k, tau_p, n_heads, classes and chunk_size in ``__init__``."""
@@ -64,7 +65,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):
 
     # -- fitting --------------------------------------------------------------------------------
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @_fit_context(prefer_skip_nested_validation=True)  # type: ignore[untyped-decorator]
     def fit(self: _Self, X: Any, y: Any) -> _Self:
         """Fit on support features X (n, K, d) (or flattened with ``n_heads``) and labels y."""
         feats = Features(X, n_heads=self.n_heads)

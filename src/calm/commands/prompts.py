@@ -24,7 +24,7 @@ def _example(name: str, classes: list[str] | None) -> str:
     template = TEMPLATES[name]
     if template.options in ("classes", "true-plus-distractors") and not classes:
         return "(pass --classes to render)"
-    true_class = classes[0] if template.leaks_labels else None
+    true_class = classes[0] if template.leaks_labels and classes else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LabelLeakWarning)
         try:

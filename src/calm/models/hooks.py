@@ -38,15 +38,22 @@ class AttentionSite(NamedTuple):
     source: str
 
 
+def _get_decoder(model: nn.Module) -> nn.Module | None:
+    """`model.get_decoder()` where the model has one (transformers models), else None."""
+    get = getattr(model, "get_decoder", None)
+    return get() if callable(get) else None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The layer list of the model's text decoder, found through `get_decoder()`."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    found = _get_decoder(model)
+    decoder = model if found is None else found
     for _ in range(3):  # get_decoder() may return a wrapper whose own decoder holds the layers
         for name in _LAYER_LIST_NAMES:
             layers = getattr(decoder, name, None)
             if isinstance(layers, nn.ModuleList) and len(layers) > 0:
                 return layers
-        inner = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
+        inner = _get_decoder(decoder)
         if inner is None or inner is decoder:
             break
         decoder = inner

@@ -239,7 +239,7 @@ def truncated_config(config, layers: Sequence[int] | int | None):
     total = int(text.num_hidden_layers)
     chosen = select_layers(total, layers)
     keep = chosen[-1] + 1
-    if keep == total or getattr(text, "num_kv_shared_layers", 0):
+    if keep == total or getattr(text, "num_kv_shared_layers", None):
         return config, chosen
     config = copy.deepcopy(config)
     text = config.get_text_config()

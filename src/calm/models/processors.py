@@ -145,7 +145,8 @@ def _vision_classes(processor_base: str = "qwen2_5_omni.Qwen2_5OmniProcessor"):
 
         model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
-        def __call__(self, videos, **kwargs) -> BatchFeature:
+        # transformers types the mixin's call as an image processor's; this one takes decoded frames
+        def __call__(self, videos, **kwargs) -> BatchFeature:  # type: ignore[override]
             pixels, grids = self.patch_batch(videos)
             return BatchFeature({"pixel_values_videos": pixels, "video_grid_thw": grids})
 
@@ -158,7 +159,7 @@ def _vision_classes(processor_base: str = "qwen2_5_omni.Qwen2_5OmniProcessor"):
             pixels, grids = self.patch_batch(np.asarray(image)[None] for image in images)
             return BatchFeature({"pixel_values": pixels, "image_grid_thw": grids})
 
-    class OmniProcessor(base):
+    class OmniProcessor(base):  # type: ignore[valid-type, misc]  # a base class chosen at run time
         """The Qwen omni processor `base` that accepts the torchvision-free patchers above."""
 
         def check_argument_for_proper_class(self, argument_name, argument):

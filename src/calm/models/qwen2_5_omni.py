@@ -101,7 +101,7 @@ class Qwen25OmniExtractor(LALMExtractor):
             path,
             sample_rate=self.sample_rate,
             fps=self.fps,
-            frame_size=self.frame_size,
+            frame_size=(self.frame_size[0], self.frame_size[1]),  # (height, width), checked in __init__
             max_seconds=self.max_seconds,
             max_frames=self.max_frames,
         )
@@ -165,7 +165,8 @@ def load_qwen2_5_omni(spec: LoadSpec) -> Qwen25OmniExtractor:
     if full:
         kwargs["key_mapping"] = {r"^thinker\.": ""}  # load the thinker's weights only
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(spec.model_id, **kwargs)
-    model = model.to(spec.device)
+    # transformers types its decorated `PreTrainedModel.to` as taking the model as first argument
+    model = model.to(spec.device)  # type: ignore[arg-type]
     hub = spec.hub_kwargs()
     tokenizer = AutoTokenizer.from_pretrained(spec.model_id, **hub)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(spec.model_id, **hub)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +49,10 @@ from calm.models.hooks import (
     select_layers,
 )
 from calm.models.spec import LoadSpec, backend_options
+
+if TYPE_CHECKING:
+    from transformers import WhisperForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 HEAD_SOURCES = ("all", "encoder", "decoder")
 ENCODER_LENGTHS = ("full", "clip")
@@ -96,7 +100,7 @@ def real_encoder_frames(n_samples: int, n_encoder_frames: int) -> int:
     return int(min(max(math.ceil(n_samples / per_frame), 1), n_encoder_frames))
 
 
-def run_encoder(encoder: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def run_encoder(encoder: WhisperEncoder, features: torch.Tensor) -> torch.Tensor:
     """Whisper's encoder forward on mel features of any even length up to 30 s.
 
     Same computation as `WhisperEncoder.forward` (which insists on exactly 3000 frames), with the
@@ -125,6 +129,8 @@ def check_options(heads: str, encoder_length: str, min_encoder_seconds: float) -
 
 class WhisperExtractor(TorchExtractor):
     """Per-head features of a Whisper model (see the module docstring for head sources)."""
+
+    model: WhisperForConditionalGeneration
 
     def __init__(
         self,
@@ -293,18 +299,20 @@ WHISPER_OPTIONS = {"encoder_length": "full", "min_encoder_seconds": 0.0}
 @backend_options(**WHISPER_OPTIONS)
 def load_whisper(spec: LoadSpec) -> WhisperExtractor:
     """A `WhisperExtractor` for a hub id or local directory holding a Whisper checkpoint."""
-    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizerFast
+    from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
     options = {**WHISPER_OPTIONS, **spec.options}
     check_options(spec.heads, options["encoder_length"], options["min_encoder_seconds"])
     # `revision` only labels the features here (e.g. sha256:... of a converted checkpoint)
     model = WhisperForConditionalGeneration.from_pretrained(
         spec.model_id, **spec.pretrained_kwargs(revision=False)
-    ).to(spec.device)
+    )
+    # transformers types its decorated `PreTrainedModel.to` as taking the model as first argument
+    model = model.to(spec.device)  # type: ignore[arg-type]
     return WhisperExtractor(
         model,
         WhisperFeatureExtractor.from_pretrained(spec.model_id),
-        WhisperTokenizerFast.from_pretrained(spec.model_id),
+        WhisperTokenizer.from_pretrained(spec.model_id),
         model_id=spec.label,
         revision=spec.revision or model_revision(model),
         heads=spec.heads,

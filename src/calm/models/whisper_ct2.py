@@ -276,10 +276,10 @@ def _generation_config(config: dict) -> dict:
 
 
 def _write_processor_files(source: Path, out: Path, n_mels: int) -> None:
-    from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
+    from transformers import WhisperFeatureExtractor, WhisperTokenizer
 
     WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(out)
-    tokenizer = WhisperTokenizerFast(tokenizer_file=str(source / "tokenizer.json"))
+    tokenizer = WhisperTokenizer(tokenizer_file=str(source / "tokenizer.json"))
     tokenizer.save_pretrained(out)
 
 
