@@ -98,6 +98,17 @@ def _n_rows(X) -> int:
     return int(X.shape[0]) if hasattr(X, "shape") else len(X)
 
 
+def _pool_rows(X_unlabelled, X_lab: np.ndarray) -> int:
+    """Rows of the pool (0 for None); ValueError when its rows differ in shape from the labelled ones."""
+    m = 0 if X_unlabelled is None else _n_rows(X_unlabelled)
+    if m and tuple(X_unlabelled.shape[1:]) != tuple(X_lab.shape[1:]):
+        raise ValueError(
+            f"X_unlabelled rows have shape {tuple(X_unlabelled.shape[1:])}, "
+            f"the labelled rows {tuple(X_lab.shape[1:])}"
+        )
+    return m
+
+
 class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     """Self-training around a head classifier (see the module docstring for the schedule).
 
@@ -169,12 +180,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         est = self._inner().fit(X_lab, y_lab)
         classes = np.asarray(est.classes_)
         C = len(classes)
-        m = 0 if X_unlabelled is None else _n_rows(X_unlabelled)
-        if m and tuple(X_unlabelled.shape[1:]) != tuple(X_lab.shape[1:]):
-            raise ValueError(
-                f"X_unlabelled rows have shape {tuple(X_unlabelled.shape[1:])}, "
-                f"the labelled rows {tuple(X_lab.shape[1:])}"
-            )
+        m = _pool_rows(X_unlabelled, X_lab)
         pseudo = np.empty(0, dtype=np.int64)
         p_cls = np.empty(0, dtype=np.int64)
         p_conf = np.empty(0, dtype=np.float64)
