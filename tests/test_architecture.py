@@ -42,6 +42,7 @@ LAYERS = {
     "calm.store": 3,
     "calm.serialization": 4,
     "calm.classifiers": 4,
+    "calm.selftraining": 4,
     "calm.evaluate": 5,
     "calm.figures": 5,
     "calm.inference": 5,

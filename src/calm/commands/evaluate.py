@@ -21,6 +21,7 @@ from calm.commands.options import (
     stack,
 )
 from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS, EvalConfig, LALMSpec
+from calm.evaluate.selftraining import ST_METHODS, STSpec
 
 
 class RichProgress:
@@ -51,7 +52,7 @@ class RichProgress:
 def eval_config(params: dict[str, Any]) -> EvalConfig:
     """The `EvalConfig` of `calm evaluate`'s option values."""
     methods = [m.strip() for m in params["methods"].split(",") if m.strip()]
-    unknown = [m for m in methods if m not in FEWSHOT_METHODS + LALM_METHODS]
+    unknown = [m for m in methods if m not in FEWSHOT_METHODS + LALM_METHODS + ST_METHODS]
     if unknown:
         raise click.BadParameter(f"unknown method(s) {unknown}", param_hint="--methods")
     if (params["features"] is None) == (params["data_spec"] is None):
@@ -74,6 +75,12 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
             pl_rollouts=params["pl_rollouts"],
             pl_pool=params["pl_pool"],
             pl_seed=params["pl_seed"],
+        ),
+        self_training=STSpec(
+            rounds=params["st_rounds"],
+            per_round=params["st_per_round"],
+            confidence=params["st_confidence"],
+            pool=params["st_pool"],
         ),
         batch_size=params["batch_size"],
         figures=params["figures"],
@@ -117,7 +124,7 @@ _options = stack(
             "--methods",
             default="sav,calm-global,calm,linear-probe",
             show_default=True,
-            help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS)}.",
+            help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS + ST_METHODS)}.",
         ),
         click.option(
             "--test-fold",
@@ -142,6 +149,40 @@ _options = stack(
             default=3,
             show_default=True,
             help="Seeds of the heads-kept sweep behind Fig. 4 and 5.",
+        ),
+    ]
+)
+
+# the options of the self-training methods
+_st_options = stack(
+    [
+        click.option(
+            "--st-pool",
+            type=click.IntRange(min=1),
+            default=None,
+            help="calm+st / sav+st: unlabelled clips per episode, drawn with its seed from the training "
+            "part outside the support set [default: all of them].",
+        ),
+        click.option(
+            "--st-rounds",
+            type=click.IntRange(min=0),
+            default=STSpec.rounds,
+            show_default=True,
+            help="Self-training rounds (predict the pool, add, refit).",
+        ),
+        click.option(
+            "--st-per-round",
+            type=click.IntRange(min=1),
+            default=STSpec.per_round,
+            show_default=True,
+            help="Pseudo-labelled clips a class gains per round at most.",
+        ),
+        click.option(
+            "--st-confidence",
+            type=click.Choice(["margin", "probability"]),
+            default=STSpec.confidence,
+            show_default=True,
+            help="How pool clips are ranked within their predicted class.",
         ),
     ]
 )
@@ -180,6 +221,7 @@ _lalm_options = stack(
 @click.command()
 @model_options
 @_options
+@_st_options
 @_lalm_options
 def evaluate(**params: Any) -> None:
     """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
@@ -197,6 +239,15 @@ def evaluate(**params: Any) -> None:
                  agreement) and SAV / CALM is fitted on the kept clips; a
                  class with no kept clip cannot be predicted and its
                  queries count as wrong. Cached in RUN_DIR/pseudo_labels.json.
+
+    \b
+    Self-training (any backbone, no model calls; beyond the paper):
+      calm+st,   fit on the support set, pseudo-label the most confident
+      sav+st     clips of each class in an unlabelled pool drawn from the
+                 training part (labels hidden, never a test clip;
+                 --st-pool), refit; --st-rounds x --st-per-round.
+      calm+st-trans, sav+st-trans: the same with the episode's queries as
+                 the pool (transductive), reported under their own names.
     """
     from calm.evaluate import run_evaluation
 

@@ -14,6 +14,7 @@ extracted once per clip.
 - `lalm`: zero-shot and pseudo-label runs on the same episodes (`run_lalm_protocol`).
 - `summary`: means and stds over seeds, paired per-seed differences with 95 % intervals.
 - `reports`: results.json / results.md.
+- `selftraining`: `calm+st` / `sav+st` (and `-trans`) runs on the same episodes, their pools and reports.
 - `config`, `runner`: `EvalConfig`, `run_evaluation`, `EvaluationResult`.
 """
 
@@ -67,6 +68,15 @@ from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run
 from calm.evaluate.records import Run, order_runs
 from calm.evaluate.reports import METHOD_TITLES, METRIC_TITLES, build_results, results_markdown, write_results
 from calm.evaluate.runner import EvaluationResult, run_evaluation
+from calm.evaluate.selftraining import (
+    ST_BASES,
+    ST_METHODS,
+    STSpec,
+    run_st_protocol,
+    st_pool,
+    st_report,
+    st_summary,
+)
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
 
 __all__ = [
@@ -77,6 +87,9 @@ __all__ = [
     "PL_BASES",
     "PL_STREAM",
     "PRIMARY_METRIC",
+    "ST_BASES",
+    "ST_METHODS",
+    "STSpec",
     "SWEEP_FRACTIONS",
     "ClassifierSpec",
     "ConstantClassifier",
@@ -119,7 +132,11 @@ __all__ = [
     "run_evaluation",
     "run_lalm_protocol",
     "run_protocol",
+    "run_st_protocol",
     "sample_episode",
+    "st_pool",
+    "st_report",
+    "st_summary",
     "summarise",
     "task_of",
     "tune",

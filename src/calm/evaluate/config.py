@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
+from calm.evaluate.selftraining import ST_METHODS, STSpec
 
 __all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]
 
@@ -122,6 +123,7 @@ class EvalConfig:
         tune: choose hyper-parameters by cross-validation inside each support set.
         classifier: the methods' default hyper-parameters.
         lalm: settings of the model-answer baselines.
+        self_training: schedule and pool of `calm+st` / `sav+st` (and their `-trans` forms).
         batch_size: clips per model forward (extraction, answers).
         figures: write figures/ (and run the heads-kept sweep they need).
         sweep_seeds: seeds of the heads-kept sweep (the first ones of `seeds`).
@@ -140,6 +142,7 @@ class EvalConfig:
     tune: bool = False
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
     lalm: LALMSpec = field(default_factory=LALMSpec)
+    self_training: STSpec = field(default_factory=STSpec)
     batch_size: int = 8
     figures: bool = True
     sweep_seeds: int = 3
@@ -147,7 +150,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if (self.data is None) == (self.features is None):
             raise ValueError("give exactly one of data (extract, then evaluate) or features (a store)")
-        unknown = [m for m in self.methods if m not in FEWSHOT_METHODS + LALM_METHODS]
+        unknown = [m for m in self.methods if m not in FEWSHOT_METHODS + LALM_METHODS + ST_METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}")
         if not self.shots or not self.seeds:

@@ -31,6 +31,7 @@ class Run:
         n_unparsed: zero-shot only: answers that named no class.
         pseudo_labels: pseudo-label methods only: the pool's report (`pseudo_label_report`).
         warnings: pseudo-label methods only: what the episode could not do (classes never kept).
+        self_training: self-training methods only: the pool and its pseudo-labels (`st_report`).
     """
 
     method: str
@@ -46,6 +47,7 @@ class Run:
     n_unparsed: int | None = None
     pseudo_labels: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    self_training: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The run as it appears in results.json's `runs` (keys only where the run has them)."""
@@ -65,6 +67,8 @@ class Run:
         if self.pseudo_labels is not None:
             out["pseudo_labels"] = self.pseudo_labels
             out["warnings"] = self.warnings
+        if self.self_training is not None:
+            out["self_training"] = self.self_training
         if self.seconds is not None:
             out["seconds"] = self.seconds
         return out

@@ -18,6 +18,7 @@ from calm._files import atomic_write_text
 from calm.evaluate.metrics import PRIMARY_METRIC
 from calm.evaluate.predictions import Confusion, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
+from calm.evaluate.selftraining import st_summary, st_table
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
 
 __all__ = [
@@ -45,6 +46,10 @@ METHOD_TITLES = {
     "calm-global": "CALM-global",
     "calm": "CALM",
     "calm+pl": "CALM+PL",
+    "sav+st": "SAV+ST",
+    "calm+st": "CALM+ST",
+    "sav+st-trans": "SAV+ST (transductive)",
+    "calm+st-trans": "CALM+ST (transductive)",
     "linear-probe": "linear probe",
 }
 
@@ -131,6 +136,7 @@ def results_markdown(results: Mapping[str, Any], confusions: Sequence[Confusion]
     lines += _metric_tables(summary, metrics, model, data)
     lines += _paired_table([p for p in results.get("paired", []) if p["metric"] == primary], primary)
     lines += _pseudo_label_table(results.get("pseudo_label_summary", []))
+    lines += st_table(results.get("self_training_summary", []))
     lines += _notes(results)
     tables = [t for t in (confusion_markdown(confusions), per_class_markdown(confusions)) if t]
     return "\n".join(lines + [""] + tables).rstrip() + "\n"
@@ -197,12 +203,14 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
         "unit": "%",
     }
     pl = pseudo_label_summary(result.runs)
+    st = st_summary(result.runs)
     return {
         "config": config,
         "summary": summarise(result.runs),
         "paired": paired_differences(result.runs),
         "runs": result.runs,
         **({"pseudo_label_summary": pl} if pl else {}),
+        **({"self_training_summary": st} if st else {}),
         **extra,
     }
 

@@ -26,6 +26,7 @@ from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs
 from calm.evaluate.reports import build_results, results_markdown, write_results
+from calm.evaluate.selftraining import ST_BASES, ST_METHODS, run_st_protocol
 
 __all__ = ["EvaluationResult", "Features", "Progress", "load_evaluation_features", "run_evaluation"]
 
@@ -235,14 +236,39 @@ def _config_doc(
         "shots": list(config.shots),
         "seeds": list(config.seeds),
         "n_seeds": len(config.seeds),
-        "methods": [m for m in config.methods if m in chosen or m in lalm],
+        "methods": [m for m in config.methods if m in chosen or m in lalm or m in ST_METHODS],
         "test_fold": config.test_fold,
         "tune": config.tune,
         "defaults": {
             **{name: dict(m.defaults) for name, m in chosen.items()},
             **{m: dict(registry[PL_BASES[m]].defaults) for m in lalm if m in PL_BASES},
+            **{
+                m: {**registry[ST_BASES[m]].defaults, **config.self_training.params()}
+                for m in config.methods
+                if m in ST_METHODS
+            },
         },
     }
+
+
+def _self_training(
+    config: EvalConfig, feats: Features, registry: dict, st: list[str], progress: Progress | None
+) -> list[dict]:
+    """Runs of the self-training methods (`calm.evaluate.selftraining`) on the same episodes."""
+    n_parts = len(make_parts(feats.meta, config.test_fold)[0])
+    total = len(config.shots) * len(config.seeds) * n_parts * len(st)
+    return run_st_protocol(
+        feats.X,
+        feats.y,
+        feats.meta,
+        methods={m: registry[ST_BASES[m]] for m in st},
+        spec=config.self_training,
+        shots=list(config.shots),
+        seeds=list(config.seeds),
+        test_fold=config.test_fold,
+        do_tune=config.tune,
+        progress=_counter(progress, "self-training episodes", total),
+    )
 
 
 def _select_lalm(config: EvalConfig, feats: Features, log: Log) -> tuple[list[str], dict[str, str]]:
@@ -301,9 +327,14 @@ def run_evaluation(
     registry = config.classifier.registry()
     chosen = {m: registry[m] for m in config.methods if m in registry}
     lalm, skipped = _select_lalm(config, feats, log)
-    if not chosen and not lalm:
+    st = [m for m in config.methods if m in ST_METHODS]
+    if not chosen and not lalm and not st:
         raise ValueError("no method left to run")
     result, sweep = _few_shot(config, feats, chosen, progress)
+    if st:
+        result.runs = order_runs(
+            result.runs + _self_training(config, feats, registry, st, progress), list(config.methods)
+        )
     lalm_info: dict = {}
     warnings: list[str] = []
     if lalm:

@@ -1,0 +1,248 @@
+"""Self-training of a head classifier on unlabelled clips (``calm+st`` / ``sav+st``; beyond the paper).
+
+:class:`SelfTraining` wraps an unfitted SAV or CALM: it fits the inner estimator on the labelled
+support set, predicts an unlabelled pool, adds each class's most confident predictions to the
+support set as pseudo-labelled clips, refits, and repeats for ``rounds`` rounds. It needs no model
+call beyond the features, so it works for any backbone (Whisper included).
+
+Why a wrapper with ``fit(X, y, X_unlabelled=None)``:
+
+- one wrapper serves SAV and CALM (and any estimator with ``fit`` / ``predict`` /
+  ``decision_function``), so neither classifier grows self-training parameters, and
+  ``sklearn.base.clone`` / ``get_params(deep=True)`` reach the inner parameters
+  (``estimator__k``);
+- the unlabelled clips travel as their own argument instead of scikit-learn's ``y == -1`` convention
+  (:class:`sklearn.semi_supervised.SelfTrainingClassifier`): labels here are any hashables (class
+  names are strings), so no sentinel value is safe, and (n, K, d) features of the labelled and
+  unlabelled clips are not concatenated by the caller;
+- the transductive setting is the same call with the queries as ``X_unlabelled``; which clips form
+  the pool is the caller's decision (``calm evaluate`` draws it from the training part, never from
+  the test clips, unless the ``-trans`` methods are asked for).
+
+Schedule (defaults rounds=3, per_round=5, margin, no relabelling, labelled_weight=1: chosen by paired
+measurements on validation splits inside the training part, docs/results.md "Self-training"):
+
+- each round every class gains at most ``per_round`` clips: the pool clips predicted as that class
+  with the highest ``confidence`` ("margin": top score minus the runner-up of
+  ``decision_function``; "probability": the top entry of ``predict_proba``), so no class can
+  swallow the pool; ties go to the earlier pool row;
+- ``relabel=False`` keeps a clip's pseudo-label once added (classic self-training); ``True``
+  re-chooses the whole pseudo-labelled set from the pool every round (``per_round * r`` a class
+  after round r), so an early mistake can be dropped;
+- ``labelled_weight=w`` counts every labelled clip w times in the inner fit (each pseudo-labelled
+  clip once): for SAV and CALM (in-sample reliabilities) that is exactly a weighted mean in the
+  centroids (Eq. 1), the reliabilities (Eq. 7 / 11) and SAV's head accuracies;
+- the inner estimator is refitted from scratch each round, so its heads are re-selected.
+
+Fitted attributes: ``estimator_`` (the final inner estimator; ``predict`` and friends delegate to
+it), ``classes_``, ``pseudo_index_`` (rows of ``X_unlabelled`` in the final pseudo-labelled set, in
+the order added), ``pseudo_labels_``, ``pseudo_confidence_`` (confidence when chosen),
+``pseudo_round_`` (round chosen, 1-based), ``added_per_class_`` ((C,) clips per class in the final
+set), ``rounds_`` (one dict per round run: ``round``, ``added``, ``n_pseudo``, ``added_per_class``,
+``mean_confidence``), ``n_rounds_``.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, _fit_context, clone
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted
+
+__all__ = ["SelfTraining", "confidence_scores", "balanced_picks"]
+
+
+def confidence_scores(estimator, X, measure: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class index (n,), confidence (n,)) of a fitted estimator on X.
+
+    "margin": best minus second-best ``decision_function`` score; "probability": the best entry of
+    ``predict_proba``. Ties between classes go to the lower class index, as in ``predict``.
+    """
+    if measure == "margin":
+        s = np.asarray(estimator.decision_function(X), dtype=np.float64)
+    elif measure == "probability":
+        s = np.asarray(estimator.predict_proba(X), dtype=np.float64)
+    else:
+        raise ValueError(f"confidence must be 'margin' or 'probability', got {measure!r}")
+    pred = np.argmax(s, axis=1)
+    if measure == "probability":
+        return pred, s[np.arange(len(s)), pred]
+    top2 = np.sort(s, axis=1)[:, -2:] if s.shape[1] > 1 else np.concatenate([s, s], axis=1)
+    return pred, top2[:, 1] - top2[:, 0]
+
+
+def balanced_picks(pred: np.ndarray, conf: np.ndarray, quota: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Rows to add: for each class c, the ``quota[c]`` eligible rows predicted as c with the highest
+    confidence (ties: the lower row). Returns row indices grouped by class, best first."""
+    picks = []
+    for c in range(len(quota)):
+        rows = np.flatnonzero(eligible & (pred == c))
+        if len(rows) and quota[c] > 0:
+            order = np.lexsort((rows, -conf[rows]))  # confidence descending, then lower row
+            picks.append(rows[order[: int(quota[c])]])
+    return np.concatenate(picks) if picks else np.empty(0, dtype=np.int64)
+
+
+def _rows(X, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of X (NumPy, memory map, torch tensor, ShardedArray) as a NumPy array."""
+    if hasattr(X, "detach"):
+        X = X.detach().cpu().numpy()
+    return np.asarray(X[np.asarray(idx, dtype=np.int64)])
+
+
+def _n_rows(X) -> int:
+    return int(X.shape[0]) if hasattr(X, "shape") else len(X)
+
+
+def _pool_rows(X_unlabelled, X_lab: np.ndarray) -> int:
+    """Rows of the pool (0 for None); ValueError when its rows differ in shape from the labelled ones."""
+    m = 0 if X_unlabelled is None else _n_rows(X_unlabelled)
+    if m and tuple(X_unlabelled.shape[1:]) != tuple(X_lab.shape[1:]):
+        raise ValueError(
+            f"X_unlabelled rows have shape {tuple(X_unlabelled.shape[1:])}, "
+            f"the labelled rows {tuple(X_lab.shape[1:])}"
+        )
+    return m
+
+
+class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
+    """Self-training around a head classifier (see the module docstring for the schedule).
+
+    Parameters
+    ----------
+    estimator : unfitted estimator or None
+        The inner classifier (``calm.CALM(...)``, ``calm.SAV(...)``); None: ``CALM()``.
+    rounds : int >= 0
+        Rounds of predict-pick-refit; 0 is the inner estimator alone.
+    per_round : int >= 1
+        Pseudo-labelled clips a class gains per round at most.
+    confidence : "margin" or "probability"
+        How pool predictions are ranked within a class.
+    relabel : bool
+        Re-choose the whole pseudo-labelled set every round instead of only adding to it.
+    labelled_weight : int >= 1
+        How many times a labelled clip counts relative to a pseudo-labelled one.
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "estimator": [HasMethods(["fit", "predict", "decision_function"]), None],
+        "rounds": [Interval(Integral, 0, None, closed="left")],
+        "per_round": [Interval(Integral, 1, None, closed="left")],
+        "confidence": [StrOptions({"margin", "probability"})],
+        "relabel": ["boolean"],
+        "labelled_weight": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        estimator=None,
+        *,
+        rounds: int = 3,
+        per_round: int = 5,
+        confidence: str = "margin",
+        relabel: bool = False,
+        labelled_weight: int = 1,
+    ):
+        self.estimator = estimator
+        self.rounds = rounds
+        self.per_round = per_round
+        self.confidence = confidence
+        self.relabel = relabel
+        self.labelled_weight = labelled_weight
+
+    def _inner(self):
+        if self.estimator is None:
+            from calm.classifiers import CALM
+
+            return CALM()
+        return clone(self.estimator)
+
+    def _refit(self, X_lab: np.ndarray, y_lab: np.ndarray, X_pool, pseudo: np.ndarray, labels: np.ndarray):
+        """A fresh inner estimator on the labelled clips (``labelled_weight`` times) + ``pseudo``."""
+        w = self.labelled_weight
+        Xs = [X_lab] * w + ([_rows(X_pool, pseudo)] if len(pseudo) else [])
+        ys = [y_lab] * w + ([labels] if len(pseudo) else [])
+        return self._inner().fit(np.concatenate(Xs), np.concatenate(ys))
+
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y, X_unlabelled=None):
+        """Fit on labelled features X (n, K, d) and labels y, self-training on ``X_unlabelled``
+        (m, K, d) (rows of any array-like with ``shape`` and row indexing; None or 0 rows: the
+        inner estimator alone). Returns self."""
+        X_lab = _rows(X, np.arange(_n_rows(X)))
+        y_lab = np.asarray(y)
+        if y_lab.ndim != 1 or len(y_lab) != len(X_lab):
+            raise ValueError(f"X has {len(X_lab)} samples but y has shape {y_lab.shape}")
+        est = self._inner().fit(X_lab, y_lab)
+        classes = np.asarray(est.classes_)
+        C = len(classes)
+        m = _pool_rows(X_unlabelled, X_lab)
+        pseudo = np.empty(0, dtype=np.int64)
+        p_cls = np.empty(0, dtype=np.int64)
+        p_conf = np.empty(0, dtype=np.float64)
+        p_round = np.empty(0, dtype=np.int64)
+        self.rounds_ = []
+        for r in range(1, self.rounds + 1 if m else 1):
+            pred, conf = confidence_scores(est, X_unlabelled, self.confidence)
+            if self.relabel:
+                quota = np.full(C, self.per_round * r)
+                new = balanced_picks(pred, conf, quota, np.ones(m, dtype=bool))
+                old = {int(i): int(k) for i, k in zip(pseudo, p_round, strict=True)}
+                rounds_of = np.array([old.get(int(i), r) for i in new], dtype=np.int64)
+                added = int(np.sum(~np.isin(new, pseudo)))
+                pseudo, p_cls, p_conf, p_round = new, pred[new], conf[new], rounds_of
+            else:
+                eligible = np.ones(m, dtype=bool)
+                eligible[pseudo] = False
+                new = balanced_picks(pred, conf, np.full(C, self.per_round), eligible)
+                added = len(new)
+                pseudo = np.concatenate([pseudo, new])
+                p_cls = np.concatenate([p_cls, pred[new]])
+                p_conf = np.concatenate([p_conf, conf[new]])
+                p_round = np.concatenate([p_round, np.full(len(new), r)])
+            if added == 0 and not self.relabel:
+                break  # nothing left to add: the estimator would not change
+            est = self._refit(X_lab, y_lab, X_unlabelled, pseudo, classes[p_cls])
+            self.rounds_.append(
+                {
+                    "round": r,
+                    "added": added,
+                    "n_pseudo": len(pseudo),
+                    "added_per_class": np.bincount(p_cls, minlength=C).tolist(),
+                    "mean_confidence": float(p_conf.mean()) if len(p_conf) else None,
+                }
+            )
+        self.estimator_ = est
+        self.classes_ = classes
+        self.pseudo_index_ = pseudo
+        self.pseudo_labels_ = classes[p_cls]
+        self.pseudo_confidence_ = p_conf
+        self.pseudo_round_ = p_round
+        self.added_per_class_ = np.bincount(p_cls, minlength=C)
+        self.n_rounds_ = len(self.rounds_)
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        """Labels predicted by the final inner estimator."""
+        check_is_fitted(self, "estimator_")
+        return self.estimator_.predict(X)
+
+    @available_if(lambda self: self.estimator is None or hasattr(self.estimator, "predict_proba"))
+    def predict_proba(self, X) -> np.ndarray:
+        """``predict_proba`` of the final inner estimator."""
+        check_is_fitted(self, "estimator_")
+        return self.estimator_.predict_proba(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``decision_function`` of the final inner estimator."""
+        check_is_fitted(self, "estimator_")
+        return self.estimator_.decision_function(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        return tags

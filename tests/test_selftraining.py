@@ -1,0 +1,190 @@
+"""calm.selftraining.SelfTraining on synthetic per-head features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.utils._param_validation import InvalidParameterError
+
+from calm import CALM, SAV
+from calm.selftraining import SelfTraining, balanced_picks, confidence_scores
+
+torch.set_num_threads(1)
+
+C, K, D = 4, 8, 16
+
+
+def _problem(seed: int, n_pool: int = 300, n_test: int = 400, noise: float = 2.0, weights=None):
+    """Gaussian classes around random per-head means; 1 labelled clip per class."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(C, K, D))
+
+    def draw(y):
+        return (mu[y] + noise * rng.normal(size=(len(y), K, D))).astype(np.float32)
+
+    y_lab = np.array([f"c{i}" for i in range(C)])
+    X_lab = draw(np.arange(C))
+    p = None if weights is None else np.asarray(weights) / np.sum(weights)
+    yu = rng.choice(C, size=n_pool, p=p)
+    yt = rng.integers(0, C, n_test)
+    names = np.array([f"c{i}" for i in range(C)])
+    return X_lab, y_lab, draw(yu), names[yu], draw(yt), names[yt]
+
+
+def test_improves_on_a_toy_problem_where_the_pool_fills_in_the_classes():
+    gains, base_accs = [], []
+    for seed in range(6):
+        X, y, Xu, _, Xt, yt = _problem(seed)
+        base = CALM(k=0.5).fit(X, y).score(Xt, yt)
+        st = SelfTraining(CALM(k=0.5), rounds=5, per_round=5).fit(X, y, Xu).score(Xt, yt)
+        gains.append(st - base)
+        base_accs.append(base)
+    assert np.mean(base_accs) < 0.9  # one noisy clip per class leaves room
+    assert np.mean(gains) > 0.05
+    assert min(gains) > -0.02
+
+
+def test_each_class_gains_at_most_per_round_clips_per_round_even_from_a_lopsided_pool():
+    X, y, Xu, yu, _, _ = _problem(1, n_pool=400, weights=[0.85, 0.05, 0.05, 0.05])
+    st = SelfTraining(CALM(k=0.5), rounds=4, per_round=3).fit(X, y, Xu)
+    per_round = np.array([r["added_per_class"] for r in st.rounds_])
+    assert per_round.shape == (4, C)
+    assert np.all(np.diff(np.vstack([np.zeros(C), per_round]), axis=0) <= 3)
+    assert st.added_per_class_.max() <= 12
+    assert st.added_per_class_.tolist() == per_round[-1].tolist()
+    assert st.added_per_class_.sum() == len(st.pseudo_index_) == len(set(st.pseudo_index_.tolist()))
+    counts = {c: int(np.sum(st.pseudo_labels_ == c)) for c in st.classes_}
+    assert list(counts.values()) == st.added_per_class_.tolist()
+
+
+def test_balanced_picks_take_the_most_confident_rows_of_each_class_ties_to_the_lower_row():
+    pred = np.array([0, 0, 0, 1, 1, 2, 0])
+    conf = np.array([0.5, 0.9, 0.5, 0.1, 0.2, 0.3, 0.9])
+    eligible = np.array([True, True, True, True, True, True, False])
+    picks = balanced_picks(pred, conf, np.array([2, 5, 0]), eligible)
+    assert picks.tolist() == [1, 0, 4, 3]  # class 0: 0.9 then the 0.5 tie at row 0; class 2 quota 0
+
+
+def test_confidence_scores_margin_and_probability():
+    X, y, Xu, _, _, _ = _problem(2)
+    clf = CALM(k=0.5).fit(X, y)
+    s = clf.decision_function(Xu)
+    pred, margin = confidence_scores(clf, Xu, "margin")
+    top = np.sort(s, axis=1)
+    np.testing.assert_array_equal(pred, np.argmax(s, axis=1))
+    np.testing.assert_allclose(margin, top[:, -1] - top[:, -2], rtol=1e-6)
+    _, prob = confidence_scores(clf, Xu, "probability")
+    np.testing.assert_allclose(prob, clf.predict_proba(Xu).max(axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="confidence"):
+        confidence_scores(clf, Xu, "entropy")
+
+
+def test_per_round_report_is_cumulative_and_the_set_only_grows_without_relabel():
+    X, y, Xu, yu, _, _ = _problem(3)
+    st = SelfTraining(CALM(k=0.5), rounds=3, per_round=2).fit(X, y, Xu)
+    assert st.n_rounds_ == 3 and [r["round"] for r in st.rounds_] == [1, 2, 3]
+    assert [r["n_pseudo"] for r in st.rounds_] == [8, 16, 24]
+    assert [r["added"] for r in st.rounds_] == [8, 8, 8]
+    assert st.pseudo_round_.tolist() == [1] * 8 + [2] * 8 + [3] * 8
+    assert len(st.pseudo_confidence_) == 24 and np.all(st.pseudo_confidence_ >= 0)
+    assert set(st.pseudo_labels_) <= set(st.classes_)
+
+
+def test_relabel_rechooses_the_set_each_round_with_growing_quotas():
+    X, y, Xu, _, _, _ = _problem(4)
+    st = SelfTraining(CALM(k=0.5), rounds=3, per_round=2, relabel=True).fit(X, y, Xu)
+    assert [r["n_pseudo"] for r in st.rounds_] == [8, 16, 24]
+    assert st.added_per_class_.tolist() == [6] * C
+    assert np.all(st.pseudo_round_ >= 1) and np.all(st.pseudo_round_ <= 3)
+
+
+def test_stops_when_the_pool_is_used_up():
+    X, y, Xu, _, _, _ = _problem(5, n_pool=6)
+    st = SelfTraining(CALM(k=0.5), rounds=10, per_round=5).fit(X, y, Xu)
+    assert len(st.pseudo_index_) == 6
+    assert st.n_rounds_ < 10 and st.rounds_[-1]["n_pseudo"] == 6
+
+
+def test_without_pool_or_rounds_it_is_the_inner_estimator():
+    X, y, Xu, _, Xt, _ = _problem(6)
+    ref = CALM(k=0.5).fit(X, y)
+    for st in (
+        SelfTraining(CALM(k=0.5), rounds=3).fit(X, y),
+        SelfTraining(CALM(k=0.5), rounds=0).fit(X, y, Xu),
+        SelfTraining(CALM(k=0.5), rounds=3, labelled_weight=3).fit(X, y, None),
+    ):
+        np.testing.assert_allclose(st.decision_function(Xt), ref.decision_function(Xt), rtol=1e-5, atol=1e-6)
+        assert st.rounds_ == [] and len(st.pseudo_index_) == 0
+        assert st.added_per_class_.tolist() == [0] * C
+
+
+def test_labelled_weight_is_a_weighted_mean_in_the_centroids():
+    X, y, Xu, _, _, _ = _problem(7)
+    st = SelfTraining(CALM(k=0.5), rounds=1, per_round=3, labelled_weight=4).fit(X, y, Xu)
+    for ci, c in enumerate(st.classes_):
+        pseudo = Xu[st.pseudo_index_[st.pseudo_labels_ == c]].astype(np.float64)
+        expected = (4 * X[y == c].astype(np.float64).sum(0) + pseudo.sum(0)) / (4 * 1 + len(pseudo))
+        np.testing.assert_allclose(st.estimator_.centroids_[ci], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_predict_contract():
+    X, y, Xu, _, Xt, _ = _problem(8)
+    est = SelfTraining(CALM(k=0.5), rounds=2, per_round=2)
+    with pytest.raises(NotFittedError):
+        est.predict(Xt)
+    params = est.get_params(deep=True)
+    assert params["estimator__k"] == 0.5 and params["rounds"] == 2
+    assert est.fit(X, y, Xu) is est
+    assert not hasattr(est.estimator, "centroids_")  # the given estimator is cloned, never fitted
+    Xt_copy = Xt.copy()
+    before = {k: np.copy(v) for k, v in vars(est).items() if isinstance(v, np.ndarray)}
+    pred = est.predict(Xt)
+    np.testing.assert_array_equal(pred, est.estimator_.predict(Xt))
+    np.testing.assert_array_equal(est.predict_proba(Xt), est.estimator_.predict_proba(Xt))
+    np.testing.assert_array_equal(Xt, Xt_copy)
+    for k, v in before.items():
+        np.testing.assert_array_equal(getattr(est, k), v)
+    assert est.score(Xt, est.predict(Xt)) == 1.0
+    assert clone(est).get_params()["per_round"] == 2
+    assert not hasattr(clone(est), "estimator_")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"rounds": -1}, {"per_round": 0}, {"confidence": "entropy"}, {"labelled_weight": 0}, {"relabel": "no"}],
+)
+def test_invalid_parameters_are_rejected_at_fit(params):
+    X, y, Xu, _, _, _ = _problem(9)
+    with pytest.raises(InvalidParameterError):
+        SelfTraining(CALM(), **params).fit(X, y, Xu)
+
+
+def test_bad_input_shapes():
+    X, y, Xu, _, _, _ = _problem(10)
+    with pytest.raises(ValueError, match="X_unlabelled rows have shape"):
+        SelfTraining(CALM()).fit(X, y, Xu[:, :, :5])
+    with pytest.raises(ValueError, match="samples"):
+        SelfTraining(CALM()).fit(X, y[:2], Xu)
+
+
+def test_sav_inner_and_torch_and_memmap_pools(tmp_path):
+    X, y, Xu, _, Xt, yt = _problem(11)
+    a = SelfTraining(SAV(k=4), rounds=2, per_round=2).fit(X, y, Xu)
+    b = SelfTraining(SAV(k=4), rounds=2, per_round=2).fit(torch.from_numpy(X), y, torch.from_numpy(Xu))
+    mm = np.lib.format.open_memmap(tmp_path / "pool.npy", mode="w+", dtype=np.float32, shape=Xu.shape)
+    mm[:] = Xu
+    mm.flush()
+    c = SelfTraining(SAV(k=4), rounds=2, per_round=2).fit(X, y, np.load(tmp_path / "pool.npy", mmap_mode="r"))
+    for other in (b, c):
+        np.testing.assert_array_equal(a.pseudo_index_, other.pseudo_index_)
+        np.testing.assert_array_equal(a.predict(Xt), other.predict(Xt))
+    assert np.all(np.isin(a.predict(Xt), a.classes_))
+
+
+def test_default_estimator_is_calm():
+    X, y, Xu, _, _, _ = _problem(12)
+    st = SelfTraining(rounds=1).fit(X, y, Xu)
+    assert isinstance(st.estimator_, CALM)
