@@ -13,7 +13,7 @@ The pipeline, streamed by Ray Data's executor (backpressure keeps every stage's 
                                                 the batch the local path would run)
       -> the driver: `iter_rows` -> `ExtractionRun.write` / `fail` / `advance`
 
-Fault tolerance: the actors are created with `max_restarts=-1` and `max_task_retries=-1`, so a
+Fault tolerance: Ray Data creates the actors with `max_restarts=-1` and `max_task_retries=-1`: a
 killed actor is restarted (its model reloaded) and its chunk run again; the driver ignores a
 clip it has already written (a retried chunk's rows come back at most once more). A killed
 driver loses at most the chunks in flight: the store's own crash safety covers the rest, and a
@@ -23,6 +23,7 @@ rerun (local or Ray) extracts only what is missing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,10 @@ from calm.store.format import StoreError
 from calm.store.pipeline import Decoded, extract_batch, failure_reason, prepare
 from calm.store.writer import Extraction, ExtractionRun, _check_failures
 
-INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'calm-audio[ray]' (or pip install 'ray[data]>=2.40')"
+INSTALL_HINT = (
+    "the Ray engine needs Ray Data: pip install 'calm-audio[ray]' (or pip install 'ray[data]>=2.40')"
+)
+DECODE_MEMORY = 256 * 2**20  # bytes a decoding task may hold (decoded audio of one chunk)
 _SCALARS = (int, float, str, bool, type(None))
 
 
@@ -129,7 +133,9 @@ class Decode:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         chunk = pickle.loads(row["blob"])
-        prepared = [prepare(self.shell, p, known) for p, known in zip(chunk["paths"], chunk["known"])]
+        prepared = [
+            prepare(self.shell, p, known) for p, known in zip(chunk["paths"], chunk["known"], strict=True)
+        ]
         chunk["hashes"] = [h for h, _, _ in prepared]
         chunk["inputs"] = [x for _, x, _ in prepared]
         chunk["reasons"] = [r for _, _, r in prepared]
@@ -185,12 +191,19 @@ def _chunks(run: ExtractionRun, size: int) -> list[dict[str, Any]]:
     return rows
 
 
-def build_dataset(run: ExtractionRun, shell: ExtractorShell, recipe: ExtractorRecipe, opts: RayOptions) -> Any:
+def build_dataset(
+    run: ExtractionRun, shell: ExtractorShell, recipe: ExtractorRecipe, opts: RayOptions
+) -> Any:
     """The Ray dataset of `run`'s pending clips: chunks -> decode tasks -> actor pool."""
     ray = require_ray()
     rows = _chunks(run, run.job.batch_size)
+    _quiet(ray)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
-    ds = ds.map(Decode(shell), num_cpus=opts.decode_cpus, max_retries=3)
+    # the decode tasks' memory request (a chunk of decoded audio) also keeps Ray Data from fusing
+    # them into the actors: decoding stays on CPU tasks, overlapped with the model
+    ds = ds.map(Decode(shell), num_cpus=opts.decode_cpus, memory=DECODE_MEMORY)
+    # Ray Data creates actor pools with max_restarts=-1 and max_task_retries=-1: a dead actor is
+    # restarted and its chunk run again (tests/test_ray.py kills one)
     return ds.map_batches(
         Embed,
         fn_constructor_args=(recipe, int(opts.cpus_per_actor)),
@@ -200,9 +213,19 @@ def build_dataset(run: ExtractionRun, shell: ExtractorShell, recipe: ExtractorRe
         compute=ray.data.ActorPoolStrategy(size=opts.actors),
         num_cpus=opts.cpus_per_actor,
         num_gpus=opts.gpus_per_actor or None,
-        max_restarts=-1,
-        max_task_retries=-1,
     )
+
+
+def _quiet(ray: Any) -> None:
+    """No Ray Data progress bars or start-up banner: the run reports progress itself."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _decoded(path: str, clip: Any, clip_hash: str | None) -> Decoded:
+    return Decoded(path, clip, clip_hash, None, None, more=False)
 
 
 def drain(run: ExtractionRun, results: Iterator[dict[str, Any]]) -> int:
@@ -216,9 +239,9 @@ def drain(run: ExtractionRun, results: Iterator[dict[str, Any]]) -> int:
         paths, hashes = res["paths"], res["hashes"]
         fresh = [i for i, p in enumerate(paths) if p not in written]
         duplicates += len(paths) - len(fresh)
-        keep = [j for j, i in enumerate(res["ok"]) if i in set(fresh)]
-        items = [Decoded(paths[res["ok"][j]], clips[paths[res["ok"][j]]], hashes[res["ok"][j]], None, None, False)
-                 for j in keep]
+        new = set(fresh)
+        keep = [j for j, i in enumerate(res["ok"]) if i in new]  # rows of `features`
+        items = [_decoded(paths[i], clips[paths[i]], hashes[i]) for i in (res["ok"][j] for j in keep)]
         if items:
             run.write(items, res["features"][keep])
         for i in fresh:
@@ -257,7 +280,9 @@ def extract_with_ray(
         if extractor is not None:
             shell = ExtractorShell(extractor)
         else:
-            describe = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor or None)(_describe)
+            describe = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor or None)(
+                _describe
+            )
             shell = ray.get(describe.remote(recipe))
         job = Extraction(shell, out, batch_size=batch_size, dtype=dtype, progress=progress)
         with job.start(clips, limit=limit) as run:
