@@ -1,17 +1,11 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import shared_data
+
 torch.set_num_threads(1)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_data() -> Path:
-    """Real labelled audio: $CALM_TEST_DATA, else ../shared/data beside the repository."""
-    return Path(os.environ.get("CALM_TEST_DATA", ROOT.parent / "shared" / "data"))
 
 
 @pytest.fixture

@@ -154,6 +154,7 @@ def test_argument_errors(tmp_path):
         load_audio(path, 0)
 
 
+@pytest.mark.slow
 def test_real_esc10_clip(esc10_root):
     clip = sorted(esc10_root.glob("*/*.ogg"))[0]
     y = load_audio(clip, 16000, max_seconds=30)

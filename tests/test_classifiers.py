@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from sklearn.base import clone
 from sklearn.model_selection import cross_val_score
-from test_classifiers_reference import make_problem
 
 import calm
 from calm import _heads as H
 from calm.classifiers import CALM, SAV
+from tests.test_classifiers_reference import make_problem
 
 # ----------------------------------------------------------------------------------------------
 # each equation by hand

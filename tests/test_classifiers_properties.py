@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_classifiers_reference import make_problem
 
 import calm
 from calm import _heads as H
 from calm.classifiers import CALM, SAV
+from tests.test_classifiers_reference import make_problem
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

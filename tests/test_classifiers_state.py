@@ -18,13 +18,13 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from test_classifiers_reference import make_problem
 
 import calm
 from calm import _heads as H
 from calm.classifiers import CALM, SAV
 from calm.classifiers.base import ESTIMATORS, HeadClassifier
 from calm.serialization import read_classifier, write_classifier
+from tests.test_classifiers_reference import make_problem
 
 V1 = Path(__file__).parent / "data" / "classifier_v1"
 SRC = Path(calm.__file__).parent

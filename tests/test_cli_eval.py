@@ -61,7 +61,7 @@ def load_tone_extractor(spec):
 
 @pytest.fixture(autouse=True)
 def fake_model():
-    register_model("fake-tones", None, "test_cli_eval:load_tone_extractor")
+    register_model("fake-tones", None, "tests.test_cli_eval:load_tone_extractor")
     yield
     MODELS.pop("fake-tones", None)
 
@@ -91,6 +91,7 @@ def is_png(path: Path) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 1000
 
 
+@pytest.mark.slow
 def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
     runner = CliRunner()
     run = tmp_path / "run"

@@ -3,12 +3,12 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_store import FakeExtractor, make_clips
 
 from calm.cli import main
 from calm.commands import extract as extract_cmd
-from calm.commands.extract import parse_layers, parse_options
+from calm.commands.options import parse_layers, parse_options
 from calm.store import list_keys, load_features
+from tests.test_store import FakeExtractor, make_clips
 
 
 @pytest.fixture

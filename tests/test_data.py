@@ -125,8 +125,9 @@ def test_csv_errors_name_file_and_line(tmp_path, body, message):
         load_dataset(f"csv:{tmp_path / 'm.csv'}")
 
 
+@pytest.mark.slow
 def test_real_fsdd_manifest():
-    from conftest import shared_data
+    from tests.helpers import shared_data
 
     manifest = shared_data() / "fsdd" / "manifest.csv"
     if not manifest.is_file():
@@ -272,6 +273,7 @@ def test_esc10_release_layout(tmp_path):
         load_dataset(f"esc10:{tmp_path}")
 
 
+@pytest.mark.slow
 def test_real_esc10(esc10_root):
     ds = load_dataset(f"esc10:{esc10_root}")
     assert len(ds.clips) == 400 and len(ds.classes) == 10 and ds.classes[0] == "Dog bark"

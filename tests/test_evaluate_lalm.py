@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from test_evaluate import synthetic
 
 from calm import baselines
 from calm import evaluate as ev
 from calm.evaluate import ProtocolError
 from calm.pseudolabel import pseudo_label
+from tests.test_evaluate import synthetic
 
 CLASSES = ["c0", "c1", "c2"]
 
@@ -182,7 +182,7 @@ TONES = {"low": 300.0, "mid": 900.0, "high": 2100.0}
 
 @pytest.fixture(scope="module")
 def tiny_lalm_dir(tmp_path_factory):
-    from tiny_models import save_pretrained, tiny_qwen2_audio
+    from tests.helpers.tiny_models import save_pretrained, tiny_qwen2_audio
 
     model, processor = tiny_qwen2_audio(num_layers=2)
     return save_pretrained(model, processor, tmp_path_factory.mktemp("tiny") / "qwen2-audio")
@@ -204,6 +204,7 @@ def write_tones(root: Path) -> Path:
     return manifest
 
 
+@pytest.mark.slow
 def test_calm_evaluate_with_zero_shot_and_pseudo_labels(tmp_path, tiny_lalm_dir):
     from calm.cli import main
     from calm.models import load_extractor

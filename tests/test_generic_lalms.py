@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import save_pretrained, tiny_audio_flamingo3, tiny_glmasr
-from tiny_omni import save_like_hub_qwen3_omni, tiny_qwen3_omni_thinker
 
 from calm.models import BACKENDS, load_extractor
 from calm.models.base import ExtractorError, HeadName
 from calm.models.generic import GenericLALMExtractor
+from tests.helpers.tiny_models import save_pretrained, tiny_audio_flamingo3, tiny_glmasr
+from tests.helpers.tiny_omni import save_like_hub_qwen3_omni, tiny_qwen3_omni_thinker
 
 PROMPT = "Which sound is this? A. dog B. rain"
 BUILDERS = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_qwen2_audio
 
 from calm.models.hooks import (
     HeadCapture,
@@ -17,6 +16,7 @@ from calm.models.hooks import (
     mean_over_lengths,
     select_layers,
 )
+from tests.helpers.tiny_models import tiny_qwen2_audio
 
 
 @pytest.fixture(scope="module")

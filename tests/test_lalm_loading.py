@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_pretrained, tiny_qwen2_audio
-from tiny_omni import tiny_qwen2_5_omni
 
 from calm.models import load_extractor
 from calm.models.base import ExtractorError
 from calm.models.hooks import HookError
 from calm.models.lalm import padding_kwargs, truncated_config
+from tests.helpers.tiny_models import save_pretrained, tiny_qwen2_audio
+from tests.helpers.tiny_omni import tiny_qwen2_5_omni
 
 PROMPT = "What is this sound?"
 

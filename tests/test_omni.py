@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
-from tiny_omni import tiny_qwen2_5_omni, write_video
 
 from calm.models.base import ExtractorError
 from calm.models.processors import patchify
 from calm.models.qwen2_5_omni import Qwen25OmniExtractor
 from calm.video import VideoClip, frame_times, read_frames
+from tests.helpers.tiny_omni import tiny_qwen2_5_omni, write_video
 
 
 @pytest.fixture(scope="module")

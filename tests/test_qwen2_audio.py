@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_pretrained, tiny_qwen2_audio
 
 from calm.models import load_extractor
 from calm.models.base import ExtractorError, HeadName
 from calm.models.lalm import position_ids_from_mask
 from calm.models.qwen2_audio import Qwen2AudioExtractor
+from tests.helpers.tiny_models import save_pretrained, tiny_qwen2_audio
 
 PROMPT = "What caption does the given audio belong to? A. dog B. rain"
 

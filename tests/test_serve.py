@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from conftest import shared_data
 
 from calm.cli import main
+from tests.helpers import shared_data
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -81,7 +81,7 @@ def served(tmp_path_factory):
     root = shared_data() / "esc10"
     if not root.is_dir():
         pytest.skip(f"real ESC-10 audio not found at {root} (set CALM_TEST_DATA)")
-    from esc10_model import fit_esc10_model
+    from tests.helpers.esc10_model import fit_esc10_model
 
     work = tmp_path_factory.mktemp("serve")
     model, queries = fit_esc10_model(root, work)
@@ -135,7 +135,7 @@ def test_predictions_equal_calm_predict(served):
 
 
 def test_info_health_and_openapi(served):
-    from esc10_model import CLASSES
+    from tests.helpers.esc10_model import CLASSES
 
     server, _, _ = served
     info = httpx.get(server.url + "/info").json()

@@ -186,8 +186,8 @@ def test_interrupted_by_model_error_resumes_to_the_same_rows(tmp_path, clips, re
 
 KILL_SCRIPT = """
 import sys
-sys.path.insert(0, {tests!r})
-from test_store import FakeExtractor, make_clips
+sys.path.insert(0, {root!r})
+from tests.test_store import FakeExtractor, make_clips
 from calm.store import extract_to_store
 from pathlib import Path
 clips = make_clips(Path({audio!r}), write=False)
@@ -196,9 +196,12 @@ print("finished")
 """
 
 
+@pytest.mark.slow
 def test_killed_with_sigkill_resumes_to_the_same_rows(tmp_path, clips, reference):
     out = tmp_path / "killed"
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), audio=str(tmp_path / "audio"), out=str(out))
+    script = KILL_SCRIPT.format(
+        root=str(Path(__file__).parents[1]), audio=str(tmp_path / "audio"), out=str(out)
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     kills = 0
     jitter = np.random.default_rng(1).uniform(0, 0.06, 3)

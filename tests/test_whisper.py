@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
 
 from calm._files import canonical_json, file_sha256
 from calm.models import load_extractor
@@ -23,6 +22,7 @@ from calm.models.whisper import (
     run_encoder,
 )
 from calm.models.whisper_ct2 import ensure_converted, package_model_dir, read_ct2_model, verify
+from tests.helpers import shared_data
 
 N_CLIPS = 3
 
@@ -62,6 +62,7 @@ def test_encoder_frame_arithmetic():
     assert real_encoder_frames(16000 * 40, 1500) == 1500
 
 
+@pytest.mark.slow
 def test_ct2_reader_parses_every_variable():
     spec, variables = read_ct2_model(package_model_dir() / "model.bin")
     assert spec == "WhisperSpec"
@@ -70,6 +71,7 @@ def test_ct2_reader_parses_every_variable():
     assert variables["decoder/projection/weight"] is variables["decoder/embeddings/weight"]  # alias
 
 
+@pytest.mark.slow
 def test_conversion_maps_weights_and_is_reused(converted):
     directory, record = converted
     assert record["source_sha256"] == file_sha256(package_model_dir() / "model.bin")
@@ -88,6 +90,7 @@ def test_conversion_maps_weights_and_is_reused(converted):
     assert again == directory and (directory / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_corrupt_or_incomplete_cache_fails_verification(converted, tmp_path):
     directory, record = converted
     copy = tmp_path / directory.name
@@ -102,6 +105,7 @@ def test_corrupt_or_incomplete_cache_fails_verification(converted, tmp_path):
     assert verify(copy, record["source_sha256"]) is None
 
 
+@pytest.mark.slow
 def test_decoder_prompt_ids_carry_previous_text(extractor):
     tokenizer = extractor.tokenizer
     plain = decoder_prompt_ids(tokenizer, None)
@@ -228,6 +232,7 @@ def test_clip_length_encoder_option(extractor, esc10_waves):
     assert np.abs(batched[:1] - extractor.extract(waves[:1])).max() > 1e-3  # a different encoder context
 
 
+@pytest.mark.slow
 def test_invalid_options(converted):
     with pytest.raises(ExtractorError, match="head sources"):
         load_extractor("whisper-tiny.en", heads="everything")
@@ -237,6 +242,7 @@ def test_invalid_options(converted):
         load_extractor("whisper-tiny.en", min_encoder_seconds=10)
 
 
+@pytest.mark.slow
 def test_key_is_json_and_names_the_checksum(extractor, converted):
     key = extractor.key
     assert json.loads(json.dumps(key)) == key

@@ -11,6 +11,7 @@ from calm.models import load_extractor
 from calm.models.base import ExtractorError
 
 SR = 16000
+pytestmark = pytest.mark.slow  # the real Whisper tiny.en
 
 
 @pytest.fixture(scope="module")

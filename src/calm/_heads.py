@@ -22,12 +22,15 @@ Tie rules: :func:`head_predictions` and every arg-max over classes pick the lowe
 from __future__ import annotations
 
 import numbers
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 __all__ = [
     "EPS",
+    "ArrayLike",
     "as_tensor",
     "compute_dtype",
     "l2_normalize",
@@ -46,6 +49,9 @@ __all__ = [
     "rank_heads",
 ]
 
+#: What the functions take: a torch tensor, a NumPy array or anything `np.asarray` accepts.
+ArrayLike: TypeAlias = torch.Tensor | npt.ArrayLike
+
 #: Norms are clamped to at least EPS, so a zero feature vector has cosine 0 with every centroid.
 EPS = 1e-12
 
@@ -57,7 +63,7 @@ def compute_dtype(dtype: torch.dtype | np.dtype) -> torch.dtype:
     return torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
 
 
-def as_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
+def as_tensor(x: ArrayLike, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x`` (NumPy, torch, nested lists) as a CPU torch tensor, without a copy where possible."""
     if isinstance(x, torch.Tensor):
         t = x.detach()
@@ -73,18 +79,19 @@ def as_tensor(x, dtype: torch.dtype | None = None) -> torch.Tensor:
     return t if dtype is None else t.to(dtype)
 
 
-def _float(x) -> torch.Tensor:
+def _float(x: ArrayLike) -> torch.Tensor:
     t = as_tensor(x)
     return t.to(compute_dtype(t.dtype)) if t.is_floating_point() else t.to(torch.float32)
 
 
-def l2_normalize(x, dim: int = -1) -> torch.Tensor:
+def l2_normalize(x: ArrayLike, dim: int = -1) -> torch.Tensor:
     """``x / max(||x||_2, EPS)`` along ``dim`` (the normalisation inside Eq. 2)."""
     t = _float(x)
-    return t / torch.linalg.vector_norm(t, dim=dim, keepdim=True).clamp_min(EPS)
+    norm: torch.Tensor = torch.linalg.vector_norm(t, dim=dim, keepdim=True)
+    return t / norm.clamp_min(EPS)
 
 
-def class_centroids(X, y_idx, n_classes: int) -> torch.Tensor:
+def class_centroids(X: ArrayLike, y_idx: ArrayLike, n_classes: int) -> torch.Tensor:
     """Eq. 1: mu_c^j, the mean feature of each class's clips, per head -> (C, K, d).
 
     Raises ValueError when a class has no clip.
@@ -98,7 +105,7 @@ def class_centroids(X, y_idx, n_classes: int) -> torch.Tensor:
     return sums / counts.to(X.dtype).view(-1, *([1] * (X.ndim - 1)))
 
 
-def cosine_similarities(X, centroids, *, normalized: bool = False) -> torch.Tensor:
+def cosine_similarities(X: ArrayLike, centroids: ArrayLike, *, normalized: bool = False) -> torch.Tensor:
     """Eq. 2: s_j(x, c) = cos(h_j(x), mu_c^j) for features (n, K, d) -> (n, K, C).
 
     With ``normalized=True`` the centroids are taken as already unit-length and laid out (K, d, C)
@@ -110,19 +117,19 @@ def cosine_similarities(X, centroids, *, normalized: bool = False) -> torch.Tens
     return torch.matmul(x.transpose(0, 1), m.to(x.dtype)).transpose(0, 1)
 
 
-def head_predictions(similarities) -> torch.Tensor:
+def head_predictions(similarities: ArrayLike) -> torch.Tensor:
     """Eq. 3: each head's nearest-centroid class, (n, K, C) -> (n, K); ties go to the lower class."""
     return torch.argmax(as_tensor(similarities), dim=-1)
 
 
-def head_posteriors(similarities, tau_p: float) -> torch.Tensor:
+def head_posteriors(similarities: ArrayLike, tau_p: float) -> torch.Tensor:
     """Eq. 5: p_c^j(x) = softmax over classes of s_j(x, c) / tau_p, (n, K, C) -> (n, K, C)."""
     if not tau_p > 0:
         raise ValueError(f"tau_p must be > 0, got {tau_p!r}")
     return torch.softmax(_float(similarities) / tau_p, dim=-1)
 
 
-def clamped_margins(posteriors, y_idx) -> torch.Tensor:
+def clamped_margins(posteriors: ArrayLike, y_idx: ArrayLike) -> torch.Tensor:
     """Eq. 6: m^j(x, c) = max(0, p_c^j(x) - max_{c' != c} p_{c'}^j(x)) at the true class, -> (n, K)."""
     p = _float(posteriors)
     n, K, _ = p.shape
@@ -132,12 +139,12 @@ def clamped_margins(posteriors, y_idx) -> torch.Tensor:
     return (own - rivals).clamp_min(0)
 
 
-def global_reliability(margins) -> torch.Tensor:
+def global_reliability(margins: ArrayLike) -> torch.Tensor:
     """Eq. 7: r^j, the mean clamped margin over all support clips, (n, K) -> (K,)."""
     return _float(margins).mean(dim=0)
 
 
-def class_reliability(margins, y_idx, n_classes: int) -> torch.Tensor:
+def class_reliability(margins: ArrayLike, y_idx: ArrayLike, n_classes: int) -> torch.Tensor:
     """Eq. 11: r_c^j, the mean clamped margin over class c's support clips, (n, K) -> (C, K)."""
     m = _float(margins)
     y = as_tensor(y_idx, torch.int64)
@@ -147,7 +154,7 @@ def class_reliability(margins, y_idx, n_classes: int) -> torch.Tensor:
     return torch.zeros((n_classes, m.shape[1]), dtype=m.dtype).index_add_(0, y, m) / counts[:, None]
 
 
-def resolve_k(k, n_heads: int) -> int:
+def resolve_k(k: float | None, n_heads: int) -> int:
     """The number of heads kept: an int as is, a float in (0, 1] as round(k * n_heads) (at least 1,
     halves rounded up), None as all heads. Raises ValueError for anything else or k > n_heads."""
     if k is None:
@@ -165,7 +172,7 @@ def resolve_k(k, n_heads: int) -> int:
     raise ValueError(f"k must be an int, a float in (0, 1] or None, got {k!r}")
 
 
-def top_k_mask(reliability, k: int) -> torch.Tensor:
+def top_k_mask(reliability: ArrayLike, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries along the last axis; ties keep the lower head index."""
     r = _float(reliability)
     if not 1 <= k <= r.shape[-1]:
@@ -174,7 +181,9 @@ def top_k_mask(reliability, k: int) -> torch.Tensor:
     return torch.zeros(r.shape, dtype=torch.bool).scatter_(-1, order, True)
 
 
-def head_weights(reliability, k: int, tau_w: float, normalization: str = "softmax") -> torch.Tensor:
+def head_weights(
+    reliability: ArrayLike, k: int, tau_w: float, normalization: str = "softmax"
+) -> torch.Tensor:
     """Eq. 8 (global, (K,)) and Eq. 12 (class-conditional, (C, K)): top-k heads by reliability,
     weighted by softmax(r / tau_w) over the kept heads and 0 elsewhere.
 
@@ -194,7 +203,7 @@ def head_weights(reliability, k: int, tau_w: float, normalization: str = "softma
     raise ValueError(f"normalization must be 'softmax' or 'power', got {normalization!r}")
 
 
-def weighted_scores(posteriors, weights) -> torch.Tensor:
+def weighted_scores(posteriors: ArrayLike, weights: ArrayLike) -> torch.Tensor:
     """Eq. 9 / 13: score_c(x) = sum_j w_c^j p_c^j(x); weights (K,) or (C, K) -> (n, C)."""
     p = _float(posteriors)
     w = as_tensor(weights, p.dtype)
@@ -203,18 +212,18 @@ def weighted_scores(posteriors, weights) -> torch.Tensor:
     return torch.einsum("nkc,ck->nc", p, w)
 
 
-def vote_counts(head_preds, n_classes: int) -> torch.Tensor:
+def vote_counts(head_preds: ArrayLike, n_classes: int) -> torch.Tensor:
     """Eq. 4: votes per class from the predictions of the kept heads, (n, k) -> (n, C) int64."""
     preds = as_tensor(head_preds, torch.int64)
     votes = torch.zeros((preds.shape[0], n_classes), dtype=torch.int64)
     return votes.scatter_add_(1, preds, torch.ones_like(preds))
 
 
-def rank_heads(correct, margins=None) -> torch.Tensor:
+def rank_heads(correct: ArrayLike, margins: ArrayLike | None = None) -> torch.Tensor:
     """SAV head order: by support accuracy (``correct`` counts, (K,)) descending; equal accuracies
     by ``margins`` (mean clamped margin, Eq. 6-7) descending when given; then by lower head index."""
     c = as_tensor(correct).cpu().numpy().astype(np.float64)
-    keys = [np.arange(len(c))]  # np.lexsort: the last key is the primary one
+    keys: list[npt.NDArray[Any]] = [np.arange(len(c))]  # np.lexsort: the last key is the primary one
     if margins is not None:
         keys.append(-as_tensor(margins).cpu().numpy().astype(np.float64))
     keys.append(-c)

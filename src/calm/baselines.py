@@ -189,9 +189,6 @@ def pseudo_label_clips(
 
     Temperatures and sampling are seeded per chunk from `seed` and the chunk's paths.
     """
-    from calm.pseudolabel import pseudo_label
-    from calm.zeroshot import LALMSampler
-
     classes = tuple(classes)
     prompt = render_prompt("choices", classes)
     key = {
@@ -208,32 +205,54 @@ def pseudo_label_clips(
     }
 
     def compute(part: list[str], inputs: list[Any]) -> list[dict]:
-        chunk_seed = _chunk_seed(seed, part)
-        sampler = LALMSampler(extractor, prompt.text, max_new_tokens=max_new_tokens, seed=chunk_seed)
-        res = pseudo_label(
-            sampler,
-            inputs,
-            classes,
-            rollouts=rollouts,
-            temperature_range=temperature_range,
-            min_agreement=min_agreement,
-            option_labels=prompt.labels,
-            batch_size=batch_size,
-            seed=chunk_seed,
+        return _pseudo_label_entries(
+            extractor, prompt, inputs, classes, _chunk_seed(seed, part), key, batch_size=batch_size
         )
-        return [
-            {
-                "label": res.labels[i],
-                "agreement": float(res.agreement[i]),
-                "kept": bool(res.kept[i]),
-                "answers": res.answers[i],
-                "votes": res.votes[i],
-                "temperatures": [float(t) for t in res.temperatures[i]],
-            }
-            for i in range(len(part))
-        ]
 
     entries = _run_cached(paths, key, cache, compute, extractor.load_input, chunk, progress)
+    return _pseudo_labels_of(entries, rollouts, classes)
+
+
+def _pseudo_label_entries(
+    extractor: Any,
+    prompt: Prompt,
+    inputs: list[Any],
+    classes: tuple[str, ...],
+    chunk_seed: int,
+    key: dict,
+    *,
+    batch_size: int,
+) -> list[dict]:
+    """The cache entries of one chunk of clips: `rollouts` sampled answers each, seeded by the chunk."""
+    from calm.chat_lm import LALMSampler
+    from calm.pseudolabel import pseudo_label
+
+    sampler = LALMSampler(extractor, prompt.text, max_new_tokens=key["max_new_tokens"], seed=chunk_seed)
+    res = pseudo_label(
+        sampler,
+        inputs,
+        classes,
+        rollouts=key["rollouts"],
+        temperature_range=tuple(key["temperature_range"]),
+        min_agreement=key["min_agreement"],
+        option_labels=prompt.labels,
+        batch_size=batch_size,
+        seed=chunk_seed,
+    )
+    return [
+        {
+            "label": res.labels[i],
+            "agreement": float(res.agreement[i]),
+            "kept": bool(res.kept[i]),
+            "answers": res.answers[i],
+            "votes": res.votes[i],
+            "temperatures": [float(t) for t in res.temperatures[i]],
+        }
+        for i in range(len(inputs))
+    ]
+
+
+def _pseudo_labels_of(entries: list[dict], rollouts: int, classes: tuple[str, ...]) -> PseudoLabels:
     return PseudoLabels(
         labels=[e["label"] for e in entries],
         agreement=np.array([e["agreement"] for e in entries], dtype=float),

@@ -9,25 +9,34 @@
 - Fig. 6 `influential_heads`: layer x head heat map of how often each head is a class's most
   influential one (largest w_c^j), counted over classes and seeds; one panel per head source.
 
-Functions take plain data and a path, write the PNG, and return the path; `make_figures` draws
-every figure whose data is present. Matplotlib runs on the non-interactive Agg backend.
+Each figure has a `*_figure` function that takes plain data and returns the matplotlib `Figure`
+(built without pyplot, so no global state and no display), and a function of the figure's name
+that also takes a path, writes the PNG and returns the path; `make_figures` writes every figure
+whose data is present.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "survival_curves",
     "survival",
+    "survival_figure",
     "conditional_vs_global",
+    "conditional_vs_global_figure",
     "shots_and_heads",
+    "shots_and_heads_figure",
     "top_head_counts",
     "influential_heads",
+    "influential_heads_figure",
     "make_figures",
 ]
 
@@ -39,20 +48,16 @@ FIGURES = {
 }
 
 
-def _plt():
-    import matplotlib
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    _plt().close(fig)
     return path
 
 
@@ -62,17 +67,16 @@ def survival_curves(weights: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return (weights[:, :, None] > np.asarray(grid)[None, None, :]).mean(1)
 
 
-def survival(
+def survival_figure(
     weights: np.ndarray,
     classes: Sequence[str],
-    path: Path,
     *,
     uniform_k: Sequence[int] | None = None,
     max_classes: int = 10,
     title: str = "",
-) -> Path:
-    """Fig. 3: per-class weight survival functions against uniform SAV voting lines."""
-    plt = _plt()
+) -> Figure:
+    """Fig. 3: per-class weight survival functions (one line per class, the first `max_classes`),
+    then one dashed uniform SAV voting line per k."""
     weights = np.asarray(weights, dtype=np.float64)
     n_classes, K = weights.shape
     if uniform_k is None:
@@ -80,7 +84,8 @@ def survival(
     top = max(float(weights.max()), 1.0 / min(uniform_k)) * 1.05
     grid = np.linspace(0.0, top, 400)
     curves = survival_curves(weights, grid)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = _new_figure((6.5, 4.2))
+    ax = fig.subplots()
     for c in range(min(n_classes, max_classes)):
         ax.plot(grid, curves[c], lw=1.4, label=str(classes[c]))
     for k in uniform_k:
@@ -98,19 +103,25 @@ def survival(
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "Per-class head weight survival (CALM) vs uniform SAV voting")
     ax.legend(fontsize=7, ncol=2, loc="upper right")
-    return _save(fig, path)
+    return fig
 
 
-def conditional_vs_global(
-    sweep: Sequence[Mapping[str, Any]], path: Path, *, shots: int | None = None, metric: str = "accuracy"
-) -> Path:
-    """Fig. 4: class-conditional (CALM) vs global weighting, metric against the number of heads kept."""
-    plt = _plt()
+def survival(weights: np.ndarray, classes: Sequence[str], path: Path, **options: Any) -> Path:
+    """Fig. 3 (`survival_figure`, same options) written as a PNG at `path`."""
+    return _save(survival_figure(weights, classes, **options), path)
+
+
+def conditional_vs_global_figure(
+    sweep: Sequence[Mapping[str, Any]], *, shots: int | None = None, metric: str = "accuracy"
+) -> Figure:
+    """Fig. 4: class-conditional (CALM) vs global weighting, metric against the number of heads kept
+    (one line per method, at `shots`, by default the largest in the sweep)."""
     rows = [r for r in sweep if r["metric"] == metric]
     if shots is None:
         shots = max(r["shots"] for r in rows)
     rows = [r for r in rows if r["shots"] == shots]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _new_figure((6, 4))
+    ax = fig.subplots()
     for method, style in (("calm", "-o"), ("calm-global", "--s")):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["k"])
         if rs:
@@ -128,19 +139,20 @@ def conditional_vs_global(
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"Class-conditional vs global weighting, {shots} shots")
     ax.legend()
-    return _save(fig, path)
+    return fig
 
 
-def shots_and_heads(
-    summary: Sequence[Mapping[str, Any]],
-    sweep: Sequence[Mapping[str, Any]],
-    path: Path,
-    *,
-    metric: str = "accuracy",
-) -> Path:
+def conditional_vs_global(sweep: Sequence[Mapping[str, Any]], path: Path, **options: Any) -> Path:
+    """Fig. 4 (`conditional_vs_global_figure`, same options) written as a PNG at `path`."""
+    return _save(conditional_vs_global_figure(sweep, **options), path)
+
+
+def shots_and_heads_figure(
+    summary: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]], *, metric: str = "accuracy"
+) -> Figure:
     """Fig. 5: metric against shots (all methods) and CALM's metric against the fraction of heads kept."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _new_figure((11, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     rows = [s for s in summary if s["metric"] == metric]
     for method in dict.fromkeys(s["method"] for s in rows):
         rs = sorted((s for s in rows if s["method"] == method), key=lambda s: s["shots"])
@@ -165,7 +177,14 @@ def shots_and_heads(
     ax2.set_title("Accuracy against the fraction of heads kept")
     if srows:
         ax2.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
+
+
+def shots_and_heads(
+    summary: Sequence[Mapping[str, Any]], sweep: Sequence[Mapping[str, Any]], path: Path, **options: Any
+) -> Path:
+    """Fig. 5 (`shots_and_heads_figure`, same options) written as a PNG at `path`."""
+    return _save(shots_and_heads_figure(summary, sweep, **options), path)
 
 
 def top_head_counts(weights: Sequence[np.ndarray], n_heads: int) -> np.ndarray:
@@ -179,17 +198,18 @@ def top_head_counts(weights: Sequence[np.ndarray], n_heads: int) -> np.ndarray:
     return counts
 
 
-def influential_heads(
-    counts: np.ndarray, head_names: Sequence[Sequence[Any]], path: Path, *, title: str = ""
-) -> Path:
-    """Fig. 6: layer x head heat map of top-head counts, one panel per head source."""
-    plt = _plt()
+def influential_heads_figure(
+    counts: np.ndarray, head_names: Sequence[Sequence[Any]], *, title: str = ""
+) -> Figure:
+    """Fig. 6: layer x head heat map of top-head counts (rows layers, columns heads), one panel per
+    head source (`head_names` entries `(layer, head[, source])`, aligned with `counts`)."""
     counts = np.asarray(counts)
     names = [(int(h[0]), int(h[1]), str(h[2]) if len(h) > 2 else "decoder") for h in head_names]
     if len(names) != len(counts):
         raise ValueError(f"{len(counts)} counts for {len(names)} head names")
     sources = list(dict.fromkeys(s for _, _, s in names))
-    fig, axes = plt.subplots(1, len(sources), figsize=(4 * len(sources) + 1, 4), squeeze=False)
+    fig = _new_figure((4 * len(sources) + 1, 4))
+    axes = fig.subplots(1, len(sources), squeeze=False)
     vmax = max(int(counts.max()), 1)
     for ax, source in zip(axes[0], sources, strict=True):
         idx = [i for i, n in enumerate(names) if n[2] == source]
@@ -206,7 +226,14 @@ def influential_heads(
         ax.set_title(source)
     fig.colorbar(im, ax=axes[0].tolist(), label="times a class's most influential head")
     fig.suptitle(title or "Most influential head per class (CALM)")
-    return _save(fig, path)
+    return fig
+
+
+def influential_heads(
+    counts: np.ndarray, head_names: Sequence[Sequence[Any]], path: Path, **options: Any
+) -> Path:
+    """Fig. 6 (`influential_heads_figure`, same options) written as a PNG at `path`."""
+    return _save(influential_heads_figure(counts, head_names, **options), path)
 
 
 def make_figures(

@@ -7,7 +7,7 @@ least half of the M rollouts agree with it. Unparseable answers count as rollout
 The kept clips with their pseudo-labels are the support set of SAV or CALM.
 
 The sampler is injectable: anything called as `sampler(inputs, temperatures)` with `temperatures`
-of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.zeroshot.LALMSampler`
+of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.chat_lm.LALMSampler`
 is the one backed by a model; tests script their own.
 """
 
@@ -107,7 +107,8 @@ class PseudoLabels:
         if len(indices) == 0:
             return float("nan")
         right = [
-            self.labels[i] is not None and self.labels[i] in str(true_labels[i]).split(";") for i in indices
+            self.labels[i] is not None and self.labels[i] in str(true_labels[i]).split(";")
+            for i in map(int, indices)
         ]
         return float(np.mean(right))
 

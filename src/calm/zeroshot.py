@@ -13,23 +13,30 @@ Three modes, all batched:
   option label, fuzzy match). Unparseable answers are counted in `n_unparsed`, predicted as None
   (always wrong), never dropped.
 
-The model side is a `ChatLM`: a transformers model with its LM head, its tokenizer and a
-`build_inputs(inputs, prompt_text)` that applies the chat template (audio, then the prompt text,
-then the generation prompt) and returns left-padded model inputs. `as_chat_lm` makes one from an
-LALM extractor of `calm.models`.
+The model side (`ChatLM`, `as_chat_lm`, `LALMSampler`, generation) lives in `calm.chat_lm`; this
+module turns its logits and answers into class predictions, and re-exports those names.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from calm.answers import match_answer
+from calm.chat_lm import (
+    ChatLM,
+    LALMSampler,
+    accepts_argument,
+    as_chat_lm,
+    forward,
+    generate_answers,
+    last_logits,
+    mask_positions,
+)
 from calm.prompts import Prompt, render_prompt
 
 __all__ = ["ChatLM", "LALMSampler", "MODES", "ZeroShotResult", "as_chat_lm", "verbalise", "zero_shot"]
@@ -40,83 +47,6 @@ MODES = ("letters", "likelihood", "generate")
 def verbalise(class_name: str) -> str:
     """How a class is written in an answer: `car_horn` -> `car horn`."""
     return class_name.replace("_", " ").strip()
-
-
-@dataclass
-class ChatLM:
-    """What zero-shot and pseudo-labelling need from an audio-language model.
-
-    Attributes:
-        model: transformers model with an LM head (`model(**inputs).logits`), in eval mode.
-        tokenizer: its tokenizer.
-        build_inputs: `(inputs, prompt_text) -> dict of tensors` on the model's device, LEFT padded.
-        forward_kwargs: extra keyword arguments of every forward / generate call.
-        positions_from_mask: pass position ids counted over real tokens (1-D rotary models such as
-            Qwen2-Audio); False lets the model compute them (Qwen2.5-Omni's M-RoPE).
-    """
-
-    model: Any
-    tokenizer: Any
-    build_inputs: Callable[[Sequence[Any], str], Mapping[str, torch.Tensor]]
-    forward_kwargs: dict = field(default_factory=dict)
-    positions_from_mask: bool = False
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.tokenizer.eos_token_id)
-
-    def encode(self, inputs: Sequence[Any], prompt_text: str) -> dict[str, torch.Tensor]:
-        enc = dict(self.build_inputs(inputs, prompt_text))
-        mask = enc.get("attention_mask")
-        if mask is None:
-            raise ValueError("build_inputs must return an attention_mask")
-        if not bool(mask[:, -1].all()):
-            raise ValueError(
-                "build_inputs must pad on the left (the last position must be real in every row)"
-            )
-        return enc
-
-    def token_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def as_chat_lm(obj: Any) -> ChatLM:
-    """A `ChatLM` from a `ChatLM` or an LALM extractor (attributes `model`, `processor` or
-    `tokenizer`, `build_inputs(waves, prompt_text)` and optionally `forward_kwargs`)."""
-    if isinstance(obj, ChatLM):
-        return obj
-    model = getattr(obj, "model", None)
-    build = getattr(obj, "build_inputs", None)
-    tokenizer = getattr(obj, "tokenizer", None) or getattr(getattr(obj, "processor", None), "tokenizer", None)
-    if model is None or build is None or tokenizer is None:
-        raise TypeError(
-            f"{type(obj).__name__} is not an audio-language model extractor: zero-shot needs `model`, "
-            "`build_inputs` and a tokenizer (Whisper extractors cannot answer questions)"
-        )
-
-    from calm.models.lalm import is_truncated
-
-    if is_truncated(model):
-        raise ValueError(
-            f"{type(obj).__name__} was loaded with only the first decoder layers (layers=...): its LM "
-            "head cannot answer; load it with truncate_layers=False for zero-shot or pseudo-labels"
-        )
-
-    def build_left(inputs: Sequence[Any], prompt_text: str):
-        return build(inputs, prompt_text, padding_side="left")
-
-    return ChatLM(
-        model,
-        tokenizer,
-        build_left,
-        dict(getattr(obj, "forward_kwargs", {}) or {}),
-        bool(getattr(obj, "positions_from_mask", False)),
-    )
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -149,25 +79,6 @@ class ZeroShotResult:
         )
 
 
-def _forward(lm: ChatLM, enc: Mapping[str, torch.Tensor], **kwargs) -> Any:
-    with torch.inference_mode():
-        return lm.model(**enc, **lm.forward_kwargs, **kwargs)
-
-
-def _accepts(model: Any, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
-def last_logits(lm: ChatLM, enc: Mapping[str, torch.Tensor], **kwargs) -> tuple[torch.Tensor, Any]:
-    """(float32 next-token logits at the end of each left-padded prompt (n, V), model output)."""
-    if _accepts(lm.model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    if lm.positions_from_mask:
-        kwargs["position_ids"] = _positions(enc["attention_mask"])
-    out = _forward(lm, enc, **kwargs)
-    return out.logits[:, -1].float(), out
-
-
 def _label_token_ids(lm: ChatLM, labels: Sequence[str]) -> list[int]:
     ids = []
     for label in labels:
@@ -183,7 +94,7 @@ def _label_token_ids(lm: ChatLM, labels: Sequence[str]) -> list[int]:
     return ids
 
 
-def _batches(items: Sequence[Any], size: int):
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {size}")
     for start in range(0, len(items), size):
@@ -212,7 +123,7 @@ def _continuation_positions(lm: ChatLM, mask: torch.Tensor, length: int, repeats
 
     Multimodal rotary models (Qwen2.5-Omni) keep per-row `rope_deltas` from the prompt's forward:
     text positions continue at (real tokens so far) + delta on all three M-RoPE axes."""
-    positions = _positions(mask)[:, -length:]
+    positions = mask_positions(mask)[:, -length:]
     deltas = getattr(getattr(lm.model, "model", None), "rope_deltas", None)
     if deltas is not None:
         positions = positions + deltas.to(positions.device).repeat_interleave(repeats, dim=0)
@@ -260,94 +171,18 @@ def likelihood_scores(
                 ],
                 dim=1,
             )
-            cache_name = "cache" if _accepts(lm.model, "cache") else "past_key_values"
+            cache_name = "cache" if accepts_argument(lm.model, "cache") else "past_key_values"
             extra = {cache_name: _repeat_cache(cache, n_classes), "use_cache": True}
             positions = _continuation_positions(lm, mask, length, n_classes)
             if positions is not None:
                 extra["position_ids"] = positions
-            rest = _forward(lm, {"input_ids": cont.repeat(b, 1).to(device), "attention_mask": mask}, **extra)
+            rest = forward(lm, {"input_ids": cont.repeat(b, 1).to(device), "attention_mask": mask}, **extra)
             logp = torch.log_softmax(rest.logits[:, :-1].float(), dim=-1).cpu()  # predicts tokens 1..L-1
             target = cont[:, 1:].repeat(b, 1)
             picked = logp.gather(-1, target[..., None])[..., 0] * valid[:, 1:].repeat(b, 1)
             score = score + picked.sum(dim=1).view(b, n_classes)
         rows.append(score.numpy())
     return np.concatenate(rows)
-
-
-class _RowTemperature:
-    """Logits processor dividing each row's scores by its own temperature (one per sequence)."""
-
-    def __init__(self, temperatures: torch.Tensor):
-        self.temperatures = temperatures
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores / self.temperatures.to(scores.device, scores.dtype)[:, None]
-
-
-def generate_answers(
-    lm: ChatLM,
-    inputs: Sequence[Any],
-    prompt_text: str,
-    temperatures: np.ndarray | None,
-    *,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-) -> list[list[str]]:
-    """Answers per input: greedy (temperatures None, one answer each) or sampled, one answer per
-    column of `temperatures` (n, M), each at its own temperature, with plain softmax sampling
-    (no top-k / top-p), seeded."""
-    from transformers import LogitsProcessorList
-
-    enc = lm.encode(inputs, prompt_text)
-    width = enc["input_ids"].shape[1]
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": lm.pad_id}
-    if temperatures is None:
-        kwargs.update(do_sample=False, num_return_sequences=1)
-        rollouts = 1
-    else:
-        temperatures = np.asarray(temperatures, dtype=np.float32)
-        if temperatures.shape[0] != len(inputs) or np.any(temperatures <= 0):
-            raise ValueError(
-                f"temperatures must be positive with one row per input, got {temperatures.shape}"
-            )
-        rollouts = temperatures.shape[1]
-        per_row = torch.from_numpy(temperatures.reshape(-1))  # generate repeats each input `rollouts` times
-        kwargs.update(
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=rollouts,
-            logits_processor=LogitsProcessorList([_RowTemperature(per_row)]),
-        )
-        torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = lm.model.generate(**enc, **lm.forward_kwargs, **kwargs)
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    texts = lm.tokenizer.batch_decode(sequences[:, width:], skip_special_tokens=True)
-    return [[t.strip() for t in texts[i * rollouts : (i + 1) * rollouts]] for i in range(len(inputs))]
-
-
-class LALMSampler:
-    """A `calm.pseudolabel` sampler backed by a model: `sampler(inputs, temperatures (b, M))`."""
-
-    def __init__(self, model: Any, prompt_text: str, *, max_new_tokens: int = 16, seed: int = 0):
-        self.lm = as_chat_lm(model)
-        self.prompt_text = prompt_text
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
-        self._calls = 0
-
-    def __call__(self, inputs: Sequence[Any], temperatures: np.ndarray) -> list[list[str]]:
-        self._calls += 1
-        return generate_answers(
-            self.lm,
-            inputs,
-            self.prompt_text,
-            temperatures,
-            max_new_tokens=self.max_new_tokens,
-            seed=self.seed * 100_003 + self._calls,
-        )
 
 
 def _resolve_prompt(prompt: str | Prompt | None, mode: str, classes: Sequence[str]) -> Prompt:

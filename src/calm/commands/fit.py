@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from calm.commands.evaluate import classifier_options
+from calm.commands.options import classifier_options, classifier_spec
 
 FIT_METHODS = ("sav", "calm-global", "calm")
 
@@ -46,55 +47,19 @@ def extractor_metadata(meta) -> dict:
 )
 @click.option("--test-fold", default="5", show_default=True)
 @classifier_options
-def fit(
-    store,
-    method,
-    out,
-    key,
-    shots,
-    seed,
-    holdout,
-    test_fold,
-    k,
-    tau_p,
-    tau_w,
-    sav_tie_break,
-    normalization,
-    reliability,
-):
+def fit(**params: Any) -> None:
     """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
     import numpy as np
 
-    from calm import evaluate as ev
-    from calm.commands.evaluate import parse_k
     from calm.store import load_features
 
+    store, method, shots, seed = params["store"], params["method"], params["shots"], params["seed"]
     try:
-        X, y, meta = load_features(store, key=key)
+        X, y, meta = load_features(store, key=params["key"])
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    y = np.asarray(y).astype(str)
-    rows = np.arange(len(y))
-    if holdout:
-        parts, _ = ev.make_parts(meta, test_fold)
-        rows = parts[0].train
-    support_y = y[rows]
-    if shots is not None:
-        try:
-            episode = ev.sample_episode(ev.row_labels(y), ev.Part("fit", rows, None), shots, seed)
-        except ev.ProtocolError as exc:
-            raise click.ClickException(str(exc)) from None
-        rows, support_y = episode.support, episode.support_y
-    if ev.task_of(support_y) == "multilabel":
-        raise click.ClickException("multi-label rows: use --shots so each support clip stands for one class")
-    m = ev.fewshot_methods(
-        k=parse_k(k),
-        tau_p=tau_p,
-        tau_w=tau_w,
-        sav_tie_break=sav_tie_break,
-        normalization=normalization,
-        reliability=reliability,
-    )[method]
+    rows, support_y = _support(np.asarray(y).astype(str), meta, params)
+    m = classifier_spec(params).registry()[method]
     clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
     metadata = {
         **extractor_metadata(meta),
@@ -102,9 +67,36 @@ def fit(
         "params": dict(m.defaults),
         "shots": shots,
         "seed": seed,
-        "holdout": holdout,
+        "holdout": params["holdout"],
         "n_support": int(len(rows)),
         "store": str(Path(store).absolute()),
     }
-    clf.save(out, metadata=metadata)
-    click.echo(f"{method} on {len(rows)} clips, {len(clf.classes_)} classes, {X.shape[1]} heads -> {out}")
+    clf.save(params["out"], metadata=metadata)
+    click.echo(
+        f"{method} on {len(rows)} clips, {len(clf.classes_)} classes, {X.shape[1]} heads -> {params['out']}"
+    )
+
+
+def _support(y, meta, params: dict[str, Any]):
+    """The rows fitted on and their labels: every clip, or the training part (--holdout), or --shots
+    per class drawn with --seed."""
+    import numpy as np
+
+    from calm import evaluate as ev
+
+    rows = np.arange(len(y))
+    if params["holdout"]:
+        parts, _ = ev.make_parts(meta, params["test_fold"])
+        rows = parts[0].train
+    support_y = y[rows]
+    if params["shots"] is not None:
+        try:
+            episode = ev.sample_episode(
+                ev.row_labels(y), ev.Part("fit", rows, None), params["shots"], params["seed"]
+            )
+        except ev.ProtocolError as exc:
+            raise click.ClickException(str(exc)) from None
+        rows, support_y = episode.support, episode.support_y
+    if ev.task_of(support_y) == "multilabel":
+        raise click.ClickException("multi-label rows: use --shots so each support clip stands for one class")
+    return rows, support_y

@@ -66,6 +66,69 @@ def _fields(ytid: str, start: str, end: str, split: str, where: str) -> dict:
     }
 
 
+def _labels(mids_text: str, names: dict[str, str], where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(mids, labels) of one row: labels are display names when the label table is known."""
+    mids = tuple(dict.fromkeys(m.strip() for m in mids_text.split(",") if m.strip()))
+    if not mids:
+        raise DatasetError(f"{where}: no labels")
+    if not names:
+        return mids, mids
+    unknown = [m for m in mids if m not in names]
+    if unknown:
+        raise DatasetError(f"{where}: label id(s) {unknown} not in class_labels_indices.csv")
+    return mids, tuple(names[m] for m in mids)
+
+
+def _audio_path(root: Path, template: str | None, index: dict[str, Path], fields: dict) -> Path | None:
+    """The clip's file: `template` relative to ROOT, else the first default stem found under ROOT."""
+    if template is None:
+        return next((index[s] for s in (t.format(**fields) for t in DEFAULT_STEMS) if s in index), None)
+    try:
+        path = root / template.format(**fields)
+    except (KeyError, ValueError, IndexError) as exc:
+        raise DatasetError(f"template {template!r}: {exc!r} (fields: {', '.join(fields)})") from None
+    return path if path.is_file() else None
+
+
+def _segment_clips(
+    csv_path: Path,
+    split_name: str,
+    *,
+    names: dict[str, str],
+    template: str | None,
+    index: dict[str, Path],
+    missing: str,
+    skipped: list[str],
+) -> list[Clip]:
+    """The clips of one segments CSV whose audio is on disk; absent ones go through `skip_missing`."""
+    root, split = csv_path.parent, SEGMENT_FILES[split_name][1]
+    clips: list[Clip] = []
+    for line, cells in read_csv_rows(csv_path):
+        where = f"{csv_path}:{line}"
+        if len(cells) != 4:
+            raise DatasetError(
+                f'{where}: expected YTID, start_seconds, end_seconds, "mids"; got {len(cells)} fields'
+            )
+        ytid, start, end, mids_text = cells
+        fields = _fields(ytid, start, end, split_name, where)
+        mids, labels = _labels(mids_text, names, where)
+        path = _audio_path(root, template, index, fields)
+        if path is None:
+            message = f"{where}: no audio for {ytid} at {start}s under {root}"
+            hint = " (set template=..., or missing=skip to leave absent clips out)"
+            skip_missing(message, missing, skipped, hint)
+            continue
+        meta = {
+            "ytid": ytid,
+            "start_seconds": float(start),
+            "end_seconds": float(end),
+            "mids": ",".join(mids),
+            "segments": split_name,
+        }
+        clips.append(Clip(path=path, labels=labels, split=split, meta=meta))
+    return clips
+
+
 def load_audioset(
     root: Path,
     *,
@@ -73,6 +136,7 @@ def load_audioset(
     unbalanced: bool | str = False,
     missing: str = "error",
 ) -> Dataset:
+    """The AudioSet segments under ROOT as a multi-label `Dataset` (see the module docstring)."""
     root = require_dir(Path(root), "AudioSet")
     missing = parse_missing(missing)
     if isinstance(unbalanced, str):
@@ -82,60 +146,24 @@ def load_audioset(
     index = index_audio(root) if template is None else {}
     clips: list[Clip] = []
     skipped: list[str] = []
-    found_any = False
-    for split_name, (filename, split) in SEGMENT_FILES.items():
-        if split_name == "unbalanced_train" and not unbalanced:
-            continue
-        csv_path = root / filename
-        if not csv_path.is_file():
-            continue
-        found_any = True
-        for line, cells in read_csv_rows(csv_path):
-            where = f"{csv_path}:{line}"
-            if len(cells) != 4:
-                raise DatasetError(
-                    f'{where}: expected YTID, start_seconds, end_seconds, "mids"; got {len(cells)} fields'
-                )
-            ytid, start, end, mids_text = cells
-            fields = _fields(ytid, start, end, split_name, where)
-            mids = tuple(dict.fromkeys(m.strip() for m in mids_text.split(",") if m.strip()))
-            if not mids:
-                raise DatasetError(f"{where}: no labels")
-            if names:
-                unknown = [m for m in mids if m not in names]
-                if unknown:
-                    raise DatasetError(f"{where}: label id(s) {unknown} not in class_labels_indices.csv")
-                labels = tuple(names[m] for m in mids)
-            else:
-                labels = mids
-            if template is not None:
-                try:
-                    path = root / template.format(**fields)
-                except (KeyError, ValueError, IndexError) as exc:
-                    raise DatasetError(
-                        f"template {template!r}: {exc!r} (fields: {', '.join(fields)})"
-                    ) from None
-                path = path if path.is_file() else None
-            else:
-                path = next(
-                    (index[s] for s in (t.format(**fields) for t in DEFAULT_STEMS) if s in index), None
-                )
-            if path is None:
-                message = f"{where}: no audio for {ytid} at {start}s under {root}"
-                hint = " (set template=..., or missing=skip to leave absent clips out)"
-                skip_missing(message, missing, skipped, hint)
-                continue
-            meta = {
-                "ytid": ytid,
-                "start_seconds": float(start),
-                "end_seconds": float(end),
-                "mids": ",".join(mids),
-                "segments": split_name,
-            }
-            clips.append(Clip(path=path, labels=labels, split=split, meta=meta))
-    if not found_any:
+    csv_paths = {
+        split_name: root / filename
+        for split_name, (filename, _) in SEGMENT_FILES.items()
+        if (unbalanced or split_name != "unbalanced_train") and (root / filename).is_file()
+    }
+    if not csv_paths:
         raise DatasetError(
             f"{root}: no AudioSet segments CSV ({', '.join(f for f, _ in SEGMENT_FILES.values())})"
+        )
+    for split_name, csv_path in csv_paths.items():
+        clips += _segment_clips(
+            csv_path,
+            split_name,
+            names=names,
+            template=template,
+            index=index,
+            missing=missing,
+            skipped=skipped,
         )
     if not clips:
         raise DatasetError(f"{root}: no AudioSet clip found on disk ({len(skipped)} rows without audio)")

@@ -36,7 +36,7 @@ def load_vggsound(root: Path, *, missing: str = "error") -> Dataset:
     index = index_audio(root)
     categories = _categories(root)
     main = root / "vggsound.csv"
-    rows: list[tuple[str, int, str, str, str | None]] = []  # where, ytid, start, label, split
+    rows: list[tuple[str, str, int, str, str | None]] = []  # where, ytid, start, label, split
     if main.is_file():
         for line, cells in read_csv_rows(main):
             where = f"{main}:{line}"
@@ -67,17 +67,17 @@ def load_vggsound(root: Path, *, missing: str = "error") -> Dataset:
             rows.append((where, ytid, int(start), cells[1], None))
     clips: list[Clip] = []
     skipped: list[str] = []
-    for where, ytid, start, label, split in rows:
-        stem = f"{ytid}_{start:06d}"
+    for where, ytid, start_s, label, row_split in rows:
+        stem = f"{ytid}_{start_s:06d}"
         path = index.get(stem)
         if path is None:
             message = f"{where}: no audio or video file named {stem}.* under {root}"
             skip_missing(message, missing, skipped, " (pass missing=skip to leave absent clips out)")
             continue
-        meta = {"youtube_id": ytid, "start_seconds": start}
+        meta = {"youtube_id": ytid, "start_seconds": start_s}
         if categories:
             meta["category"] = categories.get(label, "")
-        clips.append(Clip(path=path, labels=(label,), split=split, meta=meta))
+        clips.append(Clip(path=path, labels=(label,), split=row_split, meta=meta))
     if not clips:
         raise DatasetError(f"{root}: no VGGSound clip found on disk ({len(skipped)} rows without audio)")
     return Dataset(name="vggsound", root=root, clips=clips, classes=class_order(clips), skipped=skipped)

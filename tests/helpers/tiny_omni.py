@@ -5,7 +5,6 @@ from __future__ import annotations
 import av
 import numpy as np
 import torch
-from tiny_models import byte_level_tokenizer
 from transformers import PreTrainedTokenizerFast, WhisperFeatureExtractor
 from transformers.models.qwen2_5_omni import (
     Qwen2_5OmniThinkerConfig,
@@ -13,6 +12,7 @@ from transformers.models.qwen2_5_omni import (
 )
 
 from calm.models.processors import build_processor
+from tests.helpers.tiny_models import byte_level_tokenizer
 
 OMNI_TOKENS = {
     "pad_token": "<|endoftext|>",
@@ -216,7 +216,7 @@ def save_like_hub_qwen3_omni(model, processor, directory):
     import json
     from pathlib import Path
 
-    from tiny_models import save_pretrained
+    from tests.helpers.tiny_models import save_pretrained
 
     directory = save_pretrained(model, processor, directory)
     path = Path(directory) / "processor_config.json"

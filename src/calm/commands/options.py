@@ -1,0 +1,213 @@
+"""The click options and value parsers shared by `calm extract`, `calm evaluate` and `calm fit`, and
+their translation into the library's spec objects (`ModelSpec`, `ClassifierSpec`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from calm.evaluate.config import ClassifierSpec, ModelSpec
+
+__all__ = [
+    "classifier_options",
+    "classifier_spec",
+    "model_options",
+    "model_spec",
+    "parse_int_list",
+    "parse_k",
+    "parse_layers",
+    "parse_options",
+    "parse_seeds",
+    "stack",
+]
+
+
+def parse_layers(text: str | None) -> int | list[int] | None:
+    """`"4"` -> 4 (the first 4 layers); `"0,2,5-7"` -> [0, 2, 5, 6, 7]; None -> None (all)."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use N (first N layers) or a list like 0,2,5-7") from None
+    return out
+
+
+def parse_options(items: tuple[str, ...]) -> dict[str, object]:
+    """`KEY=VALUE` pairs; a value is read as JSON when it parses (numbers, true/false), else text."""
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--option")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """`"1,5,10"` -> [1, 5, 10] (non-negative integers; `what` names the option in errors)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=what) from None
+    if not values or any(v < 0 for v in values):
+        raise click.BadParameter(f"{text!r}: expected non-negative integers", param_hint=what)
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`10` -> seeds 0..9; `3,7,11` -> those seeds."""
+    values = parse_int_list(text, "--seeds")
+    if "," not in text:
+        if values[0] < 1:
+            raise click.BadParameter("need at least one seed", param_hint="--seeds")
+        return list(range(values[0]))
+    return values
+
+
+def parse_k(text: str) -> float | int:
+    """`0.25` -> a fraction of the heads; `18` -> a head count."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: a fraction in (0, 1] or a head count", param_hint="--k"
+        ) from None
+    if value <= 0:
+        raise click.BadParameter("k must be positive", param_hint="--k")
+    return value if value <= 1 and "." in text else int(value)
+
+
+def stack(options: list[Callable]) -> Callable:
+    """One decorator applying click `options` in order (the first one shows first in --help)."""
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+model_options = stack(
+    [
+        click.option(
+            "--model",
+            default="whisper-tiny.en",
+            show_default=True,
+            help="Registered name, hub id or local directory.",
+        ),
+        click.option(
+            "--heads", type=click.Choice(["all", "encoder", "decoder"]), default="all", show_default=True
+        ),
+        click.option("--prompt", default=None, help="Text prompt (Whisper: previous-text context)."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option(
+            "--model-dtype", default=None, help="Compute dtype (default: float32 on CPU, bf16/fp16 on GPU)."
+        ),
+        click.option(
+            "--layers", default=None, help="N (first N layers) or a list like 0,2,5-7 (default: all)."
+        ),
+        click.option(
+            "--attn-implementation", default=None, help="eager, sdpa, flash_attention_2 (transformers)."
+        ),
+        click.option(
+            "-o",
+            "--option",
+            "options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Backend option, repeatable (e.g. -o encoder_length=clip -o min_encoder_seconds=10, "
+            "-o long=windows, -o video=true).",
+        ),
+    ]
+)
+model_options.__doc__ = "The frozen model that extracts the features, and how it runs (extract, evaluate)."
+
+
+def model_spec(params: dict[str, Any]) -> ModelSpec:
+    """The `ModelSpec` of the `model_options` values in a command's parameters."""
+    return ModelSpec(
+        name=params["model"],
+        heads=params["heads"],
+        prompt=params["prompt"],
+        device=params["device"],
+        dtype=params["model_dtype"],
+        layers=parse_layers(params["layers"]),
+        attn_implementation=params["attn_implementation"],
+        options=parse_options(params["options"]),
+    )
+
+
+classifier_options = stack(
+    [
+        click.option(
+            "--k",
+            "k",
+            default="0.25",
+            show_default=True,
+            help="Heads kept by CALM/CALM-global: fraction or count.",
+        ),
+        click.option(
+            "--tau-p", type=float, default=0.03, show_default=True, help="Head posterior temperature (Eq. 5)."
+        ),
+        click.option(
+            "--tau-w",
+            type=float,
+            default=0.5,
+            show_default=True,
+            help="Head weight temperature (Eq. 8 / 12).",
+        ),
+        click.option(
+            "--sav-tie-break",
+            type=click.Choice(["index", "margin"]),
+            default="index",
+            show_default=True,
+            help="SAV heads of equal support accuracy: lower index (paper) or larger mean margin.",
+        ),
+        click.option(
+            "--normalization",
+            type=click.Choice(["softmax", "power"]),
+            default="softmax",
+            show_default=True,
+            help="CALM weights: softmax(r / tau_w) (paper) or r^(1/tau_w) / sum (authors' code).",
+        ),
+        click.option(
+            "--reliability",
+            type=click.Choice(["in-sample", "leave-one-out"]),
+            default="in-sample",
+            show_default=True,
+            help="CALM margins on the support clips (paper) or each clip against its "
+            "class centroid without it.",
+        ),
+    ]
+)
+classifier_options.__doc__ = (
+    "The classifiers' hyper-parameters and their options beyond the paper (evaluate, fit)."
+)
+
+
+def classifier_spec(params: dict[str, Any]) -> ClassifierSpec:
+    """The `ClassifierSpec` of the `classifier_options` values (and `--sav-k` when the command has it)."""
+    sav_k = params.get("sav_k")
+    return ClassifierSpec(
+        k=parse_k(params["k"]),
+        tau_p=params["tau_p"],
+        tau_w=params["tau_w"],
+        sav_k=parse_k(sav_k) if sav_k is not None else None,
+        sav_tie_break=params["sav_tie_break"],
+        normalization=params["normalization"],
+        reliability=params["reliability"],
+    )

@@ -1,0 +1,156 @@
+"""What `run_evaluation` is asked to do: `EvalConfig` and its parts (the model, the classifiers'
+hyper-parameters, the model-answer baselines), typed, frozen and checked when built."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
+
+__all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The frozen model that extracts the features (the arguments of `calm.load_extractor`).
+
+    Attributes:
+        name: registered name, hub id or local directory.
+        heads: `all`, `encoder` or `decoder` heads.
+        prompt: text prompt (Whisper: previous-text context).
+        device: `cpu`, `cuda`, `cuda:1`, ...
+        dtype: compute dtype (None: float32 on CPU, bf16/fp16 on GPU).
+        layers: the first N layers, a list of layers, or None for all.
+        attn_implementation: `eager`, `sdpa`, `flash_attention_2` (transformers backends).
+        options: backend options (e.g. `{"encoder_length": "clip"}`).
+    """
+
+    name: str = "whisper-tiny.en"
+    heads: str = "all"
+    prompt: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    layers: int | Sequence[int] | None = None
+    attn_implementation: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `calm.load_extractor(name, **kwargs)`."""
+        layers = list(self.layers) if isinstance(self.layers, Sequence) else self.layers
+        return dict(
+            heads=self.heads,
+            prompt=self.prompt,
+            device=self.device,
+            dtype=self.dtype,
+            layers=layers,
+            attn_implementation=self.attn_implementation,
+            **self.options,
+        )
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """The few-shot methods' default hyper-parameters (`fewshot_methods`; paper values by default).
+
+    Attributes:
+        k: heads kept by CALM / CALM-global, a fraction in (0, 1] or a head count.
+        tau_p: head posterior temperature (Eq. 5).
+        tau_w: head weight temperature (Eq. 8 / 12).
+        sav_k: heads kept by SAV (None: `k`).
+        sav_tie_break: SAV heads of equal support accuracy: `index` (paper) or `margin`.
+        normalization: CALM weights: `softmax` (paper) or `power` (authors' code).
+        reliability: CALM margins: `in-sample` (paper) or `leave-one-out`.
+    """
+
+    k: float | int = 0.25
+    tau_p: float = 0.03
+    tau_w: float = 0.5
+    sav_k: float | int | None = None
+    sav_tie_break: str = "index"
+    normalization: str = "softmax"
+    reliability: str = "in-sample"
+
+    def registry(self) -> dict[str, Method]:
+        """The few-shot methods with these defaults."""
+        return fewshot_methods(
+            k=self.k,
+            tau_p=self.tau_p,
+            tau_w=self.tau_w,
+            sav_k=self.sav_k,
+            sav_tie_break=self.sav_tie_break,
+            normalization=self.normalization,
+            reliability=self.reliability,
+        )
+
+
+@dataclass(frozen=True)
+class LALMSpec:
+    """The baselines that need the model to answer (`zero-shot`, `sav+pl`, `calm+pl`).
+
+    Attributes:
+        zero_shot_mode: `letters` (option-letter logits), `likelihood` (class-name likelihood) or
+            `generate` (a generated answer).
+        pl_rollouts: sampled answers per unlabelled clip (temperatures U(1, 2.5)).
+        pl_pool: unlabelled clips drawn per episode (None: shots x classes).
+        pl_seed: seed of the pseudo-label sampling.
+    """
+
+    zero_shot_mode: str = "letters"
+    pl_rollouts: int = 10
+    pl_pool: int | None = None
+    pl_seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation: where the features come from, the protocol, the methods, what is written.
+
+    Attributes:
+        out: run directory (results.json, results.md, figures/, answer caches).
+        data: dataset `KIND:ROOT` to extract and evaluate (exactly one of `data` and `features`).
+        features: an existing feature store to evaluate (the model is then not loaded).
+        key: extraction key digest, when `features` holds several.
+        store: feature store to extract `data` into (None: `out/features`).
+        model: the extracting model (used with `data`).
+        shots: shots per class.
+        seeds: episode seeds.
+        methods: few-shot methods (`FEWSHOT_METHODS`) and model-answer baselines (`LALM_METHODS`).
+        test_fold: folded data: the test fold, or `"all"` to rotate.
+        tune: choose hyper-parameters by cross-validation inside each support set.
+        classifier: the methods' default hyper-parameters.
+        lalm: settings of the model-answer baselines.
+        batch_size: clips per model forward (extraction, answers).
+        figures: write figures/ (and run the heads-kept sweep they need).
+        sweep_seeds: seeds of the heads-kept sweep (the first ones of `seeds`).
+    """
+
+    out: str | Path
+    data: str | None = None
+    features: str | Path | None = None
+    key: str | None = None
+    store: str | Path | None = None
+    model: ModelSpec = field(default_factory=ModelSpec)
+    shots: Sequence[int] = (1, 5, 10)
+    seeds: Sequence[int] = tuple(range(10))
+    methods: Sequence[str] = FEWSHOT_METHODS
+    test_fold: int | str | None = 5
+    tune: bool = False
+    classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
+    lalm: LALMSpec = field(default_factory=LALMSpec)
+    batch_size: int = 8
+    figures: bool = True
+    sweep_seeds: int = 3
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.features is None):
+            raise ValueError("give exactly one of data (extract, then evaluate) or features (a store)")
+        unknown = [m for m in self.methods if m not in FEWSHOT_METHODS + LALM_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}")
+        if not self.shots or not self.seeds:
+            raise ValueError("need at least one number of shots and one seed")
+        if self.batch_size < 1 or self.sweep_seeds < 1:
+            raise ValueError("batch_size and sweep_seeds must be >= 1")

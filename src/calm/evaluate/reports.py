@@ -1,0 +1,173 @@
+"""The results document: results.json (config, summary, runs, paired differences, analyses) and
+results.md (the paper's Table 1 layout), built from run records and written to a run directory.
+
+Values are percentages; summaries give mean and sample standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm._files import atomic_write_text
+from calm.evaluate.metrics import PRIMARY_METRIC
+from calm.evaluate.protocol import ProtocolResult
+from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
+
+__all__ = ["METHOD_TITLES", "METRIC_TITLES", "build_results", "results_markdown", "write_results"]
+
+METRIC_TITLES = {
+    "accuracy": "accuracy (%)",
+    "macro_f1": "macro-F1 (%)",
+    "eer": "EER (%, lower is better)",
+    "exact_match": "exact-match accuracy (%)",
+    "question_accuracy": "question accuracy (%)",
+    "map": "mAP (%)",
+}
+METHOD_TITLES = {
+    "zero-shot": "zero-shot",
+    "sav": "SAV",
+    "sav+pl": "SAV+PL",
+    "calm-global": "CALM-global",
+    "calm": "CALM",
+    "calm+pl": "CALM+PL",
+    "linear-probe": "linear probe",
+}
+
+
+def _metric_tables(summary: Sequence[Mapping], metrics: Sequence[str], model: str, data: str) -> list[str]:
+    """One table per metric: rows model / dataset / shots, columns the methods, mean ± std."""
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    lookup = {(s["method"], s["shots"], s["metric"]): s for s in summary}
+    shots = sorted({s["shots"] for s in summary})
+    lines = []
+    for metric in metrics:
+        lines += [f"## {METRIC_TITLES.get(metric, metric)}", ""]
+        lines.append(
+            "| model | dataset | shots | " + " | ".join(METHOD_TITLES.get(m, m) for m in methods) + " |"
+        )
+        lines.append("|---|---|---|" + "---|" * len(methods))
+        for n in shots:
+            cells = []
+            for m in methods:
+                s = lookup.get((m, n, metric))
+                cells.append("–" if s is None else f"{s['mean']:.2f} ± {s['std']:.2f}")
+            lines.append(f"| {model} | {data} | {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _paired_table(paired: Sequence[Mapping], primary: str) -> list[str]:
+    if not paired:
+        return []
+    lines = [f"## Paired differences ({METRIC_TITLES.get(primary, primary)}, a - b, same support sets)", ""]
+    lines += ["| shots | a | b | mean diff | 95 % interval |", "|---|---|---|---|---|"]
+    for p in paired:
+        ci = "–" if p["ci95_low"] is None else f"[{p['ci95_low']:+.2f}, {p['ci95_high']:+.2f}]"
+        lines.append(
+            f"| {p['shots']} | {METHOD_TITLES.get(p['a'], p['a'])} | "
+            f"{METHOD_TITLES.get(p['b'], p['b'])} | {p['mean_diff']:+.2f} | {ci} |"
+        )
+    return lines + [""]
+
+
+def _pseudo_label_table(pl: Sequence[Mapping]) -> list[str]:
+    if not pl:
+        return []
+    lines = ["## Pseudo-labels (support of SAV+PL / CALM+PL; mean over episodes)", ""]
+    lines.append("| shots | pool | kept | right among kept (%) | episodes with a class never kept |")
+    lines.append("|---|---|---|---|---|")
+    for r in pl:
+        acc = "–" if r["label_accuracy_kept"] is None else f"{r['label_accuracy_kept']:.1f}"
+        lines.append(
+            f"| {r['shots']} | {r['pool']:.1f} | {r['kept']:.1f} | {acc} | "
+            f"{r['episodes_missing_classes']} of {r['episodes']} |"
+        )
+    return lines + [""]
+
+
+def _notes(results: Mapping[str, Any]) -> list[str]:
+    """The zero-shot line, the warnings and the skipped methods."""
+    lines = []
+    zs = results.get("config", {}).get("zero_shot")
+    if zs:
+        lines.append(
+            f"- zero-shot ({zs['mode']}): {zs['n_unparsed']} of {zs['clips']} answers named no class "
+            "(counted wrong)"
+        )
+    lines += [f"- warning: {w}" for w in results.get("warnings", [])]
+    lines += [f"- {m}: skipped ({why})" for m, why in results.get("skipped_methods", {}).items()]
+    return lines
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """results.md: the paper's Table 1 layout (rows: model / dataset / shots; columns: methods)."""
+    cfg = results.get("config", {})
+    summary = results["summary"]
+    metrics = list(dict.fromkeys(s["metric"] for s in summary))
+    primary = cfg.get("primary_metric", metrics[0] if metrics else "accuracy")
+    metrics = [primary] + [m for m in metrics if m != primary]
+    model, data = cfg.get("model", "?"), cfg.get("dataset", "?")
+    lines = [f"# Results: {model} on {data}", ""]
+    lines.append(
+        f"Protocol: {cfg.get('protocol', '?')}; {cfg.get('n_seeds', '?')} seeds; mean ± std over seeds."
+    )
+    lines.append("")
+    lines += _metric_tables(summary, metrics, model, data)
+    lines += _paired_table([p for p in results.get("paired", []) if p["metric"] == primary], primary)
+    lines += _pseudo_label_table(results.get("pseudo_label_summary", []))
+    lines += _notes(results)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: Any) -> dict:
+    """The results.json document: config, summary, runs, paired differences and any extras."""
+    primary = PRIMARY_METRIC[result.task]
+    config = {
+        **config,
+        "task": result.task,
+        "primary_metric": primary,
+        "protocol": result.protocol,
+        "classes": result.classes,
+        "unit": "%",
+    }
+    pl = pseudo_label_summary(result.runs)
+    return {
+        "config": config,
+        "summary": summarise(result.runs),
+        "paired": paired_differences(result.runs),
+        "runs": result.runs,
+        **({"pseudo_label_summary": pl} if pl else {}),
+        **extra,
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, NumPy scalars -> Python, tuples -> lists, paths -> strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return value
+
+
+def write_results(out_dir: str | Path, results: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write results.json and results.md into out_dir (atomically); returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js = out_dir / "results.json"
+    md = out_dir / "results.md"
+    atomic_write_text(js, json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(md, results_markdown(results))
+    return js, md
