@@ -114,11 +114,18 @@ class ExtractorShell:
         self.head_names = list(extractor.head_names)
         self.model_id = getattr(extractor, "model_id", "model")
         reader = object.__new__(type(extractor))
-        reader.__dict__.update({k: v for k, v in vars(extractor).items() if isinstance(v, _SCALARS)})
+        reader.__dict__.update({k: v for k, v in vars(extractor).items() if _plain(v)})
         self._reader = reader
 
     def load_input(self, path: str) -> Any:
         return self._reader.load_input(path)
+
+
+def _plain(value: Any) -> bool:
+    """A scalar, or a list / tuple of scalars (what `load_input` may read: rates, limits, sizes)."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
 
 
 def _describe(recipe: ExtractorRecipe) -> ExtractorShell:
@@ -283,7 +290,10 @@ def extract_with_ray(
             describe = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor or None)(
                 _describe
             )
-            shell = ray.get(describe.remote(recipe))
+            try:
+                shell = ray.get(describe.remote(recipe))
+            except ray.exceptions.RayTaskError as exc:
+                raise StoreError(f"cannot load model {recipe.model!r} on Ray: {exc.cause or exc}") from None
         job = Extraction(shell, out, batch_size=batch_size, dtype=dtype, progress=progress)
         with job.start(clips, limit=limit) as run:
             if run.pending:
