@@ -126,18 +126,16 @@ def _extract_on_ray(config: EvalConfig, dataset: Any, store: Path, events: Any, 
     from calm.models import load_extractor
     from calm.store.distributed import ExtractorRecipe, extract_with_ray
 
-    model = config.model
+    model, opts = config.model, config.ray
+    assert opts is not None
     answers = any(m in LALM_METHODS for m in config.methods)
     extractor = load_extractor(model.name, **model.load_kwargs()) if answers else None
-    log(
-        f"model {model.name}: extracting on Ray ({config.ray.address or 'local cluster'}); "
-        f"feature store {store}"
-    )
+    log(f"model {model.name}: extracting on Ray ({opts.address or 'local cluster'}); feature store {store}")
     report = extract_with_ray(
         ExtractorRecipe(model.name, model.load_kwargs()),
         dataset,
         store,
-        options=config.ray,
+        options=opts,
         batch_size=config.batch_size,
         progress=events,
         extractor=extractor,

@@ -190,7 +190,7 @@ def connect(address: str | None) -> bool:
 
 def _chunks(run: ExtractionRun, size: int) -> list[dict[str, Any]]:
     paths = [p for p, _ in run.pending]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for start in range(0, len(paths), size):
         part = paths[start : start + size]
         chunk = {"paths": part, "known": [run.hashes.get(p) for p in part]}
