@@ -165,7 +165,8 @@ def test_a_killed_driver_leaves_a_store_a_rerun_completes_and_a_bad_file_is_repo
         "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
+    driver = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         index = None
         deadline = time.monotonic() + 600  # a generous bound: start-up is slow on a loaded machine
@@ -175,10 +176,10 @@ def test_a_killed_driver_leaves_a_store_a_rerun_completes_and_a_bad_file_is_repo
             if index is not None and index.is_file() and index.read_text().count("\n") >= BATCH:
                 break
             time.sleep(0.2)
-        assert driver.poll() is None, f"the driver ended before it was killed:\n{driver.stdout.read()}"
+        assert driver.poll() is None, f"the driver ended before it was killed:\n{log.read_text()}"
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        assert index is not None and index.is_file(), f"no batch stored in 600 s:\n{driver.stdout.read()}"
+        assert index is not None and index.is_file(), f"no batch stored in 600 s:\n{log.read_text()}"
     finally:
         driver.kill()
         driver.wait()
