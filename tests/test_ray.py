@@ -190,7 +190,7 @@ def test_a_killed_driver_leaves_a_store_a_rerun_completes_and_a_bad_file_is_repo
     bad.write_bytes(b"RIFF this is not audio")
     report = extract_with_ray(
         ExtractorRecipe(MODEL, OPTIONS),
-        [*clips[:5], bad, *clips[5:]],
+        [*clips, bad],  # last: the other chunks are the local engine's batches
         out,
         options=two_actors(),
         batch_size=BATCH,

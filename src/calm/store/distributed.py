@@ -41,7 +41,7 @@ from calm.store.writer import Extraction, ExtractionRun, _check_failures
 INSTALL_HINT = (
     "the Ray engine needs Ray Data: pip install 'calm-audio[ray]' (or pip install 'ray[data]>=2.40')"
 )
-DECODE_MEMORY = 256 * 2**20  # bytes a decoding task may hold (decoded audio of one chunk)
+DECODE_MEMORY = 512 * 2**20  # bytes a decoding task may hold (decoded audio of one chunk)
 _SCALARS = (int, float, str, bool, type(None))
 
 
