@@ -75,3 +75,11 @@ def test_extract_help_lists_the_engine_options():
         out = CliRunner().invoke(main, [command, "--help"]).output
         for option in ("--engine", "--ray-address", "--actors", "--gpus-per-actor", "--cpus-per-actor"):
             assert option in out, (command, option)
+
+
+def test_the_engine_options_become_ray_options_of_the_eval_config():
+    from calm.commands.options import ray_options
+
+    params = {"engine": "ray", "ray_address": "auto", "actors": 2, "gpus_per_actor": 0.5, "cpus_per_actor": 4}
+    assert ray_options(params) == RayOptions(address="auto", actors=2, gpus_per_actor=0.5, cpus_per_actor=4)
+    assert ray_options({**params, "engine": "local"}) is None
