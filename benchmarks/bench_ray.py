@@ -8,7 +8,9 @@ other in this process. The local engine gets the model already loaded; the Ray e
 local cluster started before timing (its actors load the model inside the timed run, as they do
 in real use). Printed, for each: wall-clock clips/s of the whole run, and the steady rate (clips
 after the first batch / seconds after it: what the engine sustains once the model is loaded);
-then the ratios ray / local (target: the steady ratio >= 0.8 on one machine). CPU mode: the
+then the ratios ray / local (target: the wall ratio >= 0.8 on one machine; the Ray engine's
+results reach the driver in bursts once its actor has loaded the model, so its "steady" rate
+overstates it and only the wall ratio compares like with like). CPU mode: the
 single actor gets as many torch threads as the local engine has (all cores); the cluster gets
 one logical CPU more than the machine so the decoding tasks can run beside it.
 The machine's load average is printed too: other processes sharing the cores move both figures.
