@@ -14,10 +14,12 @@ import click
 from calm.commands.options import (
     classifier_options,
     classifier_spec,
+    engine_options,
     model_options,
     model_spec,
     parse_int_list,
     parse_seeds,
+    ray_options,
     stack,
 )
 from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS, EvalConfig, LALMSpec
@@ -85,6 +87,7 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
         batch_size=params["batch_size"],
         figures=params["figures"],
         sweep_seeds=params["sweep_seeds"],
+        ray=ray_options(params),
     )
 
 
@@ -223,6 +226,7 @@ _lalm_options = stack(
 @_options
 @_st_options
 @_lalm_options
+@engine_options
 def evaluate(**params: Any) -> None:
     """Few-shot evaluation: episodes of n shots per class, several seeds, every method on the same
     support sets; writes RUN_DIR/results.json, results.md and figures/, and prints the table.

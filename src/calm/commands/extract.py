@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from calm.commands.options import model_options, model_spec
+from calm.commands.options import engine_options, model_options, model_spec, ray_options
 from calm.store import DTYPES
 
 
@@ -46,6 +46,7 @@ def _load_dataset(spec: str):
 @click.option(
     "--compact", "compact_store", is_flag=True, help="Merge the key's shards into few large ones at the end."
 )
+@engine_options
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def extract(**params: Any) -> None:
     """Extract per-head features of every clip of --data into the store --out.
@@ -55,10 +56,10 @@ def extract(**params: Any) -> None:
     """
     from calm.commands._progress import extraction_progress
     from calm.data.base import DatasetError
-    from calm.store import StoreError, extract_to_store
+    from calm.store import StoreError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out, spec = params["out"], model_spec(params)
+    out = params["out"]
     try:
         dataset = _load_dataset(params["data_spec"])
     except (DatasetError, OSError) as exc:
@@ -67,22 +68,8 @@ def extract(**params: Any) -> None:
         f"dataset {params['data_spec']}: {len(dataset.clips)} clips, {len(dataset.classes)} classes", err=True
     )
     try:
-        extractor = _load_extractor(spec.name, **spec.load_kwargs())
-    except (ValueError, OSError) as exc:  # ExtractorError is a ValueError
-        raise click.ClickException(f"cannot load model {spec.name!r}: {exc}") from None
-    click.echo(f"model {spec.name}: {len(extractor.head_names)} heads", err=True)
-    try:
         with extraction_progress(params["progress"]) as bar:
-            report = extract_to_store(
-                extractor,
-                dataset,
-                out,
-                batch_size=params["batch_size"],
-                dtype=params["dtype"],
-                limit=params["limit"],
-                progress=bar,
-                workers=params["workers"],
-            )
+            report = _run(params, dataset, bar)
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
@@ -92,6 +79,27 @@ def extract(**params: Any) -> None:
         sys.exit(130)
     click.echo(report.summary())
     _finish(report, out, params["compact_store"], params["allow_failures"])
+
+
+def _run(params: dict[str, Any], dataset: Any, bar: Any) -> Any:
+    """Extract with the chosen engine: the local one loads the model here, Ray's actors load it."""
+    from calm.store import extract_to_store
+    from calm.store.distributed import ExtractorRecipe, extract_with_ray
+
+    spec, out = model_spec(params), params["out"]
+    common = dict(batch_size=params["batch_size"], dtype=params["dtype"], limit=params["limit"], progress=bar)
+    ray = ray_options(params)
+    if ray is not None:
+        click.echo(f"model {spec.name}: extracting on Ray ({ray.address or 'local cluster'})", err=True)
+        return extract_with_ray(
+            ExtractorRecipe(spec.name, spec.load_kwargs()), dataset, out, options=ray, **common
+        )
+    try:
+        extractor = _load_extractor(spec.name, **spec.load_kwargs())
+    except (ValueError, OSError) as exc:  # ExtractorError is a ValueError
+        raise click.ClickException(f"cannot load model {spec.name!r}: {exc}") from None
+    click.echo(f"model {spec.name}: {len(extractor.head_names)} heads", err=True)
+    return extract_to_store(extractor, dataset, out, workers=params["workers"], **common)
 
 
 def _finish(report: Any, out: str, compact_store: bool, allow_failures: bool) -> None:

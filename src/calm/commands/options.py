@@ -10,10 +10,12 @@ from typing import Any
 import click
 
 from calm.evaluate.config import ClassifierSpec, ModelSpec
+from calm.store.distributed import RayOptions
 
 __all__ = [
     "classifier_options",
     "classifier_spec",
+    "engine_options",
     "model_options",
     "model_spec",
     "parse_int_list",
@@ -21,6 +23,7 @@ __all__ = [
     "parse_layers",
     "parse_options",
     "parse_seeds",
+    "ray_options",
     "stack",
 ]
 
@@ -153,6 +156,54 @@ def model_spec(params: dict[str, Any]) -> ModelSpec:
         layers=parse_layers(params["layers"]),
         attn_implementation=params["attn_implementation"],
         options=parse_options(params["options"]),
+    )
+
+
+engine_options = stack(
+    [
+        click.option(
+            "--engine",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="Extract in this process, or on a Ray cluster (pip install 'calm-audio[ray]').",
+        ),
+        click.option(
+            "--ray-address",
+            default=None,
+            help="Ray cluster: 'auto' (an existing one), HOST:PORT [default: join or start a local one].",
+        ),
+        click.option(
+            "--actors",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Extractor actors [default: one per GPU, one on a CPU-only cluster].",
+        ),
+        click.option(
+            "--gpus-per-actor",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="GPUs per actor [default: 1 when the cluster has GPUs, else 0].",
+        ),
+        click.option(
+            "--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+        ),
+    ]
+)
+engine_options.__doc__ = (
+    "Where the features are extracted: this process or a Ray cluster (extract, evaluate)."
+)
+
+
+def ray_options(params: dict[str, Any]) -> RayOptions | None:
+    """The `RayOptions` of the `engine_options` values, None for the local engine."""
+    if params["engine"] != "ray":
+        return None
+    return RayOptions(
+        address=params["ray_address"],
+        actors=params["actors"],
+        gpus_per_actor=params["gpus_per_actor"],
+        cpus_per_actor=params["cpus_per_actor"],
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
 from calm.evaluate.selftraining import ST_METHODS, STSpec
+from calm.store.distributed import RayOptions
 
 __all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]
 
@@ -127,6 +128,7 @@ class EvalConfig:
         batch_size: clips per model forward (extraction, answers).
         figures: write figures/ (and run the heads-kept sweep they need).
         sweep_seeds: seeds of the heads-kept sweep (the first ones of `seeds`).
+        ray: extract `data` on a Ray cluster with these options (None: in this process).
     """
 
     out: str | Path
@@ -146,6 +148,7 @@ class EvalConfig:
     batch_size: int = 8
     figures: bool = True
     sweep_seeds: int = 3
+    ray: RayOptions | None = None
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.features is None):

@@ -99,11 +99,13 @@ def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log)
     store = Path(config.store) if config.store is not None else out / "features"
     dataset = load_dataset(str(config.data))
     log(f"dataset {config.data}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
-    extractor = load_extractor(config.model.name, **config.model.load_kwargs())
-    log(f"model {config.model.name}: {len(extractor.head_names)} heads; feature store {store}")
-    report = extract_to_store(
-        extractor, dataset, store, batch_size=config.batch_size, progress=_extraction_events(progress)
-    )
+    events = _extraction_events(progress)
+    if config.ray is None:
+        extractor = load_extractor(config.model.name, **config.model.load_kwargs())
+        log(f"model {config.model.name}: {len(extractor.head_names)} heads; feature store {store}")
+        report = extract_to_store(extractor, dataset, store, batch_size=config.batch_size, progress=events)
+    else:
+        extractor, report = _extract_on_ray(config, dataset, store, events, log)
     log(report.summary())
     X, y, meta = load_features(store, key=report.digest)
     wanted = {store_path(c.path) for c in dataset.clips}  # the store's own path normalisation
@@ -122,6 +124,29 @@ def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log)
         "digest": report.digest,
     }
     return Features(X, np.asarray(y), meta, extractor, extraction)
+
+
+def _extract_on_ray(config: EvalConfig, dataset: Any, store: Path, events: Any, log: Log) -> tuple[Any, Any]:
+    """(the extractor when the model-answer baselines need it here, else None; the extraction
+    report) of `dataset` extracted on the Ray cluster `config.ray`."""
+    from calm.models import load_extractor
+    from calm.store.distributed import ExtractorRecipe, extract_with_ray
+
+    model, opts = config.model, config.ray
+    assert opts is not None
+    answers = any(m in LALM_METHODS for m in config.methods)
+    extractor = load_extractor(model.name, **model.load_kwargs()) if answers else None
+    log(f"model {model.name}: extracting on Ray ({opts.address or 'local cluster'}); feature store {store}")
+    report = extract_with_ray(
+        ExtractorRecipe(model.name, model.load_kwargs()),
+        dataset,
+        store,
+        options=opts,
+        batch_size=config.batch_size,
+        progress=events,
+        extractor=extractor,
+    )
+    return extractor, report
 
 
 def load_evaluation_features(

@@ -1,0 +1,305 @@
+"""Feature extraction on a Ray cluster with Ray Data: one node or many, GPU or CPU actors.
+
+One job: compute the features of an `ExtractionRun`'s pending clips on a Ray cluster and hand
+them back to the run, which writes them (the driver is the only writer: the same lock, shards,
+index and failures as the local path, so a store written through Ray cannot be told apart).
+
+The pipeline, streamed by Ray Data's executor (backpressure keeps every stage's queue bounded):
+
+    pending clips, in chunks of batch_size   (a Ray dataset, one row per chunk)
+      -> decode: `map` as CPU tasks           (hash + `extractor.load_input`, per-clip failures)
+      -> embed: `map_batches` on an actor pool (each actor loads the extractor once from its
+                                                `ExtractorRecipe`; batch = one chunk, exactly
+                                                the batch the local path would run)
+      -> the driver: `iter_rows` -> `ExtractionRun.write` / `fail` / `advance`
+
+Fault tolerance: Ray Data creates the actors with `max_restarts=-1` and `max_task_retries=-1`: a
+killed actor is restarted (its model reloaded) and its chunk run again; the driver ignores a
+clip it has already written (a retried chunk's rows come back at most once more). A killed
+driver loses at most the chunks in flight: the store's own crash safety covers the rest, and a
+rerun (local or Ray) extracts only what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm.store.events import ExtractReport, ProgressCallback
+from calm.store.format import StoreError
+from calm.store.pipeline import Decoded, extract_batch, failure_reason, prepare
+from calm.store.writer import Extraction, ExtractionRun, _check_failures
+
+INSTALL_HINT = (
+    "the Ray engine needs Ray Data: pip install 'calm-audio[ray]' (or pip install 'ray[data]>=2.40')"
+)
+DECODE_MEMORY = 512 * 2**20  # bytes a decoding task may hold (decoded audio of one chunk)
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def require_ray() -> Any:
+    """The `ray` module, or a StoreError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise StoreError(INSTALL_HINT) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ExtractorRecipe:
+    """How to load the extractor in another process: `load_extractor(model, **kwargs)` (the
+    registered name, hub id or directory, and the keyword arguments: heads, prompt, device,
+    dtype, layers, backend options ...). Picklable; every actor loads its own copy."""
+
+    model: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Any:
+        from calm.models import load_extractor
+
+        return load_extractor(self.model, **dict(self.kwargs))
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how the Ray engine runs.
+
+    address: None (join the local cluster `ray start` made, else start one in this process),
+        "auto" (an existing cluster, found through RAY_ADDRESS or this node), or "HOST:PORT".
+    actors: extractor actors (None: one per GPU of the cluster, one on a CPU-only cluster).
+    gpus_per_actor: GPUs per actor (None: 1 when the cluster has GPUs, else 0; fractions share).
+    cpus_per_actor: CPUs per actor (also its torch threads, at least 1).
+    decode_cpus: CPUs per decoding task.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise StoreError(f"actors must be at least 1, got {self.actors}")
+        if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0 or self.decode_cpus <= 0:
+            raise StoreError("gpus_per_actor must be >= 0, cpus_per_actor and decode_cpus > 0")
+
+    def resolved(self, cluster: Mapping[str, float]) -> RayOptions:
+        """These options with `actors` and `gpus_per_actor` filled in from the cluster's resources."""
+        gpus = float(cluster.get("GPU", 0))
+        per = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+        if per > gpus:
+            raise StoreError(f"gpus_per_actor={per}, but the Ray cluster has {gpus:g} GPUs")
+        actors = self.actors or (max(1, int(gpus // per)) if per else 1)
+        return dataclasses.replace(self, actors=actors, gpus_per_actor=per)
+
+
+class ExtractorShell:
+    """What the driver and the decoding tasks need of an extractor, without its model: `key`,
+    `head_names`, `model_id`, and `load_input` (run on a copy of the extractor holding only its
+    plain attributes: sample rate, length limit, video settings ...)."""
+
+    def __init__(self, extractor: Any):
+        self.key = extractor.key
+        self.head_names = list(extractor.head_names)
+        self.model_id = getattr(extractor, "model_id", "model")
+        reader = object.__new__(type(extractor))
+        reader.__dict__.update({k: v for k, v in vars(extractor).items() if _plain(v)})
+        self._reader = reader
+
+    def load_input(self, path: str) -> Any:
+        return self._reader.load_input(path)
+
+
+def _plain(value: Any) -> bool:
+    """A scalar, or a list / tuple of scalars (what `load_input` may read: rates, limits, sizes)."""
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def _describe(recipe: ExtractorRecipe) -> ExtractorShell:
+    return ExtractorShell(recipe.load())
+
+
+class Decode:
+    """Ray Data `map` function: a chunk of paths -> their hashes and decoded inputs (CPU task)."""
+
+    def __init__(self, shell: ExtractorShell):
+        self.shell = shell
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        chunk = pickle.loads(row["blob"])
+        prepared = [
+            prepare(self.shell, p, known) for p, known in zip(chunk["paths"], chunk["known"], strict=True)
+        ]
+        chunk["hashes"] = [h for h, _, _ in prepared]
+        chunk["inputs"] = [x for _, x, _ in prepared]
+        chunk["reasons"] = [r for _, _, r in prepared]
+        return {"id": row["id"], "blob": pickle.dumps(chunk, protocol=5)}
+
+
+class Embed:
+    """Ray Data `map_batches` class: one actor, one extractor loaded once; a batch holds one chunk
+    and becomes (ok indices, features float32 (n_ok, K, d), [(index, reason)] failures)."""
+
+    def __init__(self, recipe: ExtractorRecipe, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.extractor = recipe.load()
+        self.n_heads = len(self.extractor.head_names)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blobs = [self.embed(pickle.loads(b)) for b in batch["blob"]]
+        return {"id": np.asarray(batch["id"]), "blob": np.asarray(blobs, dtype=object)}
+
+    def embed(self, chunk: dict[str, Any]) -> bytes:
+        reasons = list(chunk.pop("reasons"))
+        good = [i for i, r in enumerate(reasons) if r is None]
+        inputs = chunk.pop("inputs")
+        feats = np.zeros((0, self.n_heads, 0), dtype=np.float32)
+        ok: list[int] = []
+        if good:
+            feats, done, errors = extract_batch(self.extractor, [inputs[i] for i in good], self.n_heads)
+            ok = [good[j] for j in done]
+            for j, exc in errors:
+                reasons[good[j]] = f"model error: {failure_reason(exc)}"
+        out = {**chunk, "ok": ok, "features": feats, "reasons": reasons, "pid": os.getpid()}
+        return pickle.dumps(out, protocol=5)
+
+
+def connect(address: str | None) -> bool:
+    """Connect this process to Ray (unless it already is); True when it connected here."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _chunks(run: ExtractionRun, size: int) -> list[dict[str, Any]]:
+    paths = [p for p, _ in run.pending]
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(paths), size):
+        part = paths[start : start + size]
+        chunk = {"paths": part, "known": [run.hashes.get(p) for p in part]}
+        rows.append({"id": len(rows), "blob": pickle.dumps(chunk, protocol=5)})
+    return rows
+
+
+def build_dataset(
+    run: ExtractionRun, shell: ExtractorShell, recipe: ExtractorRecipe, opts: RayOptions
+) -> Any:
+    """The Ray dataset of `run`'s pending clips: chunks -> decode tasks -> actor pool."""
+    ray = require_ray()
+    rows = _chunks(run, run.job.batch_size)
+    _quiet(ray)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    # the decode tasks' memory request (a chunk of decoded audio) also keeps Ray Data from fusing
+    # them into the actors: decoding stays on CPU tasks, overlapped with the model
+    ds = ds.map(Decode(shell), num_cpus=opts.decode_cpus, memory=DECODE_MEMORY)
+    # Ray Data creates actor pools with max_restarts=-1 and max_task_retries=-1: a dead actor is
+    # restarted and its chunk run again (tests/test_ray.py kills one)
+    return ds.map_batches(
+        Embed,
+        fn_constructor_args=(recipe, int(opts.cpus_per_actor)),
+        batch_size=1,
+        batch_format="numpy",
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=opts.actors),
+        num_cpus=opts.cpus_per_actor,
+        num_gpus=opts.gpus_per_actor or None,
+    )
+
+
+def _quiet(ray: Any) -> None:
+    """No Ray Data progress bars or start-up banner: the run reports progress itself."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _decoded(path: str, clip: Any, clip_hash: str | None) -> Decoded:
+    return Decoded(path, clip, clip_hash, None, None, more=False)
+
+
+def drain(run: ExtractionRun, results: Iterator[dict[str, Any]]) -> int:
+    """Write the chunk results streamed from the cluster through `run`; a clip already written
+    (a chunk retried after an actor died) is skipped. Returns the number of such duplicates."""
+    clips = dict(run.pending)
+    written: set[str] = set()
+    duplicates = 0
+    for row in results:
+        res = pickle.loads(row["blob"])
+        paths, hashes = res["paths"], res["hashes"]
+        fresh = [i for i, p in enumerate(paths) if p not in written]
+        duplicates += len(paths) - len(fresh)
+        new = set(fresh)
+        keep = [j for j, i in enumerate(res["ok"]) if i in new]  # rows of `features`
+        items = [_decoded(paths[i], clips[paths[i]], hashes[i]) for i in (res["ok"][j] for j in keep)]
+        if items:
+            run.write(items, res["features"][keep])
+        for i in fresh:
+            if res["reasons"][i] is not None:
+                run.fail(paths[i], hashes[i], res["reasons"][i])
+        written.update(paths[i] for i in fresh)
+        run.advance(len(fresh))
+    return duplicates
+
+
+def extract_with_ray(
+    recipe: ExtractorRecipe,
+    clips: Any,
+    out: str | Path,
+    *,
+    options: RayOptions | None = None,
+    batch_size: int = 8,
+    dtype: str = "float16",
+    limit: int | None = None,
+    allow_failures: bool = True,
+    progress: bool | ProgressCallback | None = True,
+    extractor: Any = None,
+) -> ExtractReport:
+    """`extract_to_store` on a Ray cluster: the features of `clips` not stored yet in `out`,
+    computed by an actor pool (see the module docstring), written by this process.
+
+    recipe: how each actor loads the extractor. `extractor`: the same extractor when it is
+    already loaded here (its key and head names are read from it); otherwise one Ray task
+    loads it once to read them. Everything else as `extract_to_store`.
+    """
+    ray = require_ray()
+    opts = options or RayOptions()
+    started = connect(opts.address)
+    try:
+        opts = opts.resolved(ray.cluster_resources())
+        if extractor is not None:
+            shell = ExtractorShell(extractor)
+        else:
+            describe = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor or None)(
+                _describe
+            )
+            try:
+                shell = ray.get(describe.remote(recipe))
+            except ray.exceptions.RayTaskError as exc:
+                raise StoreError(f"cannot load model {recipe.model!r} on Ray: {exc.cause or exc}") from None
+        job = Extraction(shell, out, batch_size=batch_size, dtype=dtype, progress=progress)
+        with job.start(clips, limit=limit) as run:
+            if run.pending:
+                drain(run, build_dataset(run, shell, recipe, opts).iter_rows())
+    finally:
+        if started:
+            ray.shutdown()
+    _check_failures(run.report, allow_failures)
+    return run.report
