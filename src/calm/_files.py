@@ -114,6 +114,16 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask (what `open(path, "w")` gives), read once at import."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a unique temporary name beside `path`, fsync, rename over `path`, fsync the folder.
 
@@ -123,6 +133,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)  # mkstemp makes 0600; files get the usual mode
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
