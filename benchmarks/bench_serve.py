@@ -1,7 +1,8 @@
 """`calm serve` under load: concurrent clients against one at a time, on ESC-10 clips, 127.0.0.1 only.
 
     python benchmarks/bench_serve.py [--model MODEL.safetensors] [--clients 8] [--requests 25]
-        [--sequential 25] [--max-batch 16] [--max-wait-ms 10] [--threads N] [--time-limit 600] [--data DIR]
+        [--sequential 25] [--max-batch 16] [--max-wait-ms 10] [--threads N] [--replicas R]
+        [--time-limit 600] [--data DIR]
 
 Without --model, fits a CALM on whisper-tiny.en features (`-o encoder_length=clip`) of
 --support clips per ESC-10 class with `calm extract` + `calm fit` in a temporary folder. Then
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-wait-ms", type=float, default=10)
     ap.add_argument("--threads", type=int, default=None, help="calm serve --threads")
+    ap.add_argument("--replicas", type=int, default=1, help="calm serve --replicas")
     ap.add_argument("--time-limit", type=float, default=600)
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--model-cpu-only", action="store_true", help="Only time the model in-process.")
@@ -177,9 +179,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     log = work / "access.log"
     cmd = [*CLI, "serve", str(model), "--port", str(port), "--max-batch", str(args.max_batch)]
-    cmd += ["--max-wait-ms", str(args.max_wait_ms)] + (
-        ["--threads", str(args.threads)] if args.threads else []
-    )
+    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--replicas", str(args.replicas)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     with log.open("w") as out, (work / "server.err").open("w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
     server = {"proc": proc, "log": log}
@@ -195,7 +196,11 @@ def main() -> None:
         else:
             sys.exit("the server did not start: see " + str(work / "server.err"))
         deadline = time.monotonic() + args.time_limit
-        print(f"model {model}; {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
+        print(
+            f"model {model}; {os.cpu_count()} CPUs; --replicas {args.replicas}; "
+            f"load average {os.getloadavg()}",
+            flush=True,
+        )
         run_clients(url, clips, 1, 2, deadline)  # warm-up
         seq1 = phase("sequential", server, url, clips, 1, args.sequential, deadline)
         conc = phase("concurrent", server, url, clips, args.clients, args.requests, deadline)

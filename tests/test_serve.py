@@ -46,6 +46,7 @@ class Server:
         self.access, self.errors = work / "access.log", work / "server.err"
         cmd = [sys.executable, "-m", "calm.cli", "serve", str(model), "--port", str(self.port)]
         cmd += ["--max-queue", str(MAX_QUEUE), "--max-batch", "4", "--max-upload-mb", str(MAX_UPLOAD_MB)]
+        cmd += ["--replicas", "2"]  # a batch is cut over two copies of the model
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
         with self.access.open("w") as out, self.errors.open("w") as err:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
@@ -141,6 +142,7 @@ def test_info_health_and_openapi(served):
     info = httpx.get(server.url + "/info").json()
     assert info["classes"] == sorted(CLASSES)
     assert info["model"] == "whisper-tiny.en" and info["heads"] == "all" and info["version"]
+    assert info["limits"]["replicas"] == 2 and info["limits"]["max_batch"] == 4
     assert httpx.get(server.url + "/health").json()["status"] == "ready"
     spec = httpx.get(server.url + "/openapi.json").json()
     assert {"/predict", "/predict/batch", "/health", "/info"} <= set(spec["paths"])

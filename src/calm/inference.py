@@ -17,6 +17,7 @@ order, each with either a label or an error.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -183,6 +184,12 @@ class Predictor:
     @property
     def model_id(self) -> str:
         return str(self.extractor.model_id)
+
+    def replicate(self) -> Predictor:
+        """A predictor with its own copy of the model (weights copied in memory, nothing re-read)
+        and this one's classifier (prediction only reads it): `forward` of the two may then run in
+        two threads at once (`calm serve --replicas`)."""
+        return Predictor(self.classifier, copy.deepcopy(self.extractor), min_seconds=self.min_seconds)
 
     def info(self) -> dict[str, Any]:
         """Classes, model, prompt, heads and how the classifier was fitted (JSON-ready)."""

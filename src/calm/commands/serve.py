@@ -41,7 +41,14 @@ INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[se
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="torch intra-op threads of the model [default: torch's choice, one per core].",
+    help="torch intra-op threads [default: one per core, divided between the replicas].",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Copies of the model; a batch is cut into one part per copy, run at once (CPU: one per core).",
 )
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
@@ -58,6 +65,7 @@ def serve(
     max_files,
     decode_workers,
     threads,
+    replicas,
     drain_timeout,
     log_level,
 ):
@@ -72,10 +80,11 @@ def serve(
         raise click.ClickException(f"{INSTALL_HINT} ({exc})") from None
     from calm.inference import load_predictor
 
-    if threads:
+    if threads or replicas > 1:
         import torch
 
-        torch.set_num_threads(threads)
+        # replicas run at once: split the cores between them unless --threads says otherwise
+        torch.set_num_threads(threads or max(1, torch.get_num_threads() // replicas))
 
     def announce(choice) -> None:
         click.echo(f"calm serve: loading {choice.describe()}", err=True)
@@ -91,6 +100,7 @@ def serve(
         max_upload_mb=max_upload_mb,
         max_files=max_files,
         decode_workers=decode_workers,
+        replicas=replicas,
         model_file=model_path,
     )
     click.echo(f"calm serve: {len(predictor.classes)} classes; http://{host}:{port}/docs", err=True)

@@ -2,7 +2,8 @@
 
 A request is admitted (or answered 503 with Retry-After when `max_queue` clips are already in the
 service), its upload read within the size limit, each clip decoded in a thread pool (off the event
-loop), queued to the `Batcher` (one model thread, dynamic batches) and post-processed here. Every
+loop), queued to the `Batcher` (one model thread, dynamic batches, cut over `replicas` copies of the
+model) and post-processed here. Every
 failure is answered for that request only (see `calm.serve.errors`).
 """
 
@@ -24,7 +25,7 @@ from starlette.requests import ClientDisconnect
 import calm
 from calm.inference import ClipError, Predictor
 from calm.serve.accesslog import AccessLog
-from calm.serve.batcher import Batcher
+from calm.serve.batcher import Batcher, Replicas
 from calm.serve.errors import CODES, ApiError, error_schema, install_handlers
 from calm.serve.uploads import Upload, read_uploads
 
@@ -39,6 +40,7 @@ class ServeConfig:
     max_upload_mb: float = 50.0
     max_files: int = 64
     decode_workers: int = 2
+    replicas: int = 1
     model_file: str | None = None
 
     @property
@@ -51,9 +53,9 @@ class Service:
 
     def __init__(self, predictor: Predictor, config: ServeConfig):
         self.predictor, self.config = predictor, config
-        self.batcher = Batcher(
-            predictor.forward, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3
-        )
+        copies = [predictor, *(predictor.replicate() for _ in range(config.replicas - 1))]
+        self.replicas = Replicas([p.forward for p in copies])
+        self.batcher = Batcher(self.replicas, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3)
         self.decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="calm-decode")
         self.admitted = 0  # clips in the service (reading, decoding, queued or in the model); event loop only
         self.draining = False
@@ -237,7 +239,7 @@ async def info(request: Request):
     """Classes, model, prompt, heads, limits and package version."""
     service = _service(request)
     config = service.config
-    limits = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files")
+    limits = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files", "replicas")
     return {
         **service.predictor.info(),
         "classifier": Path(config.model_file).name if config.model_file else None,
@@ -256,6 +258,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         yield
         service.draining = True
         await asyncio.get_running_loop().run_in_executor(None, service.batcher.stop)
+        service.replicas.close()
         service.decode_pool.shutdown(wait=True)
 
     app = FastAPI(

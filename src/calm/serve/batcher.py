@@ -5,6 +5,11 @@
 first waiting clip, then waits at most `max_wait_s` for more (up to `max_batch`), and calls
 `forward` once on the group. The model therefore only ever runs in this one thread, and requests
 never race on it. A future cancelled before its batch starts (client gone) is skipped.
+
+`Replicas` is such a `forward` over several copies of the model: a batch is cut into one part per
+replica and the parts run at once, each replica in one thread. On a CPU, where a clip runs alone
+through the model (batch-invariant features) and a small model's matrix products keep only one
+core busy, this is what lets a batch use every core; on a GPU one replica batches the clips.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger("calm.serve")
@@ -106,3 +111,37 @@ class Batcher:
             self.clips += len(live)
             for (_, f), out in zip(live, outputs, strict=True):
                 f.set_result((out, len(live)))
+
+
+class Replicas:
+    """`forward` over `replicas` (callables of the same model, e.g. `Predictor.forward` of
+    `Predictor.replicate()` copies): a batch of n clips is cut into min(n, R) contiguous parts of
+    near-equal size, run in parallel threads, and the outputs returned in the batch's order."""
+
+    def __init__(self, replicas: Sequence[Callable[[Sequence[Any]], list[Any]]]):
+        if not replicas:
+            raise ValueError("Replicas needs at least one forward")
+        self.replicas = list(replicas)
+        self._pool = (
+            ThreadPoolExecutor(len(self.replicas), thread_name_prefix="calm-replica")
+            if len(self.replicas) > 1
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    def __call__(self, batch: Sequence[Any]) -> list[Any]:
+        parts = min(len(batch), len(self.replicas))
+        if parts <= 1 or self._pool is None:
+            return self.replicas[0](batch)
+        bounds = [len(batch) * i // parts for i in range(parts + 1)]
+        futures = [
+            self._pool.submit(forward, batch[a:b])
+            for forward, a, b in zip(self.replicas, bounds[:-1], bounds[1:], strict=False)
+        ]
+        return [out for future in futures for out in future.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
