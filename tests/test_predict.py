@@ -189,3 +189,21 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_byte_for_byte(tmp_path, model
     assert res.exit_code in (0, 1) and "Traceback" not in res.output  # labelled, or its own error
     rows = out.read_bytes().splitlines()
     assert len(rows) == 2 and b"caf\xe9.wav" in rows[1]
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_calm_fit_metadata_keeps_the_key_that_predict_checks(nested):
+    from types import SimpleNamespace
+
+    from calm.commands.fit import extractor_metadata
+    from calm.inference import check_extraction_key, choose_extractor
+
+    fitted = BandExtractor()
+    key = {"dtype": "float16", "extractor": fitted.key} if nested else dict(fitted.key)
+    meta = SimpleNamespace(attrs={"key": key, "head_names": []})
+    metadata = extractor_metadata(meta)
+    assert metadata["extraction_key"]["extractor"] == fitted.key and metadata["model"] == "fake-bands"
+    check_extraction_key(metadata, BandExtractor(), choose_extractor(metadata))  # same model: accepted
+    other = BandExtractor(model_id="fake-other", revision="r2")
+    with pytest.raises(ModelMismatchError, match="revision: fitted on 'r1', now 'r2'"):
+        check_extraction_key(metadata, other, choose_extractor(metadata, model="fake-other"))

@@ -16,13 +16,15 @@ def extractor_metadata(meta) -> dict:
     """What `calm predict` needs to rebuild the extractor: model, prompt, heads, key, head names."""
     key = dict(meta.attrs.get("key") or {})
     ext = dict(key.get("extractor", key))
+    # stored as {"extractor": ..., "dtype": storage dtype}, the form calm.inference checks
+    stored = {"extractor": ext, **({"dtype": key["dtype"]} if "extractor" in key and "dtype" in key else {})}
     return {
         "model": ext.get("model") or ext.get("model_id"),
         "prompt": ext.get("prompt"),
         "heads": ext.get("heads"),
         "layers": ext.get("layers"),
         "options": ext.get("options") or {},
-        "extraction_key": key,
+        "extraction_key": stored,
         "head_names": [list(h) for h in meta.attrs.get("head_names", [])],
     }
 
