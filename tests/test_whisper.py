@@ -243,6 +243,21 @@ def test_invalid_options(converted):
 
 
 @pytest.mark.slow
+def test_bf16_features_follow_float32_ones(extractor, esc10_waves):
+    """The `auto` dtype on CPUs with native bf16: every head's features point the same way as in
+    float32 (bf16 keeps 8 bits of mantissa, so values differ by about 1 %, never in direction)."""
+    bf16 = load_extractor("whisper-tiny.en", dtype="bf16", encoder_length="clip")
+    f32 = load_extractor("whisper-tiny.en", dtype="float32", encoder_length="clip")
+    assert bf16.key["dtype"] == "bfloat16" and bf16.model.dtype == torch.bfloat16
+    waves = [w[:16000] for w in esc10_waves[:2]]
+    a, b = bf16.extract(waves), f32.extract(waves)
+    assert a.dtype == np.float32 and a.shape == b.shape and np.isfinite(a).all()
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() > 0.98, cos.min()
+    assert np.abs(a - b).max() > 0  # really computed in another dtype
+
+
+@pytest.mark.slow
 def test_key_is_json_and_names_the_checksum(extractor, converted):
     key = extractor.key
     assert json.loads(json.dumps(key)) == key
