@@ -1,7 +1,7 @@
 """`calm serve` under load: concurrent clients against one at a time, on ESC-10 clips, 127.0.0.1 only.
 
     python benchmarks/bench_serve.py [--model MODEL.safetensors] [--clients 8] [--requests 25]
-        [--sequential 25] [--max-batch 16] [--max-wait-ms 10] [--threads N] [--replicas R]
+        [--sequential 25] [--max-batch 16] [--max-wait-ms 10] [--threads N] [--replicas 1,2]
         [--time-limit 600] [--data DIR]
 
 Without --model, fits a CALM on whisper-tiny.en features (`-o encoder_length=clip`) of
@@ -15,9 +15,12 @@ figure brackets the concurrent one on a shared machine):
 
 Prints requests/s, p50/p95/p99 latency, the mean model batch size (from the server's access log),
 the server's CPU-seconds per request (robust to other load on the machine), the load average,
-and the ratio concurrent / sequential requests/s (target >= 1.5). `--model-cpu-only`: no server,
-the CPU-seconds per clip of the model alone at batch 1, 4 and 8 (what batching can save). Bounded: at most
-clients x requests + 2 x sequential requests, and no new request after --time-limit seconds.
+and the ratio concurrent / sequential requests/s (target >= 1.5). `--replicas 1,2` (the default)
+measures a server per value, one after the other, so that the ratios of one run compare one copy
+of the model with one per core; each concurrent figure is also given against the first server's
+sequential requests/s. `--model-cpu-only`: no server, the CPU-seconds per clip of the model alone
+at batch 1, 4 and 8 (what batching can save). Bounded: at most clients x requests + 2 x sequential
+requests per server, and no new request after --time-limit seconds per server.
 """
 
 from __future__ import annotations
@@ -153,33 +156,14 @@ def model_cpu(model: Path, clips: list[bytes], threads: int | None) -> None:
         )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--support", type=int, default=2)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=25)
-    ap.add_argument("--sequential", type=int, default=25)
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--max-wait-ms", type=float, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="calm serve --threads")
-    ap.add_argument("--replicas", type=int, default=1, help="calm serve --replicas")
-    ap.add_argument("--time-limit", type=float, default=600)
-    ap.add_argument("--json-out", default=None)
-    ap.add_argument("--model-cpu-only", action="store_true", help="Only time the model in-process.")
-    args = ap.parse_args()
-    root = esc10_root(args.data)
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    model = Path(args.model) if args.model else fit_model(root, work, args.support)
-    clips = [p.read_bytes() for p in sorted(root.glob("*/*.ogg"))[1::7][:40]]  # spread over classes
-    if args.model_cpu_only:
-        return model_cpu(model, clips, args.threads)
+def measure(args, model: Path, clips: list[bytes], work: Path, replicas: int) -> dict:
+    """One server with `replicas` copies of the model: sequential, concurrent, sequential again
+    (no new request after --time-limit seconds)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = work / "access.log"
+    log = work / f"access-{replicas}.log"
     cmd = [*CLI, "serve", str(model), "--port", str(port), "--max-batch", str(args.max_batch)]
-    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--replicas", str(args.replicas)]
+    cmd += ["--max-wait-ms", str(args.max_wait_ms), "--replicas", str(replicas)]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     with log.open("w") as out, (work / "server.err").open("w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
@@ -195,12 +179,8 @@ def main() -> None:
                 time.sleep(1)
         else:
             sys.exit("the server did not start: see " + str(work / "server.err"))
+        print(f"--replicas {replicas}; load average {os.getloadavg()}", flush=True)
         deadline = time.monotonic() + args.time_limit
-        print(
-            f"model {model}; {os.cpu_count()} CPUs; --replicas {args.replicas}; "
-            f"load average {os.getloadavg()}",
-            flush=True,
-        )
         run_clients(url, clips, 1, 2, deadline)  # warm-up
         seq1 = phase("sequential", server, url, clips, 1, args.sequential, deadline)
         conc = phase("concurrent", server, url, clips, args.clients, args.requests, deadline)
@@ -209,19 +189,56 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     seq_rps = (seq1["rps"] + seq2["rps"]) / 2
-    ratio = conc["rps"] / seq_rps if seq_rps else float("nan")
-    cpu_ratio = (seq1["server_cpu_s_per_request"] + seq2["server_cpu_s_per_request"]) / 2
-    cpu_ratio /= max(conc["server_cpu_s_per_request"], 1e-9)
-    print(
-        f"concurrent {conc['rps']:.2f} req/s vs sequential {seq_rps:.2f} req/s: {ratio:.2f}x "
-        "(target >= 1.5); "
-        f"server CPU per request {cpu_ratio:.2f}x lower; mean batch {conc['mean_batch']}; "
-        f"server exit {proc.returncode}; load average {os.getloadavg()}"
+    return {
+        "replicas": replicas,
+        "sequential": [seq1, seq2],
+        "concurrent": conc,
+        "sequential_rps": seq_rps,
+        "ratio": conc["rps"] / seq_rps if seq_rps else float("nan"),
+        "server_exit": proc.returncode,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--support", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=25)
+    ap.add_argument("--sequential", type=int, default=25)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-wait-ms", type=float, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="calm serve --threads")
+    ap.add_argument(
+        "--replicas", default="1,2", help="calm serve --replicas: one server per value, in this order"
     )
-    if args.json_out:
-        Path(args.json_out).write_text(
-            json.dumps({"sequential": [seq1, seq2], "concurrent": conc, "ratio": ratio}, indent=1) + "\n"
+    ap.add_argument("--time-limit", type=float, default=600)
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--model-cpu-only", action="store_true", help="Only time the model in-process.")
+    args = ap.parse_args()
+    root = esc10_root(args.data)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = Path(args.model) if args.model else fit_model(root, work, args.support)
+    clips = [p.read_bytes() for p in sorted(root.glob("*/*.ogg"))[1::7][:40]]  # spread over classes
+    if args.model_cpu_only:
+        return model_cpu(model, clips, args.threads)
+    print(f"model {model}; {os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)
+    runs = [measure(args, model, clips, work, int(r)) for r in args.replicas.split(",")]
+    base = runs[0]["sequential_rps"]
+    for run in runs:
+        conc = run["concurrent"]
+        print(
+            f"--replicas {run['replicas']}: concurrent {conc['rps']:.2f} req/s vs sequential "
+            f"{run['sequential_rps']:.2f} req/s: {run['ratio']:.2f}x (target >= 1.5); "
+            f"{conc['rps'] / base:.2f}x the sequential req/s of --replicas {runs[0]['replicas']}; "
+            f"p50/p95/p99 {conc['p50_ms']:.0f}/{conc['p95_ms']:.0f}/{conc['p99_ms']:.0f} ms; "
+            f"mean batch {conc['mean_batch']}; server exit {run['server_exit']}",
+            flush=True,
         )
+    print(f"load average {os.getloadavg()}", flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(runs, indent=1) + "\n")
 
 
 if __name__ == "__main__":
