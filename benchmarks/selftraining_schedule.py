@@ -4,8 +4,9 @@ Never touches a test clip. Validation splits (the test part of each dataset is d
 
 - ESC-10: test fold 5 dropped; validation queries = fold 4; support + unlabelled pool = folds 1-3.
 - FSDD: test takes 0-4 dropped; validation queries = takes 5-9; support + pool = takes 10-49.
-- speech_commands_mini (no official split): per word, 3 clips (a fixed seeded draw, seed 12345) are
-  the validation queries; support + pool = the other 7 (so 1 and 5 shots only).
+- speech_commands_mini (no official split): the test part of `calm evaluate --holdout 0.3` (3 clips a
+  word, `calm.evaluate.holdout_split`, seed 0) dropped; per word, 2 of the other 7 clips (seeded draw,
+  seed 12345) are the validation queries; support + pool = the other 5 (so 1 and 3 shots only).
 
 For each (dataset, shots, seed) the support set is drawn per class with a generator seeded by
 (seed, class index); the pool is every other clip of the support part, labels hidden. Every
@@ -31,14 +32,16 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from calm import CALM, SAV, load_features
 from calm._heads import class_centroids, cosine_similarities, head_posteriors, weighted_scores
+from calm.evaluate import holdout_split
 from calm.selftraining import SelfTraining
 
-STORES = {
-    "esc10": "/work/runs-before/esc10/features",
-    "fsdd": "/work/runs-before/fsdd/features",
-    "speech_commands": "/work/runs-before/speech_commands/features",
+STORES = {  # default stores (`calm extract --model whisper-tiny.en`, default dtype); --store NAME=PATH
+    "esc10": "runs/esc10-auto/features",
+    "fsdd": "runs/fsdd-auto/features",
+    "speech_commands": "runs/speech-auto/features",
 }
-SHOTS = {"esc10": (1, 5, 10), "fsdd": (1, 5, 10), "speech_commands": (1, 5)}
+SHOTS = {"esc10": (1, 5, 10), "fsdd": (1, 5, 10), "speech_commands": (1, 3)}
+SPEECH_HOLDOUT = 0.3  # `calm evaluate --holdout` of the speech_commands_mini acceptance run
 CALM_PARAMS = {"k": 0.25, "tau_p": 0.03, "tau_w": 0.5}
 SAV_PARAMS = {"k": 0.25}
 
@@ -77,12 +80,13 @@ def validation_split(name: str, y: np.ndarray, meta) -> tuple[np.ndarray, np.nda
     if name == "fsdd":
         take = np.array([int(re.search(r"_(\d+)\.wav$", p).group(1)) for p in meta["path"]])
         return np.flatnonzero(take >= 10), np.flatnonzero((take >= 5) & (take <= 9))
+    train = (holdout_split(meta, y, SPEECH_HOLDOUT)["split"] == "train").to_numpy()
     rng = np.random.default_rng(12345)
     val = np.zeros(n, dtype=bool)
     for c in np.unique(y):
-        rows = np.flatnonzero(y == c)
-        val[rows[rng.permutation(len(rows))[:3]]] = True
-    return np.flatnonzero(~val), np.flatnonzero(val)
+        rows = np.flatnonzero((y == c) & train)
+        val[rows[rng.permutation(len(rows))[:2]]] = True
+    return np.flatnonzero(train & ~val), np.flatnonzero(val)
 
 
 def draw_support(y: np.ndarray, train: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -122,8 +126,18 @@ class RecordingFixedHeads(FixedHeads):
 
 
 def variants() -> dict[str, dict]:
-    """Every schedule tried; the name encodes it (m clips/class/round, confidence, ...)."""
+    """Every schedule tried; the name encodes it (m clips/class/round, confidence, w = labelled
+    weight, "w=shots" = a labelled clip counts as many times as its class has labelled clips)."""
     v: dict[str, dict] = {}
+    for m in (2, 3, 5, 10):
+        v[f"m={m} margin w=shots"] = {"per_round": m, "labelled_weight": "shots"}
+    for m in (5,):
+        for k in (2, 3):
+            v[f"m={m} margin spread={k}"] = {"per_round": m, "spread": k}
+            v[f"m={m} margin w=shots spread={k}"] = {"per_round": m, "labelled_weight": "shots", "spread": k}
+        v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
+        v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
+        v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
     for m in (1, 2, 3, 5, 10, 20, "shots"):
         v[f"m={m} margin"] = {"per_round": m}
     for m in (1, 2):
@@ -154,8 +168,10 @@ def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str) -> tuple[Self
     return st, fitted
 
 
-def run_dataset(name: str, seeds: list[int], specs: dict[str, dict], inner: str, log) -> list[dict]:
-    X, y, meta = load_features(STORES[name], mmap=False)
+def run_dataset(
+    name: str, store: str, seeds: list[int], specs: dict[str, dict], inner: str, log
+) -> list[dict]:
+    X, y, meta = load_features(store, mmap=False)
     y = np.asarray(y).astype(str)
     X = np.asarray(X, dtype=np.float32)
     train, val = validation_split(name, y, meta)
@@ -307,10 +323,18 @@ def main() -> None:
     ap.add_argument("--inner", default="calm", choices=["calm", "sav"])
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--out", type=Path, default=Path("runs/st_schedule.json"))
-    ap.add_argument("--report", type=Path, default=None, help="print the tables of a finished run")
+    ap.add_argument("--report", type=Path, default=None, help="print the tables of a finished run(s)", nargs="+")
+    ap.add_argument(
+        "--store", action="append", default=[], metavar="NAME=PATH", help="feature store of a dataset"
+    )
+    ap.add_argument("--shots", default=None, help="comma-separated shots (default: 1,5,10; speech 1,5)")
     args = ap.parse_args()
+    stores = STORES | dict(s.split("=", 1) for s in args.store)
+    if args.shots:
+        for k in SHOTS:
+            SHOTS[k] = tuple(int(x) for x in args.shots.split(","))
     if args.report:
-        print(report(json.loads(args.report.read_text())["rows"]))
+        print(report([r for f in args.report for r in json.loads(f.read_text())["rows"]]))
         return
     torch.set_num_threads(1)
     specs = variants()
@@ -320,9 +344,10 @@ def main() -> None:
     t0 = time.time()
     rows: list[dict] = []
     for name in args.datasets.split(","):
-        rows += run_dataset(name, seeds, specs, args.inner, lambda s: print(f"{time.time() - t0:7.1f}s {s}"))
+        rows += run_dataset(name, stores[name], seeds, specs, args.inner, lambda s: print(f"{time.time() - t0:7.1f}s {s}"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, default=str))
+    meta = vars(args) | {"out": str(args.out), "stores": stores}
+    args.out.write_text(json.dumps({"args": meta, "rows": rows}, default=str))
     print(report(rows))
 
 

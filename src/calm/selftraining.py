@@ -53,7 +53,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
-__all__ = ["SelfTraining", "confidence_scores", "balanced_picks"]
+__all__ = ["SelfTraining", "balanced_picks", "class_similarity", "confidence_scores"]
 
 
 def confidence_scores(estimator, X, measure: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,16 +75,39 @@ def confidence_scores(estimator, X, measure: str) -> tuple[np.ndarray, np.ndarra
     return pred, top2[:, 1] - top2[:, 0]
 
 
-def balanced_picks(pred: np.ndarray, conf: np.ndarray, quota: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+def balanced_picks(
+    pred: np.ndarray,
+    conf: np.ndarray,
+    quota: np.ndarray,
+    eligible: np.ndarray,
+    near: np.ndarray | None = None,
+    spread: int = 1,
+) -> np.ndarray:
     """Rows to add: for each class c, the ``quota[c]`` eligible rows predicted as c with the highest
-    confidence (ties: the lower row). Returns row indices grouped by class, best first."""
+    confidence (ties: the lower row). With ``near`` ((n,) similarity of each row to its predicted
+    class) and ``spread`` > 1, the ``spread * quota[c]`` most confident rows are the candidates and
+    the ``quota[c]`` least similar of them are taken. Returns row indices grouped by class."""
     picks = []
     for c in range(len(quota)):
         rows = np.flatnonzero(eligible & (pred == c))
         if len(rows) and quota[c] > 0:
             order = np.lexsort((rows, -conf[rows]))  # confidence descending, then lower row
-            picks.append(rows[order[: int(quota[c])]])
+            if near is None or spread == 1:
+                picks.append(rows[order[: int(quota[c])]])
+                continue
+            cand = rows[order[: int(quota[c]) * spread]]
+            picks.append(cand[np.lexsort((cand, near[cand]))[: int(quota[c])]])  # least similar first
     return np.concatenate(picks) if picks else np.empty(0, dtype=np.int64)
+
+
+def class_similarity(X_pool, X_support: np.ndarray, y_idx: np.ndarray, pred: np.ndarray, C: int) -> np.ndarray:
+    """(m,) mean over heads of the cosine similarity of each pool clip to the mean of the unit-length
+    features of the support clips (labelled + pseudo-labelled) of its predicted class."""
+    from calm._heads import class_centroids, cosine_similarities, l2_normalize
+
+    centroids = class_centroids(l2_normalize(X_support), y_idx, C)
+    sims = cosine_similarities(_rows(X_pool, np.arange(_n_rows(X_pool))), centroids).mean(dim=1)
+    return sims.numpy()[np.arange(len(pred)), pred]
 
 
 def _rows(X, idx: np.ndarray) -> np.ndarray:
@@ -134,7 +157,9 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         "per_round": [Interval(Integral, 1, None, closed="left")],
         "confidence": [StrOptions({"margin", "probability"})],
         "relabel": ["boolean"],
-        "labelled_weight": [Interval(Integral, 1, None, closed="left")],
+        "labelled_weight": [Interval(Integral, 1, None, closed="left"), StrOptions({"shots"})],
+        "max_labelled": [Interval(Integral, 1, None, closed="left"), None],
+        "spread": [Interval(Integral, 1, None, closed="left")],
     }
 
     def __init__(
@@ -145,7 +170,9 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         per_round: int = 5,
         confidence: str = "margin",
         relabel: bool = False,
-        labelled_weight: int = 1,
+        labelled_weight: int | str = 1,
+        max_labelled: int | None = None,
+        spread: int = 1,
     ):
         self.estimator = estimator
         self.rounds = rounds
@@ -153,6 +180,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.confidence = confidence
         self.relabel = relabel
         self.labelled_weight = labelled_weight
+        self.max_labelled = max_labelled
+        self.spread = spread
 
     def _inner(self):
         if self.estimator is None:
@@ -161,11 +190,39 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             return CALM()
         return clone(self.estimator)
 
+    def _labelled_repeats(self, y_lab: np.ndarray) -> np.ndarray:
+        """How many times each labelled clip counts: ``labelled_weight``, or with "shots" the number
+        of labelled clips of its class."""
+        if self.labelled_weight == "shots":
+            _, inverse, counts = np.unique(y_lab, return_inverse=True, return_counts=True)
+            return counts[inverse]
+        return np.full(len(y_lab), int(self.labelled_weight))
+
+    def _quota(self, y_lab: np.ndarray, classes: np.ndarray, per_class: int) -> np.ndarray:
+        """(C,) clips a class may hold or gain: ``per_class``, 0 for a class with more than
+        ``max_labelled`` labelled clips."""
+        quota = np.full(len(classes), per_class)
+        if self.max_labelled is not None:
+            n_lab = np.array([np.sum(y_lab == c) for c in classes])
+            quota[n_lab > self.max_labelled] = 0
+        return quota
+
+    def _picks(self, X_lab, y_lab, X_pool, pred, conf, quota, eligible, pseudo, p_cls) -> np.ndarray:
+        """`balanced_picks` of one round; with ``spread`` > 1 the similarity of each pool clip to its
+        predicted class's current support (labelled + ``pseudo`` with classes ``p_cls``)."""
+        near = None
+        if self.spread > 1:
+            _, y_idx = np.unique(y_lab, return_inverse=True)
+            Xs = np.concatenate([X_lab, _rows(X_pool, pseudo)]) if len(pseudo) else X_lab
+            near = class_similarity(X_pool, Xs, np.concatenate([y_idx, p_cls]), pred, len(quota))
+        return balanced_picks(pred, conf, quota, eligible, near, self.spread)
+
     def _refit(self, X_lab: np.ndarray, y_lab: np.ndarray, X_pool, pseudo: np.ndarray, labels: np.ndarray):
-        """A fresh inner estimator on the labelled clips (``labelled_weight`` times) + ``pseudo``."""
-        w = self.labelled_weight
-        Xs = [X_lab] * w + ([_rows(X_pool, pseudo)] if len(pseudo) else [])
-        ys = [y_lab] * w + ([labels] if len(pseudo) else [])
+        """A fresh inner estimator on the labelled clips (each repeated per `_labelled_repeats`) +
+        ``pseudo``."""
+        rep = self._labelled_repeats(y_lab)
+        Xs = [np.repeat(X_lab, rep, axis=0)] + ([_rows(X_pool, pseudo)] if len(pseudo) else [])
+        ys = [np.repeat(y_lab, rep)] + ([labels] if len(pseudo) else [])
         return self._inner().fit(np.concatenate(Xs), np.concatenate(ys))
 
     @_fit_context(prefer_skip_nested_validation=False)
@@ -189,8 +246,9 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         for r in range(1, self.rounds + 1 if m else 1):
             pred, conf = confidence_scores(est, X_unlabelled, self.confidence)
             if self.relabel:
-                quota = np.full(C, self.per_round * r)
-                new = balanced_picks(pred, conf, quota, np.ones(m, dtype=bool))
+                quota = self._quota(y_lab, classes, self.per_round * r)
+                keep = np.empty(0, dtype=np.int64)
+                new = self._picks(X_lab, y_lab, X_unlabelled, pred, conf, quota, np.ones(m, bool), keep, keep)
                 old = {int(i): int(k) for i, k in zip(pseudo, p_round, strict=True)}
                 rounds_of = np.array([old.get(int(i), r) for i in new], dtype=np.int64)
                 added = int(np.sum(~np.isin(new, pseudo)))
@@ -198,7 +256,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             else:
                 eligible = np.ones(m, dtype=bool)
                 eligible[pseudo] = False
-                new = balanced_picks(pred, conf, np.full(C, self.per_round), eligible)
+                quota = self._quota(y_lab, classes, self.per_round)
+                new = self._picks(X_lab, y_lab, X_unlabelled, pred, conf, quota, eligible, pseudo, p_cls)
                 added = len(new)
                 pseudo = np.concatenate([pseudo, new])
                 p_cls = np.concatenate([p_cls, pred[new]])

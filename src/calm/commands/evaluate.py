@@ -70,6 +70,7 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
         seeds=parse_seeds(params["seeds"]),
         methods=methods,
         test_fold=params["test_fold"],
+        holdout=params["holdout"],
         tune=params["tune"],
         classifier=classifier_spec(params),
         lalm=LALMSpec(
@@ -134,6 +135,13 @@ _options = stack(
             default="5",
             show_default=True,
             help="Folded data (ESC): test fold, or 'all' to rotate.",
+        ),
+        click.option(
+            "--holdout",
+            type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+            default=None,
+            help="Data without a split or folds: hold out this fraction of each class (seeded) as the "
+            "test part for every method; the rest gives the support sets and the calm+st / sav+st pool.",
         ),
         click.option(
             "--tune",

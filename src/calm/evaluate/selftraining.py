@@ -57,12 +57,18 @@ class STSpec:
         rounds: predict-pick-refit rounds.
         per_round: pseudo-labelled clips a class gains per round at most.
         confidence: `margin` (top score minus runner-up) or `probability`.
+        labelled_weight: times a labelled clip counts, or `shots` (its class's labelled clips).
+        max_labelled: classes with more labelled clips gain none (None: no limit).
+        spread: candidates per clip added (1: the most confident; see `SelfTraining`).
         pool: unlabelled clips per episode (None: every eligible clip).
     """
 
     rounds: int = 3
     per_round: int = 5
     confidence: str = "margin"
+    labelled_weight: int | str = 1
+    max_labelled: int | None = None
+    spread: int = 1
     pool: int | None = None
 
     def __post_init__(self) -> None:
@@ -70,14 +76,28 @@ class STSpec:
             raise ValueError("self-training needs rounds >= 0, per_round >= 1 and pool >= 1 (or None)")
         if self.confidence not in ("margin", "probability"):
             raise ValueError(f"confidence must be 'margin' or 'probability', got {self.confidence!r}")
+        self.wrap(None)._validate_params()  # labelled_weight, max_labelled, spread: the wrapper's rules
 
     def params(self) -> dict[str, Any]:
         """The schedule as recorded in each run's parameters."""
-        return {"st_rounds": self.rounds, "st_per_round": self.per_round, "st_confidence": self.confidence}
+        return {
+            "st_rounds": self.rounds,
+            "st_per_round": self.per_round,
+            "st_confidence": self.confidence,
+            "st_labelled_weight": self.labelled_weight,
+            "st_max_labelled": self.max_labelled,
+            "st_spread": self.spread,
+        }
 
     def wrap(self, estimator: Any) -> SelfTraining:
         return SelfTraining(
-            estimator, rounds=self.rounds, per_round=self.per_round, confidence=self.confidence
+            estimator,
+            rounds=self.rounds,
+            per_round=self.per_round,
+            confidence=self.confidence,
+            labelled_weight=self.labelled_weight,
+            max_labelled=self.max_labelled,
+            spread=self.spread,
         )
 
 
