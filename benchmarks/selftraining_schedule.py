@@ -323,7 +323,9 @@ def main() -> None:
     ap.add_argument("--inner", default="calm", choices=["calm", "sav"])
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--out", type=Path, default=Path("runs/st_schedule.json"))
-    ap.add_argument("--report", type=Path, default=None, help="print the tables of a finished run(s)", nargs="+")
+    ap.add_argument(
+        "--report", type=Path, default=None, help="print the tables of a finished run(s)", nargs="+"
+    )
     ap.add_argument(
         "--store", action="append", default=[], metavar="NAME=PATH", help="feature store of a dataset"
     )
@@ -344,7 +346,9 @@ def main() -> None:
     t0 = time.time()
     rows: list[dict] = []
     for name in args.datasets.split(","):
-        rows += run_dataset(name, stores[name], seeds, specs, args.inner, lambda s: print(f"{time.time() - t0:7.1f}s {s}"))
+        rows += run_dataset(
+            name, stores[name], seeds, specs, args.inner, lambda s: print(f"{time.time() - t0:7.1f}s {s}")
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = vars(args) | {"out": str(args.out), "stores": stores}
     args.out.write_text(json.dumps({"args": meta, "rows": rows}, default=str))

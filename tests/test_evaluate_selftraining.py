@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from calm import CALM
-from calm.evaluate import Method, ProtocolError, build_results, episodes, make_parts, results_markdown
+from calm.evaluate import (
+    Method,
+    ProtocolError,
+    build_results,
+    episodes,
+    holdout_split,
+    make_parts,
+    results_markdown,
+)
 from calm.evaluate.protocol import run_protocol
 from calm.evaluate.selftraining import STSpec, run_st_protocol, st_pool, st_summary
 from tests.test_cli_eval import FREQS, fake_model, tone  # noqa: F401 (fake_model: the fake-tones model)
@@ -106,6 +114,47 @@ def test_without_a_split_the_inductive_pool_is_empty_and_says_use_trans():
         X, y, meta, methods={"calm+st-trans": spy_methods()["calm"]}, spec=spec, shots=[1], seeds=[0]
     )
     assert runs[0]["self_training"]["pool"] == runs[0]["n_query"] == len(y) - 4
+
+
+def test_holdout_split_is_seeded_per_class_and_only_for_data_without_a_split():
+    X, y, meta = synthetic(per_class=10)
+    meta["fold"] = None
+    held = holdout_split(meta, y, 0.3)
+    assert meta["split"].isna().all()  # the input is not modified
+    for c in np.unique(y):
+        assert (held["split"][y == c] == "test").sum() == 3 and (held["split"][y == c] == "train").sum() == 7
+    np.testing.assert_array_equal(held["split"], holdout_split(meta, y, 0.3)["split"])
+    assert not np.array_equal(held["split"], holdout_split(meta, y, 0.3, seed=1)["split"])
+    assert held.attrs["holdout"] == {"fraction": 0.3, "seed": 0}
+    tiny = holdout_split(meta.iloc[[0, 10, 11]].reset_index(drop=True), y[[0, 10, 11]], 0.1)
+    assert tiny["split"].tolist() == ["train", "test", "train"] or tiny["split"].tolist() == [
+        "train",
+        "train",
+        "test",
+    ]
+    for bad in (0.0, 1.0):
+        with pytest.raises(ProtocolError, match="fraction"):
+            holdout_split(meta, y, bad)
+    for folded in (synthetic()[2], synthetic(split=True)[2]):
+        with pytest.raises(ProtocolError, match="already has a split"):
+            holdout_split(folded, y, 0.3)
+
+
+def test_holdout_gives_an_inductive_pool_and_the_same_queries_to_every_method():
+    X, y, meta = synthetic(per_class=10)
+    meta["fold"] = None
+    held = holdout_split(meta, y, 0.3)
+    test = set(np.flatnonzero(held["split"] == "test"))
+    SpyCALM.seen = []
+    spec = STSpec(rounds=2, per_round=2)
+    base = run_protocol(X, y, held, methods=spy_methods(), shots=[1, 5], seeds=[0, 1])
+    runs = run_st_protocol(
+        X, y, held, methods={"calm+st": spy_methods()["calm"]}, spec=spec, shots=[1, 5], seeds=[0, 1]
+    )
+    assert all(not set(rows) & test for rows in SpyCALM.seen)
+    for a, b in zip(base.runs, runs, strict=True):
+        assert a["n_query"] == b["n_query"] == len(test) == 12
+        assert b["self_training"]["pool"] == 4 * (7 - a["n_support"] // 4)
 
 
 def test_report_per_episode_and_summary_and_markdown():
@@ -221,3 +270,31 @@ def test_cli_inductive_self_training_without_a_split_is_a_one_line_error(tmp_pat
     )
     assert res.exit_code != 0 and "calm+st-trans" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_holdout_runs_inductive_self_training_on_data_without_a_split(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    args = [
+        "evaluate",
+        "--model",
+        "fake-tones",
+        "--data",
+        f"folder:{tone_dir}",
+        "--shots",
+        "1,3",
+        "--seeds",
+        "2",
+    ]
+    args += ["--methods", "calm,calm+st", "--holdout", "0.25", "--no-figures", "--no-progress"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["config"]["holdout"] == 0.25
+    n_classes = len(FREQS)
+    assert {r["n_query"] for r in doc["runs"]} == {2 * n_classes}  # 2 of 8 clips a class held out
+    pools = {r["shots"]: r["self_training"]["pool"] for r in doc["runs"] if r["method"] == "calm+st"}
+    assert pools == {1: 5 * n_classes, 3: 3 * n_classes}
+    assert {(p["a"], p["b"]) for p in doc["paired"]} == {("calm", "calm+st")}

@@ -100,7 +100,9 @@ def balanced_picks(
     return np.concatenate(picks) if picks else np.empty(0, dtype=np.int64)
 
 
-def class_similarity(X_pool, X_support: np.ndarray, y_idx: np.ndarray, pred: np.ndarray, C: int) -> np.ndarray:
+def class_similarity(
+    X_pool, X_support: np.ndarray, y_idx: np.ndarray, pred: np.ndarray, C: int
+) -> np.ndarray:
     """(m,) mean over heads of the cosine similarity of each pool clip to the mean of the unit-length
     features of the support clips (labelled + pseudo-labelled) of its predicted class."""
     from calm._heads import class_centroids, cosine_similarities, l2_normalize

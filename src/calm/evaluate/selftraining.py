@@ -5,7 +5,8 @@ CALM), on the SAME episodes (support sets and queries) as `run_protocol`, so the
   its labels hidden: every training clip outside the support set, never a query or test clip, or
   `pool` of them drawn with the episode's seed (a smaller pool is a prefix of the same seeded
   permutation). Without an official split or folds every clip outside the support set is a query,
-  so no such pool exists: a `ProtocolError` says so (use the `-trans` methods there).
+  so no such pool exists: a `ProtocolError` says so (hold out a test part for every method with
+  `calm evaluate --holdout F`, `calm.evaluate.episodes.holdout_split`, or use the `-trans` methods).
 - `calm+st-trans`, `sav+st-trans` (transductive): the episode's own queries are the pool (labels
   hidden), reported under their own names so that no table mixes the two settings.
 
@@ -112,8 +113,8 @@ def st_pool(part: Part, episode: Episode, size: int | None, *, transductive: boo
         if len(candidates) == 0:
             raise ProtocolError(
                 f"part {part.name}, {episode.shots} shots: no unlabelled training clip outside the support "
-                "set and the queries (without a split every other clip is a query); "
-                "use calm+st-trans / sav+st-trans for the transductive setting"
+                "set and the queries (without a split every other clip is a query); hold out a test part "
+                "with --holdout F, or use calm+st-trans / sav+st-trans for the transductive setting"
             )
     if size is None or size >= len(candidates):
         return np.sort(candidates)
