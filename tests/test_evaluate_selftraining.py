@@ -187,6 +187,29 @@ def test_report_per_episode_and_summary_and_markdown():
     assert st_summary(base.runs[:3]) == []
 
 
+def test_default_spec_is_the_inner_method_above_three_shots_and_self_trains_below():
+    X, y, meta = synthetic()
+    assert STSpec().params() == {
+        "st_rounds": 3,
+        "st_per_round": 5,
+        "st_confidence": "margin",
+        "st_labelled_weight": "shots",
+        "st_max_labelled": 3,
+        "st_spread": 1,
+    }
+    methods = {"calm": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
+    base = run_protocol(X, y, meta, methods=methods, shots=[3, 5], seeds=[0, 1])
+    runs = run_st_protocol(
+        X, y, meta, methods={"calm+st": methods["calm"]}, spec=STSpec(), shots=[3, 5], seeds=[0, 1]
+    )
+    for a, b in zip(base.runs, runs, strict=True):
+        st = b["self_training"]
+        if a["shots"] == 5:
+            assert st["pseudo_labelled"] == 0 and st["rounds"] == 0 and a["metrics"] == b["metrics"]
+        else:
+            assert st["pseudo_labelled"] > 0 and st["rounds"] >= 1
+
+
 def test_same_support_and_queries_as_the_few_shot_protocol():
     X, y, meta = synthetic()
     methods = {"calm": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
@@ -298,3 +321,31 @@ def test_cli_holdout_runs_inductive_self_training_on_data_without_a_split(tmp_pa
     pools = {r["shots"]: r["self_training"]["pool"] for r in doc["runs"] if r["method"] == "calm+st"}
     assert pools == {1: 5 * n_classes, 3: 3 * n_classes}
     assert {(p["a"], p["b"]) for p in doc["paired"]} == {("calm", "calm+st")}
+
+
+def test_cli_schedule_options_reach_the_runs_and_bad_values_are_usage_errors(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    args = [
+        "evaluate",
+        "--model",
+        "fake-tones",
+        "--data",
+        f"folder:{tone_dir}",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+    ]
+    args += ["--methods", "calm,calm+st", "--holdout", "0.25", "--no-figures", "--no-progress"]
+    old = ["--st-labelled-weight", "1", "--st-max-labelled", "none", "--st-spread", "2"]
+    res = CliRunner().invoke(main, [*args, *old, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    params = next(r["params"] for r in doc["runs"] if r["method"] == "calm+st")
+    assert (params["st_labelled_weight"], params["st_max_labelled"], params["st_spread"]) == (1, None, 2)
+    for bad in (["--st-labelled-weight", "0"], ["--st-labelled-weight", "x"], ["--st-max-labelled", "0"]):
+        res = CliRunner().invoke(main, [*args, *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and "Traceback" not in res.output

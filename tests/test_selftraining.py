@@ -214,7 +214,7 @@ def test_labelled_weight_shots_counts_a_labelled_clip_as_often_as_its_class_has_
         pseudo = Xu[st.pseudo_index_[st.pseudo_labels_ == c]].astype(np.float64)
         expected = (n * X[y == c].astype(np.float64).sum(0) + pseudo.sum(0)) / (n * n + len(pseudo))
         np.testing.assert_allclose(st.estimator_.centroids_[ci], expected, rtol=1e-4, atol=1e-5)
-    plain = SelfTraining(CALM(k=0.5), rounds=1, per_round=3).fit(X, y, Xu)
+    plain = SelfTraining(CALM(k=0.5), rounds=1, per_round=3, labelled_weight=1).fit(X, y, Xu)
     assert not np.allclose(plain.estimator_.centroids_[0], st.estimator_.centroids_[0])
 
 
@@ -270,3 +270,22 @@ def test_spread_adds_clips_farther_from_the_class_than_the_most_confident_ones()
     near = class_similarity(Xu, X, np.arange(C), pred, C)
     assert near[far.pseudo_index_].mean() < near[top.pseudo_index_].mean()
     assert not set(far.pseudo_index_.tolist()) == set(top.pseudo_index_.tolist())
+
+
+def test_default_schedule_weights_labelled_clips_by_shots_and_stops_above_three_labelled_clips():
+    st = SelfTraining()
+    assert (st.rounds, st.per_round, st.confidence) == (3, 5, "margin")
+    assert (st.labelled_weight, st.max_labelled, st.spread, st.relabel) == ("shots", 3, 1, False)
+    X, y, Xu, _, Xt, _ = _problem(17)
+    X3 = np.concatenate([X, X + 0.1, X - 0.1])
+    y3 = np.concatenate([y, y, y])
+    three = SelfTraining(CALM(k=0.5)).fit(X3, y3, Xu)  # 3 labelled clips a class: self-trained
+    assert three.added_per_class_.tolist() == [15] * C
+    old = SelfTraining(CALM(k=0.5), labelled_weight=1, max_labelled=None).fit(X3, y3, Xu)
+    assert not np.allclose(old.estimator_.centroids_, three.estimator_.centroids_)
+    X4, y4 = np.concatenate([X3, X + 0.2]), np.concatenate([y3, y])
+    four = SelfTraining(CALM(k=0.5)).fit(X4, y4, Xu)  # 4 a class: the labelled fit alone
+    assert four.n_rounds_ == 0 and four.added_per_class_.tolist() == [0] * C
+    np.testing.assert_allclose(
+        four.decision_function(Xt), CALM(k=0.5).fit(X4, y4).decision_function(Xt), rtol=1e-5, atol=1e-6
+    )

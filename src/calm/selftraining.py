@@ -172,8 +172,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         per_round: int = 5,
         confidence: str = "margin",
         relabel: bool = False,
-        labelled_weight: int | str = 1,
-        max_labelled: int | None = None,
+        labelled_weight: int | str = "shots",
+        max_labelled: int | None = 3,
         spread: int = 1,
     ):
         self.estimator = estimator

@@ -67,8 +67,8 @@ class STSpec:
     rounds: int = 3
     per_round: int = 5
     confidence: str = "margin"
-    labelled_weight: int | str = 1
-    max_labelled: int | None = None
+    labelled_weight: int | str = "shots"
+    max_labelled: int | None = 3
     spread: int = 1
     pool: int | None = None
 
