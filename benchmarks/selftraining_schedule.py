@@ -9,12 +9,16 @@ Never touches a test clip. Validation splits (the test part of each dataset is d
   seed 12345) are the validation queries; support + pool = the other 5 (so 1 and 3 shots only).
 
 For each (dataset, shots, seed) the support set is drawn per class with a generator seeded by
-(seed, class index); the pool is every other clip of the support part, labels hidden. Every
+(seed, class index); the pool is every other clip of the support part, labels hidden (`pool=N`
+variants: N of them drawn with the seed). A variant's name spells out its schedule; what it does not
+name is the pre-2026-12-02 schedule (labelled weight 1, no max_labelled, spread 1). Every
 variant is compared with CALM (k = 25 %, tau_p 0.03, tau_w 0.5: `calm evaluate`'s defaults) on the
 same support set and the same validation queries: mean per-seed difference with a 95 % t interval.
 
-    nice -n 10 python benchmarks/selftraining_schedule.py --seeds 20 --out runs/st_schedule.json
-    python benchmarks/selftraining_schedule.py --report runs/st_schedule.json   # markdown tables
+    nice -n 10 python benchmarks/selftraining_schedule.py --seeds 20 --datasets esc10 \
+        --store esc10=runs/esc10-auto/features --out runs/st_esc10.json
+    python benchmarks/selftraining_schedule.py --report runs/st_esc10.json   # markdown tables
+    # --shots 2,3,4 for other shots, --variants "m=5 margin,m=5 margin w=shots" for a subset
 """
 
 from __future__ import annotations
@@ -135,6 +139,14 @@ def variants() -> dict[str, dict]:
         for k in (2, 3):
             v[f"m={m} margin spread={k}"] = {"per_round": m, "spread": k}
             v[f"m={m} margin w=shots spread={k}"] = {"per_round": m, "labelled_weight": "shots", "spread": k}
+        v[f"m={m} margin w=shots ppc=30"] = {"per_round": m, "labelled_weight": "shots", "pool_per_class": 30}
+        v[f"m={m} margin w=shots ppc=30 max=5"] = v[f"m={m} margin w=shots ppc=30"] | {"max_labelled": 5}
+        for size in (300, 600, 1200):
+            v[f"m={m} margin w=shots pool={size}"] = {
+                "per_round": m,
+                "labelled_weight": "shots",
+                "pool": size,
+            }
         v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
         v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
         v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
@@ -143,15 +155,35 @@ def variants() -> dict[str, dict]:
     for m in (1, 2):
         v[f"m={m} probability"] = {"per_round": m, "confidence": "probability"}
         v[f"m={m} margin relabel"] = {"per_round": m, "relabel": True}
+        v[f"m={m} margin w=shots ppc=30"] = {"per_round": m, "labelled_weight": "shots", "pool_per_class": 30}
+        v[f"m={m} margin w=shots ppc=30 max=5"] = v[f"m={m} margin w=shots ppc=30"] | {"max_labelled": 5}
+        for size in (300, 600, 1200):
+            v[f"m={m} margin w=shots pool={size}"] = {
+                "per_round": m,
+                "labelled_weight": "shots",
+                "pool": size,
+            }
         v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
         v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
         v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
     return v
 
 
-def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str) -> tuple[SelfTraining, list]:
+def capped_pool(pool: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """The pool, or ``size`` of its clips drawn with the seed (as `calm evaluate --st-pool`)."""
+    if size is None or size >= len(pool):
+        return pool
+    return np.sort(pool[np.random.default_rng([seed, 0x5354]).permutation(len(pool))[:size]])
+
+
+def fit_variant(
+    spec: dict, Xs, ys, Xpool, shots: int, inner: str, seed: int = 0
+) -> tuple[SelfTraining, list]:
     """The fitted wrapper (max(ROUNDS) rounds) and its inner estimator after each round (0 = labelled)."""
-    spec = dict(spec)
+    spec = {"labelled_weight": 1, "max_labelled": None, "pool_per_class": None} | dict(
+        spec
+    )  # names say the rest
+    spec.pop("pool", None)
     heads = spec.pop("heads", "reselect")
     if spec.get("per_round") == "shots":
         spec["per_round"] = shots
@@ -162,7 +194,7 @@ def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str) -> tuple[Self
     else:
         est = RecordingCALM(**CALM_PARAMS)
     _FITTED.clear()
-    st = SelfTraining(est, rounds=max(ROUNDS), **spec).fit(Xs, ys, Xpool)
+    st = SelfTraining(est, rounds=max(ROUNDS), random_state=seed, **spec).fit(Xs, ys, Xpool)
     fitted = list(_FITTED)
     fitted += [fitted[-1]] * (max(ROUNDS) + 1 - len(fitted))  # stopped early: the last one stays
     return st, fitted
@@ -181,13 +213,14 @@ def run_dataset(
         for seed in seeds:
             sup = draw_support(y, train, shots, seed)
             pool = np.setdiff1d(train, sup)
-            Xs, ys, Xp = X[sup], y[sup], X[pool]
+            Xs, ys = X[sup], y[sup]
             base_est = SAV(**SAV_PARAMS) if inner == "sav" else CALM(**CALM_PARAMS)
             base = 100 * base_est.fit(Xs, ys).score(Xv, yv)
             for vname, spec in specs.items():
-                st, fitted = fit_variant(spec, Xs, ys, Xp, shots, inner)
+                vpool = capped_pool(pool, spec.get("pool"), seed)
+                st, fitted = fit_variant(spec, Xs, ys, X[vpool], shots, inner, seed)
                 for R in ROUNDS:
-                    n_p, p_acc = _pseudo_at(st, R, y[pool], bool(spec.get("relabel")))
+                    n_p, p_acc = _pseudo_at(st, R, y[vpool], bool(spec.get("relabel")))
                     rows.append(
                         {
                             "dataset": name,

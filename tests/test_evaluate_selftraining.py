@@ -167,7 +167,7 @@ def test_report_per_episode_and_summary_and_markdown():
     )
     for r in runs:
         st = r["self_training"]
-        assert st["pool"] == 30 and st["rounds"] == 2
+        assert st["pool"] == st["pool_drawn"] == 30 and st["rounds"] == 2
         assert st["pseudo_labelled"] == sum(st["added_per_class"].values()) <= 2 * 2 * 4
         assert all(n <= 4 for n in st["added_per_class"].values())
         right = sum(v["right"] for v in st["per_class"].values())
@@ -187,25 +187,42 @@ def test_report_per_episode_and_summary_and_markdown():
     assert st_summary(base.runs[:3]) == []
 
 
-def test_default_spec_is_the_inner_method_above_three_shots_and_self_trains_below():
-    X, y, meta = synthetic()
+def test_default_spec_draws_the_pool_per_episode_and_max_labelled_stops_self_training():
+    X, y, meta = synthetic(per_class=40)
     assert STSpec().params() == {
-        "st_rounds": 3,
+        "st_rounds": 5,
         "st_per_round": 5,
         "st_confidence": "margin",
         "st_labelled_weight": "shots",
-        "st_max_labelled": 3,
+        "st_max_labelled": None,
         "st_spread": 1,
+        "st_pool_per_class": 30,
     }
     methods = {"calm": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
-    base = run_protocol(X, y, meta, methods=methods, shots=[3, 5], seeds=[0, 1])
     runs = run_st_protocol(
-        X, y, meta, methods={"calm+st": methods["calm"]}, spec=STSpec(), shots=[3, 5], seeds=[0, 1]
+        X, y, meta, methods={"calm+st": methods["calm"]}, spec=STSpec(), shots=[1], seeds=[0, 1]
     )
-    for a, b in zip(base.runs, runs, strict=True):
-        st = b["self_training"]
-        if a["shots"] == 5:
-            assert st["pseudo_labelled"] == 0 and st["rounds"] == 0 and a["metrics"] == b["metrics"]
+    for r in runs:
+        assert r["self_training"]["pool"] == 4 * 31 and r["self_training"]["pool_drawn"] == 4 * 30
+    spec = STSpec(pool_per_class=5)
+    lab = np.arange(0, len(y), 40)  # one clip a class
+    rest = np.setdiff1d(np.arange(len(y)), lab)
+    a, b = (spec.wrap(CALM(k=0.5), seed).fit(X[lab], y[lab], X[rest]).pool_index_ for seed in (0, 1))
+    assert len(a) == 4 * 5 and not np.array_equal(a, b)  # drawn with the episode's seed
+    base = run_protocol(X, y, meta, methods=methods, shots=[3, 5], seeds=[0, 1])
+    gated = run_st_protocol(
+        X,
+        y,
+        meta,
+        methods={"calm+st": methods["calm"]},
+        spec=STSpec(max_labelled=3),
+        shots=[3, 5],
+        seeds=[0, 1],
+    )
+    for a_run, b_run in zip(base.runs, gated, strict=True):
+        st = b_run["self_training"]
+        if a_run["shots"] == 5:
+            assert st["pseudo_labelled"] == 0 and st["rounds"] == 0 and a_run["metrics"] == b_run["metrics"]
         else:
             assert st["pseudo_labelled"] > 0 and st["rounds"] >= 1
 

@@ -272,20 +272,37 @@ def test_spread_adds_clips_farther_from_the_class_than_the_most_confident_ones()
     assert not set(far.pseudo_index_.tolist()) == set(top.pseudo_index_.tolist())
 
 
-def test_default_schedule_weights_labelled_clips_by_shots_and_stops_above_three_labelled_clips():
+def test_default_schedule():
     st = SelfTraining()
-    assert (st.rounds, st.per_round, st.confidence) == (3, 5, "margin")
-    assert (st.labelled_weight, st.max_labelled, st.spread, st.relabel) == ("shots", 3, 1, False)
-    X, y, Xu, _, Xt, _ = _problem(17)
-    X3 = np.concatenate([X, X + 0.1, X - 0.1])
-    y3 = np.concatenate([y, y, y])
-    three = SelfTraining(CALM(k=0.5)).fit(X3, y3, Xu)  # 3 labelled clips a class: self-trained
-    assert three.added_per_class_.tolist() == [15] * C
-    old = SelfTraining(CALM(k=0.5), labelled_weight=1, max_labelled=None).fit(X3, y3, Xu)
-    assert not np.allclose(old.estimator_.centroids_, three.estimator_.centroids_)
-    X4, y4 = np.concatenate([X3, X + 0.2]), np.concatenate([y3, y])
-    four = SelfTraining(CALM(k=0.5)).fit(X4, y4, Xu)  # 4 a class: the labelled fit alone
-    assert four.n_rounds_ == 0 and four.added_per_class_.tolist() == [0] * C
-    np.testing.assert_allclose(
-        four.decision_function(Xt), CALM(k=0.5).fit(X4, y4).decision_function(Xt), rtol=1e-5, atol=1e-6
-    )
+    assert (st.rounds, st.per_round, st.confidence, st.relabel) == (5, 5, "margin", False)
+    assert (st.labelled_weight, st.max_labelled, st.spread) == ("shots", None, 1)
+    assert (st.pool_per_class, st.random_state) == (30, 0)
+    X, y, Xu, _, _, _ = _problem(17, n_pool=300)
+    X3, y3 = np.concatenate([X, X + 0.1, X - 0.1]), np.concatenate([y, y, y])
+    new = SelfTraining(CALM(k=0.5)).fit(X3, y3, Xu)
+    assert len(new.pool_index_) == 30 * C and new.n_rounds_ == 5
+    old = SelfTraining(CALM(k=0.5), rounds=3, labelled_weight=1, pool_per_class=None).fit(
+        X3, y3, Xu
+    )  # the schedule before 2026-12-02
+    assert len(old.pool_index_) == 300 and old.added_per_class_.tolist() == [15] * C
+    assert not np.allclose(old.estimator_.centroids_, new.estimator_.centroids_)
+
+
+def test_pool_per_class_self_trains_on_a_seeded_draw_of_the_pool():
+    X, y, Xu, _, Xt, _ = _problem(18, n_pool=300)
+    a = SelfTraining(CALM(k=0.5), pool_per_class=20, random_state=3).fit(X, y, Xu)
+    assert len(a.pool_index_) == 20 * C and np.all(np.diff(a.pool_index_) > 0)
+    assert set(a.pseudo_index_.tolist()) <= set(a.pool_index_.tolist())
+    b = SelfTraining(CALM(k=0.5), pool_per_class=20, random_state=3).fit(X, y, Xu)
+    np.testing.assert_array_equal(a.pool_index_, b.pool_index_)
+    np.testing.assert_array_equal(a.pseudo_index_, b.pseudo_index_)
+    c = SelfTraining(CALM(k=0.5), pool_per_class=20, random_state=4).fit(X, y, Xu)
+    assert not np.array_equal(a.pool_index_, c.pool_index_)
+    # the same as self-training on the drawn rows passed as the pool
+    d = SelfTraining(CALM(k=0.5), pool_per_class=None).fit(X, y, Xu[a.pool_index_])
+    np.testing.assert_array_equal(a.pool_index_[d.pseudo_index_], a.pseudo_index_)
+    np.testing.assert_allclose(a.decision_function(Xt), d.decision_function(Xt), rtol=1e-5, atol=1e-6)
+    whole = SelfTraining(CALM(k=0.5), pool_per_class=None).fit(X, y, Xu)
+    assert whole.pool_index_.tolist() == list(range(300))
+    small = SelfTraining(CALM(k=0.5), pool_per_class=100).fit(X, y, Xu)  # 400 > 300 rows: all of them
+    assert small.pool_index_.tolist() == list(range(300))

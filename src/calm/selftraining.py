@@ -162,19 +162,23 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         "labelled_weight": [Interval(Integral, 1, None, closed="left"), StrOptions({"shots"})],
         "max_labelled": [Interval(Integral, 1, None, closed="left"), None],
         "spread": [Interval(Integral, 1, None, closed="left")],
+        "pool_per_class": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": [Interval(Integral, 0, None, closed="left"), None],
     }
 
     def __init__(
         self,
         estimator=None,
         *,
-        rounds: int = 3,
+        rounds: int = 5,
         per_round: int = 5,
         confidence: str = "margin",
         relabel: bool = False,
         labelled_weight: int | str = "shots",
-        max_labelled: int | None = 3,
+        max_labelled: int | None = None,
         spread: int = 1,
+        pool_per_class: int | None = 30,
+        random_state: int | None = 0,
     ):
         self.estimator = estimator
         self.rounds = rounds
@@ -184,6 +188,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.labelled_weight = labelled_weight
         self.max_labelled = max_labelled
         self.spread = spread
+        self.pool_per_class = pool_per_class
+        self.random_state = random_state
 
     def _inner(self):
         if self.estimator is None:
@@ -208,6 +214,14 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             n_lab = np.array([np.sum(y_lab == c) for c in classes])
             quota[n_lab > self.max_labelled] = 0
         return quota
+
+    def _draw(self, m: int, C: int) -> np.ndarray:
+        """Sorted rows of the pool self-trained on: all ``m``, or ``pool_per_class * C`` of them drawn
+        with ``random_state``."""
+        if self.pool_per_class is None or self.pool_per_class * C >= m:
+            return np.arange(m)
+        rng = np.random.default_rng(self.random_state)
+        return np.sort(rng.permutation(m)[: self.pool_per_class * C])
 
     def _picks(self, X_lab, y_lab, X_pool, pred, conf, quota, eligible, pseudo, p_cls) -> np.ndarray:
         """`balanced_picks` of one round; with ``spread`` > 1 the similarity of each pool clip to its
@@ -240,17 +254,20 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         classes = np.asarray(est.classes_)
         C = len(classes)
         m = _pool_rows(X_unlabelled, X_lab)
+        drawn = self._draw(m, C)
+        X_pool = _rows(X_unlabelled, drawn) if len(drawn) < m else X_unlabelled
+        m = len(drawn)
         pseudo = np.empty(0, dtype=np.int64)
         p_cls = np.empty(0, dtype=np.int64)
         p_conf = np.empty(0, dtype=np.float64)
         p_round = np.empty(0, dtype=np.int64)
         self.rounds_ = []
         for r in range(1, self.rounds + 1 if m else 1):
-            pred, conf = confidence_scores(est, X_unlabelled, self.confidence)
+            pred, conf = confidence_scores(est, X_pool, self.confidence)
             if self.relabel:
                 quota = self._quota(y_lab, classes, self.per_round * r)
                 keep = np.empty(0, dtype=np.int64)
-                new = self._picks(X_lab, y_lab, X_unlabelled, pred, conf, quota, np.ones(m, bool), keep, keep)
+                new = self._picks(X_lab, y_lab, X_pool, pred, conf, quota, np.ones(m, bool), keep, keep)
                 old = {int(i): int(k) for i, k in zip(pseudo, p_round, strict=True)}
                 rounds_of = np.array([old.get(int(i), r) for i in new], dtype=np.int64)
                 added = int(np.sum(~np.isin(new, pseudo)))
@@ -259,7 +276,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 eligible = np.ones(m, dtype=bool)
                 eligible[pseudo] = False
                 quota = self._quota(y_lab, classes, self.per_round)
-                new = self._picks(X_lab, y_lab, X_unlabelled, pred, conf, quota, eligible, pseudo, p_cls)
+                new = self._picks(X_lab, y_lab, X_pool, pred, conf, quota, eligible, pseudo, p_cls)
                 added = len(new)
                 pseudo = np.concatenate([pseudo, new])
                 p_cls = np.concatenate([p_cls, pred[new]])
@@ -267,7 +284,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
                 p_round = np.concatenate([p_round, np.full(len(new), r)])
             if added == 0 and not self.relabel:
                 break  # nothing left to add: the estimator would not change
-            est = self._refit(X_lab, y_lab, X_unlabelled, pseudo, classes[p_cls])
+            est = self._refit(X_lab, y_lab, X_pool, pseudo, classes[p_cls])
             self.rounds_.append(
                 {
                     "round": r,
@@ -279,7 +296,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             )
         self.estimator_ = est
         self.classes_ = classes
-        self.pseudo_index_ = pseudo
+        self.pool_index_ = drawn
+        self.pseudo_index_ = drawn[pseudo]
         self.pseudo_labels_ = classes[p_cls]
         self.pseudo_confidence_ = p_conf
         self.pseudo_round_ = p_round

@@ -86,6 +86,7 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
             labelled_weight=params["st_labelled_weight"],
             max_labelled=params["st_max_labelled"],
             spread=params["st_spread"],
+            pool_per_class=params["st_pool_per_class"],
             pool=params["st_pool"],
         ),
         batch_size=params["batch_size"],
@@ -182,7 +183,7 @@ class _LabelledWeight(click.ParamType):
 
 
 class _MaxLabelled(click.ParamType):
-    """--st-max-labelled: an integer >= 1 or `none`."""
+    """--st-max-labelled, --st-pool-per-class: an integer >= 1 or `none`."""
 
     name = "N|none"
 
@@ -241,6 +242,14 @@ _st_options = stack(
             default=str(STSpec.max_labelled),
             show_default=True,
             help="Classes with more labelled clips gain no pseudo-labels ('none': no limit).",
+        ),
+        click.option(
+            "--st-pool-per-class",
+            type=_MaxLabelled(),
+            default=str(STSpec.pool_per_class),
+            show_default=True,
+            help="Self-train on at most N pool clips per class, drawn with the episode's seed ('none': "
+            "the whole pool).",
         ),
         click.option(
             "--st-spread",
