@@ -291,7 +291,8 @@ def st_table(summary: Sequence[Mapping]) -> list[str]:
     for s in summary:
         acc = "-" if s["pseudo_accuracy"] is None else f"{s['pseudo_accuracy']:.1f}"
         lines.append(
-            f"| {s['method']} | {s['shots']} | {s['pool']:.0f} | {s['pool_drawn']:.0f} | {s['pseudo_labelled']:.1f} | {acc} "
+            f"| {s['method']} | {s['shots']} | {s['pool']:.0f} | {s['pool_drawn']:.0f} "
+            f"| {s['pseudo_labelled']:.1f} | {acc} "
             f"| {s['added_min']:.1f} / {s['added_max']:.1f} |"
         )
     return lines
