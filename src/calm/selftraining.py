@@ -19,27 +19,37 @@ Why a wrapper with ``fit(X, y, X_unlabelled=None)``:
   the pool is the caller's decision (``calm evaluate`` draws it from the training part, never from
   the test clips, unless the ``-trans`` methods are asked for).
 
-Schedule (defaults rounds=3, per_round=5, margin, no relabelling, labelled_weight=1: chosen by paired
-measurements on validation splits inside the training part, docs/results.md "Self-training"):
+Schedule (defaults rounds=5, per_round=5, margin, no relabelling, labelled_weight="shots",
+pool_per_class=30: chosen by paired measurements on validation splits inside the training parts,
+docs/results.md "Self-training, schedule revised"; the schedule before it is ``rounds=3,
+labelled_weight=1, pool_per_class=None``):
 
+- ``pool_per_class=n`` self-trains on at most ``n * C`` clips of ``X_unlabelled`` drawn with
+  ``random_state`` (``pool_index_``); None: all of them. The most confident clips of a large pool are
+  the most typical ones for the labelled centroid (on FSDD, the speakers the support set already holds):
+  right, but they tilt the centroids; a random draw first keeps the pool's mix;
 - each round every class gains at most ``per_round`` clips: the pool clips predicted as that class
   with the highest ``confidence`` ("margin": top score minus the runner-up of
   ``decision_function``; "probability": the top entry of ``predict_proba``), so no class can
-  swallow the pool; ties go to the earlier pool row;
+  swallow the pool; ties go to the earlier pool row. ``spread=k`` > 1 takes, of a class's
+  ``k * quota`` most confident clips, the ``quota`` least similar to its current support
+  (`class_similarity`);
 - ``relabel=False`` keeps a clip's pseudo-label once added (classic self-training); ``True``
   re-chooses the whole pseudo-labelled set from the pool every round (``per_round * r`` a class
   after round r), so an early mistake can be dropped;
 - ``labelled_weight=w`` counts every labelled clip w times in the inner fit (each pseudo-labelled
   clip once): for SAV and CALM (in-sample reliabilities) that is exactly a weighted mean in the
-  centroids (Eq. 1), the reliabilities (Eq. 7 / 11) and SAV's head accuracies;
+  centroids (Eq. 1), the reliabilities (Eq. 7 / 11) and SAV's head accuracies; "shots": as many
+  times as its class has labelled clips, so pseudo-labels weigh less as the shots grow;
+- ``max_labelled=n``: a class with more than n labelled clips gains no pseudo-labels (None: no limit);
 - the inner estimator is refitted from scratch each round, so its heads are re-selected.
 
 Fitted attributes: ``estimator_`` (the final inner estimator; ``predict`` and friends delegate to
-it), ``classes_``, ``pseudo_index_`` (rows of ``X_unlabelled`` in the final pseudo-labelled set, in
-the order added), ``pseudo_labels_``, ``pseudo_confidence_`` (confidence when chosen),
-``pseudo_round_`` (round chosen, 1-based), ``added_per_class_`` ((C,) clips per class in the final
-set), ``rounds_`` (one dict per round run: ``round``, ``added``, ``n_pseudo``, ``added_per_class``,
-``mean_confidence``), ``n_rounds_``.
+it), ``classes_``, ``pool_index_`` (rows of ``X_unlabelled`` self-trained on), ``pseudo_index_``
+(rows of ``X_unlabelled`` in the final pseudo-labelled set, in the order added), ``pseudo_labels_``,
+``pseudo_confidence_`` (confidence when chosen), ``pseudo_round_`` (round chosen, 1-based),
+``added_per_class_`` ((C,) clips per class in the final set), ``rounds_`` (one dict per round run:
+``round``, ``added``, ``n_pseudo``, ``added_per_class``, ``mean_confidence``), ``n_rounds_``.
 """
 
 from __future__ import annotations
@@ -134,6 +144,17 @@ def _pool_rows(X_unlabelled, X_lab: np.ndarray) -> int:
     return m
 
 
+def _round_report(r: int, added: int, p_cls: np.ndarray, p_conf: np.ndarray, C: int) -> dict:
+    """One entry of ``rounds_``: the round, clips added, set size, clips a class, mean confidence."""
+    return {
+        "round": r,
+        "added": added,
+        "n_pseudo": len(p_cls),
+        "added_per_class": np.bincount(p_cls, minlength=C).tolist(),
+        "mean_confidence": float(p_conf.mean()) if len(p_conf) else None,
+    }
+
+
 class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     """Self-training around a head classifier (see the module docstring for the schedule).
 
@@ -149,8 +170,18 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         How pool predictions are ranked within a class.
     relabel : bool
         Re-choose the whole pseudo-labelled set every round instead of only adding to it.
-    labelled_weight : int >= 1
-        How many times a labelled clip counts relative to a pseudo-labelled one.
+    labelled_weight : int >= 1 or "shots"
+        How many times a labelled clip counts relative to a pseudo-labelled one ("shots": the number
+        of labelled clips of its class).
+    max_labelled : int >= 1 or None
+        Classes with more labelled clips than this gain no pseudo-labels.
+    spread : int >= 1
+        Take a class's clips among its ``spread * quota`` most confident, least similar first.
+    pool_per_class : int >= 1 or None
+        Self-train on at most this many pool clips per class (times the number of classes), drawn
+        with ``random_state``; None: the whole pool.
+    random_state : int >= 0 or None
+        Seed of that draw.
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -285,15 +316,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             if added == 0 and not self.relabel:
                 break  # nothing left to add: the estimator would not change
             est = self._refit(X_lab, y_lab, X_pool, pseudo, classes[p_cls])
-            self.rounds_.append(
-                {
-                    "round": r,
-                    "added": added,
-                    "n_pseudo": len(pseudo),
-                    "added_per_class": np.bincount(p_cls, minlength=C).tolist(),
-                    "mean_confidence": float(p_conf.mean()) if len(p_conf) else None,
-                }
-            )
+            self.rounds_.append(_round_report(r, added, p_cls, p_conf, C))
         self.estimator_ = est
         self.classes_ = classes
         self.pool_index_ = drawn

@@ -10,11 +10,11 @@ CALM), on the SAME episodes (support sets and queries) as `run_protocol`, so the
 - `calm+st-trans`, `sav+st-trans` (transductive): the episode's own queries are the pool (labels
   hidden), reported under their own names so that no table mixes the two settings.
 
-Every run records `self_training`: the pool size (and how many of it were drawn, `pool_per_class`),
-the pseudo-labelled clips, their accuracy against
-the hidden labels (%), clips added per class, rounds run, and per class the clips added, how many of
-them are right and the query recall with and without self-training (single-label data), the numbers
-that explain a gain or a loss. `st_summary` averages them per (method, shots) for results.md.
+Every run records `self_training`: the pool size and how many of it were drawn (`pool_per_class`,
+with the episode's seed), the pseudo-labelled clips, their accuracy against the hidden labels (%),
+clips added per class, rounds run, and per class the clips added, how many of them are right and the
+query recall with and without self-training (single-label data), the numbers that explain a gain or
+a loss. `st_summary` averages them per (method, shots) for results.md.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ ST_STREAM = 0x5354  # keeps the pool's random stream apart from the support draw
 
 @dataclass(frozen=True)
 class STSpec:
-    """The self-training schedule and pool (defaults from docs/results.md "Self-training").
+    """The self-training schedule and pool (defaults from docs/results.md "Self-training, schedule revised").
 
     Attributes:
         rounds: predict-pick-refit rounds.
