@@ -131,38 +131,31 @@ class RecordingFixedHeads(FixedHeads):
 
 def variants() -> dict[str, dict]:
     """Every schedule tried; the name encodes it (m clips/class/round, confidence, w = labelled
-    weight, "w=shots" = a labelled clip counts as many times as its class has labelled clips)."""
+    weight, "w=shots" = a labelled clip counts as many times as its class has labelled clips,
+    spread=k, pool=N (the pool cut here), ppc=n (SelfTraining's own pool_per_class draw))."""
     v: dict[str, dict] = {}
     for m in (2, 3, 5, 10):
         v[f"m={m} margin w=shots"] = {"per_round": m, "labelled_weight": "shots"}
-    for m in (5,):
-        for k in (2, 3):
-            v[f"m={m} margin spread={k}"] = {"per_round": m, "spread": k}
-            v[f"m={m} margin w=shots spread={k}"] = {"per_round": m, "labelled_weight": "shots", "spread": k}
-        v[f"m={m} margin w=shots ppc=30"] = {"per_round": m, "labelled_weight": "shots", "pool_per_class": 30}
-        v[f"m={m} margin w=shots ppc=30 max=5"] = v[f"m={m} margin w=shots ppc=30"] | {"max_labelled": 5}
-        for size in (300, 600, 1200):
-            v[f"m={m} margin w=shots pool={size}"] = {
-                "per_round": m,
-                "labelled_weight": "shots",
-                "pool": size,
-            }
-        v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
-        v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
-        v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
+    m = 5
+    for k in (2, 3):
+        v[f"m={m} margin spread={k}"] = {"per_round": m, "spread": k}
+        v[f"m={m} margin w=shots spread={k}"] = {"per_round": m, "labelled_weight": "shots", "spread": k}
+    for ppc in (15, 20, 30, 50):
+        v[f"m={m} margin w=shots ppc={ppc}"] = {
+            "per_round": m,
+            "labelled_weight": "shots",
+            "pool_per_class": ppc,
+        }
+    for size in (300, 600, 1200):
+        v[f"m={m} margin w=shots pool={size}"] = {"per_round": m, "labelled_weight": "shots", "pool": size}
+    v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
+    v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
+    v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
     for m in (1, 2, 3, 5, 10, 20, "shots"):
         v[f"m={m} margin"] = {"per_round": m}
     for m in (1, 2):
         v[f"m={m} probability"] = {"per_round": m, "confidence": "probability"}
         v[f"m={m} margin relabel"] = {"per_round": m, "relabel": True}
-        v[f"m={m} margin w=shots ppc=30"] = {"per_round": m, "labelled_weight": "shots", "pool_per_class": 30}
-        v[f"m={m} margin w=shots ppc=30 max=5"] = v[f"m={m} margin w=shots ppc=30"] | {"max_labelled": 5}
-        for size in (300, 600, 1200):
-            v[f"m={m} margin w=shots pool={size}"] = {
-                "per_round": m,
-                "labelled_weight": "shots",
-                "pool": size,
-            }
         v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
         v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
         v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
