@@ -27,6 +27,7 @@ import argparse
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,7 +363,13 @@ def main() -> None:
         for k in SHOTS:
             SHOTS[k] = tuple(int(x) for x in args.shots.split(","))
     if args.report:
-        print(report([r for f in args.report for r in json.loads(f.read_text())["rows"]]))
+        rows = {}  # several files: each (dataset, shots, seed, variant) once; cells absent from all are nan
+        for f in args.report:
+            for r in json.loads(f.read_text())["rows"]:
+                rows.setdefault((r["inner"], r["dataset"], r["shots"], r["seed"], r["variant"]), r)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            print(report(list(rows.values())))
         return
     torch.set_num_threads(1)
     specs = variants()
