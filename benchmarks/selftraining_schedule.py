@@ -4,16 +4,21 @@ Never touches a test clip. Validation splits (the test part of each dataset is d
 
 - ESC-10: test fold 5 dropped; validation queries = fold 4; support + unlabelled pool = folds 1-3.
 - FSDD: test takes 0-4 dropped; validation queries = takes 5-9; support + pool = takes 10-49.
-- speech_commands_mini (no official split): per word, 3 clips (a fixed seeded draw, seed 12345) are
-  the validation queries; support + pool = the other 7 (so 1 and 5 shots only).
+- speech_commands_mini (no official split): the test part of `calm evaluate --holdout 0.3` (3 clips a
+  word, `calm.evaluate.holdout_split`, seed 0) dropped; per word, 2 of the other 7 clips (seeded draw,
+  seed 12345) are the validation queries; support + pool = the other 5 (so 1 and 3 shots only).
 
 For each (dataset, shots, seed) the support set is drawn per class with a generator seeded by
-(seed, class index); the pool is every other clip of the support part, labels hidden. Every
+(seed, class index); the pool is every other clip of the support part, labels hidden (`pool=N`
+variants: N of them drawn with the seed). A variant's name spells out its schedule; what it does not
+name is the pre-2026-12-02 schedule (labelled weight 1, no max_labelled, spread 1). Every
 variant is compared with CALM (k = 25 %, tau_p 0.03, tau_w 0.5: `calm evaluate`'s defaults) on the
 same support set and the same validation queries: mean per-seed difference with a 95 % t interval.
 
-    nice -n 10 python benchmarks/selftraining_schedule.py --seeds 20 --out runs/st_schedule.json
-    python benchmarks/selftraining_schedule.py --report runs/st_schedule.json   # markdown tables
+    nice -n 10 python benchmarks/selftraining_schedule.py --seeds 20 --datasets esc10 \
+        --store esc10=runs/esc10-auto/features --out runs/st_esc10.json
+    python benchmarks/selftraining_schedule.py --report runs/st_esc10.json   # markdown tables
+    # --shots 2,3,4 for other shots, --variants "m=5 margin,m=5 margin w=shots" for a subset
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +37,16 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from calm import CALM, SAV, load_features
 from calm._heads import class_centroids, cosine_similarities, head_posteriors, weighted_scores
+from calm.evaluate import holdout_split
 from calm.selftraining import SelfTraining
 
-STORES = {
-    "esc10": "/work/runs-before/esc10/features",
-    "fsdd": "/work/runs-before/fsdd/features",
-    "speech_commands": "/work/runs-before/speech_commands/features",
+STORES = {  # default stores (`calm extract --model whisper-tiny.en`, default dtype); --store NAME=PATH
+    "esc10": "runs/esc10-auto/features",
+    "fsdd": "runs/fsdd-auto/features",
+    "speech_commands": "runs/speech-auto/features",
 }
-SHOTS = {"esc10": (1, 5, 10), "fsdd": (1, 5, 10), "speech_commands": (1, 5)}
+SHOTS = {"esc10": (1, 5, 10), "fsdd": (1, 5, 10), "speech_commands": (1, 3)}
+SPEECH_HOLDOUT = 0.3  # `calm evaluate --holdout` of the speech_commands_mini acceptance run
 CALM_PARAMS = {"k": 0.25, "tau_p": 0.03, "tau_w": 0.5}
 SAV_PARAMS = {"k": 0.25}
 
@@ -77,12 +85,13 @@ def validation_split(name: str, y: np.ndarray, meta) -> tuple[np.ndarray, np.nda
     if name == "fsdd":
         take = np.array([int(re.search(r"_(\d+)\.wav$", p).group(1)) for p in meta["path"]])
         return np.flatnonzero(take >= 10), np.flatnonzero((take >= 5) & (take <= 9))
+    train = (holdout_split(meta, y, SPEECH_HOLDOUT)["split"] == "train").to_numpy()
     rng = np.random.default_rng(12345)
     val = np.zeros(n, dtype=bool)
     for c in np.unique(y):
-        rows = np.flatnonzero(y == c)
-        val[rows[rng.permutation(len(rows))[:3]]] = True
-    return np.flatnonzero(~val), np.flatnonzero(val)
+        rows = np.flatnonzero((y == c) & train)
+        val[rows[rng.permutation(len(rows))[:2]]] = True
+    return np.flatnonzero(train & ~val), np.flatnonzero(val)
 
 
 def draw_support(y: np.ndarray, train: np.ndarray, shots: int, seed: int) -> np.ndarray:
@@ -122,8 +131,27 @@ class RecordingFixedHeads(FixedHeads):
 
 
 def variants() -> dict[str, dict]:
-    """Every schedule tried; the name encodes it (m clips/class/round, confidence, ...)."""
+    """Every schedule tried; the name encodes it (m clips/class/round, confidence, w = labelled
+    weight, "w=shots" = a labelled clip counts as many times as its class has labelled clips,
+    spread=k, pool=N (the pool cut here), ppc=n (SelfTraining's own pool_per_class draw))."""
     v: dict[str, dict] = {}
+    for m in (2, 3, 5, 10):
+        v[f"m={m} margin w=shots"] = {"per_round": m, "labelled_weight": "shots"}
+    m = 5
+    for k in (2, 3):
+        v[f"m={m} margin spread={k}"] = {"per_round": m, "spread": k}
+        v[f"m={m} margin w=shots spread={k}"] = {"per_round": m, "labelled_weight": "shots", "spread": k}
+    for ppc in (15, 20, 30, 50):
+        v[f"m={m} margin w=shots ppc={ppc}"] = {
+            "per_round": m,
+            "labelled_weight": "shots",
+            "pool_per_class": ppc,
+        }
+    for size in (300, 600, 1200):
+        v[f"m={m} margin w=shots pool={size}"] = {"per_round": m, "labelled_weight": "shots", "pool": size}
+    v[f"m={m} margin w=2"] = {"per_round": m, "labelled_weight": 2}
+    v[f"m={m} margin w=4"] = {"per_round": m, "labelled_weight": 4}
+    v[f"m={m} margin fixed-heads"] = {"per_round": m, "heads": "fixed"}
     for m in (1, 2, 3, 5, 10, 20, "shots"):
         v[f"m={m} margin"] = {"per_round": m}
     for m in (1, 2):
@@ -135,9 +163,21 @@ def variants() -> dict[str, dict]:
     return v
 
 
-def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str) -> tuple[SelfTraining, list]:
+def capped_pool(pool: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """The pool, or ``size`` of its clips drawn with the seed (as `calm evaluate --st-pool`)."""
+    if size is None or size >= len(pool):
+        return pool
+    return np.sort(pool[np.random.default_rng([seed, 0x5354]).permutation(len(pool))[:size]])
+
+
+def fit_variant(
+    spec: dict, Xs, ys, Xpool, shots: int, inner: str, seed: int = 0
+) -> tuple[SelfTraining, list]:
     """The fitted wrapper (max(ROUNDS) rounds) and its inner estimator after each round (0 = labelled)."""
-    spec = dict(spec)
+    spec = {"labelled_weight": 1, "max_labelled": None, "pool_per_class": None} | dict(
+        spec
+    )  # names say the rest
+    spec.pop("pool", None)
     heads = spec.pop("heads", "reselect")
     if spec.get("per_round") == "shots":
         spec["per_round"] = shots
@@ -148,14 +188,16 @@ def fit_variant(spec: dict, Xs, ys, Xpool, shots: int, inner: str) -> tuple[Self
     else:
         est = RecordingCALM(**CALM_PARAMS)
     _FITTED.clear()
-    st = SelfTraining(est, rounds=max(ROUNDS), **spec).fit(Xs, ys, Xpool)
+    st = SelfTraining(est, rounds=max(ROUNDS), random_state=seed, **spec).fit(Xs, ys, Xpool)
     fitted = list(_FITTED)
     fitted += [fitted[-1]] * (max(ROUNDS) + 1 - len(fitted))  # stopped early: the last one stays
     return st, fitted
 
 
-def run_dataset(name: str, seeds: list[int], specs: dict[str, dict], inner: str, log) -> list[dict]:
-    X, y, meta = load_features(STORES[name], mmap=False)
+def run_dataset(
+    name: str, store: str, seeds: list[int], specs: dict[str, dict], inner: str, log
+) -> list[dict]:
+    X, y, meta = load_features(store, mmap=False)
     y = np.asarray(y).astype(str)
     X = np.asarray(X, dtype=np.float32)
     train, val = validation_split(name, y, meta)
@@ -165,13 +207,14 @@ def run_dataset(name: str, seeds: list[int], specs: dict[str, dict], inner: str,
         for seed in seeds:
             sup = draw_support(y, train, shots, seed)
             pool = np.setdiff1d(train, sup)
-            Xs, ys, Xp = X[sup], y[sup], X[pool]
+            Xs, ys = X[sup], y[sup]
             base_est = SAV(**SAV_PARAMS) if inner == "sav" else CALM(**CALM_PARAMS)
             base = 100 * base_est.fit(Xs, ys).score(Xv, yv)
             for vname, spec in specs.items():
-                st, fitted = fit_variant(spec, Xs, ys, Xp, shots, inner)
+                vpool = capped_pool(pool, spec.get("pool"), seed)
+                st, fitted = fit_variant(spec, Xs, ys, X[vpool], shots, inner, seed)
                 for R in ROUNDS:
-                    n_p, p_acc = _pseudo_at(st, R, y[pool], bool(spec.get("relabel")))
+                    n_p, p_acc = _pseudo_at(st, R, y[vpool], bool(spec.get("relabel")))
                     rows.append(
                         {
                             "dataset": name,
@@ -307,10 +350,26 @@ def main() -> None:
     ap.add_argument("--inner", default="calm", choices=["calm", "sav"])
     ap.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     ap.add_argument("--out", type=Path, default=Path("runs/st_schedule.json"))
-    ap.add_argument("--report", type=Path, default=None, help="print the tables of a finished run")
+    ap.add_argument(
+        "--report", type=Path, default=None, help="print the tables of a finished run(s)", nargs="+"
+    )
+    ap.add_argument(
+        "--store", action="append", default=[], metavar="NAME=PATH", help="feature store of a dataset"
+    )
+    ap.add_argument("--shots", default=None, help="comma-separated shots (default: 1,5,10; speech 1,5)")
     args = ap.parse_args()
+    stores = STORES | dict(s.split("=", 1) for s in args.store)
+    if args.shots:
+        for k in SHOTS:
+            SHOTS[k] = tuple(int(x) for x in args.shots.split(","))
     if args.report:
-        print(report(json.loads(args.report.read_text())["rows"]))
+        rows = {}  # several files: each (dataset, shots, seed, variant) once; cells absent from all are nan
+        for f in args.report:
+            for r in json.loads(f.read_text())["rows"]:
+                rows.setdefault((r["inner"], r["dataset"], r["shots"], r["seed"], r["variant"]), r)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            print(report(list(rows.values())))
         return
     torch.set_num_threads(1)
     specs = variants()
@@ -320,9 +379,12 @@ def main() -> None:
     t0 = time.time()
     rows: list[dict] = []
     for name in args.datasets.split(","):
-        rows += run_dataset(name, seeds, specs, args.inner, lambda s: print(f"{time.time() - t0:7.1f}s {s}"))
+        rows += run_dataset(
+            name, stores[name], seeds, specs, args.inner, lambda s: print(f"{time.time() - t0:7.1f}s {s}")
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, default=str))
+    meta = vars(args) | {"out": str(args.out), "stores": stores}
+    args.out.write_text(json.dumps({"args": meta, "rows": rows}, default=str))
     print(report(rows))
 
 

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from calm import CALM
-from calm.evaluate import Method, ProtocolError, build_results, episodes, make_parts, results_markdown
+from calm.evaluate import (
+    Method,
+    ProtocolError,
+    build_results,
+    episodes,
+    holdout_split,
+    make_parts,
+    results_markdown,
+)
 from calm.evaluate.protocol import run_protocol
 from calm.evaluate.selftraining import STSpec, run_st_protocol, st_pool, st_summary
 from tests.test_cli_eval import FREQS, fake_model, tone  # noqa: F401 (fake_model: the fake-tones model)
@@ -108,6 +116,47 @@ def test_without_a_split_the_inductive_pool_is_empty_and_says_use_trans():
     assert runs[0]["self_training"]["pool"] == runs[0]["n_query"] == len(y) - 4
 
 
+def test_holdout_split_is_seeded_per_class_and_only_for_data_without_a_split():
+    X, y, meta = synthetic(per_class=10)
+    meta["fold"] = None
+    held = holdout_split(meta, y, 0.3)
+    assert meta["split"].isna().all()  # the input is not modified
+    for c in np.unique(y):
+        assert (held["split"][y == c] == "test").sum() == 3 and (held["split"][y == c] == "train").sum() == 7
+    np.testing.assert_array_equal(held["split"], holdout_split(meta, y, 0.3)["split"])
+    assert not np.array_equal(held["split"], holdout_split(meta, y, 0.3, seed=1)["split"])
+    assert held.attrs["holdout"] == {"fraction": 0.3, "seed": 0}
+    tiny = holdout_split(meta.iloc[[0, 10, 11]].reset_index(drop=True), y[[0, 10, 11]], 0.1)
+    assert tiny["split"].tolist() == ["train", "test", "train"] or tiny["split"].tolist() == [
+        "train",
+        "train",
+        "test",
+    ]
+    for bad in (0.0, 1.0):
+        with pytest.raises(ProtocolError, match="fraction"):
+            holdout_split(meta, y, bad)
+    for folded in (synthetic()[2], synthetic(split=True)[2]):
+        with pytest.raises(ProtocolError, match="already has a split"):
+            holdout_split(folded, y, 0.3)
+
+
+def test_holdout_gives_an_inductive_pool_and_the_same_queries_to_every_method():
+    X, y, meta = synthetic(per_class=10)
+    meta["fold"] = None
+    held = holdout_split(meta, y, 0.3)
+    test = set(np.flatnonzero(held["split"] == "test"))
+    SpyCALM.seen = []
+    spec = STSpec(rounds=2, per_round=2)
+    base = run_protocol(X, y, held, methods=spy_methods(), shots=[1, 5], seeds=[0, 1])
+    runs = run_st_protocol(
+        X, y, held, methods={"calm+st": spy_methods()["calm"]}, spec=spec, shots=[1, 5], seeds=[0, 1]
+    )
+    assert all(not set(rows) & test for rows in SpyCALM.seen)
+    for a, b in zip(base.runs, runs, strict=True):
+        assert a["n_query"] == b["n_query"] == len(test) == 12
+        assert b["self_training"]["pool"] == 4 * (7 - a["n_support"] // 4)
+
+
 def test_report_per_episode_and_summary_and_markdown():
     X, y, meta = synthetic()
     methods = {"calm": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
@@ -118,7 +167,7 @@ def test_report_per_episode_and_summary_and_markdown():
     )
     for r in runs:
         st = r["self_training"]
-        assert st["pool"] == 30 and st["rounds"] == 2
+        assert st["pool"] == st["pool_drawn"] == 30 and st["rounds"] == 2
         assert st["pseudo_labelled"] == sum(st["added_per_class"].values()) <= 2 * 2 * 4
         assert all(n <= 4 for n in st["added_per_class"].values())
         right = sum(v["right"] for v in st["per_class"].values())
@@ -136,6 +185,46 @@ def test_report_per_episode_and_summary_and_markdown():
     md = results_markdown(doc)
     assert "## Self-training" in md and "| calm+st | 1 | 30 |" in md and "CALM+ST" in md
     assert st_summary(base.runs[:3]) == []
+
+
+def test_default_spec_draws_the_pool_per_episode_and_max_labelled_stops_self_training():
+    X, y, meta = synthetic(per_class=40)
+    assert STSpec().params() == {
+        "st_rounds": 5,
+        "st_per_round": 5,
+        "st_confidence": "margin",
+        "st_labelled_weight": "shots",
+        "st_max_labelled": None,
+        "st_spread": 1,
+        "st_pool_per_class": 30,
+    }
+    methods = {"calm": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
+    runs = run_st_protocol(
+        X, y, meta, methods={"calm+st": methods["calm"]}, spec=STSpec(), shots=[1], seeds=[0, 1]
+    )
+    for r in runs:
+        assert r["self_training"]["pool"] == 4 * 31 and r["self_training"]["pool_drawn"] == 4 * 30
+    spec = STSpec(pool_per_class=5)
+    lab = np.arange(0, len(y), 40)  # one clip a class
+    rest = np.setdiff1d(np.arange(len(y)), lab)
+    a, b = (spec.wrap(CALM(k=0.5), seed).fit(X[lab], y[lab], X[rest]).pool_index_ for seed in (0, 1))
+    assert len(a) == 4 * 5 and not np.array_equal(a, b)  # drawn with the episode's seed
+    base = run_protocol(X, y, meta, methods=methods, shots=[3, 5], seeds=[0, 1])
+    gated = run_st_protocol(
+        X,
+        y,
+        meta,
+        methods={"calm+st": methods["calm"]},
+        spec=STSpec(max_labelled=3),
+        shots=[3, 5],
+        seeds=[0, 1],
+    )
+    for a_run, b_run in zip(base.runs, gated, strict=True):
+        st = b_run["self_training"]
+        if a_run["shots"] == 5:
+            assert st["pseudo_labelled"] == 0 and st["rounds"] == 0 and a_run["metrics"] == b_run["metrics"]
+        else:
+            assert st["pseudo_labelled"] > 0 and st["rounds"] >= 1
 
 
 def test_same_support_and_queries_as_the_few_shot_protocol():
@@ -221,3 +310,59 @@ def test_cli_inductive_self_training_without_a_split_is_a_one_line_error(tmp_pat
     )
     assert res.exit_code != 0 and "calm+st-trans" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_holdout_runs_inductive_self_training_on_data_without_a_split(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    args = [
+        "evaluate",
+        "--model",
+        "fake-tones",
+        "--data",
+        f"folder:{tone_dir}",
+        "--shots",
+        "1,3",
+        "--seeds",
+        "2",
+    ]
+    args += ["--methods", "calm,calm+st", "--holdout", "0.25", "--no-figures", "--no-progress"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert doc["config"]["holdout"] == 0.25
+    n_classes = len(FREQS)
+    assert {r["n_query"] for r in doc["runs"]} == {2 * n_classes}  # 2 of 8 clips a class held out
+    pools = {r["shots"]: r["self_training"]["pool"] for r in doc["runs"] if r["method"] == "calm+st"}
+    assert pools == {1: 5 * n_classes, 3: 3 * n_classes}
+    assert {(p["a"], p["b"]) for p in doc["paired"]} == {("calm", "calm+st")}
+
+
+def test_cli_schedule_options_reach_the_runs_and_bad_values_are_usage_errors(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    args = [
+        "evaluate",
+        "--model",
+        "fake-tones",
+        "--data",
+        f"folder:{tone_dir}",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+    ]
+    args += ["--methods", "calm,calm+st", "--holdout", "0.25", "--no-figures", "--no-progress"]
+    old = ["--st-labelled-weight", "1", "--st-max-labelled", "none", "--st-spread", "2"]
+    res = CliRunner().invoke(main, [*args, *old, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((tmp_path / "r" / "results.json").read_text())
+    params = next(r["params"] for r in doc["runs"] if r["method"] == "calm+st")
+    assert (params["st_labelled_weight"], params["st_max_labelled"], params["st_spread"]) == (1, None, 2)
+    for bad in (["--st-labelled-weight", "0"], ["--st-labelled-weight", "x"], ["--st-max-labelled", "0"]):
+        res = CliRunner().invoke(main, [*args, *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and "Traceback" not in res.output

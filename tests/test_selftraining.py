@@ -10,7 +10,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 from calm import CALM, SAV
-from calm.selftraining import SelfTraining, balanced_picks, confidence_scores
+from calm.selftraining import SelfTraining, balanced_picks, class_similarity, confidence_scores
 
 torch.set_num_threads(1)
 
@@ -154,7 +154,16 @@ def test_fit_predict_contract():
 
 @pytest.mark.parametrize(
     "params",
-    [{"rounds": -1}, {"per_round": 0}, {"confidence": "entropy"}, {"labelled_weight": 0}, {"relabel": "no"}],
+    [
+        {"rounds": -1},
+        {"per_round": 0},
+        {"confidence": "entropy"},
+        {"labelled_weight": 0},
+        {"labelled_weight": "classes"},
+        {"relabel": "no"},
+        {"max_labelled": 0},
+        {"spread": 0},
+    ],
 )
 def test_invalid_parameters_are_rejected_at_fit(params):
     X, y, Xu, _, _, _ = _problem(9)
@@ -188,3 +197,112 @@ def test_default_estimator_is_calm():
     X, y, Xu, _, _, _ = _problem(12)
     st = SelfTraining(rounds=1).fit(X, y, Xu)
     assert isinstance(st.estimator_, CALM)
+
+
+def _uneven(seed: int):
+    """The toy problem with 3 labelled clips of c0 and 1 of each other class."""
+    X, y, Xu, yu, Xt, yt = _problem(seed)
+    extra = X[:1] + 0.5 * np.random.default_rng(seed).normal(size=(2, K, D)).astype(np.float32)
+    return np.concatenate([X, extra]), np.concatenate([y, ["c0", "c0"]]), Xu, yu, Xt, yt
+
+
+def test_labelled_weight_shots_counts_a_labelled_clip_as_often_as_its_class_has_labelled_clips():
+    X, y, Xu, _, _, _ = _uneven(13)
+    st = SelfTraining(CALM(k=0.5), rounds=1, per_round=3, labelled_weight="shots").fit(X, y, Xu)
+    for ci, c in enumerate(st.classes_):
+        n = int(np.sum(y == c))
+        pseudo = Xu[st.pseudo_index_[st.pseudo_labels_ == c]].astype(np.float64)
+        expected = (n * X[y == c].astype(np.float64).sum(0) + pseudo.sum(0)) / (n * n + len(pseudo))
+        np.testing.assert_allclose(st.estimator_.centroids_[ci], expected, rtol=1e-4, atol=1e-5)
+    plain = SelfTraining(CALM(k=0.5), rounds=1, per_round=3, labelled_weight=1).fit(X, y, Xu)
+    assert not np.allclose(plain.estimator_.centroids_[0], st.estimator_.centroids_[0])
+
+
+def test_max_labelled_leaves_classes_with_more_labelled_clips_without_pseudo_labels():
+    X, y, Xu, _, Xt, _ = _uneven(14)
+    st = SelfTraining(CALM(k=0.5), rounds=2, per_round=2, max_labelled=2).fit(X, y, Xu)
+    assert st.added_per_class_.tolist() == [0, 4, 4, 4]  # c0 has 3 labelled clips
+    assert [r["added_per_class"] for r in st.rounds_] == [[0, 2, 2, 2], [0, 4, 4, 4]]
+    relabel = SelfTraining(CALM(k=0.5), rounds=2, per_round=2, relabel=True, max_labelled=2).fit(X, y, Xu)
+    assert relabel.added_per_class_.tolist() == [0, 4, 4, 4]
+    X2, y2 = np.concatenate([X[y != "c0"], X[y != "c0"] + 0.1]), np.concatenate([y[y != "c0"]] * 2)
+    alone = SelfTraining(CALM(k=0.5), rounds=3, max_labelled=1).fit(X2, y2, Xu)  # every class has 2
+    assert alone.n_rounds_ == 0 and len(alone.pseudo_index_) == 0
+    np.testing.assert_allclose(
+        alone.decision_function(Xt), CALM(k=0.5).fit(X2, y2).decision_function(Xt), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_balanced_picks_with_spread_take_the_least_similar_of_the_most_confident_candidates():
+    pred = np.array([0, 0, 0, 0, 1, 1, 1])
+    conf = np.array([0.9, 0.8, 0.7, 0.1, 0.9, 0.8, 0.2])
+    near = np.array([0.5, 0.9, 0.1, 0.0, 0.3, 0.3, 0.0])
+    eligible = np.ones(7, dtype=bool)
+    # quota 1, spread 2: class 0's candidates are rows 0, 1 (most confident), row 0 the less similar;
+    # class 1's are 4, 5, equally similar: the lower row. Rows 3 and 6 are the least similar of all
+    # but not among the most confident, so they are not taken.
+    assert balanced_picks(pred, conf, np.array([1, 1]), eligible, near, spread=2).tolist() == [0, 4]
+    assert balanced_picks(pred, conf, np.array([1, 1]), eligible, near, spread=1).tolist() == [0, 4]
+    # spread 3: class 0's candidates 0, 1, 2 -> row 2; class 1 has only 3 rows, all candidates -> row 6
+    assert balanced_picks(pred, conf, np.array([1, 1]), eligible, near, spread=3).tolist() == [2, 6]
+    # quota 2, spread 2: all 4 rows of class 0 are candidates, least similar first; class 1 quota 0
+    assert balanced_picks(pred, conf, np.array([2, 0]), eligible, near, spread=2).tolist() == [3, 2]
+
+
+def test_class_similarity_is_the_mean_over_heads_of_the_cosine_to_the_unit_feature_mean():
+    X, y, Xu, _, _, _ = _problem(15)
+    pred = np.arange(len(Xu)) % C
+    y_idx = np.arange(C)
+    unit = X / np.linalg.norm(X, axis=-1, keepdims=True)
+    mu = unit / np.linalg.norm(unit, axis=-1, keepdims=True)  # one clip a class: its own unit vector
+    xu = Xu / np.linalg.norm(Xu, axis=-1, keepdims=True)
+    expected = np.einsum("nkd,nkd->nk", xu, mu[pred]).mean(axis=1)
+    np.testing.assert_allclose(class_similarity(Xu, X, y_idx, pred, C), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_spread_adds_clips_farther_from_the_class_than_the_most_confident_ones():
+    X, y, Xu, yu, _, _ = _problem(16)
+    top = SelfTraining(CALM(k=0.5), rounds=1, per_round=5).fit(X, y, Xu)
+    far = SelfTraining(CALM(k=0.5), rounds=1, per_round=5, spread=3).fit(X, y, Xu)
+    assert far.added_per_class_.tolist() == top.added_per_class_.tolist() == [5] * C
+    first = CALM(k=0.5).fit(X, y)
+    pred, _ = confidence_scores(first, Xu, "margin")
+    near = class_similarity(Xu, X, np.arange(C), pred, C)
+    assert near[far.pseudo_index_].mean() < near[top.pseudo_index_].mean()
+    assert not set(far.pseudo_index_.tolist()) == set(top.pseudo_index_.tolist())
+
+
+def test_default_schedule():
+    st = SelfTraining()
+    assert (st.rounds, st.per_round, st.confidence, st.relabel) == (5, 5, "margin", False)
+    assert (st.labelled_weight, st.max_labelled, st.spread) == ("shots", None, 1)
+    assert (st.pool_per_class, st.random_state) == (30, 0)
+    X, y, Xu, _, _, _ = _problem(17, n_pool=300)
+    X3, y3 = np.concatenate([X, X + 0.1, X - 0.1]), np.concatenate([y, y, y])
+    new = SelfTraining(CALM(k=0.5)).fit(X3, y3, Xu)
+    assert len(new.pool_index_) == 30 * C and new.n_rounds_ == 5
+    old = SelfTraining(CALM(k=0.5), rounds=3, labelled_weight=1, pool_per_class=None).fit(
+        X3, y3, Xu
+    )  # the schedule before 2026-12-02
+    assert len(old.pool_index_) == 300 and old.added_per_class_.tolist() == [15] * C
+    assert not np.allclose(old.estimator_.centroids_, new.estimator_.centroids_)
+
+
+def test_pool_per_class_self_trains_on_a_seeded_draw_of_the_pool():
+    X, y, Xu, _, Xt, _ = _problem(18, n_pool=300)
+    a = SelfTraining(CALM(k=0.5), pool_per_class=20, random_state=3).fit(X, y, Xu)
+    assert len(a.pool_index_) == 20 * C and np.all(np.diff(a.pool_index_) > 0)
+    assert set(a.pseudo_index_.tolist()) <= set(a.pool_index_.tolist())
+    b = SelfTraining(CALM(k=0.5), pool_per_class=20, random_state=3).fit(X, y, Xu)
+    np.testing.assert_array_equal(a.pool_index_, b.pool_index_)
+    np.testing.assert_array_equal(a.pseudo_index_, b.pseudo_index_)
+    c = SelfTraining(CALM(k=0.5), pool_per_class=20, random_state=4).fit(X, y, Xu)
+    assert not np.array_equal(a.pool_index_, c.pool_index_)
+    # the same as self-training on the drawn rows passed as the pool
+    d = SelfTraining(CALM(k=0.5), pool_per_class=None).fit(X, y, Xu[a.pool_index_])
+    np.testing.assert_array_equal(a.pool_index_[d.pseudo_index_], a.pseudo_index_)
+    np.testing.assert_allclose(a.decision_function(Xt), d.decision_function(Xt), rtol=1e-5, atol=1e-6)
+    whole = SelfTraining(CALM(k=0.5), pool_per_class=None).fit(X, y, Xu)
+    assert whole.pool_index_.tolist() == list(range(300))
+    small = SelfTraining(CALM(k=0.5), pool_per_class=100).fit(X, y, Xu)  # 400 > 300 rows: all of them
+    assert small.pool_index_.tolist() == list(range(300))

@@ -70,6 +70,7 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
         seeds=parse_seeds(params["seeds"]),
         methods=methods,
         test_fold=params["test_fold"],
+        holdout=params["holdout"],
         tune=params["tune"],
         classifier=classifier_spec(params),
         lalm=LALMSpec(
@@ -82,6 +83,10 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
             rounds=params["st_rounds"],
             per_round=params["st_per_round"],
             confidence=params["st_confidence"],
+            labelled_weight=params["st_labelled_weight"],
+            max_labelled=params["st_max_labelled"],
+            spread=params["st_spread"],
+            pool_per_class=params["st_pool_per_class"],
             pool=params["st_pool"],
         ),
         batch_size=params["batch_size"],
@@ -136,6 +141,13 @@ _options = stack(
             help="Folded data (ESC): test fold, or 'all' to rotate.",
         ),
         click.option(
+            "--holdout",
+            type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+            default=None,
+            help="Data without a split or folds: hold out this fraction of each class (seeded) as the "
+            "test part for every method; the rest gives the support sets and the calm+st / sav+st pool.",
+        ),
+        click.option(
             "--tune",
             is_flag=True,
             help="Choose hyper-parameters by cross-validation inside each support set.",
@@ -155,6 +167,35 @@ _options = stack(
         ),
     ]
 )
+
+
+class _LabelledWeight(click.ParamType):
+    """--st-labelled-weight: an integer >= 1 or `shots`."""
+
+    name = "N|shots"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
+        if value == "shots" or isinstance(value, int):
+            return value
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is neither an integer >= 1 nor 'shots'", param, ctx)
+
+
+class _MaxLabelled(click.ParamType):
+    """--st-max-labelled, --st-pool-per-class: an integer >= 1 or `none`."""
+
+    name = "N|none"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "none":
+            return None
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is neither an integer >= 1 nor 'none'", param, ctx)
+
 
 # the options of the self-training methods
 _st_options = stack(
@@ -186,6 +227,37 @@ _st_options = stack(
             default=STSpec.confidence,
             show_default=True,
             help="How pool clips are ranked within their predicted class.",
+        ),
+        click.option(
+            "--st-labelled-weight",
+            type=_LabelledWeight(),
+            default=STSpec.labelled_weight,
+            show_default=True,
+            help="Times a labelled clip counts against a pseudo-labelled one: N, or 'shots' (its "
+            "class's labelled clips).",
+        ),
+        click.option(
+            "--st-max-labelled",
+            type=_MaxLabelled(),
+            default=str(STSpec.max_labelled),
+            show_default=True,
+            help="Classes with more labelled clips gain no pseudo-labels ('none': no limit).",
+        ),
+        click.option(
+            "--st-pool-per-class",
+            type=_MaxLabelled(),
+            default=str(STSpec.pool_per_class),
+            show_default=True,
+            help="Self-train on at most N pool clips per class, drawn with the episode's seed ('none': "
+            "the whole pool).",
+        ),
+        click.option(
+            "--st-spread",
+            type=click.IntRange(min=1),
+            default=STSpec.spread,
+            show_default=True,
+            help="Take a class's clips from its spread x quota most confident, least similar to it first "
+            "(1: the most confident).",
         ),
     ]
 )
@@ -249,7 +321,10 @@ def evaluate(**params: Any) -> None:
       calm+st,   fit on the support set, pseudo-label the most confident
       sav+st     clips of each class in an unlabelled pool drawn from the
                  training part (labels hidden, never a test clip;
-                 --st-pool), refit; --st-rounds x --st-per-round.
+                 --st-pool), refit; --st-rounds x --st-per-round;
+                 labelled clips count --st-labelled-weight times; classes
+                 with more than --st-max-labelled labelled clips gain none.
+                 Data without a split: --holdout F holds out a test part.
       calm+st-trans, sav+st-trans: the same with the episode's queries as
                  the pool (transductive), reported under their own names.
     """

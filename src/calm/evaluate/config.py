@@ -121,6 +121,9 @@ class EvalConfig:
         seeds: episode seeds.
         methods: few-shot methods (`FEWSHOT_METHODS`) and model-answer baselines (`LALM_METHODS`).
         test_fold: folded data: the test fold, or `"all"` to rotate.
+        holdout: data without a split or folds: hold this fraction of each class out as the test
+            part (`calm.evaluate.episodes.holdout_split`, seed 0); None: queries = every clip outside
+            the support set.
         tune: choose hyper-parameters by cross-validation inside each support set.
         classifier: the methods' default hyper-parameters.
         lalm: settings of the model-answer baselines.
@@ -141,6 +144,7 @@ class EvalConfig:
     seeds: Sequence[int] = tuple(range(10))
     methods: Sequence[str] = FEWSHOT_METHODS
     test_fold: int | str | None = 5
+    holdout: float | None = None
     tune: bool = False
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
     lalm: LALMSpec = field(default_factory=LALMSpec)
@@ -158,5 +162,7 @@ class EvalConfig:
             raise ValueError(f"unknown method(s) {unknown}")
         if not self.shots or not self.seeds:
             raise ValueError("need at least one number of shots and one seed")
+        if self.holdout is not None and not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must lie in (0, 1), got {self.holdout}")
         if self.batch_size < 1 or self.sweep_seeds < 1:
             raise ValueError("batch_size and sweep_seeds must be >= 1")

@@ -11,6 +11,12 @@ permutation, so the 1-shot support is inside the 5-shot one. Every method of a s
 support. A class with fewer than n training clips, or a test class with no training clips, is an
 error (never dropped from the denominator). A multi-label clip drawn for class c joins the support
 as an example of c.
+
+Held-out split (`holdout_split`, `calm evaluate --holdout F`): data without a split or folds can be
+given one, a seeded fraction F of each class's clips marked `test` (at least one, never all) and the
+rest `train`, so that every method of the run draws its support from the same training clips and is
+scored on the same held-out queries, and the training clips outside the support set form an inductive
+self-training pool that no query belongs to.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ __all__ = [
     "Part",
     "ProtocolError",
     "episodes",
+    "holdout_split",
     "make_parts",
     "row_labels",
     "sample_episode",
@@ -113,6 +120,34 @@ def make_parts(meta: pd.DataFrame, test_fold: int | str | None = 5) -> tuple[lis
     return [Part("all", np.arange(n), None)], (
         "no official split: support drawn from all clips, queries = every clip outside the support set"
     )
+
+
+HOLDOUT_STREAM = 0x484F  # keeps the held-out split's random stream apart from the episodes'
+
+
+def holdout_split(meta: pd.DataFrame, y: Labels, fraction: float, seed: int = 0) -> pd.DataFrame:
+    """A copy of `meta` with a `split` column: per label string (class, or label set for multi-label
+    clips), round(fraction * n) clips drawn with `seed` marked `test` (at least 1, at most n - 1; a
+    class of one clip stays `train`), the rest `train`. ProtocolError when `meta` already has an
+    official split or folds, or for a fraction outside (0, 1)."""
+    if not 0.0 < fraction < 1.0:
+        raise ProtocolError(f"the held-out fraction must lie in (0, 1), got {fraction}")
+    if _column(meta, "fold") is not None or (
+        _column(meta, "split") is not None and (meta["split"].astype(str).str.lower() == "test").any()
+    ):
+        raise ProtocolError("the data already has a split or folds; a held-out split is for data without")
+    y = np.asarray(y).astype(str)
+    rng = np.random.default_rng([seed, HOLDOUT_STREAM])
+    split = np.full(len(y), "train", dtype=object)
+    for label in sorted(set(y.tolist())):
+        rows = np.flatnonzero(y == label)
+        n_test = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
+        split[rows[rng.permutation(len(rows))[:n_test]]] = "test"
+    out = meta.copy()
+    out["split"] = split
+    out.attrs.update(meta.attrs)
+    out.attrs["holdout"] = {"fraction": fraction, "seed": seed}
+    return out
 
 
 # ----------------------------------------------------------------------------- episodes

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from calm.evaluate.config import EvalConfig
-from calm.evaluate.episodes import ProtocolError, make_parts, row_labels
+from calm.evaluate.episodes import ProtocolError, holdout_split, make_parts, row_labels
 from calm.evaluate.lalm_runs import lalm_runs, lalm_skip_reason
 from calm.evaluate.methods import LALM_METHODS, PL_BASES, Method
 from calm.evaluate.predictions import confusions
@@ -263,6 +263,7 @@ def _config_doc(
         "n_seeds": len(config.seeds),
         "methods": [m for m in config.methods if m in chosen or m in lalm or m in ST_METHODS],
         "test_fold": config.test_fold,
+        "holdout": config.holdout,
         "tune": config.tune,
         "defaults": {
             **{name: dict(m.defaults) for name, m in chosen.items()},
@@ -347,6 +348,8 @@ def run_evaluation(
     out = Path(config.out)
     feats = load_evaluation_features(config, progress, log)
     _require_two_classes(feats.y, config.features if config.features is not None else config.data)
+    if config.holdout is not None:
+        feats.meta = holdout_split(feats.meta, feats.y, config.holdout)
     head_names = [tuple(h) for h in feats.meta.attrs.get("head_names", [])]
     log(f"{len(feats.y)} clips, features {tuple(feats.X.shape[1:])}")
     registry = config.classifier.registry()

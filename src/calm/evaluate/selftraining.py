@@ -5,14 +5,16 @@ CALM), on the SAME episodes (support sets and queries) as `run_protocol`, so the
   its labels hidden: every training clip outside the support set, never a query or test clip, or
   `pool` of them drawn with the episode's seed (a smaller pool is a prefix of the same seeded
   permutation). Without an official split or folds every clip outside the support set is a query,
-  so no such pool exists: a `ProtocolError` says so (use the `-trans` methods there).
+  so no such pool exists: a `ProtocolError` says so (hold out a test part for every method with
+  `calm evaluate --holdout F`, `calm.evaluate.episodes.holdout_split`, or use the `-trans` methods).
 - `calm+st-trans`, `sav+st-trans` (transductive): the episode's own queries are the pool (labels
   hidden), reported under their own names so that no table mixes the two settings.
 
-Every run records `self_training`: the pool size, the pseudo-labelled clips, their accuracy against
-the hidden labels (%), clips added per class, rounds run, and per class the clips added, how many of
-them are right and the query recall with and without self-training (single-label data), the numbers
-that explain a gain or a loss. `st_summary` averages them per (method, shots) for results.md.
+Every run records `self_training`: the pool size and how many of it were drawn (`pool_per_class`,
+with the episode's seed), the pseudo-labelled clips, their accuracy against the hidden labels (%),
+clips added per class, rounds run, and per class the clips added, how many of them are right and the
+query recall with and without self-training (single-label data), the numbers that explain a gain or
+a loss. `st_summary` averages them per (method, shots) for results.md.
 """
 
 from __future__ import annotations
@@ -51,18 +53,27 @@ ST_STREAM = 0x5354  # keeps the pool's random stream apart from the support draw
 
 @dataclass(frozen=True)
 class STSpec:
-    """The self-training schedule and pool (defaults from docs/results.md "Self-training").
+    """The self-training schedule and pool (defaults from docs/results.md "Self-training, schedule revised").
 
     Attributes:
         rounds: predict-pick-refit rounds.
         per_round: pseudo-labelled clips a class gains per round at most.
         confidence: `margin` (top score minus runner-up) or `probability`.
+        labelled_weight: times a labelled clip counts, or `shots` (its class's labelled clips).
+        max_labelled: classes with more labelled clips gain none (None: no limit).
+        spread: candidates per clip added (1: the most confident; see `SelfTraining`).
+        pool_per_class: self-train on at most this many pool clips per class, drawn with the
+            episode's seed (None: the whole pool).
         pool: unlabelled clips per episode (None: every eligible clip).
     """
 
-    rounds: int = 3
+    rounds: int = 5
     per_round: int = 5
     confidence: str = "margin"
+    labelled_weight: int | str = "shots"
+    max_labelled: int | None = None
+    spread: int = 1
+    pool_per_class: int | None = 30
     pool: int | None = None
 
     def __post_init__(self) -> None:
@@ -70,14 +81,32 @@ class STSpec:
             raise ValueError("self-training needs rounds >= 0, per_round >= 1 and pool >= 1 (or None)")
         if self.confidence not in ("margin", "probability"):
             raise ValueError(f"confidence must be 'margin' or 'probability', got {self.confidence!r}")
+        self.wrap(None)._validate_params()  # labelled_weight, max_labelled, spread: the wrapper's rules
 
     def params(self) -> dict[str, Any]:
         """The schedule as recorded in each run's parameters."""
-        return {"st_rounds": self.rounds, "st_per_round": self.per_round, "st_confidence": self.confidence}
+        return {
+            "st_rounds": self.rounds,
+            "st_per_round": self.per_round,
+            "st_confidence": self.confidence,
+            "st_labelled_weight": self.labelled_weight,
+            "st_max_labelled": self.max_labelled,
+            "st_spread": self.spread,
+            "st_pool_per_class": self.pool_per_class,
+        }
 
-    def wrap(self, estimator: Any) -> SelfTraining:
+    def wrap(self, estimator: Any, seed: int = 0) -> SelfTraining:
+        """The `SelfTraining` of this schedule around `estimator`, drawing its pool with `seed`."""
         return SelfTraining(
-            estimator, rounds=self.rounds, per_round=self.per_round, confidence=self.confidence
+            estimator,
+            rounds=self.rounds,
+            per_round=self.per_round,
+            confidence=self.confidence,
+            labelled_weight=self.labelled_weight,
+            max_labelled=self.max_labelled,
+            spread=self.spread,
+            pool_per_class=self.pool_per_class,
+            random_state=seed,
         )
 
 
@@ -92,8 +121,8 @@ def st_pool(part: Part, episode: Episode, size: int | None, *, transductive: boo
         if len(candidates) == 0:
             raise ProtocolError(
                 f"part {part.name}, {episode.shots} shots: no unlabelled training clip outside the support "
-                "set and the queries (without a split every other clip is a query); "
-                "use calm+st-trans / sav+st-trans for the transductive setting"
+                "set and the queries (without a split every other clip is a query); hold out a test part "
+                "with --holdout F, or use calm+st-trans / sav+st-trans for the transductive setting"
             )
     if size is None or size >= len(candidates):
         return np.sort(candidates)
@@ -132,6 +161,7 @@ def st_report(
         per_class[c] = entry
     return {
         "pool": len(pool),
+        "pool_drawn": len(st.pool_index_),
         "pseudo_labelled": len(rows),
         "pseudo_accuracy": 100.0 * float(right.mean()) if len(right) else None,
         "added_per_class": added,
@@ -164,7 +194,7 @@ def _episode_runs(
         pool, Xp = pools[trans]
         t0 = time.perf_counter()
         params, tuning = choose_params(base, Xs, ep.support_y, seed=ep.seed, do_tune=do_tune)
-        clf = spec.wrap(base.build(**params)).fit(Xs, ep.support_y, Xp)
+        clf = spec.wrap(base.build(**params), ep.seed).fit(Xs, ep.support_y, Xp)
         metrics = evaluate_method(clf, Xq, truth, classes, task)
         seconds = round(time.perf_counter() - t0, 4)
         recall = None
@@ -237,6 +267,7 @@ def st_summary(runs: Sequence[dict]) -> list[dict]:
                 "shots": shots,
                 "episodes": len(reps),
                 "pool": float(np.mean([v["pool"] for v in reps])),
+                "pool_drawn": float(np.mean([v.get("pool_drawn", v["pool"]) for v in reps])),
                 "pseudo_labelled": float(np.mean([v["pseudo_labelled"] for v in reps])),
                 "pseudo_accuracy": float(np.mean(acc)) if acc else None,
                 "added_min": float(np.mean([min(p) for p in per])),
@@ -254,13 +285,14 @@ def st_table(summary: Sequence[Mapping]) -> list[str]:
         "",
         "## Self-training (pseudo-labelled clips; mean over episodes)",
         "",
-        "| method | shots | pool | pseudo-labelled | right (%) | clips a class (fewest / most) |",
-        "|---|---|---|---|---|---|",
+        "| method | shots | pool | drawn | pseudo-labelled | right (%) | clips a class (fewest / most) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         acc = "-" if s["pseudo_accuracy"] is None else f"{s['pseudo_accuracy']:.1f}"
         lines.append(
-            f"| {s['method']} | {s['shots']} | {s['pool']:.0f} | {s['pseudo_labelled']:.1f} | {acc} "
+            f"| {s['method']} | {s['shots']} | {s['pool']:.0f} | {s['pool_drawn']:.0f} "
+            f"| {s['pseudo_labelled']:.1f} | {acc} "
             f"| {s['added_min']:.1f} / {s['added_max']:.1f} |"
         )
     return lines
