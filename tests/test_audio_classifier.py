@@ -225,3 +225,34 @@ def test_load_reads_a_file_calm_fit_wrote(fitted, esc10_clips, tmp_path):
     np.testing.assert_allclose(
         loaded.predict_proba(queries).max(axis=1), [p.probability for p in predictions], atol=1e-5
     )
+
+
+@pytest.mark.slow
+def test_self_training_from_raw_audio(fitted, esc10_clips, tmp_path):
+    """`calm+st`: the support clips plus unlabelled clips of the same classes; the file it saves
+    holds the last round's CALM and loads back as `calm+st`."""
+    support, labels, queries = esc10_clips
+    root = shared_data() / "esc10"
+    pool = [
+        *sorted((root / "001 - Dog bark").glob("*.ogg"))[N_SUPPORT + 1 : N_SUPPORT + 4],
+        *sorted((root / "002 - Rain").glob("*.ogg"))[N_SUPPORT + 1 : N_SUPPORT + 4],
+    ]
+    st = AudioClassifier(
+        "whisper-tiny.en", "calm+st", cache=fitted.cache, k=0.5, self_training={"rounds": 2, "per_round": 1}
+    )
+    with pytest.raises(ValueError, match="X_unlabelled="):
+        st.fit(support, labels)
+    with pytest.raises(ValueError, match="only for '\\+st' methods"):
+        clone(fitted).fit(support, labels, X_unlabelled=pool)
+    st.fit(support, labels, X_unlabelled=pool)
+    run = st.self_training_
+    assert run.estimator_ is st.classifier_ and type(st.classifier_).__name__ == "CALM"
+    assert len(run.rounds_) == 2 and list(run.added_per_class_) == [2, 2]  # 1 a class per round
+    assert set(run.pseudo_index_) <= set(range(len(pool))) and set(run.pseudo_labels_) <= {"dog", "rain"}
+    # a labelled clip counts as often as its class has labelled clips (labelled_weight='shots')
+    assert list(st.classifier_.class_counts_) == [N_SUPPORT * N_SUPPORT + 2] * 2
+    path = tmp_path / "st.safetensors"
+    st.save(path)
+    loaded = AudioClassifier.load(path)
+    assert loaded.method == "calm+st" and loaded.self_training == {"rounds": 2, "per_round": 1}
+    np.testing.assert_allclose(loaded.predict_proba(queries), st.predict_proba(queries), atol=1e-6)

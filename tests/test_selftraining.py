@@ -82,6 +82,20 @@ def test_confidence_scores_margin_and_probability():
         confidence_scores(clf, Xu, "entropy")
 
 
+def test_two_classes_margin_from_scikit_learns_one_column_decision_function():
+    X, y, Xu, yu, _, _ = _problem(3)
+    two = np.isin(y, ["c0", "c1"])
+    clf = CALM(k=0.5).fit(X[two], y[two])
+    assert clf.decision_function(Xu).ndim == 1  # scikit-learn's binary convention
+    scores = clf.class_scores(Xu)
+    pred, margin = confidence_scores(clf, Xu, "margin")
+    np.testing.assert_array_equal(pred, np.argmax(scores, axis=1))  # ties to the lower index too
+    np.testing.assert_allclose(margin, np.abs(scores[:, 1] - scores[:, 0]), rtol=1e-6)
+    pool = np.isin(yu, ["c0", "c1"])
+    st = SelfTraining(CALM(k=0.5), rounds=2, per_round=3).fit(X[two], y[two], Xu[pool])
+    assert list(st.added_per_class_) == [6, 6] and set(st.pseudo_labels_) == {"c0", "c1"}
+
+
 def test_per_round_report_is_cumulative_and_the_set_only_grows_without_relabel():
     X, y, Xu, yu, _, _ = _problem(3)
     st = SelfTraining(CALM(k=0.5), rounds=3, per_round=2).fit(X, y, Xu)

@@ -8,7 +8,9 @@
 X is a list of clips: paths, `(waveform, sample_rate)` tuples, bare waveforms with `sample_rate=`,
 or Hugging Face audio dicts (`calm.audio_inputs`). `fit` extracts per-head features with the frozen
 model (`calm.load_extractor(model, device=..., **model_options)`) and fits SAV, CALM-global or
-CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`). With `cache=FOLDER` files go
+CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`); `method="calm+st"` (or
+`sav+st`, `calm-global+st`) also self-trains on unlabelled clips, `fit(X, y, X_unlabelled=[...])`,
+with `self_training={...}` for `calm.selftraining.SelfTraining`. With `cache=FOLDER` files go
 through the feature store there, so a second fit or predict on the same files extracts nothing;
 waveforms are never cached (the store keys features by file path and content hash). The cache
 stores no labels (a clip's features do not depend on them): it is not a training set for `calm fit`.
@@ -41,8 +43,8 @@ from calm.audio_inputs import as_inputs
 from calm.clip_features import CACHE_DTYPE, clip_features
 
 DEFAULT_MODEL = "whisper-tiny.en"
-#: few-shot methods (self-training, `calm+st`, is not in the library yet)
-METHODS = ("sav", "calm-global", "calm")
+#: few-shot methods; `+st`: self-trained on unlabelled clips given to `fit` (calm.selftraining)
+METHODS = ("sav", "calm-global", "calm", "sav+st", "calm-global+st", "calm+st")
 ERRORS = ("raise", "skip")
 
 
@@ -72,8 +74,9 @@ def head_classifier(method: str, params: dict[str, Any]):
         "calm-global": lambda **p: CALM(weighting="global", **p),
         "calm": CALM,
     }
-    if method not in builders:
+    if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
+    method = method.removesuffix("+st")
     try:
         return builders[method](**params)
     except TypeError as exc:
@@ -89,7 +92,8 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     model : str
         Registered name (`whisper-tiny.en`, `clap-htsat`, `ast-audioset`, ...), hub id or local
         checkpoint directory (`calm.load_extractor`).
-    method : "sav", "calm-global" or "calm".
+    method : "sav", "calm-global", "calm", or the same with "+st" (self-training on the unlabelled
+        clips given to ``fit(..., X_unlabelled=...)``; `calm.selftraining.SelfTraining`).
     model_options : dict or None
         Keyword arguments of `calm.load_extractor` (`prompt`, `heads`, `layers`, `dtype`, `long`,
         backend options such as Whisper's `encoder_length`).
@@ -99,12 +103,17 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         torch device (None: "cuda" when available, else "cpu").
     batch_size : int
         Clips per forward pass.
+    self_training : dict or None
+        Parameters of `calm.selftraining.SelfTraining` for the "+st" methods (`rounds`,
+        `per_round`, ...; None: its defaults).
     **method_params
         Parameters of `calm.SAV` / `calm.CALM` (`k`, `tau_p`, `tau_w`, ...).
 
     Attributes
     ----------
-    classifier_ : the fitted `calm.SAV` / `calm.CALM`; classes_ ; head_names_ ; extraction_key_.
+    classifier_ : the fitted `calm.SAV` / `calm.CALM` (for "+st", the one fitted in the last round,
+    on the support and pseudo-labelled clips); self_training_ : the fitted `SelfTraining` ("+st" only:
+    `pseudo_labels_`, `added_per_class_`, ...); classes_ ; head_names_ ; extraction_key_.
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -114,6 +123,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         "cache": [str, Path, None],
         "device": [str, None],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "self_training": [dict, None],
     }
 
     def __init__(
@@ -125,6 +135,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         cache: str | Path | None = None,
         device: str | None = None,
         batch_size: int = 8,
+        self_training: dict[str, Any] | None = None,
         **method_params: Any,
     ):
         self.model = model
@@ -133,6 +144,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         self.cache = cache
         self.device = device
         self.batch_size = batch_size
+        self.self_training = self_training
         self.method_params = method_params
 
     # -- parameters: the method's parameters are estimator parameters too ------------------------
@@ -196,16 +208,38 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
 
     # -- scikit-learn API ------------------------------------------------------------------------
 
-    def fit(self, X: Any, y: Any, *, sample_rate: int | None = None) -> AudioClassifier:
-        """Extract the features of the support clips X and fit the head classifier on labels y."""
+    def fit(
+        self, X: Any, y: Any, *, X_unlabelled: Any = None, sample_rate: int | None = None
+    ) -> AudioClassifier:
+        """Extract the features of the support clips X and fit the head classifier on labels y;
+        the "+st" methods also pseudo-label the clips `X_unlabelled` (never their labels: they
+        have none) and refit on them (`calm.selftraining.SelfTraining`)."""
         self._validate_params()
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(X):
             raise ValueError(f"y must be 1-D with one label per clip: {len(X)} clips, y of shape {y.shape}")
         for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, name)  # refit from scratch: no key check against a previous model
+        self_trained = self.method.endswith("+st")
+        if self_trained != (X_unlabelled is not None):
+            raise ValueError(
+                f"method={self.method!r}: "
+                + (
+                    "give the unlabelled clips with X_unlabelled="
+                    if self_trained
+                    else "X_unlabelled is only for '+st' methods"
+                )
+            )
         feats, _, _ = self._features(X, sample_rate, "raise")
-        self.classifier_ = head_classifier(self.method, self.method_params).fit(feats, y)
+        base = head_classifier(self.method, self.method_params)
+        if self_trained:
+            from calm.selftraining import SelfTraining
+
+            pool, _, _ = self._features(X_unlabelled, sample_rate, "raise")
+            st = SelfTraining(base, **(self.self_training or {})).fit(feats, y, X_unlabelled=pool)
+            self.self_training_, self.classifier_ = st, st.estimator_
+        else:
+            self.classifier_ = base.fit(feats, y)
         extractor = self._get_extractor()
         self.classes_ = self.classifier_.classes_
         self.head_names_ = [tuple(h) for h in extractor.head_names]
@@ -258,6 +292,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
             "method": self.method,
             "params": self.classifier_.get_params(),
             "method_params": dict(self.method_params),
+            "self_training": dict(self.self_training or {}) or None,
             "model_options": dict(self.model_options or {}),
             "shots": None,
             "seed": None,
@@ -287,6 +322,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         method = meta.get("method") or ("sav" if type(inner).__name__ == "SAV" else "calm")
         params = meta.get("method_params", meta.get("params") or {})
         est = cls(meta["model"], method, model_options=options, cache=cache, device=device, **params)
+        est.self_training = meta.get("self_training")
         est.classifier_ = inner
         est.classes_ = inner.classes_
         est.head_names_ = [tuple(h) for h in meta.get("head_names") or []]

@@ -78,6 +78,8 @@ def confidence_scores(estimator, X, measure: str) -> tuple[np.ndarray, np.ndarra
         s = np.asarray(estimator.predict_proba(X), dtype=np.float64)
     else:
         raise ValueError(f"confidence must be 'margin' or 'probability', got {measure!r}")
+    if s.ndim == 1:  # two classes: scikit-learn's score of classes_[1] minus that of classes_[0]
+        return (s > 0).astype(np.int64), np.abs(s)
     pred = np.argmax(s, axis=1)
     if measure == "probability":
         return pred, s[np.arange(len(s)), pred]
