@@ -116,8 +116,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 )
                 check_finite(xb, f"{feats.name} (rows {i}..{i + len(xb) - 1})")
                 sums.index_add_(0, y_t[i : i + len(xb)], xb)
-        centroids = sums / counts.to(dtype)[:, None, None]
-        del sums
+        centroids = sums.div_(counts.to(dtype)[:, None, None])  # in place: one (C, K, d) float64 array
         self.classes_ = classes
         self.class_counts_ = counts.cpu().numpy()
         self.n_heads_, self.head_dim_, self.n_features_in_ = K, d, K * d
