@@ -121,7 +121,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.class_counts_ = counts.cpu().numpy()
         self.n_heads_, self.head_dim_, self.n_features_in_ = K, d, K * d
         self.k_ = k
-        self.centroids_ = centroids.to(feats.dtype).cpu().numpy()  # stored in the query dtype
+        self.centroids_ = (
+            centroids.to(feats.dtype, copy=True).cpu().numpy()
+        )  # the query dtype; _fit_heads may overwrite centroids
         self.metadata_: dict[str, Any] = {}
         self._fit_heads(feats, y_t, counts, rows, centroids)  # float64
         self._prepare(unit_layout(torch.from_numpy(self.centroids_)))  # as after loading
@@ -136,7 +138,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         centroids: torch.Tensor,
     ) -> None:
         """Fit the head ranking / weights from the support chunks and ``centroids`` (C, K, d),
-        float64 on the estimator's device."""
+        float64 on the estimator's device (``centroids_`` holds a copy: they may be overwritten)."""
         raise NotImplementedError
 
     def _prepare(self, unit: torch.Tensor) -> None:

@@ -177,7 +177,8 @@ def support_margin_sums(
 ) -> torch.Tensor:
     """Eq. 2, 5 and 6 over the support set in float64: per head and class, the sum of the clamped
     margins of that class's clips -> (K, C). ``views`` yields (start, rows (n, K, d)) in any dtype,
-    ``y_t`` (N,) class indices, ``centroids`` (C, K, d) float64. With ``loo_counts`` (the (C,)
+    ``y_t`` (N,) class indices, ``centroids`` (C, K, d) float64 (overwritten by the scaled unit
+    centroids unless ``loo_counts`` is given). With ``loo_counts`` (the (C,)
     clips per class), a clip's own-class similarity is its cosine to the centroid of the other
     clips of its class (``reliability="leave-one-out"``; in-sample for classes of one clip).
     Rows are processed in blocks of heads, so that each block's similarities stay cache-sized and
@@ -187,9 +188,8 @@ def support_margin_sums(
     shift = needs_shift(tau_p, C, dtype)
     sums = torch.zeros((K, C), dtype=dtype, device=dev)
     ws = Workspace(dev)
-    # unit centroids times log2(e) / tau_p (Eq. 2, 5), (K, C, d): transposed views in the matmuls
-    scaled = normalize_(centroids.transpose(0, 1).clone(memory_format=torch.contiguous_format))
-    scaled.mul_(LOG2E / tau_p)
+    # unit centroids times log2(e) / tau_p (Eq. 2, 5), (C, K, d): strided views in the matmuls
+    scaled = normalize_(centroids if loo_counts is None else centroids.clone()).mul_(LOG2E / tau_p)
     for start, xb in views:
         n = xb.shape[0]
         yb = y_t[start : start + n]
@@ -202,7 +202,7 @@ def support_margin_sums(
             normalize_(xr)
             for h0 in range(0, r1 - r0, step):
                 h1 = min(h0 + step, r1 - r0)
-                u = scaled[r0 + h0 : r0 + h1].transpose(1, 2)
+                u = scaled[:, r0 + h0 : r0 + h1].permute(1, 2, 0)  # (k, d, C)
                 s = torch.matmul(xr[h0:h1], u, out=ws.get("s", (h1 - h0, n, C), dtype))
                 if loo is not None:  # the own-class entries, leave-one-out
                     idx = yb.view(1, n, 1).expand(h1 - h0, n, 1)
