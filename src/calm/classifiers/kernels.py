@@ -100,9 +100,10 @@ def support_margins(
     return ((own - rivals) / total).clamp_min_(0)
 
 
-def head_block(n: int, C: int, itemsize: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Heads per block so that a block's (heads, n, C) similarities take about ``block_bytes``."""
-    return max(1, block_bytes // max(1, n * C * itemsize))
+def head_block(n: int, C: int, itemsize: int, block_bytes: int | None = None) -> int:
+    """Heads per block so that a block's (heads, n, C) similarities take about ``block_bytes``
+    (default :data:`BLOCK_BYTES`)."""
+    return max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, n * C * itemsize))
 
 
 class Workspace:
