@@ -29,7 +29,8 @@ def _tiny_blocks(monkeypatch):
     """One head per compute block, two per read block: every partial block is exercised."""
     monkeypatch.setattr(KN, "BLOCK_BYTES", 1)
     monkeypatch.setattr(KN, "SUPPORT_BLOCK_BYTES", 1)
-    monkeypatch.setattr(KN, "READ_BYTES", 2 * 8 * 5 * 8)  # 2 heads x 8 rows x 5 dims x float64
+    monkeypatch.setattr(KN, "READ_BYTES", 2 * 8 * 5 * 4)  # 2 heads x 8 rows x 5 dims x float32
+    monkeypatch.setattr(KN, "SUPPORT_READ_BYTES", 2 * 8 * 5 * 8)  # the same in float64
 
 
 @pytest.mark.parametrize("params", CASES)

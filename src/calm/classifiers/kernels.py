@@ -5,9 +5,13 @@ They give the same numbers as the pure functions of :mod:`calm._heads` while ove
 the caller owns, so a chunk's working set is one (K, n, C) tensor. Shapes: chunk ``xb`` (n, K, d),
 unit centroids laid out (K, d, C), similarities (K, n, C), class indices ``yb`` (n,).
 
-The query path (:func:`calm_scores`) works on blocks of heads small enough for the CPU caches:
-for each block one batched matmul of many rows per head, then exp in place, the per-head
-normaliser and the weighted sum over heads, so the (K, n, C) posteriors never reach main memory.
+CALM's passes (:func:`calm_scores` for queries, :func:`support_margin_sums` for the float64 support
+side) read row chunks as views of the caller's features (e.g. a float16 memory map) and work on
+blocks of heads: runs of heads are converted and normalised at once into a reused buffer
+(:class:`Workspace`: no large allocation per block), then each cache-sized block gets one batched
+matmul of many rows per head, exp in place and its reductions (queries: the per-head normaliser
+and the weighted sum over heads as one baddbmm; support: the clamped margins summed per class),
+so the (K, n, C) posteriors never reach main memory.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = [
     "BLOCK_BYTES",
     "LOG2E",
     "SUPPORT_BLOCK_BYTES",
+    "SUPPORT_READ_BYTES",
     "Workspace",
     "calm_scores",
     "check_finite",
@@ -41,11 +46,13 @@ __all__ = [
 #: float32, a quarter, but with about 15 times exp's rounding error, so the query path keeps exp).
 LOG2E = 1.0 / math.log(2.0)
 #: Target size of one head block's similarities in :func:`calm_scores` (fits in L2/L3 caches).
-BLOCK_BYTES = 2 * 2**20
+BLOCK_BYTES = 4 * 2**20
 #: Target size of the features converted at once in :func:`calm_scores` (long runs of each row).
 READ_BYTES = 8 * 2**20
-#: The same as BLOCK_BYTES for :func:`support_margin_sums` (float64).
-SUPPORT_BLOCK_BYTES = 4 * 2**20
+#: The same as BLOCK_BYTES and READ_BYTES for :func:`support_margin_sums` (float64; larger blocks
+#: than the query path's, as fewer parallel regions per tile fare better when threads are preempted).
+SUPPORT_BLOCK_BYTES = 8 * 2**20
+SUPPORT_READ_BYTES = 16 * 2**20
 
 
 def unit_layout(centroids: torch.Tensor) -> torch.Tensor:
@@ -195,7 +202,7 @@ def support_margin_sums(
         n = xb.shape[0]
         yb = y_t[start : start + n]
         step = head_block(n, C, centroids.element_size(), SUPPORT_BLOCK_BYTES)
-        read = step * max(1, READ_BYTES // (n * d * centroids.element_size() * step))
+        read = step * max(1, SUPPORT_READ_BYTES // (n * d * centroids.element_size() * step))
         for r0 in range(0, K, read):
             r1 = min(r0 + read, K)
             xr = ws.get("x", (r1 - r0, n, d), dtype).copy_(xb[:, r0:r1].transpose(0, 1))
