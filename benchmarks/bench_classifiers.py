@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import calm
+from calm.classifiers.features import Features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +200,7 @@ def worker(job: dict) -> dict:
         "above_start_gib": mem.delta_gib,
         "accuracy": float((pred == yq[:q]).mean()),
         "used_heads": used,
-        "chunk_rows": est._query_rows(used) if hasattr(est, "_query_rows") else est._rows(used),
+        "chunk_rows": est._view_rows(Features(Xq)) if hasattr(est, "_view_rows") else est._rows(used),
     }
 
 

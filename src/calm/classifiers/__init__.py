@@ -28,8 +28,9 @@ Validation: ``fit`` rejects NaN or infinite values anywhere in X; ``predict`` an
 the heads they read (all heads CALM weights, SAV's kept heads), chunk by chunk.
 
 Memory: queries (and support clips) are processed in chunks of ``chunk_size`` rows (None: chosen so
-one chunk's working set is about 512 MiB), so memory stays flat however many queries are passed;
-every sum runs in float32, or float64 when the features are float64.
+one chunk's working set is about 512 MiB; CALM reads chunks of about 128 MiB of stored features
+without copying them and converts them block by block), so memory stays flat however many queries
+are passed; every sum runs in float32, or float64 when the features are float64.
 
 The math lives in :mod:`calm._heads` as small pure functions, re-exported here for analyses
 (e.g. ``head_posteriors(cosine_similarities(X, clf.centroids_), clf.tau_p)`` gives the (n, K, C)

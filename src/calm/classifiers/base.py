@@ -22,8 +22,16 @@ from sklearn.utils._param_validation import Interval, RealNotInt
 from sklearn.utils.validation import check_is_fitted
 
 from calm import _heads as H
-from calm.classifiers.features import Features, chunk_rows, encode_labels, labels_array, ndim, shaped
-from calm.classifiers.kernels import unit_layout
+from calm.classifiers.features import (
+    CHUNK_BYTES,
+    Features,
+    chunk_rows,
+    encode_labels,
+    labels_array,
+    ndim,
+    shaped,
+)
+from calm.classifiers.kernels import READ_BYTES, Workspace, check_finite, unit_layout
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,
@@ -100,17 +108,24 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         y_t = torch.from_numpy(y_idx).to(dev)
         counts = torch.bincount(y_t, minlength=C)
         sums = torch.zeros((C, K, d), dtype=dtype, device=dev)
-        for start, xb in feats.chunks(rows, dtype):  # Eq. 1, accumulated chunk by chunk
-            sums.index_add_(0, y_t[start : start + len(xb)], xb.to(dev))
-        centroids = sums / counts.to(dtype)[:, None, None]
-        del sums
+        ws, step = Workspace(dev), max(1, READ_BYTES // (K * d * 8))
+        for start, xv in feats.views(self._view_rows(feats)):  # Eq. 1, accumulated chunk by chunk
+            for i in range(start, start + len(xv), step):  # converted into one small reused buffer
+                xb = ws.get("x", (min(step, start + len(xv) - i), K, d), dtype).copy_(
+                    xv[i - start : i - start + step]
+                )
+                check_finite(xb, f"{feats.name} (rows {i}..{i + len(xb) - 1})")
+                sums.index_add_(0, y_t[i : i + len(xb)], xb)
+        centroids = sums.div_(counts.to(dtype)[:, None, None])  # in place: one (C, K, d) float64 array
         self.classes_ = classes
         self.class_counts_ = counts.cpu().numpy()
         self.n_heads_, self.head_dim_, self.n_features_in_ = K, d, K * d
         self.k_ = k
-        self.centroids_ = centroids.to(feats.dtype).cpu().numpy()  # stored in the query dtype
+        self.centroids_ = (
+            centroids.to(feats.dtype, copy=True).cpu().numpy()
+        )  # the query dtype; _fit_heads may overwrite centroids
         self.metadata_: dict[str, Any] = {}
-        self._fit_heads(feats, y_t, counts, rows, centroids, unit_layout(centroids))  # float64
+        self._fit_heads(feats, y_t, counts, rows, centroids)  # float64
         self._prepare(unit_layout(torch.from_numpy(self.centroids_)))  # as after loading
         return self
 
@@ -121,10 +136,9 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         counts: torch.Tensor,
         rows: int,
         centroids: torch.Tensor,
-        unit: torch.Tensor,
     ) -> None:
-        """Fit the head ranking / weights from the support chunks: ``centroids`` (C, K, d) and
-        ``unit`` (K, d, C) unit centroids, both float64 on the estimator's device."""
+        """Fit the head ranking / weights from the support chunks and ``centroids`` (C, K, d),
+        float64 on the estimator's device (``centroids_`` holds a copy: they may be overwritten)."""
         raise NotImplementedError
 
     def _prepare(self, unit: torch.Tensor) -> None:
@@ -154,6 +168,15 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def _device(self) -> torch.device:
         return torch.device(self.device)
+
+    def _view_rows(self, feats: Features) -> int:
+        """Rows per view of the features (:meth:`Features.views`: read without a copy where the
+        input allows it, converted block by block into reused buffers): ``chunk_size``, or as many
+        as keep a chunk in the stored dtype near a quarter of CHUNK_BYTES."""
+        if self.chunk_size is not None:
+            return int(self.chunk_size)
+        itemsize = torch.finfo(feats.storage_dtype).bits // 8
+        return max(1, CHUNK_BYTES // 4 // (feats.K * feats.d * itemsize))
 
     def _rows(self, K: int) -> int:
         itemsize = torch.finfo(self._dtype()).bits // 8

@@ -12,8 +12,8 @@ from sklearn.utils._param_validation import StrOptions
 
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
-from calm.classifiers.features import CHUNK_BYTES, Features
-from calm.classifiers.kernels import calm_scores, leave_one_out_, needs_shift, similarities, support_margins
+from calm.classifiers.features import Features
+from calm.classifiers.kernels import Workspace, calm_scores, needs_shift, support_margin_sums
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]
@@ -109,7 +109,6 @@ class CALM(HeadClassifier):
         counts: torch.Tensor,
         rows: int,
         centroids: torch.Tensor,
-        unit: torch.Tensor,
     ) -> None:
         C, K, dtype, dev = len(counts), feats.K, centroids.dtype, centroids.device
         loo = self.reliability == "leave-one-out"
@@ -120,14 +119,10 @@ class CALM(HeadClassifier):
                 UserWarning,
                 stacklevel=4,
             )
-        margin_sum = torch.zeros((C, K), dtype=dtype, device=dev)
-        for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
-            xb, yb = xb.to(dev), y_t[start : start + len(xb)]
-            s = similarities(xb, unit, inplace=not loo)  # Eq. 2, (K, n, C)
-            if loo:
-                leave_one_out_(s, xb, yb, centroids, counts)
-            m = support_margins(s, yb, self.tau_p)  # Eq. 5-6, (K, n)
-            margin_sum.index_add_(0, yb, m.T)
+        views = ((start, xb.to(dev)) for start, xb in feats.views(self._view_rows(feats)))  # checked in fit
+        margin_sum = support_margin_sums(
+            views, y_t, centroids, self.tau_p, counts if loo else None
+        ).T  # (C, K)
         if self.weighting == "class":
             r = margin_sum / counts.to(dtype)[:, None]  # Eq. 11
         else:
@@ -164,17 +159,13 @@ class CALM(HeadClassifier):
         if tau_p != self.tau_p or scaled.device != dev:  # set_params since fit: keep the fitted tensors
             scaled, w_t = (self._unit_used / self.tau_p).to(dev), w_t.to(dev)
         shift = needs_shift(self.tau_p, C, dtype)
-        store = feats.storage_dtype if feats.storage_dtype != torch.float64 else dtype  # converted per block
-        for start, xb in feats.chunks(self._query_rows(len(w_t)), store, heads=self._used):
-            out[start : start + len(xb)] = calm_scores(xb.to(dev), scaled, w_t, shift).cpu().numpy()
+        heads = None if self._used is None else torch.from_numpy(self._used).to(dev)
+        ws = Workspace(dev)
+        for start, xb in feats.views(self._view_rows(feats)):
+            what = f"{feats.name} (rows {start}..{start + len(xb) - 1})"
+            scores = calm_scores(xb.to(dev), scaled, w_t, shift, heads=heads, ws=ws, what=what)
+            out[start : start + len(xb)] = scores.cpu().numpy()
         return out
-
-    def _query_rows(self, K: int) -> int:
-        """Rows per query chunk: ``chunk_size``, or as many as keep the chunk's features near a
-        quarter of CHUNK_BYTES (the similarities are computed per head block, see calm_scores)."""
-        if self.chunk_size is not None:
-            return int(self.chunk_size)
-        return max(1, CHUNK_BYTES // 4 // (K * self.head_dim_ * (torch.finfo(self._dtype()).bits // 8)))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Scores normalised to sum to 1 over classes."""

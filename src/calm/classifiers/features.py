@@ -79,6 +79,29 @@ class Features:
                 raise ValueError(f"{self.name} contains NaN or infinite values (rows {start}..{stop - 1})")
             yield start, t
 
+    def views(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, rows start:start + rows) as torch tensors without a copy where the input allows
+        it (NumPy arrays, memory maps, tensors): read-only views in the stored dtype, which the
+        caller converts block by block into its own buffers; no finiteness check."""
+        for start in range(0, self.n, rows):
+            yield start, _view_tensor(self.X[start : min(start + rows, self.n)])
+
+
+def _view_tensor(chunk: Any) -> torch.Tensor:
+    """``chunk`` as a torch tensor sharing its memory when possible (never written through)."""
+    if isinstance(chunk, torch.Tensor):
+        return chunk.detach()
+    a = np.asarray(chunk)
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        a = a.astype(np.float64 if a.dtype.kind in "iu" else np.float32)
+    elif not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if not a.flags.writeable:  # e.g. a read-only memory map: the view is only read
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(a)
+    return torch.from_numpy(a)
+
 
 def _as_array(X: Any, name: str) -> Any:
     """X as a real-valued torch tensor or array-like (``shape``, ``dtype``, slicing); ValueError else."""

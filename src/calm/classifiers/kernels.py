@@ -5,12 +5,19 @@ They give the same numbers as the pure functions of :mod:`calm._heads` while ove
 the caller owns, so a chunk's working set is one (K, n, C) tensor. Shapes: chunk ``xb`` (n, K, d),
 unit centroids laid out (K, d, C), similarities (K, n, C), class indices ``yb`` (n,).
 
-The query path (:func:`calm_scores`) works on blocks of heads small enough for the CPU caches:
-for each block one batched matmul of many rows per head, then exp in place, the per-head
-normaliser and the weighted sum over heads, so the (K, n, C) posteriors never reach main memory.
+CALM's passes (:func:`calm_scores` for queries, :func:`support_margin_sums` for the float64 support
+side) read row chunks as views of the caller's features (e.g. a float16 memory map) and work on
+blocks of heads: runs of heads are converted and normalised at once into a reused buffer
+(:class:`Workspace`: no large allocation per block), then each cache-sized block gets one batched
+matmul of many rows per head, exp in place and its reductions (queries: the per-head normaliser
+and the weighted sum over heads as one baddbmm; support: the clamped margins summed per class),
+so the (K, n, C) posteriors never reach main memory.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,18 +26,33 @@ from calm import _heads as H
 
 __all__ = [
     "BLOCK_BYTES",
+    "LOG2E",
+    "SUPPORT_BLOCK_BYTES",
+    "SUPPORT_READ_BYTES",
+    "Workspace",
     "calm_scores",
+    "check_finite",
     "head_block",
-    "leave_one_out_",
     "needs_shift",
     "normalize_",
     "similarities",
+    "support_margin_sums",
     "support_margins",
     "unit_layout",
 ]
 
+#: log2(e): on the float64 support side exp(s / tau_p) is computed as exp2(s * LOG2E / tau_p),
+#: the factor folded into the centroids (torch's float64 exp2 takes under half of exp's time; in
+#: float32, a quarter, but with about 15 times exp's rounding error, so the query path keeps exp).
+LOG2E = 1.0 / math.log(2.0)
 #: Target size of one head block's similarities in :func:`calm_scores` (fits in L2/L3 caches).
-BLOCK_BYTES = 2 * 2**20
+BLOCK_BYTES = 4 * 2**20
+#: Target size of the features converted at once in :func:`calm_scores` (long runs of each row).
+READ_BYTES = 8 * 2**20
+#: The same as BLOCK_BYTES and READ_BYTES for :func:`support_margin_sums` (float64; larger blocks
+#: than the query path's, as fewer parallel regions per tile fare better when threads are preempted).
+SUPPORT_BLOCK_BYTES = 8 * 2**20
+SUPPORT_READ_BYTES = 16 * 2**20
 
 
 def unit_layout(centroids: torch.Tensor) -> torch.Tensor:
@@ -44,14 +66,17 @@ def needs_shift(tau_p: float, n_classes: int, dtype: torch.dtype) -> bool:
     return bool(1.0 / tau_p + np.log(n_classes) + 1.0 > np.log(torch.finfo(dtype).max) - 1.0)
 
 
-def normalize_(x: torch.Tensor) -> torch.Tensor:
+def normalize_(x: torch.Tensor, what: str | None = None) -> torch.Tensor:
     """``x`` divided in place by its L2 norm along the last axis, for any scale (as
     :func:`calm._heads.l2_normalize`: rescaled by the largest magnitude first only when a norm
-    would overflow or underflow)."""
+    would overflow or underflow); with ``what``, a ValueError naming it if ``x`` holds NaN or
+    infinite values (seen in the norms: no extra pass over ``x``)."""
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    if not H.norms_in_range(norms):
+    if not H.norms_in_range(norms):  # in range implies finite
         x.div_(x.abs().amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny))
-        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # NaN where x held NaN or inf
+        if what is not None:
+            check_finite(norms, what)
     return x.div_(norms.clamp_min_(H.EPS))
 
 
@@ -62,59 +87,148 @@ def similarities(xb: torch.Tensor, unit: torch.Tensor, inplace: bool = False) ->
     return torch.matmul(x.transpose(0, 1), unit)
 
 
-def support_margins(s: torch.Tensor, yb: torch.Tensor, tau_p: float) -> torch.Tensor:
-    """Eq. 5-6 on support similarities ``s`` (K, n, C), overwriting them, -> (K, n): the same
-    numbers as ``clamped_margins(head_posteriors(s, tau_p), yb)``, as
+def support_margins(
+    s: torch.Tensor, yb: torch.Tensor, tau_p: float, scaled: bool = False, shift: bool | None = None
+) -> torch.Tensor:
+    """Eq. 5-6 on support similarities ``s`` (K, n, C) (already times LOG2E / tau_p if
+    ``scaled``; ``shift``: :func:`needs_shift`, computed if None), overwriting them, -> (K, n):
+    the same numbers as ``clamped_margins(head_posteriors(s, tau_p), yb)``, as
     p_c - max_{c' != c} p_c' = (e_c - max_{c' != c} e_c') / sum_c' e_c' with e = exp(s / tau_p)."""
     K, n, C = s.shape
     idx = yb.view(1, n, 1).expand(K, n, 1)
-    s.mul_(1.0 / tau_p)
-    if needs_shift(tau_p, C, s.dtype):
+    if not scaled:
+        s.mul_(LOG2E / tau_p)
+    if needs_shift(tau_p, C, s.dtype) if shift is None else shift:
         s.sub_(s.amax(dim=-1, keepdim=True))
-    own = s.gather(-1, idx).squeeze(-1).exp_()
-    s.exp_()
+    own = s.gather(-1, idx).squeeze(-1).exp2_()
+    s.exp2_()
     total = s.sum(dim=-1)
     rivals = s.scatter_(-1, idx, 0.0).amax(dim=-1)
     return ((own - rivals) / total).clamp_min_(0)
 
 
-def leave_one_out_(
-    s: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor
-) -> None:
-    """In place on s (K, n, C): s_j(x_i, c_i) becomes the cosine to mu^{-i}_{c_i} =
-    (n_c mu_c - h_i) / (n_c - 1) for clips whose class has more than one clip (the scale
-    1 / (n_c - 1) does not change a cosine). ``centroids`` (C, K, d), ``counts`` (C,)."""
-    K, n, _ = s.shape
-    n_c = counts[yb].to(xb.dtype)  # (n,)
-    rest = n_c[:, None, None] * centroids[yb].to(xb.dtype) - xb  # (n, K, d)
-    loo = (H.l2_normalize(xb) * H.l2_normalize(rest)).sum(dim=-1)  # (n, K)
-    idx = yb.view(1, n, 1).expand(K, n, 1)
-    own = s.gather(-1, idx).squeeze(-1)  # (K, n)
-    s.scatter_(-1, idx, torch.where((n_c > 1)[None, :], loo.T.to(s.dtype), own).unsqueeze(-1))
+def head_block(n: int, C: int, itemsize: int, block_bytes: int | None = None) -> int:
+    """Heads per block so that a block's (heads, n, C) similarities take about ``block_bytes``
+    (default :data:`BLOCK_BYTES`)."""
+    return max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, n * C * itemsize))
 
 
-def head_block(n: int, C: int, itemsize: int) -> int:
-    """Heads per block so that a block's (heads, n, C) similarities take about BLOCK_BYTES."""
-    return max(1, BLOCK_BYTES // max(1, n * C * itemsize))
+class Workspace:
+    """Buffers reused across the blocks of one fit or predict call, so that the loops allocate
+    nothing large (a fresh allocation of many MiB costs page faults on every block)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` (uninitialised), reusing ``name``'s memory."""
+        numel = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
 
 
-def calm_scores(xb: torch.Tensor, scaled: torch.Tensor, w_t: torch.Tensor, shift: bool) -> torch.Tensor:
+def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` itself; ValueError naming ``what`` if it holds NaN or infinite values."""
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN propagates
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return x
+
+
+def calm_scores(
+    xb: torch.Tensor,
+    scaled: torch.Tensor,
+    w_t: torch.Tensor,
+    shift: bool,
+    heads: torch.Tensor | None = None,
+    ws: Workspace | None = None,
+    what: str = "X",
+) -> torch.Tensor:
     """Eq. 2, 5 and 13 for one chunk: ``scaled`` = unit centroids / tau_p (K, d, C), weights
-    ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C). ``xb`` (n, K, d), in
-    any floating dtype (e.g. the store's float16), is read, never written; heads are processed in
-    cache-sized blocks, each converted to ``scaled``'s dtype as it is laid out head-major."""
-    n, K, _ = xb.shape
-    C = scaled.shape[-1]
-    out = torch.zeros((n, C), dtype=scaled.dtype, device=scaled.device)
+    ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C). ``xb`` (n, K_all, d),
+    in any dtype and on any device (e.g. a view of a float16 memory map), is read, never written;
+    ``heads`` (K,) selects the heads ``scaled`` describes (None: all). Heads are processed in
+    cache-sized blocks, each converted to ``scaled``'s dtype into ``ws``'s buffers as it is laid
+    out head-major and checked for NaN / infinite values (ValueError naming ``what``)."""
+    n = xb.shape[0]
+    K, d, C = scaled.shape
+    dtype, dev = scaled.dtype, scaled.device
+    ws = ws if ws is not None else Workspace(dev)
+    out = torch.zeros((n, 1, C), dtype=dtype, device=dev)
     step = head_block(n, C, scaled.element_size())
-    for h0 in range(0, K, step):
-        h1 = min(h0 + step, K)
-        x = normalize_(xb[:, h0:h1].transpose(0, 1).to(scaled.dtype, memory_format=torch.contiguous_format))
-        e = torch.matmul(x, scaled[h0:h1])  # Eq. 2 over tau_p, (k, n, C)
-        if shift:
-            e.sub_(e.amax(dim=-1, keepdim=True))
-        e.exp_()
-        z = e.sum(dim=-1, keepdim=True)  # Eq. 5's normaliser, (k, n, 1)
-        e.mul_(w_t[h0:h1, None, :]).div_(z)  # w_c^j p_c^j
-        out.add_(e.sum(dim=0))  # Eq. 13
-    return out
+    read = step * max(1, READ_BYTES // (n * d * scaled.element_size() * step))
+    for r0 in range(0, K, read):  # long runs of each row are read, converted and normalised at once
+        r1 = min(r0 + read, K)
+        src = xb[:, r0:r1] if heads is None else xb[:, heads[r0:r1]]
+        xr = normalize_(ws.get("x", (r1 - r0, n, d), dtype).copy_(src.transpose(0, 1)), what)
+        for h0 in range(r0, r1, step):
+            h1 = min(h0 + step, r1)
+            x = xr[h0 - r0 : h1 - r0]
+            e = torch.matmul(x, scaled[h0:h1], out=ws.get("e", (h1 - h0, n, C), dtype))  # Eq. 2 / tau_p
+            if shift:
+                e.sub_(e.amax(dim=-1, keepdim=True))
+            e.exp_()
+            r = e.sum(dim=-1, keepdim=True).reciprocal_()  # 1 / Eq. 5's normaliser, (k, n, 1)
+            e.mul_(w_t[h0:h1, None, :])  # w_c^j exp(s_c^j / tau_p)
+            out.baddbmm_(r.permute(1, 2, 0), e.transpose(0, 1))  # Eq. 13: sum_j w_c^j p_c^j
+    return out.squeeze(1)
+
+
+def support_margin_sums(
+    views: Iterator[tuple[int, torch.Tensor]],
+    y_t: torch.Tensor,
+    centroids: torch.Tensor,
+    tau_p: float,
+    loo_counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Eq. 2, 5 and 6 over the support set in float64: per head and class, the sum of the clamped
+    margins of that class's clips -> (K, C). ``views`` yields (start, rows (n, K, d)) in any dtype,
+    ``y_t`` (N,) class indices, ``centroids`` (C, K, d) float64 (overwritten by the scaled unit
+    centroids unless ``loo_counts`` is given). With ``loo_counts`` (the (C,)
+    clips per class), a clip's own-class similarity is its cosine to the centroid of the other
+    clips of its class (``reliability="leave-one-out"``; in-sample for classes of one clip).
+    Rows are processed in blocks of heads, so that each block's similarities stay cache-sized and
+    each matmul has many rows, after runs of heads are read and converted at once."""
+    C, K, d = centroids.shape
+    dtype, dev = centroids.dtype, centroids.device
+    shift = needs_shift(tau_p, C, dtype)
+    sums = torch.zeros((K, C), dtype=dtype, device=dev)
+    ws = Workspace(dev)
+    # unit centroids times log2(e) / tau_p (Eq. 2, 5), (C, K, d): strided views in the matmuls
+    scaled = normalize_(centroids if loo_counts is None else centroids.clone()).mul_(LOG2E / tau_p)
+    for start, xb in views:
+        n = xb.shape[0]
+        yb = y_t[start : start + n]
+        step = head_block(n, C, centroids.element_size(), SUPPORT_BLOCK_BYTES)
+        read = step * max(1, SUPPORT_READ_BYTES // (n * d * centroids.element_size() * step))
+        for r0 in range(0, K, read):
+            r1 = min(r0 + read, K)
+            xr = ws.get("x", (r1 - r0, n, d), dtype).copy_(xb[:, r0:r1].transpose(0, 1))
+            loo = None if loo_counts is None else _loo_cosines(xr, yb, centroids[:, r0:r1], loo_counts)
+            normalize_(xr)
+            for h0 in range(0, r1 - r0, step):
+                h1 = min(h0 + step, r1 - r0)
+                u = scaled[:, r0 + h0 : r0 + h1].permute(1, 2, 0)  # (k, d, C)
+                s = torch.matmul(xr[h0:h1], u, out=ws.get("s", (h1 - h0, n, C), dtype))
+                if loo is not None:  # the own-class entries, leave-one-out
+                    idx = yb.view(1, n, 1).expand(h1 - h0, n, 1)
+                    s.scatter_(
+                        -1, idx, torch.where(loo[1], s.gather(-1, idx), loo[0][h0:h1] * (LOG2E / tau_p))
+                    )
+                m = support_margins(s, yb, tau_p, scaled=True, shift=shift)  # Eq. 5-6, (k, n)
+                sums[r0 + h0 : r0 + h1].index_add_(1, yb, m)
+    return sums
+
+
+def _loo_cosines(
+    x: torch.Tensor, yb: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a block ``x`` (k, n, d) of raw features and ``centroids`` (C, k, d) of the same heads:
+    the cosines (k, n, 1) of every clip to its class centroid without it,
+    mu^{-i} = (n_c mu_c - h_i) / (n_c - 1), and the mask (1, n, 1) of clips alone in their class."""
+    n_c = counts[yb].to(x.dtype)  # (n,)
+    rest = n_c[None, :, None] * centroids[yb].transpose(0, 1) - x  # (k, n, d)
+    loo = (H.l2_normalize(x) * H.l2_normalize(rest)).sum(dim=-1, keepdim=True)
+    return loo, (n_c <= 1).view(1, -1, 1)

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import StrOptions
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
-from calm.classifiers.kernels import normalize_, similarities, support_margins
+from calm.classifiers.kernels import normalize_, similarities, support_margins, unit_layout
 from calm.serialization import TensorSpec
 
 __all__ = ["SAV"]
@@ -95,9 +95,9 @@ class SAV(HeadClassifier):
         counts: torch.Tensor,
         rows: int,
         centroids: torch.Tensor,
-        unit: torch.Tensor,
     ) -> None:
         K, dtype, dev = feats.K, centroids.dtype, centroids.device
+        unit = unit_layout(centroids)  # (K, d, C)
         correct = torch.zeros(K, dtype=torch.int64, device=dev)
         margin_sum = torch.zeros(K, dtype=dtype, device=dev)
         for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
