@@ -76,3 +76,35 @@ def test_batcher_groups_waiting_clips_and_resolves_each_future():
     assert batcher.clips == 7 and batcher.batches == len(forward.calls)
     with pytest.raises(RuntimeError):
         batcher.submit(8)
+
+
+def test_auto_replicas_one_per_core_within_the_weight_budget_on_cpu_only():
+    from calm.serve.batcher import REPLICA_BUDGET_BYTES, auto_replicas
+
+    tiny = 80 * 2**20  # about whisper-tiny.en in bf16
+    assert (
+        auto_replicas(tiny, "cpu", 2) == 2 and auto_replicas(tiny, "cpu", 64) == REPLICA_BUDGET_BYTES // tiny
+    )
+    assert auto_replicas(15 * 2**30, "cpu", 16) == 1  # a 7B model: one copy
+    assert auto_replicas(tiny, "cuda", 16) == 1 and auto_replicas(tiny, "cuda:1", 16) == 1
+    assert auto_replicas(None, "cpu", 8) == 1 and auto_replicas(tiny, "cpu", 1) == 1
+
+
+def test_predictor_weight_bytes_and_replicate():
+    import torch
+
+    from calm.inference import Predictor
+
+    class Ext:
+        def __init__(self):
+            self.model = torch.nn.Linear(4, 3)  # 12 weights + 3 biases, float32
+
+    class Clf:
+        classes_ = ["a", "b"]
+
+    pred = Predictor(Clf(), Ext())
+    assert pred.weight_bytes() == 15 * 4
+    twin = pred.replicate()
+    assert twin.classifier is pred.classifier and twin.extractor.model is not pred.extractor.model
+    assert torch.equal(twin.extractor.model.weight, pred.extractor.model.weight)
+    assert Predictor(Clf(), object()).weight_bytes() is None

@@ -185,6 +185,14 @@ class Predictor:
     def model_id(self) -> str:
         return str(self.extractor.model_id)
 
+    def weight_bytes(self) -> int | None:
+        """Bytes of the model's parameters and buffers (None when the extractor has no torch model)."""
+        model = getattr(self.extractor, "model", None)
+        if model is None or not hasattr(model, "parameters"):
+            return None
+        tensors = [*model.parameters(), *model.buffers()]
+        return int(sum(t.numel() * t.element_size() for t in tensors))
+
     def replicate(self) -> Predictor:
         """A predictor with its own copy of the model (weights copied in memory, nothing re-read)
         and this one's classifier (prediction only reads it): `forward` of the two may then run in

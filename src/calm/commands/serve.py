@@ -45,10 +45,10 @@ INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[se
 )
 @click.option(
     "--replicas",
-    type=click.IntRange(min=1),
-    default=1,
+    default="auto",
     show_default=True,
-    help="Copies of the model; a batch is cut into one part per copy, run at once (CPU: one per core).",
+    help="Copies of the model; a batch is cut into one part per copy, run at once. auto: on a CPU "
+    "one per core while all copies' weights fit in 2 GiB, else 1.",
 )
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
@@ -80,11 +80,8 @@ def serve(
         raise click.ClickException(f"{INSTALL_HINT} ({exc})") from None
     from calm.inference import load_predictor
 
-    if threads or replicas > 1:
-        import torch
-
-        # replicas run at once: split the cores between them unless --threads says otherwise
-        torch.set_num_threads(threads or max(1, torch.get_num_threads() // replicas))
+    if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
+        raise click.BadParameter(f"{replicas!r}: give a number >= 1 or auto", param_hint="--replicas")
 
     def announce(choice) -> None:
         click.echo(f"calm serve: loading {choice.describe()}", err=True)
@@ -93,6 +90,17 @@ def serve(
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    import torch
+
+    from calm.serve.batcher import auto_replicas
+
+    cores = torch.get_num_threads()
+    replicas = auto_replicas(predictor.weight_bytes(), device, cores) if replicas == "auto" else int(replicas)
+    if threads or replicas > 1:
+        # the copies run at once: the cores are split between them unless --threads says otherwise
+        torch.set_num_threads(threads or max(1, cores // replicas))
+    copies = f"{replicas} cop{'y' if replicas == 1 else 'ies'} of the model"
+    click.echo(f"calm serve: {copies}, {torch.get_num_threads()} torch threads each", err=True)
     config = ServeConfig(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
