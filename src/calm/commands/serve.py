@@ -90,17 +90,7 @@ def serve(
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    import torch
-
-    from calm.serve.batcher import auto_replicas
-
-    cores = torch.get_num_threads()
-    replicas = auto_replicas(predictor.weight_bytes(), device, cores) if replicas == "auto" else int(replicas)
-    if threads or replicas > 1:
-        # the copies run at once: the cores are split between them unless --threads says otherwise
-        torch.set_num_threads(threads or max(1, cores // replicas))
-    copies = f"{replicas} cop{'y' if replicas == 1 else 'ies'} of the model"
-    click.echo(f"calm serve: {copies}, {torch.get_num_threads()} torch threads each", err=True)
+    replicas = _copies(predictor, replicas, threads, device)
     config = ServeConfig(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
@@ -115,3 +105,20 @@ def serve(
     sys.exit(
         run_server(predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level)
     )
+
+
+def _copies(predictor, replicas: str, threads: int | None, device: str) -> int:
+    """`--replicas` as a number (auto: `calm.serve.batcher.auto_replicas`), with torch's threads
+    split between the copies unless `--threads` is given; says what it chose on stderr."""
+    import torch
+
+    from calm.serve.batcher import auto_replicas
+
+    cores = torch.get_num_threads()
+    n = auto_replicas(predictor.weight_bytes(), device, cores) if replicas == "auto" else int(replicas)
+    if threads or n > 1:
+        # the copies run at once: the cores are split between them unless --threads says otherwise
+        torch.set_num_threads(threads or max(1, cores // n))
+    copies = f"{n} cop{'y' if n == 1 else 'ies'} of the model"
+    click.echo(f"calm serve: {copies}, {torch.get_num_threads()} torch threads each", err=True)
+    return n
