@@ -207,3 +207,48 @@ def test_calm_fit_metadata_keeps_the_key_that_predict_checks(nested):
     other = BandExtractor(model_id="fake-other", revision="r2")
     with pytest.raises(ModelMismatchError, match="revision: fitted on 'r1', now 'r2'"):
         check_extraction_key(metadata, other, choose_extractor(metadata, model="fake-other"))
+
+
+def test_a_classifier_fitted_on_windowed_features_is_served_with_windows():
+    from calm.inference import choose_extractor
+
+    key = {"model": "whisper-tiny.en", "revision": "r", "options": {}, "long": "windows"}
+    metadata = {"model": "whisper-tiny.en", "extraction_key": {"extractor": key}, "options": {}}
+    assert choose_extractor(metadata).kwargs["long"] == "windows"
+    del key["long"]
+    assert "long" not in choose_extractor(metadata).kwargs
+
+
+@pytest.mark.slow
+def test_extract_fit_predict_round_trip_keeps_the_extraction_options(tmp_path):
+    """`calm extract -o long=windows -o encoder_length=clip` -> `calm fit` -> `calm predict`: the
+    classifier file carries the full key, and predict rebuilds the same extractor (the key check
+    would refuse any other)."""
+    import shutil
+
+    from tests.helpers import shared_data
+
+    root = shared_data() / "speech_commands_mini"
+    if not root.is_dir():
+        pytest.skip(f"real speech_commands_mini audio not found at {root} (set CALM_TEST_DATA)")
+    data = tmp_path / "data"
+    for word in ("yes", "no"):
+        (data / word).mkdir(parents=True)
+        for f in sorted((root / word).glob("*.wav"))[:3]:
+            shutil.copy(f, data / word / f.name)
+    store, model = tmp_path / "store", tmp_path / "m.safetensors"
+    options = ["-o", "long=windows", "-o", "encoder_length=clip"]
+    run = CliRunner().invoke
+    res = run(main, ["extract", "--data", f"folder:{data}", "--out", str(store), *options, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["fit", str(store), "--out", str(model)])
+    assert res.exit_code == 0, res.output
+    import calm
+
+    stored = calm.load(model).metadata_["extraction_key"]["extractor"]
+    assert stored["long"] == "windows" and stored["options"]["encoder_length"] == "clip"
+    queries = [str(p) for p in sorted(data.glob("*/*.wav"))]
+    res = run(main, ["predict", str(model), *queries, "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert [r["label"] for r in rows] == ["no"] * 3 + ["yes"] * 3  # its own support clips

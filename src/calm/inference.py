@@ -124,6 +124,9 @@ def choose_extractor(metadata: dict, *, model: str | None = None, device: str = 
     if metadata.get("layers") is not None:
         kwargs["layers"] = metadata["layers"]
     kwargs.update(metadata.get("options") or {})
+    stored = (metadata.get("extraction_key") or {}).get("extractor") or {}
+    if stored.get("long"):  # features averaged over windows (`long="windows"`), as when fitted
+        kwargs["long"] = stored["long"]
     kwargs["device"] = device
     return ExtractorChoice(str(model or named), kwargs, "override" if model else "metadata")
 
