@@ -108,3 +108,27 @@ def test_predictor_weight_bytes_and_replicate():
     assert twin.classifier is pred.classifier and twin.extractor.model is not pred.extractor.model
     assert torch.equal(twin.extractor.model.weight, pred.extractor.model.weight)
     assert Predictor(Clf(), object()).weight_bytes() is None
+
+
+def test_a_model_that_cannot_be_copied_is_served_alone(caplog):
+    import threading
+
+    pytest.importorskip("fastapi")
+    from calm.inference import Predictor
+    from calm.serve.app import ServeConfig, Service
+
+    class Ext:
+        def __init__(self):
+            self.lock = threading.Lock()  # deepcopy refuses it
+
+    class Clf:
+        classes_ = ["a", "b"]
+
+    with caplog.at_level("WARNING", logger="calm.serve"):
+        service = Service(Predictor(Clf(), Ext()), ServeConfig(replicas=3))
+    try:
+        assert len(service.replicas) == 1
+        assert "could not copy the model" in caplog.text and "copies in use: 1" in caplog.text
+    finally:
+        service.replicas.close()
+        service.decode_pool.shutdown()

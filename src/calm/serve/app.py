@@ -10,6 +10,7 @@ failure is answered for that request only (see `calm.serve.errors`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -28,6 +29,8 @@ from calm.serve.accesslog import AccessLog
 from calm.serve.batcher import Batcher, Replicas
 from calm.serve.errors import CODES, ApiError, error_schema, install_handlers
 from calm.serve.uploads import Upload, read_uploads
+
+log = logging.getLogger("calm.serve")
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,7 @@ class Service:
 
     def __init__(self, predictor: Predictor, config: ServeConfig):
         self.predictor, self.config = predictor, config
-        copies = [predictor, *(predictor.replicate() for _ in range(config.replicas - 1))]
-        self.replicas = Replicas([p.forward for p in copies])
+        self.replicas = Replicas([p.forward for p in _copies(predictor, config.replicas)])
         self.batcher = Batcher(self.replicas, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3)
         self.decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="calm-decode")
         self.admitted = 0  # clips in the service (reading, decoding, queued or in the model); event loop only
@@ -101,6 +103,24 @@ class Service:
             "model": self.predictor.model_id,
             "batch_size": batch_size,
         }
+
+
+def _copies(predictor: Predictor, n: int) -> list[Predictor]:
+    """`predictor` and n - 1 copies of its model; a model that cannot be copied is served alone
+    (logged), since the copies only add throughput."""
+    copies = [predictor]
+    for _ in range(n - 1):
+        try:
+            copies.append(predictor.replicate())
+        except Exception as exc:  # e.g. a model holding a lock or a handle that cannot be copied
+            log.warning(
+                "could not copy the model (%s: %s); copies in use: %d",
+                type(exc).__name__,
+                exc,
+                len(copies),
+            )
+            break
+    return copies
 
 
 def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
@@ -244,7 +264,7 @@ async def info(request: Request):
         **service.predictor.info(),
         "classifier": Path(config.model_file).name if config.model_file else None,
         "version": calm.__version__,
-        "limits": {name: getattr(config, name) for name in limits},
+        "limits": {**{name: getattr(config, name) for name in limits}, "replicas": len(service.replicas)},
     }
 
 
