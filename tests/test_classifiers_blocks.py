@@ -1,4 +1,4 @@
-"""The blocked fit and predict passes of CALM (issue 11): feature views read without copying, head
+"""The blocked fit and predict passes of CALM and SAV (issue 11): feature views read without copying, head
 blocks of any size, NaN checks in every block, and the float64 support side against a direct
 computation of Eq. 2, 5 and 6."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from calm import _heads as H
-from calm.classifiers import CALM
+from calm.classifiers import CALM, SAV
 from calm.classifiers import kernels as KN
 from calm.classifiers.features import Features
 from tests.test_classifiers_reference import make_problem
@@ -95,3 +95,37 @@ def test_nan_in_any_block_is_refused(monkeypatch, params):
         bad_fit[5, -1, 0] = value
         with pytest.raises(ValueError, match="NaN or infinite"):
             CALM(**params, chunk_size=4).fit(bad_fit, y)
+
+
+@pytest.mark.parametrize("tie_break", ["index", "margin"])
+def test_sav_support_side_is_the_same_for_any_block_size(monkeypatch, tie_break):
+    X, y, Xq, _ = make_problem(5, n_heads=9, shots=3, n_queries=17, noise=0.6)
+    ref = SAV(k=3, tie_break=tie_break).fit(X, y)
+    _tiny_blocks(monkeypatch)
+    for chunk in (None, 2, 7):
+        clf = SAV(k=3, tie_break=tie_break, chunk_size=chunk).fit(X, y)
+        np.testing.assert_array_equal(clf.head_scores_, ref.head_scores_)
+        np.testing.assert_array_equal(clf.heads_, ref.heads_)
+        if tie_break == "margin":
+            np.testing.assert_allclose(clf.head_margins_, ref.head_margins_, rtol=0, atol=1e-13)
+        np.testing.assert_array_equal(clf.predict(Xq), ref.predict(Xq))
+    bad = X.copy()
+    bad[4, -1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        SAV(k=3, tie_break=tie_break, chunk_size=2).fit(bad, y)
+
+
+def test_support_votes_equal_the_equations():
+    # Eq. 2-3 (accuracy of each head's nearest centroid) and Eq. 5-6 directly in float64
+    X, y, _, _ = make_problem(4, n_heads=6, shots=5, noise=0.8)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    centroids = H.class_centroids(Xt, yt, 4)
+    s = H.cosine_similarities(Xt, centroids)  # (n, K, C)
+    want_correct = (s.argmax(dim=-1) == yt[:, None]).sum(dim=0)
+    want_margins = H.clamped_margins(H.head_posteriors(s, 0.02), yt).sum(dim=0)
+    before = centroids.clone()
+    correct, margins = KN.support_votes(Features(X).views(4), yt, centroids, 0.02)
+    torch.testing.assert_close(correct, want_correct)
+    torch.testing.assert_close(margins, want_margins, rtol=0, atol=1e-13)
+    torch.testing.assert_close(centroids, before, rtol=0, atol=0)  # read, never written
+    assert KN.support_votes(Features(X).views(4), yt, centroids)[1] is None

@@ -17,7 +17,8 @@ so the (K, n, C) posteriors never reach main memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,9 @@ __all__ = [
     "normalize_",
     "similarities",
     "support_margin_sums",
+    "support_blocks",
     "support_margins",
+    "support_votes",
     "unit_layout",
 ]
 
@@ -176,6 +179,39 @@ def calm_scores(
     return out.squeeze(1)
 
 
+def support_blocks(
+    views: Iterator[tuple[int, torch.Tensor]],
+    y_t: torch.Tensor,
+    unit: torch.Tensor,
+    raw: Callable[[torch.Tensor, torch.Tensor, int, int], Any] | None = None,
+) -> Iterator[tuple[torch.Tensor, int, int, torch.Tensor, Any]]:
+    """The support side's blocked similarities (Eq. 2) in ``unit``'s dtype: for every row chunk of
+    ``views`` ((start, rows (n, K, d)) in any dtype) and every cache-sized block of heads h0:h1,
+    (yb, h0, h1, s, extra) with s (h1 - h0, n, C) = normalised rows x ``unit`` (C, K, d, e.g. unit
+    centroids, possibly scaled), computed into a reused buffer (valid until the next block), yb
+    the chunk's class indices from ``y_t``. Runs of heads are read and converted at once; ``raw``,
+    if given, is called on each run before normalisation as raw(x (r1 - r0, n, d), yb, r0, r1),
+    and its result is ``extra`` for the run's blocks."""
+    C, K, d = unit.shape
+    dtype, itemsize = unit.dtype, unit.element_size()
+    ws = Workspace(unit.device)
+    for start, xb in views:
+        n = xb.shape[0]
+        yb = y_t[start : start + n]
+        step = head_block(n, C, itemsize, SUPPORT_BLOCK_BYTES)
+        read = step * max(1, SUPPORT_READ_BYTES // (n * d * itemsize * step))
+        for r0 in range(0, K, read):
+            r1 = min(r0 + read, K)
+            xr = ws.get("x", (r1 - r0, n, d), dtype).copy_(xb[:, r0:r1].transpose(0, 1))
+            extra = None if raw is None else raw(xr, yb, r0, r1)
+            normalize_(xr)
+            for h0 in range(r0, r1, step):
+                h1 = min(h0 + step, r1)
+                u = unit[:, h0:h1].permute(1, 2, 0)  # (k, d, C), a strided view
+                s = torch.matmul(xr[h0 - r0 : h1 - r0], u, out=ws.get("s", (h1 - h0, n, C), dtype))
+                yield yb, h0, h1, s, extra
+
+
 def support_margin_sums(
     views: Iterator[tuple[int, torch.Tensor]],
     y_t: torch.Tensor,
@@ -189,37 +225,47 @@ def support_margin_sums(
     centroids unless ``loo_counts`` is given). With ``loo_counts`` (the (C,)
     clips per class), a clip's own-class similarity is its cosine to the centroid of the other
     clips of its class (``reliability="leave-one-out"``; in-sample for classes of one clip).
-    Rows are processed in blocks of heads, so that each block's similarities stay cache-sized and
-    each matmul has many rows, after runs of heads are read and converted at once."""
+    Blocked as :func:`support_blocks` says."""
     C, K, d = centroids.shape
-    dtype, dev = centroids.dtype, centroids.device
-    shift = needs_shift(tau_p, C, dtype)
-    sums = torch.zeros((K, C), dtype=dtype, device=dev)
-    ws = Workspace(dev)
+    shift = needs_shift(tau_p, C, centroids.dtype)
+    sums = torch.zeros((K, C), dtype=centroids.dtype, device=centroids.device)
     # unit centroids times log2(e) / tau_p (Eq. 2, 5), (C, K, d): strided views in the matmuls
     scaled = normalize_(centroids if loo_counts is None else centroids.clone()).mul_(LOG2E / tau_p)
-    for start, xb in views:
-        n = xb.shape[0]
-        yb = y_t[start : start + n]
-        step = head_block(n, C, centroids.element_size(), SUPPORT_BLOCK_BYTES)
-        read = step * max(1, SUPPORT_READ_BYTES // (n * d * centroids.element_size() * step))
-        for r0 in range(0, K, read):
-            r1 = min(r0 + read, K)
-            xr = ws.get("x", (r1 - r0, n, d), dtype).copy_(xb[:, r0:r1].transpose(0, 1))
-            loo = None if loo_counts is None else _loo_cosines(xr, yb, centroids[:, r0:r1], loo_counts)
-            normalize_(xr)
-            for h0 in range(0, r1 - r0, step):
-                h1 = min(h0 + step, r1 - r0)
-                u = scaled[:, r0 + h0 : r0 + h1].permute(1, 2, 0)  # (k, d, C)
-                s = torch.matmul(xr[h0:h1], u, out=ws.get("s", (h1 - h0, n, C), dtype))
-                if loo is not None:  # the own-class entries, leave-one-out
-                    idx = yb.view(1, n, 1).expand(h1 - h0, n, 1)
-                    s.scatter_(
-                        -1, idx, torch.where(loo[1], s.gather(-1, idx), loo[0][h0:h1] * (LOG2E / tau_p))
-                    )
-                m = support_margins(s, yb, tau_p, scaled=True, shift=shift)  # Eq. 5-6, (k, n)
-                sums[r0 + h0 : r0 + h1].index_add_(1, yb, m)
+
+    def loo(x: torch.Tensor, yb: torch.Tensor, r0: int, r1: int) -> Any:
+        return None if loo_counts is None else (r0, _loo_cosines(x, yb, centroids[:, r0:r1], loo_counts))
+
+    for yb, h0, h1, s, extra in support_blocks(views, y_t, scaled, loo):
+        if extra is not None:  # the own-class entries, leave-one-out
+            r0, (cos, alone) = extra
+            idx = yb.view(1, -1, 1).expand(h1 - h0, -1, 1)
+            own = torch.where(alone, s.gather(-1, idx), cos[h0 - r0 : h1 - r0] * (LOG2E / tau_p))
+            s.scatter_(-1, idx, own)
+        m = support_margins(s, yb, tau_p, scaled=True, shift=shift)  # Eq. 5-6, (k, n)
+        sums[h0:h1].index_add_(1, yb, m)
     return sums
+
+
+def support_votes(
+    views: Iterator[tuple[int, torch.Tensor]],
+    y_t: torch.Tensor,
+    centroids: torch.Tensor,
+    tau_p: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """SAV's support side (Eq. 2-3, and Eq. 5-6 with ``tau_p``): per head, how many support clips
+    its nearest centroid classifies right (K,) int64, and with ``tau_p`` the sum of their clamped
+    margins (K,) (else None). ``centroids`` (C, K, d) float64 is read; blocked as
+    :func:`support_blocks` says."""
+    C, K, _ = centroids.shape
+    unit = normalize_(centroids.clone())
+    shift = None if tau_p is None else needs_shift(tau_p, C, centroids.dtype)
+    correct = torch.zeros(K, dtype=torch.int64, device=centroids.device)
+    margins = None if tau_p is None else torch.zeros(K, dtype=centroids.dtype, device=centroids.device)
+    for yb, h0, h1, s, _ in support_blocks(views, y_t, unit):
+        correct[h0:h1] += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
+        if margins is not None and tau_p is not None:
+            margins[h0:h1] += support_margins(s, yb, tau_p, shift=shift).sum(dim=1)  # Eq. 5-6
+    return correct, margins
 
 
 def _loo_cosines(

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import StrOptions
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
-from calm.classifiers.kernels import normalize_, similarities, support_margins, unit_layout
+from calm.classifiers.kernels import normalize_, support_votes
 from calm.serialization import TensorSpec
 
 __all__ = ["SAV"]
@@ -96,20 +96,14 @@ class SAV(HeadClassifier):
         rows: int,
         centroids: torch.Tensor,
     ) -> None:
-        K, dtype, dev = feats.K, centroids.dtype, centroids.device
-        unit = unit_layout(centroids)  # (K, d, C)
-        correct = torch.zeros(K, dtype=torch.int64, device=dev)
-        margin_sum = torch.zeros(K, dtype=dtype, device=dev)
-        for start, xb in feats.chunks(rows, dtype, check=False):  # checked by the centroid pass
-            xb, yb = xb.to(dev), y_t[start : start + len(xb)]
-            s = similarities(xb, unit, inplace=True)  # Eq. 2, (K, n, C)
-            correct += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
-            if self.tie_break == "margin":
-                margin_sum += support_margins(s, yb, self.tau_p).sum(dim=1)  # Eq. 5-6
+        dev = centroids.device
+        views = ((start, xb.to(dev)) for start, xb in feats.views(self._view_rows(feats)))  # checked in fit
+        tau_p = self.tau_p if self.tie_break == "margin" else None
+        correct, margin_sum = support_votes(views, y_t, centroids, tau_p)  # Eq. 2-3 (and 5-6)
         correct = correct.cpu()
         self.head_scores_ = (correct.to(torch.float64) / feats.n).numpy()
         margins = None
-        if self.tie_break == "margin":
+        if margin_sum is not None:
             self.head_margins_ = (margin_sum / feats.n).cpu().numpy()  # Eq. 7
             margins = self.head_margins_
         else:
