@@ -274,3 +274,17 @@ def test_usage_errors_stay_as_click_prints_them(tmp_path):
     assert res.exit_code == 2 and "Usage:" in res.output and "calm: error" not in res.output
     res = invoke("predict", tmp_path / f"absent-{uuid.uuid4().hex}.safetensors", "x.wav")
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_fit_on_a_store_without_labels(tmp_path):
+    """A store whose clips carry no labels (e.g. an `AudioClassifier` cache) is refused in one line."""
+    from calm.data.base import Clip
+    from calm.store import extract_to_store
+
+    data = make_data(tmp_path / "data", n=2)
+    clips = [Clip(path=p, labels=()) for p in sorted(data.rglob("*.wav"))]
+    store = tmp_path / "unlabelled"
+    extract_to_store(calm.load_extractor("fake-tones"), clips, store, progress=False, allow_failures=False)
+    res = invoke("fit", store, "--out", tmp_path / "m.safetensors")
+    one_error_line(res, str(store), f"{len(clips)} of {len(clips)} clips have no label")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -102,6 +102,10 @@ def _support(y, meta, params: dict[str, Any]):
         except ev.ProtocolError as exc:
             raise click.ClickException(str(exc)) from None
         rows, support_y = episode.support, episode.support_y
-    if ev.task_of(support_y) == "multilabel":
+    try:
+        task = ev.task_of(support_y)
+    except ev.ProtocolError as exc:
+        raise click.ClickException(f"{params['store']}: {exc}") from None
+    if task == "multilabel":
         raise click.ClickException("multi-label rows: use --shots so each support clip stands for one class")
     return rows, support_y

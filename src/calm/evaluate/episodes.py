@@ -59,8 +59,15 @@ def row_labels(y: Labels) -> list[tuple[str, ...]]:
 
 
 def task_of(y: Labels) -> str:
-    """`multilabel` if any clip has several labels, `spoof` for bonafide/spoof, else `single`."""
+    """`multilabel` if any clip has several labels, `spoof` for bonafide/spoof, else `single`;
+    ProtocolError when a clip has no label (e.g. a `calm.AudioClassifier` cache, which stores none)."""
     labels = row_labels(y)
+    unlabelled = sum(not t for t in labels)
+    if unlabelled:
+        raise ProtocolError(
+            f"{unlabelled} of {len(labels)} clips have no label: few-shot fitting and evaluation need "
+            "labelled clips (extract them with `calm extract --data KIND:ROOT`, whose datasets carry labels)"
+        )
     if any(len(t) > 1 for t in labels):
         return "multilabel"
     if {t[0] for t in labels} == {"bonafide", "spoof"}:
