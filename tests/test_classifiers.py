@@ -18,6 +18,7 @@ from sklearn.model_selection import cross_val_score
 import calm
 from calm import _heads as H
 from calm.classifiers import CALM, SAV
+from tests.helpers import readonly_float16_map
 from tests.test_classifiers_reference import make_problem
 
 # ----------------------------------------------------------------------------------------------
@@ -254,11 +255,7 @@ def test_chunking_does_not_change_results(tmp_path):
         np.testing.assert_array_equal(clf.predict(Xq), ref.predict(Xq))
         np.testing.assert_allclose(clf.decision_function(Xq), ref.decision_function(Xq), atol=1e-12)
     # a read-only float16 memory map, as a feature store provides
-    path = tmp_path / "q.f16"
-    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=Xq.shape)
-    mm[:] = Xq
-    mm.flush()
-    ro = np.memmap(path, dtype=np.float16, mode="r", shape=Xq.shape)
+    ro = readonly_float16_map(tmp_path / "q.f16", Xq)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got = CALM(k=3, chunk_size=8).fit(X, y).predict(ro)

@@ -14,6 +14,7 @@ from calm import _heads as H
 from calm.classifiers import CALM, SAV
 from calm.classifiers import kernels as KN
 from calm.classifiers.features import Features
+from tests.helpers import readonly_float16_map
 from tests.test_classifiers_reference import make_problem
 
 CASES = [
@@ -65,11 +66,7 @@ def test_views_share_memory_and_are_never_written(tmp_path):
     (start, v), *rest = Features(X).views(4)
     assert start == 0 and v.shape == (4, 3, 4) and np.shares_memory(v.numpy(), X)
     assert [s for s, _ in rest] == [4, 8]
-    path = tmp_path / "x.f16"
-    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=X.shape)
-    mm[:] = X
-    mm.flush()
-    ro = np.memmap(path, dtype=np.float16, mode="r", shape=X.shape)
+    ro = readonly_float16_map(tmp_path / "x.f16", X)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning about the read-only memory map
         views = list(Features(ro).views(3))

@@ -289,22 +289,27 @@ def test_cli_self_training_methods_end_to_end(tmp_path, tone_dir):
     assert "## Self-training" in (run / "results.md").read_text()
 
 
-def test_cli_inductive_self_training_without_a_split_is_a_one_line_error(tmp_path, tone_dir):
-    from click.testing import CliRunner
-
-    from calm.cli import main
-
-    args = [
+def _evaluate_args(tone_dir, *, shots: str, seeds: str) -> list[str]:
+    """`calm evaluate` on the tone folder with the fake extractor, before the method options."""
+    return [
         "evaluate",
         "--model",
         "fake-tones",
         "--data",
         f"folder:{tone_dir}",
         "--shots",
-        "1",
+        shots,
         "--seeds",
-        "1",
+        seeds,
     ]
+
+
+def test_cli_inductive_self_training_without_a_split_is_a_one_line_error(tmp_path, tone_dir):
+    from click.testing import CliRunner
+
+    from calm.cli import main
+
+    args = _evaluate_args(tone_dir, shots="1", seeds="1")
     res = CliRunner().invoke(
         main, [*args, "--methods", "calm,calm+st", "--no-progress", "--out", str(tmp_path / "r")]
     )
@@ -317,17 +322,7 @@ def test_cli_holdout_runs_inductive_self_training_on_data_without_a_split(tmp_pa
 
     from calm.cli import main
 
-    args = [
-        "evaluate",
-        "--model",
-        "fake-tones",
-        "--data",
-        f"folder:{tone_dir}",
-        "--shots",
-        "1,3",
-        "--seeds",
-        "2",
-    ]
+    args = _evaluate_args(tone_dir, shots="1,3", seeds="2")
     args += ["--methods", "calm,calm+st", "--holdout", "0.25", "--no-figures", "--no-progress"]
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -345,17 +340,7 @@ def test_cli_schedule_options_reach_the_runs_and_bad_values_are_usage_errors(tmp
 
     from calm.cli import main
 
-    args = [
-        "evaluate",
-        "--model",
-        "fake-tones",
-        "--data",
-        f"folder:{tone_dir}",
-        "--shots",
-        "1",
-        "--seeds",
-        "1",
-    ]
+    args = _evaluate_args(tone_dir, shots="1", seeds="1")
     args += ["--methods", "calm,calm+st", "--holdout", "0.25", "--no-figures", "--no-progress"]
     old = ["--st-labelled-weight", "1", "--st-max-labelled", "none", "--st-spread", "2"]
     res = CliRunner().invoke(main, [*args, *old, "--out", str(tmp_path / "r")])

@@ -5,9 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def shared_data() -> Path:
     """Real labelled audio: $CALM_TEST_DATA, else ../shared/data beside the repository."""
     return Path(os.environ.get("CALM_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def readonly_float16_map(path: Path, X: np.ndarray) -> np.memmap:
+    """`X` written to `path` as float16 and mapped back read-only, as a feature store provides it."""
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=X.shape)
+    mm[:] = X
+    mm.flush()
+    return np.memmap(path, dtype=np.float16, mode="r", shape=X.shape)

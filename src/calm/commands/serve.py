@@ -90,7 +90,7 @@ def serve(
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    replicas = _copies(predictor, replicas, threads, device)
+    replicas = _replica_count(predictor, replicas, threads, device)
     config = ServeConfig(
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
@@ -107,7 +107,7 @@ def serve(
     )
 
 
-def _copies(predictor, replicas: str, threads: int | None, device: str) -> int:
+def _replica_count(predictor, replicas: str, threads: int | None, device: str) -> int:
     """`--replicas` as a number (auto: `calm.serve.batcher.auto_replicas`), with torch's threads
     split between the copies unless `--threads` is given; says what it chose on stderr."""
     import torch
