@@ -527,3 +527,28 @@ def test_device_parameter_runs_chunks_there_and_is_not_saved(est, tmp_path):
     assert loaded.device == "cpu" and "device" not in loaded.metadata_
     with pytest.raises((RuntimeError, ValueError)):
         clone(est).set_params(device="no-such-device").fit(X32, y)
+
+
+@pytest.mark.parametrize("tau_p", [0.01, 0.03, 0.1])
+def test_calm_float32_scores_are_as_accurate_as_float32_allows(tau_p):
+    # the query path takes exp as exp2 with log2(e) / tau_p folded into the centroids (issue 11):
+    # against Eq. 13 evaluated in float64 from the fitted state, the float32 scores stay within
+    # float32 rounding of the exponents (|s / tau_p| up to 100: a few 1e-6 at worst)
+    rng = np.random.default_rng(0)
+    C, K, d, n = 12, 24, 16, 400
+    means = rng.normal(size=(C, K, d)) * 0.5 + rng.normal(size=(1, K, d)) * 1.5
+    ys = np.repeat(np.arange(C), 4)
+    Xs = (means[ys] + rng.normal(size=(len(ys), K, d))).astype(np.float32)
+    Xq = (means[rng.integers(0, C, n)] + rng.normal(size=(n, K, d))).astype(np.float32)
+    clf = CALM(k=0.4, tau_p=tau_p).fit(Xs, ys)
+    got = clf.class_scores(Xq)
+    assert got.dtype == np.float32
+    X = H.l2_normalize(torch.from_numpy(Xq.astype(np.float64)))
+    mu = H.l2_normalize(torch.from_numpy(clf.centroids_.astype(np.float64)))
+    p = torch.softmax(torch.einsum("nkd,ckd->nkc", X, mu) / tau_p, dim=-1)
+    truth = torch.einsum("nkc,ck->nc", p, torch.from_numpy(clf.weights_)).numpy()
+    rel = np.abs(got - truth) / truth
+    assert np.median(rel) < 3e-6 and rel.max() < 5e-5
+    top = truth.max(axis=1)
+    assert (np.abs(got.max(axis=1) - top) / top).max() < 5e-6
+    np.testing.assert_array_equal(got.argmax(axis=1), truth.argmax(axis=1))

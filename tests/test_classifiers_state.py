@@ -51,9 +51,11 @@ def test_files_written_before_the_split_load_unchanged(tmp_path, name):
     assert type(clf).__name__ == _header(V1 / f"{name}.safetensors")["estimator"]
     assert clf.metadata_["name"] == name
     q = expected["queries"]
-    # the blocked query path (issue 11) normalises and sums per head block: float32 rounding only
-    np.testing.assert_allclose(clf.decision_function(q), expected[f"{name}_decision"], rtol=1e-6, atol=0)
-    np.testing.assert_allclose(clf.predict_proba(q), expected[f"{name}_proba"], rtol=1e-6, atol=0)
+    # the blocked query path (issue 11) normalises and sums per head block and takes exp as exp2:
+    # float32 rounding only. Scores as small as 1e-7 carry about 4e-6 relative error in float32
+    # (the stored values against float64: 3.8e-6; today's: 6.5e-6), hence rtol 1e-5, not 1e-6.
+    np.testing.assert_allclose(clf.decision_function(q), expected[f"{name}_decision"], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(clf.predict_proba(q), expected[f"{name}_proba"], rtol=1e-5, atol=0)
     np.testing.assert_array_equal(clf.predict(q), expected[f"{name}_predict"])
     # saving it again writes the same layout: header fields, tensor names, dtypes and values
     clf.save(tmp_path / "again.safetensors")

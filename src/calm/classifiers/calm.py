@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import StrOptions
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
-from calm.classifiers.kernels import Workspace, calm_scores, needs_shift, support_margin_sums
+from calm.classifiers.kernels import LOG2E, Workspace, calm_scores, needs_shift, support_margin_sums
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]
@@ -146,7 +146,8 @@ class CALM(HeadClassifier):
         dev = self._device()
         self._unit_used = unit.contiguous().to(dev)  # (K_used, d, C)
         self._w_used = w.T.to(unit.dtype).contiguous().to(dev)  # (K_used, C), in the query dtype
-        self._scaled = (self.tau_p, self._unit_used / self.tau_p)  # the unit centroids over tau_p (Eq. 5)
+        # the unit centroids times log2(e) / tau_p: the matmul gives Eq. 5's exponent in base 2
+        self._scaled = (self.tau_p, self._unit_used * (LOG2E / self.tau_p))
 
     def class_scores(self, X: Any) -> np.ndarray:
         """Raw scores (n, C) of Eq. 13 (Eq. 9 for ``weighting="global"``)."""
@@ -157,7 +158,7 @@ class CALM(HeadClassifier):
         tau_p, scaled = self._scaled
         dev, w_t = self._device(), self._w_used
         if tau_p != self.tau_p or scaled.device != dev:  # set_params since fit: keep the fitted tensors
-            scaled, w_t = (self._unit_used / self.tau_p).to(dev), w_t.to(dev)
+            scaled, w_t = (self._unit_used * (LOG2E / self.tau_p)).to(dev), w_t.to(dev)
         shift = needs_shift(self.tau_p, C, dtype)
         heads = None if self._used is None else torch.from_numpy(self._used).to(dev)
         ws = Workspace(dev)

@@ -44,9 +44,10 @@ __all__ = [
     "unit_layout",
 ]
 
-#: log2(e): on the float64 support side exp(s / tau_p) is computed as exp2(s * LOG2E / tau_p),
-#: the factor folded into the centroids (torch's float64 exp2 takes under half of exp's time; in
-#: float32, a quarter, but with about 15 times exp's rounding error, so the query path keeps exp).
+#: log2(e): exp(s / tau_p) is computed as exp2(s * LOG2E / tau_p) on both sides, the factor folded
+#: into the centroids (so the matmul yields the exponent): torch's exp2 takes under half of exp's
+#: time in float64 and under a third in float32 on cache-resident blocks, and rounds as well (float32,
+#: 1e7 arguments in [-50, 50]: at most 0.84 ulp against exp's 0.56, mean 0.26 ulp for both).
 LOG2E = 1.0 / math.log(2.0)
 #: Target size of one head block's similarities in :func:`calm_scores` (fits in L2/L3 caches).
 BLOCK_BYTES = 4 * 2**20
@@ -149,7 +150,7 @@ def calm_scores(
     ws: Workspace | None = None,
     what: str = "X",
 ) -> torch.Tensor:
-    """Eq. 2, 5 and 13 for one chunk: ``scaled`` = unit centroids / tau_p (K, d, C), weights
+    """Eq. 2, 5 and 13 for one chunk: ``scaled`` = unit centroids * LOG2E / tau_p (K, d, C), weights
     ``w_t`` (K, C), ``shift`` as :func:`needs_shift` says -> scores (n, C). ``xb`` (n, K_all, d),
     in any dtype and on any device (e.g. a view of a float16 memory map), is read, never written;
     ``heads`` (K,) selects the heads ``scaled`` describes (None: all). Heads are processed in
@@ -169,12 +170,12 @@ def calm_scores(
         for h0 in range(r0, r1, step):
             h1 = min(h0 + step, r1)
             x = xr[h0 - r0 : h1 - r0]
-            e = torch.matmul(x, scaled[h0:h1], out=ws.get("e", (h1 - h0, n, C), dtype))  # Eq. 2 / tau_p
+            e = torch.matmul(x, scaled[h0:h1], out=ws.get("e", (h1 - h0, n, C), dtype))  # Eq. 2, base 2
             if shift:
                 e.sub_(e.amax(dim=-1, keepdim=True))
-            e.exp_()
+            e.exp2_()
             r = e.sum(dim=-1, keepdim=True).reciprocal_()  # 1 / Eq. 5's normaliser, (k, n, 1)
-            e.mul_(w_t[h0:h1, None, :])  # w_c^j exp(s_c^j / tau_p)
+            e.mul_(w_t[h0:h1, None, :])  # w_c^j exp(s_c^j / tau_p), as exp2 above
             out.baddbmm_(r.permute(1, 2, 0), e.transpose(0, 1))  # Eq. 13: sum_j w_c^j p_c^j
     return out.squeeze(1)
 
