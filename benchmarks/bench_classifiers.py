@@ -9,11 +9,12 @@ The machine's floor is measured in the same run, in a fresh process: the unavoid
 is one batched similarity product of every support clip (all heads) and every query (the heads some
 class keeps) against the class centroids, plus one pass over the (row, head, class) similarities
 (exp and a sum). The floor times exactly that on float32 tensors already in memory, with the best
-of a few blockings (rows x heads per matmul batch), and CALM's fit + predict is printed as a
-multiple of it. CALM takes exp as exp2 (log2(e) folded into its centroids: the same rounding, a
-third of the time); the same floor with exp2 is timed too and CALM's multiple of it printed as
-information. This VM's speed drifts over minutes, so CALM and the floor run in `--repeats`
-interleaved pairs and the median of the pairs' ratios is reported.
+of a few blockings (rows x heads per matmul batch; each either with torch's threads inside every
+operation or with blocks of rows in parallel threads, as CALM's predict runs its chunks), and
+CALM's fit + predict is printed as a multiple of it. CALM takes exp as exp2 (log2(e) folded into
+its centroids: the same rounding, a third of the time); the same floor with exp2 is timed too and
+CALM's multiple of it printed as information. This VM's speed drifts over minutes, so CALM and
+the floor run in `--repeats` interleaved pairs and the median of the pairs' ratios is reported.
 
 The loop reference costs about a second per (query, head) thousand, so it is timed on a subset
 (all classes and shots, a few heads, a few hundred queries) and extrapolated linearly to the full
@@ -46,6 +47,7 @@ import torch
 
 import calm
 from calm.classifiers.features import Features
+from calm.classifiers.threads import for_each
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,22 +136,34 @@ ESTIMATORS = {
 }
 
 
-def _floor_pass(x: torch.Tensor, u: torch.Tensor, rows: int, K: int, kb: int, exp2: bool = False) -> None:
+def _floor_pass(
+    x: torch.Tensor, u: torch.Tensor, rows: int, K: int, kb: int, exp2: bool = False, chunks: bool = False
+) -> None:
     """exp(similarities) (with `exp2`: exp2, as CALM computes it) and their sum over classes for
     `rows` rows x K heads; `x` (K, n, d) is one block of rows reused (the cost does not depend on
-    the values), `u` (K, d, C)."""
+    the values), `u` (K, d, C). With `chunks`, blocks of rows run in parallel threads with
+    single-threaded torch operations (calm.classifiers.threads.for_each, as CALM's predict does);
+    otherwise one after the other, each operation using all of torch's threads."""
     n = x.shape[1]
-    for start in range(0, rows, n):
-        m = min(n, rows - start)
+
+    def block(m: int, ws: object = None) -> None:
         for h0 in range(0, K, kb):
             e = torch.matmul(x[h0 : h0 + kb, :m], u[h0 : h0 + kb])
             e.exp2_() if exp2 else e.exp_()
             e.sum(dim=-1)
 
+    sizes = [min(n, rows - start) for start in range(0, rows, n)]
+    if chunks:
+        for_each(sizes, block, torch.device("cpu"))
+    else:
+        for m in sizes:
+            block(m)
+
 
 def floor_worker(job: dict) -> dict:
     """The floor in a fresh process: float32 matmuls of the support rows (all heads) and the query
-    rows (used heads) against the centroids plus one exp-and-sum pass, best of a few blockings."""
+    rows (used heads) against the centroids plus one exp-and-sum pass, best of a few blockings and
+    of the two ways of using the threads."""
     C, shots, K, d, _, _ = job["shape"]
     used, queries = job["used_heads"], job["queries"]
     g = torch.Generator().manual_seed(0)
@@ -158,21 +172,24 @@ def floor_worker(job: dict) -> dict:
     for n, block_bytes in ((512, 2 * 2**20), (1024, 8 * 2**20), (256, 4 * 2**20), (2048, 32 * 2**20)):
         x = torch.nn.functional.normalize(torch.randn(K, n, d, generator=g), dim=-1)
         kb = max(1, block_bytes // (n * C * 4))
-        t0 = time.perf_counter()
-        _floor_pass(x, u, min(queries, 2 * n), used, kb)  # a sample of the query side
-        per_row = (time.perf_counter() - t0) / min(queries, 2 * n)
-        if best is None or per_row < best[0]:
-            best = (per_row, n, kb, x)
-    _, n, kb, x = best
+        for chunks in (False, True):
+            sample = min(queries, 4 * n)
+            t0 = time.perf_counter()
+            _floor_pass(x, u, sample, used, kb, chunks=chunks)  # a sample of the query side
+            per_row = (time.perf_counter() - t0) / sample
+            if best is None or per_row < best[0]:
+                best = (per_row, n, kb, chunks, x)
+    _, n, kb, chunks, x = best
     t0, c0 = time.perf_counter(), time.process_time()
-    _floor_pass(x, u, C * shots, K, kb)  # support side: all heads
+    _floor_pass(x, u, C * shots, K, kb, chunks=chunks)  # support side: all heads
     t1 = time.perf_counter()
-    _floor_pass(x, u, queries, used, kb)  # query side: the used heads
+    _floor_pass(x, u, queries, used, kb, chunks=chunks)  # query side: the used heads
     t2, cpu = time.perf_counter(), time.process_time() - c0
-    _floor_pass(x, u, C * shots, K, kb, exp2=True)  # the same work with CALM's exp2
-    _floor_pass(x, u, queries, used, kb, exp2=True)
+    _floor_pass(x, u, C * shots, K, kb, exp2=True, chunks=chunks)  # the same work with CALM's exp2
+    _floor_pass(x, u, queries, used, kb, exp2=True, chunks=chunks)
     t3 = time.perf_counter()
     return {
+        "chunks_in_threads": chunks,
         "support_s": t1 - t0,
         "query_s": t2 - t1,
         "total_s": t2 - t0,
@@ -258,7 +275,8 @@ def run_floor(args, shape, used: int, queries: int) -> dict:
         f"{'floor':<12} {queries:>6} queries  support {row['support_s']:6.1f} s"
         f"  queries {row['query_s']:6.1f} s"
         f"  total {row['total_s']:6.1f} s  (float32 matmul + one exp-and-sum pass; blocks of "
-        f"{row['rows']} rows x {row['heads_per_block']} heads; {used} query heads)",
+        f"{row['rows']} rows x {row['heads_per_block']} heads"
+        f"{', row blocks in parallel threads' if row['chunks_in_threads'] else ''}; {used} query heads)",
         flush=True,
     )
     return row

@@ -14,6 +14,7 @@ from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
 from calm.classifiers.kernels import LOG2E, Workspace, calm_scores, needs_shift, support_margin_sums
+from calm.classifiers.threads import for_each
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]
@@ -161,11 +162,14 @@ class CALM(HeadClassifier):
             scaled, w_t = (self._unit_used * (LOG2E / self.tau_p)).to(dev), w_t.to(dev)
         shift = needs_shift(self.tau_p, C, dtype)
         heads = None if self._used is None else torch.from_numpy(self._used).to(dev)
-        ws = Workspace(dev)
-        for start, xb in feats.views(self._view_rows(feats)):
+
+        def chunk(view: tuple[int, torch.Tensor], ws: Workspace) -> None:
+            start, xb = view
             what = f"{feats.name} (rows {start}..{start + len(xb) - 1})"
             scores = calm_scores(xb.to(dev), scaled, w_t, shift, heads=heads, ws=ws, what=what)
             out[start : start + len(xb)] = scores.cpu().numpy()
+
+        for_each(feats.views(self._view_rows(feats)), chunk, dev)  # chunks in parallel threads on CPU
         return out
 
     def predict_proba(self, X: Any) -> np.ndarray:

@@ -1,0 +1,82 @@
+"""Coarse-grained CPU parallelism for the classifiers' chunk loops.
+
+torch parallelises every operation over its threads, which pays a fork and a join per operation:
+on a predict pass of many small operations per head block (matmul, exp, sums, a baddbmm), that is
+hundreds of short parallel regions per chunk, and each waits for its slowest thread (on a shared
+machine, for a preempted one). :func:`for_each` instead runs whole chunks in parallel, one Python
+thread per torch thread, each thread's torch operations single-threaded (torch releases the GIL
+inside them): measured on the VGGSound-scale benchmark, CALM's predict took about 3.4 s instead of
+4.5 s per 4,096 queries on 2 cores, with identical scores (each row's score depends only on its
+chunk, never on which thread ran it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from itertools import chain
+from typing import TypeVar
+
+import torch
+
+from calm.classifiers.kernels import Workspace
+
+__all__ = ["for_each", "torch_threads"]
+
+T = TypeVar("T")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def for_each(
+    items: Iterable[T], fn: Callable[[T, Workspace], None], device: torch.device, workers: int | None = None
+) -> None:
+    """``fn(item, ws)`` for every item, ``ws`` a :class:`Workspace` owned by the calling thread.
+
+    On a CPU with ``workers`` (default: torch's thread count) above 1 and more than one item,
+    items run in that many threads, each with single-threaded torch operations and its own
+    workspace, at most two items per thread in flight (``items`` may be a lazy reader: memory
+    stays bounded); otherwise in order in this thread. ``fn`` must write only what its item owns
+    (e.g. its rows of an output). The first exception raised by ``fn`` is re-raised here, after
+    the items already started have finished and the rest are dropped."""
+    n_workers = torch.get_num_threads() if workers is None else workers
+    it = iter(items)
+    head = [x for _, x in zip(range(2), it, strict=False)]
+    if device.type != "cpu" or n_workers <= 1 or len(head) < 2:
+        ws = Workspace(device)
+        for item in chain(head, it):
+            fn(item, ws)
+        return
+    local = threading.local()
+
+    def run(item: T) -> None:
+        ws = getattr(local, "ws", None)
+        if ws is None:
+            torch.set_num_threads(1)  # this thread's torch operations (OpenMP and MKL are per thread)
+            ws = local.ws = Workspace(device)
+        fn(item, ws)
+
+    with torch_threads(1), ThreadPoolExecutor(n_workers, thread_name_prefix="calm-chunk") as pool:
+        pending: deque[Future[None]] = deque()
+        try:
+            for item in chain(head, it):
+                pending.append(pool.submit(run, item))
+                if len(pending) >= 2 * n_workers:
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
