@@ -10,9 +10,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 
-from calm.classifiers import CALM
-from calm.classifiers.threads import for_each, torch_threads
+from calm.classifiers import CALM, SAV
+from calm.classifiers.threads import for_each, imap, torch_threads
 from tests.test_classifiers_reference import make_problem
 
 CPU = torch.device("cpu")
@@ -77,3 +78,33 @@ def test_calm_scores_are_the_same_with_chunks_in_parallel_threads():
     last = (len(Xq) - 1) // 7 * 7  # the last chunk's first row
     with torch_threads(2), pytest.raises(ValueError, match=rf"rows {last}\.\.{len(Xq) - 1}\)"):
         clf.class_scores(bad)
+
+
+def test_imap_yields_in_the_items_order():
+    def slow_first(i, ws):
+        time.sleep(0.02 if i % 3 == 0 else 0.0)
+        return i * i
+
+    assert list(imap(range(12), slow_first, CPU, workers=2)) == [i * i for i in range(12)]
+
+
+@pytest.mark.parametrize(
+    "est",
+    [
+        CALM(k=3, chunk_size=4),
+        CALM(k=2, reliability="leave-one-out", chunk_size=3),
+        CALM(k=0.5, weighting="global", chunk_size=5),
+        SAV(k=2, chunk_size=4),
+        SAV(k=3, tie_break="margin", chunk_size=3),
+    ],
+    ids=repr,
+)
+def test_fits_are_the_same_with_support_chunks_in_parallel_threads(est):
+    Xs, ys, _, _ = make_problem(5, shots=6)
+    with torch_threads(1):
+        one = clone(est).fit(Xs, ys)
+    with torch_threads(2):
+        two = clone(est).fit(Xs, ys)
+    for attr in ("centroids_", "reliability_", "weights_", "heads_", "head_scores_"):
+        if hasattr(one, attr):
+            np.testing.assert_array_equal(getattr(one, attr), getattr(two, attr))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from calm import _heads as H
+from calm.classifiers.threads import Workspace, imap
 
 __all__ = [
     "BLOCK_BYTES",
@@ -117,23 +118,6 @@ def head_block(n: int, C: int, itemsize: int, block_bytes: int | None = None) ->
     return max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // max(1, n * C * itemsize))
 
 
-class Workspace:
-    """Buffers reused across the blocks of one fit or predict call, so that the loops allocate
-    nothing large (a fresh allocation of many MiB costs page faults on every block)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of ``shape`` and ``dtype`` (uninitialised), reusing ``name``'s memory."""
-        numel = math.prod(shape)
-        buf = self._bufs.get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
-        return buf[:numel].view(shape)
-
-
 def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
     """``x`` itself; ValueError naming ``what`` if it holds NaN or infinite values."""
     if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN propagates
@@ -193,24 +177,36 @@ def support_blocks(
     the chunk's class indices from ``y_t``. Runs of heads are read and converted at once; ``raw``,
     if given, is called on each run before normalisation as raw(x (r1 - r0, n, d), yb, r0, r1),
     and its result is ``extra`` for the run's blocks."""
+    ws = Workspace(unit.device)
+    for view in views:
+        yield from chunk_blocks(view, y_t, unit, ws, raw)
+
+
+def chunk_blocks(
+    view: tuple[int, torch.Tensor],
+    y_t: torch.Tensor,
+    unit: torch.Tensor,
+    ws: Workspace,
+    raw: Callable[[torch.Tensor, torch.Tensor, int, int], Any] | None = None,
+) -> Iterator[tuple[torch.Tensor, int, int, torch.Tensor, Any]]:
+    """:func:`support_blocks` for one row chunk ``view`` = (start, rows), in ``ws``'s buffers."""
     C, K, d = unit.shape
     dtype, itemsize = unit.dtype, unit.element_size()
-    ws = Workspace(unit.device)
-    for start, xb in views:
-        n = xb.shape[0]
-        yb = y_t[start : start + n]
-        step = head_block(n, C, itemsize, SUPPORT_BLOCK_BYTES)
-        read = step * max(1, SUPPORT_READ_BYTES // (n * d * itemsize * step))
-        for r0 in range(0, K, read):
-            r1 = min(r0 + read, K)
-            xr = ws.get("x", (r1 - r0, n, d), dtype).copy_(xb[:, r0:r1].transpose(0, 1))
-            extra = None if raw is None else raw(xr, yb, r0, r1)
-            normalize_(xr)
-            for h0 in range(r0, r1, step):
-                h1 = min(h0 + step, r1)
-                u = unit[:, h0:h1].permute(1, 2, 0)  # (k, d, C), a strided view
-                s = torch.matmul(xr[h0 - r0 : h1 - r0], u, out=ws.get("s", (h1 - h0, n, C), dtype))
-                yield yb, h0, h1, s, extra
+    start, xb = view
+    n = xb.shape[0]
+    yb = y_t[start : start + n]
+    step = head_block(n, C, itemsize, SUPPORT_BLOCK_BYTES)
+    read = step * max(1, SUPPORT_READ_BYTES // (n * d * itemsize * step))
+    for r0 in range(0, K, read):
+        r1 = min(r0 + read, K)
+        xr = ws.get("x", (r1 - r0, n, d), dtype).copy_(xb[:, r0:r1].transpose(0, 1))
+        extra = None if raw is None else raw(xr, yb, r0, r1)
+        normalize_(xr)
+        for h0 in range(r0, r1, step):
+            h1 = min(h0 + step, r1)
+            u = unit[:, h0:h1].permute(1, 2, 0)  # (k, d, C), a strided view
+            s = torch.matmul(xr[h0 - r0 : h1 - r0], u, out=ws.get("s", (h1 - h0, n, C), dtype))
+            yield yb, h0, h1, s, extra
 
 
 def support_margin_sums(
@@ -226,7 +222,9 @@ def support_margin_sums(
     centroids unless ``loo_counts`` is given). With ``loo_counts`` (the (C,)
     clips per class), a clip's own-class similarity is its cosine to the centroid of the other
     clips of its class (``reliability="leave-one-out"``; in-sample for classes of one clip).
-    Blocked as :func:`support_blocks` says."""
+    Blocked as :func:`support_blocks` says; row chunks run in parallel threads on a CPU
+    (:func:`calm.classifiers.threads.imap`), each summing into its own (K, C) part, and the parts
+    are added in the chunks' order, so the sums do not depend on the thread count."""
     C, K, d = centroids.shape
     shift = needs_shift(tau_p, C, centroids.dtype)
     sums = torch.zeros((K, C), dtype=centroids.dtype, device=centroids.device)
@@ -236,14 +234,20 @@ def support_margin_sums(
     def loo(x: torch.Tensor, yb: torch.Tensor, r0: int, r1: int) -> Any:
         return None if loo_counts is None else (r0, _loo_cosines(x, yb, centroids[:, r0:r1], loo_counts))
 
-    for yb, h0, h1, s, extra in support_blocks(views, y_t, scaled, loo):
-        if extra is not None:  # the own-class entries, leave-one-out
-            r0, (cos, alone) = extra
-            idx = yb.view(1, -1, 1).expand(h1 - h0, -1, 1)
-            own = torch.where(alone, s.gather(-1, idx), cos[h0 - r0 : h1 - r0] * (LOG2E / tau_p))
-            s.scatter_(-1, idx, own)
-        m = support_margins(s, yb, tau_p, scaled=True, shift=shift)  # Eq. 5-6, (k, n)
-        sums[h0:h1].index_add_(1, yb, m)
+    def chunk(view: tuple[int, torch.Tensor], ws: Workspace) -> torch.Tensor:
+        part = torch.zeros_like(sums)
+        for yb, h0, h1, s, extra in chunk_blocks(view, y_t, scaled, ws, loo):
+            if extra is not None:  # the own-class entries, leave-one-out
+                r0, (cos, alone) = extra
+                idx = yb.view(1, -1, 1).expand(h1 - h0, -1, 1)
+                own = torch.where(alone, s.gather(-1, idx), cos[h0 - r0 : h1 - r0] * (LOG2E / tau_p))
+                s.scatter_(-1, idx, own)
+            m = support_margins(s, yb, tau_p, scaled=True, shift=shift)  # Eq. 5-6, (k, n)
+            part[h0:h1].index_add_(1, yb, m)
+        return part
+
+    for part in imap(views, chunk, centroids.device):
+        sums += part
     return sums
 
 
@@ -256,17 +260,25 @@ def support_votes(
     """SAV's support side (Eq. 2-3, and Eq. 5-6 with ``tau_p``): per head, how many support clips
     its nearest centroid classifies right (K,) int64, and with ``tau_p`` the sum of their clamped
     margins (K,) (else None). ``centroids`` (C, K, d) float64 is read; blocked as
-    :func:`support_blocks` says."""
+    :func:`support_blocks` says, row chunks in parallel as :func:`support_margin_sums`."""
     C, K, _ = centroids.shape
     unit = normalize_(centroids.clone())
     shift = None if tau_p is None else needs_shift(tau_p, C, centroids.dtype)
     correct = torch.zeros(K, dtype=torch.int64, device=centroids.device)
-    margins = None if tau_p is None else torch.zeros(K, dtype=centroids.dtype, device=centroids.device)
-    for yb, h0, h1, s, _ in support_blocks(views, y_t, unit):
-        correct[h0:h1] += (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
-        if margins is not None and tau_p is not None:
-            margins[h0:h1] += support_margins(s, yb, tau_p, shift=shift).sum(dim=1)  # Eq. 5-6
-    return correct, margins
+    margins = torch.zeros(K, dtype=centroids.dtype, device=centroids.device)
+
+    def chunk(view: tuple[int, torch.Tensor], ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+        hits, part = torch.zeros_like(correct), torch.zeros_like(margins)
+        for yb, h0, h1, s, _ in chunk_blocks(view, y_t, unit, ws):
+            hits[h0:h1] = (s.argmax(dim=-1) == yb[None, :]).sum(dim=1)  # Eq. 3 on the support set
+            if tau_p is not None:
+                part[h0:h1] = support_margins(s, yb, tau_p, shift=shift).sum(dim=1)  # Eq. 5-6
+        return hits, part
+
+    for hits, part in imap(views, chunk, centroids.device):
+        correct += hits
+        margins += part
+    return correct, None if tau_p is None else margins
 
 
 def _loo_cosines(

@@ -3,15 +3,17 @@
 torch parallelises every operation over its threads, which pays a fork and a join per operation:
 on a predict pass of many small operations per head block (matmul, exp, sums, a baddbmm), that is
 hundreds of short parallel regions per chunk, and each waits for its slowest thread (on a shared
-machine, for a preempted one). :func:`for_each` instead runs whole chunks in parallel, one Python
-thread per torch thread, each thread's torch operations single-threaded (torch releases the GIL
-inside them): measured on the VGGSound-scale benchmark, CALM's predict took about 3.4 s instead of
-4.5 s per 4,096 queries on 2 cores, with identical scores (each row's score depends only on its
-chunk, never on which thread ran it).
+machine, for a preempted one). :func:`imap` and :func:`for_each` instead run whole chunks in
+parallel, one Python thread per torch thread, each thread's torch operations single-threaded
+(torch releases the GIL inside them): measured on the VGGSound-scale benchmark, CALM's predict took
+about 3.4 s instead of 4.5 s per 4,096 queries on 2 cores, with identical scores (each row's score
+depends only on its chunk, never on which thread ran it). The support side's sums are made per
+chunk and added in the chunks' order, so they do not depend on the thread count either.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -22,11 +24,27 @@ from typing import TypeVar
 
 import torch
 
-from calm.classifiers.kernels import Workspace
-
-__all__ = ["for_each", "torch_threads"]
+__all__ = ["Workspace", "for_each", "imap", "torch_threads"]
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Workspace:
+    """Buffers reused across the blocks of one fit or predict call, so that the loops allocate
+    nothing large (a fresh allocation of many MiB costs page faults on every block)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` (uninitialised), reusing ``name``'s memory."""
+        numel = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel].view(shape)
 
 
 @contextmanager
@@ -40,10 +58,11 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def for_each(
-    items: Iterable[T], fn: Callable[[T, Workspace], None], device: torch.device, workers: int | None = None
-) -> None:
-    """``fn(item, ws)`` for every item, ``ws`` a :class:`Workspace` owned by the calling thread.
+def imap(
+    items: Iterable[T], fn: Callable[[T, Workspace], R], device: torch.device, workers: int | None = None
+) -> Iterator[R]:
+    """``fn(item, ws)`` for every item, yielded in the items' order; ``ws`` is a :class:`Workspace`
+    owned by the calling thread.
 
     On a CPU with ``workers`` (default: torch's thread count) above 1 and more than one item,
     items run in that many threads, each with single-threaded torch operations and its own
@@ -57,26 +76,34 @@ def for_each(
     if device.type != "cpu" or n_workers <= 1 or len(head) < 2:
         ws = Workspace(device)
         for item in chain(head, it):
-            fn(item, ws)
+            yield fn(item, ws)
         return
     local = threading.local()
 
-    def run(item: T) -> None:
+    def run(item: T) -> R:
         ws = getattr(local, "ws", None)
         if ws is None:
             torch.set_num_threads(1)  # this thread's torch operations (OpenMP and MKL are per thread)
             ws = local.ws = Workspace(device)
-        fn(item, ws)
+        return fn(item, ws)
 
     with torch_threads(1), ThreadPoolExecutor(n_workers, thread_name_prefix="calm-chunk") as pool:
-        pending: deque[Future[None]] = deque()
+        pending: deque[Future[R]] = deque()
         try:
             for item in chain(head, it):
                 pending.append(pool.submit(run, item))
                 if len(pending) >= 2 * n_workers:
-                    pending.popleft().result()
+                    yield pending.popleft().result()
             while pending:
-                pending.popleft().result()
+                yield pending.popleft().result()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def for_each(
+    items: Iterable[T], fn: Callable[[T, Workspace], None], device: torch.device, workers: int | None = None
+) -> None:
+    """``fn(item, ws)`` for every item, as :func:`imap` runs them (results discarded)."""
+    for _ in imap(items, fn, device, workers):
+        pass
