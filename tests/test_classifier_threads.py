@@ -108,3 +108,21 @@ def test_fits_are_the_same_with_support_chunks_in_parallel_threads(est):
     for attr in ("centroids_", "reliability_", "weights_", "heads_", "head_scores_"):
         if hasattr(one, attr):
             np.testing.assert_array_equal(getattr(one, attr), getattr(two, attr))
+
+
+def test_concurrent_calls_leave_torch_threads_alone():
+    Xs, ys, Xq, _ = make_problem(4, n_queries=80)
+    clf = CALM(k=0.5, chunk_size=5).fit(Xs, ys)
+    with torch_threads(1):
+        expected = clf.class_scores(Xq)
+    results: list[np.ndarray] = []
+    with torch_threads(2):
+        workers = [threading.Thread(target=lambda: results.append(clf.class_scores(Xq))) for _ in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert torch.get_num_threads() == 2
+    assert len(results) == 3
+    for got in results:
+        np.testing.assert_array_equal(got, expected)

@@ -58,6 +58,12 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+#: Held while one call runs its chunks in parallel threads: a concurrent call (from another thread
+#: of the program) runs its chunks in order instead, so that neither changes torch's thread count
+#: under the other.
+_PARALLEL = threading.Lock()
+
+
 def imap(
     items: Iterable[T], fn: Callable[[T, Workspace], R], device: torch.device, workers: int | None = None
 ) -> Iterator[R]:
@@ -67,17 +73,28 @@ def imap(
     On a CPU with ``workers`` (default: torch's thread count) above 1 and more than one item,
     items run in that many threads, each with single-threaded torch operations and its own
     workspace, at most two items per thread in flight (``items`` may be a lazy reader: memory
-    stays bounded); otherwise in order in this thread. ``fn`` must write only what its item owns
-    (e.g. its rows of an output). The first exception raised by ``fn`` is re-raised here, after
-    the items already started have finished and the rest are dropped."""
+    stays bounded); otherwise (or while another call runs its items in parallel) in order in this
+    thread. ``fn`` must write only what its item owns (e.g. its rows of an output). The first
+    exception raised by ``fn`` is re-raised here, after the items already started have finished
+    and the rest are dropped."""
     n_workers = torch.get_num_threads() if workers is None else workers
     it = iter(items)
     head = [x for _, x in zip(range(2), it, strict=False)]
-    if device.type != "cpu" or n_workers <= 1 or len(head) < 2:
-        ws = Workspace(device)
-        for item in chain(head, it):
-            yield fn(item, ws)
+    if device.type == "cpu" and n_workers > 1 and len(head) == 2 and _PARALLEL.acquire(blocking=False):
+        try:
+            yield from _parallel(chain(head, it), fn, device, n_workers)
+        finally:
+            _PARALLEL.release()
         return
+    ws = Workspace(device)
+    for item in chain(head, it):
+        yield fn(item, ws)
+
+
+def _parallel(
+    items: Iterator[T], fn: Callable[[T, Workspace], R], device: torch.device, n_workers: int
+) -> Iterator[R]:
+    """:func:`imap`'s parallel path."""
     local = threading.local()
 
     def run(item: T) -> R:
@@ -90,7 +107,7 @@ def imap(
     with torch_threads(1), ThreadPoolExecutor(n_workers, thread_name_prefix="calm-chunk") as pool:
         pending: deque[Future[R]] = deque()
         try:
-            for item in chain(head, it):
+            for item in items:
                 pending.append(pool.submit(run, item))
                 if len(pending) >= 2 * n_workers:
                     yield pending.popleft().result()
