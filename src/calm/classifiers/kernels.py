@@ -34,12 +34,11 @@ __all__ = [
     "Workspace",
     "calm_scores",
     "check_finite",
+    "chunk_blocks",
     "head_block",
     "needs_shift",
     "normalize_",
-    "similarities",
     "support_margin_sums",
-    "support_blocks",
     "support_margins",
     "support_votes",
     "unit_layout",
@@ -83,13 +82,6 @@ def normalize_(x: torch.Tensor, what: str | None = None) -> torch.Tensor:
         if what is not None:
             check_finite(norms, what)
     return x.div_(norms.clamp_min_(H.EPS))
-
-
-def similarities(xb: torch.Tensor, unit: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Eq. 2 for a chunk (n, K, d) against unit centroids (K, d, C), laid out (K, n, C);
-    ``inplace`` normalises ``xb`` itself (a chunk the caller owns)."""
-    x = normalize_(xb) if inplace else H.l2_normalize(xb)
-    return torch.matmul(x.transpose(0, 1), unit)
 
 
 def support_margins(
@@ -164,24 +156,6 @@ def calm_scores(
     return out.squeeze(1)
 
 
-def support_blocks(
-    views: Iterator[tuple[int, torch.Tensor]],
-    y_t: torch.Tensor,
-    unit: torch.Tensor,
-    raw: Callable[[torch.Tensor, torch.Tensor, int, int], Any] | None = None,
-) -> Iterator[tuple[torch.Tensor, int, int, torch.Tensor, Any]]:
-    """The support side's blocked similarities (Eq. 2) in ``unit``'s dtype: for every row chunk of
-    ``views`` ((start, rows (n, K, d)) in any dtype) and every cache-sized block of heads h0:h1,
-    (yb, h0, h1, s, extra) with s (h1 - h0, n, C) = normalised rows x ``unit`` (C, K, d, e.g. unit
-    centroids, possibly scaled), computed into a reused buffer (valid until the next block), yb
-    the chunk's class indices from ``y_t``. Runs of heads are read and converted at once; ``raw``,
-    if given, is called on each run before normalisation as raw(x (r1 - r0, n, d), yb, r0, r1),
-    and its result is ``extra`` for the run's blocks."""
-    ws = Workspace(unit.device)
-    for view in views:
-        yield from chunk_blocks(view, y_t, unit, ws, raw)
-
-
 def chunk_blocks(
     view: tuple[int, torch.Tensor],
     y_t: torch.Tensor,
@@ -189,7 +163,13 @@ def chunk_blocks(
     ws: Workspace,
     raw: Callable[[torch.Tensor, torch.Tensor, int, int], Any] | None = None,
 ) -> Iterator[tuple[torch.Tensor, int, int, torch.Tensor, Any]]:
-    """:func:`support_blocks` for one row chunk ``view`` = (start, rows), in ``ws``'s buffers."""
+    """The support side's blocked similarities (Eq. 2) in ``unit``'s dtype for one row chunk
+    ``view`` = (start, rows (n, K, d)) in any dtype: for every cache-sized block of heads h0:h1,
+    (yb, h0, h1, s, extra) with s (h1 - h0, n, C) = normalised rows x ``unit`` (C, K, d, e.g. unit
+    centroids, possibly scaled), computed into ``ws``'s buffers (valid until the next block), yb
+    the chunk's class indices from ``y_t``. Runs of heads are read and converted at once; ``raw``,
+    if given, is called on each run before normalisation as raw(x (r1 - r0, n, d), yb, r0, r1),
+    and its result is ``extra`` for the run's blocks."""
     C, K, d = unit.shape
     dtype, itemsize = unit.dtype, unit.element_size()
     start, xb = view
@@ -222,7 +202,7 @@ def support_margin_sums(
     centroids unless ``loo_counts`` is given). With ``loo_counts`` (the (C,)
     clips per class), a clip's own-class similarity is its cosine to the centroid of the other
     clips of its class (``reliability="leave-one-out"``; in-sample for classes of one clip).
-    Blocked as :func:`support_blocks` says; row chunks run in parallel threads on a CPU
+    Blocked as :func:`chunk_blocks` says; row chunks run in parallel threads on a CPU
     (:func:`calm.classifiers.threads.imap`), each summing into its own (K, C) part, and the parts
     are added in the chunks' order, so the sums do not depend on the thread count."""
     C, K, d = centroids.shape
@@ -260,7 +240,7 @@ def support_votes(
     """SAV's support side (Eq. 2-3, and Eq. 5-6 with ``tau_p``): per head, how many support clips
     its nearest centroid classifies right (K,) int64, and with ``tau_p`` the sum of their clamped
     margins (K,) (else None). ``centroids`` (C, K, d) float64 is read; blocked as
-    :func:`support_blocks` says, row chunks in parallel as :func:`support_margin_sums`."""
+    :func:`chunk_blocks` says, row chunks in parallel as :func:`support_margin_sums`."""
     C, K, _ = centroids.shape
     unit = normalize_(centroids.clone())
     shift = None if tau_p is None else needs_shift(tau_p, C, centroids.dtype)

@@ -169,32 +169,22 @@ _options = stack(
 )
 
 
-class _LabelledWeight(click.ParamType):
-    """--st-labelled-weight: an integer >= 1 or `shots`."""
+class _IntOr(click.ParamType):
+    """An integer >= 1, or the word `word` (case-insensitive), which stands for `value`:
+    --st-labelled-weight (N or `shots`), --st-max-labelled and --st-pool-per-class (N or `none`)."""
 
-    name = "N|shots"
+    def __init__(self, word: str, value: Any):
+        self.word, self.value = word, value
+        self.name = f"N|{word}"
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> int | str:
-        if value == "shots" or isinstance(value, int):
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None or value == self.value or isinstance(value, int):
             return value
+        if str(value).lower() == self.word:
+            return self.value
         if str(value).isdigit() and int(value) >= 1:
             return int(value)
-        self.fail(f"{value!r} is neither an integer >= 1 nor 'shots'", param, ctx)
-
-
-class _MaxLabelled(click.ParamType):
-    """--st-max-labelled, --st-pool-per-class: an integer >= 1 or `none`."""
-
-    name = "N|none"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
-        if value is None or isinstance(value, int):
-            return value
-        if str(value).lower() == "none":
-            return None
-        if str(value).isdigit() and int(value) >= 1:
-            return int(value)
-        self.fail(f"{value!r} is neither an integer >= 1 nor 'none'", param, ctx)
+        self.fail(f"{value!r} is neither an integer >= 1 nor '{self.word}'", param, ctx)
 
 
 # the options of the self-training methods
@@ -230,7 +220,7 @@ _st_options = stack(
         ),
         click.option(
             "--st-labelled-weight",
-            type=_LabelledWeight(),
+            type=_IntOr("shots", "shots"),
             default=STSpec.labelled_weight,
             show_default=True,
             help="Times a labelled clip counts against a pseudo-labelled one: N, or 'shots' (its "
@@ -238,14 +228,14 @@ _st_options = stack(
         ),
         click.option(
             "--st-max-labelled",
-            type=_MaxLabelled(),
+            type=_IntOr("none", None),
             default=str(STSpec.max_labelled),
             show_default=True,
             help="Classes with more labelled clips gain no pseudo-labels ('none': no limit).",
         ),
         click.option(
             "--st-pool-per-class",
-            type=_MaxLabelled(),
+            type=_IntOr("none", None),
             default=str(STSpec.pool_per_class),
             show_default=True,
             help="Self-train on at most N pool clips per class, drawn with the episode's seed ('none': "

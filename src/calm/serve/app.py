@@ -259,11 +259,12 @@ async def info(request: Request):
     """Classes, model, prompt, heads, limits and package version."""
     service = _service(request)
     config = service.config
-    limits = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files", "replicas")
+    limits = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files")
     return {
         **service.predictor.info(),
         "classifier": Path(config.model_file).name if config.model_file else None,
         "version": calm.__version__,
+        # replicas: the copies in use (fewer than asked for when the model cannot be copied)
         "limits": {**{name: getattr(config, name) for name in limits}, "replicas": len(service.replicas)},
     }
 
