@@ -44,7 +44,11 @@ def test_for_each_reads_lazily_and_runs_small_inputs_in_this_thread():
             assert len(read) - len(done) <= 2 * 2 + 1  # at most two items per worker in flight
             yield i
 
-    for_each(items(), lambda i, ws: done.append(i), CPU, workers=2)
+    def slow(i, ws):  # slower than reading: an unbounded reader would run far ahead
+        time.sleep(0.005)
+        done.append(i)
+
+    for_each(items(), slow, CPU, workers=2)
     assert sorted(done) == list(range(20))
     names = []
     for_each([0], lambda i, ws: names.append(threading.current_thread().name), CPU, workers=2)
