@@ -15,6 +15,8 @@ CALM's fit + predict is printed as a multiple of it. CALM takes exp as exp2 (log
 its centroids: the same rounding, a third of the time); the same floor with exp2 is timed too and
 CALM's multiple of it printed as information. This VM's speed drifts over minutes, so CALM and
 the floor run in `--repeats` interleaved pairs and the median of the pairs' ratios is reported.
+Each job's line also shows the CPU time the hypervisor took from this VM while it ran (steal, from
+/proc/stat), which explains the odd slow pair.
 
 The loop reference costs about a second per (query, head) thousand, so it is timed on a subset
 (all classes and shots, a few heads, a few hundred queries) and extrapolated linearly to the full
@@ -245,6 +247,33 @@ def worker(job: dict) -> dict:
     }
 
 
+def _steal_seconds() -> float | None:
+    """CPU time the hypervisor has taken from this VM so far, all CPUs (/proc/stat), if known."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _steal(row: dict) -> str:
+    s = row.get("steal_s")
+    return "" if s is None else f"  steal {s:.1f} s"
+
+
+def _spawn(job: dict) -> dict:
+    """One worker in a fresh process; its row, with the CPU time stolen from this VM meanwhile."""
+    before = _steal_seconds()
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(job)], check=True, capture_output=True, text=True
+    )
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    after = _steal_seconds()
+    row["steal_s"] = None if before is None or after is None else after - before
+    return row
+
+
 def run_job(args, shape, method, queries) -> dict:
     job = {
         "workdir": str(args.workdir),
@@ -253,16 +282,13 @@ def run_job(args, shape, method, queries) -> dict:
         "queries": queries,
         "chunk_size": args.chunk_size,
     }
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], check=True, capture_output=True, text=True
-    )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row = _spawn(job)
     print(
         f"{method:<12} {queries:>6} queries  fit {row['fit_s']:6.1f} s  predict {row['predict_s']:6.1f} s"
         f"  total {row['total_s']:6.1f} s  (cpu {row['cpu_s']:6.1f} s)"
         f"  peak RssAnon {row['peak_gib']:5.2f} GiB"
         f" (+{row['above_start_gib']:4.2f} over the process before fit)  accuracy {row['accuracy']:.3f}"
-        f"  chunks of {row['chunk_rows']} rows",
+        f"  chunks of {row['chunk_rows']} rows{_steal(row)}",
         flush=True,
     )
     return row
@@ -271,16 +297,14 @@ def run_job(args, shape, method, queries) -> dict:
 def run_floor(args, shape, used: int, queries: int) -> dict:
     job = {"workdir": str(args.workdir), "shape": list(shape), "method": "floor"}
     job.update(used_heads=used, queries=queries, chunk_size=None)
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(job)], check=True, capture_output=True, text=True
-    )
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row = _spawn(job)
     print(
         f"{'floor':<12} {queries:>6} queries  support {row['support_s']:6.1f} s"
         f"  queries {row['query_s']:6.1f} s"
         f"  total {row['total_s']:6.1f} s  (float32 matmul + one exp-and-sum pass; blocks of "
         f"{row['rows']} rows x {row['heads_per_block']} heads"
-        f"{', row blocks in parallel threads' if row['chunks_in_threads'] else ''}; {used} query heads)",
+        f"{', row blocks in parallel threads' if row['chunks_in_threads'] else ''}; {used} query heads)"
+        f"{_steal(row)}",
         flush=True,
     )
     return row
