@@ -352,9 +352,9 @@ def compare_to_floor(args, shape, used: int, Q: int, calm_row: dict):
         float(np.median([p[k] for p in pairs])) for k in ("wall", "cpu", "exp2", "support64")
     )
     print(
-        f"CALM fit + predict = {ratio:.2f}x the float32 floor by wall clock, {cpu_ratio:.2f}x by CPU time "
-        f"(median of {len(pairs)} interleaved pairs; target <= 1.25x): "
-        f"{'PASS' if min(ratio, cpu_ratio) <= 1.25 else 'FAIL'}",
+        f"CALM fit + predict = {ratio:.2f}x the float32 floor by wall clock (median of {len(pairs)} "
+        f"interleaved pairs; target <= 1.25x): {'PASS' if ratio <= 1.25 else 'FAIL'}; "
+        f"{cpu_ratio:.2f}x by CPU time (information)",
         flush=True,
     )
     print(
