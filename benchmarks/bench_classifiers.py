@@ -363,7 +363,7 @@ def compare_to_floor(args, shape, used: int, Q: int, calm_row: dict):
         flush=True,
     )
     print(
-        f"the floor with its support side in float64 (issue 11 part 3's exact head ranking; "
+        f"the floor with its support side in float64 (issue 11 part 3's exact head ranking; last pair: "
         f"{floor['support64_s']:.1f} s against {floor['support_s']:.1f} s in float32): "
         f"CALM = {f64_ratio:.2f}x it (information)",
         flush=True,

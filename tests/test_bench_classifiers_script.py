@@ -5,6 +5,7 @@ full-size run is documented in README)."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ def test_small_run_end_to_end(tmp_path):
     assert len(doc["pairs"]) == 2
     for pair in doc["pairs"]:
         assert pair["wall"] == pytest.approx(pair["calm_s"] / pair["floor_s"])
+    assert doc["calm_over_floor"] == pytest.approx(statistics.median(p["wall"] for p in doc["pairs"]))
     floor = doc["floor"]
     assert floor["total_s"] == pytest.approx(floor["support_s"] + floor["query_s"])
     assert floor["support64_s"] > 0 and floor["exp2_total_s"] > 0
