@@ -42,14 +42,19 @@ json_values = st.recursive(
     max_leaves=8,
 )
 
+#: edits of the header JSON (drawn directly by the re-seal test: filtering them out of all mutations
+#: discarded most inputs and tripped hypothesis' filter_too_much health check on some seeds)
+header_mutation = st.one_of(
+    st.tuples(st.just("entry"), st.integers(0, 63), st.sampled_from(ENTRY_FIELDS), json_values),
+    st.tuples(st.just("shift"), st.integers(0, 63), st.integers(-64, 64)),
+    st.tuples(st.just("calm"), st.sampled_from(CALM_KEYS), json_values),
+)
 mutation = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 2**31), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(0, 2**31)),
     st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
     st.tuples(st.just("length"), st.integers(0, 2**64 - 1)),
-    st.tuples(st.just("entry"), st.integers(0, 63), st.sampled_from(ENTRY_FIELDS), json_values),
-    st.tuples(st.just("shift"), st.integers(0, 63), st.integers(-64, 64)),
-    st.tuples(st.just("calm"), st.sampled_from(CALM_KEYS), json_values),
+    header_mutation,
 )
 
 
@@ -180,7 +185,7 @@ def test_mutated_files_are_refused_or_predict_identically(originals, which, muta
 @FUZZ
 @given(
     which=st.integers(0, 6),
-    mutations=st.lists(mutation.filter(lambda m: m[0] in ("entry", "shift", "calm")), min_size=1, max_size=3),
+    mutations=st.lists(header_mutation, min_size=1, max_size=3),
 )
 def test_resealed_or_legacy_files_are_refused_or_predict(originals, which, mutations):
     folder, Xq, files = originals
