@@ -389,6 +389,8 @@ def main(argv=None):
     )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return

@@ -18,7 +18,11 @@ All in one run, on the same clips and the same loaded model:
 - calm, `encoder_length="clip"`: the encoder on each clip's own length, and with a 10 s minimum
   (`min_encoder_seconds=10`); see calm.models.whisper for the measured accuracy cost.
 Also: audio decoding alone (single thread), and its share of the default path's wall time, to show
-that decoding (in worker threads) stays ahead of the model.
+that decoding (in worker threads) stays ahead of the model; and where the model's time goes in float32
+and in the default dtype (torch's profiler over `extract` on --breakdown-clips decoded clips, by kind
+of operator: attention kernel, matrix products, convolutions, the rest), each kind's ratio, and the
+ratio the whole would reach if every kind sped up as the matrix products do (this CPU's ceiling for a
+dtype change; with a kind that does not speed up, Amdahl's law bounds the whole below it).
 Prints clips/s for each (wall clock, and per CPU-second of all this process's threads, which is
 robust to other load on a shared machine) and the ratios to the naive way. Model loading is not
 timed.
@@ -131,6 +135,66 @@ def time_decoding(clips, rate: int, max_seconds: float | None) -> tuple[float, f
     return t.speeds
 
 
+#: Operator kinds of the breakdown: a profiler event's name -> kind (self time; the rest is "other").
+OP_KINDS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::_scaled_dot_product_attention_math": "attention",
+    "aten::_scaled_dot_product_efficient_attention": "attention",
+    "aten::_scaled_dot_product_flash_attention": "attention",
+    "aten::addmm": "matmul",
+    "aten::mm": "matmul",
+    "aten::bmm": "matmul",
+    "aten::baddbmm": "matmul",
+    "aten::mkldnn_convolution": "convolution",
+    "aten::convolution_overrideable": "convolution",
+}
+KINDS = ("attention", "matmul", "convolution", "other")
+
+
+def op_breakdown(ext, waves: list, batch_size: int) -> dict[str, float]:
+    """Seconds per clip of `ext.extract` by operator kind (profiler self time; the best of two
+    profiled passes over `waves`, after one warm-up batch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = [waves[i : i + batch_size] for i in range(0, len(waves), batch_size)]
+    ext.extract(batches[0])
+    best: dict[str, float] = {}
+    for _ in range(2):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches:
+                ext.extract(batch)
+        kinds = dict.fromkeys(KINDS, 0.0)
+        for event in prof.key_averages():
+            kinds[OP_KINDS.get(event.key, "other")] += event.self_cpu_time_total / 1e6 / len(waves)
+        if not best or sum(kinds.values()) < sum(best.values()):
+            best = kinds
+    return best
+
+
+def print_breakdown(f32: dict[str, float], default: dict[str, float], auto_name: str, n: int) -> None:
+    """The two breakdowns side by side, each kind's ratio, and the dtype change's ceiling."""
+    t32, t16 = sum(f32.values()), sum(default.values())
+    print(
+        f"where the model's time goes (profiler self time, ms per clip, {n} decoded clips, batch of extract):"
+    )
+    print(f"{'kind':<12} {'float32':>8} {'share':>6} {auto_name:>8} {'share':>6}  float32/{auto_name}")
+    for kind in KINDS:
+        a, b = 1e3 * f32[kind], 1e3 * default[kind]
+        ratio = f"{a / b:.2f}x" if b > 0 else "-"
+        shares = f"{a:8.1f} {100 * a / (1e3 * t32):5.0f}% {b:8.1f} {100 * b / (1e3 * t16):5.0f}%"
+        print(f"{kind:<12} {shares}  {ratio}")
+    print(f"{'total':<12} {1e3 * t32:8.1f} {'':>6} {1e3 * t16:8.1f} {'':>6}  {t32 / t16:.2f}x")
+    if default["matmul"] > 0 and default["attention"] > 0:
+        mm = f32["matmul"] / default["matmul"]
+        att = f32["attention"] / default["attention"]
+        amdahl = t32 / (f32["attention"] / att + (t32 - f32["attention"]) / mm)
+        print(
+            f"matrix products run {mm:.2f}x faster in {auto_name}, the attention kernel {att:.2f}x: "
+            f"were every kind as fast as the products, the whole would be {mm:.2f}x; with the attention "
+            f"kernel as it is and everything else at the products' ratio, {amdahl:.2f}x"
+        )
+
+
 def variant(ext, **options):
     from calm.models.whisper import WhisperExtractor
 
@@ -146,7 +210,7 @@ def variant(ext, **options):
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -155,10 +219,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all paths; the best is kept")
+    parser.add_argument(
+        "--breakdown-clips", type=int, default=8, help="clips profiled for the breakdown (0: none)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", default=None, help="ESC-10 folder (default: ../shared/data/esc10)")
     parser.add_argument("--bf16", action="store_true", help="also time bf16 forced (emulated without AMX)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -223,6 +292,10 @@ def main() -> None:
         f"audio decoding alone would take {100 * best[default][0] / decode:.0f} % of the default path's "
         "wall time (one thread; the store decodes in worker threads, overlapped with the model)"
     )
+    if args.breakdown_clips > 0:
+        waves = [ext.load_input(clip.path) for clip in clips[: args.breakdown_clips]]
+        f32_ops = op_breakdown(ext, waves, args.batch_size)
+        print_breakdown(f32_ops, op_breakdown(auto, waves, args.batch_size), auto_name, len(waves))
 
 
 if __name__ == "__main__":

@@ -45,3 +45,10 @@ def test_small_run_end_to_end(tmp_path):
     expected = "PASS" if doc["calm_over_floor"] <= 1.25 else "FAIL"
     assert f"target <= 1.25x): {expected};" in verdict  # decided by the wall-clock median alone
     assert text.count("pair ") == 2 and "steal" in text
+
+
+def test_repeats_must_be_positive():
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--small", "--repeats", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "--repeats must be at least 1, got 0" in run.stderr
