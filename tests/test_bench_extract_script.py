@@ -3,20 +3,14 @@ show where a dtype change can and cannot speed extraction up) and its argument c
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_extract.py"
+from tests.helpers import benchmark_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_extract", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("bench_extract")
 
 
 @pytest.mark.slow

@@ -3,19 +3,13 @@ GPU machine; the script must be ready when one is available)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_qwen2_audio.py"
+from tests.helpers import benchmark_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_gpu_qwen2_audio", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("bench_gpu_qwen2_audio")
 
 
 def test_full_config_is_qwen2_audio_7b():

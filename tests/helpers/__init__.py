@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -13,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def shared_data() -> Path:
     """Real labelled audio: $CALM_TEST_DATA, else ../shared/data beside the repository."""
     return Path(os.environ.get("CALM_TEST_DATA", ROOT.parent / "shared" / "data"))
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """`benchmarks/<name>.py` imported as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def readonly_float16_map(path: Path, X: np.ndarray) -> np.memmap:
