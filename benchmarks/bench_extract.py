@@ -174,9 +174,7 @@ def op_breakdown(ext, waves: list, batch_size: int) -> dict[str, float]:
 def print_breakdown(f32: dict[str, float], default: dict[str, float], auto_name: str, n: int) -> None:
     """The two breakdowns side by side, each kind's ratio, and the dtype change's ceiling."""
     t32, t16 = sum(f32.values()), sum(default.values())
-    print(
-        f"where the model's time goes (profiler self time, ms per clip, {n} decoded clips, batch of extract):"
-    )
+    print(f"where the model's time goes (profiler self time of `extract`, ms per clip, {n} decoded clips):")
     print(f"{'kind':<12} {'float32':>8} {'share':>6} {auto_name:>8} {'share':>6}  float32/{auto_name}")
     for kind in KINDS:
         a, b = 1e3 * f32[kind], 1e3 * default[kind]
