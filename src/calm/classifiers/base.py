@@ -31,7 +31,8 @@ from calm.classifiers.features import (
     ndim,
     shaped,
 )
-from calm.classifiers.kernels import READ_BYTES, Workspace, check_finite, unit_layout
+from calm.classifiers.kernels import READ_BYTES, check_finite, unit_layout
+from calm.classifiers.threads import Workspace
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,

@@ -13,8 +13,8 @@ from sklearn.utils._param_validation import StrOptions
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
-from calm.classifiers.kernels import LOG2E, Workspace, calm_scores, needs_shift, support_margin_sums
-from calm.classifiers.threads import for_each
+from calm.classifiers.kernels import LOG2E, calm_scores, needs_shift, support_margin_sums
+from calm.classifiers.threads import Workspace, for_each
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]

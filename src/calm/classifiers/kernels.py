@@ -31,7 +31,6 @@ __all__ = [
     "LOG2E",
     "SUPPORT_BLOCK_BYTES",
     "SUPPORT_READ_BYTES",
-    "Workspace",
     "calm_scores",
     "check_finite",
     "chunk_blocks",
