@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -102,6 +102,38 @@ def pretrained_kwargs(
 def model_revision(model) -> str | None:
     """The hub commit of a loaded checkpoint, or None for local directories."""
     return getattr(model.config, "_commit_hash", None)
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """What the store, the classifiers' front ends and the evaluation need of an extractor: the
+    structural type of `Extractor` (any object with these members works, e.g. a test double or a
+    Ray actor's stand-in).
+
+    Attributes:
+        model_id: hub id, local directory or registered name of the model.
+        sample_rate: the rate (Hz) `load_input` resamples audio to.
+        max_seconds: clips longer than this are truncated by `load_input` (None: no limit).
+        head_names: one `HeadName` per row of the K axis of `extract`'s output.
+    """
+
+    model_id: str
+    sample_rate: int
+    max_seconds: float | None
+    head_names: list[HeadName]
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """JSON-serialisable identity of the features (equal keys: equal features)."""
+        ...
+
+    def load_input(self, path: Any) -> Any:
+        """Read one clip for `extract` (thread-safe)."""
+        ...
+
+    def extract(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Features of a batch of loaded inputs: float32 array (n, K, d)."""
+        ...
 
 
 class Extractor(ABC):
