@@ -1,6 +1,6 @@
 """benchmarks/bench_classifiers.py runs end to end on a small problem: every estimator, the floor in
 interleaved pairs, the verdict lines and the JSON document (its figures are machine-dependent; the
-full-size run is documented in README)."""
+full-size figures are in docs/benchmarks.md)."""
 
 from __future__ import annotations
 

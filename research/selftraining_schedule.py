@@ -15,9 +15,9 @@ name is the pre-2026-12-02 schedule (labelled weight 1, no max_labelled, spread 
 variant is compared with CALM (k = 25 %, tau_p 0.03, tau_w 0.5: `calm evaluate`'s defaults) on the
 same support set and the same validation queries: mean per-seed difference with a 95 % t interval.
 
-    nice -n 10 python benchmarks/selftraining_schedule.py --seeds 20 --datasets esc10 \
+    nice -n 10 python research/selftraining_schedule.py --seeds 20 --datasets esc10 \
         --store esc10=runs/esc10-auto/features --out runs/st_esc10.json
-    python benchmarks/selftraining_schedule.py --report runs/st_esc10.json   # markdown tables
+    python research/selftraining_schedule.py --report runs/st_esc10.json   # markdown tables
     # --shots 2,3,4 for other shots, --variants "m=5 margin,m=5 margin w=shots" for a subset
 """
 

@@ -1,7 +1,7 @@
 """Per-class numbers of the self-training runs in a `calm evaluate` results.json: clips added, share
 right against the hidden labels, and query recall with / without self-training (mean over seeds).
 
-    python benchmarks/selftraining_per_class.py runs/esc10-st/results.json --method calm+st --shots 10
+    python research/selftraining_per_class.py runs/esc10-st/results.json --method calm+st --shots 10
 """
 
 from __future__ import annotations

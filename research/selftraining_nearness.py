@@ -2,7 +2,7 @@
 and how many come from speakers the support set already holds (docs/results.md "Self-training,
 schedule revised", section 3). Validation split and support draws as in selftraining_schedule.py.
 
-    nice -n 10 python benchmarks/selftraining_nearness.py --store runs/fsdd-auto/features   # ~1 min
+    nice -n 10 python research/selftraining_nearness.py --store runs/fsdd-auto/features   # ~1 min
 
 Per shots, mean over seeds 100-119: the similarity percentile of the pseudo-labelled clips (mean over
 heads of the cosine to the labelled clips' mean of the clip's TRUE class, ranked within that class's

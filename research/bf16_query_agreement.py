@@ -10,7 +10,7 @@ counts the queries whose prediction changes when the query similarities come fro
 The acceptance bar for a bf16 query path (issue 11) is at most 0.1 % of predictions changed on each
 of the three shared datasets.
 
-    python benchmarks/bf16_query_agreement.py runs/esc10-auto/features runs/speech-auto/features \
+    python research/bf16_query_agreement.py runs/esc10-auto/features runs/speech-auto/features \
         runs/fsdd-auto/features
 """
 

@@ -4,7 +4,7 @@ clips in both (the protocol draws rows by seed; the stores must hold the same cl
 order), then prints, per method and shots, the mean of the per-seed differences B - A with a 95 %
 t interval.
 
-    python benchmarks/paired_stores.py STORE_A RUN_A STORE_B RUN_B [--test-fold 5] [--json OUT]
+    python research/paired_stores.py STORE_A RUN_A STORE_B RUN_B [--test-fold 5] [--json OUT]
 """
 
 from __future__ import annotations
