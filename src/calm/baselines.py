@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from calm._files import atomic_write_json
+from calm.errors import ParameterError
 from calm.prompts import Prompt, render_prompt
 from calm.pseudolabel import PseudoLabels
 
@@ -60,7 +61,7 @@ def _write_cache(path: Path | None, key: dict, clips: dict[str, dict]) -> None:
 
 def _chunks(items: Sequence[str], size: int):
     if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
+        raise ParameterError(f"chunk size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -127,7 +128,7 @@ def zero_shot_clips(
     from calm.zeroshot import MODES, zero_shot
 
     if mode not in MODES:
-        raise ValueError(f"zero-shot mode must be one of {MODES}, got {mode!r}")
+        raise ParameterError(f"zero-shot mode must be one of {MODES}, got {mode!r}")
     classes = list(classes)
     prompt = zero_shot_prompt(mode, classes)
     key = {

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from calm.models.base import ExtractorError
+
 __all__ = [
     "ChatLM",
     "LALMSampler",
@@ -87,7 +89,7 @@ def as_chat_lm(obj: Any) -> ChatLM:
     from calm.models.lalm import is_truncated
 
     if is_truncated(model):
-        raise ValueError(
+        raise ExtractorError(
             f"{type(obj).__name__} was loaded with only the first decoder layers (layers=...): its LM "
             "head cannot answer; load it with truncate_layers=False for zero-shot or pseudo-labels"
         )

@@ -15,6 +15,7 @@ from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
 from calm.classifiers.kernels import LOG2E, calm_scores, needs_shift, support_margin_sums
 from calm.classifiers.threads import Workspace, for_each
+from calm.errors import ParameterError
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]
@@ -130,7 +131,7 @@ class CALM(HeadClassifier):
             r = margin_sum.sum(dim=0) / feats.n  # Eq. 7
         w = H.head_weights(r.cpu(), self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
+            raise ParameterError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
         self.reliability_ = r.cpu().numpy()
         self.weights_ = (w.expand(C, K) if w.ndim == 1 else w).contiguous().numpy()
         order = torch.sort(r.cpu(), dim=-1, descending=True, stable=True).indices

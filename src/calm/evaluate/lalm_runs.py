@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calm.errors import CalmError
 from calm.evaluate.config import EvalConfig
-from calm.evaluate.episodes import make_parts
+from calm.evaluate.episodes import ProtocolError, make_parts
 from calm.evaluate.lalm import LALMRunsResult, run_lalm_protocol
 from calm.evaluate.methods import PL_BASES, Method
 
@@ -140,6 +141,6 @@ def lalm_runs(
             do_tune=config.tune,
             progress=step,
         )
-    except ValueError as exc:
-        raise ValueError(f"{', '.join(methods)}: {exc}") from exc
+    except CalmError as exc:
+        raise ProtocolError(f"{', '.join(methods)}: {exc}") from exc
     return res, info

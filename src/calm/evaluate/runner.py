@@ -357,7 +357,7 @@ def run_evaluation(
     lalm, skipped = _select_lalm(config, feats, log)
     st = [m for m in config.methods if m in ST_METHODS]
     if not chosen and not lalm and not st:
-        raise ValueError("no method left to run")
+        raise ProtocolError("no method left to run")
     result, sweep = _few_shot(config, feats, chosen, progress)
     if st:
         result.runs = order_runs(
@@ -374,7 +374,7 @@ def run_evaluation(
     for w in warnings:
         log(f"warning: {w}")
     analyses, weights, counts = _analyses(result, feats.X.shape[1], head_names, sweep)
-    from calm import __version__
+    from calm._version import __version__
 
     doc = {
         **_config_doc(config, feats, chosen, lalm, registry),
