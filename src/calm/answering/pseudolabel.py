@@ -1,13 +1,13 @@
 """Pseudo-labels from the model's own sampled answers (METHOD.md item 8).
 
 For every unlabelled clip, `M` answers are sampled, each at a temperature drawn from U(1, 2.5)
-with a seeded generator; each answer is mapped to a class (`calm.answers.match_answer`, the same
+with a seeded generator; each answer is mapped to a class (`calm.answering.parse.match_answer`, the same
 rule as zero-shot `generate`); the majority class is the pseudo-label, and the clip is kept when at
 least half of the M rollouts agree with it. Unparseable answers count as rollouts that disagree.
 The kept clips with their pseudo-labels are the support set of SAV or CALM.
 
 The sampler is injectable: anything called as `sampler(inputs, temperatures)` with `temperatures`
-of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.chat_lm.LALMSampler`
+of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.answering.chat_lm.LALMSampler`
 is the one backed by a model; tests script their own.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calm.answers import match_answer
+from calm.answering.parse import match_answer
 from calm.errors import ParameterError
 
 __all__ = ["PseudoLabels", "Sampler", "draw_temperatures", "majority_vote", "pseudo_label"]

@@ -9,11 +9,11 @@ Three modes, all batched:
   the answer. Prompt and audio run once per clip with the KV cache on; the cache is repeated once
   per class and all class names are scored in one further forward pass.
 - `generate`: the model writes an answer (greedy by default, seeded sampling with
-  `temperature > 0`), mapped to a class by `calm.answers.match_answer` (normalised exact match,
+  `temperature > 0`), mapped to a class by `calm.answering.parse.match_answer` (normalised exact match,
   option label, fuzzy match). Unparseable answers are counted in `n_unparsed`, predicted as None
   (always wrong), never dropped.
 
-The model side (`ChatLM`, `as_chat_lm`, `LALMSampler`, generation) lives in `calm.chat_lm`; this
+The model side (`ChatLM`, `as_chat_lm`, `LALMSampler`, generation) lives in `calm.answering.chat_lm`; this
 module turns its logits and answers into class predictions, and re-exports those names.
 """
 
@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm.answers import match_answer
-from calm.chat_lm import (
+from calm.answering.chat_lm import (
     ChatLM,
     LALMSampler,
     accepts_argument,
@@ -37,6 +36,7 @@ from calm.chat_lm import (
     last_logits,
     mask_positions,
 )
+from calm.answering.parse import match_answer
 from calm.errors import ParameterError
 from calm.prompts import Prompt, render_prompt
 

@@ -5,8 +5,8 @@ A `ChatLM` is a transformers model with its LM head, its tokenizer and a
 then the generation prompt) and returns left-padded model inputs. `as_chat_lm` makes one from an
 LALM extractor of `calm.models`. On top of it: the next-token logits at the end of a prompt
 (`last_logits`), answer generation, greedy or sampled at one temperature per row
-(`generate_answers`), and `LALMSampler`, the sampler `calm.pseudolabel` draws answers from.
-Scoring the classes from these logits is `calm.zeroshot`'s job.
+(`generate_answers`), and `LALMSampler`, the sampler `calm.answering.pseudolabel` draws answers from.
+Scoring the classes from these logits is `calm.answering.zeroshot`'s job.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def generate_answers(
 
 
 class LALMSampler:
-    """A `calm.pseudolabel` sampler backed by a model: `sampler(inputs, temperatures (b, M))`."""
+    """A `calm.answering.pseudolabel` sampler backed by a model: `sampler(inputs, temperatures (b, M))`."""
 
     def __init__(self, model: Any, prompt_text: str, *, max_new_tokens: int = 16, seed: int = 0):
         self.lm = as_chat_lm(model)
