@@ -24,7 +24,7 @@ from calm.commands.options import (
 )
 from calm.errors import CalmError
 from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS, EvalConfig, LALMSpec
-from calm.evaluate.selftraining import ST_METHODS, STSpec
+from calm.evaluate.self_training_runs import ST_METHODS, STSpec
 
 
 class RichProgress:

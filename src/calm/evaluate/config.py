@@ -10,7 +10,7 @@ from typing import Any
 
 from calm.errors import ParameterError
 from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
-from calm.evaluate.selftraining import ST_METHODS, STSpec
+from calm.evaluate.self_training_runs import ST_METHODS, STSpec
 from calm.store.distributed import RayOptions
 
 __all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]

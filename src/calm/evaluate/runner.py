@@ -26,7 +26,7 @@ from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs
 from calm.evaluate.reports import build_results, results_markdown, write_results
-from calm.evaluate.selftraining import ST_BASES, ST_METHODS, run_st_protocol
+from calm.evaluate.self_training_runs import ST_BASES, ST_METHODS, run_st_protocol
 
 __all__ = ["EvaluationResult", "Features", "Progress", "load_evaluation_features", "run_evaluation"]
 
@@ -280,7 +280,7 @@ def _config_doc(
 def _self_training(
     config: EvalConfig, feats: Features, registry: dict, st: list[str], progress: Progress | None
 ) -> list[dict]:
-    """Runs of the self-training methods (`calm.evaluate.selftraining`) on the same episodes."""
+    """Runs of the self-training methods (`calm.evaluate.self_training_runs`) on the same episodes."""
     n_parts = len(make_parts(feats.meta, config.test_fold)[0])
     total = len(config.shots) * len(config.seeds) * n_parts * len(st)
     return run_st_protocol(
