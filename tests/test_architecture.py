@@ -23,22 +23,22 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 FORBIDDEN_FOR_LOWER_LAYERS = ("calm.store", "calm.evaluate", "calm.commands")
 # docs/architecture.md, "Layers": a top-level module or package of calm -> its layer
 LAYERS = {
-    "calm": 0,  # the package root loads its public names lazily (importlib), so it imports nothing
+    # the package root, the public face: at run time it imports only calm._version and calm.errors
+    # and loads the public names lazily; its `if TYPE_CHECKING:` imports name them from layers 1-5.
+    "calm": 5,
+    "calm._version": 0,
+    "calm.errors": 0,
     "calm._files": 0,
     "calm._safetensors": 0,
     "calm.cache": 0,
     "calm._heads": 0,
-    "calm.answers": 0,
     "calm.prompts": 0,
     "calm.audio": 1,
     "calm.video": 1,
     "calm.audio_inputs": 1,
     "calm.data": 1,
     "calm.models": 2,
-    "calm.chat_lm": 2,
-    "calm.zeroshot": 2,
-    "calm.pseudolabel": 2,
-    "calm.baselines": 2,
+    "calm.answering": 2,  # the model answering: chat_lm, parse, zeroshot, pseudolabel, clips
     "calm.store": 3,
     "calm.serialization": 4,
     "calm.classifiers": 4,

@@ -254,19 +254,104 @@ def test_the_entry_point_in_its_own_process_prints_one_line(tmp_path):
     assert quiet.stderr.strip().splitlines()[-1].startswith(f"calm: error: {junk}")
 
 
-def test_unexpected_errors_are_one_line_with_a_hint(tmp_path, store, monkeypatch):
+INTERNAL = "calm: internal error (a bug, please report it): "
+
+
+def internal_error_line(res, *needles: str) -> str:
+    """The single internal-error line of a run stopped by a bug, exit status 3, no traceback."""
+    assert res.exit_code == 3, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith(INTERNAL)]
+    assert len(lines) == 1 and "calm: error:" not in res.output and "Traceback" not in res.output, res.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("division by zero"), ValueError("boom\nsecond line")])
+def test_a_bug_says_so_in_one_line_with_exit_status_3(tmp_path, store, monkeypatch, error):
+    """Anything but a CalmError, an OSError or a parameter check is a bug, even a bare ValueError."""
     import calm.store
 
     def boom(*_a, **_k):
-        raise RuntimeError("boom\nsecond line")
+        raise error
 
     monkeypatch.setattr(calm.store, "load_features", boom)
-    line = one_error_line(
-        invoke("fit", store, "--out", tmp_path / "m.safetensors"), "RuntimeError: boom | second"
-    )
-    assert "--debug" in line
+    what = f"{type(error).__name__}: {str(error).replace(chr(10), ' | ')}"
+    line = internal_error_line(invoke("fit", store, "--out", tmp_path / "m.safetensors"), what)
+    assert line.endswith("; rerun with --debug (or CALM_DEBUG=1) for the traceback")
     res = invoke("--debug", "fit", store, "--out", tmp_path / "m.safetensors")
-    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert res.exit_code == 3 and isinstance(res.exception, SystemExit)
+    assert "Traceback" in res.output and res.output.strip().splitlines()[-1].startswith(INTERNAL)
+
+
+def test_scikit_learn_parameter_checks_are_user_errors(tmp_path, store, monkeypatch):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    import calm.store
+
+    def refuse(*_a, **_k):
+        raise InvalidParameterError("The 'k' parameter of SAV must be a float in (0.0, 1.0]. Got 7.5.")
+
+    monkeypatch.setattr(calm.store, "load_features", refuse)
+    res = invoke("fit", store, "--out", tmp_path / "m.safetensors")
+    assert res.exit_code == 1
+    one_error_line(res, "The 'k' parameter of SAV must be")
+
+
+def _refuse(error: Exception):
+    def refuse(*_a, **_k):
+        raise error
+
+    return refuse
+
+
+# command -> (its arguments, the library function it calls, a CalmError that function may raise)
+USER_ERRORS = {
+    "extract": (
+        lambda tmp: ["extract", "--model", "fake-tones", "--data", f"folder:{tmp}", "--out", tmp / "s"],
+        "calm.data:load_dataset",
+        lambda tmp: calm.data.DatasetError(f"{tmp}/labels.csv:3: no such class"),
+    ),
+    "fit": (
+        lambda tmp: ["fit", tmp, "--out", tmp / "m.safetensors"],
+        "calm.store:load_features",
+        lambda tmp: calm.store.StoreError(f"{tmp}/index.jsonl: not a feature store"),
+    ),
+    "evaluate": (
+        lambda tmp: ["evaluate", "--features", tmp, "--out", tmp / "run", "--no-progress"],
+        "calm.evaluate:run_evaluation",
+        lambda tmp: calm.evaluate.ProtocolError(f"{tmp}: a test class without support clips"),
+    ),
+    "predict": (
+        lambda tmp: ["predict", tmp / "m.safetensors", tmp / "q.wav"],
+        "calm.inference:load_predictor",
+        lambda tmp: calm.serialization.ModelFileError(f"{tmp}/m.safetensors: not a classifier"),
+    ),
+    "serve": (
+        lambda tmp: ["serve", tmp / "m.safetensors", "--port", "0"],
+        "calm.inference:load_predictor",
+        lambda tmp: calm.serialization.ModelFileError(f"{tmp}/m.safetensors: truncated header"),
+    ),
+    "verify": (
+        lambda tmp: ["verify", tmp],
+        "calm.store:verify_store",
+        lambda tmp: calm.store.StoreError(f"{tmp}: no feature store here"),
+    ),
+}
+
+
+@pytest.mark.parametrize("command", sorted(USER_ERRORS))
+def test_each_command_prints_a_user_error_in_one_line(tmp_path, monkeypatch, command):
+    import importlib
+
+    args, target, error = USER_ERRORS[command]
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    tone(tmp_path / "q.wav", 300.0, 1)
+    module, name = target.split(":")
+    monkeypatch.setattr(importlib.import_module(module), name, _refuse(error(tmp_path)))
+    res = invoke(*args(tmp_path))
+    assert res.exit_code == 1, res.output
+    one_error_line(res, str(tmp_path), str(error(tmp_path)).partition(": ")[2])
 
 
 def test_usage_errors_stay_as_click_prints_them(tmp_path):

@@ -86,8 +86,10 @@ def test_extract_reports_bad_dataset_and_model(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "calm: error:" in result.output
     make_clips(tmp_path / "audio", n=3)
 
-    def broken(model, **kwargs):
-        raise ValueError("no such model")
+    def broken(model, **kwargs):  # what load_extractor raises for an unknown name (a CalmError)
+        from calm.models.base import ExtractorError
+
+        raise ExtractorError("no such model")
 
     monkeypatch.setattr(extract_cmd, "_load_extractor", broken)
     result = runner.invoke(

@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from calm import baselines
 from calm import evaluate as ev
+from calm.answering import clips
+from calm.answering.pseudolabel import pseudo_label
 from calm.evaluate import ProtocolError
-from calm.pseudolabel import pseudo_label
 from tests.test_evaluate import synthetic
 
 CLASSES = ["c0", "c1", "c2"]
@@ -154,7 +154,7 @@ class FakeExtractor:
 
 
 def test_zero_shot_cache_asks_each_clip_once(tmp_path, monkeypatch):
-    import calm.zeroshot
+    import calm.answering.zeroshot
 
     asked = []
 
@@ -162,15 +162,16 @@ def test_zero_shot_cache_asks_each_clip_once(tmp_path, monkeypatch):
         asked.extend(inputs)
         scores = np.array([[float(len(p)), 0.0] for p in inputs])
         preds = [classes[int(np.argmax(s))] for s in scores]
-        return calm.zeroshot.ZeroShotResult(preds, scores, 0, None, tuple(classes), kw["prompt"].text)
+        prompt = kw["prompt"].text
+        return calm.answering.zeroshot.ZeroShotResult(preds, scores, 0, None, tuple(classes), prompt)
 
-    monkeypatch.setattr(calm.zeroshot, "zero_shot", fake_zero_shot)
+    monkeypatch.setattr(calm.answering.zeroshot, "zero_shot", fake_zero_shot)
     cache = tmp_path / "zs.json"
-    first = baselines.zero_shot_clips(FakeExtractor(), ["a", "bb"], ["x", "y"], cache=cache)
-    again = baselines.zero_shot_clips(FakeExtractor(), ["bb", "ccc", "a"], ["x", "y"], cache=cache, chunk=1)
+    first = clips.zero_shot_clips(FakeExtractor(), ["a", "bb"], ["x", "y"], cache=cache)
+    again = clips.zero_shot_clips(FakeExtractor(), ["bb", "ccc", "a"], ["x", "y"], cache=cache, chunk=1)
     assert asked == ["a", "bb", "ccc"] and first.predictions == ["x", "x"]
     np.testing.assert_array_equal(again.scores[:, 0], [2.0, 3.0, 1.0])
-    baselines.zero_shot_clips(FakeExtractor(), ["a"], ["x", "z"], cache=cache)  # other classes: asked again
+    clips.zero_shot_clips(FakeExtractor(), ["a"], ["x", "z"], cache=cache)  # other classes: asked again
     assert asked[-1] == "a" and len(asked) == 4
 
 
@@ -206,9 +207,9 @@ def write_tones(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_calm_evaluate_with_zero_shot_and_pseudo_labels(tmp_path, tiny_lalm_dir):
+    from calm.answering.zeroshot import zero_shot
     from calm.cli import main
     from calm.models import load_extractor
-    from calm.zeroshot import zero_shot
 
     manifest = write_tones(tmp_path / "tones")
     run = tmp_path / "run"

@@ -21,7 +21,7 @@ from calm.evaluate import (
     results_markdown,
 )
 from calm.evaluate.protocol import run_protocol
-from calm.evaluate.selftraining import STSpec, run_st_protocol, st_pool, st_summary
+from calm.evaluate.self_training_runs import STSpec, run_st_protocol, st_pool, st_summary
 from tests.test_cli_eval import FREQS, fake_model, tone  # noqa: F401 (fake_model: the fake-tones model)
 
 torch.set_num_threads(1)

@@ -110,7 +110,7 @@ def test_padding_kwargs_per_modality():
 
 
 def test_zero_shot_refuses_a_truncated_model(qwen_dir, waves):
-    from calm.zeroshot import zero_shot
+    from calm.answering.zeroshot import zero_shot
 
     short = load_extractor(qwen_dir, prompt=PROMPT, layers=[1])
     with pytest.raises(ValueError, match="truncate_layers=False"):

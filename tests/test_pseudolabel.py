@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from calm.answers import match_answer, normalise
-from calm.pseudolabel import draw_temperatures, majority_vote, pseudo_label
+from calm.answering.parse import match_answer, normalise
+from calm.answering.pseudolabel import draw_temperatures, majority_vote, pseudo_label
 
 CLASSES = ["dog", "rain", "car_horn", "wind"]
 

@@ -159,7 +159,7 @@ def test_lalms_have_no_encoder_heads(extractor, tmp_path):
 
 
 def test_windowed_lalm_keeps_the_zero_shot_surface_and_options_are_checked(extractor, tmp_path):
-    from calm.zeroshot import as_chat_lm
+    from calm.answering.zeroshot import as_chat_lm
 
     directory = save_pretrained(extractor.model, extractor.processor, tmp_path / "tiny")
     windowed = load_extractor(str(directory), attn_implementation="eager", long="windows")

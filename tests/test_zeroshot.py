@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from calm.answering.pseudolabel import pseudo_label
+from calm.answering.zeroshot import LALMSampler, as_chat_lm, verbalise, zero_shot
 from calm.models.qwen2_5_omni import Qwen25OmniExtractor
 from calm.models.qwen2_audio import Qwen2AudioExtractor
 from calm.prompts import render_prompt
-from calm.pseudolabel import pseudo_label
-from calm.zeroshot import LALMSampler, as_chat_lm, verbalise, zero_shot
 from tests.helpers.tiny_models import tiny_qwen2_audio
 from tests.helpers.tiny_omni import tiny_qwen2_5_omni
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from calm.errors import CalmError
+
 __all__ = [
     "FileLock",
     "LockedError",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class LockedError(OSError):
+class LockedError(CalmError, OSError):
     """Another process holds the lock."""
 
 

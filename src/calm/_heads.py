@@ -28,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from calm.errors import ParameterError
+
 __all__ = [
     "EPS",
     "ArrayLike",
@@ -146,7 +148,7 @@ def head_predictions(similarities: ArrayLike) -> torch.Tensor:
 def head_posteriors(similarities: ArrayLike, tau_p: float) -> torch.Tensor:
     """Eq. 5: p_c^j(x) = softmax over classes of s_j(x, c) / tau_p, (n, K, C) -> (n, K, C)."""
     if not tau_p > 0:
-        raise ValueError(f"tau_p must be > 0, got {tau_p!r}")
+        raise ParameterError(f"tau_p must be > 0, got {tau_p!r}")
     return torch.softmax(_float(similarities) / tau_p, dim=-1)
 
 
@@ -181,23 +183,23 @@ def resolve_k(k: float | None, n_heads: int) -> int:
     if k is None:
         return int(n_heads)
     if isinstance(k, bool | np.bool_):
-        raise ValueError(f"k must be an int, a float in (0, 1] or None, got {k!r}")
+        raise ParameterError(f"k must be an int, a float in (0, 1] or None, got {k!r}")
     if isinstance(k, numbers.Integral):
         if not 1 <= int(k) <= n_heads:
-            raise ValueError(f"k={int(k)} heads is outside [1, n_heads={n_heads}]")
+            raise ParameterError(f"k={int(k)} heads is outside [1, n_heads={n_heads}]")
         return int(k)
     if isinstance(k, numbers.Real):
         if not 0.0 < float(k) <= 1.0:
-            raise ValueError(f"a float k is a fraction of heads and must lie in (0, 1], got {k!r}")
+            raise ParameterError(f"a float k is a fraction of heads and must lie in (0, 1], got {k!r}")
         return int(min(n_heads, max(1, np.floor(float(k) * n_heads + 0.5))))
-    raise ValueError(f"k must be an int, a float in (0, 1] or None, got {k!r}")
+    raise ParameterError(f"k must be an int, a float in (0, 1] or None, got {k!r}")
 
 
 def top_k_mask(reliability: ArrayLike, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries along the last axis; ties keep the lower head index."""
     r = _float(reliability)
     if not 1 <= k <= r.shape[-1]:
-        raise ValueError(f"k={k} is outside [1, {r.shape[-1]}]")
+        raise ParameterError(f"k={k} is outside [1, {r.shape[-1]}]")
     order = torch.sort(r, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros(r.shape, dtype=torch.bool).scatter_(-1, order, True)
 
@@ -212,7 +214,7 @@ def head_weights(
     sum over the kept heads (uniform over the kept heads when all of them have r = 0).
     """
     if not tau_w > 0:
-        raise ValueError(f"tau_w must be > 0, got {tau_w!r}")
+        raise ParameterError(f"tau_w must be > 0, got {tau_w!r}")
     r = _float(reliability)
     mask = top_k_mask(r, k)
     if normalization == "softmax":
@@ -221,7 +223,7 @@ def head_weights(
         v = torch.where(mask, r.clamp_min(0) ** (1.0 / tau_w), torch.zeros((), dtype=r.dtype))
         total = v.sum(dim=-1, keepdim=True)
         return torch.where(total > 0, v / total.clamp_min(torch.finfo(r.dtype).tiny), mask.to(r.dtype) / k)
-    raise ValueError(f"normalization must be 'softmax' or 'power', got {normalization!r}")
+    raise ParameterError(f"normalization must be 'softmax' or 'power', got {normalization!r}")
 
 
 def weighted_scores(posteriors: ArrayLike, weights: ArrayLike) -> torch.Tensor:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from calm.errors import CalmError
+
 __all__ = [
     "DTYPES",
     "MAX_HEADER_BYTES",
@@ -59,7 +61,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(CalmError, ValueError):
     """The bytes are not a well-formed safetensors file (the message says why)."""
 
 

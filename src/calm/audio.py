@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calm.errors import CalmError, ParameterError
+
 log = logging.getLogger(__name__)
 
 # Formats soundfile (libsndfile) decodes; everything else goes to PyAV.
@@ -33,7 +35,7 @@ LONG_MODES = ("truncate", "windows")
 TRUNCATE_TOLERANCE = 0.01
 
 
-class AudioError(ValueError):
+class AudioError(CalmError, ValueError):
     """An audio file that cannot be used: the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -161,11 +163,11 @@ def load_audio(
 ) -> np.ndarray:
     """Float32 mono waveform of `path` at `sample_rate`: shape (n,), or (windows, n) for windows."""
     if long not in LONG_MODES:
-        raise ValueError(f"long must be one of {LONG_MODES}, got {long!r}")
+        raise ParameterError(f"long must be one of {LONG_MODES}, got {long!r}")
     if sample_rate <= 0:
-        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+        raise ParameterError(f"sample_rate must be positive, got {sample_rate}")
     if max_seconds is not None and max_seconds <= 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+        raise ParameterError(f"max_seconds must be positive, got {max_seconds}")
     path = Path(path)
     x, rate, duration = decode(path, max_seconds=max_seconds if long == "truncate" else None)
     if x.size == 0:

@@ -114,6 +114,18 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     classifier_ : the fitted `calm.SAV` / `calm.CALM` (for "+st", the one fitted in the last round,
     on the support and pseudo-labelled clips); self_training_ : the fitted `SelfTraining` ("+st" only:
     `pseudo_labels_`, `added_per_class_`, ...); classes_ ; head_names_ ; extraction_key_.
+
+    Examples
+    --------
+    Nothing is loaded until ``fit``; the method's parameters are the estimator's own:
+
+    >>> from calm import AudioClassifier
+    >>> clf = AudioClassifier("whisper-tiny.en", method="calm", k=0.25)
+    >>> clf.get_params()["k"], clf.get_params()["method"]
+    (0.25, 'calm')
+    >>> clf.fit(["dog1.wav", "rain1.wav"], ["dog", "rain"])  # doctest: +SKIP
+    >>> clf.predict(["query.wav"])  # doctest: +SKIP
+    array(['dog'], dtype=object)
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {

@@ -1,11 +1,12 @@
 """The `calm` command line: a thin group; each command lives in `calm.commands.<name>`.
 
-Errors: click's own usage errors print as click prints them (usage line, exit status 2). Anything
-else that stops a command prints one line, ``calm: error: <what and which file>``, and exits with
-status 1: the library's documented errors (ValueError and its subclasses such as ModelFileError,
-StoreError, DatasetError; OSError such as a full disk or a read-only file system) as their message,
-any other exception with its type and a hint. ``calm --debug`` or ``CALM_DEBUG=1`` shows the
-traceback as well.
+Errors: click's own usage errors print as click prints them (usage line, exit status 2). A user
+error prints one line, ``calm: error: <what and which file>``, and exits with status 1: a
+`calm.CalmError` (ModelFileError, StoreError, DatasetError, ...), an OSError (a full disk, a
+read-only file system), a scikit-learn parameter check (`InvalidParameterError`) or a command's
+own `click.ClickException`. Anything else is a bug: one line, ``calm: internal error (a bug,
+please report it): <Type>: <message>; ...``, exit status 3 (`INTERNAL_ERROR`). ``calm --debug``
+or ``CALM_DEBUG=1`` shows the traceback as well.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import click
 
-from calm import __version__
+from calm._version import __version__
+from calm.errors import CalmError
 
 # command name -> "module:attribute"; imported only when the command runs (keeps `calm --help` fast).
 COMMANDS = {
@@ -31,7 +33,9 @@ COMMANDS = {
     "verify": "calm.commands.verify:verify",
 }
 
-DEBUG_HINT = "run with --debug (or CALM_DEBUG=1) for the traceback"
+DEBUG_HINT = "rerun with --debug (or CALM_DEBUG=1) for the traceback"
+USER_ERROR = 1  # exit status of a user error (click's usage errors keep their 2)
+INTERNAL_ERROR = 3  # exit status of a bug
 
 
 def one_line(text: str) -> str:
@@ -39,16 +43,31 @@ def one_line(text: str) -> str:
     return " | ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the user's doing (see the module doc) rather than a bug."""
+    if isinstance(exc, CalmError | OSError | click.ClickException):
+        return True
+    # scikit-learn's parameter checks (a ValueError); only loaded once sklearn is, so never imported here
+    sk = sys.modules.get("sklearn.utils._param_validation")
+    return sk is not None and isinstance(exc, sk.InvalidParameterError)
+
+
 def describe(exc: BaseException) -> str:
-    """The one-line message for an exception that stopped a command."""
+    """The one-line message for a user error that stopped a command."""
     if isinstance(exc, click.ClickException):
         return one_line(exc.format_message())
     if isinstance(exc, OSError) and exc.strerror:
         names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
         return one_line(f"{exc.strerror}" + (f": {' -> '.join(names)}" if names else ""))
-    if isinstance(exc, (ValueError, OSError)):
-        return one_line(str(exc) or type(exc).__name__)
-    return one_line(f"{type(exc).__name__}: {exc} ({DEBUG_HINT})")
+    return one_line(str(exc) or type(exc).__name__)
+
+
+def error_line(exc: BaseException) -> str:
+    """The line printed for ``exc``: ``calm: error: ...`` for a user error, else the bug line."""
+    if is_user_error(exc):
+        return f"calm: error: {describe(exc)}"
+    what = one_line(f"{type(exc).__name__}: {exc}")
+    return f"calm: internal error (a bug, please report it): {what}; {DEBUG_HINT}"
 
 
 def _debug_requested(ctx: click.Context) -> bool:
@@ -59,7 +78,7 @@ def _report(exc: BaseException, debug: bool) -> None:
     if debug:
         shown = exc.__context__ if isinstance(exc, click.ClickException) and exc.__context__ else exc
         traceback.print_exception(type(shown), shown, shown.__traceback__, file=sys.stderr)
-    click.echo(f"calm: error: {describe(exc)}", err=True)
+    click.echo(error_line(exc), err=True)
 
 
 class LazyGroup(click.Group):
@@ -84,7 +103,7 @@ class LazyGroup(click.Group):
             sys.exit(exc.exit_code)
         except Exception as exc:
             _report(exc, _debug_requested(ctx))
-            sys.exit(1)
+            sys.exit(USER_ERROR if is_user_error(exc) else INTERNAL_ERROR)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

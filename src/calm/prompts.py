@@ -21,6 +21,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from calm.errors import CalmError, CalmWarning, ParameterError
+
 __all__ = [
     "DEFAULT_TEMPLATE",
     "LabelLeakWarning",
@@ -35,7 +37,14 @@ __all__ = [
 OPTION_MODES = ("none", "classes", "fixed", "true-plus-distractors")
 
 
-class LabelLeakWarning(UserWarning):
+class UnknownTemplate(CalmError, KeyError):
+    """A prompt template name that `TEMPLATES` does not hold (a KeyError, printed without quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class LabelLeakWarning(CalmWarning):
     """A prompt that contains the clip's true label (test features then carry the answer)."""
 
 
@@ -126,13 +135,13 @@ def get_template(name: str) -> PromptTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise KeyError(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}") from None
+        raise UnknownTemplate(f"unknown prompt template {name!r}; known: {', '.join(TEMPLATES)}") from None
 
 
 def option_labels(n: int) -> tuple[str, ...]:
     """Labels of n options: A..Z, then AA, AB, ... (spreadsheet order)."""
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ParameterError(f"n must be >= 0, got {n}")
     labels = []
     for i in range(n):
         label, k = "", i
@@ -158,7 +167,7 @@ def _distractor_options(
 ) -> list[str]:
     others = [c for c in classes if c != true_class]
     if len(others) < n_options - 1:
-        raise ValueError(f"need at least {n_options} classes for {n_options} options, got {len(classes)}")
+        raise ParameterError(f"need at least {n_options} classes for {n_options} options, got {len(classes)}")
     rng = random.Random(f"{seed}")
     options = [true_class, *rng.sample(others, n_options - 1)]
     rng.shuffle(options)
@@ -187,15 +196,15 @@ def render_prompt(
     if t.options == "fixed":
         return format_options(t.question, t.fixed_options)
     if not classes:
-        raise ValueError(f"template {t.name!r} lists classes: pass the class names")
+        raise ParameterError(f"template {t.name!r} lists classes: pass the class names")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"template {t.name!r}: class names must be unique")
+        raise ParameterError(f"template {t.name!r}: class names must be unique")
     if t.options == "classes":
         return format_options(t.question, classes)
     if true_class is None:
-        raise ValueError(f"template {t.name!r} needs the clip's true class")
+        raise ParameterError(f"template {t.name!r} needs the clip's true class")
     if true_class not in classes:
-        raise ValueError(f"true class {true_class!r} is not one of the classes")
+        raise ParameterError(f"true class {true_class!r} is not one of the classes")
     options = _distractor_options(true_class, classes, t.n_options, seed)
     warnings.warn(
         f"prompt template {t.name!r} puts the clip's true class into the prompt: test features then "

@@ -184,6 +184,24 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         with ``random_state``; None: the whole pool.
     random_state : int >= 0 or None
         Seed of that draw.
+
+    Examples
+    --------
+    One labelled clip per class and ten unlabelled ones (made-up features, see :class:`calm.SAV`):
+
+    >>> import numpy as np
+    >>> from calm import CALM, SelfTraining
+    >>> rng = np.random.default_rng(0)
+    >>> centres = rng.normal(size=(2, 4, 8))
+    >>> X = np.concatenate([c + 0.3 * rng.normal(size=(6, 4, 8)) for c in centres]).astype(np.float32)
+    >>> y = np.array(["dog"] * 6 + ["rain"] * 6)
+    >>> labelled, pool = [0, 6], [1, 2, 3, 4, 5, 7, 8, 9, 10, 11]
+    >>> st = SelfTraining(CALM(k=2), rounds=2, per_round=1, pool_per_class=None)
+    >>> st = st.fit(X[labelled], y[labelled], X_unlabelled=X[pool])
+    >>> st.added_per_class_.tolist()  # pseudo-labelled clips each class gained
+    [2, 2]
+    >>> st.predict(X[[0, 11]]).tolist()
+    ['dog', 'rain']
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save
 
-from calm import __version__
 from calm._files import atomic_write_bytes, json_default
 from calm._safetensors import (
     SafetensorsError,
@@ -47,6 +46,8 @@ from calm._safetensors import (
     read_header,
     read_tensor,
 )
+from calm._version import __version__
+from calm.errors import CalmError
 
 FORMAT = "calm-classifier"
 FORMAT_VERSION = 1
@@ -71,7 +72,7 @@ __all__ = [
 _HEADER_KEYS = ("estimator", "params", "classes", "classes_type", "n_classes", "n_heads", "head_dim", "k")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(CalmError, ValueError):
     """A classifier file (or a state about to be saved) that breaks the format or the estimator's
     layout; the message names the file and the problem."""
 
@@ -124,7 +125,7 @@ def _classes_to_json(classes: np.ndarray) -> tuple[list[Any], str]:
     for name, types in (("bool", (bool,)), ("int", (int,)), ("float", (float,)), ("str", (str,))):
         if all(isinstance(v, types) and (name == "bool" or not isinstance(v, bool)) for v in values):
             return values, name
-    raise ValueError("only str, int, float or bool class labels can be saved; got " + repr(values[:3]))
+    raise ModelFileError("only str, int, float or bool class labels can be saved; got " + repr(values[:3]))
 
 
 def _classes_from_json(values: Any, kind: Any) -> np.ndarray:
@@ -184,7 +185,7 @@ def write_classifier(path: str | Path, saved: SavedClassifier) -> None:
     try:
         text = json.dumps(header, default=json_default, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"parameters and metadata must be JSON-serialisable: {e}") from e
+        raise ModelFileError(f"parameters and metadata must be JSON-serialisable: {e}") from e
     tensors = {name: np.ascontiguousarray(a) for name, a in saved.tensors.items()}
     meta = {"calm": text, CHECKSUM_KEY: content_digest(text, tensors)}
     atomic_write_bytes(Path(path), save(tensors, metadata=meta))

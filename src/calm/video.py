@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from calm.audio import load_audio
+from calm.audio import AudioError, load_audio
+from calm.errors import ParameterError
 
 DEFAULT_FPS = 2.0
 DEFAULT_FRAME_SIZE = (224, 224)
@@ -30,7 +31,7 @@ class VideoClip:
 def frame_times(duration: float, fps: float, max_frames: int | None = None) -> np.ndarray:
     """Sampling instants 0, 1/fps, 2/fps, ... before `duration` (at least one frame)."""
     if fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+        raise ParameterError(f"fps must be > 0, got {fps}")
     n = max(1, int(np.ceil(duration * fps - 1e-9)))
     if max_frames is not None:
         n = min(n, max_frames)
@@ -56,10 +57,10 @@ def read_frames(
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as err:
-        raise ValueError(f"{path}: cannot open video: {err}") from err
+        raise AudioError(path, f"cannot open video: {err}") from err
     with container:
         if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
+            raise AudioError(path, "no video stream")
         stream = container.streams.video[0]
         decoded: list[tuple[float, np.ndarray]] = []
         for frame in container.decode(stream):
@@ -71,7 +72,7 @@ def read_frames(
                 (float(frame.time), frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
             )
     if not decoded:
-        raise ValueError(f"{path}: no decodable video frames")
+        raise AudioError(path, "no decodable video frames")
     starts = np.array([t for t, _ in decoded])
     duration = starts[-1] + (starts[-1] - starts[-2] if len(starts) > 1 else 1.0 / fps)
     if max_seconds is not None:

@@ -11,6 +11,7 @@ and lists the fitted arrays it saves in ``_state_specs``. Saving turns the state
 
 from __future__ import annotations
 
+import os
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -33,6 +34,7 @@ from calm.classifiers.features import (
 )
 from calm.classifiers.kernels import READ_BYTES, check_finite, unit_layout
 from calm.classifiers.threads import Workspace
+from calm.errors import FeatureError
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,
@@ -152,13 +154,13 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self)
         X = shaped(X)
         if ndim(X) == 2 and X.shape[1] != self.n_features_in_:
-            raise ValueError(
+            raise FeatureError(
                 f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input."
             )
         feats = Features(X, n_heads=self.n_heads_ if ndim(X) == 2 else None)
         if (feats.K, feats.d) != (self.n_heads_, self.head_dim_):
-            raise ValueError(
+            raise FeatureError(
                 f"X has {feats.K} heads x {feats.d} dims but the classifier was fitted on "
                 f"{self.n_heads_} heads x {self.head_dim_} dims"
             )
@@ -204,7 +206,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         y = labels_array(y)
         pred = self.predict(X)
         if len(y) != len(pred):
-            raise ValueError(f"X has {len(pred)} samples but y has {len(y)} labels")
+            raise FeatureError(f"X has {len(pred)} samples but y has {len(y)} labels")
         hits = (pred == y).astype(np.float64)
         if sample_weight is None:
             return float(hits.mean())
@@ -287,12 +289,13 @@ def _estimator(name: str, path: str | Path) -> type[HeadClassifier]:
     return cls
 
 
-def load(path: str | Path) -> HeadClassifier:
+def load(path: str | os.PathLike[str]) -> HeadClassifier:
     """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict.
 
     Raises :class:`calm.serialization.ModelFileError` (a ValueError naming the file and the problem)
     for a malformed, damaged or inconsistent file, before reading any tensor the estimator does not
     declare; FileNotFoundError when there is no file."""
+    path = Path(path)
 
     def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         cls = _estimator(name, path)

@@ -15,6 +15,7 @@ from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
 from calm.classifiers.kernels import LOG2E, calm_scores, needs_shift, support_margin_sums
 from calm.classifiers.threads import Workspace, for_each
+from calm.errors import ParameterError
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]
@@ -56,6 +57,25 @@ class CALM(HeadClassifier):
     (K,) for "global", weights_ (C, K) (rows identical for "global"; each row sums to 1 over its
     kept heads and is 0 elsewhere), heads_ (C, k) for "class" or (k,) for "global": kept heads by
     decreasing reliability, k_, n_heads_, head_dim_, metadata_.
+
+    Examples
+    --------
+    Features of shape (n_clips, n_heads, head_dim), here made up: two classes, 4 heads of 8 dims
+    (from a model: ``X, y, meta = calm.load_features("store/")``).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> centres = rng.normal(size=(2, 4, 8))
+    >>> X = np.concatenate([c + 0.3 * rng.normal(size=(6, 4, 8)) for c in centres]).astype(np.float32)
+    >>> y = np.array(["dog"] * 6 + ["rain"] * 6)
+    >>> from calm import CALM
+    >>> clf = CALM(k=2).fit(X, y)
+    >>> clf.weights_.shape  # (classes, heads): each class weighs its own 2 most reliable heads
+    (2, 4)
+    >>> clf.predict(X[[0, 11]]).tolist()
+    ['dog', 'rain']
+    >>> clf.predict_proba(X[[0]]).round(2).tolist()
+    [[1.0, 0.0]]
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -130,7 +150,7 @@ class CALM(HeadClassifier):
             r = margin_sum.sum(dim=0) / feats.n  # Eq. 7
         w = H.head_weights(r.cpu(), self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-            raise ValueError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
+            raise ParameterError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
         self.reliability_ = r.cpu().numpy()
         self.weights_ = (w.expand(C, K) if w.ndim == 1 else w).contiguous().numpy()
         order = torch.sort(r.cpu(), dim=-1, descending=True, stable=True).indices

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from calm import _heads as H
+from calm.errors import FeatureError
 
 __all__ = ["CHUNK_BYTES", "Features", "chunk_rows", "encode_labels", "labels_array", "ndim"]
 
@@ -43,18 +44,18 @@ class Features:
         if len(shape) == 2 and (n_heads is not None or head_dim is not None):
             X, shape = _split_heads(X, shape, n_heads, head_dim, name)
         elif len(shape) == 2:
-            raise ValueError(
+            raise FeatureError(
                 f"{name} is 2-D {shape}; pass features of shape (n_samples, n_heads, head_dim), or "
                 "flattened (n_samples, n_heads * head_dim) with n_heads=K given to the estimator"
             )
         elif len(shape) != 3:
-            raise ValueError(
+            raise FeatureError(
                 f"{name} must have shape (n_samples, n_heads, head_dim), got {len(shape)}-D {shape}"
             )
         if shape[0] == 0:
-            raise ValueError(f"{name} is empty (0 samples)")
+            raise FeatureError(f"{name} is empty (0 samples)")
         if shape[1] == 0 or shape[2] == 0:
-            raise ValueError(f"{name} has no features: shape {shape}")
+            raise FeatureError(f"{name} has no features: shape {shape}")
         self.X, self.shape, self.name = X, shape, name
         self.n, self.K, self.d = shape
         self.dtype = H.compute_dtype(X.dtype if isinstance(X, torch.Tensor) else _np_dtype(X.dtype))
@@ -76,7 +77,7 @@ class Features:
                 raw = raw[:, index]
             t = _chunk_tensor(raw, dtype)
             if check and not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):  # NaN propagates
-                raise ValueError(f"{self.name} contains NaN or infinite values (rows {start}..{stop - 1})")
+                raise FeatureError(f"{self.name} contains NaN or infinite values (rows {start}..{stop - 1})")
             yield start, t
 
     def views(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -108,7 +109,7 @@ def _as_array(X: Any, name: str) -> Any:
     if isinstance(X, torch.Tensor):
         X = X.detach()
         if X.is_complex() or X.dtype == torch.bool:
-            raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}")
+            raise FeatureError(f"{name} must hold real numbers, got dtype {X.dtype}")
         return X
     if not isinstance(X, np.ndarray) and not (
         hasattr(X, "shape") and hasattr(X, "dtype") and hasattr(X, "__getitem__")
@@ -116,10 +117,10 @@ def _as_array(X: Any, name: str) -> Any:
         try:
             X = np.asarray(X, dtype=np.float64)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
+            raise FeatureError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
     kind = np.dtype(X.dtype).kind if not str(X.dtype).startswith("bfloat") else "f"
     if kind not in "fiu":
-        raise ValueError(f"{name} must hold real numbers, got dtype {X.dtype}")
+        raise FeatureError(f"{name} must hold real numbers, got dtype {X.dtype}")
     return X
 
 
@@ -130,9 +131,9 @@ def _split_heads(
     n, f = shape
     K = int(n_heads) if n_heads is not None else f // int(head_dim)  # type: ignore[arg-type]
     if K <= 0 or f % K:
-        raise ValueError(f"{name} has {f} features per row, which does not split into {K} heads")
+        raise FeatureError(f"{name} has {f} features per row, which does not split into {K} heads")
     if not hasattr(X, "reshape"):
-        raise ValueError(f"{name} is 2-D and cannot be reshaped into heads; pass (n, n_heads, head_dim)")
+        raise FeatureError(f"{name} is 2-D and cannot be reshaped into heads; pass (n, n_heads, head_dim)")
     return X.reshape(n, K, f // K), (n, K, f // K)
 
 
@@ -181,7 +182,7 @@ def shaped(X: Any, name: str = "X") -> Any:
     try:
         return np.asarray(X)
     except ValueError as e:
-        raise ValueError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
+        raise FeatureError(f"{name} must be a numeric array of shape (n, n_heads, head_dim): {e}") from e
 
 
 def labels_array(y: Any) -> np.ndarray:
@@ -220,9 +221,9 @@ def _as_1d(y: np.ndarray) -> np.ndarray:
         )
         y = y.ravel()
     if y.ndim != 1:
-        raise ValueError(f"y must be 1-D with one label per sample, got shape {y.shape}")
+        raise FeatureError(f"y must be 1-D with one label per sample, got shape {y.shape}")
     if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
-        raise ValueError("Unknown label type: continuous (class labels are strings or integers)")
+        raise FeatureError("Unknown label type: continuous (class labels are strings or integers)")
     return y
 
 
@@ -231,36 +232,38 @@ def encode_labels(y: Any, classes: Any, n: int) -> tuple[np.ndarray, np.ndarray]
 
     ``classes`` None: the sorted distinct labels; otherwise that order, every class with a clip."""
     if y is None:
-        raise ValueError("this classifier requires y to be passed, but the target y is None")
+        raise FeatureError("this classifier requires y to be passed, but the target y is None")
     y = _as_1d(labels_array(y))
     if len(y) != n:
-        raise ValueError(f"X has {n} samples but y has {len(y)} labels")
+        raise FeatureError(f"X has {n} samples but y has {len(y)} labels")
     try:
         uniq, inverse = np.unique(y, return_inverse=True)
     except TypeError as e:
-        raise ValueError(f"labels must be mutually comparable (e.g. all strings or all numbers): {e}") from e
+        raise FeatureError(
+            f"labels must be mutually comparable (e.g. all strings or all numbers): {e}"
+        ) from e
     if classes is None:
         cls, idx = uniq, inverse.reshape(-1)
     else:
         cls, idx = _fixed_order(labels_array(classes), uniq, inverse.reshape(-1))
     if len(cls) < 2:
-        raise ValueError(f"need at least two classes, got {len(cls)} class: {cls.tolist()}")
+        raise FeatureError(f"need at least two classes, got {len(cls)} class: {cls.tolist()}")
     return cls, idx.astype(np.int64)
 
 
 def _fixed_order(cls: np.ndarray, uniq: np.ndarray, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class indices into a given class order ``cls`` for labels ``uniq[inverse]``."""
     if cls.ndim != 1 or len(np.unique(cls)) != len(cls):
-        raise ValueError("classes must be a 1-D sequence of distinct labels")
+        raise FeatureError("classes must be a 1-D sequence of distinct labels")
     sorter = np.argsort(cls, kind="stable")
     pos = np.clip(np.searchsorted(cls, uniq, sorter=sorter), 0, len(cls) - 1)
     found = cls[sorter[pos]] == uniq
     if not np.all(found):
-        raise ValueError(f"labels not in classes: {uniq[~found][:10].tolist()}")
+        raise FeatureError(f"labels not in classes: {uniq[~found][:10].tolist()}")
     idx = sorter[pos][inverse]
     present = np.bincount(idx, minlength=len(cls)) > 0
     if not present.all():
-        raise ValueError(f"class with zero clips: {cls[~present][:10].tolist()}")
+        raise FeatureError(f"class with zero clips: {cls[~present][:10].tolist()}")
     return cls, idx
 
 

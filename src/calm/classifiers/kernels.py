@@ -25,6 +25,7 @@ import torch
 
 from calm import _heads as H
 from calm.classifiers.threads import Workspace, imap
+from calm.errors import FeatureError
 
 __all__ = [
     "BLOCK_BYTES",
@@ -112,7 +113,7 @@ def head_block(n: int, C: int, itemsize: int, block_bytes: int | None = None) ->
 def check_finite(x: torch.Tensor, what: str) -> torch.Tensor:
     """``x`` itself; ValueError naming ``what`` if it holds NaN or infinite values."""
     if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN propagates
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise FeatureError(f"{what} contains NaN or infinite values")
     return x
 
 

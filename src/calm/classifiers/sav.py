@@ -51,6 +51,24 @@ class SAV(HeadClassifier):
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d), head_scores_ (K,) support accuracy of
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
     only), k_, n_heads_, head_dim_, metadata_.
+
+    Examples
+    --------
+    Features of shape (n_clips, n_heads, head_dim), here made up: two classes, 4 heads of 8 dims
+    (from a model: ``X, y, meta = calm.load_features("store/")``).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> centres = rng.normal(size=(2, 4, 8))
+    >>> X = np.concatenate([c + 0.3 * rng.normal(size=(6, 4, 8)) for c in centres]).astype(np.float32)
+    >>> y = np.array(["dog"] * 6 + ["rain"] * 6)
+    >>> from calm import SAV
+    >>> clf = SAV(k=2).fit(X, y)
+    >>> clf.heads_.tolist()  # the 2 heads whose nearest centroid is most often right
+    [0, 1]
+    >>> clf.predict(X[[0, 11]]).tolist()
+    ['dog', 'rain']
+    >>> clf.save("dogs_vs_rain.safetensors")  # doctest: +SKIP
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {

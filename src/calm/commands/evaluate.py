@@ -22,8 +22,9 @@ from calm.commands.options import (
     ray_options,
     stack,
 )
+from calm.errors import CalmError
 from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS, EvalConfig, LALMSpec
-from calm.evaluate.selftraining import ST_METHODS, STSpec
+from calm.evaluate.self_training_runs import ST_METHODS, STSpec
 
 
 class RichProgress:
@@ -329,7 +330,7 @@ def evaluate(**params: Any) -> None:
             progress=progress if params["progress"] else None,
             log=lambda msg: click.echo(msg, err=True),
         )
-    except (ValueError, OSError) as exc:  # ProtocolError, DatasetError, StoreError are ValueErrors
+    except (CalmError, OSError) as exc:  # ProtocolError, DatasetError, StoreError, ...
         raise click.ClickException(str(exc)) from None
     finally:
         progress.close()

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from calm.commands.options import engine_options, model_options, model_spec, ray_options
+from calm.errors import CalmError
 from calm.store import DTYPES
 
 
@@ -96,7 +97,7 @@ def _run(params: dict[str, Any], dataset: Any, bar: Any) -> Any:
         )
     try:
         extractor = _load_extractor(spec.name, **spec.load_kwargs())
-    except (ValueError, OSError) as exc:  # ExtractorError is a ValueError
+    except (CalmError, OSError) as exc:  # ExtractorError, a model not found
         raise click.ClickException(f"cannot load model {spec.name!r}: {exc}") from None
     click.echo(f"model {spec.name}: {len(extractor.head_names)} heads", err=True)
     return extract_to_store(extractor, dataset, out, workers=params["workers"], **common)

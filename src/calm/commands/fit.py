@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from calm.commands.options import classifier_options, classifier_spec
+from calm.errors import CalmError
 
 FIT_METHODS = ("sav", "calm-global", "calm")
 
@@ -58,13 +59,13 @@ def fit(**params: Any) -> None:
     store, method, shots, seed = params["store"], params["method"], params["shots"], params["seed"]
     try:
         X, y, meta = load_features(store, key=params["key"])
-    except ValueError as exc:
+    except CalmError as exc:
         raise click.ClickException(str(exc)) from None
     rows, support_y = _support(np.asarray(y).astype(str), meta, params)
     m = classifier_spec(params).registry()[method]
     try:
         clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
-    except ValueError as exc:  # e.g. a store with one class
+    except CalmError as exc:  # e.g. a store with one class (FeatureError)
         raise click.ClickException(f"{store}: cannot fit {method}: {exc}") from exc
     metadata = {
         **extractor_metadata(meta),

@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from calm.errors import CalmError
 from calm.prompts import DEFAULT_TEMPLATE, TEMPLATES, LabelLeakWarning, render_prompt
 
 
@@ -29,7 +30,7 @@ def _example(name: str, classes: list[str] | None) -> str:
         warnings.simplefilter("ignore", LabelLeakWarning)
         try:
             return render_prompt(template, classes, true_class=true_class).text
-        except ValueError as err:
+        except CalmError as err:
             return f"(cannot render: {err})"
 
 

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from calm.errors import CalmError
+
 INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[serve]'"
 
 
@@ -78,7 +80,7 @@ def serve(
         from calm.serve.server import serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"{INSTALL_HINT} ({exc})") from None
-    from calm.inference import load_predictor
+    from calm.inference import ModelMismatchError, load_predictor
 
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
         raise click.BadParameter(f"{replicas!r}: give a number >= 1 or auto", param_hint="--replicas")
@@ -88,7 +90,8 @@ def serve(
 
     try:
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)
-    except (ValueError, OSError) as exc:
+    # ModelMismatchError until it derives from CalmError
+    except (CalmError, OSError, ModelMismatchError) as exc:
         raise click.ClickException(str(exc)) from None
     replicas = _replica_count(predictor, replicas, threads, device)
     config = ServeConfig(

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calm.errors import CalmError
+
 LABEL_SEP = ";"  # multi-label clips store their labels joined by this in flat tables
 
 
-class DatasetError(ValueError):
+class DatasetError(CalmError, ValueError):
     """A dataset layout problem, naming the file (and line) at fault."""
 
 

@@ -14,7 +14,7 @@ extracted once per clip.
 - `lalm`: zero-shot and pseudo-label runs on the same episodes (`run_lalm_protocol`).
 - `summary`: means and stds over seeds, paired per-seed differences with 95 % intervals.
 - `reports`: results.json / results.md.
-- `selftraining`: `calm+st` / `sav+st` (and `-trans`) runs on the same episodes, their pools and reports.
+- `self_training_runs`: `calm+st` / `sav+st` (and `-trans`) runs on the same episodes, pools, reports.
 - `config`, `runner`: `EvalConfig`, `run_evaluation`, `EvaluationResult`.
 """
 
@@ -69,7 +69,7 @@ from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run
 from calm.evaluate.records import Run, order_runs
 from calm.evaluate.reports import METHOD_TITLES, METRIC_TITLES, build_results, results_markdown, write_results
 from calm.evaluate.runner import EvaluationResult, run_evaluation
-from calm.evaluate.selftraining import (
+from calm.evaluate.self_training_runs import (
     ST_BASES,
     ST_METHODS,
     STSpec,

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from calm.errors import ParameterError
 from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
-from calm.evaluate.selftraining import ST_METHODS, STSpec
+from calm.evaluate.self_training_runs import ST_METHODS, STSpec
 from calm.store.distributed import RayOptions
 
 __all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]
@@ -156,13 +157,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.features is None):
-            raise ValueError("give exactly one of data (extract, then evaluate) or features (a store)")
+            raise ParameterError("give exactly one of data (extract, then evaluate) or features (a store)")
         unknown = [m for m in self.methods if m not in FEWSHOT_METHODS + LALM_METHODS + ST_METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}")
+            raise ParameterError(f"unknown method(s) {unknown}")
         if not self.shots or not self.seeds:
-            raise ValueError("need at least one number of shots and one seed")
+            raise ParameterError("need at least one number of shots and one seed")
         if self.holdout is not None and not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"holdout must lie in (0, 1), got {self.holdout}")
+            raise ParameterError(f"holdout must lie in (0, 1), got {self.holdout}")
         if self.batch_size < 1 or self.sweep_seeds < 1:
-            raise ValueError("batch_size and sweep_seeds must be >= 1")
+            raise ParameterError("batch_size and sweep_seeds must be >= 1")

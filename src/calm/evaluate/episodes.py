@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from calm.data.base import LABEL_SEP
+from calm.errors import CalmError
 
 Labels = Sequence[str] | np.ndarray  # one label string per clip (`a;b` for multi-label)
 
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 
-class ProtocolError(ValueError):
+class ProtocolError(CalmError, ValueError):
     """An evaluation that cannot be run honestly (e.g. a test class without support clips)."""
 
 

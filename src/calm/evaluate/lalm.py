@@ -4,7 +4,7 @@ wrong); `sav+pl` / `calm+pl` fit SAV / CALM on the kept pseudo-labelled clips of
 pool from the training part (`pl_pool`, outside the queries). A class with no kept clip cannot be
 predicted: its queries stay in the denominator as wrong, with a warning.
 
-The model side is injected (see `calm.baselines`); nothing here loads a model.
+The model side is injected (see `calm.answering.clips`); nothing here loads a model.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def pl_pool(part: Part, episode: Episode, size: int, seed: int) -> np.ndarray:
 
 
 def pseudo_label_report(pseudo: Any, truth: Sequence[tuple[str, ...]]) -> dict:
-    """Per-episode report of a pool's pseudo-labels (`calm.pseudolabel.PseudoLabels`) against the
+    """Per-episode report of a pool's pseudo-labels (`calm.answering.pseudolabel.PseudoLabels`) against the
     true labels (a multi-label clip's pseudo-label is right when it is one of its labels), in %."""
     rep = pseudo.report([LABEL_SEP.join(t) for t in truth])
     return {

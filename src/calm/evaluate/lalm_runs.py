@@ -1,5 +1,5 @@
 """The model side of the zero-shot and pseudo-label baselines inside `run_evaluation`: a loaded LALM
-answers (through `calm.baselines`, cached in the run directory) for `run_lalm_protocol`, and what
+answers (through `calm.answering.clips`, cached in the run directory) for `run_lalm_protocol`, and what
 results.json says about those answers."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calm.errors import CalmError
 from calm.evaluate.config import EvalConfig
-from calm.evaluate.episodes import make_parts
+from calm.evaluate.episodes import ProtocolError, make_parts
 from calm.evaluate.lalm import LALMRunsResult, run_lalm_protocol
 from calm.evaluate.methods import PL_BASES, Method
 
@@ -23,7 +24,7 @@ def lalm_skip_reason(extractor: Any) -> str | None:
     """Why zero-shot / pseudo-labels cannot run with this extractor, or None when they can."""
     if extractor is None:
         return "no model loaded (--features): zero-shot and pseudo-labels need the model itself"
-    from calm.zeroshot import as_chat_lm
+    from calm.answering.zeroshot import as_chat_lm
 
     try:
         as_chat_lm(extractor)
@@ -43,7 +44,7 @@ def _answerers(
 ) -> tuple[Callable, Callable]:
     """The `zero_shot(rows)` and `pseudo_label(rows)` functions of `run_lalm_protocol`; each records
     in `info` what results.json reports about its answers."""
-    from calm.baselines import pseudo_label_clips, zero_shot_clips
+    from calm.answering.clips import pseudo_label_clips, zero_shot_clips
 
     out, spec = Path(config.out), config.lalm
 
@@ -140,6 +141,6 @@ def lalm_runs(
             do_tune=config.tune,
             progress=step,
         )
-    except ValueError as exc:
-        raise ValueError(f"{', '.join(methods)}: {exc}") from exc
+    except CalmError as exc:
+        raise ProtocolError(f"{', '.join(methods)}: {exc}") from exc
     return res, info

@@ -18,7 +18,7 @@ from calm._files import atomic_write_text
 from calm.evaluate.metrics import PRIMARY_METRIC
 from calm.evaluate.predictions import Confusion, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
-from calm.evaluate.selftraining import st_summary, st_table
+from calm.evaluate.self_training_runs import st_summary, st_table
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
 
 __all__ = [

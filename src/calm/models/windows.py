@@ -51,7 +51,7 @@ class WindowedExtractor(Extractor):
         return np.stack([feats[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
     # ------------------------------------------------------- the wrapped LALM, for zero-shot
-    # (`calm.zeroshot.as_chat_lm` reads these; on a Whisper inner extractor, which has no
+    # (`calm.answering.zeroshot.as_chat_lm` reads these; on a Whisper inner extractor, which has no
     # `build_inputs`, reading one raises AttributeError as it would there)
 
     @property

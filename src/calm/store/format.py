@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from calm import _files
+from calm.errors import CalmError
 
 FORMAT = 1
 KEY_FILE = "key.json"
@@ -33,7 +34,7 @@ DTYPES = {"float16": (np.float16, "F16"), "float32": (np.float32, "F32")}
 SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
 
 
-class StoreError(ValueError):
+class StoreError(CalmError, ValueError):
     """A feature store problem, naming the file at fault."""
 
 

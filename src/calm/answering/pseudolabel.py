@@ -1,13 +1,13 @@
 """Pseudo-labels from the model's own sampled answers (METHOD.md item 8).
 
 For every unlabelled clip, `M` answers are sampled, each at a temperature drawn from U(1, 2.5)
-with a seeded generator; each answer is mapped to a class (`calm.answers.match_answer`, the same
+with a seeded generator; each answer is mapped to a class (`calm.answering.parse.match_answer`, the same
 rule as zero-shot `generate`); the majority class is the pseudo-label, and the clip is kept when at
 least half of the M rollouts agree with it. Unparseable answers count as rollouts that disagree.
 The kept clips with their pseudo-labels are the support set of SAV or CALM.
 
 The sampler is injectable: anything called as `sampler(inputs, temperatures)` with `temperatures`
-of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.chat_lm.LALMSampler`
+of shape (len(inputs), M) that returns, per input, its M answer strings. `calm.answering.chat_lm.LALMSampler`
 is the one backed by a model; tests script their own.
 """
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calm.answers import match_answer
+from calm.answering.parse import match_answer
+from calm.errors import ParameterError
 
 __all__ = ["PseudoLabels", "Sampler", "draw_temperatures", "majority_vote", "pseudo_label"]
 
@@ -31,7 +32,7 @@ def draw_temperatures(
 ) -> np.ndarray:
     """Temperatures of shape (n, rollouts), uniform in [low, high), reproducible from `seed`."""
     if not 0 < low <= high:
-        raise ValueError(f"need 0 < low <= high, got {low}, {high}")
+        raise ParameterError(f"need 0 < low <= high, got {low}, {high}")
     return np.random.default_rng(seed).uniform(low, high, size=(n, rollouts))
 
 
@@ -154,11 +155,11 @@ def pseudo_label(
         seed: Seed of the temperatures (the sampler seeds its own sampling).
     """
     if rollouts < 1:
-        raise ValueError(f"rollouts must be >= 1, got {rollouts}")
+        raise ParameterError(f"rollouts must be >= 1, got {rollouts}")
     if not 0 < min_agreement <= 1:
-        raise ValueError(f"min_agreement must be in (0, 1], got {min_agreement}")
+        raise ParameterError(f"min_agreement must be in (0, 1], got {min_agreement}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ParameterError(f"batch_size must be >= 1, got {batch_size}")
     classes = tuple(classes)
     temperatures = draw_temperatures(len(inputs), rollouts, *temperature_range, seed=seed)
     answers: list[list[str]] = []

@@ -4,10 +4,11 @@ Both take a loaded LALM extractor (`calm.load_extractor`) and clip paths, load e
 `extractor.load_input`, and ask the model the label-free multiple-choice question of the `choices`
 prompt template (every class, in the given order, labelled A, B, C, ...):
 
-- `zero_shot_clips`: `calm.zeroshot.zero_shot` (modes `letters`, `likelihood` with the `caption`
+- `zero_shot_clips`: `calm.answering.zeroshot.zero_shot` (modes `letters`, `likelihood` with the `caption`
   question and the class names as answers, `generate`).
-- `pseudo_label_clips`: `calm.pseudolabel.pseudo_label` with `calm.zeroshot.LALMSampler`: M sampled
-  answers per clip at temperatures from U(1, 2.5), majority vote, kept at >= 50 % agreement.
+- `pseudo_label_clips`: `calm.answering.pseudolabel.pseudo_label` with
+  `calm.answering.chat_lm.LALMSampler`: M sampled answers per clip at temperatures from
+  U(1, 2.5), majority vote, kept at >= 50 % agreement.
 
 Results are cached per clip in a JSON file (`cache=`), keyed by everything that changes an answer
 (the extractor's key, mode, prompt, classes, rollouts, ...): a clip is asked once per run directory,
@@ -27,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from calm._files import atomic_write_json
+from calm.answering.pseudolabel import PseudoLabels
+from calm.errors import ParameterError
 from calm.prompts import Prompt, render_prompt
-from calm.pseudolabel import PseudoLabels
 
 __all__ = ["ZeroShotClips", "pseudo_label_clips", "zero_shot_clips", "zero_shot_prompt"]
 
@@ -60,7 +62,7 @@ def _write_cache(path: Path | None, key: dict, clips: dict[str, dict]) -> None:
 
 def _chunks(items: Sequence[str], size: int):
     if size < 1:
-        raise ValueError(f"chunk size must be >= 1, got {size}")
+        raise ParameterError(f"chunk size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -123,11 +125,11 @@ def zero_shot_clips(
     chunk: int = 64,
     progress: Progress | None = None,
 ) -> ZeroShotClips:
-    """The model's own answer for each clip (`calm.zeroshot.zero_shot`), cached per clip."""
-    from calm.zeroshot import MODES, zero_shot
+    """The model's own answer for each clip (`calm.answering.zeroshot.zero_shot`), cached per clip."""
+    from calm.answering.zeroshot import MODES, zero_shot
 
     if mode not in MODES:
-        raise ValueError(f"zero-shot mode must be one of {MODES}, got {mode!r}")
+        raise ParameterError(f"zero-shot mode must be one of {MODES}, got {mode!r}")
     classes = list(classes)
     prompt = zero_shot_prompt(mode, classes)
     key = {
@@ -224,8 +226,8 @@ def _pseudo_label_entries(
     batch_size: int,
 ) -> list[dict]:
     """The cache entries of one chunk of clips: `rollouts` sampled answers each, seeded by the chunk."""
-    from calm.chat_lm import LALMSampler
-    from calm.pseudolabel import pseudo_label
+    from calm.answering.chat_lm import LALMSampler
+    from calm.answering.pseudolabel import pseudo_label
 
     sampler = LALMSampler(extractor, prompt.text, max_new_tokens=key["max_new_tokens"], seed=chunk_seed)
     res = pseudo_label(

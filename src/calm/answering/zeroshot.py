@@ -9,11 +9,11 @@ Three modes, all batched:
   the answer. Prompt and audio run once per clip with the KV cache on; the cache is repeated once
   per class and all class names are scored in one further forward pass.
 - `generate`: the model writes an answer (greedy by default, seeded sampling with
-  `temperature > 0`), mapped to a class by `calm.answers.match_answer` (normalised exact match,
+  `temperature > 0`), mapped to a class by `calm.answering.parse.match_answer` (normalised exact match,
   option label, fuzzy match). Unparseable answers are counted in `n_unparsed`, predicted as None
   (always wrong), never dropped.
 
-The model side (`ChatLM`, `as_chat_lm`, `LALMSampler`, generation) lives in `calm.chat_lm`; this
+The model side (`ChatLM`, `as_chat_lm`, `LALMSampler`, generation) lives in `calm.answering.chat_lm`; this
 module turns its logits and answers into class predictions, and re-exports those names.
 """
 
@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calm.answers import match_answer
-from calm.chat_lm import (
+from calm.answering.chat_lm import (
     ChatLM,
     LALMSampler,
     accepts_argument,
@@ -37,6 +36,8 @@ from calm.chat_lm import (
     last_logits,
     mask_positions,
 )
+from calm.answering.parse import match_answer
+from calm.errors import ParameterError
 from calm.prompts import Prompt, render_prompt
 
 __all__ = ["ChatLM", "LALMSampler", "MODES", "ZeroShotResult", "as_chat_lm", "verbalise", "zero_shot"]
@@ -84,19 +85,19 @@ def _label_token_ids(lm: ChatLM, labels: Sequence[str]) -> list[int]:
     for label in labels:
         tokens = lm.token_ids(label)
         if len(tokens) != 1:
-            raise ValueError(
+            raise ParameterError(
                 f"option label {label!r} is {len(tokens)} tokens for this tokenizer; `letters` needs "
                 "single-token labels (use mode='likelihood' for many classes)"
             )
         ids.append(tokens[0])
     if len(set(ids)) != len(ids):
-        raise ValueError("option labels map to the same token")
+        raise ParameterError("option labels map to the same token")
     return ids
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {size}")
+        raise ParameterError(f"batch_size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
@@ -135,7 +136,7 @@ def _continuations(lm: ChatLM, names: Sequence[str]) -> tuple[torch.Tensor, torc
     """Right-padded token ids (C, L) of the class names, and their lengths (C,)."""
     tokens = [lm.token_ids(name) for name in names]
     if any(len(t) == 0 for t in tokens):
-        raise ValueError("a class name is empty after tokenisation")
+        raise ParameterError("a class name is empty after tokenisation")
     length = max(len(t) for t in tokens)
     ids = torch.full((len(tokens), length), lm.pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
@@ -220,15 +221,15 @@ def zero_shot(
         seed: sampling seed of `generate`.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ParameterError(f"mode must be one of {MODES}, got {mode!r}")
     classes = tuple(classes)
     if len(set(classes)) != len(classes) or not classes:
-        raise ValueError("classes must be non-empty and unique")
+        raise ParameterError("classes must be non-empty and unique")
     lm = as_chat_lm(model)
     rendered = _resolve_prompt(prompt, mode, classes)
     if mode == "letters":
         if tuple(rendered.options) != classes:
-            raise ValueError(
+            raise ParameterError(
                 "mode 'letters' needs a prompt whose options are the classes (template 'choices')"
             )
         scores = letter_scores(lm, inputs, rendered, batch_size)

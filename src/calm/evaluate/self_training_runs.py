@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calm.errors import ParameterError
 from calm.evaluate.episodes import (
     Episode,
     Labels,
@@ -78,9 +79,9 @@ class STSpec:
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.per_round < 1 or (self.pool is not None and self.pool < 1):
-            raise ValueError("self-training needs rounds >= 0, per_round >= 1 and pool >= 1 (or None)")
+            raise ParameterError("self-training needs rounds >= 0, per_round >= 1 and pool >= 1 (or None)")
         if self.confidence not in ("margin", "probability"):
-            raise ValueError(f"confidence must be 'margin' or 'probability', got {self.confidence!r}")
+            raise ParameterError(f"confidence must be 'margin' or 'probability', got {self.confidence!r}")
         self.wrap(None)._validate_params()  # labelled_weight, max_labelled, spread: the wrapper's rules
 
     def params(self) -> dict[str, Any]:
@@ -235,7 +236,7 @@ def run_st_protocol(
     `methods` maps each st method name to the few-shot method it wraps (`ST_BASES`)."""
     unknown = [m for m in methods if m not in ST_METHODS]
     if unknown:
-        raise ValueError(f"not self-training methods: {unknown}")
+        raise ParameterError(f"not self-training methods: {unknown}")
     y = np.asarray(y).astype(str)
     parts, _ = make_parts(meta, test_fold)
     by_name = {p.name: p for p in parts}

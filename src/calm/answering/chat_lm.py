@@ -5,8 +5,8 @@ A `ChatLM` is a transformers model with its LM head, its tokenizer and a
 then the generation prompt) and returns left-padded model inputs. `as_chat_lm` makes one from an
 LALM extractor of `calm.models`. On top of it: the next-token logits at the end of a prompt
 (`last_logits`), answer generation, greedy or sampled at one temperature per row
-(`generate_answers`), and `LALMSampler`, the sampler `calm.pseudolabel` draws answers from.
-Scoring the classes from these logits is `calm.zeroshot`'s job.
+(`generate_answers`), and `LALMSampler`, the sampler `calm.answering.pseudolabel` draws answers from.
+Scoring the classes from these logits is `calm.answering.zeroshot`'s job.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from calm.models.base import ExtractorError
 
 __all__ = [
     "ChatLM",
@@ -87,7 +89,7 @@ def as_chat_lm(obj: Any) -> ChatLM:
     from calm.models.lalm import is_truncated
 
     if is_truncated(model):
-        raise ValueError(
+        raise ExtractorError(
             f"{type(obj).__name__} was loaded with only the first decoder layers (layers=...): its LM "
             "head cannot answer; load it with truncate_layers=False for zero-shot or pseudo-labels"
         )
@@ -185,7 +187,7 @@ def generate_answers(
 
 
 class LALMSampler:
-    """A `calm.pseudolabel` sampler backed by a model: `sampler(inputs, temperatures (b, M))`."""
+    """A `calm.answering.pseudolabel` sampler backed by a model: `sampler(inputs, temperatures (b, M))`."""
 
     def __init__(self, model: Any, prompt_text: str, *, max_new_tokens: int = 16, seed: int = 0):
         self.lm = as_chat_lm(model)
