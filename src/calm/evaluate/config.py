@@ -260,12 +260,14 @@ class CliOption:
         text: the option's value text from the field's value (None: a flag without a value).
         always: whether the option is spelled out even at its default (the protocol, the classifier
             options, the options of the methods chosen).
+        spells_none: None has a word (`text(None)`, e.g. `none`) instead of leaving the option out.
     """
 
     field: str
     flag: str
     text: Callable[[Any], str] | None = _text
     always: Callable[[EvalConfig], bool] = lambda config: False
+    spells_none: bool = False
 
     def args(self, value: Any) -> list[str]:
         if self.field == "ray":
@@ -275,7 +277,7 @@ class CliOption:
         if self.text is None:  # a switch: `--on` or `--on/--off`
             on, _, off = self.flag.partition("/")
             return [on] if value else ([off] if off else [])
-        return [] if value is None else [self.flag, self.text(value)]
+        return [] if value is None and not self.spells_none else [self.flag, self.text(value)]
 
 
 def _yes(config: EvalConfig) -> bool:
@@ -333,8 +335,10 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
     CliOption("self_training.per_round", "--st-per-round", always=_ST),
     CliOption("self_training.confidence", "--st-confidence", always=_ST),
     CliOption("self_training.labelled_weight", "--st-labelled-weight", always=_ST),
-    CliOption("self_training.max_labelled", "--st-max-labelled", _int_or_none, always=_ST),
-    CliOption("self_training.pool_per_class", "--st-pool-per-class", _int_or_none, always=_ST),
+    CliOption("self_training.max_labelled", "--st-max-labelled", _int_or_none, always=_ST, spells_none=True),
+    CliOption(
+        "self_training.pool_per_class", "--st-pool-per-class", _int_or_none, always=_ST, spells_none=True
+    ),
     CliOption("self_training.spread", "--st-spread", always=_ST),
     CliOption("lalm.zero_shot_mode", "--zero-shot-mode", always=_LALM),
     CliOption("lalm.pl_rollouts", "--pl-rollouts", always=_LALM),
