@@ -5,6 +5,7 @@ classifier parameter everywhere, and the same classifier whichever front end bui
 from __future__ import annotations
 
 import ast
+import html
 import json
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,10 @@ def test_run_evaluation_predicts_like_the_defaults_fitted_on_its_support_set(sto
     config = EvalConfig(
         out=tmp_path / "run", features=folder, shots=[2], seeds=[3], methods=["sav", "calm-global", "calm"]
     )
-    run_evaluation(config)
+    result = run_evaluation(config)
+    command = config.command()  # what reproduces the run, in results.json and report.html
+    assert result.results["config"]["command"] == command and command.startswith("calm evaluate --features")
+    assert html.escape(command) in result.report_html.read_text()
     X, y, meta = load_features(folder)
     (episode,) = episodes(np.asarray(y), make_parts(meta, config.test_fold)[0], [2], [3])
     records = [json.loads(line) for line in (tmp_path / "run" / PREDICTIONS_FILE).read_text().splitlines()]

@@ -247,7 +247,7 @@ def _option(key: str, value: Any) -> str:
             json.loads(value)
         except ValueError:
             return f"{key}={value}"
-    return f"{key}={json.dumps(value)}"
+    return f"{key}={json.dumps(value, default=str)}"
 
 
 @dataclass(frozen=True)
