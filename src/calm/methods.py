@@ -19,6 +19,7 @@ paper), softmax weights and in-sample reliabilities (the paper), SAV ties to the
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,11 +182,17 @@ def build(name: str, params: Mapping[str, Any] | None = None) -> Any:
         raise ValueError(f"{name} is not a few-shot estimator; use one of {', '.join(names('few-shot'))}")
     cls = method.estimator_class()
     params = dict(params or {})
-    unknown = sorted(set(params) - set(cls().get_params()) | set(params) & set(method.fixed))
+    unknown = sorted(set(params) - _param_names(cls) | set(params) & set(method.fixed))
     if unknown:
-        accepted = sorted(set(cls().get_params()) - set(method.fixed))
+        accepted = sorted(_param_names(cls) - set(method.fixed))
         raise ValueError(f"{name}: unknown parameter(s) {unknown}; accepted: {accepted}")
     return cls(**method.fixed, **params)
+
+
+@functools.cache
+def _param_names(cls: Any) -> frozenset[str]:
+    """The constructor parameters of a scikit-learn estimator class."""
+    return frozenset(cls._get_param_names())
 
 
 def method_of(estimator: Any) -> str:

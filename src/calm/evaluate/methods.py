@@ -141,6 +141,7 @@ class _Spec:
 
 
 def _builder(name: str) -> Callable[..., Any]:
+    registry.info(name).estimator_class()  # imported now, not inside the first timed fit
     return lambda **params: registry.build(name, params)
 
 
