@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             rng = np.random.default_rng(seed)
             sup = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: args.shots] for c in classes])
             q = np.setdiff1d(np.arange(len(y)), sup)
-            clf = calm.CALM().fit(X[sup], y[sup])
+            clf = calm.CALM(k=0.4).fit(X[sup], y[sup])  # k of the README's figures (CALM()'s default then)
             ref = clf.predict(X[q])
             same = clf.classes_[scores(clf, X[q], "f32").argmax(dim=1).numpy()] == ref
             assert same.mean() > 0.999, "the float32 re-computation should match predict"

@@ -33,6 +33,7 @@ LAYERS = {
     "calm.cache": 0,
     "calm._heads": 0,
     "calm.prompts": 0,
+    "calm.methods": 0,  # the method registry: data and lazily imported factories, importing no calm module
     "calm.audio": 1,
     "calm.video": 1,
     "calm.audio_inputs": 1,

@@ -104,8 +104,11 @@ def test_shots_and_heads_figure_plots_every_method_and_the_calm_fraction_sweep()
     assert (ax1.get_xlabel(), ax1.get_ylabel()) == ("shots per class", "accuracy (%)")
     assert ax1.get_title() == "Accuracy against shots"
     bars = {c.get_label(): c for c in ax1.containers}
-    assert list(bars) == ["sav", "calm"]  # the macro_f1 row is another metric: not drawn
-    data_line = bars["calm"].lines[0]
+    assert list(bars) == [
+        "SAV",
+        "CALM",
+    ]  # titles from calm.methods; the macro_f1 row is another metric: not drawn
+    data_line = bars["CALM"].lines[0]
     np.testing.assert_array_equal(data_line.get_xdata(), [1, 5, 10])
     np.testing.assert_allclose(np.asarray(data_line.get_ydata(), dtype=float), [66, 70, 75])
     assert ax2.get_xlabel() == "fraction of heads kept"

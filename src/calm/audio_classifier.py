@@ -41,10 +41,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from calm.audio_inputs import as_inputs
 from calm.clip_features import CACHE_DTYPE, clip_features
+from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
 
 DEFAULT_MODEL = "whisper-tiny.en"
 #: few-shot methods; `+st`: self-trained on unlabelled clips given to `fit` (calm.selftraining)
-METHODS = ("sav", "calm-global", "calm", "sav+st", "calm-global+st", "calm+st")
+METHODS = audio_methods()
 ERRORS = ("raise", "skip")
 
 
@@ -67,21 +68,9 @@ class ClipWarning(UserWarning):
 
 def head_classifier(method: str, params: dict[str, Any]):
     """An unfitted `calm.SAV` / `calm.CALM` for `method` with `params` (ValueError names bad ones)."""
-    from calm.classifiers import CALM, SAV
-
-    builders: dict[str, Any] = {
-        "sav": SAV,
-        "calm-global": lambda **p: CALM(weighting="global", **p),
-        "calm": CALM,
-    }
     if method not in METHODS:
         raise ValueError(f"method={method!r}: use one of {METHODS}")
-    method = method.removesuffix("+st")
-    try:
-        return builders[method](**params)
-    except TypeError as exc:
-        accepted = sorted((SAV if method == "sav" else CALM)().get_params())
-        raise ValueError(f"{method}: unknown parameter in {sorted(params)}; accepted: {accepted}") from exc
+    return build(method.removesuffix(SELF_TRAINED), params)
 
 
 class AudioClassifier(ClassifierMixin, BaseEstimator):
@@ -141,7 +130,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     def __init__(
         self,
         model: str = DEFAULT_MODEL,
-        method: str = "calm",
+        method: str = DEFAULT_METHOD,
         *,
         model_options: dict[str, Any] | None = None,
         cache: str | Path | None = None,
@@ -331,7 +320,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         if options is None:  # written by `calm fit`: rebuild the load options from its fields
             options = {k: meta[k] for k in ("prompt", "heads", "layers") if meta.get(k) is not None}
             options.update(meta.get("options") or {})
-        method = meta.get("method") or ("sav" if type(inner).__name__ == "SAV" else "calm")
+        method = meta.get("method") or method_of(inner)
         params = meta.get("method_params", meta.get("params") or {})
         est = cls(meta["model"], method, model_options=options, cache=cache, device=device, **params)
         est.self_training = meta.get("self_training")

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calm.methods import REGISTRY, principal
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -127,18 +129,15 @@ def conditional_vs_global_figure(
     rows = [r for r in rows if r["shots"] == shots]
     fig = _new_figure((6, 4))
     ax = fig.subplots()
-    for method, style in (("calm", "-o"), ("calm-global", "--s")):
-        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["k"])
+    swept = sorted((m for m in REGISTRY.values() if m.sweep), key=lambda m: not m.principal)
+    for method in swept:
+        assert method.sweep is not None
+        rs = sorted((r for r in rows if r["method"] == method.name), key=lambda r: r["k"])
         if rs:
             k = np.array([r["k"] for r in rs])
             mean = np.array([r["mean"] for r in rs])
             std = np.array([r["std"] for r in rs])
-            ax.plot(
-                k,
-                mean,
-                style,
-                label="class-conditional (CALM)" if method == "calm" else "global (CALM-global)",
-            )
+            ax.plot(k, mean, method.sweep.line, label=method.sweep.label)
             ax.fill_between(k, mean - std, mean + std, alpha=0.15)
     ax.set_xlabel("heads kept (k)")
     ax.set_ylabel(f"{metric} (%)")
@@ -167,16 +166,17 @@ def shots_and_heads_figure(
             yerr=[s["std"] for s in rs],
             marker="o",
             capsize=3,
-            label=method,
+            label=REGISTRY[method].title if method in REGISTRY else method,
         )
     ax1.set_xlabel("shots per class")
     ax1.set_ylabel(f"{metric} (%)")
     ax1.set_title("Accuracy against shots")
     ax1.legend(fontsize=8)
-    srows = [r for r in sweep if r["metric"] == metric and r["method"] == "calm"]
+    main = principal()
+    srows = [r for r in sweep if r["metric"] == metric and r["method"] == main.name]
     for n in sorted({r["shots"] for r in srows}):
         rs = sorted((r for r in srows if r["shots"] == n), key=lambda r: r["fraction"])
-        ax2.plot([r["fraction"] for r in rs], [r["mean"] for r in rs], "-o", label=f"CALM, {n} shots")
+        ax2.plot([r["fraction"] for r in rs], [r["mean"] for r in rs], "-o", label=f"{main.title}, {n} shots")
     ax2.set_xlabel("fraction of heads kept")
     ax2.set_ylabel(f"{metric} (%)")
     ax2.set_title("Accuracy against the fraction of heads kept")

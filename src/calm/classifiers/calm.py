@@ -16,6 +16,7 @@ from calm.classifiers.features import Features
 from calm.classifiers.kernels import LOG2E, calm_scores, needs_shift, support_margin_sums
 from calm.classifiers.threads import Workspace, for_each
 from calm.errors import ParameterError
+from calm.methods import DEFAULTS
 from calm.serialization import TensorSpec
 
 __all__ = ["CALM"]
@@ -36,8 +37,9 @@ class CALM(HeadClassifier):
     ----------
     k : int, float in (0, 1] or None
         Heads kept (per class for ``weighting="class"``): a count, a fraction of all heads
-        (``round(k * n_heads)``, at least 1) or all. Default 0.4 (the paper: accuracy peaks with
-        about 30-50 % of heads kept).
+        (``round(k * n_heads)``, at least 1) or all. Default 0.25, `calm.methods.DEFAULTS`: the
+        value every run in the README and docs/results.md measured, the one `calm fit` and
+        `calm evaluate` use (it was 0.4 before; the paper's plateau spans about 20-50 %).
     tau_p, tau_w : float
         Posterior and weight temperatures (paper defaults 0.03 and 0.5).
     weighting : "class" or "global"
@@ -88,13 +90,13 @@ class CALM(HeadClassifier):
 
     def __init__(
         self,
-        k: Any = 0.4,
+        k: Any = DEFAULTS["k"],
         *,
-        tau_p: float = 0.03,
-        tau_w: float = 0.5,
+        tau_p: float = DEFAULTS["tau_p"],
+        tau_w: float = DEFAULTS["tau_w"],
         weighting: str = "class",
-        normalization: str = "softmax",
-        reliability: str = "in-sample",
+        normalization: str = DEFAULTS["normalization"],
+        reliability: str = DEFAULTS["reliability"],
         n_heads: int | None = None,
         classes: Any = None,
         chunk_size: int | None = None,

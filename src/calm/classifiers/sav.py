@@ -13,6 +13,7 @@ from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
 from calm.classifiers.kernels import normalize_, support_votes
+from calm.methods import DEFAULTS
 from calm.serialization import TensorSpec
 
 __all__ = ["SAV"]
@@ -29,6 +30,8 @@ class SAV(HeadClassifier):
     ----------
     k : int, float in (0, 1] or None
         Heads kept: a count, a fraction of all heads (``round(k * n_heads)``, at least 1), or all.
+        Default 0.25, `calm.methods.DEFAULTS` (as CALM's; the value the README's tables measured;
+        it was 20 heads before).
     tie_break : "index" or "margin"
         Order of heads with equal support accuracy: the lower head index first (``"index"``), or
         the larger mean clamped margin (Eq. 5-7 with ``tau_p``) first, then the lower index
@@ -78,10 +81,10 @@ class SAV(HeadClassifier):
 
     def __init__(
         self,
-        k: Any = 20,
+        k: Any = DEFAULTS["k"],
         *,
-        tie_break: str = "index",
-        tau_p: float = 0.03,
+        tie_break: str = DEFAULTS["tie_break"],
+        tau_p: float = DEFAULTS["tau_p"],
         n_heads: int | None = None,
         classes: Any = None,
         chunk_size: int | None = None,

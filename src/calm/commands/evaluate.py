@@ -23,8 +23,9 @@ from calm.commands.options import (
     stack,
 )
 from calm.errors import CalmError
-from calm.evaluate import FEWSHOT_METHODS, LALM_METHODS, EvalConfig, LALMSpec
-from calm.evaluate.self_training_runs import ST_METHODS, STSpec
+from calm.evaluate import EvalConfig, LALMSpec
+from calm.evaluate.self_training_runs import STSpec
+from calm.methods import names
 
 
 class RichProgress:
@@ -55,7 +56,7 @@ class RichProgress:
 def eval_config(params: dict[str, Any]) -> EvalConfig:
     """The `EvalConfig` of `calm evaluate`'s option values."""
     methods = [m.strip() for m in params["methods"].split(",") if m.strip()]
-    unknown = [m for m in methods if m not in FEWSHOT_METHODS + LALM_METHODS + ST_METHODS]
+    unknown = [m for m in methods if m not in names()]
     if unknown:
         raise click.BadParameter(f"unknown method(s) {unknown}", param_hint="--methods")
     if (params["features"] is None) == (params["data_spec"] is None):
@@ -124,20 +125,26 @@ _options = stack(
             "--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory RUN_DIR."
         ),
         click.option(
-            "--shots", default="1,5,10", show_default=True, help="Shots per class, comma-separated."
+            "--shots",
+            default=",".join(map(str, EvalConfig.shots)),
+            show_default=True,
+            help="Shots per class, comma-separated.",
         ),
         click.option(
-            "--seeds", default="10", show_default=True, help="N (seeds 0..N-1) or a list like 0,4,7."
+            "--seeds",
+            default=str(len(EvalConfig.seeds)),
+            show_default=True,
+            help="N (seeds 0..N-1) or a list like 0,4,7.",
         ),
         click.option(
             "--methods",
-            default="sav,calm-global,calm,linear-probe",
+            default=",".join(EvalConfig.methods),
             show_default=True,
-            help=f"Comma-separated: {', '.join(FEWSHOT_METHODS + LALM_METHODS + ST_METHODS)}.",
+            help=f"Comma-separated: {', '.join(names())}.",
         ),
         click.option(
             "--test-fold",
-            default="5",
+            default=str(EvalConfig.test_fold),
             show_default=True,
             help="Folded data (ESC): test fold, or 'all' to rotate.",
         ),
@@ -155,14 +162,16 @@ _options = stack(
         ),
         classifier_options,
         click.option("--sav-k", default=None, help="Heads kept by SAV [default: --k]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=EvalConfig.batch_size, show_default=True
+        ),
         click.option(
             "--figures/--no-figures", default=True, show_default=True, help="Write figures/ (Fig. 3-6)."
         ),
         click.option(
             "--sweep-seeds",
             type=click.IntRange(min=1),
-            default=3,
+            default=EvalConfig.sweep_seeds,
             show_default=True,
             help="Seeds of the heads-kept sweep behind Fig. 4 and 5.",
         ),
@@ -259,14 +268,14 @@ _lalm_options = stack(
         click.option(
             "--zero-shot-mode",
             type=click.Choice(["letters", "likelihood", "generate"]),
-            default="letters",
+            default=LALMSpec.zero_shot_mode,
             show_default=True,
             help="zero-shot: option-letter logits, class-name likelihood, or a generated answer.",
         ),
         click.option(
             "--pl-rollouts",
             type=click.IntRange(min=1),
-            default=10,
+            default=LALMSpec.pl_rollouts,
             show_default=True,
             help="sav+pl / calm+pl: sampled answers M per unlabelled clip (temperatures U(1, 2.5)).",
         ),
@@ -277,7 +286,11 @@ _lalm_options = stack(
             help="sav+pl / calm+pl: unlabelled clips drawn per episode [default: shots x classes].",
         ),
         click.option(
-            "--pl-seed", type=int, default=0, show_default=True, help="Seed of the pseudo-label sampling."
+            "--pl-seed",
+            type=int,
+            default=LALMSpec.pl_seed,
+            show_default=True,
+            help="Seed of the pseudo-label sampling.",
         ),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]

@@ -9,8 +9,9 @@ import click
 
 from calm.commands.options import classifier_options, classifier_spec
 from calm.errors import CalmError
+from calm.methods import DEFAULT_METHOD, fit_methods
 
-FIT_METHODS = ("sav", "calm-global", "calm")
+FIT_METHODS = fit_methods()
 
 
 def extractor_metadata(meta) -> dict:
@@ -32,7 +33,7 @@ def extractor_metadata(meta) -> dict:
 
 @click.command()
 @click.argument("store", type=click.Path(file_okay=False, exists=True))
-@click.option("--method", type=click.Choice(FIT_METHODS), default="calm", show_default=True)
+@click.option("--method", type=click.Choice(FIT_METHODS), default=DEFAULT_METHOD, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="MODEL.safetensors")
 @click.option("--key", default=None, help="Extraction key digest, when the store holds several.")
 @click.option(

@@ -212,38 +212,42 @@ classifier_options = stack(
         click.option(
             "--k",
             "k",
-            default="0.25",
+            default=str(ClassifierSpec.k),
             show_default=True,
             help="Heads kept by CALM/CALM-global: fraction or count.",
         ),
         click.option(
-            "--tau-p", type=float, default=0.03, show_default=True, help="Head posterior temperature (Eq. 5)."
+            "--tau-p",
+            type=float,
+            default=ClassifierSpec.tau_p,
+            show_default=True,
+            help="Head posterior temperature (Eq. 5).",
         ),
         click.option(
             "--tau-w",
             type=float,
-            default=0.5,
+            default=ClassifierSpec.tau_w,
             show_default=True,
             help="Head weight temperature (Eq. 8 / 12).",
         ),
         click.option(
             "--sav-tie-break",
             type=click.Choice(["index", "margin"]),
-            default="index",
+            default=ClassifierSpec.sav_tie_break,
             show_default=True,
             help="SAV heads of equal support accuracy: lower index (paper) or larger mean margin.",
         ),
         click.option(
             "--normalization",
             type=click.Choice(["softmax", "power"]),
-            default="softmax",
+            default=ClassifierSpec.normalization,
             show_default=True,
             help="CALM weights: softmax(r / tau_w) (paper) or r^(1/tau_w) / sum (authors' code).",
         ),
         click.option(
             "--reliability",
             type=click.Choice(["in-sample", "leave-one-out"]),
-            default="in-sample",
+            default=ClassifierSpec.reliability,
             show_default=True,
             help="CALM margins on the support clips (paper) or each clip against its "
             "class centroid without it.",

@@ -6,8 +6,8 @@ joined by `;`) and `meta` (columns `fold`, `split`, ...); episodes only index th
 extracted once per clip.
 
 - `episodes`: train/test parts and seeded support/query draws (`make_parts`, `sample_episode`).
-- `methods`: the method registry (`Method`, `fewshot_methods`), tuning inside the support set,
-  the linear probe.
+- `methods`: the few-shot methods of `calm.methods` (the registry) as `Method`s (`fewshot_methods`),
+  tuning inside the support set, the linear probe.
 - `metrics`: accuracy, macro-F1, EER, multi-label question accuracy / exact match / mAP.
 - `records`: `Run`, the record of one method on one episode, and its results.json form.
 - `protocol`: the few-shot protocol (`run_protocol`) and the heads-kept sweep (`k_sweep`).

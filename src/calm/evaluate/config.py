@@ -3,17 +3,18 @@ hyper-parameters, the model-answer baselines), typed, frozen and checked when bu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from calm.errors import ParameterError
-from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
-from calm.evaluate.self_training_runs import ST_METHODS, STSpec
+from calm.evaluate.methods import FEWSHOT_METHODS, Method, fewshot_methods
+from calm.evaluate.self_training_runs import STSpec
+from calm.methods import DEFAULTS, info, names
 from calm.store.distributed import RayOptions
 
-__all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]
+__all__ = ["CLI_OPTIONS", "ClassifierSpec", "CliOption", "EvalConfig", "LALMSpec", "ModelSpec"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    """The few-shot methods' default hyper-parameters (`fewshot_methods`; paper values by default).
+    """The few-shot methods' default hyper-parameters (`fewshot_methods`; by default
+    `calm.methods.DEFAULTS`, those of `calm.SAV()` / `calm.CALM()`).
 
     Attributes:
         k: heads kept by CALM / CALM-global, a fraction in (0, 1] or a head count.
@@ -68,13 +70,13 @@ class ClassifierSpec:
         reliability: CALM margins: `in-sample` (paper) or `leave-one-out`.
     """
 
-    k: float | int = 0.25
-    tau_p: float = 0.03
-    tau_w: float = 0.5
+    k: float | int = DEFAULTS["k"]
+    tau_p: float = DEFAULTS["tau_p"]
+    tau_w: float = DEFAULTS["tau_w"]
     sav_k: float | int | None = None
-    sav_tie_break: str = "index"
-    normalization: str = "softmax"
-    reliability: str = "in-sample"
+    sav_tie_break: str = DEFAULTS["tie_break"]
+    normalization: str = DEFAULTS["normalization"]
+    reliability: str = DEFAULTS["reliability"]
 
     def registry(self) -> dict[str, Method]:
         """The few-shot methods with these defaults."""
@@ -158,7 +160,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if (self.data is None) == (self.features is None):
             raise ParameterError("give exactly one of data (extract, then evaluate) or features (a store)")
-        unknown = [m for m in self.methods if m not in FEWSHOT_METHODS + LALM_METHODS + ST_METHODS]
+        unknown = [m for m in self.methods if m not in names()]
         if unknown:
             raise ParameterError(f"unknown method(s) {unknown}")
         if not self.shots or not self.seeds:
@@ -167,3 +169,188 @@ class EvalConfig:
             raise ParameterError(f"holdout must lie in (0, 1), got {self.holdout}")
         if self.batch_size < 1 or self.sweep_seeds < 1:
             raise ParameterError("batch_size and sweep_seeds must be >= 1")
+        self._normalise()
+
+    def _normalise(self) -> None:
+        """One form per value, so equal settings compare equal (whatever the caller or the CLI gave):
+        tuples for the lists, Paths for the folders, an integer test fold, `all` for None."""
+        fold = self.test_fold
+        fold = "all" if fold is None else int(fold) if str(fold).strip().isdigit() else fold
+        values: dict[str, Any] = {
+            "shots": tuple(self.shots),
+            "seeds": tuple(self.seeds),
+            "methods": tuple(self.methods),
+        }
+        values |= {"test_fold": fold, "out": Path(self.out)}
+        values |= {name: Path(v) for name in ("features", "store") if (v := getattr(self, name)) is not None}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def to_cli_args(self) -> list[str]:
+        """The `calm evaluate` arguments that build this config (`CLI_OPTIONS`): the protocol and the
+        classifier options always, the others where they differ from their defaults. ValueError names
+        a setting no option expresses (see `cli_unexpressed`)."""
+        left = self.cli_unexpressed()
+        if left:
+            raise ParameterError(f"no calm evaluate option sets {', '.join(left)}")
+        args: list[str] = []
+        for option in CLI_OPTIONS:
+            value = _get(self, option.field)
+            if option.always(self) or value != _get(DEFAULT_FIELDS, option.field):
+                args += option.args(value)
+        return args
+
+    def command(self) -> str:
+        """`to_cli_args` as one shell command line, `calm evaluate ...` (a note names what it lacks)."""
+        import shlex
+
+        left = self.cli_unexpressed()
+        config = self
+        if left and self.ray is not None:
+            config = replace(self, ray=replace(self.ray, decode_cpus=RayOptions.decode_cpus))
+        line = shlex.join(["calm", "evaluate", *config.to_cli_args()])
+        return line + (f"  # and, from Python only: {', '.join(left)}" if left else "")
+
+    def cli_unexpressed(self) -> list[str]:
+        """`field=value` of the settings no `calm evaluate` option expresses (Ray's decode_cpus)."""
+        if self.ray is not None and self.ray.decode_cpus != RayOptions.decode_cpus:
+            return [f"ray.decode_cpus={self.ray.decode_cpus}"]
+        return []
+
+
+# -- `calm evaluate`'s options of each field ----------------------------------------------------
+
+
+def _get(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name) if obj is not None else None
+    return obj
+
+
+def _text(value: Any) -> str:
+    return str(value)
+
+
+def _seeds(seeds: Sequence[int]) -> str:
+    """N for seeds 0..N-1, else the list (one seed with a trailing comma: `3,` is seed 3)."""
+    seeds = list(seeds)
+    if seeds == list(range(len(seeds))):
+        return str(len(seeds))
+    return ",".join(map(str, seeds)) + ("," if len(seeds) == 1 else "")
+
+
+def _option(key: str, value: Any) -> str:
+    """`-o KEY=VALUE` text: strings that would read as JSON are quoted, other values are JSON."""
+    import json
+
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except ValueError:
+            return f"{key}={value}"
+    return f"{key}={json.dumps(value, default=str)}"
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """One `EvalConfig` field (dotted path) as `calm evaluate` options.
+
+    Attributes:
+        field: the field, e.g. `classifier.k` or `self_training.rounds`.
+        flag: its option (`--k`); for flags without a value, `--tune` / `--figures/--no-figures`.
+        text: the option's value text from the field's value (None: a flag without a value).
+        always: whether the option is spelled out even at its default (the protocol, the classifier
+            options, the options of the methods chosen).
+        spells_none: None has a word (`text(None)`, e.g. `none`) instead of leaving the option out.
+    """
+
+    field: str
+    flag: str
+    text: Callable[[Any], str] | None = _text
+    always: Callable[[EvalConfig], bool] = lambda config: False
+    spells_none: bool = False
+
+    def args(self, value: Any) -> list[str]:
+        if self.field == "ray":
+            return [] if value is None else ["--engine", "ray"]
+        if self.field == "model.options":
+            return [a for key, v in value.items() for a in ("-o", _option(key, v))]
+        if self.text is None:  # a switch: `--on` or `--on/--off`
+            on, _, off = self.flag.partition("/")
+            return [on] if value else ([off] if off else [])
+        return [] if value is None and not self.spells_none else [self.flag, self.text(value)]
+
+
+def _yes(config: EvalConfig) -> bool:
+    return True
+
+
+def _uses(kinds: tuple[str, ...]) -> Callable[[EvalConfig], bool]:
+    return lambda config: any(info(m).kind in kinds for m in config.methods)
+
+
+def _int_or_none(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def _layers(value: Any) -> str:
+    return str(value) if isinstance(value, int) else ",".join(map(str, value))
+
+
+_ST, _LALM = _uses(("self-training",)), _uses(("answers", "pseudo-labels"))
+
+#: The one map from `EvalConfig` fields to `calm evaluate` options (`to_cli_args`; a test parses
+#: the arguments back through the command into the same config, every field included).
+CLI_OPTIONS: tuple[CliOption, ...] = (
+    CliOption("data", "--data", always=_yes),
+    CliOption("features", "--features", always=_yes),
+    CliOption("key", "--key"),
+    CliOption("model.name", "--model", always=lambda c: c.data is not None),
+    CliOption("model.heads", "--heads"),
+    CliOption("model.prompt", "--prompt"),
+    CliOption("model.device", "--device"),
+    CliOption("model.dtype", "--model-dtype"),
+    CliOption("model.layers", "--layers", _layers),
+    CliOption("model.attn_implementation", "--attn-implementation"),
+    CliOption("model.options", "-o"),
+    CliOption("store", "--store"),
+    CliOption("out", "--out", always=_yes),
+    CliOption("shots", "--shots", lambda v: ",".join(map(str, v)), always=_yes),
+    CliOption("seeds", "--seeds", _seeds, always=_yes),
+    CliOption("methods", "--methods", ",".join, always=_yes),
+    CliOption("test_fold", "--test-fold", always=_yes),
+    CliOption("holdout", "--holdout"),
+    CliOption("tune", "--tune", None),
+    CliOption("classifier.k", "--k", always=_yes),
+    CliOption("classifier.tau_p", "--tau-p", always=_yes),
+    CliOption("classifier.tau_w", "--tau-w", always=_yes),
+    CliOption("classifier.sav_k", "--sav-k"),
+    CliOption("classifier.sav_tie_break", "--sav-tie-break", always=_yes),
+    CliOption("classifier.normalization", "--normalization", always=_yes),
+    CliOption("classifier.reliability", "--reliability", always=_yes),
+    CliOption("batch_size", "--batch-size", always=_yes),
+    CliOption("figures", "--figures/--no-figures", None),
+    CliOption("sweep_seeds", "--sweep-seeds", always=lambda c: c.figures),
+    CliOption("self_training.pool", "--st-pool"),
+    CliOption("self_training.rounds", "--st-rounds", always=_ST),
+    CliOption("self_training.per_round", "--st-per-round", always=_ST),
+    CliOption("self_training.confidence", "--st-confidence", always=_ST),
+    CliOption("self_training.labelled_weight", "--st-labelled-weight", always=_ST),
+    CliOption("self_training.max_labelled", "--st-max-labelled", _int_or_none, always=_ST, spells_none=True),
+    CliOption(
+        "self_training.pool_per_class", "--st-pool-per-class", _int_or_none, always=_ST, spells_none=True
+    ),
+    CliOption("self_training.spread", "--st-spread", always=_ST),
+    CliOption("lalm.zero_shot_mode", "--zero-shot-mode", always=_LALM),
+    CliOption("lalm.pl_rollouts", "--pl-rollouts", always=_LALM),
+    CliOption("lalm.pl_pool", "--pl-pool"),
+    CliOption("lalm.pl_seed", "--pl-seed", always=_LALM),
+    CliOption("ray", "--engine", always=lambda c: c.ray is not None),
+    CliOption("ray.address", "--ray-address"),
+    CliOption("ray.actors", "--actors"),
+    CliOption("ray.gpus_per_actor", "--gpus-per-actor"),
+    CliOption("ray.cpus_per_actor", "--cpus-per-actor", always=lambda c: c.ray is not None),
+)
+
+#: the defaults `to_cli_args` leaves out (a config of defaults; `data` only makes it valid)
+DEFAULT_FIELDS = EvalConfig(out=".", data="-", ray=RayOptions())

@@ -30,7 +30,7 @@ from calm.evaluate.episodes import (
     row_labels,
     task_of,
 )
-from calm.evaluate.methods import LALM_METHODS, PL_BASES, Method, choose_params
+from calm.evaluate.methods import LALM_METHODS, PL_BASES, ZERO_SHOT, Method, choose_params
 from calm.evaluate.metrics import evaluate_method, prediction_metrics
 from calm.evaluate.records import Run
 
@@ -191,7 +191,7 @@ def zero_shot_episode_run(
         S = one_hot_scores(y_pred, classes)
     truth = [labels[i] for i in episode.query]
     run = Run(
-        method="zero-shot",
+        method=ZERO_SHOT,
         shots=episode.shots,
         seed=episode.seed,
         part=episode.part,
@@ -312,7 +312,7 @@ def run_lalm_protocol(
     task = task_of(y)
     eps = episodes(y, parts, shots, seeds)
     result = LALMRunsResult([], [])
-    if "zero-shot" in methods:
+    if ZERO_SHOT in methods:
         if zero_shot is None:
             raise ValueError("zero-shot requested without a zero_shot function")
         result.runs += _zero_shot_runs(eps, labels, task, zero_shot, zero_shot_params or {}, progress)

@@ -15,7 +15,7 @@ from calm.errors import CalmError
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, make_parts
 from calm.evaluate.lalm import LALMRunsResult, run_lalm_protocol
-from calm.evaluate.methods import PL_BASES, Method
+from calm.evaluate.methods import PL_BASES, ZERO_SHOT, Method
 
 __all__ = ["lalm_runs", "lalm_skip_reason"]
 
@@ -116,7 +116,7 @@ def lalm_runs(
         config, extractor, meta["path"].astype(str).to_numpy(), classes, progress, info
     )
     n_eps = len(config.shots) * len(config.seeds) * len(make_parts(meta, config.test_fold)[0])
-    total = n_eps * (("zero-shot" in methods) + any(m in PL_BASES for m in methods))
+    total = n_eps * ((ZERO_SHOT in methods) + any(m in PL_BASES for m in methods))
     done = [0]
 
     def step(_: str) -> None:

@@ -1,4 +1,5 @@
-"""The few-shot methods: the registry (`Method`, `fewshot_methods`), tuning inside the support set, and
+"""The few-shot methods as the protocol runs them (`Method`, `fewshot_methods`, read from
+`calm.methods.REGISTRY`), tuning inside the support set, and
 the linear-probe baseline.
 
 `tune=True` chooses hyper-parameters per episode by stratified cross-validation inside the support
@@ -22,12 +23,14 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from calm import methods as registry
 from calm.evaluate.episodes import ProtocolError
 
 __all__ = [
     "FEWSHOT_METHODS",
     "LALM_METHODS",
     "PL_BASES",
+    "ZERO_SHOT",
     "LinearProbe",
     "Method",
     "choose_params",
@@ -35,9 +38,11 @@ __all__ = [
     "tune",
 ]
 
-FEWSHOT_METHODS = ("sav", "calm-global", "calm", "linear-probe")
-LALM_METHODS = ("zero-shot", "sav+pl", "calm+pl")  # need a model that answers questions
-PL_BASES = {"sav+pl": "sav", "calm+pl": "calm"}  # pseudo-label method -> the few-shot method it fits
+FEWSHOT_METHODS = registry.names("few-shot")
+LALM_METHODS = registry.names("answers", "pseudo-labels")  # need a model that answers questions
+(ZERO_SHOT,) = registry.names("answers")  # the one method scoring the model's own answers
+#: pseudo-label method -> the few-shot method it fits
+PL_BASES = {m.name: str(m.base) for m in registry.REGISTRY.values() if m.kind == "pseudo-labels"}
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -103,48 +108,41 @@ class Method:
 
 def fewshot_methods(
     *,
-    k: float | int = 0.25,
-    tau_p: float = 0.03,
-    tau_w: float = 0.5,
+    k: float | int | None = None,
+    tau_p: float | None = None,
+    tau_w: float | None = None,
     sav_k: float | int | None = None,
-    sav_tie_break: str = "index",
-    normalization: str = "softmax",
-    reliability: str = "in-sample",
+    sav_tie_break: str | None = None,
+    normalization: str | None = None,
+    reliability: str | None = None,
 ) -> dict[str, Method]:
-    """The few-shot methods with the given defaults (paper: tau_p 0.03, tau_w 0.5, softmax weights,
-    in-sample reliability, SAV ties to the lower head index); the other values are the named
-    options of `calm.SAV` / `calm.CALM`, recorded in each run's parameters."""
-    from calm import classifiers
-
-    sav_k = k if sav_k is None else sav_k
-    calm_defaults = {
-        "k": k,
-        "tau_p": tau_p,
-        "tau_w": tau_w,
-        "normalization": normalization,
-        "reliability": reliability,
-    }
-    sav_defaults = {"k": sav_k, "tie_break": sav_tie_break}
-    tau_grid = [0.01, 0.03, 0.1]
-    k_grid = [0.1, 0.25, 0.5]
+    """The few-shot methods of `calm.methods.REGISTRY` with these defaults (None: the registry's
+    `DEFAULTS`; `sav_k` None: `k`); the values are the named options of `calm.SAV` / `calm.CALM`,
+    recorded in each run's parameters."""
+    spec = _Spec(k, tau_p, tau_w, sav_k, sav_tie_break, normalization, reliability)
     return {
-        "sav": Method("sav", lambda **p: classifiers.SAV(**p), sav_defaults, {"k": [0.05, 0.1, 0.25, 0.5]}),
-        "calm-global": Method(
-            "calm-global",
-            lambda **p: classifiers.CALM(weighting="global", **p),
-            calm_defaults,
-            {"k": k_grid, "tau_p": tau_grid, "tau_w": [0.1, 0.5, 2.0]},
-        ),
-        "calm": Method(
-            "calm",
-            lambda **p: classifiers.CALM(**p),
-            calm_defaults,
-            {"k": k_grid, "tau_p": tau_grid, "tau_w": [0.1, 0.5, 2.0]},
-        ),
-        "linear-probe": Method(
-            "linear-probe", lambda **p: LinearProbe(**p), {"C": 1.0}, {"C": [0.01, 0.1, 1.0, 10.0]}
-        ),
+        name: Method(name, _builder(name), m.defaults(spec), m.grid)
+        for name, m in registry.REGISTRY.items()
+        if m.kind == "few-shot"
     }
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The fields of `ClassifierSpec` that `MethodInfo.defaults` reads (None: the registry's default)."""
+
+    k: float | int | None
+    tau_p: float | None
+    tau_w: float | None
+    sav_k: float | int | None
+    sav_tie_break: str | None
+    normalization: str | None
+    reliability: str | None
+
+
+def _builder(name: str) -> Callable[..., Any]:
+    registry.info(name).estimator_class()  # imported now, not inside the first timed fit
+    return lambda **params: registry.build(name, params)
 
 
 def _grid_points(method: Method) -> list[dict]:

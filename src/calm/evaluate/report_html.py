@@ -15,11 +15,12 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from html import escape
 from pathlib import Path
 from typing import Any
 
+from calm.evaluate.config import ClassifierSpec, EvalConfig, ModelSpec
 from calm.evaluate.predictions import confusions
 from calm.evaluate.report_sections import (
     confusion_section,
@@ -29,8 +30,11 @@ from calm.evaluate.report_sections import (
     table,
 )
 from calm.evaluate.reports import METRIC_TITLES
+from calm.methods import REGISTRY
 
-__all__ = ["ReportData", "evaluate_command", "render_report", "reproduce_command", "write_report"]
+__all__ = ["ReportData", "recorded_config", "render_report", "reproduce_command", "write_report"]
+
+CLASSIFIER_FIELDS = {f.name for f in fields(ClassifierSpec)}
 
 FIGURE_CAPTIONS = {
     "fig3": "Fig. 3: per-class head weight survival (CALM) against uniform SAV voting",
@@ -155,84 +159,40 @@ def figures_section(figures: Mapping[str, Path]) -> str:
     return "\n".join(out)
 
 
-def _arg(value: Any) -> str:
-    import shlex
-
-    return shlex.quote(str(value))
-
-
 def reproduce_command(config: Mapping[str, Any], run_dir: str | Path = "RUN_DIR") -> str:
-    """The `calm evaluate` command line that reproduces a run from its recorded configuration."""
-    parts = ["calm", "evaluate"]
-    if config.get("features"):
-        parts += ["--features", _arg(config["features"])]
-    else:
-        parts += ["--model", _arg(config.get("model")), "--data", _arg(config.get("dataset"))]
-    seeds = list(config.get("seeds", []))
-    seed_text = str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
-    parts += ["--out", _arg(run_dir), "--shots", ",".join(map(str, config.get("shots", [])))]
-    parts += ["--seeds", seed_text, "--methods", ",".join(config.get("methods", []))]
-    parts += ["--test-fold", _arg(config.get("test_fold"))] + (["--tune"] if config.get("tune") else [])
-    defaults = config.get("defaults", {})
-    calm = defaults.get("calm") or defaults.get("calm-global") or {}
-    options = {"k": "--k", "tau_p": "--tau-p", "tau_w": "--tau-w"}
-    options |= {"normalization": "--normalization", "reliability": "--reliability"}
-    parts += [f"{flag} {_arg(calm[key])}" for key, flag in options.items() if key in calm]
-    sav = defaults.get("sav") or {}
-    if "k" in sav and sav["k"] != calm.get("k"):
-        parts.append(f"--sav-k {_arg(sav['k'])}")
-    if "tie_break" in sav:
-        parts.append(f"--sav-tie-break {_arg(sav['tie_break'])}")
-    return " ".join(parts)
+    """The `calm evaluate` command line of a run from its results.json `config`: the `command`
+    recorded there (`EvalConfig.command()`), or for runs recorded before it, the command of the
+    `EvalConfig` its fields describe (`recorded_config`)."""
+    if config.get("command"):
+        return str(config["command"])
+    return recorded_config(config, run_dir).command()
 
 
-def evaluate_command(config: Any) -> str:
-    """The `calm evaluate` command line of an `EvalConfig`, every classifier option spelled out."""
-    import shlex
-
-    q = shlex.quote
-    parts = ["calm evaluate"]
-    if config.features is not None:
-        parts += [f"--features {q(str(config.features))}"] + (
-            [f"--key {q(config.key)}"] if config.key else []
-        )
-    else:
-        parts += [f"--data {q(str(config.data))}", *_model_args(config.model)]
-        parts += [f"--store {q(str(config.store))}"] if config.store is not None else []
-    seeds = list(config.seeds)
-    seed_text = str(len(seeds)) if seeds == list(range(len(seeds))) else ",".join(map(str, seeds))
-    parts += [f"--out {q(str(config.out))}", f"--shots {','.join(map(str, config.shots))}"]
-    parts += [f"--seeds {seed_text}", f"--methods {','.join(config.methods)}"]
-    parts += [f"--test-fold {q(str(config.test_fold))}"] + (["--tune"] if config.tune else [])
-    c = config.classifier
-    parts += [f"--k {c.k}", f"--tau-p {c.tau_p}", f"--tau-w {c.tau_w}"]
-    parts += [f"--sav-k {c.sav_k}"] if c.sav_k is not None else []
-    parts += [f"--sav-tie-break {c.sav_tie_break}", f"--normalization {c.normalization}"]
-    parts += [f"--reliability {c.reliability}", f"--batch-size {config.batch_size}"]
-    parts += [f"--sweep-seeds {config.sweep_seeds}"] if config.figures else ["--no-figures"]
-    if any(m in ("zero-shot", "sav+pl", "calm+pl") for m in config.methods):
-        lalm = config.lalm
-        parts += [f"--zero-shot-mode {lalm.zero_shot_mode}", f"--pl-rollouts {lalm.pl_rollouts}"]
-        parts += [f"--pl-pool {lalm.pl_pool}"] if lalm.pl_pool is not None else []
-        parts += [f"--pl-seed {lalm.pl_seed}"]
-    return " ".join(parts)
-
-
-def _model_args(model: Any) -> list[str]:
-    import shlex
-
-    q = shlex.quote
-    out = [f"--model {q(model.name)}"]
-    out += [f"--heads {model.heads}"] if model.heads != "all" else []
-    out += [f"--prompt {q(model.prompt)}"] if model.prompt is not None else []
-    out += [f"--device {q(model.device)}"] if model.device != "cpu" else []
-    out += [f"--model-dtype {q(model.dtype)}"] if model.dtype else []
-    if model.layers is not None:
-        layers = model.layers if isinstance(model.layers, int) else ",".join(f"{n}-{n}" for n in model.layers)
-        out.append(f"--layers {layers}")
-    out += [f"--attn-implementation {q(model.attn_implementation)}"] if model.attn_implementation else []
-    out += [f"-o {q(f'{k}={v}')}" for k, v in model.options.items()]
-    return out
+def recorded_config(config: Mapping[str, Any], run_dir: str | Path = "RUN_DIR") -> EvalConfig:
+    """The `EvalConfig` of a results.json `config` (data or store, protocol, the classifier options
+    read back through each method's parameters in `calm.methods`), writing to `run_dir`."""
+    spec: dict[str, Any] = {}
+    for name, params in (config.get("defaults") or {}).items():
+        method = REGISTRY.get(name)
+        if method is None or method.kind != "few-shot":
+            continue
+        spec |= {f: params[p] for p, f in method.params.items() if p in params and f in CLASSIFIER_FIELDS}
+    if "sav_k" in spec and spec["sav_k"] == spec.get("k", ClassifierSpec.k):
+        del spec["sav_k"]
+    features = config.get("features")
+    return EvalConfig(
+        out=run_dir,
+        data=None if features else config.get("dataset"),
+        features=features or None,
+        model=ModelSpec(name=str(config.get("model") or ModelSpec.name)),
+        shots=config.get("shots") or EvalConfig.shots,
+        seeds=config.get("seeds") or EvalConfig.seeds,
+        methods=[m for m in config.get("methods", EvalConfig.methods) if m in REGISTRY],
+        test_fold=config.get("test_fold", EvalConfig.test_fold),
+        holdout=config.get("holdout"),
+        tune=bool(config.get("tune")),
+        classifier=ClassifierSpec(**spec),
+    )
 
 
 def config_section(results: Mapping[str, Any], command: str) -> str:

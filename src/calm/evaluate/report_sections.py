@@ -15,6 +15,7 @@ import numpy as np
 
 from calm.evaluate.predictions import Confusion, class_changes, misclassified, per_class_accuracy
 from calm.evaluate.reports import METHOD_TITLES
+from calm.methods import REGISTRY, principal
 
 MAX_MATRIX_CLASSES = 25  # above this a confusion matrix is summarised by its largest confusions
 MAX_CLIPS = 40  # misclassified clips listed per method
@@ -132,13 +133,15 @@ def _sign(value: float) -> str:
 
 
 def changes_tables(group: Sequence[Confusion]) -> str:
-    """Classes CALM gains or loses against SAV and the linear probe (paired over seeds)."""
+    """Classes the principal method (CALM) gains or loses against the `contrast` methods of
+    `calm.methods` (SAV, the linear probe), paired over seeds."""
     by = {c.method: c for c in group}
+    main = principal()
     out = []
-    for other in ("sav", "linear-probe"):
-        if "calm" not in by or other not in by:
+    for other in (m.name for m in REGISTRY.values() if m.contrast):
+        if main.name not in by or other not in by:
             continue
-        changes = class_changes(by["calm"], by[other])
+        changes = class_changes(by[main.name], by[other])
         shown = changes if len(changes) <= 2 * 10 else changes[:10] + changes[-10:]
         rows = [
             [f'<td class="l">{escape(c["class"])}</td>']
@@ -148,7 +151,7 @@ def changes_tables(group: Sequence[Confusion]) -> str:
             if c["diff"] != 0
         ]
         head = ['<th class="l">class</th>', "mean diff", "std", "seeds better / worse"]
-        title = f"Classes CALM gains (+) or loses (−) against {method_title(other)}"
+        title = f"Classes {method_title(main.name)} gains (+) or loses (−) against {method_title(other)}"
         note = "" if len(shown) == len(changes) else " (the 10 largest gains and losses)"
         out.append(
             f"<h3>{title}{note}</h3>" + (table(head, rows, "changes") if rows else "<p>No difference.</p>")

@@ -20,6 +20,7 @@ from calm.evaluate.predictions import Confusion, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
 from calm.evaluate.self_training_runs import st_summary, st_table
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
+from calm.methods import REGISTRY
 
 __all__ = [
     "METHOD_TITLES",
@@ -39,19 +40,8 @@ METRIC_TITLES = {
     "question_accuracy": "question accuracy (%)",
     "map": "mAP (%)",
 }
-METHOD_TITLES = {
-    "zero-shot": "zero-shot",
-    "sav": "SAV",
-    "sav+pl": "SAV+PL",
-    "calm-global": "CALM-global",
-    "calm": "CALM",
-    "calm+pl": "CALM+PL",
-    "sav+st": "SAV+ST",
-    "calm+st": "CALM+ST",
-    "sav+st-trans": "SAV+ST (transductive)",
-    "calm+st-trans": "CALM+ST (transductive)",
-    "linear-probe": "linear probe",
-}
+#: method -> its title in tables (`calm.methods`)
+METHOD_TITLES = {name: m.title for name, m in REGISTRY.items()}
 
 
 def _metric_tables(summary: Sequence[Mapping], metrics: Sequence[str], model: str, data: str) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calm import methods
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, holdout_split, make_parts, row_labels
 from calm.evaluate.lalm_runs import lalm_runs, lalm_skip_reason
@@ -189,7 +190,8 @@ def _few_shot(
 ) -> tuple[ProtocolResult, list[dict]]:
     """The protocol's runs (keeping the CALM fits at the largest shots for the figures) and the sweep."""
     shots, seeds = list(config.shots), list(config.seeds)
-    max_shots, need_fits = max(shots), config.figures and "calm" in chosen
+    main = methods.principal().name  # its fits at the largest shots draw Fig. 3 and 6
+    max_shots, need_fits = max(shots), config.figures and main in chosen
     n_parts = len(make_parts(feats.meta, config.test_fold)[0])
     result = run_protocol(
         feats.X,
@@ -200,10 +202,11 @@ def _few_shot(
         seeds=seeds,
         test_fold=config.test_fold,
         do_tune=config.tune,
-        keep_fits=(lambda m, n, s, p: need_fits and m == "calm" and n == max_shots),
+        keep_fits=(lambda m, n, s, p: need_fits and m == main and n == max_shots),
         progress=_counter(progress, "episodes", len(shots) * len(seeds) * n_parts * len(chosen)),
     )
-    sweep_methods: dict[str, Method] = {m: chosen[m] for m in ("calm", "calm-global") if m in chosen}
+    swept = sorted((m for m in chosen if methods.info(m).sweep), key=lambda m: m != main)  # main first
+    sweep_methods: dict[str, Method] = {m: chosen[m] for m in swept}
     if not (config.figures and sweep_methods):
         return result, []
     sweep_seeds = seeds[: config.sweep_seeds]
@@ -265,6 +268,7 @@ def _config_doc(
         "test_fold": config.test_fold,
         "holdout": config.holdout,
         "tune": config.tune,
+        "command": config.command(),
         "defaults": {
             **{name: dict(m.defaults) for name, m in chosen.items()},
             **{m: dict(registry[PL_BASES[m]].defaults) for m in lalm if m in PL_BASES},
@@ -328,13 +332,13 @@ def _report(
 ) -> Path:
     """RUN_DIR/predictions.jsonl and RUN_DIR/report.html (Fig. 3-6 embedded, players for the clips)."""
     from calm.evaluate.predictions import PREDICTIONS_FILE, write_predictions
-    from calm.evaluate.report_html import ReportData, evaluate_command, write_report
+    from calm.evaluate.report_html import ReportData, write_report
 
     out = Path(config.out)
     write_predictions(out / PREDICTIONS_FILE, result.predictions)
     paths = [str(p) for p in feats.meta["path"]] if "path" in feats.meta.columns else []
     figures = {k: v for k, v in made.items() if k.startswith("fig")}
-    data = ReportData(results, result.predictions, paths, figures, evaluate_command(config))
+    data = ReportData(results, result.predictions, paths, figures, config.command())
     return write_report(data, out)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calm import methods as registry
 from calm.errors import ParameterError
 from calm.evaluate.episodes import (
     Episode,
@@ -47,14 +48,18 @@ from calm.selftraining import SelfTraining
 
 __all__ = ["ST_BASES", "ST_METHODS", "STSpec", "run_st_protocol", "st_pool", "st_report", "st_summary"]
 
-ST_METHODS = ("calm+st", "sav+st", "calm+st-trans", "sav+st-trans")
-ST_BASES = {"calm+st": "calm", "sav+st": "sav", "calm+st-trans": "calm", "sav+st-trans": "sav"}
+ST_METHODS = registry.names("self-training")
+#: self-training method -> the few-shot method it wraps
+ST_BASES = {m: str(registry.info(m).base) for m in ST_METHODS}
+#: `SelfTraining`'s defaults, the one home of the schedule's defaults
+_ST_DEFAULTS = SelfTraining().get_params()
 ST_STREAM = 0x5354  # keeps the pool's random stream apart from the support draws
 
 
 @dataclass(frozen=True)
 class STSpec:
-    """The self-training schedule and pool (defaults from docs/results.md "Self-training, schedule revised").
+    """The self-training schedule and pool (defaults: those of `calm.selftraining.SelfTraining`, from
+    docs/results.md "Self-training, schedule revised").
 
     Attributes:
         rounds: predict-pick-refit rounds.
@@ -68,13 +73,13 @@ class STSpec:
         pool: unlabelled clips per episode (None: every eligible clip).
     """
 
-    rounds: int = 5
-    per_round: int = 5
-    confidence: str = "margin"
-    labelled_weight: int | str = "shots"
-    max_labelled: int | None = None
-    spread: int = 1
-    pool_per_class: int | None = 30
+    rounds: int = _ST_DEFAULTS["rounds"]
+    per_round: int = _ST_DEFAULTS["per_round"]
+    confidence: str = _ST_DEFAULTS["confidence"]
+    labelled_weight: int | str = _ST_DEFAULTS["labelled_weight"]
+    max_labelled: int | None = _ST_DEFAULTS["max_labelled"]
+    spread: int = _ST_DEFAULTS["spread"]
+    pool_per_class: int | None = _ST_DEFAULTS["pool_per_class"]
     pool: int | None = None
 
     def __post_init__(self) -> None:
@@ -188,7 +193,7 @@ def _episode_runs(
     pools: dict[bool, tuple[np.ndarray, np.ndarray]] = {}
     out = []
     for name, base in methods.items():
-        trans = name.endswith("-trans")
+        trans = registry.info(name).transductive
         if trans not in pools:
             pool = st_pool(part, ep, spec.pool, transductive=trans)
             pools[trans] = (pool, episode_features(X, pool))
