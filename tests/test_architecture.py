@@ -30,6 +30,7 @@ LAYERS = {
     "calm._heads": 0,
     "calm.answers": 0,
     "calm.prompts": 0,
+    "calm.errors": 0,
     "calm.audio": 1,
     "calm.video": 1,
     "calm.audio_inputs": 1,

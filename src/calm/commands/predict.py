@@ -62,8 +62,8 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size):
     """
     from calm.inference import load_predictor
 
-    def announce(choice) -> None:
-        click.echo(f"calm predict: loading {choice.describe()}", err=True)
+    def announce(line: str) -> None:
+        click.echo(f"calm predict: loading {line}", err=True)
 
     try:
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)

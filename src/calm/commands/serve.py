@@ -83,8 +83,8 @@ def serve(
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
         raise click.BadParameter(f"{replicas!r}: give a number >= 1 or auto", param_hint="--replicas")
 
-    def announce(choice) -> None:
-        click.echo(f"calm serve: loading {choice.describe()}", err=True)
+    def announce(line: str) -> None:
+        click.echo(f"calm serve: loading {line}", err=True)
 
     try:
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)

@@ -1,56 +1,20 @@
-"""What `run_evaluation` is asked to do: `EvalConfig` and its parts (the model, the classifiers'
-hyper-parameters, the model-answer baselines), typed, frozen and checked when built."""
+"""What `run_evaluation` is asked to do: `EvalConfig` and its parts (the model, a
+`calm.models.spec.LoadSpec`; the classifiers' hyper-parameters; the model-answer baselines), typed,
+frozen and checked when built."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from calm.evaluate.methods import FEWSHOT_METHODS, LALM_METHODS, Method, fewshot_methods
 from calm.evaluate.selftraining import ST_METHODS, STSpec
+from calm.models import DEFAULT_MODEL
+from calm.models.spec import LoadSpec
 from calm.store.distributed import RayOptions
 
-__all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec", "ModelSpec"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The frozen model that extracts the features (the arguments of `calm.load_extractor`).
-
-    Attributes:
-        name: registered name, hub id or local directory.
-        heads: `all`, `encoder` or `decoder` heads.
-        prompt: text prompt (Whisper: previous-text context).
-        device: `cpu`, `cuda`, `cuda:1`, ...
-        dtype: compute dtype (None: float32 on CPU, bf16/fp16 on GPU).
-        layers: the first N layers, a list of layers, or None for all.
-        attn_implementation: `eager`, `sdpa`, `flash_attention_2` (transformers backends).
-        options: backend options (e.g. `{"encoder_length": "clip"}`).
-    """
-
-    name: str = "whisper-tiny.en"
-    heads: str = "all"
-    prompt: str | None = None
-    device: str = "cpu"
-    dtype: str | None = None
-    layers: int | Sequence[int] | None = None
-    attn_implementation: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def load_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `calm.load_extractor(name, **kwargs)`."""
-        layers = list(self.layers) if isinstance(self.layers, Sequence) else self.layers
-        return dict(
-            heads=self.heads,
-            prompt=self.prompt,
-            device=self.device,
-            dtype=self.dtype,
-            layers=layers,
-            attn_implementation=self.attn_implementation,
-            **self.options,
-        )
+__all__ = ["ClassifierSpec", "EvalConfig", "LALMSpec"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +80,8 @@ class EvalConfig:
         features: an existing feature store to evaluate (the model is then not loaded).
         key: extraction key digest, when `features` holds several.
         store: feature store to extract `data` into (None: `out/features`).
-        model: the extracting model (used with `data`).
+        model: the extracting model and its options (used with `data`): a `LoadSpec`, e.g.
+            `LoadSpec("qwen2-audio", device="cuda", prompt=...)` (default: the embedded Whisper).
         shots: shots per class.
         seeds: episode seeds.
         methods: few-shot methods (`FEWSHOT_METHODS`) and model-answer baselines (`LALM_METHODS`).
@@ -139,7 +104,7 @@ class EvalConfig:
     features: str | Path | None = None
     key: str | None = None
     store: str | Path | None = None
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: LoadSpec = field(default_factory=lambda: LoadSpec(DEFAULT_MODEL))
     shots: Sequence[int] = (1, 5, 10)
     seeds: Sequence[int] = tuple(range(10))
     methods: Sequence[str] = FEWSHOT_METHODS

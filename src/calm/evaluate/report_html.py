@@ -222,15 +222,20 @@ def _model_args(model: Any) -> list[str]:
     import shlex
 
     q = shlex.quote
-    out = [f"--model {q(model.name)}"]
+    from calm.models.base import default_dtype, dtype_name
+
+    out = [f"--model {q(model.label)}"]
     out += [f"--heads {model.heads}"] if model.heads != "all" else []
     out += [f"--prompt {q(model.prompt)}"] if model.prompt is not None else []
     out += [f"--device {q(model.device)}"] if model.device != "cpu" else []
-    out += [f"--model-dtype {q(model.dtype)}"] if model.dtype else []
+    # the spec holds the resolved dtype: spelled out only when it is not the device's default
+    dtype = dtype_name(model.dtype) if model.dtype != default_dtype(model.device) else None
+    out += [f"--model-dtype {q(dtype)}"] if dtype else []
     if model.layers is not None:
         layers = model.layers if isinstance(model.layers, int) else ",".join(f"{n}-{n}" for n in model.layers)
         out.append(f"--layers {layers}")
     out += [f"--attn-implementation {q(model.attn_implementation)}"] if model.attn_implementation else []
+    out += ["-o long=windows"] if model.long == "windows" else []
     out += [f"-o {q(f'{k}={v}')}" for k, v in model.options.items()]
     return out
 
