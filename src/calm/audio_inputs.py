@@ -140,7 +140,8 @@ def check_rate(rate: Any, name: str) -> int:
     """`rate` as an int; ClipError unless it is an integer number of Hz in `MIN_RATE..MAX_RATE`."""
     number = isinstance(rate, Real | np.integer | np.floating) and not isinstance(rate, bool | np.bool_)
     if not number or not math.isfinite(float(rate)) or float(rate) != int(rate):
-        raise ClipError(name, f"sample rate {rate!r} is not an integer number of Hz")
+        shown = repr(rate.item() if isinstance(rate, np.generic) else rate)
+        raise ClipError(name, f"sample rate {shown} is not an integer number of Hz")
     if not MIN_RATE <= int(rate) <= MAX_RATE:
         raise ClipError(name, f"sample rate {int(rate)} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
     return int(rate)
