@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from calm.audio_inputs import MIN_SECONDS, Clip, ClipError
 from calm.clip_features import FeaturePipeline, Features
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MIN_SECONDS",
@@ -209,8 +212,10 @@ def load_predictor(
     classifier = calm.load(model_file)
     metadata = dict(getattr(classifier, "metadata_", {}) or {})
     spec = LoadSpec.from_metadata(metadata, device=device, model=model)
+    line = spec.describe("override" if model else "metadata")
+    log.info("%s: loading %s", model_file, line)  # the file decides which model runs: say so
     if announce is not None:
-        announce(spec.describe("override" if model else "metadata"))
+        announce(line)
     extractor = load_extractor(spec)
     check_key(metadata, extractor.key, model=spec.label, override=model is not None)
     return Predictor(classifier, extractor, min_seconds=min_seconds)
