@@ -47,7 +47,7 @@ from calm.clip_features import CACHE_DTYPE, FeaturePipeline, Features
 from calm.inference import Predictor
 from calm.models import DEFAULT_MODEL
 from calm.models.base import FeatureExtractor
-from calm.models.spec import LoadSpec, check_key
+from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
 #: few-shot methods; `+st`: self-trained on unlabelled clips given to `fit` (calm.selftraining)
 METHODS = ("sav", "calm-global", "calm", "sav+st", "calm-global+st", "calm+st")
@@ -313,9 +313,10 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
 
         inner = load(path)
         meta = dict(inner.metadata_)
-        if not meta.get("model"):
-            raise ValueError(f"{path}: the classifier's metadata names no model (fit it with calm fit)")
-        spec = LoadSpec.from_metadata(meta, device=device or _auto_device())
+        try:
+            spec = LoadSpec.from_metadata(meta, device=device or _auto_device())
+        except ModelMismatchError as exc:
+            raise ModelMismatchError(f"{path}: {exc}") from None
         options = {k: v for k, v in spec.to_metadata().items() if k not in ("model", "device", "options")}
         options = {**{k: v for k, v in options.items() if v is not None}, **spec.options}
         method = meta.get("method") or ("sav" if type(inner).__name__ == "SAV" else "calm")

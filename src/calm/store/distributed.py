@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec
 from calm.store.events import ExtractReport, ProgressCallback
 from calm.store.format import StoreError
@@ -56,7 +57,7 @@ def require_ray() -> Any:
     return ray
 
 
-def load_recipe(recipe: LoadSpec) -> Any:
+def load_recipe(recipe: LoadSpec) -> FeatureExtractor:
     """The extractor a `LoadSpec` describes, loaded in this process (each actor loads its own)."""
     from calm.models import load_extractor
 
