@@ -67,12 +67,12 @@ def run_local(model: str, kwargs: dict, clips: list, batch_size: int, out: Path)
 
 
 def run_ray(model: str, kwargs: dict, clips: list, batch_size: int, out: Path, opts) -> dict:
-    from calm.store.distributed import ExtractorRecipe, extract_with_ray
+    from calm.models.spec import LoadSpec
+    from calm.store.distributed import extract_with_ray
 
     rate = Rate()
-    report = extract_with_ray(
-        ExtractorRecipe(model, kwargs), clips, out, options=opts, batch_size=batch_size, progress=rate
-    )
+    spec = LoadSpec.from_options(model, kwargs)
+    report = extract_with_ray(spec, clips, out, options=opts, batch_size=batch_size, progress=rate)
     wall = time.perf_counter() - rate.t0
     assert report.stored == len(clips), report.summary()
     return {"wall": len(clips) / wall, "steady": rate.steady(), "seconds": wall}

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sklearn.base import clone
 
 import calm
-from calm.audio import AudioError, load_audio
+from calm.audio import load_audio
 from calm.audio_classifier import AudioClassifier, ClipError, ClipWarning, head_classifier
 from calm.audio_inputs import as_inputs, prepare_wave
 from tests.helpers import shared_data
@@ -37,12 +37,14 @@ def test_inputs_paths_tuples_arrays_and_dicts(tmp_path):
     assert clips[2].rate == clips[3].rate == clips[5].rate == 8000
     batch = as_inputs(np.stack([wave, wave]), sample_rate=8000)  # 2-D: one clip per row
     assert len(batch) == 2 and batch[1].name == "X[1]"
-    with pytest.raises(ValueError, match=r"X\[1\]: a bare waveform needs sample_rate"):
-        as_inputs(["a.wav", wave])
-    with pytest.raises(ValueError, match=r"X\[0\]: an audio dict"):
-        as_inputs([{"bytes": b""}])
-    with pytest.raises(ValueError, match=r"X\[0\]: int is not audio"):
-        as_inputs([3])
+    # an item that is not audio is that clip's error, never the others'
+    bad = as_inputs(["a.wav", wave, {"bytes": b""}, 3])
+    assert bad[0].name == "a.wav" and all(isinstance(b, ClipError) for b in bad[1:])
+    assert [str(b) for b in bad[1:]] == [
+        "X[1]: a bare waveform needs sample_rate= (or pass (array, sample_rate))",
+        "X[2]: an audio dict needs 'array' and 'sampling_rate', or 'path'",
+        "X[3]: int is not audio (use a path, (array, sample_rate) or an audio dict)",
+    ]
     with pytest.raises(ValueError, match="one waveform"):
         as_inputs(wave)
 
@@ -54,11 +56,11 @@ def test_waveforms_are_checked_mixed_down_resampled_and_cut():
     out = prepare_wave(clip, 16000, 0.5, windows=False)
     assert out.shape == (8000,) and out.dtype == np.float32
     assert prepare_wave(clip, 16000, 0.4, windows=True).shape == (3, 6400)
-    for bad, reason in (((np.zeros(100), 16000), "silent"), ((np.array([]), 16000), "empty")):
-        with pytest.raises(AudioError, match=rf"X\[0\]: {reason}"):
+    for bad, reason in (((np.zeros(1600), 16000), "silent"), ((np.array([]), 16000), "empty")):
+        with pytest.raises(ClipError, match=rf"X\[0\]: {reason}"):
             prepare_wave(as_inputs([bad])[0], 16000, None, windows=False)
-    with pytest.raises(AudioError, match="NaN"):
-        prepare_wave(as_inputs([(np.array([0.1, np.nan]), 16000)])[0], 16000, None, windows=False)
+    with pytest.raises(ClipError, match="NaN"):
+        prepare_wave(as_inputs([(np.full(1600, np.nan), 16000)])[0], 16000, None, windows=False)
 
 
 def test_method_params_are_estimator_params():

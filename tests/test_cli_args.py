@@ -24,13 +24,14 @@ NON_DEFAULT: dict[str, list[Any]] = {
     "key": ["0123abcd"],
     "store": [Path("/tmp/a store")],
     "out": [Path("run dir/x")],
-    "model.name": ["qwen2-audio"],
+    "model.model_id": ["qwen2-audio"],
     "model.heads": ["encoder"],
     "model.prompt": ["a 'quoted' prompt"],
     "model.device": ["cuda:1"],
     "model.dtype": ["bfloat16"],
     "model.attn_implementation": ["sdpa"],
     "model.layers": [4, [0, 2, 5]],
+    "model.long": ["windows"],
     "model.options": [{"encoder_length": "clip", "min_encoder_seconds": 10, "video": True, "tag": "10"}],
     "shots": [(2, 4)],
     "seeds": [(3,), (1, 4, 9), (0, 1)],
@@ -66,7 +67,7 @@ NON_DEFAULT: dict[str, list[Any]] = {
     "ray.gpus_per_actor": [0.5],
     "ray.cpus_per_actor": [2.0],
 }
-NOT_ON_THE_CLI = {"ray.decode_cpus"}
+NOT_ON_THE_CLI = {"ray.decode_cpus", "model.name", "model.revision"}  # Python only: `cli_unexpressed`
 
 
 def leaf_fields() -> set[str]:

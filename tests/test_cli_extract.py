@@ -2,6 +2,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from calm.cli import main
@@ -15,9 +16,9 @@ from tests.test_store import FakeExtractor, make_clips
 def fake_model(monkeypatch):
     calls = []
 
-    def load(model, **kwargs):
-        calls.append((model, kwargs))
-        return FakeExtractor(prompt=kwargs.get("prompt") or "")
+    def load(spec):  # the command hands over one `LoadSpec`
+        calls.append((spec.label, spec.load_kwargs()))
+        return FakeExtractor(prompt=spec.prompt or "")
 
     monkeypatch.setattr(extract_cmd, "_load_extractor", load)
     return calls
@@ -54,7 +55,9 @@ def test_extract_end_to_end_with_a_fake_model(tmp_path, fake_model):
     assert model == "fake" and kwargs["prompt"] == "hi" and kwargs["layers"] == [0, 1]
     assert kwargs["encoder_length"] == "clip" and kwargs["heads"] == "all"
     assert (
-        kwargs["attn_implementation"] == "eager" and kwargs["dtype"] == "bf16" and kwargs["device"] == "cpu"
+        kwargs["attn_implementation"] == "eager"
+        and kwargs["dtype"] is torch.bfloat16
+        and kwargs["device"] == "cpu"
     )
     X, y, meta = load_features(out)
     assert X.shape == (7, 6, 4) and sorted(set(y)) == ["dog", "rain", "siren"]

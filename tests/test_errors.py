@@ -28,12 +28,6 @@ NOT_CALM_ERRORS = {
 }
 # Defined by the inference engineer's branch (issue 22), which derives them from CalmError; until
 # both branches are merged they fail here. Once merged, these XPASS (strict): delete the entry.
-PENDING = {
-    "calm.inference.ClipError": "the inference branch defines the one ClipError, a CalmError",
-    "calm.inference.ModelMismatchError": "the inference branch derives it from CalmError",
-    "calm.audio_classifier.ClipError": "the inference branch folds it into calm.inference.ClipError",
-    "calm.audio_classifier.ClipWarning": "the inference branch derives it from CalmWarning",
-}
 # the second base each user error kept from before issue 22
 KEPT_BASES = {
     "calm.audio.AudioError": ValueError,
@@ -68,17 +62,13 @@ EXCEPTIONS = defined_exceptions()
 
 
 def test_the_walk_finds_the_known_classes():
-    assert {*KEPT_BASES, *NOT_CALM_ERRORS} <= set(EXCEPTIONS)  # PENDING may be folded away
+    assert {*KEPT_BASES, *NOT_CALM_ERRORS} <= set(EXCEPTIONS)
     assert "calm.errors.CalmError" in EXCEPTIONS and "calm.prompts.LabelLeakWarning" in EXCEPTIONS
 
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PENDING[n])) if n in PENDING else n
-        for n in sorted(EXCEPTIONS)
-        if n not in NOT_CALM_ERRORS
-    ],
+    [n for n in sorted(EXCEPTIONS) if n not in NOT_CALM_ERRORS],
 )
 def test_every_exception_class_is_a_calm_error_or_warning(name):
     cls = EXCEPTIONS[name]

@@ -12,7 +12,8 @@ from threadpoolctl import threadpool_limits
 
 from calm import evaluate as ev
 from calm.cli import main
-from calm.evaluate import ClassifierSpec, EvalConfig, ModelSpec, Run, run_evaluation
+from calm.evaluate import ClassifierSpec, EvalConfig, Run, run_evaluation
+from calm.models import LoadSpec
 from tests.test_cli_eval import fake_model, tones  # noqa: F401  (fixtures: the tone model, a tiny dataset)
 from tests.test_evaluate import synthetic
 
@@ -34,7 +35,7 @@ def test_run_evaluation_from_python_extracts_evaluates_and_matches_the_cli(tmp_p
     config = EvalConfig(
         out=tmp_path / "run",
         data=f"folder:{tones}",
-        model=ModelSpec(name="fake-tones"),
+        model=LoadSpec("fake-tones"),
         shots=(1, 3),
         seeds=(0, 1, 2),
         figures=False,
@@ -65,7 +66,7 @@ def test_run_evaluation_options_reach_the_record_and_lalm_methods_are_skipped(tm
     config = EvalConfig(
         out=tmp_path / "run",
         data=f"folder:{tones}",
-        model=ModelSpec(name="fake-tones"),
+        model=LoadSpec("fake-tones"),
         shots=(2,),
         seeds=(0, 1),
         methods=("sav", "calm", "zero-shot"),

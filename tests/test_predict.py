@@ -195,28 +195,29 @@ def test_a_file_name_that_is_not_utf8_gets_its_row_byte_for_byte(tmp_path, model
 def test_calm_fit_metadata_keeps_the_key_that_predict_checks(nested):
     from types import SimpleNamespace
 
-    from calm.commands.fit import extractor_metadata
-    from calm.inference import check_extraction_key, choose_extractor
+    from calm.evaluate.fitting import store_metadata
+    from calm.models.spec import check_key
 
     fitted = BandExtractor()
     key = {"dtype": "float16", "extractor": fitted.key} if nested else dict(fitted.key)
     meta = SimpleNamespace(attrs={"key": key, "head_names": []})
-    metadata = extractor_metadata(meta)
+    metadata = store_metadata(meta)
     assert metadata["extraction_key"]["extractor"] == fitted.key and metadata["model"] == "fake-bands"
-    check_extraction_key(metadata, BandExtractor(), choose_extractor(metadata))  # same model: accepted
+    check_key(metadata, BandExtractor().key, model="fake-bands")  # same model: accepted
     other = BandExtractor(model_id="fake-other", revision="r2")
     with pytest.raises(ModelMismatchError, match="revision: fitted on 'r1', now 'r2'"):
-        check_extraction_key(metadata, other, choose_extractor(metadata, model="fake-other"))
+        check_key(metadata, other.key, model="fake-other", override=True)
 
 
 def test_a_classifier_fitted_on_windowed_features_is_served_with_windows():
-    from calm.inference import choose_extractor
+    from calm.models.spec import LoadSpec
 
     key = {"model": "whisper-tiny.en", "revision": "r", "options": {}, "long": "windows"}
     metadata = {"model": "whisper-tiny.en", "extraction_key": {"extractor": key}, "options": {}}
-    assert choose_extractor(metadata).kwargs["long"] == "windows"
+    assert LoadSpec.from_metadata(metadata).long == "windows"  # files written before `long` was a field
     del key["long"]
-    assert "long" not in choose_extractor(metadata).kwargs
+    assert LoadSpec.from_metadata(metadata).long == "truncate"
+    assert LoadSpec.from_metadata({**metadata, "long": "windows"}).load_kwargs()["long"] == "windows"
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ from tests.helpers import ROOT, shared_data
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'calm-audio[ray]'")
 
+from calm.models.spec import LoadSpec  # noqa: E402
 from calm.store import extract_to_store, list_keys, load_features, read_index  # noqa: E402
-from calm.store.distributed import ExtractorRecipe, RayOptions, extract_with_ray  # noqa: E402
+from calm.store.distributed import RayOptions, extract_with_ray  # noqa: E402
 
 MODEL = "whisper-tiny.en"
 OPTIONS = {"encoder_length": "clip"}
@@ -88,7 +89,7 @@ def assert_same_store(store: Path, reference: Path) -> None:
 def test_ray_engine_store_is_bitwise_equal_to_local(cluster, esc10_clips, extractor, local_store, tmp_path):
     events = []
     report = extract_with_ray(
-        ExtractorRecipe(MODEL, OPTIONS),
+        LoadSpec.from_options(MODEL, OPTIONS),
         esc10_clips[1],
         tmp_path,
         options=two_actors(),
@@ -139,7 +140,7 @@ def test_a_killed_actor_is_restarted_and_no_clip_is_lost_or_stored_twice(
             killed.append(pids[0])
 
     report = extract_with_ray(
-        ExtractorRecipe(MODEL, OPTIONS),
+        LoadSpec.from_options(MODEL, OPTIONS),
         esc10_clips[1],
         tmp_path,
         options=two_actors(),
@@ -189,7 +190,7 @@ def test_a_killed_driver_leaves_a_store_a_rerun_completes_and_a_bad_file_is_repo
     bad = tmp_path / "broken.wav"
     bad.write_bytes(b"RIFF this is not audio")
     report = extract_with_ray(
-        ExtractorRecipe(MODEL, OPTIONS),
+        LoadSpec.from_options(MODEL, OPTIONS),
         [*clips, bad],  # last: the other chunks are the local engine's batches
         out,
         options=two_actors(),

@@ -6,8 +6,10 @@
     clf.save("dog-rain.safetensors")   # `calm predict dog-rain.safetensors FILES...` reads it too
 
 X is a list of clips: paths, `(waveform, sample_rate)` tuples, bare waveforms with `sample_rate=`,
-or Hugging Face audio dicts (`calm.audio_inputs`). `fit` extracts per-head features with the frozen
-model (`calm.load_extractor(model, device=..., **model_options)`) and fits SAV, CALM-global or
+or Hugging Face audio dicts, decoded and checked like `calm predict` and `calm serve` do
+(`calm.audio_inputs`; the same pipeline, `calm.inference.Predictor`, labels them). `fit` extracts
+per-head features with the frozen model (`calm.models.spec.LoadSpec.from_options(model,
+model_options, device=...)`) and fits SAV, CALM-global or
 CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`); `method="calm+st"` (or
 `sav+st`, `calm-global+st`) also self-trains on unlabelled clips, `fit(X, y, X_unlabelled=[...])`,
 with `self_training={...}` for `calm.selftraining.SelfTraining`. With `cache=FOLDER` files go
@@ -21,9 +23,10 @@ clips are classified, a failed clip gets the label None (the labels are then an 
 row of NaN probabilities, and a `ClipWarning` lists each failed clip with its reason.
 
 `save(path)` writes the fitted `calm.SAV` / `calm.CALM` in the `calm fit` format (safetensors + JSON
-header; the metadata names the model, prompt, heads, layers, backend options and extraction key),
-so `calm predict` takes the file and `calm.load(path)` returns that feature-level estimator.
-`AudioClassifier.load(path)` rebuilds the audio classifier (also from files `calm fit` wrote).
+header; the metadata is the model's `LoadSpec.to_metadata()` plus the extraction key), so `calm
+predict` takes the file and `calm.load(path)` returns that feature-level estimator.
+`AudioClassifier.load(path)` rebuilds the audio classifier (also from files `calm fit` wrote) with
+the same model, checked against the stored key (`calm.models.spec.check_key`).
 """
 
 from __future__ import annotations
@@ -39,30 +42,22 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from calm.audio_inputs import as_inputs
-from calm.clip_features import CACHE_DTYPE, clip_features
+from calm.audio_inputs import ClipError
+from calm.clip_features import CACHE_DTYPE, FeaturePipeline, Features
+from calm.errors import CalmWarning
+from calm.inference import Predictor
 from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
+from calm.models import DEFAULT_MODEL
+from calm.models.base import FeatureExtractor
+from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
-DEFAULT_MODEL = "whisper-tiny.en"
 #: few-shot methods; `+st`: self-trained on unlabelled clips given to `fit` (calm.selftraining)
 METHODS = audio_methods()
 ERRORS = ("raise", "skip")
+__all__ = ["AudioClassifier", "ClipError", "ClipWarning", "head_classifier"]
 
 
-class ClipError(ValueError):
-    """Clips that could not be used; `failures` lists "name: reason" strings."""
-
-    def __init__(self, failures: list[str]):
-        self.failures = list(failures)
-        head = (
-            failures[0]
-            if len(failures) == 1
-            else f"{len(failures)} clips failed:\n  " + "\n  ".join(failures)
-        )
-        super().__init__(head)
-
-
-class ClipWarning(UserWarning):
+class ClipWarning(CalmWarning):
     """Clips skipped by `predict(..., errors="skip")`, each with its reason."""
 
 
@@ -162,56 +157,67 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     # -- the frozen model ------------------------------------------------------------------------
 
     def _device(self) -> str:
-        if self.device:
-            return self.device
-        import torch
+        return self.device or _auto_device()
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    def model_spec(self) -> LoadSpec:
+        """The frozen model as the one description (`model` + `model_options` on `device`)."""
+        return LoadSpec.from_options(self.model, self.model_options, device=self._device())
 
-    def _get_extractor(self):
+    def _get_extractor(self) -> FeatureExtractor:
         """The frozen model, loaded on first use and kept (not a parameter, not fitted state)."""
-        wanted = (
-            self.model,
-            json.dumps(self.model_options or {}, sort_keys=True, default=str),
-            self._device(),
-        )
+        spec = self.model_spec()
         cached = self.__dict__.get("_extractor")
-        if cached is None or cached[0] != wanted:
+        if cached is None or cached[0] != spec:
             from calm.models import load_extractor
 
-            extractor = load_extractor(self.model, device=self._device(), **(self.model_options or {}))
-            self.__dict__["_extractor"] = (wanted, extractor)
+            self.__dict__["_extractor"] = (spec, load_extractor(spec))
         return self.__dict__["_extractor"][1]
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_extractor"}
 
-    # -- features --------------------------------------------------------------------------------
+    # -- features and the inference pipeline -----------------------------------------------------
 
-    def _features(
-        self, X: Any, sample_rate: int | None, errors: str
-    ) -> tuple[np.ndarray, list[int], list[str]]:
-        """(features of the usable clips (m, K, d), their indices in X, "name: reason" failures)."""
-        if errors not in ERRORS:
-            raise ValueError(f"errors={errors!r}: use one of {ERRORS}")
-        clips = as_inputs(X, sample_rate)
+    def _checked_extractor(self) -> FeatureExtractor:
         extractor = self._get_extractor()
         if hasattr(self, "extraction_key_"):
-            _check_key(self.extraction_key_, extractor.key, self.model)
-        rows, failures = clip_features(extractor, clips, cache=self.cache, batch_size=self.batch_size)
-        messages = [failures[i] for i in sorted(failures)]
-        if messages and errors == "raise":
-            raise ClipError(messages)
-        ok = sorted(rows)
-        shape = (0, len(extractor.head_names), 0)
-        feats = np.stack([rows[i] for i in ok]) if ok else np.zeros(shape, dtype=np.float32)
-        return feats, ok, messages
+            check_key(self.extraction_key_, extractor.key, model=self.model)
+        return extractor
+
+    def _features(self, X: Any, sample_rate: Any) -> np.ndarray:
+        """Features (n, K, d) of clips that must all be usable (ClipError names every bad one)."""
+        extractor = self._checked_extractor()
+        feats = FeaturePipeline(extractor).features(
+            X, sample_rate=sample_rate, batch_size=self.batch_size, cache=self.cache
+        )
+        error = feats.error()
+        if error is not None:
+            raise error
+        return feats.stacked(len(extractor.head_names))[0]
+
+    def _run(self, X: Any, sample_rate: Any, errors: str) -> tuple[Predictor, np.ndarray, Features]:
+        """The inference pipeline of `calm predict` over X: (predictor, probabilities, features)."""
+        check_is_fitted(self, "classifier_")
+        if errors not in ERRORS:
+            raise ValueError(f"errors={errors!r}: use one of {ERRORS}")
+        predictor = Predictor(self.classifier_, self._checked_extractor())
+        proba, feats = predictor.predict_proba(
+            X, sample_rate=sample_rate, batch_size=self.batch_size, cache=self.cache
+        )
+        error = feats.error()
+        if error is not None:
+            if errors == "raise":
+                raise error
+            warnings.warn(
+                f"{len(error.failures)} clip(s) skipped:\n  " + "\n  ".join(error.failures),
+                ClipWarning,
+                stacklevel=3,
+            )
+        return predictor, proba, feats
 
     # -- scikit-learn API ------------------------------------------------------------------------
 
-    def fit(
-        self, X: Any, y: Any, *, X_unlabelled: Any = None, sample_rate: int | None = None
-    ) -> AudioClassifier:
+    def fit(self, X: Any, y: Any, *, X_unlabelled: Any = None, sample_rate: Any = None) -> AudioClassifier:
         """Extract the features of the support clips X and fit the head classifier on labels y;
         the "+st" methods also pseudo-label the clips `X_unlabelled` (never their labels: they
         have none) and refit on them (`calm.selftraining.SelfTraining`)."""
@@ -231,12 +237,12 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
                     else "X_unlabelled is only for '+st' methods"
                 )
             )
-        feats, _, _ = self._features(X, sample_rate, "raise")
+        feats = self._features(X, sample_rate)
         base = head_classifier(self.method, self.method_params)
         if self_trained:
             from calm.selftraining import SelfTraining
 
-            pool, _, _ = self._features(X_unlabelled, sample_rate, "raise")
+            pool = self._features(X_unlabelled, sample_rate)
             st = SelfTraining(base, **(self.self_training or {})).fit(feats, y, X_unlabelled=pool)
             self.self_training_, self.classifier_ = st, st.estimator_
         else:
@@ -244,33 +250,29 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         extractor = self._get_extractor()
         self.classes_ = self.classifier_.classes_
         self.head_names_ = [tuple(h) for h in extractor.head_names]
-        self.extraction_key_ = json.loads(json.dumps(extractor.key))
+        self.extraction_key_ = json.loads(json.dumps(extractor.key, default=str))
         self.n_support_ = len(y)
         return self
 
-    def predict_proba(self, X: Any, *, sample_rate: int | None = None, errors: str = "raise") -> np.ndarray:
+    def predict_proba(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
         """Class probabilities (n, C); with errors="skip" a failed clip's row is NaN."""
-        check_is_fitted(self, "classifier_")
-        feats, ok, failures = self._features(X, sample_rate, errors)
-        proba = np.full((len(X), len(self.classes_)), np.nan)
-        if ok:
-            proba[ok] = self.classifier_.predict_proba(feats)
-        _warn(failures)
-        return proba
+        return self._run(X, sample_rate, errors)[1]
 
-    def predict(self, X: Any, *, sample_rate: int | None = None, errors: str = "raise") -> np.ndarray:
-        """Labels (n,); with errors="skip" an object array holding None for each failed clip."""
-        check_is_fitted(self, "classifier_")
-        feats, ok, failures = self._features(X, sample_rate, errors)
-        labels = self.classifier_.predict(feats) if ok else np.asarray([], dtype=self.classes_.dtype)
-        _warn(failures)
+    def predict(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
+        """Labels (n,), as `calm predict` gives them; with errors="skip" an object array holding None
+        for each failed clip."""
+        predictor, proba, feats = self._run(X, sample_rate, errors)
+        labels = [
+            None if i in feats.errors else self.classes_[int(np.argmax(proba[i]))]
+            for i in range(len(feats.sources))
+        ]
         if errors == "raise":
-            return labels
-        out = np.full(len(X), None, dtype=object)
-        out[ok] = labels.tolist()
+            return np.asarray(labels, dtype=self.classes_.dtype)
+        out = np.full(len(labels), None, dtype=object)
+        out[:] = [None if lab is None else np.asarray(lab).item() for lab in labels]
         return out
 
-    def score(self, X: Any, y: Any, sample_weight: Any = None, *, sample_rate: int | None = None) -> float:
+    def score(self, X: Any, y: Any, sample_weight: Any = None, *, sample_rate: Any = None) -> float:
         """Accuracy on clips X with labels y (every clip must be usable)."""
         pred = self.predict(X, sample_rate=sample_rate)
         hits = (pred == np.asarray(y)).astype(np.float64)
@@ -279,22 +281,17 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     # -- files -----------------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
-        """What `calm predict` and `AudioClassifier.load` need, in `calm fit`'s layout."""
+        """What `calm predict` and `AudioClassifier.load` need: the model's `LoadSpec.to_metadata()`
+        (the same fields `calm fit` writes), the extraction key and how the classifier was fitted."""
         check_is_fitted(self, "classifier_")
-        key = self.extraction_key_
         return {
-            "model": self.model,
-            "prompt": key.get("prompt"),
-            "heads": key.get("heads"),
-            "layers": key.get("layers"),
-            "options": key.get("options") or {},
-            "extraction_key": {"extractor": key, "dtype": CACHE_DTYPE},
+            **self.model_spec().to_metadata(),
+            "extraction_key": {"extractor": self.extraction_key_, "dtype": CACHE_DTYPE},
             "head_names": [list(h) for h in self.head_names_],
             "method": self.method,
             "params": self.classifier_.get_params(),
             "method_params": dict(self.method_params),
             "self_training": dict(self.self_training or {}) or None,
-            "model_options": dict(self.model_options or {}),
             "shots": None,
             "seed": None,
             "holdout": False,
@@ -308,21 +305,25 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         self.classifier_.save(path, metadata=self.metadata())
 
     @classmethod
-    def load(cls, path: str | Path, *, cache: str | Path | None = None, device: str | None = None):
-        """An `AudioClassifier` from a file written by `save` or by `calm fit`."""
+    def load(
+        cls, path: str | Path, *, cache: str | Path | None = None, device: str | None = None
+    ) -> AudioClassifier:
+        """An `AudioClassifier` from a file written by `save` or by `calm fit`: the model the file
+        describes (`LoadSpec.from_metadata`, as `calm predict` loads it), checked against its key
+        when first used."""
         from calm.classifiers import load
 
         inner = load(path)
         meta = dict(inner.metadata_)
-        if not meta.get("model"):
-            raise ValueError(f"{path}: the classifier's metadata names no model (fit it with calm fit)")
-        options = meta.get("model_options")
-        if options is None:  # written by `calm fit`: rebuild the load options from its fields
-            options = {k: meta[k] for k in ("prompt", "heads", "layers") if meta.get(k) is not None}
-            options.update(meta.get("options") or {})
+        try:
+            spec = LoadSpec.from_metadata(meta, device=device or _auto_device())
+        except ModelMismatchError as exc:
+            raise ModelMismatchError(f"{path}: {exc}") from None
+        options = {k: v for k, v in spec.to_metadata().items() if k not in ("model", "device", "options")}
+        options = {**{k: v for k, v in options.items() if v is not None}, **spec.options}
         method = meta.get("method") or method_of(inner)
         params = meta.get("method_params", meta.get("params") or {})
-        est = cls(meta["model"], method, model_options=options, cache=cache, device=device, **params)
+        est = cls(spec.label, method, model_options=options, cache=cache, device=device, **params)
         est.self_training = meta.get("self_training")
         est.classifier_ = inner
         est.classes_ = inner.classes_
@@ -333,17 +334,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         return est
 
 
-def _check_key(stored: dict[str, Any], now: dict[str, Any], model: str) -> None:
-    now = json.loads(json.dumps(now))
-    diff = sorted(k for k in set(stored) | set(now) if k != "dtype" and stored.get(k) != now.get(k))
-    if diff:
-        raise ValueError(
-            f"{model}: the extractor differs from the one the classifier was fitted on in {diff}"
-        )
+def _auto_device() -> str:
+    import torch
 
-
-def _warn(failures: list[str]) -> None:
-    if failures:
-        warnings.warn(
-            f"{len(failures)} clip(s) skipped:\n  " + "\n  ".join(failures), ClipWarning, stacklevel=3
-        )
+    return "cuda" if torch.cuda.is_available() else "cpu"

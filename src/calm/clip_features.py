@@ -1,121 +1,186 @@
-"""Per-head features of a list of clips (`calm.audio_inputs.AudioInput`), with per-clip failures.
+"""The feature half of the one inference path: `FeaturePipeline` turns any accepted input into
+per-head features, clip by clip, with per-clip errors; `calm.inference.Predictor` adds the
+classifier on top of it (and `calm predict`, `calm serve` and `calm.AudioClassifier` run that).
 
-Files go through the feature store when a cache folder is given (`calm.store.extract_to_store`:
-clips already stored with the same content hash are read back, not extracted); waveforms, and
-files without a cache, are decoded and extracted here in batches. A clip that cannot be decoded,
-or whose features are not finite, is a failure `(index, "name: reason")`; the other clips keep
-their features. A batch the model fails on is retried clip by clip to single out the clip.
+- `preprocess(source)`: an input (`calm.audio_inputs`: path, bytes, `(waveform, rate)`, audio dict)
+  -> a checked `Clip`; anything wrong with it is a `ClipError`.
+- `embed(waveforms)`: a batch -> one (K, d) feature array per clip, or the reason it has none. A
+  model error in a batch is retried clip by clip, so one clip never costs the others.
+- `features(X, sample_rate=, batch_size=, cache=)`: both over a list of inputs -> `Features`
+  (rows, per-clip errors, durations). With `cache=FOLDER` the files go through the feature store
+  there (`calm.store.extract_to_store`, float32): clips stored with the same content hash are read
+  back, not extracted. Waveforms are never cached (the store keys features by path and hash).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calm.audio_inputs import AudioInput, error_reason, prepare_wave
+from calm.audio_inputs import (
+    MIN_SECONDS,
+    AudioInput,
+    Clip,
+    ClipError,
+    as_input,
+    as_inputs,
+    bytes_file,
+    checked_clip,
+    error_reason,
+    prepare_wave,
+)
+from calm.models.base import FeatureExtractor
 
 #: storage dtype of the cache (float32: features equal those extracted without a cache)
 CACHE_DTYPE = "float32"
+NON_FINITE = "non-finite features (the model gave NaN or infinity)"
 
 
-def _windowed(extractor: Any) -> bool:
-    from calm.models.windows import WindowedExtractor
+@dataclass
+class Features:
+    """What `FeaturePipeline.features` made of n inputs: `rows` {index: (K, d) float32}, `errors`
+    {index: ClipError}, every index in exactly one of them; `durations` {index: seconds} of the
+    decoded clips; `sources` the name of each input."""
 
-    return isinstance(extractor, WindowedExtractor)
+    sources: list[str]
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    errors: dict[int, ClipError] = field(default_factory=dict)
+    durations: dict[int, float] = field(default_factory=dict)
+
+    def fail(self, i: int, source: str, reason: str) -> None:
+        self.errors[i] = ClipError(source, reason)
+
+    def stacked(self, n_heads: int) -> tuple[np.ndarray, list[int]]:
+        """(features of the usable clips (m, K, d) in input order, their indices)."""
+        ok = sorted(self.rows)
+        if not ok:
+            return np.zeros((0, n_heads, 0), dtype=np.float32), ok
+        return np.stack([self.rows[i] for i in ok]), ok
+
+    def error(self) -> ClipError | None:
+        """One `ClipError` naming every failed clip, or None."""
+        return ClipError.of([self.errors[i] for i in sorted(self.errors)]) if self.errors else None
 
 
-def load_clip(extractor: Any, clip: AudioInput) -> Any:
-    """The model input of one clip (files: `extractor.load_input`; waveforms: `prepare_wave`)."""
-    if clip.path is not None:
-        return extractor.load_input(clip.path)
-    return prepare_wave(clip, extractor.sample_rate, extractor.max_seconds, _windowed(extractor))
+class FeaturePipeline:
+    """A frozen model's features of audio inputs (see the module docstring).
 
+    `preprocess` is thread-safe; `embed` must run in one thread at a time.
+    """
 
-Rows = dict[int, np.ndarray]  # clip index -> features (K, d)
-Failures = dict[int, str]  # clip index -> "name: reason"
+    def __init__(self, extractor: FeatureExtractor, *, min_seconds: float = MIN_SECONDS):
+        self.extractor = extractor
+        self.min_seconds = float(min_seconds)
 
+    @property
+    def windows(self) -> bool:
+        """Whether the model averages windows of a long clip (`long="windows"`)."""
+        return dict(self.extractor.key).get("long") == "windows"
 
-def _extract(extractor: Any, loaded: list[tuple[int, Any]], rows: Rows, failures: Failures, names) -> None:
-    """Features of (index, input) pairs into `rows`; a failing batch is retried one clip at a time."""
-    try:
-        feats = np.asarray(extractor.extract([x for _, x in loaded]), dtype=np.float32)
-    except Exception:
-        if len(loaded) == 1:
-            raise
-        for item in loaded:
+    # -- preprocess -------------------------------------------------------------------------------
+    def preprocess(self, source: Any, *, name: str | None = None, sample_rate: Any = None) -> Clip:
+        """One input (`name`: how messages call it) -> a checked `Clip`, or ClipError."""
+        if isinstance(source, bytes | bytearray | memoryview):
+            shown = name or "upload"
+            with bytes_file(bytes(source), shown) as tmp:
+                try:
+                    return self.preprocess(tmp, name=shown)
+                except ClipError as exc:  # the reason must not show the temporary file's name
+                    raise ClipError(shown, exc.reason.replace(tmp, shown)) from None
+        return self.decode(as_input(source, name or str(source), sample_rate), name=name)
+
+    def decode(self, item: AudioInput, *, name: str | None = None) -> Clip:
+        """An `AudioInput` decoded at the model's rate and checked (`calm.audio_inputs`)."""
+        shown = name or item.name
+        ex = self.extractor
+        if item.path is None:
+            wave = prepare_wave(item, ex.sample_rate, ex.max_seconds, self.windows, self.min_seconds)
+        else:
             try:
-                _extract(extractor, [item], rows, failures, names)
-            except Exception as exc:  # this clip breaks the model: name it, keep the others
-                failures[item[0]] = f"{names[item[0]]}: {error_reason(exc)}"
-        return
-    for (i, _), row in zip(loaded, feats, strict=True):
-        if np.isfinite(row).all():
-            rows[i] = row
-        else:
-            failures[i] = f"{names[i]}: features are not finite"
+                wave = ex.load_input(item.path)
+            except ClipError:
+                raise
+            except (ValueError, OSError, RuntimeError, EOFError) as exc:  # AudioError, decoders, missing
+                raise ClipError(shown, error_reason(exc)) from exc
+        return checked_clip(shown, wave, ex.sample_rate, self.min_seconds)
 
-
-def _direct(
-    extractor: Any, clips: list[tuple[int, AudioInput]], rows: Rows, failures: Failures, batch_size: int
-):
-    names = {i: clip.name for i, clip in clips}
-    batch: list[tuple[int, Any]] = []
-    for i, clip in clips:
+    # -- forward (features) -----------------------------------------------------------------------
+    def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
+        """Features (K, d) float32 per waveform, or the reason it has none."""
+        if not waveforms:
+            return []
         try:
-            batch.append((i, load_clip(extractor, clip)))
-        except Exception as exc:  # unreadable / empty / silent clips: recorded, not fatal
-            failures[i] = f"{clip.name}: {error_reason(exc)}"
-        if len(batch) == batch_size:
-            _extract(extractor, batch, rows, failures, names)
-            batch = []
-    if batch:
-        _extract(extractor, batch, rows, failures, names)
+            feats = np.asarray(self.extractor.extract(list(waveforms)), dtype=np.float32)
+        except Exception as exc:  # any model failure: isolate it to the clip that caused it
+            if len(waveforms) == 1:
+                return [f"model error: {type(exc).__name__}: {exc}"]
+            return [r for w in waveforms for r in self.embed([w])]
+        return [row if np.isfinite(row).all() else NON_FINITE for row in feats]
 
+    # -- the whole path over a list of inputs -----------------------------------------------------
+    def features(
+        self,
+        X: Any,
+        *,
+        sample_rate: Any = None,
+        batch_size: int = 8,
+        cache: str | os.PathLike | None = None,
+    ) -> Features:
+        """Every input of X decoded, checked and embedded (files through the store under `cache`)."""
+        inputs = as_inputs(X, sample_rate)
+        out = Features([x.source if isinstance(x, ClipError) else x.name for x in inputs])
+        batch: list[tuple[int, Clip]] = []
+        stored: list[tuple[int, Path]] = []
+        for i, clip_input in enumerate(inputs):
+            try:
+                if isinstance(clip_input, ClipError):
+                    raise clip_input
+                clip = self.decode(clip_input)
+            except ClipError as exc:
+                out.errors[i] = exc
+                continue
+            out.durations[i] = clip.duration
+            if cache is not None and clip_input.path is not None:
+                stored.append((i, clip_input.path))  # checked here; its features come from the store
+                continue
+            batch.append((i, clip))
+            if len(batch) == batch_size:
+                self._embed_into(out, batch)
+                batch = []
+        self._embed_into(out, batch)
+        if stored:
+            self._from_store(out, stored, Path(cache), batch_size)  # type: ignore[arg-type]
+        return out
 
-def _cached(
-    extractor: Any,
-    clips: list[tuple[int, AudioInput]],
-    cache: Path,
-    rows: Rows,
-    failures: Failures,
-    batch_size: int,
-) -> None:
-    """Files through the store under `cache` (stored clips with the same content are read back)."""
-    from calm.store import extract_to_store, load_features, store_path
+    def _embed_into(self, out: Features, batch: list[tuple[int, Clip]]) -> None:
+        for (i, clip), row in zip(batch, self.embed([c.waveform for _, c in batch]), strict=True):
+            if isinstance(row, str):
+                out.fail(i, clip.source, row)
+            else:
+                out.rows[i] = row
 
-    paths = [store_path(clip.path or clip.name) for _, clip in clips]
-    report = extract_to_store(
-        extractor, paths, cache, batch_size=batch_size, dtype=CACHE_DTYPE, progress=False
-    )
-    failed = {store_path(p): reason for p, reason in report.failed}
-    X, _, meta = load_features(cache, key=report.digest)
-    row_of = {p: r for r, p in enumerate(meta["path"])}
-    wanted = []
-    for (i, clip), p in zip(clips, paths, strict=True):
-        if p in failed or p not in row_of:
-            failures[i] = f"{clip.name}: {failed.get(p, 'not in the store after extraction')}"
-        else:
-            wanted.append((i, row_of[p]))
-    if wanted:
-        feats = np.asarray(X[np.asarray([r for _, r in wanted])], dtype=np.float32)
-        rows.update({i: row for (i, _), row in zip(wanted, feats, strict=True)})
+    def _from_store(self, out: Features, files: list[tuple[int, Path]], cache: Path, batch_size: int) -> None:
+        """Features of checked files through the store under `cache` (stored ones are read back)."""
+        from calm.store import extract_to_store, load_features, store_path
 
-
-def clip_features(
-    extractor: Any, clips: list[AudioInput], *, cache: str | Path | None = None, batch_size: int = 8
-) -> tuple[Rows, Failures]:
-    """({index: features (K, d) float32}, {index: "name: reason"}): every clip is in one of them.
-
-    With `cache`, files are read from / added to the feature store in that folder."""
-    rows: Rows = {}
-    failures: Failures = {}
-    files = [(i, c) for i, c in enumerate(clips) if c.path is not None]
-    direct = [(i, c) for i, c in enumerate(clips) if c.path is None]
-    if cache is not None and files:
-        _cached(extractor, files, Path(cache), rows, failures, batch_size)
-    else:
-        direct = files + direct
-    _direct(extractor, direct, rows, failures, batch_size)
-    return rows, failures
+        paths = [store_path(p) for _, p in files]
+        report = extract_to_store(
+            self.extractor, paths, cache, batch_size=batch_size, dtype=CACHE_DTYPE, progress=False
+        )
+        failed = {store_path(p): reason for p, reason in report.failed}
+        X, _, meta = load_features(cache, key=report.digest)
+        row_of = {p: r for r, p in enumerate(meta["path"])}
+        wanted = []
+        for (i, _), p in zip(files, paths, strict=True):
+            if p in failed or p not in row_of:
+                out.fail(i, out.sources[i], failed.get(p, "not in the store after extraction"))
+            else:
+                wanted.append((i, row_of[p]))
+        if wanted:
+            feats = np.asarray(X[np.asarray([r for _, r in wanted])], dtype=np.float32)
+            out.rows.update({i: row for (i, _), row in zip(wanted, feats, strict=True)})

@@ -10,13 +10,14 @@ import click
 
 from calm.commands.options import engine_options, model_options, model_spec, ray_options
 from calm.errors import CalmError
+from calm.models.spec import LoadSpec
 from calm.store import DTYPES
 
 
-def _load_extractor(model: str, **kwargs):
+def _load_extractor(spec: LoadSpec):
     from calm.models import load_extractor
 
-    return load_extractor(model, **kwargs)
+    return load_extractor(spec)
 
 
 def _load_dataset(spec: str):
@@ -85,21 +86,19 @@ def extract(**params: Any) -> None:
 def _run(params: dict[str, Any], dataset: Any, bar: Any) -> Any:
     """Extract with the chosen engine: the local one loads the model here, Ray's actors load it."""
     from calm.store import extract_to_store
-    from calm.store.distributed import ExtractorRecipe, extract_with_ray
+    from calm.store.distributed import extract_with_ray
 
     spec, out = model_spec(params), params["out"]
     common = dict(batch_size=params["batch_size"], dtype=params["dtype"], limit=params["limit"], progress=bar)
     ray = ray_options(params)
     if ray is not None:
-        click.echo(f"model {spec.name}: extracting on Ray ({ray.address or 'local cluster'})", err=True)
-        return extract_with_ray(
-            ExtractorRecipe(spec.name, spec.load_kwargs()), dataset, out, options=ray, **common
-        )
+        click.echo(f"model {spec.label}: extracting on Ray ({ray.address or 'local cluster'})", err=True)
+        return extract_with_ray(spec, dataset, out, options=ray, **common)
     try:
-        extractor = _load_extractor(spec.name, **spec.load_kwargs())
+        extractor = _load_extractor(spec)
     except (CalmError, OSError) as exc:  # ExtractorError, a model not found
-        raise click.ClickException(f"cannot load model {spec.name!r}: {exc}") from None
-    click.echo(f"model {spec.name}: {len(extractor.head_names)} heads", err=True)
+        raise click.ClickException(f"cannot load model {spec.label!r}: {exc}") from None
+    click.echo(f"model {spec.label}: {len(extractor.head_names)} heads", err=True)
     return extract_to_store(extractor, dataset, out, workers=params["workers"], **common)
 
 

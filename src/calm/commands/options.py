@@ -1,5 +1,5 @@
 """The click options and value parsers shared by `calm extract`, `calm evaluate` and `calm fit`, and
-their translation into the library's spec objects (`ModelSpec`, `ClassifierSpec`)."""
+their translation into the library's spec objects (`calm.models.spec.LoadSpec`, `ClassifierSpec`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from calm.evaluate.config import ClassifierSpec, ModelSpec
+from calm.evaluate.config import ClassifierSpec
+from calm.models.spec import LoadSpec
 from calm.store.distributed import RayOptions
 
 __all__ = [
@@ -145,17 +146,18 @@ model_options = stack(
 model_options.__doc__ = "The frozen model that extracts the features, and how it runs (extract, evaluate)."
 
 
-def model_spec(params: dict[str, Any]) -> ModelSpec:
-    """The `ModelSpec` of the `model_options` values in a command's parameters."""
-    return ModelSpec(
-        name=params["model"],
+def model_spec(params: dict[str, Any]) -> LoadSpec:
+    """The `LoadSpec` of the `model_options` values in a command's parameters (`-o long=windows`
+    and the other spec fields given with -o become its fields, the rest backend options)."""
+    return LoadSpec.from_options(
+        params["model"],
+        parse_options(params["options"]),
         heads=params["heads"],
         prompt=params["prompt"],
         device=params["device"],
         dtype=params["model_dtype"],
         layers=parse_layers(params["layers"]),
         attn_implementation=params["attn_implementation"],
-        options=parse_options(params["options"]),
     )
 
 

@@ -62,15 +62,14 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size):
 
     Exit status 1 when any file could not be labelled (its row then holds the error).
     """
-    from calm.inference import ModelMismatchError, load_predictor
+    from calm.inference import load_predictor
 
-    def announce(choice) -> None:
-        click.echo(f"calm predict: loading {choice.describe()}", err=True)
+    def announce(line: str) -> None:
+        click.echo(f"calm predict: loading {line}", err=True)
 
     try:
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)
-    # a bad classifier file, a model not found; ModelMismatchError until it derives from CalmError
-    except (CalmError, OSError, ModelMismatchError) as exc:
+    except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
     rows = [_row(p) for p in predictor(list(files), batch_size=batch_size)]
     for r in rows:

@@ -80,18 +80,17 @@ def serve(
         from calm.serve.server import serve as run_server
     except ImportError as exc:
         raise click.ClickException(f"{INSTALL_HINT} ({exc})") from None
-    from calm.inference import ModelMismatchError, load_predictor
+    from calm.inference import load_predictor
 
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
         raise click.BadParameter(f"{replicas!r}: give a number >= 1 or auto", param_hint="--replicas")
 
-    def announce(choice) -> None:
-        click.echo(f"calm serve: loading {choice.describe()}", err=True)
+    def announce(line: str) -> None:
+        click.echo(f"calm serve: loading {line}", err=True)
 
     try:
         predictor = load_predictor(model_path, model=model, device=device, announce=announce)
-    # ModelMismatchError until it derives from CalmError
-    except (CalmError, OSError, ModelMismatchError) as exc:
+    except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
     replicas = _replica_count(predictor, replicas, threads, device)
     config = ServeConfig(

@@ -20,7 +20,7 @@ extracted once per clip.
 
 from __future__ import annotations
 
-from calm.evaluate.config import ClassifierSpec, EvalConfig, LALMSpec, ModelSpec
+from calm.evaluate.config import ClassifierSpec, EvalConfig, LALMSpec
 from calm.evaluate.episodes import (
     Episode,
     Part,
@@ -101,7 +101,6 @@ __all__ = [
     "LALMSpec",
     "LinearProbe",
     "Method",
-    "ModelSpec",
     "Part",
     "ProtocolError",
     "ProtocolResult",

@@ -1,9 +1,10 @@
-"""What `run_evaluation` is asked to do: `EvalConfig` and its parts (the model, the classifiers'
-hyper-parameters, the model-answer baselines), typed, frozen and checked when built."""
+"""What `run_evaluation` is asked to do: `EvalConfig` and its parts (the model, a
+`calm.models.spec.LoadSpec`; the classifiers' hyper-parameters; the model-answer baselines), typed,
+frozen and checked when built."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -12,47 +13,11 @@ from calm.errors import ParameterError
 from calm.evaluate.methods import FEWSHOT_METHODS, Method, fewshot_methods
 from calm.evaluate.self_training_runs import STSpec
 from calm.methods import DEFAULTS, info, names
+from calm.models import DEFAULT_MODEL
+from calm.models.spec import LoadSpec
 from calm.store.distributed import RayOptions
 
-__all__ = ["CLI_OPTIONS", "ClassifierSpec", "CliOption", "EvalConfig", "LALMSpec", "ModelSpec"]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The frozen model that extracts the features (the arguments of `calm.load_extractor`).
-
-    Attributes:
-        name: registered name, hub id or local directory.
-        heads: `all`, `encoder` or `decoder` heads.
-        prompt: text prompt (Whisper: previous-text context).
-        device: `cpu`, `cuda`, `cuda:1`, ...
-        dtype: compute dtype (None: float32 on CPU, bf16/fp16 on GPU).
-        layers: the first N layers, a list of layers, or None for all.
-        attn_implementation: `eager`, `sdpa`, `flash_attention_2` (transformers backends).
-        options: backend options (e.g. `{"encoder_length": "clip"}`).
-    """
-
-    name: str = "whisper-tiny.en"
-    heads: str = "all"
-    prompt: str | None = None
-    device: str = "cpu"
-    dtype: str | None = None
-    layers: int | Sequence[int] | None = None
-    attn_implementation: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def load_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `calm.load_extractor(name, **kwargs)`."""
-        layers = list(self.layers) if isinstance(self.layers, Sequence) else self.layers
-        return dict(
-            heads=self.heads,
-            prompt=self.prompt,
-            device=self.device,
-            dtype=self.dtype,
-            layers=layers,
-            attn_implementation=self.attn_implementation,
-            **self.options,
-        )
+__all__ = ["CLI_OPTIONS", "ClassifierSpec", "CliOption", "EvalConfig", "LALMSpec"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +84,8 @@ class EvalConfig:
         features: an existing feature store to evaluate (the model is then not loaded).
         key: extraction key digest, when `features` holds several.
         store: feature store to extract `data` into (None: `out/features`).
-        model: the extracting model (used with `data`).
+        model: the extracting model and its options (used with `data`): a `LoadSpec`, e.g.
+            `LoadSpec("qwen2-audio", device="cuda", prompt=...)` (default: the embedded Whisper).
         shots: shots per class.
         seeds: episode seeds.
         methods: few-shot methods (`FEWSHOT_METHODS`) and model-answer baselines (`LALM_METHODS`).
@@ -142,7 +108,7 @@ class EvalConfig:
     features: str | Path | None = None
     key: str | None = None
     store: str | Path | None = None
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: LoadSpec = field(default_factory=lambda: LoadSpec(DEFAULT_MODEL))
     shots: Sequence[int] = (1, 5, 10)
     seeds: Sequence[int] = tuple(range(10))
     methods: Sequence[str] = FEWSHOT_METHODS
@@ -196,7 +162,8 @@ class EvalConfig:
         args: list[str] = []
         for option in CLI_OPTIONS:
             value = _get(self, option.field)
-            if option.always(self) or value != _get(DEFAULT_FIELDS, option.field):
+            default = option.default(self) if option.default else _get(DEFAULT_FIELDS, option.field)
+            if option.always(self) or value != default:
                 args += option.args(value)
         return args
 
@@ -212,10 +179,16 @@ class EvalConfig:
         return line + (f"  # and, from Python only: {', '.join(left)}" if left else "")
 
     def cli_unexpressed(self) -> list[str]:
-        """`field=value` of the settings no `calm evaluate` option expresses (Ray's decode_cpus)."""
+        """`field=value` of the settings no `calm evaluate` option expresses (Ray's decode_cpus, the
+        model's hub revision and the name its features are labelled with)."""
+        left = []
         if self.ray is not None and self.ray.decode_cpus != RayOptions.decode_cpus:
-            return [f"ray.decode_cpus={self.ray.decode_cpus}"]
-        return []
+            left.append(f"ray.decode_cpus={self.ray.decode_cpus}")
+        if self.model.revision is not None:
+            left.append(f"model.revision={self.model.revision}")
+        if self.model.name is not None and self.model.name != self.model.model_id:
+            left.append(f"model.name={self.model.name}")
+        return left
 
 
 # -- `calm evaluate`'s options of each field ----------------------------------------------------
@@ -262,6 +235,8 @@ class CliOption:
         always: whether the option is spelled out even at its default (the protocol, the classifier
             options, the options of the methods chosen).
         spells_none: None has a word (`text(None)`, e.g. `none`) instead of leaving the option out.
+        default: the field's default for this config, where it depends on another field (the
+            model's dtype on its device); None: the field's value in `EvalConfig()`.
     """
 
     field: str
@@ -269,6 +244,7 @@ class CliOption:
     text: Callable[[Any], str] | None = _text
     always: Callable[[EvalConfig], bool] = lambda config: False
     spells_none: bool = False
+    default: Callable[[EvalConfig], Any] | None = None
 
     def args(self, value: Any) -> list[str]:
         if self.field == "ray":
@@ -293,6 +269,18 @@ def _int_or_none(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _dtype(value: Any) -> str:
+    from calm.models.base import dtype_name
+
+    return dtype_name(value) if not isinstance(value, str) else value
+
+
+def _device_dtype(config: EvalConfig) -> Any:
+    from calm.models.base import default_dtype
+
+    return default_dtype(config.model.device)
+
+
 def _layers(value: Any) -> str:
     return str(value) if isinstance(value, int) else ",".join(map(str, value))
 
@@ -305,13 +293,14 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
     CliOption("data", "--data", always=_yes),
     CliOption("features", "--features", always=_yes),
     CliOption("key", "--key"),
-    CliOption("model.name", "--model", always=lambda c: c.data is not None),
+    CliOption("model.model_id", "--model", always=lambda c: c.data is not None),
     CliOption("model.heads", "--heads"),
     CliOption("model.prompt", "--prompt"),
     CliOption("model.device", "--device"),
-    CliOption("model.dtype", "--model-dtype"),
+    CliOption("model.dtype", "--model-dtype", _dtype, default=_device_dtype),
     CliOption("model.layers", "--layers", _layers),
     CliOption("model.attn_implementation", "--attn-implementation"),
+    CliOption("model.long", "-o", lambda v: f"long={v}"),
     CliOption("model.options", "-o"),
     CliOption("store", "--store"),
     CliOption("out", "--out", always=_yes),

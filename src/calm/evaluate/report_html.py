@@ -20,7 +20,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from calm.evaluate.config import ClassifierSpec, EvalConfig, ModelSpec
+from calm.evaluate.config import ClassifierSpec, EvalConfig
 from calm.evaluate.predictions import confusions
 from calm.evaluate.report_sections import (
     confusion_section,
@@ -31,6 +31,8 @@ from calm.evaluate.report_sections import (
 )
 from calm.evaluate.reports import METRIC_TITLES
 from calm.methods import REGISTRY
+from calm.models import DEFAULT_MODEL
+from calm.models.spec import LoadSpec
 
 __all__ = ["ReportData", "recorded_config", "render_report", "reproduce_command", "write_report"]
 
@@ -184,7 +186,7 @@ def recorded_config(config: Mapping[str, Any], run_dir: str | Path = "RUN_DIR") 
         out=run_dir,
         data=None if features else config.get("dataset"),
         features=features or None,
-        model=ModelSpec(name=str(config.get("model") or ModelSpec.name)),
+        model=LoadSpec(str(config.get("model") or DEFAULT_MODEL)),
         shots=config.get("shots") or EvalConfig.shots,
         seeds=config.get("seeds") or EvalConfig.seeds,
         methods=[m for m in config.get("methods", EvalConfig.methods) if m in REGISTRY],

@@ -102,8 +102,8 @@ def _features_from_data(config: EvalConfig, progress: Progress | None, log: Log)
     log(f"dataset {config.data}: {len(dataset.clips)} clips, {len(dataset.classes)} classes")
     events = _extraction_events(progress)
     if config.ray is None:
-        extractor = load_extractor(config.model.name, **config.model.load_kwargs())
-        log(f"model {config.model.name}: {len(extractor.head_names)} heads; feature store {store}")
+        extractor = load_extractor(config.model)
+        log(f"model {config.model.label}: {len(extractor.head_names)} heads; feature store {store}")
         report = extract_to_store(extractor, dataset, store, batch_size=config.batch_size, progress=events)
     else:
         extractor, report = _extract_on_ray(config, dataset, store, events, log)
@@ -131,15 +131,15 @@ def _extract_on_ray(config: EvalConfig, dataset: Any, store: Path, events: Any, 
     """(the extractor when the model-answer baselines need it here, else None; the extraction
     report) of `dataset` extracted on the Ray cluster `config.ray`."""
     from calm.models import load_extractor
-    from calm.store.distributed import ExtractorRecipe, extract_with_ray
+    from calm.store.distributed import extract_with_ray
 
     model, opts = config.model, config.ray
     assert opts is not None
     answers = any(m in LALM_METHODS for m in config.methods)
-    extractor = load_extractor(model.name, **model.load_kwargs()) if answers else None
-    log(f"model {model.name}: extracting on Ray ({opts.address or 'local cluster'}); feature store {store}")
+    extractor = load_extractor(model) if answers else None
+    log(f"model {model.label}: extracting on Ray ({opts.address or 'local cluster'}); feature store {store}")
     report = extract_with_ray(
-        ExtractorRecipe(model.name, model.load_kwargs()),
+        model,
         dataset,
         store,
         options=opts,
@@ -252,7 +252,7 @@ def _config_doc(
     return {
         "model": (extractor_key.get("model") or extractor_key.get("model_id"))
         if from_store
-        else config.model.name,
+        else config.model.label,
         "prompt": extractor_key.get("prompt", config.model.prompt),
         "head_source": extractor_key.get("heads", config.model.heads),
         "extraction_key": key_info,

@@ -95,7 +95,7 @@ def _model_type(model: str) -> str:
 
 
 def load_extractor(
-    model: str = DEFAULT_MODEL,
+    model: str | LoadSpec = DEFAULT_MODEL,
     *,
     heads: str = "all",
     prompt: str | None = None,
@@ -111,7 +111,8 @@ def load_extractor(
 
     Args:
         model: a registered name (`whisper-tiny.en`, `qwen2-audio`, ... see `MODELS`), a hub id or
-            a local checkpoint directory.
+            a local checkpoint directory; or a whole `LoadSpec` (then no other argument is given:
+            the spec holds them).
         heads: head source: `all`, `encoder` or `decoder` for Whisper; LALMs have decoder heads
             only (`all` and `decoder` mean the same).
         prompt: text prompt (LALMs: the user text after the audio; Whisper: previous-text context).
@@ -129,6 +130,8 @@ def load_extractor(
             selected one, see `calm.models.lalm.truncated_config`; Qwen2.5-Omni's `video`, `fps`,
             `frame_size`, `max_frames`).
     """
+    if isinstance(model, LoadSpec):
+        return load_extractor(model.label, **model.load_kwargs())
     loader, spec = resolve(
         model,
         heads=heads,

@@ -8,8 +8,8 @@ The pipeline, streamed by Ray Data's executor (backpressure keeps every stage's 
 
     pending clips, in chunks of batch_size   (a Ray dataset, one row per chunk)
       -> decode: `map` as CPU tasks           (hash + `extractor.load_input`, per-clip failures)
-      -> embed: `map_batches` on an actor pool (each actor loads the extractor once from its
-                                                `ExtractorRecipe`; batch = one chunk, exactly
+      -> embed: `map_batches` on an actor pool (each actor loads the extractor once from the
+                                                `LoadSpec` it is given; batch = one chunk, exactly
                                                 the batch the local path would run)
       -> the driver: `iter_rows` -> `ExtractionRun.write` / `fail` / `advance`
 
@@ -27,12 +27,14 @@ import logging
 import os
 import pickle
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from calm.models.base import FeatureExtractor
+from calm.models.spec import LoadSpec
 from calm.store.events import ExtractReport, ProgressCallback
 from calm.store.format import StoreError
 from calm.store.pipeline import Decoded, extract_batch, failure_reason, prepare
@@ -55,19 +57,11 @@ def require_ray() -> Any:
     return ray
 
 
-@dataclass(frozen=True)
-class ExtractorRecipe:
-    """How to load the extractor in another process: `load_extractor(model, **kwargs)` (the
-    registered name, hub id or directory, and the keyword arguments: heads, prompt, device,
-    dtype, layers, backend options ...). Picklable; every actor loads its own copy."""
+def load_recipe(recipe: LoadSpec) -> FeatureExtractor:
+    """The extractor a `LoadSpec` describes, loaded in this process (each actor loads its own)."""
+    from calm.models import load_extractor
 
-    model: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    def load(self) -> Any:
-        from calm.models import load_extractor
-
-        return load_extractor(self.model, **dict(self.kwargs))
+    return load_extractor(recipe)
 
 
 @dataclass(frozen=True)
@@ -128,8 +122,8 @@ def _plain(value: Any) -> bool:
     return isinstance(value, _SCALARS)
 
 
-def _describe(recipe: ExtractorRecipe) -> ExtractorShell:
-    return ExtractorShell(recipe.load())
+def _describe(recipe: LoadSpec) -> ExtractorShell:
+    return ExtractorShell(load_recipe(recipe))
 
 
 class Decode:
@@ -153,11 +147,11 @@ class Embed:
     """Ray Data `map_batches` class: one actor, one extractor loaded once; a batch holds one chunk
     and becomes (ok indices, features float32 (n_ok, K, d), [(index, reason)] failures)."""
 
-    def __init__(self, recipe: ExtractorRecipe, threads: int):
+    def __init__(self, recipe: LoadSpec, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.extractor = recipe.load()
+        self.extractor = load_recipe(recipe)
         self.n_heads = len(self.extractor.head_names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -198,9 +192,7 @@ def _chunks(run: ExtractionRun, size: int) -> list[dict[str, Any]]:
     return rows
 
 
-def build_dataset(
-    run: ExtractionRun, shell: ExtractorShell, recipe: ExtractorRecipe, opts: RayOptions
-) -> Any:
+def build_dataset(run: ExtractionRun, shell: ExtractorShell, recipe: LoadSpec, opts: RayOptions) -> Any:
     """The Ray dataset of `run`'s pending clips: chunks -> decode tasks -> actor pool."""
     ray = require_ray()
     rows = _chunks(run, run.job.batch_size)
@@ -260,7 +252,7 @@ def drain(run: ExtractionRun, results: Iterator[dict[str, Any]]) -> int:
 
 
 def extract_with_ray(
-    recipe: ExtractorRecipe,
+    recipe: LoadSpec,
     clips: Any,
     out: str | Path,
     *,
@@ -275,7 +267,8 @@ def extract_with_ray(
     """`extract_to_store` on a Ray cluster: the features of `clips` not stored yet in `out`,
     computed by an actor pool (see the module docstring), written by this process.
 
-    recipe: how each actor loads the extractor. `extractor`: the same extractor when it is
+    recipe: the model each actor loads (`calm.models.spec.LoadSpec`, the one description of a
+    model and its options). `extractor`: the same extractor when it is
     already loaded here (its key and head names are read from it); otherwise one Ray task
     loads it once to read them. Everything else as `extract_to_store`.
     """
@@ -293,7 +286,7 @@ def extract_with_ray(
             try:
                 shell = ray.get(describe.remote(recipe))
             except ray.exceptions.RayTaskError as exc:
-                raise StoreError(f"cannot load model {recipe.model!r} on Ray: {exc.cause or exc}") from None
+                raise StoreError(f"cannot load model {recipe.label!r} on Ray: {exc.cause or exc}") from None
         job = Extraction(shell, out, batch_size=batch_size, dtype=dtype, progress=progress)
         with job.start(clips, limit=limit) as run:
             if run.pending:

@@ -1,0 +1,115 @@
+"""One classifier fitted on a feature store, with the metadata `calm predict`, `calm serve` and
+`calm.AudioClassifier.load` read back: the library side of `calm fit`.
+
+`fit_store(store, method=...)` picks the support rows (every clip, the training part with
+`holdout`, or `shots` per class drawn with `seed`, as `calm evaluate` draws episodes), fits the
+method with `ClassifierSpec`'s defaults and returns the fitted estimator with its metadata:
+the model as `LoadSpec.from_key(store key).to_metadata()` (the one description of a model), the
+store key, the head names and how it was fitted. Errors are `ProtocolError` / `ValueError` naming
+the store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm.errors import CalmError
+from calm.evaluate.config import ClassifierSpec
+from calm.evaluate.episodes import Part, ProtocolError, make_parts, row_labels, sample_episode, task_of
+from calm.methods import DEFAULT_METHOD
+from calm.models.spec import LoadSpec
+
+__all__ = ["FitResult", "fit_store", "store_metadata", "support_rows"]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A classifier fitted on a store: the estimator, its metadata (for `save`), the rows used."""
+
+    classifier: Any
+    metadata: dict[str, Any]
+    rows: np.ndarray
+
+
+def store_metadata(meta: Any) -> dict[str, Any]:
+    """The model of a store's features (`meta.attrs`: its key and head names) as classifier metadata:
+    `LoadSpec.to_metadata()` fields, `extraction_key` ({"extractor": ..., "dtype": storage dtype}, the
+    form `calm.models.spec.check_key` reads) and `head_names`."""
+    key = dict(meta.attrs.get("key") or {})
+    ext = dict(key.get("extractor", key))
+    stored = {"extractor": ext, **({"dtype": key["dtype"]} if "extractor" in key and "dtype" in key else {})}
+    return {
+        **LoadSpec.from_key(ext).to_metadata(),
+        # where the features were computed is not recorded: the predicting device's default dtype
+        "dtype": None,
+        "device": None,
+        "extraction_key": stored,
+        "head_names": [list(h) for h in meta.attrs.get("head_names", [])],
+    }
+
+
+def support_rows(
+    y: np.ndarray,
+    meta: Any,
+    *,
+    holdout: bool = False,
+    test_fold: str = "5",
+    shots: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows fitted on, their labels): every clip, or the training part (`holdout`), or `shots` per
+    class drawn with `seed`. ProtocolError for multi-label rows without `shots`."""
+    rows = np.arange(len(y))
+    if holdout:
+        parts, _ = make_parts(meta, test_fold)
+        rows = parts[0].train
+    support_y = y[rows]
+    if shots is not None:
+        episode = sample_episode(row_labels(y), Part("fit", rows, None), shots, seed)
+        rows, support_y = episode.support, episode.support_y
+    if task_of(support_y) == "multilabel":
+        raise ProtocolError("multi-label rows: use --shots so each support clip stands for one class")
+    return rows, support_y
+
+
+def fit_store(
+    store: str | os.PathLike,
+    *,
+    method: str = DEFAULT_METHOD,
+    key: str | None = None,
+    shots: int | None = None,
+    seed: int = 0,
+    holdout: bool = False,
+    test_fold: str = "5",
+    classifier: ClassifierSpec | None = None,
+) -> FitResult:
+    """Fit `method` on the store's features (see the module docstring)."""
+    from calm.store import load_features
+
+    X, y, meta = load_features(Path(store), key=key)
+    y = np.asarray(y).astype(str)
+    try:
+        rows, support_y = support_rows(y, meta, holdout=holdout, test_fold=test_fold, shots=shots, seed=seed)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{store}: {exc}") from None
+    m = (classifier or ClassifierSpec()).registry()[method]
+    try:
+        clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
+    except CalmError as exc:  # e.g. a store with one class (FeatureError)
+        raise ProtocolError(f"{store}: cannot fit {method}: {exc}") from exc
+    metadata = {
+        **store_metadata(meta),
+        "method": method,
+        "params": dict(m.defaults),
+        "shots": shots,
+        "seed": seed,
+        "holdout": holdout,
+        "n_support": int(len(rows)),
+        "store": str(Path(store).absolute()),
+    }
+    return FitResult(clf, metadata, rows)
