@@ -91,9 +91,9 @@ def _run(params: dict[str, Any], dataset: Any, bar: Any) -> Any:
     ray = ray_options(params)
     if ray is not None:
         click.echo(f"model {spec.name}: extracting on Ray ({ray.address or 'local cluster'})", err=True)
-        return extract_with_ray(
-            ExtractorRecipe(spec.name, spec.load_kwargs()), dataset, out, options=ray, **common
-        )
+        notify = lambda line: click.echo(line, err=True)  # noqa: E731
+        recipe = ExtractorRecipe(spec.name, spec.load_kwargs())
+        return extract_with_ray(recipe, dataset, out, options=ray, notify=notify, **common)
     try:
         extractor = _load_extractor(spec.name, **spec.load_kwargs())
     except (ValueError, OSError) as exc:  # ExtractorError is a ValueError

@@ -201,7 +201,17 @@ engine_options = stack(
             help="GPUs per actor [default: 1 when the cluster has GPUs, else 0].",
         ),
         click.option(
-            "--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+            "--cpus-per-actor",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="CPUs per actor [default: 1, or less so that the actors leave a decoding task room].",
+        ),
+        click.option(
+            "--ray-stall-minutes",
+            type=click.FloatRange(min=0, min_open=True),
+            default=RayOptions.stall_minutes,
+            show_default=True,
+            help="Say so when Ray has finished no clip for this long (the run goes on).",
         ),
     ]
 )
@@ -219,6 +229,7 @@ def ray_options(params: dict[str, Any]) -> RayOptions | None:
         actors=params["actors"],
         gpus_per_actor=params["gpus_per_actor"],
         cpus_per_actor=params["cpus_per_actor"],
+        stall_minutes=params.get("ray_stall_minutes", RayOptions.stall_minutes),
     )
 
 
