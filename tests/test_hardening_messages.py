@@ -101,3 +101,14 @@ def test_predict_prints_a_name_that_is_not_utf8_with_backslash_escapes(tmp_path,
     res = CliRunner().invoke(main, ["predict", str(model), os.fsdecode(odd)])
     assert res.exit_code in (0, 1), res.output
     assert "caf\\xe9.wav\t" in res.output and "udce9" not in res.output
+
+
+@pytest.mark.parametrize("k", [float("nan"), float("inf"), 1.5, 0, -1, 0.0])
+def test_the_classifiers_refuse_the_same_k_values(k):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from calm import CALM
+
+    X = np.random.default_rng(0).standard_normal((4, 3, 2)).astype(np.float32)
+    with pytest.raises(InvalidParameterError, match="'k' parameter"):
+        CALM(k=k).fit(X, [0, 0, 1, 1])
