@@ -26,8 +26,8 @@ def test_options_resolve_against_the_cluster():
     assert RayOptions().resolved({"CPU": 8}).actors == 1  # CPU-only: one actor
     on_gpus = RayOptions().resolved({"CPU": 64, "GPU": 8})
     assert on_gpus.actors == 8 and on_gpus.gpus_per_actor == 1
-    assert RayOptions(gpus_per_actor=0.5).resolved({"GPU": 2}).actors == 4
-    assert RayOptions(actors=3).resolved({"GPU": 8}).actors == 3
+    assert RayOptions(gpus_per_actor=0.5).resolved({"CPU": 8, "GPU": 2}).actors == 4
+    assert RayOptions(actors=3).resolved({"CPU": 8, "GPU": 8}).actors == 3
     with pytest.raises(StoreError, match="has 0 GPUs"):
         RayOptions(gpus_per_actor=1).resolved({"CPU": 4})
     with pytest.raises(StoreError):

@@ -62,9 +62,17 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    """Render `fig` as PNG in memory, then write it atomically: a full disk (any OSError) names
+    `path` and leaves no partial file."""
+    import io
+
+    from calm._files import atomic_write_bytes
+
     path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -93,7 +93,8 @@ def _run(params: dict[str, Any], dataset: Any, bar: Any) -> Any:
     ray = ray_options(params)
     if ray is not None:
         click.echo(f"model {spec.label}: extracting on Ray ({ray.address or 'local cluster'})", err=True)
-        return extract_with_ray(spec, dataset, out, options=ray, **common)
+        notify = lambda line: click.echo(line, err=True)  # noqa: E731
+        return extract_with_ray(spec, dataset, out, options=ray, notify=notify, **common)
     try:
         extractor = _load_extractor(spec)
     except (CalmError, OSError) as exc:  # ExtractorError, a model not found

@@ -4,6 +4,7 @@ their translation into the library's spec objects (`calm.models.spec.LoadSpec`, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -82,16 +83,30 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def parse_k(text: str) -> float | int:
-    """`0.25` -> a fraction of the heads; `18` -> a head count."""
+    """`0.25` -> a fraction of the heads in (0, 1]; `18` (or `18.0`) -> a head count >= 1. Anything
+    else (`nan`, `inf`, `0`, `1.5`, a word) is refused in one line naming the value."""
+    bad = click.BadParameter(
+        f"{text!r} is neither a fraction in (0, 1] nor a whole head count >= 1", param_hint="--k"
+    )
+    try:
+        return _positive_count(int(text))
+    except ValueError:
+        pass
     try:
         value = float(text)
     except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: a fraction in (0, 1] or a head count", param_hint="--k"
-        ) from None
-    if value <= 0:
-        raise click.BadParameter("k must be positive", param_hint="--k")
-    return value if value <= 1 and "." in text else int(value)
+        raise bad from None
+    if 0 < value <= 1:
+        return value
+    if math.isfinite(value) and value.is_integer() and value > 1:
+        return int(value)
+    raise bad
+
+
+def _positive_count(n: int) -> int:
+    if n < 1:
+        raise click.BadParameter(f"{n} heads: a head count must be at least 1", param_hint="--k")
+    return n
 
 
 def stack(options: list[Callable]) -> Callable:
@@ -188,7 +203,17 @@ engine_options = stack(
             help="GPUs per actor [default: 1 when the cluster has GPUs, else 0].",
         ),
         click.option(
-            "--cpus-per-actor", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True
+            "--cpus-per-actor",
+            type=click.FloatRange(min=0, min_open=True),
+            default=None,
+            help="CPUs per actor [default: 1, or less so that the actors leave a decoding task room].",
+        ),
+        click.option(
+            "--ray-stall-minutes",
+            type=click.FloatRange(min=0, min_open=True),
+            default=RayOptions.stall_minutes,
+            show_default=True,
+            help="Say so when Ray has finished no clip for this long (the run goes on).",
         ),
     ]
 )
@@ -206,6 +231,7 @@ def ray_options(params: dict[str, Any]) -> RayOptions | None:
         actors=params["actors"],
         gpus_per_actor=params["gpus_per_actor"],
         cpus_per_actor=params["cpus_per_actor"],
+        stall_minutes=params.get("ray_stall_minutes", RayOptions.stall_minutes),
     )
 
 

@@ -62,6 +62,7 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size):
 
     Exit status 1 when any file could not be labelled (its row then holds the error).
     """
+    from calm._files import printable
     from calm.inference import load_predictor
 
     def announce(line: str) -> None:
@@ -73,9 +74,9 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size):
         raise click.ClickException(str(exc)) from None
     rows = [_row(p) for p in predictor(list(files), batch_size=batch_size)]
     for r in rows:
-        shown = r["path"].encode("utf-8", "backslashreplace").decode("utf-8")
+        shown = printable(r["path"])  # a name that is not UTF-8: caf\xe9.ogg, as docs/reliability.md says
         if r["error"]:
-            click.echo(f"{shown}\tERROR\t{r['error']}")
+            click.echo(f"{shown}\tERROR\t{printable(r['error'])}")
         else:
             click.echo(f"{shown}\t{r['label']}\t{r['probability']:.4f}")
     write_outputs(rows, csv_out, json_out)

@@ -91,11 +91,8 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         while True:
             try:
                 row = next(reader, None)
-            except UnicodeDecodeError as e:  # decoded a chunk at a time: the line is approximate
-                bad = e.object[e.start : e.start + 1].hex()
-                raise DatasetError(
-                    f"{path}: not UTF-8 text near line {start} (byte 0x{bad}); save it as UTF-8"
-                ) from e
+            except UnicodeDecodeError as e:  # decoded a chunk at a time: find the line in the file
+                raise DatasetError(_not_utf8(path)) from e
             except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
                 raise DatasetError(f"{path}:{start}: unreadable CSV: {e}") from e
             if row is None:
@@ -105,6 +102,17 @@ def read_csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
                 continue
             yield line, [c.strip() for c in row]
+
+
+def _not_utf8(path: Path) -> str:
+    """ "FILE:LINE: not UTF-8 text (byte 0xNN); ..." for the first byte of `path` that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8"
+    return f"{path}: not UTF-8 text; save it as UTF-8"  # changed while it was read
 
 
 def class_order(clips: list[Clip]) -> list[str]:

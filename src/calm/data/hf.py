@@ -8,7 +8,9 @@
   is an error naming it: choose splits with `split=`).
 - `audio`: the audio column [the one `Audio`-typed column].
 - `label`: the label column [the one `ClassLabel` column, else a column named `label`]. ClassLabel
-  integers become their names; a list of labels is a multi-label clip; strings split on `;`.
+  integers become their names; a list of labels is a multi-label clip; strings split on `;`. A
+  column of any other type (audio, a struct, an image ...) is refused naming it; a missing or NaN
+  label is refused naming its row.
 - `fold`: an integer fold column [`fold` when the dataset has one].
 - `config`: a Hub dataset's configuration name; `cache`: where embedded audio is written
   [`$CALM_CACHE/hf-audio`]; `missing=skip`: skip rows whose audio file is absent (default: error).
@@ -26,8 +28,9 @@ resampling and the same errors as any other file. A row that references an exist
 is that file. A row with embedded bytes (`save_to_disk` and Hub parquet files embed them) is written
 once to `CACHE/<sha[:2]>/<sha><suffix>`, named by the sha256 of the bytes, so the feature store's
 content hash of the clip is the hash of the embedded audio and loading again reuses the file; the
-row's original file name is kept in `meta["hf_path"]`. Classes: the ClassLabel's name order (the
-names that occur), otherwise sorted.
+row's original file name is kept in `meta["hf_path"]`, and `meta["origin"]` names the row
+("hf:NAME[split] row 3 (id 'x')"): the store starts a clip's failure reason with it. Classes:
+the ClassLabel's name order (the names that occur), otherwise sorted.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +57,8 @@ from calm.data.base import Clip, Dataset, DatasetError
 INSTALL_HINT = "pip install 'calm-audio[hf]'"
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 # leading bytes -> file suffix, for embedded audio whose original name has no known suffix
+LABEL_DTYPES = ("string", "large_string", "bool", "float16", "float32", "float64")
+ID_COLUMNS = ("id", "file_id", "clip_id", "audio_id", "utt_id", "key")  # named in a clip's origin
 MAGIC = ((b"RIFF", ".wav"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"ID3", ".mp3"), (b"\xff\xfb", ".mp3"))
 
 
@@ -169,7 +175,30 @@ def _columns(features: Mapping[str, Any], columns: Mapping[str, str | None], whe
         isinstance(features[audio], ds.Value) and features[audio].dtype not in ("string", "large_string")
     ):
         raise DatasetError(f"{where}: column {audio!r} holds {features[audio]}, not audio or file paths")
+    _check_label_column(features[label], label, where)
     return {"audio": audio, "label": label, "fold": fold}
+
+
+def _check_label_column(feature: Any, name: str, where: str) -> None:
+    """Refuse a label column that cannot hold class names: not a ClassLabel, string, integer (or
+    float) column, nor a list of them (Audio, a struct, an image, nested lists ...)."""
+    ds = _datasets()
+    # a list column (List / Sequence / LargeList, or a one-item list in older `datasets`) of labels
+    inner = (
+        feature[0]
+        if isinstance(feature, list) and len(feature) == 1
+        else getattr(feature, "feature", feature)
+    )
+    ok = isinstance(inner, ds.ClassLabel) or (
+        isinstance(inner, ds.Value)
+        and (inner.dtype in LABEL_DTYPES or inner.dtype.startswith(("int", "uint")))
+    )
+    if not ok:
+        shown = " ".join(str(feature).split())[:120]
+        raise DatasetError(
+            f"{where}: label column {name!r} holds {shown}, not class labels (a ClassLabel, string or "
+            f"integer column, or a list of them); name the label column with ?label=COLUMN"
+        )
 
 
 def _only(features: Mapping[str, Any], test, kind: str, option: str, where: str) -> str:
@@ -191,10 +220,10 @@ def _labels(value: Any, names: list[str] | None, where: str) -> tuple[str, ...]:
     items = list(value) if isinstance(value, list | tuple) else [value]
     out: list[str] = []
     for item in items:
-        if item is None or (names is not None and not 0 <= int(item) < len(names)):
-            raise DatasetError(
-                f"{where}: no label" if item is None else f"{where}: label {item} out of range"
-            )
+        if item is None or (isinstance(item, float) and not math.isfinite(item)):
+            raise DatasetError(f"{where}: no label ({item})")
+        if names is not None and not 0 <= int(item) < len(names):
+            raise DatasetError(f"{where}: label {item} out of range")
         out.extend(split_labels(names[int(item)] if names is not None else str(item), where))
     if not out:
         raise DatasetError(f"{where}: empty label")
@@ -224,6 +253,7 @@ def _arrow_clips(source, splits, columns, cache_dir, missing) -> tuple[list[Clip
             meta = (
                 {n: row[n] for n in extra} | {"hf_row": i} | ({"hf_split": split_name} if split_name else {})
             )
+            meta["origin"] = _origin(at, row, extra)
             if isinstance(row[chosen["audio"]], Mapping) and row[chosen["audio"]].get("bytes"):
                 meta["hf_path"] = row[chosen["audio"]].get("path")
             clips.append(
@@ -236,6 +266,13 @@ def _arrow_clips(source, splits, columns, cache_dir, missing) -> tuple[list[Clip
                 )
             )
     return clips, names, skipped
+
+
+def _origin(at: str, row: Mapping[str, Any], extra: list[str]) -> str:
+    """Where a clip comes from, for messages about it (its audio may be a cache file): the dataset,
+    split and row, and the row's id when it has an id column."""
+    column = next((c for c in ID_COLUMNS if c in extra and row[c] not in (None, "")), None)
+    return at if column is None else f"{at} ({column} {row[column]!r})"
 
 
 def _fold(value: Any, where: str) -> int | None:

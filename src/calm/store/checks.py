@@ -13,13 +13,13 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calm.store.format import DTYPES, TENSOR, StoreError, file_sha256, repair_hint
+from calm.store.format import DTYPES, TENSOR, StoreError, file_sha256, repair_hint, shard_path
 
 _CHECKED: dict[tuple[str, int, int, int, str], str] = {}  # (path, inode, size, mtime, kind) -> digest
 _CHECKED_LOCK = threading.Lock()
@@ -140,3 +140,39 @@ def check_shard(
     if shape[0] < rows:
         raise fault(f"{path}: shard has {shape[0]} rows, the index refers to row {rows - 1}{hint}")
     return start + begin, shape
+
+
+def find_swaps(
+    root: Path,
+    damaged: Mapping[str, Sequence[Mapping[str, Any]]],
+    candidates: Iterable[str],
+    *,
+    feature_shape: Sequence[int],
+    dtype: str,
+    full: bool = False,
+) -> dict[str, str]:
+    """{shard name: other shard file name} for shards that fail their checks (`damaged`: name ->
+    its index rows) while another intact shard file among `candidates` holds exactly what their
+    rows recorded (size, checksum, dtype, shape, enough rows): shard files swapped or renamed, not
+    damaged. Each file is given to at most one shard."""
+    found: dict[str, str] = {}
+    for name, rows in sorted(damaged.items()):
+        checksum = expected_checksum(rows[0])
+        if checksum is None:
+            continue  # without a recorded checksum a match proves nothing
+        for other in sorted(set(candidates) - {name} - set(found.values())):
+            try:
+                check_shard(
+                    shard_path(root, other),
+                    rows=1 + max(int(r["row"]) for r in rows),
+                    feature_shape=feature_shape,
+                    dtype=dtype,
+                    nbytes=rows[0].get("shard_bytes"),
+                    sha256=rows[0].get("shard_sha256") if full else None,
+                    checksum=checksum,
+                )
+            except StoreError:
+                continue
+            found[name] = other
+            break
+    return found

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ from calm.models.spec import LoadSpec
 from calm.store.events import ExtractReport, ProgressCallback
 from calm.store.format import StoreError
 from calm.store.pipeline import Decoded, extract_batch, failure_reason, prepare
+from calm.store.stall import StallWatch
 from calm.store.writer import Extraction, ExtractionRun, _check_failures
 
+log = logging.getLogger("calm.store")
 INSTALL_HINT = (
     "the Ray engine needs Ray Data: pip install 'calm-audio[ray]' (or pip install 'ray[data]>=2.40')"
 )
@@ -72,30 +75,80 @@ class RayOptions:
         "auto" (an existing cluster, found through RAY_ADDRESS or this node), or "HOST:PORT".
     actors: extractor actors (None: one per GPU of the cluster, one on a CPU-only cluster).
     gpus_per_actor: GPUs per actor (None: 1 when the cluster has GPUs, else 0; fractions share).
-    cpus_per_actor: CPUs per actor (also its torch threads, at least 1).
+    cpus_per_actor: CPUs per actor (also its torch threads, at least 1). None: 1, or less when
+        the actors would otherwise leave no CPU to the decoding tasks (fractions share a CPU).
     decode_cpus: CPUs per decoding task.
+    stall_minutes: with no clip finished for this long, say so (and again each such period).
     """
 
     address: str | None = None
     actors: int | None = None
     gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None
     decode_cpus: float = 0.5
+    stall_minutes: float = 5.0
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
             raise StoreError(f"actors must be at least 1, got {self.actors}")
-        if (self.gpus_per_actor or 0) < 0 or self.cpus_per_actor <= 0 or self.decode_cpus <= 0:
+        cpus = self.cpus_per_actor
+        if (self.gpus_per_actor or 0) < 0 or (cpus is not None and cpus <= 0) or self.decode_cpus <= 0:
             raise StoreError("gpus_per_actor must be >= 0, cpus_per_actor and decode_cpus > 0")
+        if not self.stall_minutes > 0:
+            raise StoreError(f"stall_minutes must be > 0, got {self.stall_minutes}")
 
     def resolved(self, cluster: Mapping[str, float]) -> RayOptions:
-        """These options with `actors` and `gpus_per_actor` filled in from the cluster's resources."""
-        gpus = float(cluster.get("GPU", 0))
+        """These options with `actors`, `gpus_per_actor` and `cpus_per_actor` filled in from the
+        cluster's resources; StoreError (one line: the numbers and the option to change) when the
+        actors and one decoding task cannot run at once, which would wait forever."""
+        gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 0))
         per = self.gpus_per_actor if self.gpus_per_actor is not None else (1.0 if gpus else 0.0)
         if per > gpus:
             raise StoreError(f"gpus_per_actor={per}, but the Ray cluster has {gpus:g} GPUs")
         actors = self.actors or (max(1, int(gpus // per)) if per else 1)
-        return dataclasses.replace(self, actors=actors, gpus_per_actor=per)
+        if actors * per > gpus:
+            raise StoreError(
+                f"{actors} actors x {per:g} GPUs (--actors, --gpus-per-actor) need {actors * per:g} GPUs, "
+                f"but the Ray cluster has {gpus:g}: lower --actors or --gpus-per-actor"
+            )
+        room = _floor(cpus - self.decode_cpus)  # one decoding task must always be able to run
+        fit = _floor(room / actors)
+        cpu = self.cpus_per_actor if self.cpus_per_actor is not None else min(1.0, fit)
+        if cpu <= 0 or actors * cpu > room:
+            asked = f"{actors} actors x {cpu:g} CPUs" if cpu > 0 else f"{actors} actors"
+            raise StoreError(
+                f"{asked} (--actors, --cpus-per-actor) and a decoding task of {self.decode_cpus:g} CPUs "
+                f"do not fit the Ray cluster's {cpus:g} CPUs: lower --actors or --cpus-per-actor"
+                + (f" (at most {fit:g} with {actors} actors)" if fit > 0 else "")
+            )
+        return dataclasses.replace(self, actors=actors, gpus_per_actor=per, cpus_per_actor=cpu)
+
+    def describe(self, cluster: Mapping[str, float]) -> str:
+        """One line: what the resolved options take of the cluster."""
+        gpu = f" + {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else ""
+        return (
+            f"Ray: {self.actors} extractor actors x {self.cpus_per_actor:g} CPU{gpu}, decoding tasks of "
+            f"{self.decode_cpus:g} CPU, on a cluster of {float(cluster.get('CPU', 0)):g} CPUs"
+            f" and {float(cluster.get('GPU', 0)):g} GPUs"
+        )
+
+
+def _floor(value: float) -> float:
+    """`value` rounded down to 2 decimals (Ray's fractional resources are exact to 1e-4)."""
+    return math.floor(value * 100 + 1e-9) / 100
+
+
+def _free(ray: Any) -> str:
+    """What the cluster has free now (the actors and decoding tasks wait for it), for a stall line."""
+    try:
+        free, total = ray.available_resources(), ray.cluster_resources()
+    except Exception:  # a lost connection: the wait itself says the rest
+        return "the cluster's resources cannot be read"
+    parts = [f"{float(free.get(r, 0)):g} of {float(total.get(r, 0)):g} {r}" for r in ("CPU", "GPU")]
+    return (
+        f"free on the cluster: {', '.join(parts)} (see `ray status`); still waiting "
+        "(--ray-stall-minutes sets when this is said)"
+    )
 
 
 class ExtractorShell:
@@ -124,6 +177,16 @@ def _plain(value: Any) -> bool:
 
 def _describe(recipe: LoadSpec) -> ExtractorShell:
     return ExtractorShell(load_recipe(recipe))
+
+
+def _shell(ray: Any, recipe: LoadSpec, opts: RayOptions) -> ExtractorShell:
+    """The extractor's shell, read by one Ray task that loads the model (with an actor's resources)."""
+    describe = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor or None)(_describe)
+    try:
+        shell: ExtractorShell = ray.get(describe.remote(recipe))
+    except ray.exceptions.RayTaskError as exc:
+        raise StoreError(f"cannot load model {recipe.label!r} on Ray: {exc.cause or exc}") from None
+    return shell
 
 
 class Decode:
@@ -205,7 +268,7 @@ def build_dataset(run: ExtractionRun, shell: ExtractorShell, recipe: LoadSpec, o
     # restarted and its chunk run again (tests/test_ray.py kills one)
     return ds.map_batches(
         Embed,
-        fn_constructor_args=(recipe, int(opts.cpus_per_actor)),
+        fn_constructor_args=(recipe, int(opts.cpus_per_actor or 1)),
         batch_size=1,
         batch_format="numpy",
         zero_copy_batch=True,
@@ -227,9 +290,10 @@ def _decoded(path: str, clip: Any, clip_hash: str | None) -> Decoded:
     return Decoded(path, clip, clip_hash, None, None, more=False)
 
 
-def drain(run: ExtractionRun, results: Iterator[dict[str, Any]]) -> int:
+def drain(run: ExtractionRun, results: Iterator[dict[str, Any]], watch: StallWatch | None = None) -> int:
     """Write the chunk results streamed from the cluster through `run`; a clip already written
-    (a chunk retried after an actor died) is skipped. Returns the number of such duplicates."""
+    (a chunk retried after an actor died) is skipped. Returns the number of such duplicates.
+    `watch` is told of every chunk that arrives."""
     clips = dict(run.pending)
     written: set[str] = set()
     duplicates = 0
@@ -248,6 +312,8 @@ def drain(run: ExtractionRun, results: Iterator[dict[str, Any]]) -> int:
                 run.fail(paths[i], hashes[i], res["reasons"][i])
         written.update(paths[i] for i in fresh)
         run.advance(len(fresh))
+        if watch is not None:
+            watch.tick(len(fresh))
     return duplicates
 
 
@@ -263,6 +329,7 @@ def extract_with_ray(
     allow_failures: bool = True,
     progress: bool | ProgressCallback | None = True,
     extractor: Any = None,
+    notify: Callable[[str], None] | None = None,
 ) -> ExtractReport:
     """`extract_to_store` on a Ray cluster: the features of `clips` not stored yet in `out`,
     computed by an actor pool (see the module docstring), written by this process.
@@ -270,27 +337,25 @@ def extract_with_ray(
     recipe: the model each actor loads (`calm.models.spec.LoadSpec`, the one description of a
     model and its options). `extractor`: the same extractor when it is
     already loaded here (its key and head names are read from it); otherwise one Ray task
-    loads it once to read them. Everything else as `extract_to_store`.
+    loads it once to read them. `notify` (default: a logged warning) gets one line saying what
+    the run takes of the cluster, and a line each time no clip has finished for
+    `options.stall_minutes`. Options the cluster cannot run at once are refused (StoreError)
+    before anything starts. Everything else as `extract_to_store`.
     """
     ray = require_ray()
     opts = options or RayOptions()
     started = connect(opts.address)
     try:
-        opts = opts.resolved(ray.cluster_resources())
-        if extractor is not None:
-            shell = ExtractorShell(extractor)
-        else:
-            describe = ray.remote(num_cpus=opts.cpus_per_actor, num_gpus=opts.gpus_per_actor or None)(
-                _describe
-            )
-            try:
-                shell = ray.get(describe.remote(recipe))
-            except ray.exceptions.RayTaskError as exc:
-                raise StoreError(f"cannot load model {recipe.label!r} on Ray: {exc.cause or exc}") from None
-        job = Extraction(shell, out, batch_size=batch_size, dtype=dtype, progress=progress)
-        with job.start(clips, limit=limit) as run:
-            if run.pending:
-                drain(run, build_dataset(run, shell, recipe, opts).iter_rows())
+        cluster = ray.cluster_resources()
+        opts = opts.resolved(cluster)
+        (notify or log.info)(opts.describe(cluster))
+        stalled = notify or log.warning
+        with StallWatch(opts.stall_minutes, lambda m: stalled(f"Ray: {m}"), lambda: _free(ray)) as watch:
+            shell = ExtractorShell(extractor) if extractor is not None else _shell(ray, recipe, opts)
+            job = Extraction(shell, out, batch_size=batch_size, dtype=dtype, progress=progress)
+            with job.start(clips, limit=limit) as run:
+                if run.pending:
+                    drain(run, build_dataset(run, shell, recipe, opts).iter_rows(), watch)
     finally:
         if started:
             ray.shutdown()

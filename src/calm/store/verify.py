@@ -4,9 +4,11 @@ One job: report every problem of a store's key folders, each naming its file: un
 lines (damaged, edited, a shard name that is not `shard-NNNNNN.safetensors`), shards failing
 their own checks (missing, truncated, checksum mismatch), index rows that disagree with an
 intact shard, and a key.json whose feature shape disagrees with every intact shard. With
-`repair=True` (under the store's lock): bad shards are moved aside (`*.corrupt`), the rows that
-cannot be used are dropped (the next extraction redoes those clips), and a key.json whose
-feature shape disagrees with all intact shards is rewritten from them.
+`repair=True` (under the store's lock): rows of a shard whose file was swapped with another's
+or renamed are pointed at the intact file that holds exactly what they recorded (size and
+checksum; nothing dropped), bad shards are moved aside (`*.corrupt`; a missing one is reported
+missing), the rows that cannot be used are dropped (the next extraction redoes those clips), and
+a key.json whose feature shape disagrees with all intact shards is rewritten from them.
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calm.store.checks import ShardDamaged, _tensor_layout, check_shard, expected_checksum, read_shard_header
+from calm.store.checks import (
+    ShardDamaged,
+    _tensor_layout,
+    check_shard,
+    expected_checksum,
+    find_swaps,
+    read_shard_header,
+)
 from calm.store.folder import KeyFolder
 from calm.store.format import (
     INDEX_FILE,
     KEY_FILE,
     LOCK_FILE,
+    ROW_CHECK,
+    SHARD_DIR,
+    SHARD_RE,
     StoreError,
     StoreLock,
     latest_rows,
@@ -30,6 +42,7 @@ from calm.store.format import (
     no_link,
     read_key_file,
     resolve_key_dir,
+    row_check,
     scan_index,
     shard_path,
     write_index,
@@ -146,13 +159,50 @@ def _verify_dir(root: Path, *, repair: bool, full: bool) -> VerifyReport:
         return report
     _fix_key(root, info, latest, report, repair)
     folder = KeyFolder(root, info)
+    failed = _failing_shards(folder, latest, full)
+    swaps = find_swaps(
+        root,
+        {n: r for n, (exc, r) in failed.items() if isinstance(exc, ShardDamaged)},
+        {*failed, *_unreferenced(root, latest)},
+        feature_shape=folder.feature_shape,
+        dtype=folder.dtype,
+        full=full,
+    )
+    relinked = 0
+    for name, (exc, shard_rows) in sorted(failed.items()):
+        report.problems.append(_problem(exc, swaps.get(name)))
+        if name in swaps:
+            relinked += _relink(root, name, swaps[name], shard_rows, latest, report, repair)
+            continue
+        if repair and isinstance(exc, ShardDamaged):
+            _set_aside(folder, name, len(shard_rows), set(swaps.values()), report)
+        for r in shard_rows:
+            del latest[r["path"]]
+            report.dropped.append(r["path"])
+    report.shards = len({r["shard"] for r in latest.values()})
+    report.rows = len(latest)
+    if repair and (bad or report.dropped or relinked):
+        write_index(root / INDEX_FILE, latest.values())
+        if bad or report.dropped:
+            n = len(bad) + len(report.dropped)
+            report.repaired.append(
+                f"{root / INDEX_FILE}: {n} unusable rows dropped (the next extraction redoes them)"
+            )
+    return report
+
+
+def _failing_shards(
+    folder: KeyFolder, latest: Mapping[str, dict[str, Any]], full: bool
+) -> dict[str, tuple[StoreError, list[dict[str, Any]]]]:
+    """shard name -> (why it cannot be used, its index rows) for the shards of `latest` failing."""
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in latest.values():
         by_shard.setdefault(row["shard"], []).append(row)
+    failed = {}
     for name, shard_rows in sorted(by_shard.items()):
         try:
             check_shard(
-                shard_path(root, name),
+                shard_path(folder.root, name),
                 rows=1 + max(int(r["row"]) for r in shard_rows),
                 feature_shape=folder.feature_shape,
                 dtype=folder.dtype,
@@ -161,19 +211,52 @@ def _verify_dir(root: Path, *, repair: bool, full: bool) -> VerifyReport:
                 checksum=expected_checksum(shard_rows[0]),
             )
         except StoreError as exc:
-            report.problems.append(str(exc).split("; ")[0])
-            if repair and isinstance(exc, ShardDamaged):
-                folder.set_aside(name)
-                report.repaired.append(f"{root / 'shards' / name}: moved aside as {name}.corrupt")
-            for r in shard_rows:
-                del latest[r["path"]]
-                report.dropped.append(r["path"])
-    report.shards = len({r["shard"] for r in latest.values()})
-    report.rows = len(latest)
-    if repair and (bad or report.dropped):
-        write_index(root / INDEX_FILE, latest.values())
-        n = len(bad) + len(report.dropped)
+            failed[name] = (exc, shard_rows)
+    return failed
+
+
+def _unreferenced(root: Path, latest: Mapping[str, dict[str, Any]]) -> set[str]:
+    """Shard files of the key folder that no index row names (a renamed shard may be among them)."""
+    referenced = {r["shard"] for r in latest.values()}
+    folder = no_link(root / SHARD_DIR)
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return {n for n in names if SHARD_RE.fullmatch(n) and n not in referenced}
+
+
+def _problem(exc: StoreError, holder: str | None) -> str:
+    first = str(exc).split("; ")[0]
+    return first if holder is None else f"{first}; its clips are in {holder} (shards swapped or renamed)"
+
+
+def _relink(
+    root: Path,
+    name: str,
+    holder: str,
+    shard_rows: list[dict[str, Any]],
+    latest: dict[str, dict[str, Any]],
+    report: VerifyReport,
+    repair: bool,
+) -> int:
+    """Point the rows of shard `name` at `holder`, the intact file holding their features."""
+    for r in shard_rows:
+        row = {**r, "shard": holder}
+        if ROW_CHECK in row:
+            row[ROW_CHECK] = row_check(row)
+        latest[r["path"]] = row
+    if repair:
         report.repaired.append(
-            f"{root / INDEX_FILE}: {n} unusable rows dropped (the next extraction redoes them)"
+            f"{root / SHARD_DIR / holder}: holds the {len(shard_rows)} clips the index placed in {name} "
+            f"(swapped or renamed, intact): their rows now point at it"
         )
-    return report
+    return len(shard_rows)
+
+
+def _set_aside(folder: KeyFolder, name: str, n_rows: int, in_use: set[str], report: VerifyReport) -> None:
+    """Move a damaged shard aside (unless another shard's rows now use the file); a missing one is
+    reported as missing."""
+    path = folder.root / SHARD_DIR / name
+    if not path.exists():
+        report.repaired.append(f"{path}: missing; its {n_rows} rows are dropped")
+    elif name not in in_use:
+        folder.set_aside(name)
+        report.repaired.append(f"{path}: moved aside as {name}.corrupt")

@@ -192,6 +192,7 @@ class ExtractionRun:
         self.failures_log = failures_log
         self.pending = pending
         self.hashes = hashes
+        self.origins = {p: str(c.meta["origin"]) for p, c in pending if "origin" in getattr(c, "meta", {})}
         self.done = 0
         self.stored_before = report.stored
         self.t0 = time.perf_counter()
@@ -216,7 +217,10 @@ class ExtractionRun:
         )
 
     def fail(self, path: str, clip_hash: str | None, reason: str) -> None:
-        """Record a failed clip in the report and in failures.jsonl."""
+        """Record a failed clip in the report and in failures.jsonl; the reason starts with the
+        clip's `origin` when its loader gave one (an `hf:` row whose audio is a cache file)."""
+        if path in self.origins:
+            reason = f"{self.origins[path]}: {reason}"
         self.report.failed.append((path, reason))
         self.failures_log.write(json.dumps({"path": path, "hash": clip_hash, "reason": reason}) + "\n")
         self.failures_log.flush()
