@@ -66,6 +66,7 @@ NON_DEFAULT: dict[str, list[Any]] = {
     "ray.actors": [2],
     "ray.gpus_per_actor": [0.5],
     "ray.cpus_per_actor": [2.0],
+    "ray.stall_minutes": [1.5],
 }
 NOT_ON_THE_CLI = {"ray.decode_cpus", "model.name", "model.revision"}  # Python only: `cli_unexpressed`
 

@@ -18,11 +18,18 @@ import soundfile as sf
 import torch
 
 from calm.data import LOADERS
+from calm.evaluate.report_html import SECTIONS as REPORT_SECTIONS
+from calm.methods import REGISTRY
 from calm.models import MODELS
 from tests.helpers import ROOT
 
 PAGE = ROOT / "docs" / "extending.md"
-EXPECTED = ("A new backbone (model backend)", "A new dataset loader")
+EXPECTED = (
+    "A new backbone (model backend)",
+    "A new dataset loader",
+    "A new classifier",
+    "A new report section",
+)
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 
 
@@ -69,13 +76,18 @@ def make_recordings(folder: Path) -> None:
 
 @pytest.fixture
 def page_folder(tmp_path, monkeypatch):
-    """A working folder with recordings/; the registries are restored afterwards."""
+    """A working folder with recordings/; the registries are restored afterwards (the method
+    registry and the report's sections in place: other modules hold them by reference)."""
     torch.set_num_threads(1)
     make_recordings(tmp_path / "recordings")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("calm.models.MODELS", dict(MODELS))
     monkeypatch.setattr("calm.data.LOADERS", dict(LOADERS))
-    return tmp_path
+    methods, sections = dict(REGISTRY), list(REPORT_SECTIONS)
+    yield tmp_path
+    REGISTRY.clear()
+    REGISTRY.update(methods)
+    REPORT_SECTIONS[:] = sections
 
 
 def run_sections(upto: int, name: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
@@ -115,3 +127,31 @@ def test_dataset_example_reads_the_folder_and_refuses_bad_names(page_folder, mon
     (page_folder / "recordings" / "notes.wav").write_bytes(b"")
     with pytest.raises(DatasetError, match="notes.wav: expected <digit>_<speaker>_<take>.wav"):
         load_dataset("spoken-digits:recordings")
+
+
+def test_classifier_example_is_a_method_of_the_evaluation(page_folder, monkeypatch, capsys):
+    import json
+
+    from calm.methods import info
+
+    module = run_sections(EXPECTED_INDEX["A new classifier"], "calm_extending_classifier", monkeypatch)
+    assert info("mean-cosine").title == "Mean cosine"
+    results = json.loads((page_folder / "runs" / "digits-mean-cosine" / "results.json").read_text())
+    accuracy = [r["metrics"]["accuracy"] for r in results["runs"] if r["method"] == "mean-cosine"]
+    assert len(accuracy) == 6 and min(accuracy) > 50  # 3 tones, 1-2 shots: far above chance (33 %)
+    assert "Mean cosine" in capsys.readouterr().out
+    X = np.stack([np.eye(2, 3), -np.eye(2, 3)]).astype(np.float32)  # two clips, 2 heads x 3
+    clf = module.MeanCosine().fit(X, ["a", "b"])
+    assert list(clf.predict(X)) == ["a", "b"]
+
+
+def test_report_section_example_adds_a_section_in_place(page_folder, monkeypatch):
+    from calm.evaluate.report_html import ReportSection, register_section
+
+    run_sections(EXPECTED_INDEX["A new report section"], "calm_extending_report", monkeypatch)
+    anchors = [s.anchor for s in REPORT_SECTIONS]
+    assert anchors.index("seeds") == anchors.index("figures") - 1
+    with pytest.raises(ValueError, match="already has a section 'seeds'"):
+        register_section(ReportSection("seeds", "again", lambda c: ""))
+    with pytest.raises(ValueError, match="no report section 'nowhere'"):
+        register_section(ReportSection("other", "other", lambda c: ""), before="nowhere")

@@ -339,6 +339,7 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
     CliOption("ray.actors", "--actors"),
     CliOption("ray.gpus_per_actor", "--gpus-per-actor"),
     CliOption("ray.cpus_per_actor", "--cpus-per-actor", always=lambda c: c.ray is not None),
+    CliOption("ray.stall_minutes", "--ray-stall-minutes"),
 )
 
 #: the defaults `to_cli_args` leaves out (a config of defaults; `data` only makes it valid)

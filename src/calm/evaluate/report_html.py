@@ -7,21 +7,22 @@ the paired differences; confusion matrices per method and shot count (mean count
 row percentages); per-class accuracy with its spread over seeds and the classes CALM gains or loses
 against SAV and the linear probe; the misclassified test clips of one seed per method with an
 `<audio>` player (links relative to the run directory, so the page works next to the data); the
-figures; the configuration and the command. Light and dark colours follow prefers-color-scheme.
+figures; the configuration and the command (`SECTIONS`; `register_section` adds one). Light and dark
+colours follow prefers-color-scheme.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from calm.evaluate.config import ClassifierSpec, EvalConfig
-from calm.evaluate.predictions import confusions
+from calm.evaluate.predictions import Confusion, confusions
 from calm.evaluate.report_sections import (
     confusion_section,
     method_title,
@@ -34,7 +35,17 @@ from calm.methods import REGISTRY
 from calm.models import DEFAULT_MODEL
 from calm.models.spec import LoadSpec
 
-__all__ = ["ReportData", "recorded_config", "render_report", "reproduce_command", "write_report"]
+__all__ = [
+    "SECTIONS",
+    "ReportContext",
+    "ReportData",
+    "ReportSection",
+    "recorded_config",
+    "register_section",
+    "render_report",
+    "reproduce_command",
+    "write_report",
+]
 
 CLASSIFIER_FIELDS = {f.name for f in fields(ClassifierSpec)}
 
@@ -213,35 +224,69 @@ def config_section(results: Mapping[str, Any], command: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ReportContext:
+    """What a section renders from: the report's data, the run folder (links are relative to it),
+    the confusion matrices of the prediction records and the command that reproduces the run."""
+
+    data: ReportData
+    run_dir: Path
+    confusions: Sequence[Confusion]
+    command: str
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """One section of report.html: its anchor (`<h2 id=...>`), its link in the page's navigation
+    line, and `render(context) -> HTML` ("" leaves the section out)."""
+
+    anchor: str
+    nav: str
+    render: Callable[[ReportContext], str]
+
+
+#: The page's sections, in order; `register_section` adds one.
+SECTIONS: list[ReportSection] = [
+    ReportSection("summary", "summary", lambda c: summary_section(c.data.results)),
+    ReportSection("paired", "paired", lambda c: paired_section(c.data.results)),
+    ReportSection("confusion", "confusion", lambda c: confusion_section(c.confusions)),
+    ReportSection("per-class", "per class", lambda c: per_class_section(c.confusions)),
+    ReportSection(
+        "misclassified",
+        "misclassified",
+        lambda c: misclassified_section(c.data.predictions, c.data.clip_paths, c.run_dir, c.confusions),
+    ),
+    ReportSection("figures", "figures", lambda c: figures_section(c.data.figures)),
+    ReportSection("config", "config", lambda c: config_section(c.data.results, c.command)),
+]
+
+
+def register_section(section: ReportSection, *, before: str = "figures") -> ReportSection:
+    """Add `section` to every report written from now on, before the section anchored `before`
+    (a new anchor: ValueError when it is taken or `before` does not exist)."""
+    anchors = [s.anchor for s in SECTIONS]
+    if section.anchor in anchors:
+        raise ValueError(f"report.html already has a section {section.anchor!r}")
+    if before not in anchors:
+        raise ValueError(f"no report section {before!r}; the sections are {', '.join(anchors)}")
+    SECTIONS.insert(anchors.index(before), section)
+    return section
+
+
 def render_report(data: ReportData, run_dir: str | Path) -> str:
     """The report page as one HTML string (links relative to `run_dir`)."""
     run_dir = Path(run_dir).resolve()
     cfg = data.results.get("config", {})
     confs = confusions(data.predictions) if data.predictions else []
     title = f"{cfg.get('model', '?')} on {cfg.get('dataset', '?')}"
-    command = data.command or reproduce_command(cfg, run_dir)
-    nav = " · ".join(
-        f'<a href="#{a}">{t}</a>'
-        for a, t in (("summary", "summary"), ("paired", "paired"), ("confusion", "confusion"))
-        + (
-            ("per-class", "per class"),
-            ("misclassified", "misclassified"),
-            ("figures", "figures"),
-            ("config", "config"),
-        )
-    )
+    context = ReportContext(data, run_dir, confs, data.command or reproduce_command(cfg, run_dir))
+    nav = " · ".join(f'<a href="#{s.anchor}">{escape(s.nav)}</a>' for s in SECTIONS)
     body = [
         f"<h1>Results: {escape(title)}</h1>",
         f'<p class="muted">{escape(str(cfg.get("package", "calm-audio")))} '
         f"{escape(str(cfg.get('version', '')))} · {escape(str(cfg.get('n_clips', '?')))} clips · "
         f"{len(cfg.get('classes', []))} classes · {nav}</p>",
-        summary_section(data.results),
-        paired_section(data.results),
-        confusion_section(confs),
-        per_class_section(confs),
-        misclassified_section(data.predictions, data.clip_paths, run_dir, confs),
-        figures_section(data.figures),
-        config_section(data.results, command),
+        *(section.render(context) for section in SECTIONS),
     ]
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'

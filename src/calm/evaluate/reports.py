@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,24 @@ METRIC_TITLES = {
     "question_accuracy": "question accuracy (%)",
     "map": "mAP (%)",
 }
+
+
+class _Titles(Mapping[str, str]):
+    """method -> its title in tables, read from `calm.methods.REGISTRY` at each use (so a method
+    registered after import has its title too)."""
+
+    def __getitem__(self, name: str) -> str:
+        return REGISTRY[name].title
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(REGISTRY)
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+
 #: method -> its title in tables (`calm.methods`)
-METHOD_TITLES = {name: m.title for name, m in REGISTRY.items()}
+METHOD_TITLES: Mapping[str, str] = _Titles()
 
 
 def _metric_tables(summary: Sequence[Mapping], metrics: Sequence[str], model: str, data: str) -> list[str]:
