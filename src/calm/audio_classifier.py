@@ -43,7 +43,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from calm.audio_inputs import ClipError
-from calm.clip_features import CACHE_DTYPE, FeaturePipeline, Features
+from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
 from calm.errors import CalmWarning
 from calm.inference import Predictor
 from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
@@ -195,7 +195,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
             raise error
         return feats.stacked(len(extractor.head_names))[0]
 
-    def _run(self, X: Any, sample_rate: Any, errors: str) -> tuple[Predictor, np.ndarray, Features]:
+    def _run(self, X: Any, sample_rate: Any, errors: str) -> tuple[Predictor, np.ndarray, ClipFeatures]:
         """The inference pipeline of `calm predict` over X: (predictor, probabilities, features)."""
         check_is_fitted(self, "classifier_")
         if errors not in ERRORS:

@@ -66,7 +66,7 @@ class ClipError(CalmError, ValueError):
 
 
 @dataclass(frozen=True)
-class Clip:
+class DecodedClip:
     """One decoded clip: `waveform` as the extractor takes it, `duration` in seconds."""
 
     source: str
@@ -195,8 +195,8 @@ def prepare_wave(
     return split_windows(y, n) if windows else y[:n]
 
 
-def checked_clip(source: str, wave: Any, sample_rate: int, min_seconds: float = MIN_SECONDS) -> Clip:
-    """A decoded model input (n,) or (windows, n) as a `Clip`, after the checks every clip passes:
+def checked_clip(source: str, wave: Any, sample_rate: int, min_seconds: float = MIN_SECONDS) -> DecodedClip:
+    """A decoded model input (n,) or (windows, n) as a `DecodedClip`, after the checks every clip passes:
     samples, all finite, at least `min_seconds` long."""
     x = np.asarray(wave, dtype=np.float32)
     if x.size == 0:
@@ -206,7 +206,7 @@ def checked_clip(source: str, wave: Any, sample_rate: int, min_seconds: float = 
     duration = x.shape[-1] / float(sample_rate)
     if duration < min_seconds:
         raise ClipError(source, too_short(duration, min_seconds))
-    return Clip(source, x, duration)
+    return DecodedClip(source, x, duration)
 
 
 def error_reason(exc: BaseException) -> str:

@@ -3,10 +3,10 @@ per-head features, clip by clip, with per-clip errors; `calm.inference.Predictor
 classifier on top of it (and `calm predict`, `calm serve` and `calm.AudioClassifier` run that).
 
 - `preprocess(source)`: an input (`calm.audio_inputs`: path, bytes, `(waveform, rate)`, audio dict)
-  -> a checked `Clip`; anything wrong with it is a `ClipError`.
+  -> a checked `DecodedClip`; anything wrong with it is a `ClipError`.
 - `embed(waveforms)`: a batch -> one (K, d) feature array per clip, or the reason it has none. A
   model error in a batch is retried clip by clip, so one clip never costs the others.
-- `features(X, sample_rate=, batch_size=, cache=)`: both over a list of inputs -> `Features`
+- `features(X, sample_rate=, batch_size=, cache=)`: both over a list of inputs -> `ClipFeatures`
   (rows, per-clip errors, durations). With `cache=FOLDER` the files go through the feature store
   there (`calm.store.extract_to_store`, float32): clips stored with the same content hash are read
   back, not extracted. Waveforms are never cached (the store keys features by path and hash).
@@ -25,8 +25,8 @@ import numpy as np
 from calm.audio_inputs import (
     MIN_SECONDS,
     AudioInput,
-    Clip,
     ClipError,
+    DecodedClip,
     as_input,
     as_inputs,
     bytes_file,
@@ -42,7 +42,7 @@ NON_FINITE = "non-finite features (the model gave NaN or infinity)"
 
 
 @dataclass
-class Features:
+class ClipFeatures:
     """What `FeaturePipeline.features` made of n inputs: `rows` {index: (K, d) float32}, `errors`
     {index: ClipError}, every index in exactly one of them; `durations` {index: seconds} of the
     decoded clips; `sources` the name of each input."""
@@ -83,8 +83,8 @@ class FeaturePipeline:
         return dict(self.extractor.key).get("long") == "windows"
 
     # -- preprocess -------------------------------------------------------------------------------
-    def preprocess(self, source: Any, *, name: str | None = None, sample_rate: Any = None) -> Clip:
-        """One input (`name`: how messages call it) -> a checked `Clip`, or ClipError."""
+    def preprocess(self, source: Any, *, name: str | None = None, sample_rate: Any = None) -> DecodedClip:
+        """One input (`name`: how messages call it) -> a checked `DecodedClip`, or ClipError."""
         if isinstance(source, bytes | bytearray | memoryview):
             shown = name or "upload"
             with bytes_file(bytes(source), shown) as tmp:
@@ -94,7 +94,7 @@ class FeaturePipeline:
                     raise ClipError(shown, exc.reason.replace(tmp, shown)) from None
         return self.decode(as_input(source, name or str(source), sample_rate), name=name)
 
-    def decode(self, item: AudioInput, *, name: str | None = None) -> Clip:
+    def decode(self, item: AudioInput, *, name: str | None = None) -> DecodedClip:
         """An `AudioInput` decoded at the model's rate and checked (`calm.audio_inputs`)."""
         shown = name or item.name
         ex = self.extractor
@@ -111,7 +111,7 @@ class FeaturePipeline:
 
     # -- forward (features) -----------------------------------------------------------------------
     def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
-        """Features (K, d) float32 per waveform, or the reason it has none."""
+        """ClipFeatures (K, d) float32 per waveform, or the reason it has none."""
         if not waveforms:
             return []
         try:
@@ -130,11 +130,11 @@ class FeaturePipeline:
         sample_rate: Any = None,
         batch_size: int = 8,
         cache: str | os.PathLike | None = None,
-    ) -> Features:
+    ) -> ClipFeatures:
         """Every input of X decoded, checked and embedded (files through the store under `cache`)."""
         inputs = as_inputs(X, sample_rate)
-        out = Features([x.source if isinstance(x, ClipError) else x.name for x in inputs])
-        batch: list[tuple[int, Clip]] = []
+        out = ClipFeatures([x.source if isinstance(x, ClipError) else x.name for x in inputs])
+        batch: list[tuple[int, DecodedClip]] = []
         stored: list[tuple[int, Path]] = []
         for i, clip_input in enumerate(inputs):
             try:
@@ -157,15 +157,17 @@ class FeaturePipeline:
             self._from_store(out, stored, Path(cache), batch_size)  # type: ignore[arg-type]
         return out
 
-    def _embed_into(self, out: Features, batch: list[tuple[int, Clip]]) -> None:
+    def _embed_into(self, out: ClipFeatures, batch: list[tuple[int, DecodedClip]]) -> None:
         for (i, clip), row in zip(batch, self.embed([c.waveform for _, c in batch]), strict=True):
             if isinstance(row, str):
                 out.fail(i, clip.source, row)
             else:
                 out.rows[i] = row
 
-    def _from_store(self, out: Features, files: list[tuple[int, Path]], cache: Path, batch_size: int) -> None:
-        """Features of checked files through the store under `cache` (stored ones are read back)."""
+    def _from_store(
+        self, out: ClipFeatures, files: list[tuple[int, Path]], cache: Path, batch_size: int
+    ) -> None:
+        """ClipFeatures of checked files through the store under `cache` (stored ones are read back)."""
         from calm.store import extract_to_store, load_features, store_path
 
         paths = [store_path(p) for _, p in files]

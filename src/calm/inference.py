@@ -8,7 +8,7 @@ against the stored extraction key by `calm.models.spec.check_key`) and returns a
 pipelines, each taking only its own options:
 
 - `preprocess(source)`: any accepted input (path, bytes of one file, `(waveform, rate)`, audio dict;
-  `calm.audio_inputs`) -> a checked `Clip`. Bad audio raises `ClipError`.
+  `calm.audio_inputs`) -> a checked `DecodedClip`. Bad audio raises `ClipError`.
 - `forward(waveforms)`: a batch -> one class-probability row per clip, or a reason string for a
   clip whose features or scores are not finite (`embed`, then `classify`). A model error in a batch
   is retried clip by clip, so one clip never costs the others.
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from calm.audio_inputs import MIN_SECONDS, Clip, ClipError
-from calm.clip_features import FeaturePipeline, Features
+from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
+from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MIN_SECONDS",
-    "Clip",
+    "DecodedClip",
     "ClipError",
     "ModelMismatchError",
     "Prediction",
@@ -138,7 +138,7 @@ class Predictor(FeaturePipeline):
         return self.classify(self.embed(waveforms))
 
     # -- postprocess ------------------------------------------------------------------------------
-    def postprocess(self, clip: Clip, probabilities: np.ndarray, *, top_k: int = 1) -> Prediction:
+    def postprocess(self, clip: DecodedClip, probabilities: np.ndarray, *, top_k: int = 1) -> Prediction:
         """The most probable class and the `top_k` best (ties: the lower class index first)."""
         order = np.argsort(-probabilities, kind="stable")[: max(1, int(top_k))]
         best = [(self.classes[j], float(probabilities[j])) for j in order]
@@ -147,7 +147,7 @@ class Predictor(FeaturePipeline):
     # -- the three stages over a list of inputs ---------------------------------------------------
     def predict_proba(
         self, X: Any, *, sample_rate: Any = None, batch_size: int = 8, cache: str | os.PathLike | None = None
-    ) -> tuple[np.ndarray, Features]:
+    ) -> tuple[np.ndarray, ClipFeatures]:
         """(probabilities (n, C), NaN for a clip that failed; what `features` made of X, each failed
         clip's `ClipError` in its `errors`)."""
         feats = self.features(X, sample_rate=sample_rate, batch_size=batch_size, cache=cache)
@@ -181,7 +181,7 @@ class Predictor(FeaturePipeline):
                 out.append(Prediction(source, duration=duration, error=feats.errors[i].reason))
             else:
                 out.append(
-                    self.postprocess(Clip(source, np.empty(0), duration or 0.0), proba[i], top_k=top_k)
+                    self.postprocess(DecodedClip(source, np.empty(0), duration or 0.0), proba[i], top_k=top_k)
                 )
         return out
 

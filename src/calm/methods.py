@@ -250,7 +250,7 @@ register(
         "linear-probe",
         "linear probe",
         "few-shot",
-        factory="calm.evaluate.methods:LinearProbe",
+        factory="calm.evaluate.estimators:LinearProbe",
         params={"C": "C"},
         fixed_defaults={"C": 1.0},
         grid={"C": [0.01, 0.1, 1.0, 10.0]},

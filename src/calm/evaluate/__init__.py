@@ -33,7 +33,17 @@ from calm.evaluate.episodes import (
     sample_episode,
     task_of,
 )
-from calm.evaluate.lalm import (
+from calm.evaluate.estimators import (
+    FEWSHOT_METHODS,
+    LALM_METHODS,
+    PL_BASES,
+    LinearProbe,
+    Method,
+    choose_params,
+    fewshot_methods,
+    tune,
+)
+from calm.evaluate.lalm_protocol import (
     PL_STREAM,
     ConstantClassifier,
     LALMRunsResult,
@@ -43,16 +53,6 @@ from calm.evaluate.lalm import (
     pseudo_label_report,
     run_lalm_protocol,
     zero_shot_episode_run,
-)
-from calm.evaluate.methods import (
-    FEWSHOT_METHODS,
-    LALM_METHODS,
-    PL_BASES,
-    LinearProbe,
-    Method,
-    choose_params,
-    fewshot_methods,
-    tune,
 )
 from calm.evaluate.metrics import (
     PRIMARY_METRIC,

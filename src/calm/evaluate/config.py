@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.errors import ParameterError
-from calm.evaluate.methods import FEWSHOT_METHODS, Method, fewshot_methods
+from calm.evaluate.estimators import FEWSHOT_METHODS, Method, fewshot_methods
 from calm.evaluate.self_training_runs import STSpec
 from calm.methods import DEFAULTS, info, names
 from calm.models import DEFAULT_MODEL

@@ -14,8 +14,8 @@ import pandas as pd
 from calm.errors import CalmError
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, make_parts
-from calm.evaluate.lalm import LALMRunsResult, run_lalm_protocol
-from calm.evaluate.methods import PL_BASES, ZERO_SHOT, Method
+from calm.evaluate.estimators import PL_BASES, ZERO_SHOT, Method
+from calm.evaluate.lalm_protocol import LALMRunsResult, run_lalm_protocol
 
 __all__ = ["lalm_runs", "lalm_skip_reason"]
 

@@ -22,7 +22,7 @@ from calm.evaluate.episodes import (
     row_labels,
     task_of,
 )
-from calm.evaluate.methods import Method, choose_params
+from calm.evaluate.estimators import Method, choose_params
 from calm.evaluate.metrics import class_scores, evaluate_method, prediction_metrics
 from calm.evaluate.predictions import episode_record
 from calm.evaluate.records import Run

@@ -21,8 +21,8 @@ import pandas as pd
 from calm import methods
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, holdout_split, make_parts, row_labels
+from calm.evaluate.estimators import LALM_METHODS, PL_BASES, Method
 from calm.evaluate.lalm_runs import lalm_runs, lalm_skip_reason
-from calm.evaluate.methods import LALM_METHODS, PL_BASES, Method
 from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs

@@ -41,7 +41,7 @@ from calm.evaluate.episodes import (
     row_labels,
     task_of,
 )
-from calm.evaluate.methods import Method, choose_params
+from calm.evaluate.estimators import Method, choose_params
 from calm.evaluate.metrics import evaluate_method
 from calm.evaluate.records import Run
 from calm.selftraining import SelfTraining

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from calm.evaluate.methods import PL_BASES
+from calm.evaluate.estimators import PL_BASES
 
 __all__ = ["paired_differences", "pseudo_label_summary", "summarise"]
 

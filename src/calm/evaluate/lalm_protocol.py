@@ -30,7 +30,7 @@ from calm.evaluate.episodes import (
     row_labels,
     task_of,
 )
-from calm.evaluate.methods import LALM_METHODS, PL_BASES, ZERO_SHOT, Method, choose_params
+from calm.evaluate.estimators import LALM_METHODS, PL_BASES, ZERO_SHOT, Method, choose_params
 from calm.evaluate.metrics import evaluate_method, prediction_metrics
 from calm.evaluate.records import Run
 
