@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
@@ -137,9 +139,15 @@ def serve(model_path, host, port, device, model, threads, replicas, drain_timeou
     fields = {SECONDS_FIELDS.get(name, name): value for name, value in limits.items()}
     config = ServeConfig(**fields, replicas=replicas, model_file=model_path)
     click.echo(f"calm serve: {len(predictor.classes)} classes; http://{host}:{port}/docs", err=True)
-    sys.exit(
-        run_server(predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level)
+    code = run_server(
+        predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level
     )
+    # drained and logged: end the process now rather than after the interpreter's teardown of the
+    # model (seconds of garbage collection), so SIGTERM exits within --drain-timeout
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _replica_count(predictor, replicas: str, threads: int | None, device: str) -> int:
