@@ -161,3 +161,15 @@ def test_decode_deadline_and_duration_cap(tmp_path):
                 load_audio(path, RATE, max_seconds=0.5, long="windows")
             assert load_audio(path, RATE, max_seconds=0.5).shape == (RATE // 2,)  # truncated below the cap
     assert load_audio(mp3, RATE).shape[0] > RATE  # the limits hold inside the block only
+
+
+def test_a_playlist_given_as_video_is_refused_without_opening_the_file_it_names(tmp_path):
+    from calm.video import read_frames
+
+    watch = FifoWatch(tmp_path / "secret.mp4")
+    (tmp_path / "clip.m3u8").write_text(playlist(watch.path))
+    with pytest.raises(
+        UnsupportedAudioError, match="clip.m3u8: unsupported format: a playlist; accepted: MP4"
+    ):
+        read_frames(tmp_path / "clip.m3u8")
+    assert not watch.close(), "the video decoder opened the file the playlist names"

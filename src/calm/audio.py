@@ -70,6 +70,8 @@ AUDIO_CODECS = frozenset(
         "eac3",
     }
 )
+#: containers `calm.video` may open (its audio track is then decoded as above)
+VIDEO_CONTAINERS = (*PYAV_CONTAINERS, "avi")
 #: what the refusal message lists as accepted
 ALLOWED_SHOWN = (
     "WAV, FLAC, Ogg (Vorbis / Opus), MP3, MP4 / M4A (AAC, ALAC), WebM / Matroska, AAC, AIFF, AU, CAF"
@@ -117,28 +119,42 @@ class UnsupportedAudioError(AudioError):
     """A container or codec outside the allow-list (a playlist, a video-only or unknown format)."""
 
 
-def _refusal(head: bytes, what: str) -> str:
+def _refusal(head: bytes, what: str, accepted: str = ALLOWED_SHOWN) -> str:
     kind = (
         "a playlist" if head.lstrip().upper().startswith((b"#EXTM3U", b"[PLAYLIST]", b"FFCONCAT")) else what
     )
-    return f"unsupported format: {kind}; accepted: {ALLOWED_SHOWN}"
+    return f"unsupported format: {kind}; accepted: {accepted}"
 
 
-def _open_pyav(fh: BinaryIO, source: str | Path, timeout_s: float | None) -> Any:
-    """PyAV container of `fh` restricted to the allow-list: no other demuxer, no protocol (no
-    file or network opened from inside the container), blocking reads bounded by `timeout_s`."""
+def open_container(
+    fh: BinaryIO,
+    source: str | Path,
+    *,
+    timeout_s: float | None = None,
+    formats: tuple[str, ...] = PYAV_CONTAINERS,
+    accepted: str = ALLOWED_SHOWN,
+) -> Any:
+    """PyAV container of the open file `fh` (`source` names it in messages) if ffmpeg probes it as
+    one of `formats`, else `UnsupportedAudioError` (`accepted`: the formats as the message lists
+    them). No ffmpeg protocol is allowed, so nothing is opened from inside the container; blocking
+    reads are bounded by `timeout_s`. Also for video (`calm.video`, `VIDEO_CONTAINERS`)."""
     import av
 
-    options = {"format_whitelist": ",".join(PYAV_CONTAINERS), "protocol_whitelist": "none"}
+    options = {"format_whitelist": ",".join(formats), "protocol_whitelist": "none"}
     try:
-        container = av.open(fh, options=options, timeout=timeout_s)
+        return av.open(fh, options=options, timeout=timeout_s)
     except av.error.FFmpegError as exc:
         fh.seek(0)
-        refused = _refusal(fh.read(64), "not an audio container")
+        refused = _refusal(fh.read(64), "not an allowed container", accepted)
         # EINVAL: probed as a demuxer not on the whitelist; a playlist may also match none at all
         if isinstance(exc, av.error.ArgumentError) or "a playlist" in refused:
             raise UnsupportedAudioError(source, refused) from exc
         raise
+
+
+def _open_pyav(fh: BinaryIO, source: str | Path, timeout_s: float | None) -> Any:
+    """`open_container` for audio: the first audio stream's codec must be on the allow-list."""
+    container = open_container(fh, source, timeout_s=timeout_s)
     streams = [s for s in container.streams if s.type == "audio"]
     codec = streams[0].codec_context.name if streams else None
     if codec is None or not (codec in AUDIO_CODECS or codec.startswith("pcm_")):
