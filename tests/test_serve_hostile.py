@@ -218,3 +218,20 @@ def test_many_playlists_at_once_leave_the_service_ready(predictor, tmp_path):
         assert good.status_code == 200 and time.monotonic() - start < 5
         assert httpx.get(live.url + "/health").json()["status"] == "ready"
     assert set(codes) == {415}
+
+
+def test_a_connection_that_never_completes_its_headers_is_closed(predictor, monkeypatch):
+    import calm.serve.server
+
+    monkeypatch.setattr(calm.serve.server, "HEADER_TIMEOUT_S", 0.5)
+    with served(predictor) as live:
+        idle, partial = live.connect(), live.connect()
+        partial.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        for s in (idle, partial):
+            s.settimeout(10)
+            start = time.monotonic()
+            assert s.recv(100) == b""  # closed by the server
+            assert time.monotonic() - start < 5
+            s.close()
+        r = httpx.post(live.url + "/predict", content=wav_bytes(), headers={"Content-Type": "audio/wav"})
+        assert r.status_code == 200

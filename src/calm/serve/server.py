@@ -28,10 +28,31 @@ log = logging.getLogger("calm.serve")
 #: seconds before `drain_timeout` at which the requests still in flight answer 503 `draining`
 DRAIN_MARGIN = 0.5
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: seconds a new connection gets to send its first request's headers before it is closed
+HEADER_TIMEOUT_S = 10.0
 
 
 class JsonErrorProtocol(H11Protocol):
-    """uvicorn's h11 protocol answering a malformed request with the JSON error body."""
+    """uvicorn's h11 protocol answering a malformed request with the JSON error body, and closing a
+    new connection whose request headers are not complete within `HEADER_TIMEOUT_S` (uvicorn
+    itself only times out idle keep-alive connections)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._headers_due = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None:
+            self._headers_due.cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_due.cancel()
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         message = f"malformed HTTP request (e.g. a Content-Length that is not a number): {msg}"
