@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calm.audio import VIDEO_CONTAINERS, load_audio, open_container
+from calm.audio import VIDEO_CONTAINERS, AudioError, load_audio, open_container
 
 DEFAULT_FPS = 2.0
 #: the video containers the refusal message lists (`calm.audio.VIDEO_CONTAINERS`)
@@ -58,16 +58,16 @@ def read_frames(
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed by the with block below
     except OSError as err:
-        raise ValueError(f"{path}: cannot open video: {err}") from err
+        raise AudioError(path, f"cannot open video: {err}") from err
     with fh:
         # an allow-list of containers and no protocol: a playlist cannot make ffmpeg open other files
         try:
             container = open_container(fh, path, formats=VIDEO_CONTAINERS, accepted=VIDEO_SHOWN)
         except av.error.FFmpegError as err:
-            raise ValueError(f"{path}: cannot open video: {err}") from err
+            raise AudioError(path, f"cannot open video: {err}") from err
         with container:
             if not container.streams.video:
-                raise ValueError(f"{path}: no video stream")
+                raise AudioError(path, "no video stream")
             stream = container.streams.video[0]
             decoded: list[tuple[float, np.ndarray]] = []
             for frame in container.decode(stream):
