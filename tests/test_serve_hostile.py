@@ -235,3 +235,16 @@ def test_a_connection_that_never_completes_its_headers_is_closed(predictor, monk
             s.close()
         r = httpx.post(live.url + "/predict", content=wav_bytes(), headers={"Content-Type": "audio/wav"})
         assert r.status_code == 200
+
+
+def test_rate_limit_per_client(predictor):
+    with pytest.raises(ValueError, match="give e.g. 60/minute"):
+        ServeConfig(rate_limit="lots")
+    with served(predictor, rate_limit="3/minute") as live:
+        codes = [httpx.get(live.url + "/info").status_code for _ in range(4)]
+        limited = httpx.get(live.url + "/info")
+        health = httpx.get(live.url + "/health")
+    assert codes == [200, 200, 200, 429] and health.status_code == 200
+    assert (
+        limited.json()["error"]["code"] == "rate_limited" and 1 <= int(limited.headers["Retry-After"]) <= 60
+    )

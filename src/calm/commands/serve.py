@@ -104,6 +104,11 @@ SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
     help="HTTP requests in flight from one client address [default: no cap].",
 )
 @click.option(
+    "--rate-limit",
+    default=None,
+    help="Requests per client address, e.g. 60/minute (429 past it) [default: no limit].",
+)
+@click.option(
     "--api-key",
     envvar="CALM_API_KEY",
     show_envvar=True,
@@ -137,7 +142,10 @@ def serve(model_path, host, port, device, model, threads, replicas, drain_timeou
     replicas = _replica_count(predictor, replicas, threads, device)
     limits["api_key"] = limits["api_key"] or None
     fields = {SECONDS_FIELDS.get(name, name): value for name, value in limits.items()}
-    config = ServeConfig(**fields, replicas=replicas, model_file=model_path)
+    try:
+        config = ServeConfig(**fields, replicas=replicas, model_file=model_path)
+    except ValueError as exc:  # the one checked field: the rate limit's notation
+        raise click.BadParameter(str(exc), param_hint="--rate-limit") from None
     click.echo(f"calm serve: {len(predictor.classes)} classes; http://{host}:{port}/docs", err=True)
     code = run_server(
         predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level

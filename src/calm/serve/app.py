@@ -59,7 +59,19 @@ class ServeConfig:
     max_audio_seconds: float = 600.0
     max_connections: int = 512
     max_per_client: int | None = None
+    rate_limit: str | None = None
     api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rate_limit:
+            try:
+                from limits import parse
+            except ImportError:
+                raise ValueError("a rate limit needs the limits package: pip install limits") from None
+            try:
+                parse(self.rate_limit)
+            except ValueError:
+                raise ValueError(f"rate limit {self.rate_limit!r}: give e.g. 60/minute or 5/second") from None
 
     @property
     def max_upload_bytes(self) -> int:
@@ -269,6 +281,7 @@ async def info(request: Request):
         "max_audio_seconds",
         "max_connections",
         "max_per_client",
+        "rate_limit",
     )
     return {
         **service.predictor.info(),
@@ -310,6 +323,7 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
         api_key=config.api_key,
         max_connections=config.max_connections,
         max_per_client=config.max_per_client,
+        rate_limit=config.rate_limit,
     )
     app.add_middleware(AccessLog)  # outermost: refusals by the Guard are logged too
     app.include_router(router)

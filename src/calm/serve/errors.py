@@ -33,6 +33,7 @@ CODES = {
         "not decodable audio, silent, non-finite, too short or too long, or slow to decode",
     ),
     "non_finite_features": (422, "the model gave NaN or infinite features for this clip"),
+    "rate_limited": (429, "more requests from this client than --rate-limit allows"),
     "invalid_parameter": (422, "a query parameter out of range (e.g. top_k=0)"),
     "too_many_files": (422, "more files in one /predict/batch request than allowed"),
     "queue_full": (503, "the queue holds --max-queue clips: retry after Retry-After seconds"),

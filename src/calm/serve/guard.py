@@ -2,6 +2,8 @@
 
 - `api_key`: every path but `/health` needs `Authorization: Bearer <key>` (compared in constant
   time), else 401 `unauthorized`.
+- `rate_limit` (off by default): at most that many requests per client address in a moving
+  window (the `limits` library, e.g. "60/minute"); past it, 429 `rate_limited` with `Retry-After`.
 - `max_connections`: HTTP requests in flight at once, in total; `max_per_client`: from one client
   address (None: no cap). Past either, 503 `too_many_connections` with `Retry-After`, before the
   request is read. `/health` is always answered.
@@ -10,6 +12,8 @@
 from __future__ import annotations
 
 import hmac
+import math
+import time
 from collections import Counter
 
 from calm.serve.errors import CODES, error_response
@@ -25,6 +29,26 @@ class InFlight:
         self.per_client: Counter[str] = Counter()
 
 
+class RateLimit:
+    """At most `rate` requests per client address ("60/minute": the `limits` library's notation)."""
+
+    def __init__(self, rate: str):
+        from limits import parse
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        self.rate = rate
+        self.item = parse(rate)  # ValueError for a rate it cannot read
+        self.limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def hit(self, client: str) -> int | None:
+        """Count a request of `client`: None when allowed, else the seconds until it would be."""
+        if self.limiter.hit(self.item, client):
+            return None
+        reset = self.limiter.get_window_stats(self.item, client).reset_time
+        return max(1, math.ceil(reset - time.time()))
+
+
 class Guard:
     """ASGI middleware: bearer token, then the in-flight caps counted in `inflight`."""
 
@@ -36,8 +60,10 @@ class Guard:
         api_key: str | None,
         max_connections: int,
         max_per_client: int | None = None,
+        rate_limit: str | None = None,
     ) -> None:
         self.app = app
+        self.rate = RateLimit(rate_limit) if rate_limit else None
         self.inflight = inflight
         self.api_key = api_key.encode() if api_key else None
         self.max_connections, self.max_per_client = max_connections, max_per_client
@@ -48,6 +74,22 @@ class Guard:
         value = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = value.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    def _over_limits(self, client: str) -> tuple[str, str, dict[str, str]] | None:
+        """(code, message, headers) when `client` may not come in now, else None."""
+        counts = self.inflight
+        if self.rate is not None and (wait := self.rate.hit(client)) is not None:
+            message = f"more than {self.rate.rate} requests from {client}; retry after {wait} s"
+            return "rate_limited", message, {"Retry-After": str(wait)}
+        if counts.active >= self.max_connections:
+            message = f"{counts.active} requests in flight (limit {self.max_connections})"
+            return "too_many_connections", message, {"Retry-After": "1"}
+        if self.max_per_client is not None and counts.per_client[client] >= self.max_per_client:
+            message = (
+                f"{counts.per_client[client]} requests in flight from {client} (limit {self.max_per_client})"
+            )
+            return "too_many_connections", message, {"Retry-After": "1"}
+        return None
 
     async def _refuse(self, scope, send, code: str, message: str, headers: dict[str, str]) -> None:
         state = scope.setdefault("state", {})
@@ -65,15 +107,9 @@ class Guard:
             )
         client = (scope.get("client") or ("?", 0))[0]
         counts = self.inflight
-        if scope.get("path") not in OPEN_PATHS:
-            message = None
-            if counts.active >= self.max_connections:
-                message = f"{counts.active} requests in flight (limit {self.max_connections})"
-            elif self.max_per_client is not None and counts.per_client[client] >= self.max_per_client:
-                message = f"{counts.per_client[client]} requests in flight from {client}"
-                message += f" (limit {self.max_per_client})"
-            if message is not None:
-                return await self._refuse(scope, send, "too_many_connections", message, {"Retry-After": "1"})
+        refusal = None if scope.get("path") in OPEN_PATHS else self._over_limits(client)
+        if refusal is not None:
+            return await self._refuse(scope, send, *refusal)
         counts.active += 1
         counts.per_client[client] += 1
         try:

@@ -65,5 +65,6 @@ UPLOAD_ERRORS = _errors(
     "request_timeout",
     "draining",
     "unauthorized",
+    "rate_limited",
     "model_error",
 )
