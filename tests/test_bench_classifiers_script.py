@@ -16,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_classifiers
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the script's own limit is 300 s; let it report first
 def test_small_run_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--small", "--queries", "300", "--repeats", "2", "--ref-heads", "1", "--ref-queries", "20"]

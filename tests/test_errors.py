@@ -21,7 +21,7 @@ from calm.prompts import get_template, render_prompt
 # class -> why it is not a CalmError
 NOT_CALM_ERRORS = {
     "calm.models.hooks._StopForward": "private control flow: ends a forward pass after the last hooked layer",
-    "calm.serve.errors.ApiError": (
+    "calm.serve.api_errors.ApiError": (
         "an HTTP answer: raised in the server's handlers and turned into a JSON response there, never "
         "seen by a Python caller; its codes include server-side failures (queue_full, internal_error)"
     ),

@@ -28,7 +28,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-pytestmark = pytest.mark.slow
+# the module fixture fits a model and starts the server (up to 300 s on a busy machine) in its first test
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 MAX_QUEUE = 6
 MAX_UPLOAD_MB = 1
 

@@ -10,13 +10,29 @@
   before rather than being zero-padded; a clip that fits gives one window of its own length).
 - Unreadable, empty, non-finite and silent-only files raise `AudioError` naming the file and the
   reason; callers (the feature store) record it and go on.
+
+Untrusted files are decoded safely (docs/reliability.md, "What a client can make `calm serve` do"):
+the container is detected from the bytes (libsndfile's format, ffmpeg's probe), never the name, and
+must be on an allow-list of audio containers and codecs (`SOUNDFILE_FORMATS`, `PYAV_CONTAINERS`,
+`AUDIO_CODECS`); anything else, playlists (HLS / m3u, concat) included, raises
+`UnsupportedAudioError` before the demuxer reads a header, so nothing a file names is opened.
+PyAV reads the file through a Python file object with no ffmpeg protocol allowed. Each decode has a
+wall-clock deadline and a cap on decoded seconds (`DecodeLimits`; `decode_limits(...)` sets them
+for the current thread / task, e.g. tighter ones for `calm serve`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -35,6 +51,63 @@ LONG_MODES = ("truncate", "windows")
 TRUNCATE_TOLERANCE = 0.01
 
 
+#: libsndfile formats (`SoundFile.format`) decoded with soundfile
+SOUNDFILE_FORMATS = frozenset({"WAV", "WAVEX", "W64", "RF64", "FLAC", "OGG", "AIFF", "AU", "CAF", "MP3"})
+#: ffmpeg demuxers PyAV may use (matched against `container.format.name`, e.g. "mov,mp4,m4a,3gp,3g2,mj2")
+PYAV_CONTAINERS = ("wav", "w64", "flac", "ogg", "mp3", "mov", "matroska", "aac", "aiff", "au", "caf")
+#: audio codecs PyAV may decode (plus every `pcm_*`)
+AUDIO_CODECS = frozenset(
+    {
+        "flac",
+        "vorbis",
+        "opus",
+        "mp3",
+        "mp3float",
+        "mp2",
+        "mp2float",
+        "aac",
+        "aac_fixed",
+        "alac",
+        "ac3",
+        "eac3",
+    }
+)
+#: containers `calm.video` may open (its audio track is then decoded as above)
+VIDEO_CONTAINERS = (*PYAV_CONTAINERS, "avi")
+#: what the refusal message lists as accepted
+ALLOWED_SHOWN = (
+    "WAV, FLAC, Ogg (Vorbis / Opus), MP3, MP4 / M4A (AAC, ALAC), WebM / Matroska, AAC, AIFF, AU, CAF"
+)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds of one decode: wall-clock seconds (`timeout_s`) and seconds of audio decoded
+    (`max_seconds`; a longer clip is refused unless the caller truncates it below that); None: no bound."""
+
+    timeout_s: float | None = 120.0
+    max_seconds: float | None = 3 * 3600.0
+
+
+DEFAULT_LIMITS = DecodeLimits()
+_LIMITS: ContextVar[DecodeLimits | None] = ContextVar("calm_decode_limits", default=None)
+
+
+def current_limits() -> DecodeLimits:
+    """The `DecodeLimits` in force here (`DEFAULT_LIMITS` outside `decode_limits`)."""
+    return _LIMITS.get() or DEFAULT_LIMITS
+
+
+@contextmanager
+def decode_limits(limits: DecodeLimits) -> Iterator[DecodeLimits]:
+    """Decode with `limits` inside the block (this thread / task only)."""
+    token = _LIMITS.set(limits)
+    try:
+        yield limits
+    finally:
+        _LIMITS.reset(token)
+
+
 class AudioError(CalmError, ValueError):
     """An audio file that cannot be used: the message names the file and the reason."""
 
@@ -44,49 +117,139 @@ class AudioError(CalmError, ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def _decode_soundfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+class UnsupportedAudioError(AudioError):
+    """A container or codec outside the allow-list (a playlist, a video-only or unknown format)."""
+
+
+def _refusal(head: bytes, what: str, accepted: str = ALLOWED_SHOWN) -> str:
+    kind = (
+        "a playlist" if head.lstrip().upper().startswith((b"#EXTM3U", b"[PLAYLIST]", b"FFCONCAT")) else what
+    )
+    return f"unsupported format: {kind}; accepted: {accepted}"
+
+
+def open_container(
+    fh: BinaryIO,
+    source: str | Path,
+    *,
+    timeout_s: float | None = None,
+    formats: tuple[str, ...] = PYAV_CONTAINERS,
+    accepted: str = ALLOWED_SHOWN,
+) -> Any:
+    """PyAV container of the open file `fh` (`source` names it in messages) if ffmpeg probes it as
+    one of `formats`, else `UnsupportedAudioError` (`accepted`: the formats as the message lists
+    them). No ffmpeg protocol is allowed, so nothing is opened from inside the container; blocking
+    reads are bounded by `timeout_s`. Also for video (`calm.video`, `VIDEO_CONTAINERS`)."""
+    import av
+
+    options = {"format_whitelist": ",".join(formats), "protocol_whitelist": "none"}
+    try:
+        return av.open(fh, options=options, timeout=timeout_s)
+    except av.error.FFmpegError as exc:
+        fh.seek(0)
+        refused = _refusal(fh.read(64), "not an allowed container", accepted)
+        # EINVAL: probed as a demuxer not on the whitelist; a playlist may also match none at all
+        if isinstance(exc, av.error.ArgumentError) or "a playlist" in refused:
+            raise UnsupportedAudioError(source, refused) from exc
+        raise
+
+
+def _open_pyav(fh: BinaryIO, source: str | Path, timeout_s: float | None) -> Any:
+    """`open_container` for audio: the first audio stream's codec must be on the allow-list."""
+    container = open_container(fh, source, timeout_s=timeout_s)
+    streams = [s for s in container.streams if s.type == "audio"]
+    codec = streams[0].codec_context.name if streams else None
+    if codec is None or not (codec in AUDIO_CODECS or codec.startswith("pcm_")):
+        container.close()
+        what = f"{codec} audio" if codec else f"no audio stream in {container.format.name}"
+        raise UnsupportedAudioError(source, _refusal(b"", what))
+    return container
+
+
+def probe(source: str | Path | bytes, *, name: str | None = None) -> str:
+    """The container of a file or of bytes (`name` for messages) if it is on the allow-list, e.g.
+    "WAV" (libsndfile) or "mov,mp4,m4a,3gp,3g2,mj2" (ffmpeg); raises `UnsupportedAudioError`
+    (or `AudioError` for bytes no demuxer recognises) without decoding anything."""
+    import soundfile as sf
+
+    shown = name or ("upload" if isinstance(source, bytes) else str(source))
+    fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    with fh:
+        try:
+            fmt = str(sf.info(fh).format)
+            if fmt in SOUNDFILE_FORMATS:
+                return fmt
+        except Exception:  # not a libsndfile format: ask ffmpeg
+            pass
+        fh.seek(0)
+        try:
+            container = _open_pyav(fh, shown, current_limits().timeout_s)
+        except AudioError:
+            raise
+        except Exception as exc:  # no demuxer recognises the bytes
+            raise AudioError(shown, f"unreadable (PyAV: {getattr(exc, 'strerror', None) or exc})") from exc
+        with container:
+            return str(container.format.name)
+
+
+def _too_long(limit: float) -> str:
+    return f"longer than {limit:g} s, the most audio decoded per file"
+
+
+def _decode_soundfile(
+    path: Path, max_seconds: float | None, cap: float | None
+) -> tuple[np.ndarray, int, int]:
     """(samples (n, channels) float32, native rate, total frames in the file)."""
     import soundfile as sf
 
     with sf.SoundFile(str(path)) as f:
+        if f.format not in SOUNDFILE_FORMATS:
+            raise UnsupportedAudioError(path, _refusal(b"", f"libsndfile format {f.format}"))
         rate, total = int(f.samplerate), int(f.frames)
         n = total if max_seconds is None else min(total, int(math.ceil(max_seconds * rate)) + 1)
+        if cap is not None and rate > 0 and n > cap * rate:
+            raise AudioError(path, _too_long(cap))
         data = f.read(frames=n, dtype="float32", always_2d=True)
     return data, rate, total
 
 
-def _decode_pyav(path: Path, max_frames_at: float | None) -> tuple[np.ndarray, int, int]:
+def _decode_pyav(
+    path: Path, max_frames_at: float | None, limits: DecodeLimits
+) -> tuple[np.ndarray, int, int]:
     """Decode the first audio stream with PyAV; stops once `max_frames_at` seconds are decoded.
 
     Returns (samples (n, channels) float32, rate, total frames decoded or -1 when decoding stopped
-    early, in which case the clip is known to be longer than what was returned).
+    early, in which case the clip is known to be longer than what was returned). Past `limits`
+    (wall clock, decoded seconds beyond `max_frames_at`) it raises `AudioError`.
     """
     import av
 
+    deadline = None if limits.timeout_s is None else time.monotonic() + limits.timeout_s
+    cap = limits.max_seconds
+    stop_at = max_frames_at if cap is None or (max_frames_at is not None and max_frames_at <= cap) else None
     chunks: list[np.ndarray] = []
     n = 0
     longer = False
-    with av.open(str(path)) as container:
-        streams = [s for s in container.streams if s.type == "audio"]
-        if not streams:
-            raise AudioError(path, "no audio stream")
-        stream = streams[0]
+    with open(path, "rb") as fh, _open_pyav(fh, path, limits.timeout_s) as container:
+        stream = container.streams.audio[0]
         rate = int(stream.rate or stream.codec_context.sample_rate or 0)
-        limit = None if max_frames_at is None or rate <= 0 else int(math.ceil(max_frames_at * rate))
         # planar float keeps every channel separate; mono mix-down is done here, not by ffmpeg
         resampler = None
         for frame in container.decode(stream):
             if resampler is None:
                 rate = int(frame.sample_rate)
-                limit = None if max_frames_at is None else int(math.ceil(max_frames_at * rate))
                 resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
             for out in resampler.resample(frame):
                 arr = out.to_ndarray().astype(np.float32, copy=False)  # (channels, samples)
                 chunks.append(arr)
                 n += arr.shape[1]
-            if limit is not None and n > limit:
+            if stop_at is not None and n > math.ceil(stop_at * rate):
                 longer = True
                 break
+            if cap is not None and n > cap * rate:
+                raise AudioError(path, _too_long(cap))
+            if deadline is not None and time.monotonic() > deadline:
+                raise AudioError(path, f"decoding took longer than {limits.timeout_s:g} s")
         if resampler is not None and not longer:
             for out in resampler.resample(None):
                 arr = out.to_ndarray().astype(np.float32, copy=False)
@@ -107,11 +270,12 @@ def decode(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.nd
     path = Path(path)
     if not path.is_file():
         raise AudioError(path, "file not found" if not path.exists() else "not a regular file")
+    limits = current_limits()
     errors = []
     data = None
     if path.suffix.lower() in SOUNDFILE_SUFFIXES:
         try:
-            data, rate, total = _decode_soundfile(path, max_seconds)
+            data, rate, total = _decode_soundfile(path, max_seconds, limits.max_seconds)
         except AudioError:
             raise
         except Exception as exc:  # libsndfile refuses the file: let ffmpeg try
@@ -120,7 +284,7 @@ def decode(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.nd
     if data is None:
         try:
             extra = None if max_seconds is None else max_seconds + 0.1
-            data, rate, total = _decode_pyav(path, extra)
+            data, rate, total = _decode_pyav(path, extra, limits)
         except AudioError:
             raise
         except Exception as exc:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from calm.audio import AudioError, load_audio
+from calm.audio import VIDEO_CONTAINERS, AudioError, load_audio, open_container
 from calm.errors import ParameterError
 
 DEFAULT_FPS = 2.0
+#: the video containers the refusal message lists (`calm.audio.VIDEO_CONTAINERS`)
+VIDEO_SHOWN = "MP4 / MOV, WebM / Matroska, AVI"
 DEFAULT_FRAME_SIZE = (224, 224)
 
 
@@ -55,22 +57,31 @@ def read_frames(
 
     height, width = size
     try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as err:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with block below
+    except OSError as err:
         raise AudioError(path, f"cannot open video: {err}") from err
-    with container:
-        if not container.streams.video:
-            raise AudioError(path, "no video stream")
-        stream = container.streams.video[0]
-        decoded: list[tuple[float, np.ndarray]] = []
-        for frame in container.decode(stream):
-            if frame.time is None:
-                continue
-            if max_seconds is not None and frame.time > max_seconds:
-                break
-            decoded.append(
-                (float(frame.time), frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
-            )
+    with fh:
+        # an allow-list of containers and no protocol: a playlist cannot make ffmpeg open other files
+        try:
+            container = open_container(fh, path, formats=VIDEO_CONTAINERS, accepted=VIDEO_SHOWN)
+        except av.error.FFmpegError as err:
+            raise AudioError(path, f"cannot open video: {err}") from err
+        with container:
+            if not container.streams.video:
+                raise AudioError(path, "no video stream")
+            stream = container.streams.video[0]
+            decoded: list[tuple[float, np.ndarray]] = []
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if max_seconds is not None and frame.time > max_seconds:
+                    break
+                decoded.append(
+                    (
+                        float(frame.time),
+                        frame.reformat(width=width, height=height, format="rgb24").to_ndarray(),
+                    )
+                )
     if not decoded:
         raise AudioError(path, "no decodable video frames")
     starts = np.array([t for t, _ in decoded])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
@@ -9,6 +11,9 @@ import click
 from calm.errors import CalmError
 
 INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[serve]'"
+#: options whose `ServeConfig` field carries the unit (the others have the option's name)
+SECONDS_FIELDS = {"body_timeout": "body_timeout_s", "request_timeout": "request_timeout_s"}
+SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
 
 
 @click.command()
@@ -52,28 +57,72 @@ INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[se
     help="Copies of the model; a batch is cut into one part per copy, run at once. auto: on a CPU "
     "one per core while all copies' weights fit in 2 GiB, else 1.",
 )
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds the requests in flight get after SIGTERM; then they answer 503 and the process exits.",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds a request body may take to arrive (408 past it).",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="Seconds a request may take in all (503 past it).",
+)
+@click.option(
+    "--decode-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds of wall clock one clip may take to decode (422 past it).",
+)
+@click.option(
+    "--max-audio-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Most seconds of audio decoded from one upload (longer: 422; the model's window truncates first).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="HTTP requests in flight at once; more get 503.",
+)
+@click.option(
+    "--max-per-client",
+    type=click.IntRange(min=1),
+    default=None,
+    help="HTTP requests in flight from one client address [default: no cap].",
+)
+@click.option(
+    "--rate-limit",
+    default=None,
+    help="Requests per client address, e.g. 60/minute (429 past it) [default: no limit].",
+)
+@click.option(
+    "--api-key",
+    envvar="CALM_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Require Authorization: Bearer KEY on every path but /health.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def serve(
-    model_path,
-    host,
-    port,
-    device,
-    model,
-    max_batch,
-    max_wait_ms,
-    max_queue,
-    max_upload_mb,
-    max_files,
-    decode_workers,
-    threads,
-    replicas,
-    drain_timeout,
-    log_level,
-):
+def serve(model_path, host, port, device, model, threads, replicas, drain_timeout, log_level, **limits):
     """Serve MODEL.safetensors over HTTP: POST /predict, POST /predict/batch, GET /health, GET /info.
 
-    OpenAPI docs at /docs. SIGTERM or Ctrl-C finishes the requests in flight, then exits 0.
+    OpenAPI docs at /docs. SIGTERM or Ctrl-C finishes the requests in flight (at most
+    --drain-timeout seconds), then exits 0. Limits and the security model: docs/serve.md.
     """
     try:
         from calm.serve.app import ServeConfig
@@ -93,20 +142,22 @@ def serve(
     except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
     replicas = _replica_count(predictor, replicas, threads, device)
-    config = ServeConfig(
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        max_queue=max_queue,
-        max_upload_mb=max_upload_mb,
-        max_files=max_files,
-        decode_workers=decode_workers,
-        replicas=replicas,
-        model_file=model_path,
-    )
+    limits["api_key"] = limits["api_key"] or None
+    fields = {SECONDS_FIELDS.get(name, name): value for name, value in limits.items()}
+    try:
+        config = ServeConfig(**fields, replicas=replicas, model_file=model_path)
+    except ValueError as exc:  # the one checked field: the rate limit's notation
+        raise click.BadParameter(str(exc), param_hint="--rate-limit") from None
     click.echo(f"calm serve: {len(predictor.classes)} classes; http://{host}:{port}/docs", err=True)
-    sys.exit(
-        run_server(predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level)
+    code = run_server(
+        predictor, config, host=host, port=port, drain_timeout=drain_timeout, log_level=log_level
     )
+    # drained and logged: end the process now rather than after the interpreter's teardown of the
+    # model (seconds of garbage collection), so SIGTERM exits within --drain-timeout
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _replica_count(predictor, replicas: str, threads: int | None, device: str) -> int:

@@ -3,7 +3,7 @@
 `create_app(predictor, ServeConfig(...))` gives the ASGI app; `serve(predictor, config, host=, port=)`
 runs it under uvicorn until SIGTERM / Ctrl-C and drains. Modules: `app` (endpoints, admission),
 `batcher` (dynamic batching, one model thread), `uploads` (bodies within the size limit),
-`errors` (the JSON error answers), `accesslog` (one JSON line per request), `server` (uvicorn,
+`api_errors` (the JSON error answers), `accesslog` (one JSON line per request), `server` (uvicorn,
 signals). Needs the `serve` extra: `pip install 'calm-audio[serve]'`.
 """
 

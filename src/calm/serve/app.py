@@ -1,10 +1,12 @@
 """The FastAPI application of `calm serve`: endpoints, admission control and the request flow.
 
-A request is admitted (or answered 503 with Retry-After when `max_queue` clips are already in the
-service), its upload read within the size limit, each clip decoded in a thread pool (off the event
-loop), queued to the `Batcher` (one model thread, dynamic batches, cut over `replicas` copies of the
-model) and post-processed here. Every
-failure is answered for that request only (see `calm.serve.errors`).
+A request passes the `Guard` (bearer token, requests in flight), is refused at once with 503 and
+Retry-After when `max_queue` clips are already in the service, has its upload read within the size
+limit, the body deadline and the service's body memory, is admitted (its clips counted against
+`max_queue`), each clip probed and decoded off the event loop (`calm.serve.decoding`), queued to the
+`Batcher` (one model thread, dynamic batches, cut over `replicas` copies of the model) and
+post-processed here, all within the request deadline (`calm.serve.deadlines`). Every failure is
+answered for that request only (see `calm.serve.api_errors`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,20 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 import calm
-from calm.inference import ClipError, Predictor
+from calm.audio import DecodeLimits
+from calm.inference import Predictor
 from calm.serve.accesslog import AccessLog
 from calm.serve.batcher import Batcher, Replicas
-from calm.serve.errors import CODES, ApiError, error_schema, install_handlers
-from calm.serve.uploads import Upload, read_uploads
+from calm.serve.deadlines import Deadlines
+from calm.serve.decoding import Decoder
+from calm.serve.api_errors import CODES, ApiError, install_handlers
+from calm.serve.guard import Guard, InFlight
+from calm.serve.openapi import AUDIO_BODY, BATCH_BODY, UPLOAD_ERRORS
+from calm.serve.uploads import BodyBudget, Upload, read_uploads
 
 log = logging.getLogger("calm.serve")
+#: seconds the shutdown waits for the model thread to finish the clips already queued
+STOP_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,33 @@ class ServeConfig:
     decode_workers: int = 2
     replicas: int = 1
     model_file: str | None = None
+    body_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0
+    decode_timeout_s: float = 10.0
+    max_audio_seconds: float = 600.0
+    max_connections: int = 512
+    max_per_client: int | None = None
+    rate_limit: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rate_limit:
+            try:
+                from limits import parse
+            except ImportError:
+                raise ValueError("a rate limit needs the limits package: pip install limits") from None
+            try:
+                parse(self.rate_limit)
+            except ValueError:
+                raise ValueError(f"rate limit {self.rate_limit!r}: give e.g. 60/minute or 5/second") from None
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(timeout_s=self.decode_timeout_s, max_seconds=self.max_audio_seconds)
 
 
 class Service:
@@ -58,15 +89,26 @@ class Service:
         self.predictor, self.config = predictor, config
         self.replicas = Replicas([p.forward for p in _copies(predictor, config.replicas)])
         self.batcher = Batcher(self.replicas, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3)
-        self.decode_pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="calm-decode")
-        self.admitted = 0  # clips in the service (reading, decoding, queued or in the model); event loop only
+        self.decoder = Decoder(predictor, config.decode_limits, config.decode_workers)
+        self.decode_pool = self.decoder.pool
+        self.deadlines = Deadlines()
+        self.bodies = BodyBudget(config.max_queue * config.max_upload_bytes)
+        self.inflight = InFlight()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.admitted = 0  # clips in the service (decoding, queued or in the model); event loop only
         self.draining = False
 
+    def drain(self, seconds: float) -> None:
+        """Stop admitting; requests in flight answer within `seconds` (event loop only)."""
+        self.draining = True
+        self.deadlines.drain(seconds)
+
     def admit(self, n: int) -> None:
-        """Count `n` more clips in, or refuse with 503 when the queue would be over `max_queue`."""
+        """Count `n` more clips in (n = 0: only check there is room), or refuse with 503 when the
+        queue would be over `max_queue`."""
         if self.draining:
             raise ApiError("draining", "the server is shutting down", headers={"Retry-After": "5"})
-        if self.admitted + n > self.config.max_queue:
+        if self.admitted + max(n, 1) > self.config.max_queue:
             wait = self.batcher.seconds_per_clip * self.admitted / max(1, self.config.max_batch)
             retry = str(min(60, max(1, math.ceil(wait))))
             raise ApiError(
@@ -76,16 +118,22 @@ class Service:
             )
         self.admitted += n
 
+    def saturation(self) -> str | None:
+        """Why the service cannot take a request now (None: it can)."""
+        config = self.config
+        if self.admitted >= config.max_queue:
+            return f"queue full ({self.admitted} clips)"
+        if self.inflight.active >= config.max_connections:
+            return f"{self.inflight.active} requests in flight"
+        if self.bodies.used >= self.bodies.limit:
+            return "request bodies fill the upload memory"
+        if self.decoder.stalled():
+            return f"every decode worker busy for over {config.decode_timeout_s:g} s"
+        return None
+
     async def label(self, request: Request, upload: Upload, top_k: int) -> dict[str, Any]:
         """Decode, batch and post-process one upload: the /predict answer (raises ApiError)."""
-        loop = asyncio.get_running_loop()
-        try:
-            clip = await loop.run_in_executor(
-                self.decode_pool, partial(self.predictor.preprocess, upload.data, name=upload.name)
-            )
-        except ClipError as exc:
-            code = "empty_body" if not upload.data else "invalid_audio"
-            raise ApiError(code, f"{upload.name}: {exc.reason}") from None
+        clip = await self.decoder.decode(upload.data, upload.name)
         if await request.is_disconnected():
             raise ClientDisconnect()
         output, batch_size = await asyncio.wrap_future(self.batcher.submit(clip.waveform))
@@ -123,59 +171,6 @@ def _copies(predictor: Predictor, n: int) -> list[Predictor]:
     return copies
 
 
-def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
-    out: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
-        status = CODES[code][0]
-        out.setdefault(status, {"description": "", "content": error_schema()})
-        out[status]["description"] += (
-            "; " if out[status]["description"] else ""
-        ) + f"{code}: {CODES[code][1]}"
-    return out
-
-
-AUDIO_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "audio/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-            },
-        },
-    }
-}
-BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
-                    },
-                }
-            }
-        },
-    }
-}
-UPLOAD_ERRORS = _errors(
-    "bad_request",
-    "payload_too_large",
-    "unsupported_media_type",
-    "empty_body",
-    "no_file",
-    "invalid_audio",
-    "non_finite_features",
-    "invalid_parameter",
-    "too_many_files",
-    "queue_full",
-    "model_error",
-)
-
-
 router = APIRouter()
 TOP_K = Query(1, ge=1, description="How many classes to list, most probable first")
 
@@ -191,18 +186,29 @@ async def _label_all(request: Request, uploads: list[Upload], top_k: int) -> lis
 
 
 async def _guarded(request: Request, answer, *, batch: bool):
-    """Admit the request, read its uploads, call `answer(uploads)`; release the queue slots after."""
+    """Check there is room, read the uploads (body deadline), admit their clips, call
+    `answer(uploads)` (request deadline); release the queue slots and body bytes after."""
     service = _service(request)
     config = service.config
-    service.admit(1)
-    held = 1
+    service.admit(0)
+    held = 0
     try:
-        uploads = await read_uploads(request, config.max_upload_bytes, max_files=config.max_files)
-        if batch and len(uploads) > 1:
-            service.admit(len(uploads) - 1)
-            held = len(uploads)
-        request.state.clips = len(uploads)
-        return await answer(uploads)
+        with (
+            service.deadlines.watch(config.request_timeout_s, "request_timeout") as deadline,
+            service.bodies.hold() as body,
+        ):
+            answer_by, code = deadline.when, deadline.code or "request_timeout"
+            if config.body_timeout_s < config.request_timeout_s:
+                deadline.set(config.body_timeout_s, "body_timeout")
+            uploads = await read_uploads(
+                request, config.max_upload_bytes, max_files=config.max_files, held=body
+            )
+            deadline.at(answer_by, code)
+            n = len(uploads) if batch else 1
+            service.admit(n)
+            held = n
+            request.state.clips = len(uploads)
+            return await answer(uploads)
     except ClientDisconnect:
         request.state.error = "client_disconnected"
         return JSONResponse({}, status_code=499)
@@ -244,14 +250,22 @@ async def predict_batch(request: Request, top_k: int = TOP_K):
 
 @router.get("/health")
 async def health(request: Request):
-    """200 `ready` while serving; 503 `draining` once shutting down."""
+    """200 `ready` while serving; 503 `busy` (with the reason) while saturated, `draining` once
+    shutting down."""
     service = _service(request)
+    busy = None if service.draining else service.saturation()
+    status = "draining" if service.draining else "busy" if busy else "ready"
     body = {
-        "status": "draining" if service.draining else "ready",
+        "status": status,
         "queued": service.admitted,
         "max_queue": service.config.max_queue,
+        "requests": service.inflight.active,
+        "max_connections": service.config.max_connections,
+        "decoding": len(service.decode_pool.busy_since()),
     }
-    return JSONResponse(body, status_code=503 if service.draining else 200)
+    if busy:
+        body["reason"] = busy
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
 @router.get("/info")
@@ -259,7 +273,16 @@ async def info(request: Request):
     """Classes, model, prompt, heads, limits and package version."""
     service = _service(request)
     config = service.config
-    limits = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files")
+    limits: tuple[str, ...] = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files")
+    limits += (
+        "body_timeout_s",
+        "request_timeout_s",
+        "decode_timeout_s",
+        "max_audio_seconds",
+        "max_connections",
+        "max_per_client",
+        "rate_limit",
+    )
     return {
         **service.predictor.info(),
         "classifier": Path(config.model_file).name if config.model_file else None,
@@ -275,12 +298,14 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        service.loop = asyncio.get_running_loop()  # the drain on SIGTERM is scheduled on it
         service.batcher.start()
         yield
         service.draining = True
-        await asyncio.get_running_loop().run_in_executor(None, service.batcher.stop)
+        # the clips already queued are finished; a decode still running is abandoned (daemon threads)
+        await asyncio.get_running_loop().run_in_executor(None, partial(service.batcher.stop, STOP_WAIT_S))
         service.replicas.close()
-        service.decode_pool.shutdown(wait=True)
+        service.decode_pool.shutdown(wait=False)
 
     app = FastAPI(
         title="calm serve",
@@ -291,6 +316,15 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     )
     app.state.service = service
     install_handlers(app)
-    app.add_middleware(AccessLog)
+    config = service.config
+    app.add_middleware(
+        Guard,
+        inflight=service.inflight,
+        api_key=config.api_key,
+        max_connections=config.max_connections,
+        max_per_client=config.max_per_client,
+        rate_limit=config.rate_limit,
+    )
+    app.add_middleware(AccessLog)  # outermost: refusals by the Guard are logged too
     app.include_router(router)
     return app

@@ -18,18 +18,31 @@ log = logging.getLogger("calm.serve")
 
 #: code -> (HTTP status, meaning), as documented in docs/serve.md
 CODES = {
-    "bad_request": (400, "malformed request (bad Content-Length, malformed multipart body)"),
+    "bad_request": (400, "malformed request (bad Content-Length, malformed multipart body or HTTP)"),
+    "unauthorized": (401, "--api-key is set and the request has no matching Authorization: Bearer"),
     "not_found": (404, "no such endpoint"),
     "method_not_allowed": (405, "wrong HTTP method for this endpoint"),
+    "body_timeout": (408, "the body did not arrive within --body-timeout seconds"),
     "payload_too_large": (413, "the request body is larger than --max-upload-mb"),
     "unsupported_media_type": (415, "the body is neither audio bytes nor multipart/form-data"),
+    "unsupported_audio_format": (415, "not an allowed audio container / codec (e.g. a playlist)"),
     "empty_body": (422, "no audio data in the request"),
     "no_file": (422, "a multipart request without a file part"),
-    "invalid_audio": (422, "not decodable audio, or silent, non-finite or too short"),
+    "invalid_audio": (
+        422,
+        "not decodable audio, silent, non-finite, too short or too long, or slow to decode",
+    ),
     "non_finite_features": (422, "the model gave NaN or infinite features for this clip"),
+    "rate_limited": (429, "more requests from this client than --rate-limit allows"),
     "invalid_parameter": (422, "a query parameter out of range (e.g. top_k=0)"),
     "too_many_files": (422, "more files in one /predict/batch request than allowed"),
     "queue_full": (503, "the queue holds --max-queue clips: retry after Retry-After seconds"),
+    "busy": (503, "the bodies being read fill the upload memory (--max-queue x --max-upload-mb)"),
+    "too_many_connections": (
+        503,
+        "--max-connections requests in flight (or --max-per-client from one client)",
+    ),
+    "request_timeout": (503, "the answer took longer than --request-timeout seconds"),
     "draining": (503, "the server is shutting down"),
     "model_error": (500, "the model failed on this clip"),
     "internal_error": (500, "a bug: the traceback is in the server log"),
