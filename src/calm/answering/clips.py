@@ -30,6 +30,7 @@ import numpy as np
 from calm._files import atomic_write_json
 from calm.answering.pseudolabel import PseudoLabels
 from calm.errors import ParameterError
+from calm.models.base import FeatureExtractor
 from calm.prompts import Prompt, render_prompt
 
 __all__ = ["ZeroShotClips", "pseudo_label_clips", "zero_shot_clips", "zero_shot_prompt"]
@@ -114,7 +115,7 @@ class ZeroShotClips:
 
 
 def zero_shot_clips(
-    extractor: Any,
+    extractor: FeatureExtractor,
     paths: Sequence[str],
     classes: Sequence[str],
     *,
@@ -173,7 +174,7 @@ def _chunk_seed(seed: int, paths: Sequence[str]) -> int:
 
 
 def pseudo_label_clips(
-    extractor: Any,
+    extractor: FeatureExtractor,
     paths: Sequence[str],
     classes: Sequence[str],
     *,
@@ -216,7 +217,7 @@ def pseudo_label_clips(
 
 
 def _pseudo_label_entries(
-    extractor: Any,
+    extractor: FeatureExtractor,
     prompt: Prompt,
     inputs: list[Any],
     classes: tuple[str, ...],

@@ -14,13 +14,28 @@ import pandas as pd
 from calm.errors import CalmError
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, make_parts
-from calm.evaluate.estimators import PL_BASES, ZERO_SHOT, Method
+from calm.evaluate.estimators import LALM_METHODS, PL_BASES, ZERO_SHOT, Method
 from calm.evaluate.lalm_protocol import LALMRunsResult, run_lalm_protocol
+from calm.models.base import FeatureExtractor
 
-__all__ = ["lalm_runs", "lalm_skip_reason"]
+__all__ = ["lalm_runs", "lalm_skip_reason", "select_lalm"]
 
 
-def lalm_skip_reason(extractor: Any) -> str | None:
+def select_lalm(
+    methods: Sequence[str], extractor: FeatureExtractor | None, log: Callable[[str], None]
+) -> tuple[list[str], dict[str, str]]:
+    """The model-answer baselines among `methods` that can run with `extractor`, and why the others
+    cannot (each reason also logged)."""
+    lalm = [m for m in methods if m in LALM_METHODS]
+    reason = lalm_skip_reason(extractor) if lalm else None
+    if reason is None:
+        return lalm, {}
+    for m in lalm:
+        log(f"skipping {m}: {reason}")
+    return [], {m: reason for m in lalm}
+
+
+def lalm_skip_reason(extractor: FeatureExtractor | None) -> str | None:
     """Why zero-shot / pseudo-labels cannot run with this extractor, or None when they can."""
     if extractor is None:
         return "no model loaded (--features): zero-shot and pseudo-labels need the model itself"
@@ -40,7 +55,12 @@ def _stage(progress: Callable | None, stage: str) -> Callable[[int, int], None] 
 
 
 def _answerers(
-    config: EvalConfig, extractor: Any, paths: np.ndarray, classes: Sequence[str], progress, info: dict
+    config: EvalConfig,
+    extractor: FeatureExtractor,
+    paths: np.ndarray,
+    classes: Sequence[str],
+    progress,
+    info: dict,
 ) -> tuple[Callable, Callable]:
     """The `zero_shot(rows)` and `pseudo_label(rows)` functions of `run_lalm_protocol`; each records
     in `info` what results.json reports about its answers."""
@@ -101,7 +121,7 @@ def lalm_runs(
     X: Any,
     y: np.ndarray,
     meta: pd.DataFrame,
-    extractor: Any,
+    extractor: FeatureExtractor | None,
     methods: list[str],
     classes: Sequence[str],
     registry: dict[str, Method],
@@ -111,6 +131,8 @@ def lalm_runs(
 
     A `ValueError` (e.g. option labels that are not single tokens, a pool too large) is raised again
     with the methods' names in front."""
+    if extractor is None:
+        raise ProtocolError("zero-shot and pseudo-labels need the model itself, not a store")
     info: dict = {}
     zero_shot, pseudo_label = _answerers(
         config, extractor, meta["path"].astype(str).to_numpy(), classes, progress, info

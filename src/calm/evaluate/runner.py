@@ -22,12 +22,13 @@ from calm import methods
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, holdout_split, make_parts, row_labels
 from calm.evaluate.estimators import LALM_METHODS, PL_BASES, Method
-from calm.evaluate.lalm_runs import lalm_runs, lalm_skip_reason
+from calm.evaluate.lalm_runs import lalm_runs, select_lalm
 from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs
 from calm.evaluate.reports import build_results, results_markdown, write_results
 from calm.evaluate.self_training_runs import ST_BASES, ST_METHODS, run_st_protocol
+from calm.models.base import FeatureExtractor
 
 __all__ = ["EvaluationResult", "EvalFeatures", "Progress", "load_evaluation_features", "run_evaluation"]
 
@@ -43,7 +44,7 @@ class EvalFeatures:
     X: Any
     y: np.ndarray
     meta: pd.DataFrame
-    extractor: Any = None
+    extractor: FeatureExtractor | None = None
     extraction: dict | None = None
 
 
@@ -301,17 +302,6 @@ def _self_training(
     )
 
 
-def _select_lalm(config: EvalConfig, feats: EvalFeatures, log: Log) -> tuple[list[str], dict[str, str]]:
-    """The model-answer baselines that can run, and why the others cannot."""
-    lalm = [m for m in config.methods if m in LALM_METHODS]
-    reason = lalm_skip_reason(feats.extractor) if lalm else None
-    if reason is None:
-        return lalm, {}
-    for m in lalm:
-        log(f"skipping {m}: {reason}")
-    return [], {m: reason for m in lalm}
-
-
 def _figures(out: Path, results: dict, result: ProtocolResult, weights, counts, head_names, confs) -> dict:
     from calm.figures import make_figures
 
@@ -360,7 +350,7 @@ def run_evaluation(
     log(f"{len(feats.y)} clips, features {tuple(feats.X.shape[1:])}")
     registry = config.classifier.registry()
     chosen = {m: registry[m] for m in config.methods if m in registry}
-    lalm, skipped = _select_lalm(config, feats, log)
+    lalm, skipped = select_lalm(config.methods, feats.extractor, log)
     st = [m for m in config.methods if m in ST_METHODS]
     if not chosen and not lalm and not st:
         raise ProtocolError("no method left to run")

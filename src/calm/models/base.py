@@ -107,21 +107,12 @@ def model_revision(model) -> str | None:
 
 
 @runtime_checkable
-class FeatureExtractor(Protocol):
-    """What the store, the classifiers' front ends and the evaluation need of an extractor: the
-    structural type of `Extractor` (any object with these members works, e.g. a test double or a
-    Ray actor's stand-in).
-
-    Attributes:
-        model_id: hub id, local directory or registered name of the model.
-        sample_rate: the rate (Hz) `load_input` resamples audio to.
-        max_seconds: clips longer than this are truncated by `load_input` (None: no limit).
-        head_names: one `HeadName` per row of the K axis of `extract`'s output.
-    """
+class ClipSource(Protocol):
+    """What the feature store needs of an extractor to read clips and label their rows, without its
+    model (a Ray driver holds only this): the features' identity `key`, `head_names`, `model_id` and
+    `load_input` (thread-safe; the store calls it from worker threads)."""
 
     model_id: str
-    sample_rate: int
-    max_seconds: float | None
     head_names: list[HeadName]
 
     @property
@@ -130,8 +121,18 @@ class FeatureExtractor(Protocol):
         ...
 
     def load_input(self, path: Any) -> Any:
-        """Read one clip for `extract` (thread-safe)."""
+        """Read one clip for `extract`."""
         ...
+
+
+@runtime_checkable
+class FeatureExtractor(ClipSource, Protocol):
+    """What the store, the classifiers' front ends and the evaluation need of an extractor: the
+    structural type of `Extractor` (any object with these members works, e.g. a test double).
+    Attributes as documented on `Extractor`."""
+
+    sample_rate: int
+    max_seconds: float | None
 
     def extract(self, inputs: Sequence[Any]) -> np.ndarray:
         """Features of a batch of loaded inputs: float32 array (n, K, d)."""

@@ -28,10 +28,10 @@ import calm
 from calm.audio import DecodeLimits
 from calm.inference import Predictor
 from calm.serve.accesslog import AccessLog
+from calm.serve.api_errors import CODES, ApiError, install_handlers
 from calm.serve.batcher import Batcher, Replicas
 from calm.serve.deadlines import Deadlines
 from calm.serve.decoding import Decoder
-from calm.serve.api_errors import CODES, ApiError, install_handlers
 from calm.serve.guard import Guard, InFlight
 from calm.serve.openapi import AUDIO_BODY, BATCH_BODY, UPLOAD_ERRORS
 from calm.serve.uploads import BodyBudget, Upload, read_uploads

@@ -156,7 +156,7 @@ class ExtractorShell:
     `head_names`, `model_id`, and `load_input` (run on a copy of the extractor holding only its
     plain attributes: sample rate, length limit, video settings ...)."""
 
-    def __init__(self, extractor: Any):
+    def __init__(self, extractor: FeatureExtractor):
         self.key = extractor.key
         self.head_names = list(extractor.head_names)
         self.model_id = getattr(extractor, "model_id", "model")
@@ -328,7 +328,7 @@ def extract_with_ray(
     limit: int | None = None,
     allow_failures: bool = True,
     progress: bool | ProgressCallback | None = True,
-    extractor: Any = None,
+    extractor: FeatureExtractor | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> ExtractReport:
     """`extract_to_store` on a Ray cluster: the features of `clips` not stored yet in `out`,

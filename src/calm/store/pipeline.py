@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from calm.models.base import ClipSource, FeatureExtractor
 from calm.store.format import StoreError, file_sha256
 
 
@@ -50,7 +51,7 @@ def safe_hash(path: str) -> str | None:
         return None
 
 
-def prepare(extractor: Any, path: str, known_hash: str | None) -> tuple[str | None, Any, str | None]:
+def prepare(extractor: ClipSource, path: str, known_hash: str | None) -> tuple[str | None, Any, str | None]:
     """Worker: (content hash, model input, failure reason). Decodes first and hashes only what
     decodes (an undecodable file, however large, fails without being read in full); a file that
     changes while it is read fails too, so a stored hash always belongs to the decoded content."""
@@ -74,7 +75,7 @@ def prepare(extractor: Any, path: str, known_hash: str | None) -> tuple[str | No
 
 
 def decode_ahead(
-    extractor: Any,
+    extractor: ClipSource,
     pending: Sequence[tuple[str, Any]],
     known_hashes: Mapping[str, str | None],
     *,
@@ -106,7 +107,7 @@ def decode_ahead(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _extract_checked(extractor: Any, inputs: list[Any], n_heads: int) -> np.ndarray:
+def _extract_checked(extractor: FeatureExtractor, inputs: list[Any], n_heads: int) -> np.ndarray:
     feats = np.asarray(extractor.extract(inputs))
     if feats.ndim != 3 or feats.shape[0] != len(inputs) or feats.shape[1] != n_heads:
         raise StoreError(
@@ -117,7 +118,7 @@ def _extract_checked(extractor: Any, inputs: list[Any], n_heads: int) -> np.ndar
 
 
 def extract_batch(
-    extractor: Any, inputs: list[Any], n_heads: int
+    extractor: FeatureExtractor, inputs: list[Any], n_heads: int
 ) -> tuple[np.ndarray, list[int], list[tuple[int, BaseException]]]:
     """(features of the clips that worked, their indices in `inputs`, [(index, error)] of the others).
 

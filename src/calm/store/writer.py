@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
 from calm._files import printable
+from calm.models.base import ClipSource, FeatureExtractor
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, as_callback
 from calm.store.folder import KeyFolder, open_key_folder
 from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, no_link, store_path
@@ -72,7 +73,7 @@ class Extraction:
 
     def __init__(
         self,
-        extractor: Any,
+        extractor: ClipSource,
         out: str | Path,
         *,
         batch_size: int = 8,
@@ -247,7 +248,9 @@ class ExtractionRun:
     def store(self, batch: list[Decoded]) -> None:
         """Run the model on decoded clips and write those it handled (see `write`)."""
         n_heads = len(self.folder.info["head_names"])
-        feats, ok, errors = extract_batch(self.job.extractor, [d.input for d in batch], n_heads)
+        # a local run holds a whole extractor; a Ray driver's shell never reaches here (actors extract)
+        extractor = cast(FeatureExtractor, self.job.extractor)
+        feats, ok, errors = extract_batch(extractor, [d.input for d in batch], n_heads)
         for i, exc in errors:
             self.fail(batch[i].path, batch[i].hash, f"model error: {failure_reason(exc)}")
         self.write([batch[i] for i in ok], feats)
@@ -291,7 +294,7 @@ def _index_row(item: Decoded, digest: str) -> dict[str, Any]:
 
 
 def extract_to_store(
-    extractor: Any,
+    extractor: FeatureExtractor,
     clips: Any,
     out: str | Path,
     *,
