@@ -45,7 +45,8 @@ def test_calm_predict_refuses_a_local_playlist(model_file, tmp_path):
     (tmp_path / "list.m3u8").write_text(playlist(watch.path))
     out = tmp_path / "p.json"
     res = CliRunner().invoke(
-        main, ["predict", str(model_file), str(tmp_path / "list.m3u8"), "--json", str(out)]
+        main,
+        ["predict", str(model_file), str(tmp_path / "list.m3u8"), "--json", str(out), "--trust-file-model"],
     )
     assert not watch.close(), "calm predict opened the file the playlist names"
     [row] = json.loads(out.read_text())
@@ -57,7 +58,7 @@ def test_sigterm_exits_within_the_drain_timeout_without_tracebacks(model_file, t
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "calm.cli", "serve", str(model_file), "--port", str(port)]
-    cmd += ["--drain-timeout", str(DRAIN), "--replicas", "1"]
+    cmd += ["--drain-timeout", str(DRAIN), "--replicas", "1", "--trust-file-model"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     err = tmp_path / "server.err"
     with err.open("w") as errors:

@@ -42,6 +42,7 @@ __all__ = [
     "DecodedClip",
     "ClipError",
     "ModelMismatchError",
+    "UntrustedModelError",
     "Prediction",
     "Predictor",
     "load_predictor",
@@ -186,6 +187,21 @@ class Predictor(FeaturePipeline):
         return out
 
 
+class UntrustedModelError(ModelMismatchError):
+    """A classifier file names a model that is neither registered nor confirmed by the caller."""
+
+
+def _confirmed(model_id: str, model_file: str | os.PathLike) -> None:
+    from calm.models import MODELS
+
+    if model_id not in MODELS:
+        raise UntrustedModelError(
+            f"{model_file}: the classifier names the model {model_id!r}, which is not a registered model; "
+            f"calm loads a hub id or a local directory named by a file only when you confirm it: "
+            f"rerun with --model {model_id} (or --trust-file-model) once you know it is the model you expect"
+        )
+
+
 def load_predictor(
     model_file: str | os.PathLike,
     *,
@@ -193,8 +209,15 @@ def load_predictor(
     device: str = "cpu",
     min_seconds: float = MIN_SECONDS,
     announce: Callable[[str], None] | None = None,
+    trust_file_model: bool = False,
 ) -> Predictor:
     """Load a classifier saved by `calm fit` / `AudioClassifier.save` and the model it was fitted on.
+
+    The file decides which model runs only when that is a registered model (`calm.models.MODELS`,
+    e.g. the embedded whisper-tiny.en): a hub id or a local directory named by the file is loaded
+    only when the caller confirms it, by naming it with `model=` (`--model`) or with
+    `trust_file_model=True`, else `UntrustedModelError` says how (a classifier file from elsewhere
+    cannot make `calm predict` / `calm serve` load an arbitrary checkpoint).
 
     Args:
         model_file: the `.safetensors` classifier file.
@@ -205,6 +228,7 @@ def load_predictor(
         min_seconds: shorter clips are refused (`ClipError`).
         announce: called with one line naming the model, where its name came from (the file or
             `model=`) and its options, before the model is loaded (the CLI prints it).
+        trust_file_model: load whatever model the file names (see above).
     """
     from calm.classifiers import load
     from calm.models import load_extractor
@@ -212,6 +236,8 @@ def load_predictor(
     classifier = load(model_file)
     metadata = dict(getattr(classifier, "metadata_", {}) or {})
     spec = LoadSpec.from_metadata(metadata, device=device, model=model)
+    if model is None and not trust_file_model:
+        _confirmed(spec.model_id, model_file)
     line = spec.describe("override" if model else "metadata")
     log.info("%s: loading %s", model_file, line)  # the file decides which model runs: say so
     if announce is not None:

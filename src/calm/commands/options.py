@@ -299,3 +299,12 @@ def classifier_spec(params: dict[str, Any]) -> ClassifierSpec:
         normalization=params["normalization"],
         reliability=params["reliability"],
     )
+
+
+trust_file_model_option = click.option(
+    "--trust-file-model",
+    is_flag=True,
+    default=False,
+    help="Load the model the classifier file names even when it is a hub id or a local directory "
+    "(a registered model needs no confirmation; --model NAME confirms one by name).",
+)

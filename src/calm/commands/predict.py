@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from calm.commands.options import trust_file_model_option
 from calm.errors import CalmError
 
 FIELDS = ["path", "label", "probability", "duration", "error"]
@@ -57,7 +58,8 @@ def write_outputs(rows: list[dict], csv_out: str | None, json_out: str | None) -
 )
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-def predict(model_path, files, csv_out, json_out, model, device, batch_size):
+@trust_file_model_option
+def predict(model_path, files, csv_out, json_out, model, device, batch_size, trust_file_model):
     """Print the predicted label and its probability for each audio file.
 
     Exit status 1 when any file could not be labelled (its row then holds the error).
@@ -69,7 +71,9 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size):
         click.echo(f"calm predict: loading {line}", err=True)
 
     try:
-        predictor = load_predictor(model_path, model=model, device=device, announce=announce)
+        predictor = load_predictor(
+            model_path, model=model, device=device, announce=announce, trust_file_model=trust_file_model
+        )
     except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
     rows = [_row(p) for p in predictor(list(files), batch_size=batch_size)]

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from calm.commands.options import trust_file_model_option
 from calm.errors import CalmError
 
 INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[serve]'"
@@ -118,7 +119,20 @@ SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
     help="Require Authorization: Bearer KEY on every path but /health.",
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def serve(model_path, host, port, device, model, threads, replicas, drain_timeout, log_level, **limits):
+@trust_file_model_option
+def serve(
+    model_path,
+    host,
+    port,
+    device,
+    model,
+    threads,
+    replicas,
+    drain_timeout,
+    log_level,
+    trust_file_model,
+    **limits,
+):
     """Serve MODEL.safetensors over HTTP: POST /predict, POST /predict/batch, GET /health, GET /info.
 
     OpenAPI docs at /docs. SIGTERM or Ctrl-C finishes the requests in flight (at most
@@ -138,7 +152,9 @@ def serve(model_path, host, port, device, model, threads, replicas, drain_timeou
         click.echo(f"calm serve: loading {line}", err=True)
 
     try:
-        predictor = load_predictor(model_path, model=model, device=device, announce=announce)
+        predictor = load_predictor(
+            model_path, model=model, device=device, announce=announce, trust_file_model=trust_file_model
+        )
     except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
     replicas = _replica_count(predictor, replicas, threads, device)
