@@ -18,53 +18,39 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, shared_data
+from tests.helpers import ROOT
+from tests.helpers.ray_cluster import BATCH, MODEL, OPTIONS, embedded_extractor, esc10_head, local_cluster
+from tests.helpers.ray_cluster import local_store as make_local_store
 
 ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip install 'calm-audio[ray]'")
 
 from calm.models.spec import LoadSpec  # noqa: E402
-from calm.store import extract_to_store, list_keys, load_features, read_index  # noqa: E402
+from calm.store import list_keys, load_features, read_index  # noqa: E402
 from calm.store.distributed import RayOptions, extract_with_ray  # noqa: E402
 
-MODEL = "whisper-tiny.en"
-OPTIONS = {"encoder_length": "clip"}
 N_CLIPS = 24
-BATCH = 4
 ACTOR_TITLE = "MapWorker(MapBatches(Embed))"
 
 
 @pytest.fixture(scope="module")
 def esc10_clips():
-    root = shared_data() / "esc10"
-    if not root.is_dir():
-        pytest.skip(f"real ESC-10 audio not found at {root} (set CALM_TEST_DATA)")
-    from calm.data import load_dataset
-
-    return root, load_dataset(f"esc10:{root}").clips[:N_CLIPS]
+    return esc10_head(N_CLIPS)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster for this module: 2 CPUs, a small object store, no dashboard."""
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    yield from local_cluster()
 
 
 @pytest.fixture(scope="module")
 def extractor():
-    from calm.models import load_extractor
-
-    return load_extractor(MODEL, **OPTIONS)
+    return embedded_extractor()
 
 
 @pytest.fixture(scope="module")
 def local_store(esc10_clips, extractor, tmp_path_factory):
     """The local engine's store of the same clips, batch size and options."""
-    out = tmp_path_factory.mktemp("local")
-    report = extract_to_store(extractor, esc10_clips[1], out, batch_size=BATCH, progress=False)
-    assert report.stored == N_CLIPS
-    return out
+    return make_local_store(extractor, esc10_clips[1], tmp_path_factory.mktemp("local"))
 
 
 def two_actors() -> RayOptions:

@@ -19,15 +19,14 @@ import time
 import numpy as np
 import pytest
 
-from calm.store import StoreError, extract_to_store, load_features
+from calm.store import StoreError, load_features
 from calm.store.distributed import RayOptions
 from calm.store.stall import StallWatch
-from tests.helpers import ROOT, shared_data
+from tests.helpers import ROOT
+from tests.helpers.ray_cluster import BATCH, MODEL, OPTIONS, embedded_extractor, esc10_head, local_cluster
+from tests.helpers.ray_cluster import local_store as make_local_store
 
-MODEL = "whisper-tiny.en"
-OPTIONS = {"encoder_length": "clip"}
 N_CLIPS = 8
-BATCH = 4
 
 
 def test_two_actors_on_two_cpus_get_a_fraction_each_leaving_room_for_decoding():
@@ -75,34 +74,22 @@ ray = pytest.importorskip("ray", reason="the Ray engine needs ray[data]: pip ins
 
 @pytest.fixture(scope="module")
 def esc10():
-    root = shared_data() / "esc10"
-    if not root.is_dir():
-        pytest.skip(f"real ESC-10 audio not found at {root} (set CALM_TEST_DATA)")
-    from calm.data import load_dataset
-
-    return root, load_dataset(f"esc10:{root}").clips[:N_CLIPS]
+    return esc10_head(N_CLIPS)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster of 2 CPUs for this module (the CPUs of this project's machine)."""
-    ray.init(num_cpus=2, object_store_memory=128 * 2**20, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    yield from local_cluster()
 
 
 @pytest.fixture(scope="module")
 def extractor():
-    from calm.models import load_extractor
-
-    return load_extractor(MODEL, **OPTIONS)
+    return embedded_extractor()
 
 
 @pytest.fixture(scope="module")
 def local_store(esc10, extractor, tmp_path_factory):
-    out = tmp_path_factory.mktemp("local")
-    assert extract_to_store(extractor, esc10[1], out, batch_size=BATCH, progress=False).stored == N_CLIPS
-    return out
+    return make_local_store(extractor, esc10[1], tmp_path_factory.mktemp("local"))
 
 
 def assert_same_features(store, reference) -> None:
