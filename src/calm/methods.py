@@ -89,6 +89,8 @@ class MethodInfo:
         principal: the paper's method: its fits draw Fig. 3 and 6, its sweep Fig. 5, and report.html
             lists the classes it gains or loses against the `contrast` methods.
         contrast: see `principal`.
+        by_default: run by `calm evaluate` / `EvalConfig` when no methods are named (``auto``,
+            which refits its candidates for cross-validation, runs only when named).
     """
 
     name: str
@@ -105,6 +107,7 @@ class MethodInfo:
     sweep: FigureStyle | None = None
     principal: bool = False
     contrast: bool = False
+    by_default: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -243,6 +246,16 @@ register(
         saveable=True,
         sweep=FigureStyle("-o", "class-conditional (CALM)"),
         principal=True,
+    )
+)
+register(
+    MethodInfo(
+        "auto",
+        "auto",
+        "few-shot",
+        factory="calm.classifiers.auto:AutoHead",
+        saveable=True,
+        by_default=False,
     )
 )
 register(
