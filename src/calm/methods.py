@@ -27,6 +27,8 @@ from types import MappingProxyType
 from typing import Any
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AUTO_FALLBACK",
     "DEFAULTS",
     "DEFAULT_METHOD",
     "REGISTRY",
@@ -248,6 +250,12 @@ register(
         principal=True,
     )
 )
+#: what ``auto`` (`calm.classifiers.auto.AutoHead`) chooses among by cross-validation on the support
+#: set, and what it fits when no cross-validation is possible (a class of one support clip): CALM-global
+#: (SAV collapses on speech at one shot: docs/results.md)
+AUTO_CANDIDATES = ("sav", "calm-global", "calm")
+AUTO_FALLBACK = "calm-global"
+
 register(
     MethodInfo(
         "auto",

@@ -14,7 +14,7 @@ With a class of a single support clip there is nothing to cross-validate: ``fall
 choice on the emotion data; SAV collapses on speech at 1 shot.
 
 Saving writes the chosen inner classifier (a `calm.SAV` / `calm.CALM` file) with the choice under
-the metadata key ``"auto"``, so `calm.load` returns a working classifier and `calm predict` /
+the metadata key ``"selection"``, so `calm.load` returns a working classifier and `calm predict` /
 `calm serve` read the file like any other.
 """
 
@@ -33,12 +33,9 @@ from sklearn.utils.validation import check_is_fitted
 from calm import methods as registry
 from calm.classifiers.features import labels_array
 from calm.errors import ParameterError
+from calm.methods import AUTO_CANDIDATES, AUTO_FALLBACK
 
-__all__ = ["AUTO_CANDIDATES", "AUTO_FALLBACK", "AutoHead"]
-
-#: the methods ``auto`` chooses among, and the one it fits when no cross-validation is possible
-AUTO_CANDIDATES = ("sav", "calm-global", "calm")
-AUTO_FALLBACK = "calm-global"
+__all__ = ["AutoHead"]
 
 
 # scikit-learn ships no type information: its bases are Any to mypy
@@ -189,10 +186,10 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     @property
     def metadata_(self) -> dict[str, Any]:
-        return {**self._fitted().metadata_, "auto": self.selection_}
+        return {**self._fitted().metadata_, "selection": self.selection_}
 
     def save(self, path: str | Path, metadata: dict[str, Any] | None = None) -> None:
         """Write the chosen classifier to ``path`` (its own file format), with ``metadata`` plus the
-        choice under ``"auto"``; `calm.load` reads it back as that classifier."""
+        choice under ``"selection"``; `calm.load` reads it back as that classifier."""
         meta = dict(self._fitted().metadata_ if metadata is None else metadata)
-        self.estimator_.save(path, {**meta, "auto": self.selection_})
+        self.estimator_.save(path, {**meta, "selection": self.selection_})
