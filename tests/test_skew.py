@@ -58,7 +58,7 @@ def test_known_skew_gives_the_expected_counts_and_figures():
     # a: 10 of 16 per seed-half -> 10 per seed; c: 2; d: 4 (seed 0) and 2 (seed 1) -> 3; b never
     assert [rows[c]["predicted"] for c in CLASSES] == [10, 0, 2, 3]
     assert [rows[c]["ratio"] for c in CLASSES] == [2.5, 0.0, 0.5, 0.75]
-    assert s["max_ratio"] == 2.5 and s["max_ratio_class"] == "a"
+    assert s["max_ratio"] == 2.5 and s["max_ratio_class"] == "a" and s["max_ratio_per_seed"] == 2.5
     assert s["starved"] == ["b"] and s["starved_share"] == 0.25
     assert s["n_seeds"] == 2 and (s["method"], s["shots"]) == ("calm", 5)
 
@@ -69,6 +69,13 @@ def test_balanced_predictions_have_no_skew_and_unqueried_classes_are_left_out():
     s = class_balance(conf)
     assert s["max_ratio"] == 1.0 and s["starved"] == [] and s["starved_share"] == 0.0
     assert s["classes"][3] == {"class": "d", "true": 0.0, "predicted": 0.0, "ratio": None}
+
+
+def test_per_seed_skew_sees_a_different_class_swallowing_each_seed():
+    truth = [0, 0, 1, 1]
+    records = [_record(0, "p", truth, [0, 0, 0, 0]), _record(1, "p", truth, [1, 1, 1, 1])]
+    s = class_balance(confusions(records)[0])
+    assert s["max_ratio"] == 1.0 and s["max_ratio_per_seed"] == 2.0 and s["starved"] == []
 
 
 def test_starved_threshold_is_strict():
@@ -89,8 +96,8 @@ def test_markdown_and_report_show_the_skew():
     assert [(s["method"], s["max_ratio"]) for s in skew] == [("calm", 2.5), ("sav", 1.0)]
     results = {"config": {}, "summary": [], "prediction_skew": skew}
     md = results_markdown(results, confs)
-    assert "## Prediction skew" in md and "| CALM | 5 | 2.50 (a) | 25 % (b) |" in md
-    assert "| SAV | 5 | 1.00 (a) | 0 % |" in md
+    assert "## Prediction skew" in md and "| CALM | 5 | 2.50 (a) | 2.50 | 25 % (b) |" in md
+    assert "| SAV | 5 | 1.00 (a) | 1.00 | 0 % |" in md
     page = render_report(ReportData(results, records, command="calm evaluate"), ".")
     assert [s.anchor for s in SECTIONS].index("skew") < [s.anchor for s in SECTIONS].index("misclassified")
     section = page.split('<h2 id="skew">')[1].split("<h2")[0]

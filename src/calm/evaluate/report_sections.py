@@ -144,17 +144,18 @@ def skew_section(confs: Sequence[Confusion]) -> str:
     skew = prediction_skew(confs)
     out = [
         '<h2 id="skew">Prediction skew</h2><p class="muted">Per class: queries predicted as it / queries '
-        f"of it (mean over seeds) and their ratio. Almost never predicted: ratio &lt; {STARVED_RATIO:g}.</p>"
+        f"of it (mean over seeds) and their ratio; per seed: the mean over seeds of each seed's largest "
+        f"ratio. Almost never predicted: ratio &lt; {STARVED_RATIO:g}.</p>"
     ]
     rows = [
         [f'<td class="l">{method_title(s["method"])}</td>', str(s["shots"])]
         + [f'<td data-method="{escape(s["method"])}" data-shots="{s["shots"]}">{fmt(s["max_ratio"])}</td>']
-        + [f'<td class="l">{escape(str(s["max_ratio_class"] or "–"))}</td>']
+        + [f'<td class="l">{escape(str(s["max_ratio_class"] or "–"))}</td>', fmt(s["max_ratio_per_seed"])]
         + [fmt(None if s["starved_share"] is None else 100 * s["starved_share"], ".0f") + " %"]
         + [f'<td class="l">{escape(", ".join(map(str, s["starved"])))}</td>']
         for s in skew
     ]
-    head = ['<th class="l">method</th>', "shots", "largest ratio", '<th class="l">class</th>']
+    head = ['<th class="l">method</th>', "shots", "largest ratio", '<th class="l">class</th>', "per seed"]
     out.append(table(head + ["almost never predicted", '<th class="l">classes</th>'], rows, "skew"))
     for shots in sorted({s["shots"] for s in skew}, reverse=True):
         group = [s for s in skew if s["shots"] == shots]

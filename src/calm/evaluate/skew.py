@@ -11,6 +11,8 @@ seeds (parts summed within a seed, as the confusion matrices):
   answer counts for no class); ``ratio`` = predicted / true (None for a class never queried).
 - ``max_ratio``: the largest ratio over classes (1.0 = no class over-predicted; 3.4 = one class is
   predicted 3.4 times as often as it occurs), with ``max_ratio_class``.
+- ``max_ratio_per_seed``: the mean over seeds of each seed's largest ratio (a different class may
+  swallow the predictions in each episode, which the mean counts above average away).
 - ``starved_share``: the share of queried classes whose ratio is below ``STARVED_RATIO`` (0.25:
   predicted less than a quarter as often as they occur), with the list ``starved``.
 
@@ -50,6 +52,10 @@ def class_balance(conf: Confusion, digits: int = 4) -> dict[str, Any]:
         for j, name in enumerate(conf.classes)
     ]
     top = int(np.nanargmax(ratio)) if queried.any() else None
+    seed_true, seed_pred = conf.per_seed.sum(2), conf.per_seed[:, :, :n].sum(1)  # (seeds, C)
+    with np.errstate(all="ignore"):
+        seed_ratio = np.where(seed_true > 0, seed_pred / np.where(seed_true > 0, seed_true, 1), np.nan)
+        per_seed = float(np.nanmean(np.nanmax(seed_ratio, axis=1))) if queried.any() else None
     starved = [conf.classes[j] for j in np.flatnonzero(queried & (ratio < STARVED_RATIO))]
     return {
         "method": conf.method,
@@ -57,6 +63,7 @@ def class_balance(conf: Confusion, digits: int = 4) -> dict[str, Any]:
         "n_seeds": len(conf.seeds),
         "max_ratio": None if top is None else round(float(ratio[top]), digits),
         "max_ratio_class": None if top is None else conf.classes[top],
+        "max_ratio_per_seed": None if per_seed is None else round(per_seed, digits),
         "starved_share": round(len(starved) / int(queried.sum()), digits) if queried.any() else None,
         "starved": starved,
         "classes": rows,
@@ -81,11 +88,12 @@ def skew_markdown(skew: Sequence[Mapping[str, Any]], titles: Mapping[str, str] |
     lines = [
         "## Prediction skew (predicted / true count per class, mean over seeds)",
         "",
-        f"Largest ratio over classes, and the classes predicted less than {STARVED_RATIO:g} x as often "
+        f"Largest ratio over classes (of the mean counts, and mean over seeds of each seed's largest), "
+        f"and the classes predicted less than {STARVED_RATIO:g} x as often "
         "as they occur (share of classes). Per-class counts: results.json `prediction_skew`.",
         "",
-        "| method | shots | largest ratio (class) | almost never predicted |",
-        "|---|---|---|---|",
+        "| method | shots | largest ratio (class) | per seed | almost never predicted |",
+        "|---|---|---|---|---|",
     ]
     for s in skew:
         title = titles.get(s["method"], s["method"])
@@ -93,5 +101,8 @@ def skew_markdown(skew: Sequence[Mapping[str, Any]], titles: Mapping[str, str] |
         share = "–" if s["starved_share"] is None else f"{100 * s['starved_share']:.0f} %"
         names = ", ".join(str(c) for c in s["starved"])
         cell = share + (f" ({names})" if names else "")
-        lines.append(f"| {title} | {s['shots']} | {top.replace('|', '/')} | {cell.replace('|', '/')} |")
+        per_seed = _ratio(s["max_ratio_per_seed"])
+        lines.append(
+            f"| {title} | {s['shots']} | {top.replace('|', '/')} | {per_seed} | {cell.replace('|', '/')} |"
+        )
     return "\n".join(lines) + "\n"
