@@ -252,7 +252,7 @@ register(
 )
 #: what ``auto`` (`calm.classifiers.auto.AutoHead`) chooses among by cross-validation on the support
 #: set, and what it fits when no cross-validation is possible (a class of one support clip): CALM-global
-#: (SAV collapses on speech at one shot: docs/results.md)
+#: (SAV collapses on spoken words at one shot: docs/results.md)
 AUTO_CANDIDATES = ("sav", "calm-global", "calm")
 AUTO_FALLBACK = "calm-global"
 
