@@ -32,6 +32,9 @@ NOT_METHODS = {
     "evaluate/config.py": {"calm"},  # the program name, in the command that reproduces a run
     "cache.py": {"calm"},  # the cache folder's name
     "answering/clips.py": {"zero-shot"},  # a cache file's kind: renaming the method must not void caches
+    "commands/serve.py": {"auto"},  # --replicas auto
+    "figures.py": {"auto"},  # matplotlib's aspect="auto"
+    "models/base.py": {"auto"},  # dtype="auto"
 }
 
 
@@ -113,7 +116,7 @@ def test_registry_lookups_and_refusals():
         methods.info("knn")
     assert methods.method_of(calm.CALM(weighting="global")) == "calm-global"
     assert methods.method_of(calm.SAV()) == "sav" and methods.principal().name == "calm"
-    assert methods.audio_methods()[:3] == methods.fit_methods() == ("sav", "calm-global", "calm")
+    assert methods.audio_methods()[:4] == methods.fit_methods() == ("sav", "calm-global", "calm", "auto")
 
 
 # -- the same classifier through every front end -------------------------------------------------------

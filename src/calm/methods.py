@@ -27,6 +27,8 @@ from types import MappingProxyType
 from typing import Any
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AUTO_FALLBACK",
     "DEFAULTS",
     "DEFAULT_METHOD",
     "REGISTRY",
@@ -89,6 +91,8 @@ class MethodInfo:
         principal: the paper's method: its fits draw Fig. 3 and 6, its sweep Fig. 5, and report.html
             lists the classes it gains or loses against the `contrast` methods.
         contrast: see `principal`.
+        by_default: run by `calm evaluate` / `EvalConfig` when no methods are named (``auto``,
+            which refits its candidates for cross-validation, runs only when named).
     """
 
     name: str
@@ -105,6 +109,7 @@ class MethodInfo:
     sweep: FigureStyle | None = None
     principal: bool = False
     contrast: bool = False
+    by_default: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -243,6 +248,22 @@ register(
         saveable=True,
         sweep=FigureStyle("-o", "class-conditional (CALM)"),
         principal=True,
+    )
+)
+#: what ``auto`` (`calm.classifiers.auto.AutoHead`) chooses among by cross-validation on the support
+#: set, and what it fits when no cross-validation is possible (a class of one support clip): CALM-global
+#: (SAV collapses on spoken words at one shot: docs/results.md)
+AUTO_CANDIDATES = ("sav", "calm-global", "calm")
+AUTO_FALLBACK = "calm-global"
+
+register(
+    MethodInfo(
+        "auto",
+        "auto",
+        "few-shot",
+        factory="calm.classifiers.auto:AutoHead",
+        saveable=True,
+        by_default=False,
     )
 )
 register(

@@ -38,7 +38,8 @@ __all__ = [
     "tune",
 ]
 
-FEWSHOT_METHODS = registry.names("few-shot")
+#: the few-shot methods `calm evaluate` runs when none are named (`MethodInfo.by_default`)
+FEWSHOT_METHODS = tuple(m for m in registry.names("few-shot") if registry.info(m).by_default)
 LALM_METHODS = registry.names("answers", "pseudo-labels")  # need a model that answers questions
 (ZERO_SHOT,) = registry.names("answers")  # the one method scoring the model's own answers
 #: pseudo-label method -> the few-shot method it fits

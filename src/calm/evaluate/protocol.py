@@ -62,6 +62,13 @@ def _score(
     return prediction_metrics(y_pred, scores, truth, classes, task), record
 
 
+def _selection(clf: object) -> dict:
+    """What a self-choosing estimator (``auto``: `calm.classifiers.auto.AutoHead`) picked on this
+    support set, recorded in the run's tuning report: ``{"selection": {...}}``, or nothing."""
+    choice = getattr(clf, "selection_", None)
+    return {"selection": dict(choice)} if isinstance(choice, dict) else {}
+
+
 def _episode_runs(
     X: np.ndarray,
     labels: Sequence[tuple[str, ...]],
@@ -87,7 +94,7 @@ def _episode_runs(
             part=ep.part,
             metrics=metrics,
             params=params,
-            tuning=report,
+            tuning={**report, **_selection(clf)},
             n_support=len(ep.support),
             n_query=len(ep.query),
             seconds=round(time.perf_counter() - t0, 4),

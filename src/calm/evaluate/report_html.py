@@ -5,7 +5,8 @@ Input: a `ReportData` -- the results.json document, the per-episode prediction r
 embed and the command that reproduces the run. Sections, in order: the Table 1-style summary and
 the paired differences; confusion matrices per method and shot count (mean counts over seeds and
 row percentages); per-class accuracy with its spread over seeds and the classes CALM gains or loses
-against SAV and the linear probe; the misclassified test clips of one seed per method with an
+against SAV and the linear probe; the prediction skew (predicted against true counts per class,
+`calm.evaluate.skew`); the misclassified test clips of one seed per method with an
 `<audio>` player (links relative to the run directory, so the page works next to the data); the
 figures; the configuration and the command (`SECTIONS`; `register_section` adds one). Light and dark
 colours follow prefers-color-scheme.
@@ -28,6 +29,7 @@ from calm.evaluate.report_sections import (
     method_title,
     misclassified_section,
     per_class_section,
+    skew_section,
     table,
 )
 from calm.evaluate.reports import METRIC_TITLES
@@ -251,6 +253,7 @@ SECTIONS: list[ReportSection] = [
     ReportSection("paired", "paired", lambda c: paired_section(c.data.results)),
     ReportSection("confusion", "confusion", lambda c: confusion_section(c.confusions)),
     ReportSection("per-class", "per class", lambda c: per_class_section(c.confusions)),
+    ReportSection("skew", "prediction skew", lambda c: skew_section(c.confusions)),
     ReportSection(
         "misclassified",
         "misclassified",

@@ -15,6 +15,7 @@ import numpy as np
 
 from calm.evaluate.predictions import Confusion, class_changes, misclassified, per_class_accuracy
 from calm.evaluate.reports import METHOD_TITLES
+from calm.evaluate.skew import STARVED_RATIO, prediction_skew
 from calm.methods import REGISTRY, principal
 
 MAX_MATRIX_CLASSES = 25  # above this a confusion matrix is summarised by its largest confusions
@@ -125,6 +126,51 @@ def per_class_section(confs: Sequence[Confusion]) -> str:
         body = table(head, rows, "per-class") + changes_tables(group)
         opened = " open" if shots == max(c.shots for c in confs) else ""
         out.append(f'<details{opened} data-shots="{shots}"><summary>{shots} shots</summary>{body}</details>')
+    return "\n".join(out)
+
+
+def _balance_cell(ratio: float | None, predicted: float, true: float) -> str:
+    """A predicted / true cell: red below `STARVED_RATIO`, bold above 2."""
+    cls = ' class="neg"' if ratio is not None and ratio < STARVED_RATIO else ""
+    cls = ' class="best"' if ratio is not None and ratio > 2 else cls
+    return f"<td{cls}>{predicted:.1f} / {true:.1f}<small> ×{fmt(ratio)}</small></td>"
+
+
+def skew_section(confs: Sequence[Confusion]) -> str:
+    """Per method and shots: the largest predicted / true ratio and the classes almost never
+    predicted (`calm.evaluate.skew`), then per shots the predicted / true counts of every class."""
+    if not confs:
+        return ""
+    skew = prediction_skew(confs)
+    out = [
+        '<h2 id="skew">Prediction skew</h2><p class="muted">Per class: queries predicted as it / queries '
+        f"of it (mean over seeds) and their ratio; per seed: the mean over seeds of each seed's largest "
+        f"ratio. Almost never predicted: ratio &lt; {STARVED_RATIO:g}.</p>"
+    ]
+    rows = [
+        [f'<td class="l">{method_title(s["method"])}</td>', str(s["shots"])]
+        + [f'<td data-method="{escape(s["method"])}" data-shots="{s["shots"]}">{fmt(s["max_ratio"])}</td>']
+        + [f'<td class="l">{escape(str(s["max_ratio_class"] or "–"))}</td>', fmt(s["max_ratio_per_seed"])]
+        + [fmt(None if s["starved_share"] is None else 100 * s["starved_share"], ".0f") + " %"]
+        + [f'<td class="l">{escape(", ".join(map(str, s["starved"])))}</td>']
+        for s in skew
+    ]
+    head = ['<th class="l">method</th>', "shots", "largest ratio", '<th class="l">class</th>', "per seed"]
+    out.append(table(head + ["almost never predicted", '<th class="l">classes</th>'], rows, "skew"))
+    for shots in sorted({s["shots"] for s in skew}, reverse=True):
+        group = [s for s in skew if s["shots"] == shots]
+        body = [
+            [f'<td class="l">{escape(str(row["class"]))}</td>']
+            + [
+                _balance_cell(g["classes"][j]["ratio"], g["classes"][j]["predicted"], row["true"])
+                for g in group
+            ]
+            for j, row in enumerate(group[0]["classes"])
+        ]
+        head = ['<th class="l">class</th>', *(method_title(g["method"]) for g in group)]
+        out.append(
+            f"<details><summary>{shots} shots: predicted / true</summary>{table(head, body)}</details>"
+        )
     return "\n".join(out)
 
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from calm._files import atomic_write_text
 from calm.evaluate.metrics import PRIMARY_METRIC
-from calm.evaluate.predictions import Confusion, per_class_accuracy
+from calm.evaluate.predictions import Confusion, confusions, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
 from calm.evaluate.self_training_runs import st_summary, st_table
+from calm.evaluate.skew import prediction_skew, skew_markdown
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
 from calm.methods import REGISTRY
 
@@ -144,7 +145,8 @@ def results_markdown(results: Mapping[str, Any], confusions: Sequence[Confusion]
     lines += _pseudo_label_table(results.get("pseudo_label_summary", []))
     lines += st_table(results.get("self_training_summary", []))
     lines += _notes(results)
-    tables = [t for t in (confusion_markdown(confusions), per_class_markdown(confusions)) if t]
+    skew = skew_markdown(results.get("prediction_skew", []), METHOD_TITLES)
+    tables = [t for t in (skew, confusion_markdown(confusions), per_class_markdown(confusions)) if t]
     return "\n".join(lines + [""] + tables).rstrip() + "\n"
 
 
@@ -198,7 +200,8 @@ def per_class_markdown(confs: Sequence[Confusion]) -> str:
 
 
 def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: Any) -> dict:
-    """The results.json document: config, summary, runs, paired differences and any extras."""
+    """The results.json document: config, summary, runs, paired differences, the prediction skew of
+    the runs' prediction records (`calm.evaluate.skew`) and any extras."""
     primary = PRIMARY_METRIC[result.task]
     config = {
         **config,
@@ -210,6 +213,7 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
     }
     pl = pseudo_label_summary(result.runs)
     st = st_summary(result.runs)
+    skew = prediction_skew(confusions(result.predictions)) if result.predictions else []
     return {
         "config": config,
         "summary": summarise(result.runs),
@@ -217,6 +221,7 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
         "runs": result.runs,
         **({"pseudo_label_summary": pl} if pl else {}),
         **({"self_training_summary": st} if st else {}),
+        **({"prediction_skew": skew} if skew else {}),
         **extra,
     }
 
