@@ -197,9 +197,10 @@ def test_encoder_model_by_directory(tmp_path):
     from calm.cli import main
 
     out = tmp_path / "pred.json"
-    result = CliRunner().invoke(
-        main, ["predict", str(tmp_path / "ast.safetensors"), *files, "--json", str(out)]
-    )
+    args = ["predict", str(tmp_path / "ast.safetensors"), *files, "--json", str(out)]
+    refused = CliRunner().invoke(main, args)  # a directory named by the file needs confirming
+    assert refused.exit_code == 1 and "--trust-file-model" in refused.output
+    result = CliRunner().invoke(main, [*args, "--model", str(directory)])
     assert result.exit_code == 0, result.output
     assert [r["label"] for r in json.loads(out.read_text())] == list(clf.predict(files))
 
