@@ -179,5 +179,6 @@ def evaluate_method(
     """Metrics (%) of a fitted classifier on query features X with their true label tuples."""
     if task == "multilabel":
         return prediction_metrics(None, class_scores(clf, X, classes), truth, classes, task)
-    scores = class_scores(clf, X, classes) if task == "spoof" else None
+    # spoof: the EER; any single-label task: the ECE when the scores are probabilities
+    scores = class_scores(clf, X, classes) if hasattr(clf, "predict_proba") or task == "spoof" else None
     return prediction_metrics(list(clf.predict(X)), scores, truth, classes, task)
