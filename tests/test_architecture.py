@@ -32,6 +32,7 @@ LAYERS = {
     "calm._safetensors": 0,
     "calm.cache": 0,
     "calm._heads": 0,
+    "calm._calibration": 0,
     "calm.prompts": 0,
     "calm.methods": 0,  # the method registry: data and lazily imported factories, importing no calm module
     "calm.audio": 1,

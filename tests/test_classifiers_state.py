@@ -61,6 +61,7 @@ def test_files_written_before_the_split_load_unchanged(tmp_path, name):
     clf.save(tmp_path / "again.safetensors")
     old, new = _header(V1 / f"{name}.safetensors"), _header(tmp_path / "again.safetensors")
     old.pop("calm_version"), new.pop("calm_version")
+    assert new["params"].pop("calibration") is None  # older files: uncalibrated, as written
     assert new == old
     a, b = load_file(str(V1 / f"{name}.safetensors")), load_file(str(tmp_path / "again.safetensors"))
     assert sorted(a) == sorted(b)
@@ -77,8 +78,13 @@ def test_declared_state_is_what_is_saved_and_restores_the_estimator(est):
     specs = clf._state_specs(clf.get_params())
     assert sorted(saved.tensors) == sorted(s.name for s in specs)
     for s in specs:
-        want = tuple(saved.dims[x] if isinstance(x, str) else x for x in s.shape)
-        assert getattr(clf, s.attr).shape == want
+        value = np.atleast_1d(getattr(clf, s.attr))  # temperature_ is a float saved as (1,)
+        free = value.shape  # a None axis: any length (the nonconformity scores, one per clip)
+        want = tuple(
+            saved.dims[x] if isinstance(x, str) else free[i] if x is None else x
+            for i, x in enumerate(s.shape)
+        )
+        assert value.shape == want
     back = type(clf)._from_state(saved)
     assert back.get_params() == clf.get_params()
     for fn in ("decision_function", "predict_proba", "predict"):

@@ -231,7 +231,7 @@ def test_multilabel_and_spoof_protocols():
     X, y, meta = synthetic(n_classes=2, per_class=20)
     y = np.where(y == "c0", "bonafide", "spoof")
     res = ev.run_protocol(X, y, meta, methods={"a": centroid_method()}, shots=[3], seeds=[0])
-    assert res.task == "spoof" and set(res.runs[0]["metrics"]) == {"accuracy", "macro_f1", "eer"}
+    assert res.task == "spoof" and set(res.runs[0]["metrics"]) == {"accuracy", "macro_f1", "eer", "ece"}
 
 
 # ---------------------------------------------------------------- summaries and documents

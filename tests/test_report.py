@@ -133,7 +133,8 @@ def test_report_in_headless_chromium_holds_the_results(run_dir, tmp_path):
         for c in parser.cells
         if c["table"] == "summary" and "data-metric" in c["attrs"]
     }
-    assert len(summary) == len(results["summary"]) == 4 * len(SHOTS)
+    assert {s["metric"] for s in results["summary"]} == {"accuracy", "ece"}
+    assert len(summary) == len(results["summary"]) == 4 * len(SHOTS) * 2
     for s in results["summary"]:
         assert summary[s["method"], s["shots"], s["metric"]] == f"{s['mean']:.2f} ± {s['std']:.2f}"
     paired = {
@@ -142,7 +143,7 @@ def test_report_in_headless_chromium_holds_the_results(run_dir, tmp_path):
         if c["table"] == "paired" and "data-a" in c["attrs"]
     }
     assert len(paired) == 6 * len(SHOTS)
-    for p in results["paired"]:
+    for p in (p for p in results["paired"] if p["metric"] == "accuracy"):  # the primary metric's
         assert paired[p["a"], p["b"], p["shots"]] == f"{p['mean_diff']:+.2f}"
     # CALM's 3-shot confusion matrix: the first in the DOM order of its card, mean over seeds
     calm = [r for r in records if r["method"] == "calm" and r["shots"] == 3]

@@ -53,6 +53,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "tie_break": "index",
         "normalization": "softmax",
         "reliability": "in-sample",
+        "calibration": "loo-temperature",
     }
 )
 

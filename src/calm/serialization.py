@@ -80,13 +80,14 @@ class ModelFileError(CalmError, ValueError):
 @dataclass(frozen=True)
 class TensorSpec:
     """One saved array: tensor ``name`` (attribute ``name + "_"``), ``shape`` in header symbols
-    ("C" classes, "K" heads, "d" head dim, "k" kept heads) or ints, dtype ``kind`` ("f": float32 or
-    float64, checked finite; "i" integer), for index arrays ``index_of``, the symbol bounding the
-    values (each in [0, dims[index_of])), closed value ``bounds`` (low, high), ``rows_sum_to_one``
-    (each row along the last axis sums to 1) and ``same_dtype_as`` (a tensor whose dtype it shares)."""
+        ("C" classes, "K" heads, "d" head dim, "k" kept heads), ints or None (any length: bounded by
+    the file's size, which the reader checks first), dtype ``kind`` ("f": float32 or
+        float64, checked finite; "i" integer), for index arrays ``index_of``, the symbol bounding the
+        values (each in [0, dims[index_of])), closed value ``bounds`` (low, high), ``rows_sum_to_one``
+        (each row along the last axis sums to 1) and ``same_dtype_as`` (a tensor whose dtype it shares)."""
 
     name: str
-    shape: tuple[str | int, ...]
+    shape: tuple[str | int | None, ...]
     kind: str = "f"
     index_of: str | None = None
     bounds: tuple[float, float] | None = None
@@ -297,8 +298,12 @@ def _saved_from_header(path: Path, meta: dict[str, str]) -> SavedClassifier:
     )
 
 
-def _expected_shape(spec: TensorSpec, dims: dict[str, int]) -> tuple[int, ...]:
-    return tuple(dims[x] if isinstance(x, str) else x for x in spec.shape)
+def _expected_shape(spec: TensorSpec, dims: dict[str, int], actual: Sequence[int] = ()) -> tuple[int, ...]:
+    """The shape ``spec`` requires; a free (None) axis takes its length from ``actual``."""
+    free = list(actual) if len(actual) == len(spec.shape) else [-1] * len(spec.shape)
+    return tuple(
+        dims[x] if isinstance(x, str) else free[i] if x is None else x for i, x in enumerate(spec.shape)
+    )
 
 
 def _check_entries(
@@ -315,7 +320,7 @@ def _check_entries(
         raise ModelFileError(f"{path}: missing tensors {missing}")
     for s in specs:
         e = entries[s.name]
-        if e.shape != _expected_shape(s, dims):
+        if tuple(e.shape) != _expected_shape(s, dims, e.shape):
             raise ModelFileError(
                 f"{path}: tensor {s.name!r} has shape {e.shape}, expected {_expected_shape(s, dims)}"
             )
@@ -348,7 +353,7 @@ def check_tensors(saved: SavedClassifier, specs: Sequence[TensorSpec], path: str
         raise ModelFileError(f"{path}: unknown tensors {unknown[:5]} (expected {sorted(by_name)})")
     for s in specs:
         a = np.asarray(saved.tensors[s.name])
-        if tuple(a.shape) != _expected_shape(s, dims):
+        if tuple(a.shape) != _expected_shape(s, dims, a.shape):
             shape = _expected_shape(s, dims)
             raise ModelFileError(f"{path}: tensor {s.name!r} has shape {tuple(a.shape)}, expected {shape}")
         other = np.asarray(saved.tensors[s.same_dtype_as]).dtype if s.same_dtype_as else None

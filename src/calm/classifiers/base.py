@@ -19,10 +19,12 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
-from sklearn.utils._param_validation import Interval, RealNotInt
+from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from calm import _calibration as cal
 from calm import _heads as H
+from calm.classifiers import calibration
 from calm.classifiers.features import (
     CHUNK_BYTES,
     Features,
@@ -60,6 +62,14 @@ _Self = TypeVar("_Self", bound="HeadClassifier")
 
 _POSITIVE_INT = Interval(Integral, 1, None, closed="left")
 
+#: The saved calibration (``calibration="loo-temperature"``): the temperature (a scalar) and the
+#: leave-one-out nonconformity scores of the support clips (one per clip that could be left out).
+#: A float attribute is saved as a tensor of shape (1,) and restored as a float.
+_CALIBRATION_SPECS = (
+    TensorSpec("temperature", (1,), bounds=(float(cal.TEMPERATURES[0]), float(cal.TEMPERATURES[-1]))),
+    TensorSpec("nonconformity", (None,), bounds=(0, 1)),
+)
+
 #: Smallest temperature accepted: 1 / tau must stay far inside float32's range on the query path.
 MIN_TEMPERATURE = 1e-30
 
@@ -87,6 +97,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     classes: Any
     chunk_size: int | None
     device: Any
+    calibration: str | None
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "k": [_POSITIVE_INT, Interval(RealNotInt, 0, 1, closed="right"), None],
@@ -95,6 +106,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "classes": ["array-like", None],
         "chunk_size": [_POSITIVE_INT, None],
         "device": [str, torch.device],
+        "calibration": [StrOptions({"loo-temperature"}), None],
     }
 
     # -- fitting --------------------------------------------------------------------------------
@@ -129,6 +141,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         )  # the query dtype; _fit_heads may overwrite centroids
         self.metadata_: dict[str, Any] = {}
         self._fit_heads(feats, y_t, counts, rows, centroids)  # float64
+        calibration.fit_calibration(self, feats, y_idx)
         self._prepare(unit_layout(torch.from_numpy(self.centroids_)))  # as after loading
         return self
 
@@ -195,6 +208,48 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         s = self.class_scores(X)
         return s[:, 1] - s[:, 0] if s.shape[1] == 2 else s
 
+    def _proba(self, scores: np.ndarray) -> np.ndarray:
+        """Uncalibrated probabilities (n, C) of class scores."""
+        raise NotImplementedError
+
+    def _log_scores(self, scores: np.ndarray) -> np.ndarray:
+        """Log-scores (n, C) of class scores, a strictly increasing map (calibrated: / T, softmax)."""
+        raise NotImplementedError
+
+    def _contributions(self, cos: torch.Tensor) -> torch.Tensor:
+        """Per-head parts (n, K, C) of the class scores of cosines ``cos`` (n, K, C) to the centroids."""
+        raise NotImplementedError
+
+    def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Leave-one-out class scores (n, C) of support clips of classes ``y`` from their cosines
+        to the fitted centroids and to those without them (:func:`calm._calibration.loo_cosines`);
+        here the fitted heads scoring the latter."""
+        return self._contributions(cos_loo).sum(dim=1)
+
+    def _head_weights(self) -> np.ndarray:
+        """The weight (C, K) of each head in each class's score."""
+        raise NotImplementedError
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (n, C): with ``calibration="loo-temperature"`` (and two or more
+        support clips in some class) softmax(log score / ``temperature_``), else the uncalibrated
+        ones (:mod:`calm.classifiers.calibration`); the argmax is ``predict``'s either way."""
+        return calibration.proba(self, self.class_scores(X))
+
+    def predict_set(self, X: Any, alpha: float = 0.1) -> list[list[Any]]:
+        """Conformal prediction sets: per clip, the classes that cannot be excluded at level
+        ``alpha`` (the true class is in the set with probability about 1 - alpha for clips
+        exchangeable with the support set); an empty set means none fits (unknown)."""
+        check_is_fitted(self)
+        return calibration.predict_set(self, X, alpha)
+
+    def explain(self, X: Any, top: int = 5) -> list[dict[str, Any]]:
+        """Per clip, the class scores and probabilities and, per class, the ``top`` heads that
+        carried its score (layer / head when ``metadata_["head_names"]`` has them, weight,
+        similarity, contribution), as plain JSON-ready dicts."""
+        check_is_fitted(self)
+        return calibration.explain(self, X, top)
+
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (entries of ``classes_``); ties go to the lower class index."""
         scores = self.class_scores(X)
@@ -221,7 +276,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return (
             TensorSpec("centroids", ("C", "K", "d")),
             TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
-        )
+        ) + (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:
         """The fitted state as a file's contents (``metadata`` default: ``metadata_``)."""
@@ -254,16 +309,21 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def _from_state(cls: type[_Self], saved: SavedClassifier, path: str | Path = "<state>") -> _Self:
         """A fitted estimator restored from ``saved``; ValueError naming ``path`` if it does not fit
         this class (bad parameters, or tensors unlike ``_state_specs``)."""
+        saved.params.setdefault("calibration", None)  # files written before calibration existed
         clf = cls._checked(saved.params, path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         clf.classes_ = saved.classes
         for s in specs:
             a = saved.tensors[s.name]
-            setattr(clf, s.attr, a.astype(np.int64) if s.kind == "i" else a)
+            setattr(
+                clf, s.attr, a.astype(np.int64) if s.kind == "i" else float(a[0]) if s.shape == (1,) else a
+            )
         clf.n_heads_, clf.head_dim_, clf.k_ = saved.n_heads, saved.head_dim, saved.k
         clf.n_features_in_ = clf.n_heads_ * clf.head_dim_
         clf.metadata_ = dict(saved.metadata)
+        if clf.calibration is not None:
+            clf.calibrated_ = len(clf.nonconformity_) > 0
         clf._prepare(unit_layout(torch.from_numpy(clf.centroids_)))
         return clf
 
@@ -299,6 +359,7 @@ def load(path: str | os.PathLike[str]) -> HeadClassifier:
 
     def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         cls = _estimator(name, path)
+        params.setdefault("calibration", None)  # files written before calibration existed
         cls._checked(params, path)  # bad parameters are refused before any tensor is read
         return cls._state_specs(params)
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import StrOptions
 
+from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
@@ -51,14 +52,15 @@ class CALM(HeadClassifier):
         Margins of support clips against centroids that include them (paper), or against their own
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
-    n_heads, classes, chunk_size, device : as for :class:`calm.classifiers.SAV`.
+    n_heads, classes, chunk_size, device, calibration : as for :class:`calm.classifiers.SAV`.
 
     Attributes
     ----------
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d), reliability_ (C, K) for "class" or
     (K,) for "global", weights_ (C, K) (rows identical for "global"; each row sums to 1 over its
     kept heads and is 0 elsewhere), heads_ (C, k) for "class" or (k,) for "global": kept heads by
-    decreasing reliability, k_, n_heads_, head_dim_, metadata_.
+    decreasing reliability, k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
+    calibrated_ as for SAV.
 
     Examples
     --------
@@ -101,6 +103,7 @@ class CALM(HeadClassifier):
         classes: Any = None,
         chunk_size: int | None = None,
         device: Any = "cpu",
+        calibration: str | None = DEFAULTS["calibration"],
     ):
         self.k = k
         self.tau_p = tau_p
@@ -112,6 +115,7 @@ class CALM(HeadClassifier):
         self.classes = classes
         self.chunk_size = chunk_size
         self.device = device
+        self.calibration = calibration
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
@@ -194,9 +198,36 @@ class CALM(HeadClassifier):
         for_each(feats.views(self._view_rows(feats)), chunk, dev)  # chunks in parallel threads on CPU
         return out
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Scores normalised to sum to 1 over classes."""
-        s = self.class_scores(X)
+    def _log_scores(self, scores: np.ndarray) -> np.ndarray:
+        out: np.ndarray = np.log(np.maximum(np.asarray(scores, dtype=np.float64), cal.SCORE_FLOOR))
+        return out
+
+    def _contributions(self, cos: torch.Tensor) -> torch.Tensor:
+        return cal.posterior_contributions(
+            cos, torch.from_numpy(np.asarray(self.weights_, np.float64)), self.tau_p
+        )
+
+    def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The clip's own margins taken out of the reliabilities, heads and weights chosen again
+        (:func:`calm._calibration.loo_weighted_scores`): in-sample head selection would make the
+        left-out scores over-confident."""
+        post = H.head_posteriors(cos_loo, self.tau_p)
+        fitted = post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, self.tau_p)
+        return cal.loo_weighted_scores(
+            post,
+            H.clamped_margins(fitted, y),
+            y,
+            torch.from_numpy(np.asarray(self.reliability_, np.float64)),
+            torch.from_numpy(np.asarray(self.weights_, np.float64)),
+            torch.from_numpy(np.asarray(self.class_counts_)),
+            lambda r: H.head_weights(r, self.k_, self.tau_w, self.normalization),
+        )
+
+    def _head_weights(self) -> np.ndarray:
+        return np.asarray(self.weights_)
+
+    def _proba(self, s: np.ndarray) -> np.ndarray:
+        """Scores normalised to sum to 1 over classes (uncalibrated)."""
         total = s.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             proba: np.ndarray = np.where(total > 0, s / total, 1.0 / s.shape[1])

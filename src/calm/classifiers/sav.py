@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from sklearn.utils._param_validation import StrOptions
 
+from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
 from calm.classifiers.features import Features
@@ -48,12 +49,18 @@ class SAV(HeadClassifier):
     device : str or torch.device
         Where the chunks are computed (``"cpu"``, ``"cuda"``, ...); features are read on the CPU
         and each chunk is moved there. Not saved: a loaded classifier runs on ``"cpu"``.
+    calibration : "loo-temperature" or None
+        ``predict_proba`` calibrated by a temperature fitted on leave-one-out scores of the
+        support clips (:mod:`calm.classifiers.calibration`; the argmax, ``predict`` and
+        ``decision_function`` are unchanged; needs two clips in some class), or None: the
+        uncalibrated probabilities. Default `calm.methods.DEFAULTS`.
 
     Attributes
     ----------
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d), head_scores_ (K,) support accuracy of
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
-    only), k_, n_heads_, head_dim_, metadata_.
+    only), k_, n_heads_, head_dim_, metadata_; with calibration: temperature_, nonconformity_
+    (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class).
 
     Examples
     --------
@@ -89,6 +96,7 @@ class SAV(HeadClassifier):
         classes: Any = None,
         chunk_size: int | None = None,
         device: Any = "cpu",
+        calibration: str | None = DEFAULTS["calibration"],
     ):
         self.k = k
         self.tie_break = tie_break
@@ -97,6 +105,7 @@ class SAV(HeadClassifier):
         self.classes = classes
         self.chunk_size = chunk_size
         self.device = device
+        self.calibration = calibration
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
@@ -153,6 +162,20 @@ class SAV(HeadClassifier):
             out[start : start + len(xb)] = H.vote_counts(best.cpu(), C).numpy()  # Eq. 4
         return out
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Vote shares (n, C): vote counts divided by k."""
-        return self.class_scores(X) / float(self.k_)
+    def _proba(self, scores: np.ndarray) -> np.ndarray:
+        """Vote shares (n, C): vote counts divided by k (uncalibrated)."""
+        out: np.ndarray = scores / float(self.k_)
+        return out
+
+    def _log_scores(self, scores: np.ndarray) -> np.ndarray:
+        """log(votes + 1/2): finite for classes no head votes for."""
+        out: np.ndarray = np.log(np.asarray(scores, dtype=np.float64) + 0.5)
+        return out
+
+    def _contributions(self, cos: torch.Tensor) -> torch.Tensor:
+        return cal.vote_contributions(cos, torch.from_numpy(np.asarray(self.heads_)))
+
+    def _head_weights(self) -> np.ndarray:
+        w = np.zeros((len(self.classes_), self.n_heads_))
+        w[:, self.heads_] = 1.0 / self.k_
+        return w

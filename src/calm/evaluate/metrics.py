@@ -1,4 +1,5 @@
-"""Metrics (%) of predictions on query clips: accuracy, macro-F1 and EER (bonafide/spoof), and for
+"""Metrics (%) of predictions on query clips: accuracy, macro-F1 and EER (bonafide/spoof), the
+expected calibration error of probabilities (``ece``, % as the others: 16.0 is an ECE of 0.16), and for
 multi-label data question accuracy, exact match and mAP.
 
 Multi-label (AudioSet-style) data: each test clip is one question per true label, answered correctly
@@ -22,6 +23,7 @@ __all__ = [
     "average_precision",
     "class_scores",
     "equal_error_rate",
+    "expected_calibration_error",
     "evaluate_method",
     "macro_f1",
     "multilabel_metrics",
@@ -82,6 +84,32 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(np.mean(hits / ranks))
 
 
+def expected_calibration_error(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
+    """ECE (fraction, 0..1): over ``n_bins`` equal-width bins of the top probability ``confidence``
+    (bins (i / n, (i + 1) / n], the first closed at 0), the clip-weighted mean |accuracy - mean
+    confidence| of each bin; ``correct`` says whether each top class is the true one."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    hits = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        return 0.0
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        sel = bins == b
+        total += sel.sum() * abs(hits[sel].mean() - conf[sel].mean())
+    return float(total / conf.size)
+
+
+def _probabilities(scores: np.ndarray | None) -> np.ndarray | None:
+    """``scores`` (n, C) if they are probabilities (finite, in [0, 1], rows summing to 1), else None."""
+    if scores is None:
+        return None
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.size == 0 or not np.isfinite(s).all() or s.min() < 0 or s.max() > 1 + 1e-6:
+        return None
+    return s if np.allclose(s.sum(axis=1), 1.0, atol=1e-4) else None
+
+
 def multilabel_metrics(scores: np.ndarray, truth: Sequence[tuple[str, ...]], classes: Sequence[str]) -> dict:
     """Question accuracy, exact match and mAP (%) from per-class scores (n, C) of multi-label clips."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -135,6 +163,9 @@ def prediction_metrics(
     y_true = np.array([t[0] for t in truth], dtype=object)
     pred = np.array([None if p is None else str(p) for p in y_pred], dtype=object)
     out = {"accuracy": accuracy(y_true, pred)}
+    proba = _probabilities(scores)
+    if proba is not None:  # the top probability against whether the prediction is right
+        out["ece"] = 100 * expected_calibration_error(proba.max(axis=1), pred == y_true)
     if task == "spoof":
         out["macro_f1"] = macro_f1(y_true, pred, ["bonafide", "spoof"])
         bona = np.asarray(scores, dtype=np.float64)[:, list(classes).index("bonafide")]
@@ -148,5 +179,6 @@ def evaluate_method(
     """Metrics (%) of a fitted classifier on query features X with their true label tuples."""
     if task == "multilabel":
         return prediction_metrics(None, class_scores(clf, X, classes), truth, classes, task)
-    scores = class_scores(clf, X, classes) if task == "spoof" else None
+    # spoof: the EER; any single-label task: the ECE when the scores are probabilities
+    scores = class_scores(clf, X, classes) if hasattr(clf, "predict_proba") or task == "spoof" else None
     return prediction_metrics(list(clf.predict(X)), scores, truth, classes, task)

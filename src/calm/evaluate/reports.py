@@ -40,6 +40,7 @@ METRIC_TITLES = {
     "exact_match": "exact-match accuracy (%)",
     "question_accuracy": "question accuracy (%)",
     "map": "mAP (%)",
+    "ece": "expected calibration error (%, 15 bins, lower is better)",
 }
 
 

@@ -1,0 +1,162 @@
+"""Calibrated probabilities, conformal prediction sets and explanations of a fitted head classifier
+(SAV, CALM, CALM-global), from the support set alone; the math is :mod:`calm._calibration`.
+
+``calibration="loo-temperature"``: each support clip is scored as if it had been left out (its
+own class centroid recomputed without it, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); the kept heads
+and weights stay those of the full fit), and one temperature T is chosen on those scores by
+minimising their negative log-likelihood; ``predict_proba`` is softmax(log score / T), a monotone
+map of the scores (the argmax never changes). Clips of classes with one support clip cannot be
+left out: with one shot per class there is no calibration data, T stays 1 and ``calibrated_`` is
+False (``predict_proba`` is then the uncalibrated one). The leave-one-out probabilities' 1 - p_y
+are kept as ``nonconformity_``, the calibration scores of the conformal sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from calm import _calibration as cal
+from calm import _heads as H
+from calm.classifiers.features import Features
+from calm.errors import ParameterError
+
+__all__ = ["Calibratable", "explain", "fit_calibration", "predict_set", "proba"]
+
+
+class Calibratable(Protocol):
+    """What this module reads of a fitted head classifier (:class:`calm.classifiers.base.HeadClassifier`)."""
+
+    calibration: str | None
+    classes_: np.ndarray
+    class_counts_: np.ndarray
+    centroids_: np.ndarray
+    n_heads_: int
+    metadata_: dict[str, Any]
+    temperature_: float
+    nonconformity_: np.ndarray
+    calibrated_: bool
+
+    def _query(self, X: Any) -> Features: ...
+    def class_scores(self, X: Any) -> np.ndarray: ...
+    def predict_proba(self, X: Any) -> np.ndarray: ...
+    def _proba(self, scores: np.ndarray) -> np.ndarray: ...
+    def _log_scores(self, scores: np.ndarray) -> np.ndarray: ...
+    def _contributions(self, cos: torch.Tensor) -> torch.Tensor: ...
+    def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def _head_weights(self) -> np.ndarray: ...
+
+
+#: Bytes of one chunk's (rows, K, C) float64 cosines and contributions.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk(K: int, d: int, C: int) -> int:
+    return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
+
+
+def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> None:
+    """Set ``temperature_``, ``nonconformity_`` and ``calibrated_`` of a fitted ``clf`` from its
+    support features and class indices (nothing, and those attributes removed, with
+    ``calibration=None``)."""
+    for attr in ("temperature_", "nonconformity_", "calibrated_"):
+        clf.__dict__.pop(attr, None)  # from an earlier fit
+    if clf.calibration is None:
+        return
+    counts = torch.as_tensor(np.asarray(clf.class_counts_))
+    usable = counts[torch.as_tensor(y_idx)] >= 2  # clips that can be left out
+    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
+    C, K, d = centroids.shape
+    logs, ys = [], []
+    for start, xb in feats.chunks(_chunk(K, d, C), torch.float64):
+        yb = torch.as_tensor(y_idx[start : start + len(xb)])
+        keep = usable[start : start + len(xb)]
+        if not bool(keep.any()):
+            continue
+        cos_in, cos_loo = cal.loo_cosines(xb[keep], yb[keep], centroids, counts)
+        logs.append(clf._log_scores(clf._loo_scores(cos_in, cos_loo, yb[keep]).numpy()))
+        ys.append(yb[keep].numpy())
+    y_loo = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
+    log_scores = np.concatenate(logs) if logs else np.zeros((0, C))
+    clf.temperature_ = cal.fit_temperature(log_scores, y_loo)
+    clf.nonconformity_ = cal.nonconformity(cal.calibrated_proba(log_scores, clf.temperature_), y_loo)
+    clf.calibrated_ = len(y_loo) > 0
+
+
+def proba(clf: Calibratable, scores: np.ndarray) -> np.ndarray:
+    """Probabilities (n, C) of class ``scores``: calibrated where ``clf`` was, else ``clf._proba``."""
+    if clf.calibration is None or not getattr(clf, "calibrated_", False):
+        return clf._proba(scores)
+    return cal.calibrated_proba(clf._log_scores(scores), clf.temperature_)
+
+
+def predict_set(clf: Calibratable, X: Any, alpha: float) -> list[list[Any]]:
+    """For each clip, the classes (entries of ``classes_``) that cannot be excluded at level
+    ``alpha``: those with 1 - p_c(x) at most the conformal threshold of the leave-one-out
+    nonconformity scores. Without calibration data (one shot, ``calibration=None``) or with too
+    few support clips for ``alpha`` no class can be excluded: every class is in every set."""
+    if not 0.0 < alpha < 1.0:
+        raise ParameterError(f"alpha must be in (0, 1), got {alpha!r}")
+    p = clf.predict_proba(X)
+    scores = getattr(clf, "nonconformity_", np.zeros(0)) if getattr(clf, "calibrated_", False) else []
+    member = cal.prediction_sets(p, cal.conformal_threshold(np.asarray(scores), alpha))
+    return [list(clf.classes_[row]) for row in member]
+
+
+def head_labels(clf: Calibratable) -> list[dict[str, Any]]:
+    """Each head's description: its index, and layer / head / source when ``metadata_`` carries
+    ``head_names`` of the right length."""
+    names: Sequence[Any] = clf.metadata_.get("head_names") or []
+    if len(names) != clf.n_heads_:
+        return [{"head": j} for j in range(clf.n_heads_)]
+    out = []
+    for j, name in enumerate(names):
+        layer, head, source = (list(name) + [None, None, None])[:3]
+        out.append({"head": j, "layer": layer, "index": head, "source": source})
+    return out
+
+
+def explain(clf: Calibratable, X: Any, top: int = 5) -> list[dict[str, Any]]:
+    """Per clip a JSON-ready dict: ``prediction``, ``scores`` and ``probabilities`` by class, and
+    ``heads`` by class: up to ``top`` heads that carried the class's score, largest part first,
+    each with its description (:func:`head_labels`), ``weight`` (CALM: w_c^j; SAV: 1 / k for a
+    kept head), ``similarity`` (cosine to the class centroid) and ``contribution`` (its part of
+    the score: w_c^j p_c^j(x) for CALM, 1 for a SAV vote); heads contributing 0 are left out."""
+    feats = clf._query(X)
+    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
+    C, K, d = centroids.shape
+    labels, weights = head_labels(clf), clf._head_weights()
+    classes = [c.item() if hasattr(c, "item") else c for c in clf.classes_]
+    all_scores = clf.class_scores(X)  # those predict reads: the same prediction
+    out: list[dict[str, Any]] = []
+    for start, xb in feats.chunks(_chunk(K, d, C), torch.float64):
+        cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(xb), H.l2_normalize(centroids))
+        parts = clf._contributions(cos)
+        scores = all_scores[start : start + len(xb)]
+        probs = proba(clf, scores)
+        for i in range(len(xb)):
+            heads = {}
+            for c, name in enumerate(classes):
+                order = torch.argsort(parts[i, :, c], descending=True, stable=True)[:top]
+                heads[str(name)] = [
+                    {
+                        **labels[int(j)],
+                        "weight": float(weights[c, j]),
+                        "similarity": float(cos[i, j, c]),
+                        "contribution": float(parts[i, j, c]),
+                    }
+                    for j in order.tolist()
+                    if float(parts[i, j, c]) > 0
+                ]
+            out.append(
+                {
+                    "prediction": classes[int(np.argmax(scores[i]))],
+                    "scores": {str(c): float(s) for c, s in zip(classes, scores[i], strict=True)},
+                    "probabilities": {str(c): float(p) for c, p in zip(classes, probs[i], strict=True)},
+                    "heads": heads,
+                }
+            )
+    return out
