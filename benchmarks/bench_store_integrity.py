@@ -14,7 +14,7 @@ and prints the ratio, for the store as it is (stores written before crc32 was re
 checked with sha256) and for a temporary copy whose rows record crc32; plus the raw speed of
 crc32 and sha256 over the store's shard files.
 
-    python benchmarks/bench_store_integrity.py /work/runs-before/fsdd/features
+    python benchmarks/bench_store_integrity.py runs-before/fsdd/features
 """
 
 from __future__ import annotations
