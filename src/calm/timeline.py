@@ -1,0 +1,55 @@
+"""The detection timeline figure: per-class scores over time with the detected events shaded.
+
+`timeline_figure(detection)` draws a `calm.detection.Detection` as a matplotlib `Figure` (built
+without pyplot, like `calm.figures`): one line per class (its smoothed probability at each window's
+centre), dotted lines at the class thresholds, and each event as a band in its class's colour,
+labelled with the class. `timeline_png(detection, folder)` writes `<recording stem>.timeline.png`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from calm.figures import _new_figure, _save
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from calm.detection import Detection
+
+
+def timeline_figure(detection: Detection, *, max_classes: int = 10) -> Figure:
+    """Classes over time (the `max_classes` with the highest peak score), events shaded."""
+    fig = _new_figure((max(8.0, min(24.0, detection.duration / 10)), 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    centres = detection.starts + detection.window / 2
+    peaks = np.nanmax(detection.smoothed, axis=0) if len(centres) else np.zeros(len(detection.classes))
+    shown = sorted(np.argsort(-peaks, kind="stable")[:max_classes])
+    colours = {c: f"C{n % 10}" for n, c in enumerate(shown)}
+    for c in shown:
+        label = str(detection.classes[c])
+        ax.plot(centres, detection.smoothed[:, c], color=colours[c], lw=1.0, label=label)
+        ax.axhline(detection.thresholds[c], color=colours[c], ls=":", lw=0.8)
+    names = [str(c) for c in detection.classes]
+    for event in detection.events:
+        c = names.index(str(event.label))
+        ax.axvspan(event.onset, event.offset, color=colours.get(c, "0.5"), alpha=0.2, lw=0)
+        ax.text(
+            (event.onset + event.offset) / 2, 1.02, str(event.label), ha="center", va="bottom", fontsize=7
+        )
+    ax.set_xlim(0, detection.duration)
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("smoothed probability")
+    ax.set_title(f"{Path(detection.source).name}: {len(detection.events)} events", fontsize=9)
+    if shown:
+        ax.legend(loc="upper right", fontsize=7, ncol=min(len(shown), 5))
+    return fig
+
+
+def timeline_png(detection: Detection, folder: str | Path) -> Path:
+    """Write the timeline of `detection` as `folder/<stem>.timeline.png` and return the path."""
+    return _save(timeline_figure(detection), Path(folder) / f"{Path(detection.source).stem}.timeline.png")
