@@ -9,13 +9,13 @@ a 500 Hz "low" and a 3 kHz "high", every 30 s), fits a CALM on 3 short clips per
 it, then runs `calm detect MODEL FILE --background noise --json OUT` in a child process, timed.
 Prints, for the child: wall seconds, the real-time factor (audio seconds / wall seconds; the
 issue's bar: at least 20x with encoder_length=clip), its peak resident memory (ru_maxrss of the
-child, which includes the model and torch; the bar: under 1.5 GiB), and the number of events found
-against the bursts written; and the real-time factor of the detection alone (as `calm detect`
-reports it: decoding included, model loading not). The baseline, measured in the same run on the same loaded model: the
-model alone (`extract` + the classifier) on --baseline-windows windows, as windows per second and
-the real-time factor it would give (hop seconds of audio per window), so the overhead of decoding,
-windowing and smoothing is the ratio of the two. Also the file's size and the resident memory the
-decoded file would need as float32 at the model's rate (what streaming avoids).
+child, which includes the model and torch; the bar: under 1.5 GiB), the number of events found
+against the bursts written, and the real-time factor of the detection alone (as `calm detect`
+reports it: decoding included, model loading not). The baseline, measured in the same run on the
+same loaded model: the model alone (`extract` + the classifier) on --baseline-windows windows, as
+windows per second and the real-time factor it would give (hop seconds of audio per window), so
+the overhead of decoding, windowing and smoothing is the ratio of the two. Also the file's size and
+the memory the decoded file would need as float32 at the model's rate (what streaming avoids).
 """
 
 from __future__ import annotations
