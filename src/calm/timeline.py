@@ -2,7 +2,7 @@
 
 `timeline_figure(detection)` draws a `calm.detection.Detection` as a matplotlib `Figure` (built
 without pyplot, like `calm.figures`): one line per class (its smoothed probability at each window's
-centre), dotted lines at the class thresholds, and each event as a band in its class's colour,
+centre; a `background` class grey and dashed), dotted lines at the thresholds, and each event as a band in its class's colour,
 labelled with the class. `timeline_png(detection, folder)` writes `<recording stem>.timeline.png`.
 """
 
@@ -29,10 +29,17 @@ def timeline_figure(detection: Detection, *, max_classes: int = 10) -> Figure:
     peaks = np.nanmax(detection.smoothed, axis=0) if len(centres) else np.zeros(len(detection.classes))
     shown = sorted(np.argsort(-peaks, kind="stable")[:max_classes])
     colours = {c: f"C{n % 10}" for n, c in enumerate(shown)}
+    background = {str(b) for b in detection.background}
+    same = bool(np.all(detection.thresholds == detection.thresholds[0]))
     for c in shown:
         label = str(detection.classes[c])
-        ax.plot(centres, detection.smoothed[:, c], color=colours[c], lw=1.0, label=label)
-        ax.axhline(detection.thresholds[c], color=colours[c], ls=":", lw=0.8)
+        dim = label in background  # never an event: grey, dashed
+        colour = "0.6" if dim else colours[c]
+        ax.plot(centres, detection.smoothed[:, c], color=colour, lw=1.0, ls="--" if dim else "-", label=label)
+        if not (same or dim):
+            ax.axhline(detection.thresholds[c], color=colour, ls=":", lw=0.8)
+    if same:
+        ax.axhline(detection.thresholds[0], color="0.3", ls=":", lw=0.8, label="threshold")
     names = [str(c) for c in detection.classes]
     for event in detection.events:
         c = names.index(str(event.label))
@@ -46,7 +53,7 @@ def timeline_figure(detection: Detection, *, max_classes: int = 10) -> Figure:
     ax.set_ylabel("smoothed probability")
     ax.set_title(f"{Path(detection.source).name}: {len(detection.events)} events", fontsize=9)
     if shown:
-        ax.legend(loc="upper right", fontsize=7, ncol=min(len(shown), 5))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
     return fig
 
 
