@@ -2,8 +2,8 @@
 
 `timeline_figure(detection)` draws a `calm.detection.Detection` as a matplotlib `Figure` (built
 without pyplot, like `calm.figures`): one line per class (its smoothed probability at each window's
-centre; a `background` class grey and dashed), dotted lines at the thresholds, and each event as a band in its class's colour,
-labelled with the class. `timeline_png(detection, folder)` writes `<recording stem>.timeline.png`.
+centre; a `background` class grey and dashed), dotted lines at the thresholds, and each event as a
+band in its class's colour, labelled with the class (up to `MAX_LABELS` events). `timeline_png(detection, folder)` writes `<recording stem>.timeline.png`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from calm.detection import Detection
+
+
+#: events labelled with their class above the plot (more would overlap)
+MAX_LABELS = 40
 
 
 def timeline_figure(detection: Detection, *, max_classes: int = 10) -> Figure:
@@ -44,9 +48,9 @@ def timeline_figure(detection: Detection, *, max_classes: int = 10) -> Figure:
     for event in detection.events:
         c = names.index(str(event.label))
         ax.axvspan(event.onset, event.offset, color=colours.get(c, "0.5"), alpha=0.2, lw=0)
-        ax.text(
-            (event.onset + event.offset) / 2, 1.02, str(event.label), ha="center", va="bottom", fontsize=7
-        )
+        if len(detection.events) <= MAX_LABELS:
+            middle = (event.onset + event.offset) / 2
+            ax.text(middle, 1.02, str(event.label), ha="center", va="bottom", fontsize=7)
     ax.set_xlim(0, detection.duration)
     ax.set_ylim(0, 1.1)
     ax.set_xlabel("time (s)")
