@@ -3,7 +3,8 @@
 `timeline_figure(detection)` draws a `calm.detection.Detection` as a matplotlib `Figure` (built
 without pyplot, like `calm.figures`): one line per class (its smoothed probability at each window's
 centre; a `background` class grey and dashed), dotted lines at the thresholds, and each event as a
-band in its class's colour, labelled with the class (up to `MAX_LABELS` events). `timeline_png(detection, folder)` writes `<recording stem>.timeline.png`.
+band in its class's colour, labelled with the class (up to `MAX_LABELS` events).
+`timeline_png(detection, folder)` writes `<recording stem>.timeline.png`.
 """
 
 from __future__ import annotations
