@@ -316,3 +316,16 @@ def test_cli_bad_option_is_one_error_line(model_file, long_flac):
     assert res.exit_code == 1
     assert res.output.strip().splitlines()[-1].startswith("calm: error: hop must be in (0, window=1]")
     assert invoke(model_file, long_flac, "--threshold", "dog=high").exit_code == 2
+
+
+def test_unreadable_and_nan_files_name_the_file(classifier, tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio at all " * 100)
+    with pytest.raises(AudioError, match=r"junk\.wav: "):
+        classifier.detect(junk)
+    bad = tmp_path / "nan.wav"
+    x = noise(3.0, np.random.default_rng(0))
+    x[RATE * 2] = np.nan
+    sf.write(bad, x, RATE, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"nan\.wav: contains NaN or infinite samples"):
+        classifier.detect(bad)
