@@ -38,6 +38,7 @@ LAYERS = {
     "calm.audio": 1,
     "calm.video": 1,
     "calm.audio_inputs": 1,
+    "calm.audio_stream": 1,
     "calm.data": 1,
     "calm.models": 2,
     "calm.answering": 2,  # the model answering: chat_lm, parse, zeroshot, pseudolabel, clips
@@ -50,6 +51,8 @@ LAYERS = {
     "calm.inference": 5,
     "calm.clip_features": 5,
     "calm.audio_classifier": 5,
+    "calm.detection": 5,
+    "calm.timeline": 5,
     "calm.serve": 6,
     "calm.commands": 6,
     "calm.cli": 6,

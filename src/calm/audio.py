@@ -154,7 +154,7 @@ def open_container(
         raise
 
 
-def _open_pyav(fh: BinaryIO, source: str | Path, timeout_s: float | None) -> Any:
+def open_audio_container(fh: BinaryIO, source: str | Path, timeout_s: float | None) -> Any:
     """`open_container` for audio: the first audio stream's codec must be on the allow-list."""
     container = open_container(fh, source, timeout_s=timeout_s)
     streams = [s for s in container.streams if s.type == "audio"]
@@ -183,7 +183,7 @@ def probe(source: str | Path | bytes, *, name: str | None = None) -> str:
             pass
         fh.seek(0)
         try:
-            container = _open_pyav(fh, shown, current_limits().timeout_s)
+            container = open_audio_container(fh, shown, current_limits().timeout_s)
         except AudioError:
             raise
         except Exception as exc:  # no demuxer recognises the bytes
@@ -230,7 +230,7 @@ def _decode_pyav(
     chunks: list[np.ndarray] = []
     n = 0
     longer = False
-    with open(path, "rb") as fh, _open_pyav(fh, path, limits.timeout_s) as container:
+    with open(path, "rb") as fh, open_audio_container(fh, path, limits.timeout_s) as container:
         stream = container.streams.audio[0]
         rate = int(stream.rate or stream.codec_context.sample_rate or 0)
         # planar float keeps every channel separate; mono mix-down is done here, not by ffmpeg

@@ -44,6 +44,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from calm.audio_inputs import ClipError
 from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
+from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
 from calm.errors import CalmWarning
 from calm.inference import Predictor
 from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
@@ -277,6 +278,19 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         pred = self.predict(X, sample_rate=sample_rate)
         hits = (pred == np.asarray(y)).astype(np.float64)
         return float(np.average(hits, weights=sample_weight))
+
+    def detect(
+        self, source: Any, *, window: float = DEFAULT_WINDOW, hop: float = DEFAULT_HOP, **options: Any
+    ) -> Detection:
+        """Events `(onset, offset, label, score)` of the classes in one long recording (a path,
+        streamed from disk, or a waveform): sliding windows of `window` s every `hop` s through the
+        same inference path as `predict`; `options` of `calm.detection.detect` (`threshold`,
+        `thresholds`, `median`, `background`, `sample_rate`, `progress`). Returns a
+        `calm.detection.Detection` (`.events`, per-window `.probabilities`)."""
+        check_is_fitted(self, "classifier_")
+        predictor = Predictor(self.classifier_, self._checked_extractor())
+        options.setdefault("batch_size", self.batch_size)
+        return detect(predictor, source, window=window, hop=hop, **options)
 
     # -- files -----------------------------------------------------------------------------------
 

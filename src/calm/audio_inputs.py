@@ -147,7 +147,8 @@ def check_rate(rate: Any, name: str) -> int:
     return int(rate)
 
 
-def _mono(wave: Any, name: str) -> np.ndarray:
+def mono_wave(wave: Any, name: str) -> np.ndarray:
+    """`wave` as 1-D float32 (channels averaged); ClipError naming `name` when it is not a waveform."""
     try:
         x = np.asarray(wave, dtype=np.float32)
     except (TypeError, ValueError) as exc:
@@ -174,7 +175,7 @@ def prepare_wave(
     """A waveform input as the model's input: mono float32 at `sample_rate`, cut to `max_seconds`
     before resampling (or (windows, n) when `windows`); ClipError naming the clip when unusable."""
     rate = check_rate(clip.rate, clip.name)
-    x = _mono(clip.wave, clip.name)
+    x = mono_wave(clip.wave, clip.name)
     if x.size == 0:
         raise ClipError(clip.name, "empty (no audio samples)")
     seconds = x.shape[0] / rate

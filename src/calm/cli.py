@@ -24,6 +24,7 @@ from calm.errors import CalmError
 
 # command name -> "module:attribute"; imported only when the command runs (keeps `calm --help` fast).
 COMMANDS = {
+    "detect": "calm.commands.detect:detect",
     "extract": "calm.commands.extract:extract",
     "prompts": "calm.commands.prompts:prompts",
     "evaluate": "calm.commands.evaluate:evaluate",
