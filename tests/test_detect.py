@@ -138,7 +138,7 @@ def test_a_waveform_at_another_rate_gives_the_same_events(classifier):
 def test_without_a_background_class_noise_is_an_event_unless_the_threshold_says_no(classifier, long_flac):
     result = classifier.detect(long_flac)
     assert any(str(e.label) == "noise" for e in result.events)
-    matched(classifier.detect(long_flac, thresholds={"noise": 1.0}).events)  # noise never reaches 1
+    matched(classifier.detect(long_flac, thresholds={"noise": 1.0}).events)  # a threshold of 1: never
 
 
 def test_the_file_is_decoded_in_pieces(classifier, long_flac, monkeypatch):

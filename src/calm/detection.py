@@ -10,7 +10,8 @@ inference path (`calm.inference.Predictor.forward`: features, then the classifie
 - Smoothing: a running median over `median` consecutive windows, class by class (odd; 1: none).
 - Decision: a window holds an event of its top class c when c's smoothed probability reaches the
   class's threshold (`threshold`, default `DEFAULT_THRESHOLD` = 0.5: the class must be at least as
-  likely as all others together; `thresholds={label: t}` overrides it per class) and c is not a
+  likely as all others together; `thresholds={label: t}` overrides it per class; a threshold of 1
+  turns the class off, since calibrated probabilities can round to exactly 1) and c is not a
   `background` label (a class fitted on "nothing happening" clips, never reported). Otherwise the
   window is "no known event". A window the model fails on is no event either (`failed` counts them).
 - Events: consecutive windows with the same decision merge into one. Each window stands for the
@@ -186,7 +187,8 @@ def events_of(
     top = np.argmax(smoothed, axis=1)
     best = smoothed[np.arange(len(top)), top]
     skip = {i for i, c in enumerate(classes) if str(c) in {str(b) for b in background}}
-    keep = (best >= thresholds[top]) & ~np.isin(top, list(skip))
+    thr = thresholds[top]
+    keep = (best >= thr) & (thr < 1.0) & ~np.isin(top, list(skip))
     if failed is not None:
         keep &= ~failed
     decision = np.where(keep, top, -1)
