@@ -197,3 +197,20 @@ def test_expected_calibration_error():
     assert m["ece"] == pytest.approx(100 * (0.2 + 0.6) / 2)
     assert "ece" not in prediction_metrics(["a", "a"], np.log(proba), truth, ["a", "b"], "single")
     assert "ece" not in prediction_metrics(["a", "b"], None, truth, ["a", "b"], "single")
+
+
+def test_a_large_support_set_is_calibrated_on_a_round_robin_subset(monkeypatch):
+    from calm.classifiers import calibration
+
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])  # class 3 has one clip: never left out
+    usable = np.bincount(y)[y] >= 2
+    mask = calibration.calibration_rows(usable, y, 5)
+    assert mask.sum() == 5 and not mask[9]
+    assert list(np.flatnonzero(mask)) == [0, 1, 3, 4, 5]  # first clip of each class, then the second ones
+    assert calibration.calibration_rows(usable, y, 50).tolist() == usable.tolist()
+    rng = np.random.default_rng(0)
+    X = (np.repeat(rng.normal(size=(4, 3, 8)), 10, axis=0) + rng.normal(size=(40, 3, 8))).astype(np.float32)
+    labels = np.repeat(np.arange(4), 10)
+    monkeypatch.setattr(calibration, "MAX_CALIBRATION_CLIPS", 12)
+    clf = calm.CALM(k=2).fit(X, labels)
+    assert clf.calibrated_ and len(clf.nonconformity_) == 12

@@ -24,7 +24,15 @@ from calm import _heads as H
 from calm.classifiers.features import Features
 from calm.errors import ParameterError
 
-__all__ = ["Calibratable", "explain", "fit_calibration", "predict_set", "proba"]
+__all__ = [
+    "MAX_CALIBRATION_CLIPS",
+    "Calibratable",
+    "calibration_rows",
+    "explain",
+    "fit_calibration",
+    "predict_set",
+    "proba",
+]
 
 
 class Calibratable(Protocol):
@@ -50,12 +58,34 @@ class Calibratable(Protocol):
     def _head_weights(self) -> np.ndarray: ...
 
 
+#: At most this many support clips are left out to fit T and give the conformal scores (taken
+#: round-robin over the classes): one temperature needs few, and leaving out every clip of a large
+#: support set (VGGSound: 3,090 clips x 309 classes) would cost several times the fit itself.
+MAX_CALIBRATION_CLIPS = 256
+
 #: Bytes of one chunk's (rows, K, C) float64 cosines and contributions.
 _CHUNK_BYTES = 64 * 2**20
 
 
 def _chunk(K: int, d: int, C: int) -> int:
     return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
+
+
+def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.ndarray:
+    """Boolean mask of the support clips left out for calibration: every `usable` one when there
+    are at most `limit`, else `limit` of them taken round-robin over the classes (each class's
+    first clips first; the support order is the episode's random draw)."""
+    rows = np.flatnonzero(usable)
+    if len(rows) <= limit:
+        return np.asarray(usable, dtype=bool)
+    rank = np.zeros(len(y_idx), dtype=np.int64)
+    for c in np.unique(y_idx[rows]):
+        members = rows[y_idx[rows] == c]
+        rank[members] = np.arange(len(members))
+    chosen = rows[np.lexsort((rows, rank[rows]))[:limit]]
+    mask = np.zeros(len(y_idx), dtype=bool)
+    mask[chosen] = True
+    return mask
 
 
 def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> None:
@@ -67,7 +97,9 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     if clf.calibration is None:
         return
     counts = torch.as_tensor(np.asarray(clf.class_counts_))
-    usable = counts[torch.as_tensor(y_idx)] >= 2  # clips that can be left out
+    usable = torch.as_tensor(
+        calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS)
+    )  # clips that can be left out (classes of 2 clips or more), at most MAX_CALIBRATION_CLIPS
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
     logs, ys = [], []
