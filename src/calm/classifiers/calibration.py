@@ -9,10 +9,19 @@ map of the scores (the argmax never changes). Clips of classes with one support 
 left out: with one shot per class there is no calibration data, T stays 1 and ``calibrated_`` is
 False (``predict_proba`` is then the uncalibrated one). The leave-one-out probabilities' 1 - p_y
 are kept as ``nonconformity_``, the calibration scores of the conformal sets.
+
+Reject option (``unknown=accept``, a fraction in (0, 1)): the rejection score of a clip is its
+calibrated top probability p, as the log-odds log(p / (1 - p)) (the same order, without rounding
+to 1); ``reject_threshold_`` is set from the leave-one-out scores
+of the support clips (:func:`calm._calibration.reject_threshold`) so that about a fraction
+``accept`` of clips of the known classes score at least it, and ``predict`` returns
+``unknown_label`` for a clip scoring below it. With one shot per class there are no leave-one-out
+scores: the threshold rejects nothing and ``fit`` warns. It needs calibration.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -24,7 +33,15 @@ from calm import _heads as H
 from calm.classifiers.features import Features
 from calm.errors import ParameterError
 
-__all__ = ["Calibratable", "explain", "fit_calibration", "predict_set", "proba"]
+__all__ = [
+    "Calibratable",
+    "explain",
+    "fit_calibration",
+    "predict_set",
+    "proba",
+    "rejection_scores",
+    "with_unknown",
+]
 
 
 class Calibratable(Protocol):
@@ -39,6 +56,9 @@ class Calibratable(Protocol):
     temperature_: float
     nonconformity_: np.ndarray
     calibrated_: bool
+    unknown: float | None
+    unknown_label: Any
+    reject_threshold_: float
 
     def _query(self, X: Any) -> Features: ...
     def class_scores(self, X: Any) -> np.ndarray: ...
@@ -62,9 +82,11 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     """Set ``temperature_``, ``nonconformity_`` and ``calibrated_`` of a fitted ``clf`` from its
     support features and class indices (nothing, and those attributes removed, with
     ``calibration=None``)."""
-    for attr in ("temperature_", "nonconformity_", "calibrated_"):
+    for attr in ("temperature_", "nonconformity_", "calibrated_", "reject_threshold_"):
         clf.__dict__.pop(attr, None)  # from an earlier fit
     if clf.calibration is None:
+        if clf.unknown is not None:
+            raise ParameterError("unknown= needs calibration='loo-temperature' (its leave-one-out scores)")
         return
     counts = torch.as_tensor(np.asarray(clf.class_counts_))
     usable = counts[torch.as_tensor(y_idx)] >= 2  # clips that can be left out
@@ -82,8 +104,41 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     y_loo = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
     log_scores = np.concatenate(logs) if logs else np.zeros((0, C))
     clf.temperature_ = cal.fit_temperature(log_scores, y_loo)
-    clf.nonconformity_ = cal.nonconformity(cal.calibrated_proba(log_scores, clf.temperature_), y_loo)
+    loo_proba = cal.calibrated_proba(log_scores, clf.temperature_)
+    clf.nonconformity_ = cal.nonconformity(loo_proba, y_loo)
     clf.calibrated_ = len(y_loo) > 0
+    if clf.unknown is not None:
+        if not clf.calibrated_:
+            warnings.warn(
+                "unknown=: no class has two support clips, so there are no leave-one-out scores to set "
+                "the rejection threshold from; nothing will be rejected",
+                UserWarning,
+                stacklevel=3,
+            )
+        loo = cal.top_log_odds(log_scores, clf.temperature_)
+        clf.reject_threshold_ = cal.reject_threshold(loo, clf.unknown)
+
+
+def rejection_scores(clf: Calibratable, scores: np.ndarray) -> np.ndarray:
+    """The rejection score (n,) of class ``scores`` (n, C): the log-odds of the calibrated top
+    probability (:func:`calm._calibration.top_log_odds`)."""
+    return cal.top_log_odds(clf._log_scores(scores), getattr(clf, "temperature_", 1.0))
+
+
+def with_unknown(clf: Calibratable, labels: np.ndarray, rejection: np.ndarray) -> np.ndarray:
+    """``labels`` (n,) with ``unknown_label`` where the ``rejection`` score (n,) is below
+    ``reject_threshold_`` (unchanged when ``unknown`` is None); an array of the labels' dtype when
+    it holds ``unknown_label`` too (strings), else an object array."""
+    if getattr(clf, "unknown", None) is None:
+        return labels
+    rejected = np.asarray(rejection, dtype=np.float64) < clf.reject_threshold_
+    if not rejected.any():
+        return labels
+    marker = np.asarray(clf.unknown_label)
+    strings = labels.dtype.kind in "US" and marker.dtype.kind in "US"
+    out = labels.astype(np.result_type(labels, marker) if strings else object)
+    out[rejected] = clf.unknown_label
+    return out
 
 
 def proba(clf: Calibratable, scores: np.ndarray) -> np.ndarray:
