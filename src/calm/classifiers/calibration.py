@@ -39,7 +39,9 @@ __all__ = [
     "fit_calibration",
     "predict_set",
     "proba",
+    "reject_info",
     "rejection_scores",
+    "sets_of",
     "with_unknown",
 ]
 
@@ -153,12 +155,38 @@ def predict_set(clf: Calibratable, X: Any, alpha: float) -> list[list[Any]]:
     ``alpha``: those with 1 - p_c(x) at most the conformal threshold of the leave-one-out
     nonconformity scores. Without calibration data (one shot, ``calibration=None``) or with too
     few support clips for ``alpha`` no class can be excluded: every class is in every set."""
+    _check_alpha(alpha)  # before the probabilities
+    return sets_of(clf, clf.predict_proba(X), alpha)
+
+
+def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
         raise ParameterError(f"alpha must be in (0, 1), got {alpha!r}")
-    p = clf.predict_proba(X)
+
+
+def sets_of(clf: Calibratable, probabilities: np.ndarray, alpha: float) -> list[list[Any]]:
+    """:func:`predict_set` of probability rows (n, C) already computed by ``clf.predict_proba``."""
+    _check_alpha(alpha)
     scores = getattr(clf, "nonconformity_", np.zeros(0)) if getattr(clf, "calibrated_", False) else []
-    member = cal.prediction_sets(p, cal.conformal_threshold(np.asarray(scores), alpha))
+    member = cal.prediction_sets(probabilities, cal.conformal_threshold(np.asarray(scores), alpha))
     return [list(clf.classes_[row]) for row in member]
+
+
+def reject_info(clf: Any) -> dict[str, Any] | None:
+    """How ``clf`` rejects, JSON-ready (None without ``unknown``): the accept rate asked for, the
+    label, the threshold (log-odds) and the smallest calibrated top probability accepted, and
+    whether anything can be rejected (not with one shot per class)."""
+    if getattr(clf, "unknown", None) is None:
+        return None
+    t = float(clf.reject_threshold_)
+    return {
+        "accept_rate": float(clf.unknown),
+        "label": clf.unknown_label,
+        "score": "log-odds of the calibrated top probability",
+        "threshold": t,
+        "min_probability": float(1.0 / (1.0 + np.exp(-t))) if t > cal.ACCEPT_ALL else 0.0,
+        "active": t > cal.ACCEPT_ALL,
+    }
 
 
 def head_labels(clf: Calibratable) -> list[dict[str, Any]]:
