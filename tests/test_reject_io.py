@@ -109,3 +109,11 @@ def test_serve_says_unknown_gives_sets_and_info(monkeypatch):
         assert httpx.get(live.url + "/info").json()["reject"]["active"] is False
     with LiveServer(create_app(Predictor(CALM(k=2).fit(X, ["a", "b"] * 6), ToneExtractor()))) as live:
         assert httpx.get(live.url + "/info").json()["reject"] is None
+
+
+def test_fit_refuses_the_option_where_the_method_has_none(tmp_path):
+    store = tmp_path / "store"
+    assert extract(make_data(tmp_path / "data", classes=("low", "mid"), n=4), store).exit_code == 0
+    res = invoke("fit", store, "--method", "auto", "--out", tmp_path / "m.safetensors", "--unknown", "0.9")
+    assert res.exit_code == 1 and "auto has no parameter unknown" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "m.safetensors").exists()

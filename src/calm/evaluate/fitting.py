@@ -101,6 +101,9 @@ def fit_store(
         raise ProtocolError(f"{store}: {exc}") from None
     m = (classifier or ClassifierSpec()).registry()[method]
     chosen = {**m.defaults, **(params or {})}
+    foreign = sorted(set(params) - set(m.build(**m.defaults).get_params())) if params else []
+    if foreign:  # e.g. the reject option on `auto`
+        raise ProtocolError(f"{store}: {method} has no parameter {', '.join(foreign)}")
     try:
         clf = m.build(**chosen).fit(np.asarray(X[rows], dtype=np.float32), support_y)
     except CalmError as exc:  # e.g. a store with one class (FeatureError)
