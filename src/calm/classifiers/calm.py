@@ -61,7 +61,7 @@ class CALM(HeadClassifier):
     (K,) for "global", weights_ (C, K) (rows identical for "global"; each row sums to 1 over its
     kept heads and is 0 elsewhere), heads_ (C, k) for "class" or (k,) for "global": kept heads by
     decreasing reliability, k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
-    calibrated_ as for SAV.
+    calibrated_, reject_threshold_ as for SAV.
 
     Examples
     --------
