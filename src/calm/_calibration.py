@@ -20,6 +20,7 @@ import torch
 from calm import _heads as H
 
 __all__ = [
+    "ACCEPT_ALL",
     "TEMPERATURES",
     "calibrated_proba",
     "conformal_threshold",
@@ -28,7 +29,10 @@ __all__ = [
     "loo_weighted_scores",
     "nonconformity",
     "posterior_contributions",
+    "proba_log_odds",
     "prediction_sets",
+    "reject_threshold",
+    "top_log_odds",
     "vote_contributions",
 ]
 
@@ -150,3 +154,43 @@ def prediction_sets(proba: np.ndarray, threshold: float) -> np.ndarray:
     """Membership (n, C) bool: the classes c with 1 - p_c(x) <= threshold (not excluded)."""
     out: np.ndarray = (1.0 - np.asarray(proba, dtype=np.float64)) <= threshold + 1e-12
     return out
+
+
+#: The threshold that rejects nothing (finite, as a model file's tensors must be).
+ACCEPT_ALL = -float(np.finfo(np.float64).max)
+
+
+def top_log_odds(log_scores: np.ndarray, temperature: float) -> np.ndarray:
+    """The rejection score (n,): log(p / (1 - p)) of the top calibrated probability p of each row
+    of softmax(log_scores / T), computed in log space (a monotone map of p that keeps separating
+    clips whose p rounds to 1)."""
+    z = np.asarray(log_scores, dtype=np.float64) / temperature
+    rows, best = np.arange(len(z)), np.argmax(z, axis=1)
+    rest = z - z[rows, best][:, None]
+    rest[rows, best] = -np.inf  # the other classes, relative to the top one
+    second = rest.max(axis=1)  # finite: two or more classes
+    out: np.ndarray = -(second + np.log(np.exp(rest - second[:, None]).sum(axis=1)))
+    return out
+
+
+def proba_log_odds(probabilities: np.ndarray) -> np.ndarray:
+    """:func:`top_log_odds` of probability rows (n, C) already computed (exact up to float rounding:
+    a top probability that rounds to 1 gives infinity)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    top = p.max(axis=1)
+    with np.errstate(divide="ignore"):
+        out: np.ndarray = np.log(top) - np.log(np.clip(1.0 - top, 0.0, None))
+    return out
+
+
+def reject_threshold(scores: np.ndarray, accept: float) -> float:
+    """The threshold on rejection ``scores`` (m,) of known-class clips (leave-one-out
+    :func:`top_log_odds` of the support set) that accepts about a fraction ``accept`` of such clips:
+    the floor((m + 1)(1 - accept))-th smallest score (a clip scoring below it is rejected; the
+    split-conformal rank, so an exchangeable new clip is accepted with probability at least
+    ``accept``), or ``ACCEPT_ALL`` (reject nothing) when that rank is 0 or there are no scores."""
+    m = len(scores)
+    rank = math.floor((m + 1) * (1.0 - accept) + 1e-9)
+    if rank < 1 or m == 0:
+        return ACCEPT_ALL
+    return float(np.sort(np.asarray(scores, dtype=np.float64))[min(rank, m) - 1])

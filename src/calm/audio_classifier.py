@@ -260,15 +260,16 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         return self._run(X, sample_rate, errors)[1]
 
     def predict(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
-        """Labels (n,), as `calm predict` gives them; with errors="skip" an object array holding None
-        for each failed clip."""
+        """Labels (n,), as `calm predict` gives them (the classifier's `unknown_label` for clips its
+        reject option, `unknown=`, rejects); with errors="skip" an object array holding None for
+        each failed clip."""
         predictor, proba, feats = self._run(X, sample_rate, errors)
-        labels = [
-            None if i in feats.errors else self.classes_[int(np.argmax(proba[i]))]
-            for i in range(len(feats.sources))
-        ]
+        ok = [i for i in range(len(feats.sources)) if i not in feats.errors]
+        found = dict(zip(ok, predictor.labels(proba[ok]), strict=True))  # "unknown" where rejected
+        labels = [found.get(i) for i in range(len(feats.sources))]
         if errors == "raise":
-            return np.asarray(labels, dtype=self.classes_.dtype)
+            unknown = getattr(self.classifier_, "unknown_label", None)
+            return np.asarray(labels, dtype=None if unknown in labels else self.classes_.dtype)
         out = np.full(len(labels), None, dtype=object)
         out[:] = [None if lab is None else np.asarray(lab).item() for lab in labels]
         return out

@@ -12,7 +12,9 @@ pipelines, each taking only its own options:
 - `forward(waveforms)`: a batch -> one class-probability row per clip, or a reason string for a
   clip whose features or scores are not finite (`embed`, then `classify`). A model error in a batch
   is retried clip by clip, so one clip never costs the others.
-- `postprocess(clip, probabilities, top_k=)`: -> `Prediction` (label, probability, top-k, duration).
+- `postprocess(clip, probabilities, top_k=, alpha=)`: -> `Prediction` (label, probability, top-k,
+  duration; the classifier's `unknown_label` when its reject option rejects the clip, and with
+  `alpha` the conformal prediction set, `calm.classifiers.calibration`).
 
 `predictor(sources, top_k=, batch_size=)` runs all three and gives one `Prediction` per source, in
 order, each with either a label or an error; `predict_proba(X)` gives the probability rows.
@@ -30,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from calm import _calibration as cal
 from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
+from calm.classifiers import calibration
 from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
@@ -59,14 +63,16 @@ class Prediction:
     top_k: list[tuple[Any, float]] = field(default_factory=list)
     duration: float | None = None
     error: str | None = None
+    prediction_set: list[Any] | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: labels as Python scalars, top-k as `{"label", "probability"}` objects."""
-        return {
+        """JSON-ready: labels as Python scalars, top-k as `{"label", "probability"}` objects, and
+        `prediction_set` when one was asked for."""
+        out = {
             "source": self.source,
             "label": self.label,
             "probability": self.probability,
@@ -74,6 +80,9 @@ class Prediction:
             "duration": self.duration,
             "error": self.error,
         }
+        if self.prediction_set is not None:
+            out["prediction_set"] = self.prediction_set
+        return out
 
 
 class Predictor(FeaturePipeline):
@@ -107,7 +116,8 @@ class Predictor(FeaturePipeline):
         return Predictor(self.classifier, copy.deepcopy(self.extractor), min_seconds=self.min_seconds)
 
     def info(self) -> dict[str, Any]:
-        """Classes, model, prompt, heads and how the classifier was fitted (JSON-ready)."""
+        """Classes, model, prompt, heads, how the classifier was fitted, whether its probabilities
+        are calibrated and how it rejects (`calm.classifiers.calibration.reject_info`; JSON-ready)."""
         meta = dict(getattr(self.classifier, "metadata_", {}) or {})
         return {
             "classes": self.classes,
@@ -121,6 +131,8 @@ class Predictor(FeaturePipeline):
             "sample_rate": int(self.extractor.sample_rate),
             "max_seconds": self.extractor.max_seconds,
             "min_seconds": self.min_seconds,
+            "calibrated": bool(getattr(self.classifier, "calibrated_", False)),
+            "reject": calibration.reject_info(self.classifier),
         }
 
     # -- forward ----------------------------------------------------------------------------------
@@ -139,11 +151,24 @@ class Predictor(FeaturePipeline):
         return self.classify(self.embed(waveforms))
 
     # -- postprocess ------------------------------------------------------------------------------
-    def postprocess(self, clip: DecodedClip, probabilities: np.ndarray, *, top_k: int = 1) -> Prediction:
-        """The most probable class and the `top_k` best (ties: the lower class index first)."""
+    def labels(self, probabilities: np.ndarray) -> list[Any]:
+        """The label of each probability row (n, C): the most probable class (ties: the lower
+        index), or the classifier's `unknown_label` where its reject option rejects the row."""
+        p = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(self.classes))
+        best = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
+        return list(calibration.with_unknown(self.classifier, best, cal.proba_log_odds(p)))
+
+    def postprocess(
+        self, clip: DecodedClip, probabilities: np.ndarray, *, top_k: int = 1, alpha: float | None = None
+    ) -> Prediction:
+        """The label (`labels`), its class's probability, the `top_k` best classes (ties: the lower
+        class index first) and, with `alpha`, the conformal prediction set at that level."""
         order = np.argsort(-probabilities, kind="stable")[: max(1, int(top_k))]
         best = [(self.classes[j], float(probabilities[j])) for j in order]
-        return Prediction(clip.source, best[0][0], best[0][1], best, clip.duration)
+        sets = None if alpha is None else calibration.sets_of(self.classifier, probabilities[None], alpha)[0]
+        plain = [s.item() if hasattr(s, "item") else s for s in sets] if sets is not None else None
+        label = self.labels(probabilities)[0]
+        return Prediction(clip.source, label, best[0][1], best, clip.duration, prediction_set=plain)
 
     # -- the three stages over a list of inputs ---------------------------------------------------
     def predict_proba(
@@ -170,8 +195,10 @@ class Predictor(FeaturePipeline):
         batch_size: int = 8,
         sample_rate: Any = None,
         cache: str | os.PathLike | None = None,
+        alpha: float | None = None,
     ) -> list[Prediction]:
-        """One `Prediction` per source, in order; a clip that fails gets its error, the rest go on."""
+        """One `Prediction` per source, in order; a clip that fails gets its error, the rest go on
+        (`alpha`: each with its conformal prediction set)."""
         proba, feats = self.predict_proba(
             sources, sample_rate=sample_rate, batch_size=batch_size, cache=cache
         )
@@ -182,7 +209,9 @@ class Predictor(FeaturePipeline):
                 out.append(Prediction(source, duration=duration, error=feats.errors[i].reason))
             else:
                 out.append(
-                    self.postprocess(DecodedClip(source, np.empty(0), duration or 0.0), proba[i], top_k=top_k)
+                    self.postprocess(
+                        DecodedClip(source, np.empty(0), duration or 0.0), proba[i], top_k=top_k, alpha=alpha
+                    )
                 )
         return out
 

@@ -14,7 +14,7 @@ Defaults (`DEFAULTS`): the values the README's tables and docs/results.md measur
 build the same model: k = 0.25 (a quarter of the heads, for SAV too: every reported run used it;
 the paper's accuracy plateau spans about 20-50 % of the heads), tau_p = 0.03 and tau_w = 0.5 (the
 paper), softmax weights and in-sample reliabilities (the paper), SAV ties to the lower head index
-(the paper).
+(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "normalization": "softmax",
         "reliability": "in-sample",
         "calibration": "loo-temperature",
+        "unknown": None,
+        "unknown_label": "unknown",
     }
 )
 

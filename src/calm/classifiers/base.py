@@ -69,6 +69,19 @@ _CALIBRATION_SPECS = (
     TensorSpec("temperature", (1,), bounds=(float(cal.TEMPERATURES[0]), float(cal.TEMPERATURES[-1]))),
     TensorSpec("nonconformity", (None,), bounds=(0, 1)),
 )
+#: The saved rejection threshold (``unknown`` set): a log-odds, shape (1,).
+_REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
+
+#: Parameters of files written before they existed, and the value such a file meant.
+_OLD_FILE_PARAMS = {"calibration": None, "unknown": None, "unknown_label": "unknown"}
+
+
+def _old_file_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of a file, completed in place with those it was written before (``_OLD_FILE_PARAMS``)."""
+    for name, value in _OLD_FILE_PARAMS.items():
+        params.setdefault(name, value)
+    return params
+
 
 #: Smallest temperature accepted: 1 / tau must stay far inside float32's range on the query path.
 MIN_TEMPERATURE = 1e-30
@@ -98,6 +111,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     chunk_size: int | None
     device: Any
     calibration: str | None
+    unknown: float | None
+    unknown_label: Any
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "k": [_POSITIVE_INT, Interval(RealNotInt, 0, 1, closed="right"), None],
@@ -107,6 +122,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "chunk_size": [_POSITIVE_INT, None],
         "device": [str, torch.device],
         "calibration": [StrOptions({"loo-temperature"}), None],
+        "unknown": [Interval(Real, 0, 1, closed="neither"), None],
+        "unknown_label": [str, Integral],
     }
 
     # -- fitting --------------------------------------------------------------------------------
@@ -251,10 +268,14 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return calibration.explain(self, X, top)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted labels (entries of ``classes_``); ties go to the lower class index."""
+        """Predicted labels (entries of ``classes_``); ties go to the lower class index. With
+        ``unknown`` set, ``unknown_label`` for clips whose calibrated top probability (as log-odds)
+        is below ``reject_threshold_`` (:func:`calm.classifiers.calibration.with_unknown`)."""
         scores = self.class_scores(X)
         labels: np.ndarray = self.classes_[np.argmax(scores, axis=1)]
-        return labels
+        if self.unknown is None:
+            return labels
+        return calibration.with_unknown(self, labels, calibration.rejection_scores(self, scores))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy of ``predict(X)`` against y."""
@@ -276,7 +297,10 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return (
             TensorSpec("centroids", ("C", "K", "d")),
             TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
-        ) + (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
+        ) + (
+            (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
+            + (_REJECT_SPECS if params.get("unknown") is not None else ())
+        )
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:
         """The fitted state as a file's contents (``metadata`` default: ``metadata_``)."""
@@ -309,8 +333,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def _from_state(cls: type[_Self], saved: SavedClassifier, path: str | Path = "<state>") -> _Self:
         """A fitted estimator restored from ``saved``; ValueError naming ``path`` if it does not fit
         this class (bad parameters, or tensors unlike ``_state_specs``)."""
-        saved.params.setdefault("calibration", None)  # files written before calibration existed
-        clf = cls._checked(saved.params, path)
+        clf = cls._checked(_old_file_params(saved.params), path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         clf.classes_ = saved.classes
@@ -359,8 +382,7 @@ def load(path: str | os.PathLike[str]) -> HeadClassifier:
 
     def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         cls = _estimator(name, path)
-        params.setdefault("calibration", None)  # files written before calibration existed
-        cls._checked(params, path)  # bad parameters are refused before any tensor is read
+        cls._checked(_old_file_params(params), path)  # bad parameters are refused before any tensor is read
         return cls._state_specs(params)
 
     saved = read_classifier(path, layout)

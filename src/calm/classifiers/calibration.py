@@ -9,10 +9,19 @@ map of the scores (the argmax never changes). Clips of classes with one support 
 left out: with one shot per class there is no calibration data, T stays 1 and ``calibrated_`` is
 False (``predict_proba`` is then the uncalibrated one). The leave-one-out probabilities' 1 - p_y
 are kept as ``nonconformity_``, the calibration scores of the conformal sets.
+
+Reject option (``unknown=accept``, a fraction in (0, 1)): the rejection score of a clip is its
+calibrated top probability p, as the log-odds log(p / (1 - p)) (the same order, without rounding
+to 1); ``reject_threshold_`` is set from the leave-one-out scores
+of the support clips (:func:`calm._calibration.reject_threshold`) so that about a fraction
+``accept`` of clips of the known classes score at least it, and ``predict`` returns
+``unknown_label`` for a clip scoring below it. With one shot per class there are no leave-one-out
+scores: the threshold rejects nothing and ``fit`` warns. It needs calibration.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -32,6 +41,10 @@ __all__ = [
     "fit_calibration",
     "predict_set",
     "proba",
+    "reject_info",
+    "rejection_scores",
+    "sets_of",
+    "with_unknown",
 ]
 
 
@@ -47,6 +60,9 @@ class Calibratable(Protocol):
     temperature_: float
     nonconformity_: np.ndarray
     calibrated_: bool
+    unknown: float | None
+    unknown_label: Any
+    reject_threshold_: float
 
     def _query(self, X: Any) -> Features: ...
     def class_scores(self, X: Any) -> np.ndarray: ...
@@ -92,9 +108,11 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     """Set ``temperature_``, ``nonconformity_`` and ``calibrated_`` of a fitted ``clf`` from its
     support features and class indices (nothing, and those attributes removed, with
     ``calibration=None``)."""
-    for attr in ("temperature_", "nonconformity_", "calibrated_"):
+    for attr in ("temperature_", "nonconformity_", "calibrated_", "reject_threshold_"):
         clf.__dict__.pop(attr, None)  # from an earlier fit
     if clf.calibration is None:
+        if clf.unknown is not None:
+            raise ParameterError("unknown= needs calibration='loo-temperature' (its leave-one-out scores)")
         return
     counts = torch.as_tensor(np.asarray(clf.class_counts_))
     usable = torch.as_tensor(
@@ -114,8 +132,41 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     y_loo = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
     log_scores = np.concatenate(logs) if logs else np.zeros((0, C))
     clf.temperature_ = cal.fit_temperature(log_scores, y_loo)
-    clf.nonconformity_ = cal.nonconformity(cal.calibrated_proba(log_scores, clf.temperature_), y_loo)
+    loo_proba = cal.calibrated_proba(log_scores, clf.temperature_)
+    clf.nonconformity_ = cal.nonconformity(loo_proba, y_loo)
     clf.calibrated_ = len(y_loo) > 0
+    if clf.unknown is not None:
+        if not clf.calibrated_:
+            warnings.warn(
+                "unknown=: no class has two support clips, so there are no leave-one-out scores to set "
+                "the rejection threshold from; nothing will be rejected",
+                UserWarning,
+                stacklevel=3,
+            )
+        loo = cal.top_log_odds(log_scores, clf.temperature_)
+        clf.reject_threshold_ = cal.reject_threshold(loo, clf.unknown)
+
+
+def rejection_scores(clf: Calibratable, scores: np.ndarray) -> np.ndarray:
+    """The rejection score (n,) of class ``scores`` (n, C): the log-odds of the calibrated top
+    probability (:func:`calm._calibration.top_log_odds`)."""
+    return cal.top_log_odds(clf._log_scores(scores), getattr(clf, "temperature_", 1.0))
+
+
+def with_unknown(clf: Calibratable, labels: np.ndarray, rejection: np.ndarray) -> np.ndarray:
+    """``labels`` (n,) with ``unknown_label`` where the ``rejection`` score (n,) is below
+    ``reject_threshold_`` (unchanged when ``unknown`` is None); an array of the labels' dtype when
+    it holds ``unknown_label`` too (strings), else an object array."""
+    if getattr(clf, "unknown", None) is None:
+        return labels
+    rejected = np.asarray(rejection, dtype=np.float64) < clf.reject_threshold_
+    if not rejected.any():
+        return labels
+    marker = np.asarray(clf.unknown_label)
+    strings = labels.dtype.kind in "US" and marker.dtype.kind in "US"
+    out = labels.astype(np.result_type(labels, marker) if strings else object)
+    out[rejected] = clf.unknown_label
+    return out
 
 
 def proba(clf: Calibratable, scores: np.ndarray) -> np.ndarray:
@@ -130,12 +181,38 @@ def predict_set(clf: Calibratable, X: Any, alpha: float) -> list[list[Any]]:
     ``alpha``: those with 1 - p_c(x) at most the conformal threshold of the leave-one-out
     nonconformity scores. Without calibration data (one shot, ``calibration=None``) or with too
     few support clips for ``alpha`` no class can be excluded: every class is in every set."""
+    _check_alpha(alpha)  # before the probabilities
+    return sets_of(clf, clf.predict_proba(X), alpha)
+
+
+def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
         raise ParameterError(f"alpha must be in (0, 1), got {alpha!r}")
-    p = clf.predict_proba(X)
+
+
+def sets_of(clf: Calibratable, probabilities: np.ndarray, alpha: float) -> list[list[Any]]:
+    """:func:`predict_set` of probability rows (n, C) already computed by ``clf.predict_proba``."""
+    _check_alpha(alpha)
     scores = getattr(clf, "nonconformity_", np.zeros(0)) if getattr(clf, "calibrated_", False) else []
-    member = cal.prediction_sets(p, cal.conformal_threshold(np.asarray(scores), alpha))
+    member = cal.prediction_sets(probabilities, cal.conformal_threshold(np.asarray(scores), alpha))
     return [list(clf.classes_[row]) for row in member]
+
+
+def reject_info(clf: Any) -> dict[str, Any] | None:
+    """How ``clf`` rejects, JSON-ready (None without ``unknown``): the accept rate asked for, the
+    label, the threshold (log-odds) and the smallest calibrated top probability accepted, and
+    whether anything can be rejected (not with one shot per class)."""
+    if getattr(clf, "unknown", None) is None:
+        return None
+    t = float(clf.reject_threshold_)
+    return {
+        "accept_rate": float(clf.unknown),
+        "label": clf.unknown_label,
+        "score": "log-odds of the calibrated top probability",
+        "threshold": t,
+        "min_probability": float(1.0 / (1.0 + np.exp(-t))) if t > cal.ACCEPT_ALL else 0.0,
+        "active": t > cal.ACCEPT_ALL,
+    }
 
 
 def head_labels(clf: Calibratable) -> list[dict[str, Any]]:

@@ -54,13 +54,22 @@ class SAV(HeadClassifier):
         support clips (:mod:`calm.classifiers.calibration`; the argmax, ``predict`` and
         ``decision_function`` are unchanged; needs two clips in some class), or None: the
         uncalibrated probabilities. Default `calm.methods.DEFAULTS`.
+    unknown : float in (0, 1) or None
+        Reject option: ``predict`` returns ``unknown_label`` for a clip whose calibrated top
+        probability is below ``reject_threshold_``, set from the support set's leave-one-out top
+        probabilities so that about this fraction of clips of the known classes is accepted (e.g.
+        0.95). Needs calibration; with one shot per class nothing is rejected (a warning). None
+        (default, the paper's protocol): every clip gets a class.
+    unknown_label : str or int
+        The label of a rejected clip; default ``"unknown"``.
 
     Attributes
     ----------
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d), head_scores_ (K,) support accuracy of
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
     only), k_, n_heads_, head_dim_, metadata_; with calibration: temperature_, nonconformity_
-    (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class).
+    (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class);
+    with unknown: reject_threshold_.
 
     Examples
     --------
@@ -97,6 +106,8 @@ class SAV(HeadClassifier):
         chunk_size: int | None = None,
         device: Any = "cpu",
         calibration: str | None = DEFAULTS["calibration"],
+        unknown: float | None = DEFAULTS["unknown"],
+        unknown_label: Any = DEFAULTS["unknown_label"],
     ):
         self.k = k
         self.tie_break = tie_break
@@ -106,6 +117,8 @@ class SAV(HeadClassifier):
         self.chunk_size = chunk_size
         self.device = device
         self.calibration = calibration
+        self.unknown = unknown
+        self.unknown_label = unknown_label
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:

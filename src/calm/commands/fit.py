@@ -33,6 +33,13 @@ FIT_METHODS = fit_methods()
     help="Leave out the test part (official split or --test-fold) as `calm evaluate` does.",
 )
 @click.option("--test-fold", default="5", show_default=True)
+@click.option(
+    "--unknown",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Reject option: accept this fraction of clips of the known classes (e.g. 0.95); "
+    '`calm predict` and `calm serve` label the others "unknown" [default: off].',
+)
 @classifier_options
 def fit(**params: Any) -> None:
     """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
@@ -48,6 +55,7 @@ def fit(**params: Any) -> None:
             holdout=params["holdout"],
             test_fold=params["test_fold"],
             classifier=classifier_spec(params),
+            params=None if params["unknown"] is None else {"unknown": params["unknown"]},
         )
     except CalmError as exc:  # a bad store or key, a store with one class, too few clips per class
         raise click.ClickException(str(exc)) from None

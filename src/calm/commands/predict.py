@@ -20,24 +20,34 @@ FIELDS = ["path", "label", "probability", "duration", "error"]
 
 def _row(p) -> dict:
     label = None if p.label is None else str(p.label)
-    return {
+    row = {
         "path": p.source,
         "label": label,
         "probability": p.probability,
         "duration": p.duration,
         "error": p.error,
     }
+    if p.prediction_set is not None:
+        row["set"] = [str(c) for c in p.prediction_set]
+    return row
+
+
+def _shown_set(classes: list[str] | None) -> str:
+    """A prediction set as one field: the classes joined by "|", "{}" when empty (none fits)."""
+    return "|".join(classes) if classes else "{}"
 
 
 def write_outputs(rows: list[dict], csv_out: str | None, json_out: str | None) -> None:
-    """The rows as CSV and/or JSON (file names that are not UTF-8 are kept byte for byte in the CSV)."""
+    """The rows as CSV and/or JSON (file names that are not UTF-8 are kept byte for byte in the CSV;
+    a prediction set, when asked for, as one "|"-joined field)."""
     from calm._files import atomic_write_text
 
     if csv_out:
+        sets = any("set" in r for r in rows)
         with open(csv_out, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            writer = csv.DictWriter(fh, fieldnames=FIELDS)
+            writer = csv.DictWriter(fh, fieldnames=FIELDS + ["set"] * sets)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, "set": _shown_set(r["set"])} if "set" in r else r for r in rows)
     if json_out:
         atomic_write_text(json_out, json.dumps(rows, indent=1) + "\n")
 
@@ -58,9 +68,19 @@ def write_outputs(rows: list[dict], csv_out: str | None, json_out: str | None) -
 )
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--sets",
+    "alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    metavar="ALPHA",
+    help="Also give each file's conformal prediction set at level ALPHA (e.g. 0.1: the true class "
+    'is in it about 90 % of the time); "{}" when no class fits.',
+)
 @trust_file_model_option
-def predict(model_path, files, csv_out, json_out, model, device, batch_size, trust_file_model):
-    """Print the predicted label and its probability for each audio file.
+def predict(model_path, files, csv_out, json_out, model, device, batch_size, alpha, trust_file_model):
+    """Print the predicted label and its probability for each audio file ("unknown" where the
+    classifier's reject option, `calm fit --unknown`, rejects it).
 
     Exit status 1 when any file could not be labelled (its row then holds the error).
     """
@@ -76,13 +96,14 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size, tru
         )
     except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
-    rows = [_row(p) for p in predictor(list(files), batch_size=batch_size)]
+    rows = [_row(p) for p in predictor(list(files), batch_size=batch_size, alpha=alpha)]
     for r in rows:
         shown = printable(r["path"])  # a name that is not UTF-8: caf\xe9.ogg, as docs/reliability.md says
         if r["error"]:
             click.echo(f"{shown}\tERROR\t{printable(r['error'])}")
         else:
-            click.echo(f"{shown}\t{r['label']}\t{r['probability']:.4f}")
+            extra = f"\t{_shown_set(r['set'])}" if "set" in r else ""
+            click.echo(f"{shown}\t{r['label']}\t{r['probability']:.4f}{extra}")
     write_outputs(rows, csv_out, json_out)
     failed = sum(1 for r in rows if r["error"])
     if failed:

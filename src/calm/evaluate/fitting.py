@@ -87,8 +87,10 @@ def fit_store(
     holdout: bool = False,
     test_fold: str = "5",
     classifier: ClassifierSpec | None = None,
+    params: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Fit `method` on the store's features (see the module docstring)."""
+    """Fit `method` on the store's features (see the module docstring); `params`: estimator
+    parameters beyond the method's defaults (e.g. `{"unknown": 0.95}`, the reject option)."""
     from calm.store import load_features
 
     X, y, meta = load_features(Path(store), key=key)
@@ -98,14 +100,18 @@ def fit_store(
     except ProtocolError as exc:
         raise ProtocolError(f"{store}: {exc}") from None
     m = (classifier or ClassifierSpec()).registry()[method]
+    chosen = {**m.defaults, **(params or {})}
+    foreign = sorted(set(params) - set(m.build(**m.defaults).get_params())) if params else []
+    if foreign:  # e.g. the reject option on `auto`
+        raise ProtocolError(f"{store}: {method} has no parameter {', '.join(foreign)}")
     try:
-        clf = m.build(**m.defaults).fit(np.asarray(X[rows], dtype=np.float32), support_y)
+        clf = m.build(**chosen).fit(np.asarray(X[rows], dtype=np.float32), support_y)
     except CalmError as exc:  # e.g. a store with one class (FeatureError)
         raise ProtocolError(f"{store}: cannot fit {method}: {exc}") from exc
     metadata = {
         **store_metadata(meta),
         "method": method,
-        "params": dict(m.defaults),
+        "params": chosen,
         "shots": shots,
         "seed": seed,
         "holdout": holdout,

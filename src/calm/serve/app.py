@@ -131,8 +131,12 @@ class Service:
             return f"every decode worker busy for over {config.decode_timeout_s:g} s"
         return None
 
-    async def label(self, request: Request, upload: Upload, top_k: int) -> dict[str, Any]:
-        """Decode, batch and post-process one upload: the /predict answer (raises ApiError)."""
+    async def label(
+        self, request: Request, upload: Upload, top_k: int, alpha: float | None = None
+    ) -> dict[str, Any]:
+        """Decode, batch and post-process one upload: the /predict answer (raises ApiError); the
+        label is the classifier's `unknown_label` where its reject option rejects the clip, and
+        with `alpha` the answer holds the conformal `prediction_set`."""
         clip = await self.decoder.decode(upload.data, upload.name)
         if await request.is_disconnected():
             raise ClientDisconnect()
@@ -141,8 +145,8 @@ class Service:
         if isinstance(output, str):
             code = "model_error" if output.startswith("model error") else "non_finite_features"
             raise ApiError(code, f"{upload.name}: {output}")
-        pred = self.predictor.postprocess(clip, output, top_k=top_k)
-        return {
+        pred = self.predictor.postprocess(clip, output, top_k=top_k, alpha=alpha)
+        answer = {
             "filename": upload.name,
             "label": pred.label,
             "probability": pred.probability,
@@ -151,6 +155,9 @@ class Service:
             "model": self.predictor.model_id,
             "batch_size": batch_size,
         }
+        if pred.prediction_set is not None:
+            answer["prediction_set"] = pred.prediction_set
+        return answer
 
 
 def _copies(predictor: Predictor, n: int) -> list[Predictor]:
@@ -173,16 +180,27 @@ def _copies(predictor: Predictor, n: int) -> list[Predictor]:
 
 router = APIRouter()
 TOP_K = Query(1, ge=1, description="How many classes to list, most probable first")
+ALPHA = Query(
+    None,
+    gt=0,
+    lt=1,
+    description="Also return the conformal prediction set at this level (e.g. 0.1: it holds the true "
+    "class about 90 % of the time; empty when no class fits)",
+)
 
 
 def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-async def _label_all(request: Request, uploads: list[Upload], top_k: int) -> list[Any]:
+async def _label_all(
+    request: Request, uploads: list[Upload], top_k: int, alpha: float | None = None
+) -> list[Any]:
     service = _service(request)
     top_k = min(top_k, len(service.predictor.classes))
-    return await asyncio.gather(*(service.label(request, u, top_k) for u in uploads), return_exceptions=True)
+    return await asyncio.gather(
+        *(service.label(request, u, top_k, alpha) for u in uploads), return_exceptions=True
+    )
 
 
 async def _guarded(request: Request, answer, *, batch: bool):
@@ -217,13 +235,14 @@ async def _guarded(request: Request, answer, *, batch: bool):
 
 
 @router.post("/predict", openapi_extra=AUDIO_BODY, responses=UPLOAD_ERRORS)
-async def predict(request: Request, top_k: int = TOP_K):
-    """Label one audio file sent as the body (Content-Type audio/*) or as a multipart file part."""
+async def predict(request: Request, top_k: int = TOP_K, alpha: float | None = ALPHA):
+    """Label one audio file sent as the body (Content-Type audio/*) or as a multipart file part
+    ("unknown" when the classifier's reject option rejects it)."""
 
     async def one(uploads: list[Upload]):
         if len(uploads) != 1:
             raise ApiError("too_many_files", f"{len(uploads)} files: /predict takes one, use /predict/batch")
-        result = (await _label_all(request, uploads, top_k))[0]
+        result = (await _label_all(request, uploads, top_k, alpha))[0]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -232,12 +251,12 @@ async def predict(request: Request, top_k: int = TOP_K):
 
 
 @router.post("/predict/batch", openapi_extra=BATCH_BODY, responses=UPLOAD_ERRORS)
-async def predict_batch(request: Request, top_k: int = TOP_K):
+async def predict_batch(request: Request, top_k: int = TOP_K, alpha: float | None = ALPHA):
     """Label several files of one multipart request; a file that fails gets its own error entry."""
 
     async def many(uploads: list[Upload]):
         results = []
-        for u, r in zip(uploads, await _label_all(request, uploads, top_k), strict=True):
+        for u, r in zip(uploads, await _label_all(request, uploads, top_k, alpha), strict=True):
             if isinstance(r, ApiError):
                 r = {"filename": u.name, "error": {"status": r.status, "code": r.code, "message": r.message}}
             elif isinstance(r, BaseException):
@@ -270,7 +289,9 @@ async def health(request: Request):
 
 @router.get("/info")
 async def info(request: Request):
-    """Classes, model, prompt, heads, limits and package version."""
+    """Classes, model, prompt, heads, whether probabilities are calibrated, how the classifier
+    rejects (`reject`: accept rate, threshold, label; null without a reject option), limits and
+    package version."""
     service = _service(request)
     config = service.config
     limits: tuple[str, ...] = ("max_batch", "max_wait_ms", "max_queue", "max_upload_mb", "max_files")

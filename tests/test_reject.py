@@ -1,0 +1,137 @@
+"""The reject option (``unknown=``): a threshold on the calibrated top probability, set from the
+support set's leave-one-out scores, returns ``unknown_label`` for clips of no known class."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import calm
+from calm import _calibration as cal
+from calm.errors import ParameterError
+from calm.serialization import read_classifier, write_classifier
+
+torch.set_num_threads(1)
+
+C, K, D = 4, 12, 8
+
+
+def open_world(seed: int, shots: int, queries: int = 200, noise: float = 1.5):
+    """Support clips of C Gaussian classes, queries of those classes and of one held-out class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(C + 1, K, D))
+
+    def draw(classes: np.ndarray):
+        return (centres[classes] + noise * rng.normal(size=(len(classes), K, D))).astype(np.float32)
+
+    y = np.repeat(np.arange(C), shots)
+    yq = np.repeat(np.arange(C), queries // C)
+    return draw(y), y, draw(yq), yq, draw(np.full(queries // C, C))
+
+
+def estimators(**kw):
+    return [calm.SAV(k=0.5, **kw), calm.CALM(k=0.5, **kw), calm.CALM(k=0.5, weighting="global", **kw)]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index):
+    accepted, rejected_unknowns = [], []
+    for seed in range(15):
+        X, y, Xq, _, Xu = open_world(seed, shots=10)
+        clf = estimators(unknown=0.9)[index].fit(X, y)
+        assert cal.ACCEPT_ALL < clf.reject_threshold_ < np.inf
+        accepted.append(np.mean(clf.predict(Xq) != "unknown"))
+        rejected_unknowns.append(np.mean(clf.predict(Xu) == "unknown"))
+    # at least the requested rate (the conformal rank); SAV's vote counts tie, so it keeps more
+    assert 0.9 - 0.02 < np.mean(accepted) < 0.9 + (0.06 if index == 0 else 0.04)
+    # clips of the held-out class are rejected several times as often as known-class clips
+    assert np.mean(rejected_unknowns) > max(0.35, 3 * (1 - np.mean(accepted)))
+    if index == 1:  # CALM (class weights): most of them
+        assert np.mean(rejected_unknowns) > 0.6
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_accepted_clips_keep_their_label(index):
+    X, y, Xq, _, Xu = open_world(1, shots=6)
+    queries = np.concatenate([Xq, Xu])
+    plain = estimators()[index].fit(X, y).predict(queries)
+    clf = estimators(unknown=0.8, unknown_label="none of these")[index].fit(X, y)
+    pred = clf.predict(queries)
+    kept = pred != "none of these"
+    assert 0 < kept.sum() < len(pred)
+    assert pred[kept].astype(plain.dtype).tolist() == plain[kept].tolist()
+    top = clf.predict_proba(queries).max(axis=1)
+    assert top[~kept].max() <= top[kept].min()  # a threshold on the top probability
+    odds = cal.proba_log_odds(clf.predict_proba(queries))
+    assert (odds[~kept] < clf.reject_threshold_ + 1e-9).all()
+
+
+def test_string_classes_get_the_label_unshortened():
+    X, y, _, _, Xu = open_world(2, shots=6)
+    names = np.array(["a", "b", "c", "d"])[y]
+    pred = calm.CALM(k=0.5, unknown=0.8).fit(X, names).predict(Xu)
+    assert "unknown" in pred.tolist()
+
+
+def test_off_by_default_and_needs_calibration():
+    X, y, _, _, Xu = open_world(3, shots=4)
+    clf = calm.CALM(k=0.5).fit(X, y)
+    assert clf.unknown is None and not hasattr(clf, "reject_threshold_")
+    assert set(clf.predict(Xu).tolist()) <= set(range(C))
+    with pytest.raises(ParameterError, match="calibration"):
+        calm.CALM(unknown=0.9, calibration=None).fit(X, y)
+    with pytest.raises(ValueError):
+        calm.CALM(unknown=1.0).fit(X, y)
+
+
+def test_one_shot_rejects_nothing_and_warns():
+    X, y, Xq, _, Xu = open_world(4, shots=1)
+    with pytest.warns(UserWarning, match="nothing will be rejected"):
+        clf = calm.CALM(k=0.5, unknown=0.9).fit(X, y)
+    assert clf.reject_threshold_ == cal.ACCEPT_ALL
+    assert "unknown" not in clf.predict(np.concatenate([Xq, Xu])).tolist()
+
+
+def test_reject_threshold_is_the_conformal_rank():
+    scores = np.linspace(0.1, 1.0, 10)  # m = 10
+    assert cal.reject_threshold(scores, 0.9) == pytest.approx(0.1)  # floor(11 * 0.1) = 1st
+    assert cal.reject_threshold(scores, 0.7) == pytest.approx(0.3)  # floor(11 * 0.3) = 3rd
+    assert cal.reject_threshold(scores, 0.95) == cal.ACCEPT_ALL  # rank 0: too few clips
+    assert cal.reject_threshold(np.zeros(0), 0.5) == cal.ACCEPT_ALL
+
+
+def test_top_log_odds_is_that_of_the_calibrated_top_probability():
+    log_scores = np.log(np.array([[0.7, 0.2, 0.1], [0.3, 0.3, 0.4], [1.0, 1e-300, 1e-300]]))
+    for T in (0.5, 1.0, 3.0):
+        p = cal.calibrated_proba(log_scores, T)
+        odds = cal.top_log_odds(log_scores, T)
+        assert odds[:2] == pytest.approx(cal.proba_log_odds(p)[:2])
+        assert np.isfinite(odds).all() and odds[2] > 100  # p rounds to 1, its log-odds do not
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_saved_and_restored(tmp_path, index):
+    X, y, _, _, Xu = open_world(5, shots=5)
+    clf = estimators(unknown=0.8, unknown_label="other")[index].fit(X, y)
+    clf.save(tmp_path / "m.safetensors")
+    back = calm.load(tmp_path / "m.safetensors")
+    assert back.unknown == 0.8 and back.unknown_label == "other"
+    assert back.reject_threshold_ == pytest.approx(clf.reject_threshold_)
+    assert back.predict(Xu).tolist() == clf.predict(Xu).tolist()
+    assert "reject_threshold" in read_classifier(tmp_path / "m.safetensors").tensors
+
+
+def test_files_without_the_option_load_with_it_off(tmp_path):
+    X, y, _, _, Xu = open_world(6, shots=3)
+    saved = calm.CALM(k=0.5).fit(X, y)._to_state()
+    for name in ("unknown", "unknown_label"):  # as written before the option existed
+        del saved.params[name]
+    write_classifier(tmp_path / "old.safetensors", saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = calm.load(tmp_path / "old.safetensors")
+    assert old.unknown is None and old.unknown_label == "unknown"
+    assert set(old.predict(Xu).tolist()) <= set(range(C))
