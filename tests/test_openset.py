@@ -146,3 +146,30 @@ def test_an_open_set_run_needs_unknowns():
     X, y, meta = synthetic()
     with pytest.raises(ProtocolError, match="--open-set N"):
         run_open_set(X, y, pd.DataFrame(meta), methods={"spy": Method("spy", Spy, {})}, shots=[1], seeds=[0])
+
+
+class OtherNpy(NpyExtractor):
+    model_id = "npy-other"
+
+
+def test_bad_open_set_options_fail_before_any_episode_runs(store, tmp_path):  # noqa: F811
+    from calm.data.base import Clip
+    from calm.errors import CalmError
+    from calm.store import extract_to_store
+
+    folder, _, queries = store
+    other = tmp_path / "other"
+    clips = [Clip(path=p, labels=("x",)) for p in queries]
+    extract_to_store(OtherNpy(), clips, other, dtype="float32", progress=False, allow_failures=False)
+    stages: list[str] = []
+    for options, message in [
+        ({"unknowns_features": other}, "matches no key"),
+        ({"open_set": 2}, "fewer than"),
+    ]:
+        config = EvalConfig(
+            out=tmp_path / "run", features=folder, shots=[2], seeds=[0], figures=False, **options
+        )
+        with pytest.raises(CalmError, match=message) as error:
+            run_evaluation(config, progress=lambda stage, done, total: stages.append(stage))
+        assert "unknowns_features" not in options or str(other) in str(error.value)
+    assert stages == []

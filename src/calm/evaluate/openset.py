@@ -45,6 +45,7 @@ __all__ = [
     "held_out_classes",
     "open_set_metrics",
     "open_set_results",
+    "open_set_unknowns",
     "open_set_paired",
     "run_open_set",
 ]
@@ -238,20 +239,32 @@ def run_open_set(
     }
 
 
+def open_set_unknowns(config: EvalConfig, y: np.ndarray, meta: pd.DataFrame) -> Any:
+    """Checked before any episode runs (so that a bad option loses no finished work): the features
+    of `config.unknowns_features`, read with the extraction key of the evaluated features
+    (`meta.attrs["digest"]`; None without the option), and whether `config.open_set` classes can
+    be held out (ProtocolError; StoreError naming the store when it lacks that key)."""
+    from calm.store import load_features
+
+    if config.open_set:
+        held_out_classes(sorted({str(c) for c in y}), config.open_set, 0)
+    if config.unknowns_features is None:
+        return None
+    return load_features(config.unknowns_features, key=meta.attrs.get("digest"))[0]
+
+
 def open_set_results(
     config: EvalConfig,
     X: Any,
     y: np.ndarray,
     meta: pd.DataFrame,
     methods: Mapping[str, Method],
+    unknowns: Any = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> dict:
-    """results.json's `{"open_set": ...}`: `run_open_set` as `config` asks (`open_set`,
-    `unknowns_features` read with the extraction key of the evaluated features,
-    `meta.attrs["digest"]`), the unknowns store recorded; `{}` when it asks for none.
-    `progress(stage, done, total)` counts the episodes."""
-    from calm.store import load_features
-
+    """results.json's `{"open_set": ...}`: `run_open_set` as `config` asks (`open_set`, and
+    `unknowns`, the features of `config.unknowns_features`: `open_set_unknowns`), the unknowns
+    store recorded; `{}` when it asks for none. `progress(stage, done, total)` counts the episodes."""
     if not config.open_set and config.unknowns_features is None:
         return {}
     done = [0]
@@ -261,9 +274,6 @@ def open_set_results(
         if progress is not None:
             progress("open-set episodes", done[0], None)
 
-    unknowns = None
-    if config.unknowns_features is not None:
-        unknowns = load_features(config.unknowns_features, key=meta.attrs.get("digest"))[0]
     doc = run_open_set(
         X,
         y,

@@ -32,7 +32,7 @@ def open_set_section(results: Mapping[str, Any]) -> str:
     if rows:
         out.append("<h3>Paired per-seed differences against the top-probability baseline</h3>")
         out.append(table([escape(h) for h in head], [[escape(c) for c in r] for r in rows]))
-    if held:
+    if doc.get("n_held_out"):
         items = "".join(f"<li>seed {escape(s)}: {escape(', '.join(c))}</li>" for s, c in held.items())
         out.append(f"<details><summary>held-out classes</summary><ul>{items}</ul></details>")
     return "".join(out)

@@ -73,9 +73,12 @@ def open_set_markdown(doc: Mapping[str, Any] | None) -> list[str]:
     lines = [
         "## Open set (%, mean ± std over seeds; set size in classes)",
         "",
-        f"{doc.get('n_held_out', 0)} class(es) held out per seed"
-        + (f" ({seeds})" if held else "")
-        + (f"; the {external} clips of {doc.get('unknowns_features')} as unknowns too" if external else "")
+        (
+            f"{doc['n_held_out']} class(es) held out per seed ({seeds})"
+            if doc.get("n_held_out")
+            else "No class held out"
+        )
+        + (f"; the {external} clips of {doc.get('unknowns_features')} as unknowns" if external else "")
         + f". Thresholds accept {100 * doc.get('accept', 0.95):.0f} % of known clips.",
         "",
     ]
