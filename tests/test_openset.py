@@ -173,3 +173,13 @@ def test_bad_open_set_options_fail_before_any_episode_runs(store, tmp_path):  # 
             run_evaluation(config, progress=lambda stage, done, total: stages.append(stage))
         assert "unknowns_features" not in options or str(other) in str(error.value)
     assert stages == []
+
+
+def test_an_episode_without_unknown_queries_is_an_error_not_a_silent_auroc():
+    X, y, meta = synthetic(n_classes=3, per_class=10)
+    meta.loc[y == "c0", "fold"] = 1  # c0 has no test-fold clip
+    seed = next(s for s in range(50) if held_out_classes(["c0", "c1", "c2"], 1, s) == ["c0"])
+    with pytest.raises(ProtocolError, match="no unknown queries"):
+        run_open_set(
+            X, y, meta, methods={"spy": Method("spy", Spy, {})}, shots=[1], seeds=[seed], n_held_out=1
+        )

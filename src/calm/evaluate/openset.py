@@ -11,7 +11,8 @@ Scores of "known" (higher = more likely known), all from the classifiers' public
 `decision_function` score (uncalibrated); `margin`, top minus second calibrated probability;
 `similarity`, the weight-averaged cosine of the clip's heads to the predicted class's centroid over
 the heads `explain` lists for that class (a score is left out where the classifier lacks its method).
-Metrics of one run (%, as every metric of the evaluation): `auroc_<score>` (known vs unknown,
+Each method is fitted with its defaults (never `--tune`). Metrics of one run (%, as every metric
+of the evaluation): `auroc_<score>` (known vs unknown,
 `sklearn.metrics.roc_auc_score`); `far95_<score>`, the false-accept rate of unknowns at the threshold
 accepting 95 % of the known queries (set on the test side); `far95_support`, the same with the
 top-probability threshold set from the support set's leave-one-out probabilities of their own class
@@ -104,7 +105,7 @@ def held_out_classes(classes: Sequence[str], n: int, seed: int) -> list[str]:
     return sorted(classes[i] for i in rng.permutation(len(classes))[:n])
 
 
-def _far(known: np.ndarray, unknown: np.ndarray, threshold: float) -> float:
+def _far(unknown: np.ndarray, threshold: float) -> float:
     """Percentage of unknown scores accepted (>= threshold)."""
     return 100.0 * float(np.mean(unknown >= threshold))
 
@@ -130,11 +131,11 @@ def open_set_metrics(clf: Any, Xk: np.ndarray, truth: Sequence[str], Xu: np.ndar
             continue
         sk, su = score(clf, Xk), score(clf, Xu)
         out[f"auroc_{name}"] = 100.0 * float(roc_auc_score(positive, np.r_[sk, su]))
-        out[f"far95_{name}"] = _far(sk, su, float(np.quantile(sk, 1.0 - ACCEPT)))
+        out[f"far95_{name}"] = _far(su, float(np.quantile(sk, 1.0 - ACCEPT)))
     threshold = _support_threshold(clf)
     if threshold is not None:
         pk, pu = _top_proba(clf, Xk), _top_proba(clf, Xu)
-        out["far95_support"] = _far(pk, pu, threshold)
+        out["far95_support"] = _far(pu, threshold)
         pred = np.r_[np.asarray(clf.predict(Xk), dtype=object), np.asarray(clf.predict(Xu), dtype=object)]
         pred[np.r_[pk, pu] < threshold] = UNKNOWN
         true = np.array([*truth, *[UNKNOWN] * len(Xu)], dtype=object)
@@ -165,6 +166,10 @@ def _episode_runs(
     """One run record per method of one open-set episode (its known part, its unknown features)."""
     shots, seed, classes = ep_args
     ep = draw(labels, known, shots, seed, classes)
+    if len(unknown_X) == 0:
+        raise ProtocolError(
+            f"part {ep.part}, seed {seed}: no unknown queries (no test clip of a held-out class)"
+        )
     Xs, Xk = episode_features(X, ep.support), episode_features(X, ep.query)
     truth = [labels[i][0] for i in ep.query]
     runs = []
