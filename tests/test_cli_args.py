@@ -39,6 +39,8 @@ NON_DEFAULT: dict[str, list[Any]] = {
     "test_fold": ["all", 2],
     "holdout": [0.3],
     "tune": [True],
+    "open_set": [3],
+    "unknowns_features": [Path("/tmp/other store")],
     "classifier.k": [18, 0.1],
     "classifier.tau_p": [0.05],
     "classifier.tau_w": [2.0],

@@ -74,6 +74,8 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
         test_fold=params["test_fold"],
         holdout=params["holdout"],
         tune=params["tune"],
+        open_set=params["open_set"],
+        unknowns_features=params["unknowns_features"],
         classifier=classifier_spec(params),
         lalm=LALMSpec(
             zero_shot_mode=params["zero_shot_mode"],
@@ -159,6 +161,19 @@ _options = stack(
             "--tune",
             is_flag=True,
             help="Choose hyper-parameters by cross-validation inside each support set.",
+        ),
+        click.option(
+            "--open-set",
+            type=click.IntRange(min=0),
+            default=EvalConfig.open_set,
+            help="Also evaluate open-set recognition: hold out N classes per seed (their test clips are "
+            "unknown queries); AUROC, FAR at 95 % acceptance, open-set accuracy, conformal coverage.",
+        ),
+        click.option(
+            "--unknowns-features",
+            default=None,
+            type=click.Path(file_okay=False),
+            help="Open set: a feature store of the same extraction key whose clips are unknown queries.",
         ),
         classifier_options,
         click.option("--sav-k", default=None, help="Heads kept by SAV [default: --k]."),

@@ -15,6 +15,7 @@ extracted once per clip.
 - `summary`: means and stds over seeds, paired per-seed differences with 95 % intervals.
 - `reports`: results.json / results.md.
 - `self_training_runs`: `calm+st` / `sav+st` (and `-trans`) runs on the same episodes, pools, reports.
+- `openset`: the open-set protocol (held-out classes, unknowns of another store) and its metrics.
 - `config`, `runner`: `EvalConfig`, `run_evaluation`, `EvaluationResult`.
 """
 
@@ -65,6 +66,7 @@ from calm.evaluate.metrics import (
     multilabel_metrics,
     prediction_metrics,
 )
+from calm.evaluate.openset import run_open_set
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import Run, order_runs
 from calm.evaluate.reports import METHOD_TITLES, METRIC_TITLES, build_results, results_markdown, write_results
@@ -132,6 +134,7 @@ __all__ = [
     "row_labels",
     "run_evaluation",
     "run_lalm_protocol",
+    "run_open_set",
     "run_protocol",
     "run_st_protocol",
     "sample_episode",

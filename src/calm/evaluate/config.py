@@ -94,6 +94,10 @@ class EvalConfig:
             part (`calm.evaluate.episodes.holdout_split`, seed 0); None: queries = every clip outside
             the support set.
         tune: choose hyper-parameters by cross-validation inside each support set.
+        open_set: classes held out per seed for the open-set evaluation (`calm.evaluate.openset`);
+            0 with no `unknowns_features`: no open-set evaluation.
+        unknowns_features: a feature store of the same extraction key whose clips are unknown
+            queries of every open-set episode (None: none).
         classifier: the methods' default hyper-parameters.
         lalm: settings of the model-answer baselines.
         self_training: schedule and pool of `calm+st` / `sav+st` (and their `-trans` forms).
@@ -115,6 +119,8 @@ class EvalConfig:
     test_fold: int | str | None = 5
     holdout: float | None = None
     tune: bool = False
+    open_set: int = 0
+    unknowns_features: str | Path | None = None
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
     lalm: LALMSpec = field(default_factory=LALMSpec)
     self_training: STSpec = field(default_factory=STSpec)
@@ -133,6 +139,8 @@ class EvalConfig:
             raise ParameterError("need at least one number of shots and one seed")
         if self.holdout is not None and not 0.0 < self.holdout < 1.0:
             raise ParameterError(f"holdout must lie in (0, 1), got {self.holdout}")
+        if self.open_set < 0:
+            raise ParameterError(f"open_set must be >= 0 classes, got {self.open_set}")
         if self.batch_size < 1 or self.sweep_seeds < 1:
             raise ParameterError("batch_size and sweep_seeds must be >= 1")
         self._normalise()
@@ -148,7 +156,11 @@ class EvalConfig:
             "methods": tuple(self.methods),
         }
         values |= {"test_fold": fold, "out": Path(self.out)}
-        values |= {name: Path(v) for name in ("features", "store") if (v := getattr(self, name)) is not None}
+        values |= {
+            name: Path(v)
+            for name in ("features", "store", "unknowns_features")
+            if (v := getattr(self, name)) is not None
+        }
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -310,6 +322,8 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
     CliOption("test_fold", "--test-fold", always=_yes),
     CliOption("holdout", "--holdout"),
     CliOption("tune", "--tune", None),
+    CliOption("open_set", "--open-set"),
+    CliOption("unknowns_features", "--unknowns-features"),
     CliOption("classifier.k", "--k", always=_yes),
     CliOption("classifier.tau_p", "--tau-p", always=_yes),
     CliOption("classifier.tau_w", "--tau-w", always=_yes),

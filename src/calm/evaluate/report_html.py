@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from calm.evaluate.config import ClassifierSpec, EvalConfig
+from calm.evaluate.openset_html import open_set_section
 from calm.evaluate.predictions import Confusion, confusions
 from calm.evaluate.report_sections import (
     confusion_section,
@@ -259,6 +260,7 @@ SECTIONS: list[ReportSection] = [
         "misclassified",
         lambda c: misclassified_section(c.data.predictions, c.data.clip_paths, c.run_dir, c.confusions),
     ),
+    ReportSection("open-set", "open set", lambda c: open_set_section(c.data.results)),
     ReportSection("figures", "figures", lambda c: figures_section(c.data.figures)),
     ReportSection("config", "config", lambda c: config_section(c.data.results, c.command)),
 ]

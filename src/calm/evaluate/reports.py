@@ -16,6 +16,7 @@ import numpy as np
 
 from calm._files import atomic_write_text
 from calm.evaluate.metrics import PRIMARY_METRIC
+from calm.evaluate.openset_report import open_set_markdown
 from calm.evaluate.predictions import Confusion, confusions, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
 from calm.evaluate.self_training_runs import st_summary, st_table
@@ -145,6 +146,7 @@ def results_markdown(results: Mapping[str, Any], confusions: Sequence[Confusion]
     lines += _paired_table([p for p in results.get("paired", []) if p["metric"] == primary], primary)
     lines += _pseudo_label_table(results.get("pseudo_label_summary", []))
     lines += st_table(results.get("self_training_summary", []))
+    lines += open_set_markdown(results.get("open_set"))
     lines += _notes(results)
     skew = skew_markdown(results.get("prediction_skew", []), METHOD_TITLES)
     tables = [t for t in (skew, confusion_markdown(confusions), per_class_markdown(confusions)) if t]

@@ -23,6 +23,7 @@ from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, holdout_split, make_parts, row_labels
 from calm.evaluate.estimators import LALM_METHODS, PL_BASES, Method
 from calm.evaluate.lalm_runs import lalm_runs, select_lalm
+from calm.evaluate.openset import open_set_results, open_set_unknowns
 from calm.evaluate.predictions import confusions
 from calm.evaluate.protocol import SWEEP_FRACTIONS, ProtocolResult, k_sweep, run_protocol
 from calm.evaluate.records import order_runs
@@ -346,6 +347,7 @@ def run_evaluation(
     _require_two_classes(feats.y, config.features if config.features is not None else config.data)
     if config.holdout is not None:
         feats.meta = holdout_split(feats.meta, feats.y, config.holdout)
+    unknowns = open_set_unknowns(config, feats.y, feats.meta)  # bad open-set options fail before any run
     head_names = [tuple(h) for h in feats.meta.attrs.get("head_names", [])]
     log(f"{len(feats.y)} clips, features {tuple(feats.X.shape[1:])}")
     registry = config.classifier.registry()
@@ -379,7 +381,10 @@ def run_evaluation(
         "version": __version__,
         "extraction": feats.extraction,
     }
-    results = build_results(result, doc, analyses=analyses, skipped_methods=skipped, warnings=warnings)
+    extra = open_set_results(config, feats.X, feats.y, feats.meta, chosen, unknowns, progress)
+    results = build_results(
+        result, doc, analyses=analyses, skipped_methods=skipped, warnings=warnings, **extra
+    )
     results["config"]["seconds"] = round(time.perf_counter() - t0, 1)
     confs = confusions(result.predictions)
     js, md = write_results(out, results, confs)
