@@ -111,7 +111,7 @@ class Detection:
         }
 
 
-def _check(predictor: Predictor, window: float, hop: float, median: int, batch_size: int) -> None:
+def check_settings(predictor: Predictor, window: float, hop: float, median: int, batch_size: int) -> None:
     if not MIN_SECONDS <= window:
         raise ParameterError(f"window must be at least {MIN_SECONDS:g} s, got {window:g}")
     limit = predictor.extractor.max_seconds
@@ -276,7 +276,7 @@ def detect(
     `AudioError` (or `ClipError`) naming the recording when it cannot be read or is shorter than
     one window, `ParameterError` for bad settings.
     """
-    _check(predictor, window, hop, median, batch_size)
+    check_settings(predictor, window, hop, median, batch_size)
     classes = list(predictor.classes)
     thr = class_thresholds(classes, threshold, thresholds)
     unknown = [b for b in background if str(b) not in {str(c) for c in classes}]
