@@ -19,11 +19,11 @@ from websockets.exceptions import ConnectionClosed  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 from calm.detection import class_thresholds, detect, events_of, smooth, windows_of  # noqa: E402
-from calm.inference import Predictor  # noqa: E402
+from calm.inference import Predictor, load_predictor  # noqa: E402
 from calm.serve.app import ServeConfig, create_app  # noqa: E402
 from calm.serve.stream_detect import StreamDetector  # noqa: E402
 from tests.helpers.serve_app import LiveServer  # noqa: E402
-from tests.test_detect import RATE, band_model, classifier, long_flac  # noqa: E402, F401
+from tests.test_detect import RATE, band_model, classifier, invoke, long_flac, model_file  # noqa: E402, F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,6 +146,40 @@ def test_post_detect_equals_detect(predictor, long_flac, expected):  # noqa: F81
     same_events(multi.json()["events"], want.events)
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_parameter", bad.text
     assert short.status_code == 422 and short.json()["error"]["code"] == "invalid_audio", short.text
+
+
+def test_post_detect_is_calm_detect_on_the_model_thread(model_file, long_flac, tmp_path):  # noqa: F811
+    out = tmp_path / "events.json"
+    res = invoke(model_file, long_flac, "--background", "noise", "--median", "5", "--json", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    cli = json.loads(out.read_text())[0]
+    app = create_app(load_predictor(model_file), ServeConfig(replicas=1))
+    batcher = app.state.service.batcher
+    submitted = []
+    submit = batcher.submit
+    batcher.submit = lambda wave: submitted.append(len(wave)) or submit(wave)
+    with LiveServer(app) as live:
+        r = httpx.post(
+            live.url + "/detect",
+            params={"background": "noise", "median": 5},
+            files={"file": ("field.flac", long_flac.read_bytes())},
+            timeout=60,
+        )
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    for key in (
+        "duration",
+        "window",
+        "hop",
+        "windows",
+        "failed_windows",
+        "thresholds",
+        "background",
+        "events",
+    ):
+        assert answer[key] == cli[key], key
+    assert answer["source"] == "field.flac" and len(answer["events"]) == 4
+    assert submitted == [RATE] * answer["windows"]  # every window went through the batcher
 
 
 def test_post_detect_caps_the_audio_seconds(predictor, long_flac):  # noqa: F811
