@@ -5,8 +5,8 @@
 class probabilities from the caller (the service runs them through its model thread), and reports
 an event as soon as it is final: the median filter of a window needs `median // 2` windows after
 it, and an event is closed once a following window has another decision. The events, their times
-and scores are those `calm.detection.detect` gives on the same samples (the same `smooth` and
-`events_of`), only sooner.
+and scores are those `calm.detection.detect` gives on the same samples (the same `smooth`,
+`decisions` and `EventMerger`), only sooner, in time linear in the number of windows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from calm.detection import Event, events_of, smooth
+from calm.detection import Event, EventMerger, decisions, smooth
 
 
 class StreamDetector:
@@ -53,21 +53,35 @@ class StreamDetector:
         self.n_window = round(window * rate)
         self.buffer = np.zeros(0, np.float32)
         self.buffer_start = 0  # sample index of buffer[0]
+        self.pieces: list[np.ndarray] = []  # fed after the buffer, not yet joined to it
+        self.waiting = 0  # samples in pieces
         self.next_index = 0  # index of the next window
         self.last_end = 0  # end sample of the last window cut
         self.starts: list[int] = []
         self.rows: list[np.ndarray] = []
+        self.merger = EventMerger(self.classes, self.window)
+        self.final = 0  # windows already decided and merged
         self.sent = 0  # events already reported
-        self.ended = False
+        self.ended = self.finished = False
 
     @property
     def samples(self) -> int:
         """Samples fed so far."""
-        return self.buffer_start + len(self.buffer)
+        return self.buffer_start + len(self.buffer) + self.waiting
+
+    def _join(self) -> None:
+        if self.pieces:
+            self.buffer = np.concatenate([self.buffer, *self.pieces])
+            self.pieces, self.waiting = [], 0
 
     def feed(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """Append `samples`; the (start sample, window) pairs now complete, in order."""
-        self.buffer = np.concatenate([self.buffer, np.asarray(samples, np.float32)])
+        """Append `samples`; the (start sample, window) pairs now complete, in order. Small pieces
+        wait in a list until they complete a window (no copy of the buffer per piece)."""
+        self.pieces.append(np.asarray(samples, np.float32))
+        self.waiting += len(samples)
+        if round(self.next_index * self.hop * self.rate) + self.n_window > self.samples:
+            return []
+        self._join()
         out = []
         while (start := round(self.next_index * self.hop * self.rate)) + self.n_window <= self.samples:
             a = start - self.buffer_start
@@ -81,6 +95,7 @@ class StreamDetector:
     def end(self) -> list[tuple[int, np.ndarray]]:
         """The stream is over: the last window, ending at its end, when the hops stopped short."""
         self.ended = True
+        self._join()
         if self.last_end and self.last_end < self.samples:
             return [(self.samples - self.n_window, self.buffer[len(self.buffer) - self.n_window :].copy())]
         return []
@@ -91,42 +106,35 @@ class StreamDetector:
         self.starts.append(start)
         self.rows.append(np.asarray(row, np.float64))
 
-    def _scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        starts = np.asarray(self.starts, np.float64) / self.rate
-        proba = np.asarray(self.rows, np.float64).reshape(len(self.rows), len(self.classes))
-        failed = np.asarray(~np.isfinite(proba).all(axis=1), dtype=bool)
-        return starts, proba, smooth(proba, self.median), failed
-
     @property
     def duration(self) -> float:
         """Seconds the windows cover (the recording's duration for `detect`)."""
         return self.starts[-1] / self.rate + self.window if self.starts else 0.0
 
     def closed(self) -> list[Event]:
-        """Events that became final since the last call (all the rest once `end` was called)."""
-        if not self.rows:
-            return []
-        starts, _, smoothed, failed = self._scores()
-        final = len(starts) if self.ended else len(starts) - self.median // 2
-        if final <= 0:
-            return []
-        # the run holding the last final window may go on: duration=inf marks it, and it waits
-        duration = self.duration if self.ended else float("inf")
-        events = events_of(
-            starts[:final],
-            smoothed[:final],
-            self.thresholds,
-            self.classes,
-            window=self.window,
-            duration=duration,
-            background=self.background,
-            failed=failed[:final],
-        )
-        if not self.ended and events and events[-1].offset == float("inf"):
-            events.pop()
-        new = events[self.sent :]
-        self.sent += len(new)
-        return new
+        """Events that became final since the last call (all the rest once `end` was called).
+
+        Only the windows that became final are smoothed (with `median // 2` windows of context on
+        each side), decided and pushed to the `EventMerger`, so a stream costs time linear in its
+        windows."""
+        n, reach = len(self.rows), self.median // 2
+        upto = n if self.ended else max(self.final, n - reach)
+        out: list[Event | None] = []
+        if upto > self.final:
+            first = max(0, self.final - reach)
+            rows = np.asarray(self.rows[first:n], np.float64).reshape(n - first, len(self.classes))
+            smoothed = smooth(rows, self.median)[self.final - first : upto - first]
+            failed = np.asarray(~np.isfinite(rows[self.final - first : upto - first]).all(axis=1), bool)
+            picked = decisions(smoothed, self.thresholds, self.classes, self.background, failed)
+            for k, (d, row) in enumerate(zip(picked, smoothed, strict=True), start=self.final):
+                out.append(self.merger.push(self.starts[k] / self.rate, int(d), row))
+            self.final = upto
+        if self.ended and not self.finished and self.rows:
+            out.append(self.merger.finish(self.duration))
+            self.finished = True
+        events = [e for e in out if e is not None]
+        self.sent += len(events)
+        return events
 
     def window_scores(self, first: int) -> list[dict[str, Any]]:
         """Raw class probabilities of the windows from index `first` on."""

@@ -151,6 +151,8 @@ class Session:
     async def run_windows(self, windows: list[tuple[int, np.ndarray]]) -> None:
         """Score the windows on the model thread, then send what closed."""
         assert self.detector is not None
+        if not windows and not self.detector.ended:
+            return
         futures = [asyncio.wrap_future(self.service.batcher.submit(w)) for _, w in windows]
         for (start, _), (output, _) in zip(windows, await asyncio.gather(*futures), strict=True):
             self.detector.add(start, output)
