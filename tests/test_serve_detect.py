@@ -7,6 +7,7 @@ incremental detector closes the same events as the batch one."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -233,6 +234,20 @@ def test_stream_limits_api_key_and_idle_timeout(predictor):
         error, close = error_of(live, start, chunks=[b"\0" * 3200, json.dumps({"end": True})], headers=auth)
         assert (error["error"]["code"], close) == ("invalid_audio", 1007), error
         assert httpx.get(live.url + "/health").json()["queued"] == 0
+
+
+def test_a_stream_outlives_the_header_timeout(predictor, monkeypatch):
+    import calm.serve.server
+
+    monkeypatch.setattr(calm.serve.server, "HEADER_TIMEOUT_S", 0.3)  # was closing upgraded sockets
+    with served(predictor) as live, connect(ws_url(live)) as ws:
+        ws.send(json.dumps({"sample_rate": RATE}))
+        for _ in range(4):
+            time.sleep(0.3)
+            ws.send(np.zeros(RATE // 2, "<f4").tobytes())
+        ws.send(json.dumps({"end": True}))
+        messages = drain(ws)
+    assert messages[-1]["type"] == "summary" and messages[-1]["windows"] == 3, messages
 
 
 @pytest.mark.parametrize("median, hop", [(1, 0.5), (3, 0.5), (5, 0.3), (7, 1.0)])
