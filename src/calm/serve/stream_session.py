@@ -28,7 +28,7 @@ from calm.detection import (
     check_settings,
     class_thresholds,
 )
-from calm.errors import ParameterError
+from calm.errors import CalmError, ParameterError
 from calm.serve.api_errors import ApiError
 from calm.serve.guard import bearer_ok
 from calm.serve.stream_detect import StreamDetector
@@ -51,8 +51,8 @@ START_KEYS = {"sample_rate", "format", "window", "hop", "threshold", "thresholds
 START_KEYS |= {"scores"}
 
 
-class StreamError(Exception):
-    """A protocol error or a limit: sent as the error message, then the close code."""
+class StreamError(CalmError):
+    """A protocol error or a limit of a `/stream`: sent as the error message, then the close code."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
