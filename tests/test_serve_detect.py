@@ -236,6 +236,21 @@ def test_stream_limits_api_key_and_idle_timeout(predictor):
         assert httpx.get(live.url + "/health").json()["queued"] == 0
 
 
+def test_a_model_failure_ends_the_stream_with_1011(predictor):
+    app = create_app(predictor, ServeConfig(replicas=1))
+
+    def broken(batch):
+        raise RuntimeError("broken model")
+
+    app.state.service.batcher.forward = broken
+    with LiveServer(app) as live:
+        error, close = error_of(
+            live, json.dumps({"sample_rate": RATE}), chunks=[np.zeros(RATE * 2, "<f4").tobytes()]
+        )
+        assert (error["error"]["code"], close) == ("model_error", 1011), error
+        assert "broken model" in error["error"]["message"]
+
+
 def test_a_stream_outlives_the_header_timeout(predictor, monkeypatch):
     import calm.serve.server
 

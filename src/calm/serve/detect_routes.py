@@ -47,7 +47,10 @@ class BatchedPredictor:
     def forward(self, waves: Sequence[Any]) -> list[Any]:
         if self._stop.is_set():
             raise TimeoutError("abandoned: the request's deadline passed")
-        futures = [self._batcher.submit(w) for w in waves]
+        try:
+            futures = [self._batcher.submit(w) for w in waves]
+        except RuntimeError:  # the batcher stopped
+            raise ApiError("draining", "the server is shutting down", headers={"Retry-After": "5"}) from None
         return [f.result()[0] for f in futures]
 
 

@@ -153,8 +153,15 @@ class Session:
         assert self.detector is not None
         if not windows and not self.detector.ended:
             return
-        futures = [asyncio.wrap_future(self.service.batcher.submit(w)) for _, w in windows]
-        for (start, _), (output, _) in zip(windows, await asyncio.gather(*futures), strict=True):
+        try:
+            futures = [asyncio.wrap_future(self.service.batcher.submit(w)) for _, w in windows]
+        except RuntimeError as exc:  # the batcher stopped: the server is shutting down
+            raise StreamError("draining", f"the server is shutting down ({exc})") from None
+        try:
+            results = await asyncio.gather(*futures)
+        except Exception as exc:  # a model batch failed (logged by the batcher)
+            raise StreamError("model_error", f"the model failed: {type(exc).__name__}: {exc}") from None
+        for (start, _), (output, _) in zip(windows, results, strict=True):
             self.detector.add(start, output)
         if self.scores and len(self.detector.rows) > self.scored:
             await self.websocket.send_json(
