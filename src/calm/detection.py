@@ -40,7 +40,16 @@ DEFAULT_WINDOW = 1.0
 DEFAULT_HOP = 0.5
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MEDIAN = 3
-__all__ = ["Detection", "DetectProgress", "Event", "detect", "events_of", "smooth"]
+__all__ = [
+    "Detection",
+    "DetectProgress",
+    "Event",
+    "EventMerger",
+    "decisions",
+    "detect",
+    "events_of",
+    "smooth",
+]
 
 
 class Event(NamedTuple):
@@ -111,7 +120,8 @@ class Detection:
         }
 
 
-def _check(predictor: Predictor, window: float, hop: float, median: int, batch_size: int) -> None:
+def check_settings(predictor: Predictor, window: float, hop: float, median: int, batch_size: int) -> None:
+    """Raise `ParameterError` for settings `detect` refuses (also checked by `calm serve`'s /stream)."""
     if not MIN_SECONDS <= window:
         raise ParameterError(f"window must be at least {MIN_SECONDS:g} s, got {window:g}")
     limit = predictor.extractor.max_seconds
@@ -170,6 +180,60 @@ def smooth(probabilities: np.ndarray, median: int) -> np.ndarray:
     return median_filter(np.nan_to_num(probabilities), size=(median, 1), mode="nearest")
 
 
+def decisions(
+    smoothed: np.ndarray,
+    thresholds: np.ndarray,
+    classes: Sequence[Any],
+    background: Sequence[Any] = (),
+    failed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each window's decision (n,): the index of the class it holds an event of, or -1 (no known
+    event); see the module docstring."""
+    top = np.argmax(smoothed, axis=1)
+    best = smoothed[np.arange(len(top)), top]
+    skip = {i for i, c in enumerate(classes) if str(c) in {str(b) for b in background}}
+    thr = thresholds[top]
+    keep = (best >= thr) & (thr < 1.0) & ~np.isin(top, list(skip))
+    if failed is not None:
+        keep &= ~failed
+    return np.where(keep, top, -1)
+
+
+class EventMerger:
+    """Merges consecutive windows with the same decision into events, one window at a time (the
+    batch `events_of` and the live `/stream` share it). A window stands for the time between the
+    midpoints to its neighbours' centres; the first starts at 0, the last ends at `finish`'s end."""
+
+    def __init__(self, classes: Sequence[Any], window: float):
+        self.classes, self.window = classes, window
+        self.centre: float | None = None  # centre of the last window pushed
+        self.decision, self.onset = -1, 0.0
+        self.scores: list[float] = []
+
+    def _close(self, offset: float) -> Event | None:
+        if self.decision < 0:
+            return None
+        score = float(np.mean(np.asarray(self.scores)))
+        return Event(self.onset, offset, self.classes[self.decision], score)
+
+    def push(self, start: float, decision: int, smoothed: np.ndarray) -> Event | None:
+        """Add the next window (onset seconds, decision, smoothed row); the event it closes, if any."""
+        centre = start + self.window / 2
+        bound = 0.0 if self.centre is None else (self.centre + centre) / 2
+        closed = None
+        if self.centre is None or decision != self.decision:
+            closed = None if self.centre is None else self._close(bound)
+            self.decision, self.onset, self.scores = int(decision), bound, []
+        if decision >= 0:
+            self.scores.append(float(smoothed[decision]))
+        self.centre = centre
+        return closed
+
+    def finish(self, duration: float) -> Event | None:
+        """The event still open at the end of the recording (`duration` seconds), if any."""
+        return None if self.centre is None else self._close(duration)
+
+
 def events_of(
     starts: np.ndarray,
     smoothed: np.ndarray,
@@ -184,27 +248,11 @@ def events_of(
     """Events from smoothed scores (n, C): see the module docstring (decision, merging, times)."""
     if len(starts) == 0:
         return []
-    top = np.argmax(smoothed, axis=1)
-    best = smoothed[np.arange(len(top)), top]
-    skip = {i for i, c in enumerate(classes) if str(c) in {str(b) for b in background}}
-    thr = thresholds[top]
-    keep = (best >= thr) & (thr < 1.0) & ~np.isin(top, list(skip))
-    if failed is not None:
-        keep &= ~failed
-    decision = np.where(keep, top, -1)
-    centres = starts + window / 2
-    bounds = np.concatenate([[0.0], (centres[1:] + centres[:-1]) / 2, [duration]])
-    events = []
-    i = 0
-    while i < len(decision):
-        j = i
-        while j + 1 < len(decision) and decision[j + 1] == decision[i]:
-            j += 1
-        if decision[i] >= 0:
-            score = float(smoothed[i : j + 1, decision[i]].mean())
-            events.append(Event(float(bounds[i]), float(bounds[j + 1]), classes[decision[i]], score))
-        i = j + 1
-    return events
+    merger = EventMerger(classes, window)
+    picked = decisions(smoothed, thresholds, classes, background, failed)
+    events = [merger.push(float(t), int(d), row) for t, d, row in zip(starts, picked, smoothed, strict=True)]
+    events.append(merger.finish(duration))
+    return [e for e in events if e is not None]
 
 
 def _blocks(predictor: Predictor, source: Any, sample_rate: Any) -> tuple[str, Iterator[np.ndarray]]:
@@ -276,7 +324,7 @@ def detect(
     `AudioError` (or `ClipError`) naming the recording when it cannot be read or is shorter than
     one window, `ParameterError` for bad settings.
     """
-    _check(predictor, window, hop, median, batch_size)
+    check_settings(predictor, window, hop, median, batch_size)
     classes = list(predictor.classes)
     thr = class_thresholds(classes, threshold, thresholds)
     unknown = [b for b in background if str(b) not in {str(c) for c in classes}]

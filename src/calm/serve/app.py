@@ -32,6 +32,7 @@ from calm.serve.api_errors import CODES, ApiError, install_handlers
 from calm.serve.batcher import Batcher, Replicas
 from calm.serve.deadlines import Deadlines
 from calm.serve.decoding import Decoder
+from calm.serve.detect_routes import router_for as detect_router
 from calm.serve.guard import Guard, InFlight
 from calm.serve.openapi import AUDIO_BODY, BATCH_BODY, UPLOAD_ERRORS
 from calm.serve.uploads import BodyBudget, Upload, read_uploads
@@ -348,4 +349,5 @@ def create_app(predictor: Predictor, config: ServeConfig | None = None) -> FastA
     )
     app.add_middleware(AccessLog)  # outermost: refusals by the Guard are logged too
     app.include_router(router)
+    app.include_router(detect_router(_guarded))  # POST /detect, WebSocket /stream
     return app

@@ -71,9 +71,7 @@ class Guard:
     def _authorised(self, scope) -> bool:
         if self.api_key is None or scope.get("path") in OPEN_PATHS:
             return True
-        value = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        return bearer_ok(scope, self.api_key)
 
     def _over_limits(self, client: str) -> tuple[str, str, dict[str, str]] | None:
         """(code, message, headers) when `client` may not come in now, else None."""
@@ -119,6 +117,14 @@ class Guard:
             counts.per_client[client] -= 1
             if counts.per_client[client] <= 0:
                 del counts.per_client[client]
+
+
+def bearer_ok(scope, api_key: bytes) -> bool:
+    """Whether the request (or WebSocket handshake) of `scope` sends `Authorization: Bearer <api_key>`
+    (compared in constant time)."""
+    value = dict(scope.get("headers") or []).get(b"authorization", b"")
+    scheme, _, token = value.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
 async def _no_receive():  # the refused request's body is never read

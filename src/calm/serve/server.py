@@ -46,6 +46,10 @@ class JsonErrorProtocol(H11Protocol):
         if self.cycle is not None:
             self._headers_due.cancel()
 
+    def handle_websocket_upgrade(self, event) -> None:
+        self._headers_due.cancel()  # the headers came; the WebSocket protocol owns the connection now
+        super().handle_websocket_upgrade(event)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_due.cancel()
         super().connection_lost(exc)
