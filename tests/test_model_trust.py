@@ -63,11 +63,18 @@ def test_a_registered_model_needs_no_confirmation(file_naming, loads):
     assert loads == ["whisper-tiny.en"]
 
 
-@pytest.mark.parametrize("command", ["predict", "serve"])
+@pytest.mark.parametrize("command", ["predict", "detect", "serve"])
 def test_the_commands_refuse_in_one_line_and_name_the_flags(file_naming, loads, tmp_path, command):
     path = file_naming("someone/else-model")
-    args = [command, str(path)] + ([str(tmp_path / "x.wav")] if command == "predict" else [])
+    args = [command, str(path)] + ([str(tmp_path / "x.wav")] if command != "serve" else [])
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and loads == []
     [line] = [ln for ln in res.output.splitlines() if ln.startswith("calm: error:")]
     assert "someone/else-model" in line and "--model" in line and "--trust-file-model" in line
+
+
+@pytest.mark.parametrize("command", ["predict", "detect"])
+def test_the_flag_named_in_the_message_exists_and_confirms(file_naming, loads, tmp_path, command):
+    path = file_naming("someone/else-model")
+    res = CliRunner().invoke(main, [command, str(path), str(tmp_path / "x.wav"), "--trust-file-model"])
+    assert res.exit_code == 1 and loads == ["someone/else-model"], res.output  # then the load itself fails

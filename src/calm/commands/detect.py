@@ -17,6 +17,7 @@ import time
 
 import click
 
+from calm.commands.options import trust_file_model_option
 from calm.detection import DEFAULT_HOP, DEFAULT_MEDIAN, DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from calm.errors import CalmError, ParameterError
 
@@ -135,6 +136,7 @@ class ProgressLine:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress line.")
+@trust_file_model_option
 def detect(
     model_path,
     files,
@@ -150,6 +152,7 @@ def detect(
     device,
     batch_size,
     quiet,
+    trust_file_model,
 ):
     """Print the events (onset, offset, label, score) found in each long recording."""
     from calm._files import printable
@@ -168,6 +171,7 @@ def detect(
             model=model,
             device=device,
             announce=lambda line: click.echo(f"calm detect: loading {line}", err=True),
+            trust_file_model=trust_file_model,
         )
     except (CalmError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
