@@ -8,7 +8,13 @@ import importlib
 
 import pytest
 
-MODULES = ["calm.classifiers.sav", "calm.classifiers.calm", "calm.selftraining", "calm.audio_classifier"]
+MODULES = [
+    "calm.classifiers.sav",
+    "calm.classifiers.calm",
+    "calm.classifiers.auto",
+    "calm.selftraining",
+    "calm.audio_classifier",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

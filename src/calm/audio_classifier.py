@@ -10,8 +10,8 @@ or Hugging Face audio dicts, decoded and checked like `calm predict` and `calm s
 (`calm.audio_inputs`; the same pipeline, `calm.inference.Predictor`, labels them). `fit` extracts
 per-head features with the frozen model (`calm.models.spec.LoadSpec.from_options(model,
 model_options, device=...)`) and fits SAV, CALM-global or
-CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`); `method="calm+st"` (or
-`sav+st`, `calm-global+st`) also self-trains on unlabelled clips, `fit(X, y, X_unlabelled=[...])`,
+CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`); a method with the suffix
+`+st` (`calm.methods.SELF_TRAINED`) also self-trains on unlabelled clips, `fit(X, y, X_unlabelled=[...])`,
 with `self_training={...}` for `calm.selftraining.SelfTraining`. With `cache=FOLDER` files go
 through the feature store there, so a second fit or predict on the same files extracts nothing;
 waveforms are never cached (the store keys features by file path and content hash). The cache
@@ -77,8 +77,9 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     model : str
         Registered name (`whisper-tiny.en`, `clap-htsat`, `ast-audioset`, ...), hub id or local
         checkpoint directory (`calm.load_extractor`).
-    method : "sav", "calm-global", "calm", or the same with "+st" (self-training on the unlabelled
-        clips given to ``fit(..., X_unlabelled=...)``; `calm.selftraining.SelfTraining`).
+    method : one of `calm.methods.audio_methods()`: a saveable method, or the same with "+st"
+        (self-training on the unlabelled clips given to ``fit(..., X_unlabelled=...)``;
+        `calm.selftraining.SelfTraining`).
     model_options : dict or None
         Keyword arguments of `calm.load_extractor` (`prompt`, `heads`, `layers`, `dtype`, `long`,
         backend options such as Whisper's `encoder_length`).

@@ -9,8 +9,8 @@ fold holds out one clip per class), keeps the best, and refits it on every suppo
 candidates use their registered default parameters (`calm.methods.DEFAULTS`).
 
 With a class of a single support clip there is nothing to cross-validate: ``fallback``
-(``calm-global``) is fitted, and ``reason_`` says so. CALM-global because SAV collapses on spoken
-words at one shot (FSDD, speech_commands_mini: 27-48 % against 85-87 %); on EmoDB SAV is the
+(`calm.methods.AUTO_FALLBACK`, CALM-global) is fitted, and ``reason_`` says so: SAV collapses on
+spoken words at one shot (FSDD, speech_commands_mini: 27-48 % against 85-87 %); on EmoDB SAV is the
 better one-shot method (docs/results.md, "EmoDB").
 
 Saving writes the chosen inner classifier (a `calm.SAV` / `calm.CALM` file) with the choice under
@@ -44,12 +44,12 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     Parameters
     ----------
-    candidates : sequence of str, default ("sav", "calm-global", "calm")
+    candidates : sequence of str, default `calm.methods.AUTO_CANDIDATES`
         Registered head methods (`calm.methods`) to choose among, each with its default parameters.
     cv : int, default 5
         Stratified folds (at most the smallest class's support count is used; fewer than 2 possible:
         no cross-validation, ``fallback`` is fitted).
-    fallback : str, default "calm-global"
+    fallback : str, default `calm.methods.AUTO_FALLBACK`
         The method fitted without cross-validation; also wins ties of the CV accuracy (otherwise
         ties go to the earlier candidate).
     random_state : int, default 0
@@ -71,7 +71,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     >>> X = rng.normal(size=(12, 4, 8)).astype(np.float32); X[6:] += 1.0
     >>> y = ["a"] * 6 + ["b"] * 6
     >>> clf = AutoHead(cv=3).fit(X, y)
-    >>> clf.chosen_ in ("sav", "calm-global", "calm"), sorted(clf.cv_scores_) == sorted(AUTO_CANDIDATES)
+    >>> clf.chosen_ in AUTO_CANDIDATES, sorted(clf.cv_scores_) == sorted(AUTO_CANDIDATES)
     (True, True)
     """
 
