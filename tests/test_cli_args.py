@@ -14,6 +14,7 @@ from calm.commands.evaluate import eval_config, evaluate
 from calm.evaluate import EvalConfig
 from calm.evaluate.config import CLI_OPTIONS
 from calm.methods import names
+from calm.models.spec import LoadSpec
 from calm.store.distributed import RayOptions
 
 NESTED = {"model", "classifier", "lalm", "self_training", "ray"}
@@ -147,3 +148,18 @@ def test_a_setting_no_option_expresses_is_named():
     with pytest.raises(ValueError, match="ray.decode_cpus"):
         config.to_cli_args()
     assert config.command().endswith("# and, from Python only: ray.decode_cpus=2.0")
+
+
+@pytest.mark.parametrize(
+    ("model", "note"),
+    [
+        (LoadSpec("whisper-tiny.en", revision="abc"), "model.revision=abc"),
+        (LoadSpec("some/dir", name="tiny"), "model.name=tiny"),
+    ],
+)
+def test_model_settings_from_python_only_are_named_not_fatal(model, note):
+    config = EvalConfig(out="run", data="esc10:/x", model=model)
+    with pytest.raises(ValueError, match=note):
+        config.to_cli_args()
+    command = config.command()  # run_evaluation records it after the episodes: it must not raise
+    assert command.endswith(f"# and, from Python only: {note}") and "--model" in command

@@ -5,7 +5,7 @@ frozen and checked when built."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,10 @@ class EvalConfig:
         left = self.cli_unexpressed()
         if left:
             raise ParameterError(f"no calm evaluate option sets {', '.join(left)}")
+        return self._cli_args()
+
+    def _cli_args(self) -> list[str]:
+        """The arguments of every setting an option expresses (the others left out)."""
         args: list[str] = []
         for option in CLI_OPTIONS:
             value = _get(self, option.field)
@@ -180,14 +184,12 @@ class EvalConfig:
         return args
 
     def command(self) -> str:
-        """`to_cli_args` as one shell command line, `calm evaluate ...` (a note names what it lacks)."""
+        """The arguments as one shell command line, `calm evaluate ...`, with a note naming the
+        settings no option expresses (they come from Python only)."""
         import shlex
 
         left = self.cli_unexpressed()
-        config = self
-        if left and self.ray is not None:
-            config = replace(self, ray=replace(self.ray, decode_cpus=RayOptions.decode_cpus))
-        line = shlex.join(["calm", "evaluate", *config.to_cli_args()])
+        line = shlex.join(["calm", "evaluate", *self._cli_args()])
         return line + (f"  # and, from Python only: {', '.join(left)}" if left else "")
 
     def cli_unexpressed(self) -> list[str]:
