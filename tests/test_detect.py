@@ -145,8 +145,6 @@ def test_the_file_is_decoded_in_pieces(classifier, long_flac, monkeypatch):
     """Streaming: soundfile reads blocks of at most BLOCK_SECONDS, never the whole minute."""
     import soundfile
 
-    from calm import audio_stream
-
     reads: list[int] = []
     original = soundfile.SoundFile.read
 
@@ -155,7 +153,6 @@ def test_the_file_is_decoded_in_pieces(classifier, long_flac, monkeypatch):
         return original(self, frames, *args, **kwargs)
 
     monkeypatch.setattr(soundfile.SoundFile, "read", recording_read)
-    monkeypatch.setattr(audio_stream, "BLOCK_SECONDS", 5.0)
     monkeypatch.setattr("calm.detection.BLOCK_SECONDS", 5.0)
     matched(classifier.detect(long_flac, background=["noise"]).events)
     assert len(reads) >= 12 and 0 < max(reads) <= 5 * RATE, reads

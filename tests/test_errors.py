@@ -26,8 +26,6 @@ NOT_CALM_ERRORS = {
         "seen by a Python caller; its codes include server-side failures (queue_full, internal_error)"
     ),
 }
-# Defined by the inference engineer's branch (issue 22), which derives them from CalmError; until
-# both branches are merged they fail here. Once merged, these XPASS (strict): delete the entry.
 # the second base each user error kept from before issue 22
 KEPT_BASES = {
     "calm.audio.AudioError": ValueError,

@@ -56,9 +56,9 @@ from calm.data.base import Clip, Dataset, DatasetError
 
 INSTALL_HINT = "pip install 'calm-audio[hf]'"
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
-# leading bytes -> file suffix, for embedded audio whose original name has no known suffix
 LABEL_DTYPES = ("string", "large_string", "bool", "float16", "float32", "float64")
 ID_COLUMNS = ("id", "file_id", "clip_id", "audio_id", "utt_id", "key")  # named in a clip's origin
+# leading bytes -> file suffix, for embedded audio whose original name has no known suffix
 MAGIC = ((b"RIFF", ".wav"), (b"fLaC", ".flac"), (b"OggS", ".ogg"), (b"ID3", ".mp3"), (b"\xff\xfb", ".mp3"))
 
 
