@@ -297,4 +297,4 @@ def test_incremental_events_equal_the_batch_events(median, hop):
         background=["bg"],
         failed=~np.isfinite(rows).all(axis=1),
     )
-    assert closed == want and len(want) >= 3 and 0 < early < len(want) + 1
+    assert closed == want and len(want) >= 3 and early > 0  # some events arrive before the end

@@ -13,8 +13,6 @@ sent as they close (`calm.serve.stream_detect`). docs/serve.md describes both.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
@@ -22,6 +20,7 @@ from typing import Any, cast
 from fastapi import APIRouter, Query, Request, WebSocket
 
 from calm.audio import AudioError, DecodeLimits, UnsupportedAudioError, decode_limits
+from calm.audio_inputs import bytes_file
 from calm.detection import DEFAULT_HOP, DEFAULT_MEDIAN, DEFAULT_THRESHOLD, DEFAULT_WINDOW, detect
 from calm.errors import ParameterError
 from calm.inference import ClipError, Predictor
@@ -74,15 +73,10 @@ def _run(service: Any, upload: Upload, options: dict[str, Any], stop: threading.
         if cap is not None and p.audio_seconds > cap:
             raise AudioError(upload.name, f"more than --max-audio-seconds ({cap:g} s) of audio")
 
-    fd, path = tempfile.mkstemp(prefix="calm-detect-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(upload.data)
-        with decode_limits(DecodeLimits(timeout_s=config.decode_timeout_s, max_seconds=None)):
-            proxy = cast(Predictor, BatchedPredictor(service.predictor, service.batcher, stop))
-            result = detect(proxy, path, progress=progress, batch_size=config.max_batch, **options)
-    finally:
-        os.unlink(path)
+    limits = DecodeLimits(timeout_s=config.decode_timeout_s, max_seconds=None)
+    with bytes_file(upload.data, upload.name) as path, decode_limits(limits):
+        proxy = cast(Predictor, BatchedPredictor(service.predictor, service.batcher, stop))
+        result = detect(proxy, path, progress=progress, batch_size=config.max_batch, **options)
     return {
         **result.as_dict(),
         "source": upload.name,
