@@ -2,6 +2,7 @@
 
     python benchmarks/bench_detect.py [--minutes 60] [--rate 16000] [--window 1.0] [--hop 0.5]
         [--model whisper-tiny.en] [--encoder-length clip] [--baseline-windows 200] [--keep DIR]
+        [--threads N]
 
 Makes a --minutes long FLAC (written block by block: noise with 2 s tone bursts of two classes,
 a 500 Hz "low" and a 3 kHz "high", every 30 s), fits a CALM on 3 short clips per class plus a
@@ -17,6 +18,9 @@ same loaded model: the model alone (`extract` + the classifier) on --baseline-wi
 windows per second and the real-time factor it would give (hop seconds of audio per window), so
 the overhead of decoding, windowing and smoothing is the ratio of the two. Also the file's size and
 the memory the decoded file would need as float32 at the model's rate (what streaming avoids).
+--threads sets torch's threads (OMP_NUM_THREADS) for this process and the child: 1 by default, so
+a shared machine's load disturbs it less; a user's `calm detect` uses every core (torch's
+default), which `--threads 0` measures.
 """
 
 from __future__ import annotations
@@ -102,8 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder-length", default="clip", choices=["clip", "full"])
     parser.add_argument("--baseline-windows", type=int, default=200)
     parser.add_argument("--keep", default=None, help="write the recording and outputs here (kept)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 0: torch's default (all cores)"
+    )
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    else:
+        os.environ.pop("OMP_NUM_THREADS", None)
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-detect-"))
     work.mkdir(parents=True, exist_ok=True)
     rec, model_file, out = work / "long.flac", work / "tones.safetensors", work / "events.json"
@@ -141,14 +153,15 @@ def main(argv: list[str] | None = None) -> None:
         f"recording: {seconds / 60:g} min at {args.rate} Hz, {rec.stat().st_size / 2**20:.1f} MiB FLAC, "
         f"{seconds * RATE * 4 / 2**30:.2f} GiB as float32 at {RATE} Hz if decoded whole"
     )
-    print(f"command: {' '.join(cmd[2:])}")
+    threads = os.environ.get("OMP_NUM_THREADS", f"torch's default ({os.cpu_count()} CPUs)")
+    print(f"command: {' '.join(cmd[2:])}; torch threads: {threads}")
     print(
         f"calm detect: {wall:.1f} s wall (model loading included), {seconds / wall:.1f}x real time; "
         f"detection alone {doc['realtime_factor']:.1f}x; peak RSS {peak / 2**30:.2f} GiB"
     )
     print(
         f"calm detect CPU: {cpu:.1f} CPU-seconds, {seconds / cpu:.1f} audio seconds per CPU-second "
-        f"(robust to other load; single-threaded, so about the wall-clock factor on an idle core)"
+        f"(robust to other load; with one thread about the wall-clock factor on an idle core)"
     )
     print(
         f"baseline (model + classifier alone): {per_second:.1f} windows/s = "

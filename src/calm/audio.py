@@ -213,6 +213,28 @@ def _decode_soundfile(
     return data, rate, total
 
 
+def pyav_frames(container: Any) -> Iterator[tuple[np.ndarray, int]]:
+    """Decoded audio of `container`'s first audio stream: ((channels, samples) float32, rate) pieces.
+
+    Planar float keeps every channel separate (mono mix-down is the caller's, not ffmpeg's); the
+    resampler is flushed after the last frame. The one PyAV decoding loop: `decode` and
+    `calm.audio_stream` both read through it.
+    """
+    import av
+
+    resampler = None
+    rate = 0
+    for frame in container.decode(container.streams.audio[0]):
+        if resampler is None:
+            rate = int(frame.sample_rate)
+            resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
+        for out in resampler.resample(frame):
+            yield out.to_ndarray().astype(np.float32, copy=False), rate
+    if resampler is not None:
+        for out in resampler.resample(None):
+            yield out.to_ndarray().astype(np.float32, copy=False), rate
+
+
 def _decode_pyav(
     path: Path, max_frames_at: float | None, limits: DecodeLimits
 ) -> tuple[np.ndarray, int, int]:
@@ -222,8 +244,6 @@ def _decode_pyav(
     early, in which case the clip is known to be longer than what was returned). Past `limits`
     (wall clock, decoded seconds beyond `max_frames_at`) it raises `AudioError`.
     """
-    import av
-
     deadline = None if limits.timeout_s is None else time.monotonic() + limits.timeout_s
     cap = limits.max_seconds
     stop_at = max_frames_at if cap is None or (max_frames_at is not None and max_frames_at <= cap) else None
@@ -233,16 +253,9 @@ def _decode_pyav(
     with open(path, "rb") as fh, open_audio_container(fh, path, limits.timeout_s) as container:
         stream = container.streams.audio[0]
         rate = int(stream.rate or stream.codec_context.sample_rate or 0)
-        # planar float keeps every channel separate; mono mix-down is done here, not by ffmpeg
-        resampler = None
-        for frame in container.decode(stream):
-            if resampler is None:
-                rate = int(frame.sample_rate)
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
-            for out in resampler.resample(frame):
-                arr = out.to_ndarray().astype(np.float32, copy=False)  # (channels, samples)
-                chunks.append(arr)
-                n += arr.shape[1]
+        for arr, rate in pyav_frames(container):
+            chunks.append(arr)
+            n += arr.shape[1]
             if stop_at is not None and n > math.ceil(stop_at * rate):
                 longer = True
                 break
@@ -250,11 +263,6 @@ def _decode_pyav(
                 raise AudioError(path, _too_long(cap))
             if deadline is not None and time.monotonic() > deadline:
                 raise AudioError(path, f"decoding took longer than {limits.timeout_s:g} s")
-        if resampler is not None and not longer:
-            for out in resampler.resample(None):
-                arr = out.to_ndarray().astype(np.float32, copy=False)
-                chunks.append(arr)
-                n += arr.shape[1]
     if not chunks:
         return np.zeros((0, 1), np.float32), max(rate, 1), 0
     data = np.concatenate(chunks, axis=1).T

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from calm.audio import (
     current_limits,
     open_audio_container,
     probe,
+    pyav_frames,
 )
 
 #: seconds of audio per decoded block
@@ -49,25 +49,16 @@ def _soundfile_blocks(path: Path, block_seconds: float) -> Iterator[tuple[np.nda
 
 
 def _pyav_blocks(path: Path, block_seconds: float) -> Iterator[tuple[np.ndarray, int]]:
-    import av
-
     pending: list[np.ndarray] = []
     n = 0
     rate = 0
     with open(path, "rb") as fh, open_audio_container(fh, path, current_limits().timeout_s) as container:
-        resampler: Any = None
-        for frame in container.decode(container.streams.audio[0]):
-            if resampler is None:
-                rate = int(frame.sample_rate)
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=rate)
-            for out in resampler.resample(frame):
-                pending.append(out.to_ndarray().astype(np.float32, copy=False).mean(axis=0))
-                n += pending[-1].shape[0]
+        for arr, rate in pyav_frames(container):
+            pending.append(arr.mean(axis=0))
+            n += pending[-1].shape[0]
             if n >= block_seconds * rate:
                 yield np.concatenate(pending), rate
                 pending, n = [], 0
-        if resampler is not None:
-            pending += [out.to_ndarray().astype(np.float32).mean(axis=0) for out in resampler.resample(None)]
     if pending:
         yield np.concatenate(pending), rate
 
