@@ -4,11 +4,10 @@ missing shard."""
 
 from __future__ import annotations
 
-import pytest
 from click.testing import CliRunner
 
 from calm.cli import main
-from calm.store import StoreError, load_features, verify_store
+from calm.store import load_features, verify_store
 from tests.test_faults import clips, key_dir, reference, shards  # noqa: F401  (fixtures)
 from tests.test_store import FakeExtractor, assert_same_store, run
 
@@ -38,17 +37,43 @@ def test_swapped_shards_are_relinked_not_dropped(tmp_path, clips, reference):  #
 
 
 def test_a_store_of_two_swapped_shards_keeps_every_row(tmp_path, clips, reference):  # noqa: F811
-    """The case of the issue: resume refuses to empty the index; repair re-links both shards."""
+    """The case of the issue: repair re-links both shards."""
     out = tmp_path / "store"
     run(FakeExtractor(), clips[:6], out)
     a, b = shards(out)
     swap(a, b)
-    with pytest.raises(StoreError, match="refusing to empty the index"):
-        run(FakeExtractor(), clips[:6], out)
     report = verify_store(out, repair=True)[0]
     assert report.rows == 6 and not report.dropped
     assert len(load_features(out)[0]) == 6
     assert run(FakeExtractor(), clips, out).stored == len(clips) - 6
+    assert_same_store(out, reference)
+
+
+def test_resume_relinks_swapped_shards_like_repair(tmp_path, clips, reference, caplog):  # noqa: F811
+    """A resume does what `verify --repair` does with swapped shards: re-links, redoes nothing,
+    even when every shard of the store is swapped (it used to refuse to empty the index)."""
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips[:6], out)
+    a, b = shards(out)
+    swap(a, b)
+    with caplog.at_level("WARNING", logger="calm.store"):
+        report = run(FakeExtractor(), clips[:6], out)
+    assert report.redone == 0 and report.stored == 0
+    assert sum("swapped or renamed" in r.getMessage() for r in caplog.records) == 2
+    assert not list(key_dir(out).rglob("*.corrupt"))
+    assert verify_store(out, full=True)[0].ok
+    assert run(FakeExtractor(), clips, out).stored == len(clips) - 6
+    assert_same_store(out, reference)
+
+
+def test_resume_finds_a_renamed_shard_instead_of_deleting_it(tmp_path, clips, reference):  # noqa: F811
+    out = tmp_path / "store"
+    run(FakeExtractor(), clips, out)
+    victim = shards(out)[1]
+    moved = victim.with_name("shard-000099.safetensors")
+    victim.rename(moved)
+    assert run(FakeExtractor(), clips, out).redone == 0
+    assert moved.exists() and verify_store(out, full=True)[0].ok
     assert_same_store(out, reference)
 
 

@@ -30,8 +30,10 @@ place; only then are its index lines appended (one write, fsynced). Killing the 
 moment loses at most the batch in flight: a half-written temporary file or an index line cut
 short is cleaned up on the next run, and a shard that made it to disk without its index lines is
 removed and its clips redone. A shard whose size or header does not match the index (truncated or
-damaged) is detected on resume, moved aside (`*.corrupt`) and its clips redone; `load_features`
-refuses it with a message saying to re-run the extraction.
+damaged) is detected on resume, moved aside (`*.corrupt`) and its clips redone; a shard file
+swapped with another's or renamed is found by its recorded size and checksum and its rows re-linked
+(as `verify_store(repair=True)` does). `load_features` refuses either with a message saying to
+re-run the extraction.
 
 Integrity: every index row records its shard's crc32 (and sha256) and a `check` (crc32 of the
 row's other fields); each shard is checked against them once per process when first opened (by

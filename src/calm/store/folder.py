@@ -4,8 +4,9 @@ One job: keep a key folder consistent while it is written (by extraction or comp
 under the store's lock). Every batch becomes one shard, written to a unique temporary name,
 fsynced and renamed into place; only then are its index lines appended (one write, fsynced).
 `recover` undoes whatever a killed run left behind: half-written temporary files, an index line
-cut short, shards without index lines, and shards that do not match the index (moved aside as
-`*.corrupt`, their clips dropped so they are extracted again).
+cut short, shards without index lines, shard files swapped or renamed (their rows re-linked), and
+shards that fail their own checks (moved aside as `*.corrupt`, their clips dropped so they are
+extracted again).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import IO, Any
 import numpy as np
 
 from calm import _files
-from calm.store.checks import ShardDamaged, check_shard, expected_checksum
+from calm.store.checks import ShardDamaged, check_shard, expected_checksum, find_swaps
 from calm.store.format import (
     FORMAT,
     INDEX_FILE,
@@ -53,6 +54,16 @@ log = logging.getLogger("calm.store")
 _TEMP_PATTERNS = (".*.tmp-*", ".*.tmp")  # older fixed-suffix temporaries and calm._files' unique ones
 
 
+def relink_rows(latest: dict[str, dict[str, Any]], rows: list[dict[str, Any]], holder: str) -> int:
+    """Point `rows` (of one shard) at the shard file `holder`, in `latest`; returns how many."""
+    for r in rows:
+        row = {**r, "shard": holder}
+        if ROW_CHECK in row:
+            row[ROW_CHECK] = row_check(row)
+        latest[r["path"]] = row
+    return len(rows)
+
+
 class KeyFolder:
     """One key folder opened for writing (use it under its `StoreLock`).
 
@@ -75,7 +86,9 @@ class KeyFolder:
     def recover(self) -> int:
         """Clean up after a crash and drop rows of damaged shards; returns the rows dropped.
 
-        Only a shard failing its own checks (`ShardDamaged`) is set aside; an index line that
+        Rows of a shard whose file was swapped with another's or renamed (an intact file holds
+        exactly what they recorded) are pointed at that file, as `verify --repair` does. Only a
+        shard failing its own checks (`ShardDamaged`) is set aside; an index line that
         cannot be used, or key.json disagreeing with an intact shard, raise StoreError (with the
         repair route) and change nothing, and so does a recovery that would drop every row."""
         no_link(self.shards)
@@ -91,20 +104,22 @@ class KeyFolder:
         dirty = good != (self.index_path.stat().st_size if self.index_path.exists() else 0)
         latest = latest_rows(rows)
         dirty |= len(latest) != len(rows)
-        dropped = self._drop_damaged(latest)
+        dropped, relinked = self._drop_damaged(latest)
         self._remove_orphans({r["shard"] for r in latest.values()})
-        if dirty or dropped:
+        if dirty or dropped or relinked:
             write_index(self.index_path, latest.values())
         self.rows = latest
         return dropped
 
-    def damaged_shards(self, latest: dict[str, dict[str, Any]]) -> dict[str, tuple[str, list[str]]]:
-        """shard name -> (why, paths of its clips) for the shards of `latest` failing their own
-        checks; StoreError when an intact shard disagrees with the index or key.json."""
+    def shard_failures(
+        self, latest: dict[str, dict[str, Any]], *, full: bool = False
+    ) -> dict[str, tuple[StoreError, list[dict[str, Any]]]]:
+        """shard name -> (why it cannot be used, its index rows) for the shards of `latest` failing
+        their checks (`full`: the whole file's sha256 too)."""
         by_shard: dict[str, list[dict[str, Any]]] = {}
         for row in latest.values():
             by_shard.setdefault(row["shard"], []).append(row)
-        damaged = {}
+        failed = {}
         for name, shard_rows in sorted(by_shard.items()):
             try:
                 check_shard(
@@ -113,27 +128,67 @@ class KeyFolder:
                     feature_shape=self.feature_shape,
                     dtype=self.dtype,
                     nbytes=shard_rows[0].get("shard_bytes"),
+                    sha256=shard_rows[0].get("shard_sha256") if full else None,
                     checksum=expected_checksum(shard_rows[0]),
                 )
-            except ShardDamaged as exc:
-                damaged[name] = (str(exc), [r["path"] for r in shard_rows])
-        return damaged
+            except StoreError as exc:
+                failed[name] = (exc, shard_rows)
+        return failed
 
-    def _drop_damaged(self, latest: dict[str, dict[str, Any]]) -> int:
-        """Move shards failing their own checks aside and drop their rows from `latest`."""
-        damaged = self.damaged_shards(latest)
-        dropped = sum(len(paths) for _, paths in damaged.values())
+    def unreferenced(self, latest: dict[str, dict[str, Any]]) -> set[str]:
+        """Shard files of the key folder that no row of `latest` names (a renamed shard may be one)."""
+        referenced = {r["shard"] for r in latest.values()}
+        names = {p.name for p in no_link(self.shards).iterdir()} if self.shards.is_dir() else set()
+        return {n for n in names if SHARD_RE.fullmatch(n) and n not in referenced}
+
+    def swaps(
+        self,
+        failed: dict[str, tuple[StoreError, list[dict[str, Any]]]],
+        latest: dict[str, dict[str, Any]],
+        *,
+        full: bool = False,
+    ) -> dict[str, str]:
+        """{failing shard: intact file holding exactly its rows} (shard files swapped or renamed)."""
+        damaged = {n: rows for n, (exc, rows) in failed.items() if isinstance(exc, ShardDamaged)}
+        return find_swaps(
+            self.root,
+            damaged,
+            {*failed, *self.unreferenced(latest)},
+            feature_shape=self.feature_shape,
+            dtype=self.dtype,
+            full=full,
+        )
+
+    def _drop_damaged(self, latest: dict[str, dict[str, Any]]) -> tuple[int, int]:
+        """Re-link the rows of swapped or renamed shards, move shards failing their own checks aside
+        and drop their rows from `latest`; returns (rows dropped, rows re-linked). An intact shard
+        disagreeing with the index or key.json raises StoreError and changes nothing."""
+        failed = self.shard_failures(latest)
+        for exc, _ in failed.values():
+            if not isinstance(exc, ShardDamaged):
+                raise exc
+        swaps = self.swaps(failed, latest)
+        dropped = sum(len(rows) for name, (_, rows) in failed.items() if name not in swaps)
         if latest and dropped == len(latest):
+            first = next(iter(failed.values()))[0]
             raise StoreError(
-                f"{self.root}: every shard fails its checks (first: {next(iter(damaged.values()))[0]}); "
+                f"{self.root}: every shard fails its checks (first: {first}); "
                 f"refusing to empty the index: check the disk, then {repair_hint(self.root)}"
             )
-        for name, (why, paths) in damaged.items():
-            log.warning("%s; its %d clips will be extracted again", why, len(paths))
-            self.set_aside(name)
-            for p in paths:
-                del latest[p]
-        return dropped
+        relinked = 0
+        for name, (why, rows) in failed.items():
+            if name in swaps:
+                log.warning(
+                    "%s; its %d clips are in %s (swapped or renamed): re-linked", why, len(rows), swaps[name]
+                )
+                relinked += relink_rows(latest, rows, swaps[name])
+                continue
+            log.warning("%s; its %d clips will be extracted again", why, len(rows))
+            if name not in swaps.values():
+                self.set_aside(name)
+            for r in rows:
+                del latest[r["path"]]
+        return dropped, relinked
 
     def set_aside(self, name: str) -> None:
         """Rename shard `name` to `name.corrupt` (kept for inspection, never read again)."""

@@ -22,19 +22,14 @@ from typing import Any
 from calm.store.checks import (
     ShardDamaged,
     _tensor_layout,
-    check_shard,
-    expected_checksum,
-    find_swaps,
     read_shard_header,
 )
-from calm.store.folder import KeyFolder
+from calm.store.folder import KeyFolder, relink_rows
 from calm.store.format import (
     INDEX_FILE,
     KEY_FILE,
     LOCK_FILE,
-    ROW_CHECK,
     SHARD_DIR,
-    SHARD_RE,
     StoreError,
     StoreLock,
     latest_rows,
@@ -42,7 +37,6 @@ from calm.store.format import (
     no_link,
     read_key_file,
     resolve_key_dir,
-    row_check,
     scan_index,
     shard_path,
     write_index,
@@ -159,15 +153,8 @@ def _verify_dir(root: Path, *, repair: bool, full: bool) -> VerifyReport:
         return report
     _fix_key(root, info, latest, report, repair)
     folder = KeyFolder(root, info)
-    failed = _failing_shards(folder, latest, full)
-    swaps = find_swaps(
-        root,
-        {n: r for n, (exc, r) in failed.items() if isinstance(exc, ShardDamaged)},
-        {*failed, *_unreferenced(root, latest)},
-        feature_shape=folder.feature_shape,
-        dtype=folder.dtype,
-        full=full,
-    )
+    failed = folder.shard_failures(latest, full=full)
+    swaps = folder.swaps(failed, latest, full=full)
     relinked = 0
     for name, (exc, shard_rows) in sorted(failed.items()):
         report.problems.append(_problem(exc, swaps.get(name)))
@@ -191,38 +178,6 @@ def _verify_dir(root: Path, *, repair: bool, full: bool) -> VerifyReport:
     return report
 
 
-def _failing_shards(
-    folder: KeyFolder, latest: Mapping[str, dict[str, Any]], full: bool
-) -> dict[str, tuple[StoreError, list[dict[str, Any]]]]:
-    """shard name -> (why it cannot be used, its index rows) for the shards of `latest` failing."""
-    by_shard: dict[str, list[dict[str, Any]]] = {}
-    for row in latest.values():
-        by_shard.setdefault(row["shard"], []).append(row)
-    failed = {}
-    for name, shard_rows in sorted(by_shard.items()):
-        try:
-            check_shard(
-                shard_path(folder.root, name),
-                rows=1 + max(int(r["row"]) for r in shard_rows),
-                feature_shape=folder.feature_shape,
-                dtype=folder.dtype,
-                nbytes=shard_rows[0].get("shard_bytes"),
-                sha256=shard_rows[0].get("shard_sha256") if full else None,
-                checksum=expected_checksum(shard_rows[0]),
-            )
-        except StoreError as exc:
-            failed[name] = (exc, shard_rows)
-    return failed
-
-
-def _unreferenced(root: Path, latest: Mapping[str, dict[str, Any]]) -> set[str]:
-    """Shard files of the key folder that no index row names (a renamed shard may be among them)."""
-    referenced = {r["shard"] for r in latest.values()}
-    folder = no_link(root / SHARD_DIR)
-    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    return {n for n in names if SHARD_RE.fullmatch(n) and n not in referenced}
-
-
 def _problem(exc: StoreError, holder: str | None) -> str:
     first = str(exc).split("; ")[0]
     return first if holder is None else f"{first}; its clips are in {holder} (shards swapped or renamed)"
@@ -238,11 +193,7 @@ def _relink(
     repair: bool,
 ) -> int:
     """Point the rows of shard `name` at `holder`, the intact file holding their features."""
-    for r in shard_rows:
-        row = {**r, "shard": holder}
-        if ROW_CHECK in row:
-            row[ROW_CHECK] = row_check(row)
-        latest[r["path"]] = row
+    relink_rows(latest, shard_rows, holder)
     if repair:
         report.repaired.append(
             f"{root / SHARD_DIR / holder}: holds the {len(shard_rows)} clips the index placed in {name} "
