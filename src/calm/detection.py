@@ -120,7 +120,14 @@ class Detection:
         }
 
 
-def check_settings(predictor: Predictor, window: float, hop: float, median: int, batch_size: int) -> None:
+def check_settings(
+    predictor: Predictor,
+    window: float,
+    hop: float,
+    median: int,
+    batch_size: int,
+    background: Sequence[Any] = (),
+) -> None:
     """Raise `ParameterError` for settings `detect` refuses (also checked by `calm serve`'s /stream)."""
     if not MIN_SECONDS <= window:
         raise ParameterError(f"window must be at least {MIN_SECONDS:g} s, got {window:g}")
@@ -133,6 +140,10 @@ def check_settings(predictor: Predictor, window: float, hop: float, median: int,
         raise ParameterError(f"median must be an odd number of windows >= 1, got {median}")
     if batch_size < 1:
         raise ParameterError(f"batch_size must be at least 1, got {batch_size}")
+    classes = list(predictor.classes)
+    unknown = [b for b in background if str(b) not in {str(c) for c in classes}]
+    if unknown:
+        raise ParameterError(f"background label(s) {unknown} are not classes; classes: {classes}")
 
 
 def class_thresholds(
@@ -324,12 +335,9 @@ def detect(
     `AudioError` (or `ClipError`) naming the recording when it cannot be read or is shorter than
     one window, `ParameterError` for bad settings.
     """
-    check_settings(predictor, window, hop, median, batch_size)
+    check_settings(predictor, window, hop, median, batch_size, background)
     classes = list(predictor.classes)
     thr = class_thresholds(classes, threshold, thresholds)
-    unknown = [b for b in background if str(b) not in {str(c) for c in classes}]
-    if unknown:
-        raise ParameterError(f"background label(s) {unknown} are not classes; classes: {classes}")
     t0 = time.perf_counter()
     name, blocks = _blocks(predictor, source, sample_rate)
     starts, proba = window_scores(

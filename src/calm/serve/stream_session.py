@@ -97,11 +97,8 @@ def parse_start(text: str | None, predictor: Any) -> tuple[StreamDetector, str, 
     try:
         if median != int(median):
             raise ParameterError(f"median must be an odd number of windows >= 1, got {median:g}")
-        check_settings(predictor, window, hop, int(median), 1)
+        check_settings(predictor, window, hop, int(median), 1, background)
         thresholds = class_thresholds(classes, threshold, per_class)
-        unknown_bg = [b for b in background if str(b) not in {str(c) for c in classes}]
-        if unknown_bg:
-            raise ParameterError(f"background label(s) {unknown_bg} are not classes; classes: {classes}")
     except (ParameterError, TypeError, ValueError) as exc:
         raise StreamError("invalid_parameter", str(exc)) from None
     detector = StreamDetector(classes, rate, window, hop, thresholds, int(median), background)
