@@ -215,6 +215,8 @@ def test_bad_settings_and_short_recordings(classifier, tmp_path):
         classifier.detect((noise(5.0, np.random.default_rng(0)), RATE), median=2)
     with pytest.raises(ParameterError, match="unknown class 'cat'"):
         classifier.detect((noise(5.0, np.random.default_rng(0)), RATE), thresholds={"cat": 0.5})
+    with pytest.raises(ParameterError, match=r"background label\(s\) \['cat'\] are not classes"):
+        classifier.detect((noise(5.0, np.random.default_rng(0)), RATE), background=["cat"])
     with pytest.raises(ParameterError, match="longer than the model"):
         classifier.detect((noise(20.0, np.random.default_rng(0)), RATE), window=12.0)
     short = tmp_path / "short.wav"

@@ -212,6 +212,7 @@ def error_of(live, first, *, chunks=(), headers=None) -> tuple[dict, int]:
         (json.dumps({"sample_rate": 44100}), "invalid_parameter", 1007),
         (json.dumps({"sample_rate": RATE, "format": "u8"}), "invalid_parameter", 1007),
         (json.dumps({"sample_rate": RATE, "hop": 2.0}), "invalid_parameter", 1007),
+        (json.dumps({"sample_rate": RATE, "background": ["cat"]}), "invalid_parameter", 1007),
         (json.dumps({"sample_rate": RATE, "rate": 1}), "bad_message", 1003),
     ],
 )
