@@ -1,4 +1,4 @@
-"""`calm serve` without its optional dependencies says how to install them."""
+"""`calm serve`'s command line: install hint without FastAPI, its options, and where they land."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from click.testing import CliRunner
 
 from calm.cli import main
+from tests.test_detect import band_model, classifier, model_file  # noqa: F401  (fixtures)
 
 
 def test_serve_without_fastapi_says_how_to_install(tmp_path, monkeypatch):
@@ -40,3 +41,21 @@ def test_serve_refuses_a_bad_replica_count(tmp_path):
     for bad in ("0", "two", "-1"):
         res = CliRunner().invoke(main, ["serve", str(model), "--replicas", bad])
         assert res.exit_code == 2 and "--replicas" in res.output and "Traceback" not in res.output
+
+
+def test_timeout_options_reach_the_server_config(model_file, monkeypatch):  # noqa: F811
+    """--body/--request/--decode-timeout land in ServeConfig's *_timeout_s fields (click names them)."""
+    import calm.serve.server
+
+    seen = {}
+
+    def capture(predictor, config, **kwargs):
+        seen["config"] = config
+        raise RuntimeError("captured")  # stop before calm serve ends the process
+
+    monkeypatch.setattr(calm.serve.server, "serve", capture)
+    args = ["--body-timeout", "5", "--request-timeout", "7", "--decode-timeout", "3", "--replicas", "1"]
+    res = CliRunner().invoke(main, ["serve", str(model_file), *args])
+    assert "RuntimeError: captured" in res.output, res.output
+    config = seen["config"]
+    assert (config.body_timeout_s, config.request_timeout_s, config.decode_timeout_s) == (5.0, 7.0, 3.0)

@@ -12,9 +12,6 @@ from calm.commands.options import trust_file_model_option
 from calm.errors import CalmError
 
 INSTALL_HINT = "calm serve needs FastAPI and uvicorn: pip install 'calm-audio[serve]'"
-#: options whose `ServeConfig` field carries the unit (the others have the option's name)
-SECONDS_FIELDS = {"body_timeout": "body_timeout_s", "request_timeout": "request_timeout_s"}
-SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
 
 
 @click.command()
@@ -67,6 +64,7 @@ SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
 )
 @click.option(
     "--body-timeout",
+    "body_timeout_s",  # the `ServeConfig` field, which carries the unit
     type=click.FloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
@@ -74,6 +72,7 @@ SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
 )
 @click.option(
     "--request-timeout",
+    "request_timeout_s",  # the `ServeConfig` field, which carries the unit
     type=click.FloatRange(min=0, min_open=True),
     default=120.0,
     show_default=True,
@@ -81,6 +80,7 @@ SECONDS_FIELDS["decode_timeout"] = "decode_timeout_s"
 )
 @click.option(
     "--decode-timeout",
+    "decode_timeout_s",  # the `ServeConfig` field, which carries the unit
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
@@ -159,9 +159,8 @@ def serve(
         raise click.ClickException(str(exc)) from None
     replicas = _replica_count(predictor, replicas, threads, device)
     limits["api_key"] = limits["api_key"] or None
-    fields = {SECONDS_FIELDS.get(name, name): value for name, value in limits.items()}
     try:
-        config = ServeConfig(**fields, replicas=replicas, model_file=model_path)
+        config = ServeConfig(**limits, replicas=replicas, model_file=model_path)
     except ValueError as exc:  # the one checked field: the rate limit's notation
         raise click.BadParameter(str(exc), param_hint="--rate-limit") from None
     click.echo(f"calm serve: {len(predictor.classes)} classes; http://{host}:{port}/docs", err=True)
