@@ -107,6 +107,7 @@ class CALM(HeadClassifier):
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
         unknown_label: Any = DEFAULTS["unknown_label"],
+        keep_support: bool = DEFAULTS["keep_support"],
     ):
         self.k = k
         self.tau_p = tau_p
@@ -121,6 +122,7 @@ class CALM(HeadClassifier):
         self.calibration = calibration
         self.unknown = unknown
         self.unknown_label = unknown_label
+        self.keep_support = keep_support
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:

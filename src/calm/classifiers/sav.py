@@ -108,6 +108,7 @@ class SAV(HeadClassifier):
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
         unknown_label: Any = DEFAULTS["unknown_label"],
+        keep_support: bool = DEFAULTS["keep_support"],
     ):
         self.k = k
         self.tie_break = tie_break
@@ -119,6 +120,7 @@ class SAV(HeadClassifier):
         self.calibration = calibration
         self.unknown = unknown
         self.unknown_label = unknown_label
+        self.keep_support = keep_support
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
