@@ -27,7 +27,7 @@ from calm.serialization import ModelFileError, SavedClassifier, TensorSpec
 if TYPE_CHECKING:
     from calm.classifiers.features import Features
 
-__all__ = ["SUPPORT_SPECS", "check_loaded", "keep", "partial_fit", "union"]
+__all__ = ["SUPPORT_SPECS", "check_loaded", "keep", "partial_fit", "require", "union"]
 
 #: The saved support set (``keep_support=True``): features in the query dtype and class indices.
 SUPPORT_SPECS = (
@@ -61,17 +61,24 @@ def keep(clf: Any, feats: Features, y_idx: np.ndarray, rows: int) -> None:
     clf.support_labels_ = np.asarray(y_idx, dtype=np.int64).copy()
 
 
+def require(clf: Any, what: str) -> np.ndarray:
+    """The kept support features of ``clf``; FeatureError naming ``what`` (the estimator or its
+    file) when it keeps none."""
+    kept = getattr(clf, "support_features_", None)
+    if kept is None:
+        raise FeatureError(
+            f"{what} keeps no support set: fit with keep_support=True (`calm fit --keep-support`) "
+            "to add clips or classes later"
+        )
+    return np.asarray(kept)
+
+
 def union(clf: Any, X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
     """The kept support of ``clf`` followed by the new clips ``X`` (checked against the fitted
     heads) and labels ``y``: (features (n + m, K, d), labels (n + m,)). FeatureError without kept
     support or for unusable input."""
     feats = clf._query(X)  # the fitted heads x dims, 2-D input split into heads
-    kept = getattr(clf, "support_features_", None)
-    if kept is None:
-        raise FeatureError(
-            f"{type(clf).__name__}.partial_fit needs the support set: fit with keep_support=True "
-            "(`calm fit --keep-support`) to add clips or classes later"
-        )
+    kept = require(clf, f"this {type(clf).__name__}")
     new = as_array(feats, clf._view_rows(feats), check=True)
     labels = labels_array(y)
     if labels.ndim != 1 or len(labels) != feats.n:

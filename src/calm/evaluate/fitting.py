@@ -138,19 +138,16 @@ def add_to_file(
     announce: Any = None,
 ) -> FitResult:
     """The classifier in `model_file` with every clip of dataset `data` (`KIND:ROOT`) added (see
-    the module docstring); `rows` are the new clips' rows. ProtocolError naming the file when it
+    the module docstring); `rows` are the new clips' rows. FeatureError naming the file when it
     keeps no support set (before any model is loaded); `ModelMismatchError` when the model now
     gives other features than the file's key; `StoreError` when a clip cannot be read."""
     from calm.classifiers import load
+    from calm.classifiers.support import require
     from calm.data import load_dataset
     from calm.inference import load_predictor
     from calm.store import extract_to_store, load_features
 
-    if not hasattr(load(model_file), "support_features_"):
-        raise ProtocolError(
-            f"{model_file} keeps no support set: fit it with `calm fit --keep-support` "
-            "(or keep_support=True) to add clips or classes later"
-        )
+    require(load(model_file), str(model_file))  # before any model is loaded
     dataset = load_dataset(data)
     if dataset.multi_label:
         raise ProtocolError(f"{data}: multi-label clips cannot be added (one class per support clip)")
