@@ -91,6 +91,8 @@ def test_add_refuses_in_one_line(tmp_path):
     one_error_line(res, str(plain), "keeps no support set", "--keep-support")
     kept = tmp_path / "kept.safetensors"
     assert invoke("fit", tmp_path / "store", "--keep-support", "--out", kept).exit_code == 0
+    auto = invoke("fit", tmp_path / "store", "--method", "auto", "--keep-support", "--out", tmp_path / "a.st")
+    one_error_line(auto, "auto has no parameter keep_support")
     # the features of another model (here: other heads) are refused before anything is added
     clf = calm.load(kept)
     meta = json.loads(json.dumps(clf.metadata_))
@@ -108,6 +110,8 @@ def test_add_refuses_in_one_line(tmp_path):
         assert res.exit_code == 2 and "--add MODEL.safetensors takes --data" in res.output, res.output
     assert invoke("fit", "--add", kept, "--out", tmp_path / "x.safetensors").exit_code == 2
     assert invoke("fit", "--out", tmp_path / "x.safetensors").exit_code == 2
+    res = invoke("fit", tmp_path / "store", "--data", f"folder:{data}", "--out", tmp_path / "x.safetensors")
+    assert res.exit_code == 2 and "--data goes with --add" in res.output
     # an unreadable clip: nothing is written, the input is unchanged
     bad = make_data(tmp_path / "bad", classes=("low",), n=1)
     (bad / "low" / "broken.wav").write_bytes(b"not audio")

@@ -75,7 +75,9 @@ def fit(**params: Any) -> None:
         _add(params)
         return
     if params["store"] is None or params["data"] is not None:
-        raise click.UsageError("give STORE (or --add MODEL.safetensors --data KIND:ROOT)")
+        raise click.UsageError(
+            "give STORE, or --add MODEL.safetensors --data KIND:ROOT (--data goes with --add)"
+        )
     from calm.evaluate.fitting import fit_store
 
     chosen = {
