@@ -16,6 +16,8 @@ with `self_training={...}` for `calm.selftraining.SelfTraining`. With `cache=FOL
 through the feature store there, so a second fit or predict on the same files extracts nothing;
 waveforms are never cached (the store keys features by file path and content hash). The cache
 stores no labels (a clip's features do not depend on them): it is not a training set for `calm fit`.
+With `keep_support=True` (a method parameter), `partial_fit(X, y)` adds clips or classes later,
+extracting only X (`calm.classifiers.support`).
 
 Bad clips: `fit` refuses any, with a `ClipError` naming each clip and its reason. `predict` and
 `predict_proba` take `errors="raise"` (default, the same `ClipError`) or `errors="skip"`: the other
@@ -45,7 +47,7 @@ from sklearn.utils.validation import check_is_fitted
 from calm.audio_inputs import ClipError
 from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
 from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
-from calm.errors import CalmWarning
+from calm.errors import CalmWarning, ParameterError
 from calm.inference import Predictor
 from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
 from calm.models import DEFAULT_MODEL
@@ -93,7 +95,9 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         Parameters of `calm.selftraining.SelfTraining` for the "+st" methods (`rounds`,
         `per_round`, ...; None: its defaults).
     **method_params
-        Parameters of `calm.SAV` / `calm.CALM` (`k`, `tau_p`, `tau_w`, ...).
+        Parameters of `calm.SAV` / `calm.CALM` (`k`, `tau_p`, `tau_w`, ...); `keep_support=True`
+        keeps the support clips' features in the classifier (and in the file `save` writes), so
+        that `partial_fit` can add clips or classes later without extracting the earlier ones.
 
     Attributes
     ----------
@@ -112,6 +116,16 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     >>> clf.fit(["dog1.wav", "rain1.wav"], ["dog", "rain"])  # doctest: +SKIP
     >>> clf.predict(["query.wav"])  # doctest: +SKIP
     array(['dog'], dtype=object)
+
+    More clips or classes later, extracting only the new clips (the result equals ``fit`` on all
+    of them; classes stay sorted as ``fit`` sorts them):
+
+    >>> clf = AudioClassifier("whisper-tiny.en", method="calm", keep_support=True)
+    >>> clf.get_params()["keep_support"]
+    True
+    >>> clf.fit(["dog1.wav", "rain1.wav"], ["dog", "rain"])  # doctest: +SKIP
+    >>> clf.partial_fit(["bird1.wav", "dog2.wav"], ["bird", "dog"]).classes_  # doctest: +SKIP
+    array(['bird', 'dog', 'rain'], dtype='<U4')
     """
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -224,9 +238,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         the "+st" methods also pseudo-label the clips `X_unlabelled` (never their labels: they
         have none) and refit on them (`calm.selftraining.SelfTraining`)."""
         self._validate_params()
-        y = np.asarray(y)
-        if y.ndim != 1 or len(y) != len(X):
-            raise ValueError(f"y must be 1-D with one label per clip: {len(X)} clips, y of shape {y.shape}")
+        y = _labels(X, y)
         for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, name)  # refit from scratch: no key check against a previous model
         self_trained = self.method.endswith("+st")
@@ -254,6 +266,22 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         self.head_names_ = [tuple(h) for h in extractor.head_names]
         self.extraction_key_ = json.loads(json.dumps(extractor.key, default=str))
         self.n_support_ = len(y)
+        return self
+
+    def partial_fit(self, X: Any, y: Any, *, sample_rate: Any = None) -> AudioClassifier:
+        """Add labelled clips X of known or new classes y without extracting the earlier ones
+        again: their features go to ``classifier_.partial_fit`` (fitted, or loaded, with
+        ``keep_support=True``; else its one-line error); the result equals ``fit`` on all the
+        clips (`calm.classifiers.support`). Not for the "+st" methods."""
+        check_is_fitted(self, "classifier_")
+        if self.method.endswith(SELF_TRAINED):
+            raise ParameterError(
+                f"method={self.method!r}: partial_fit is not available for self-trained methods"
+            )
+        y = _labels(X, y)
+        self.classifier_.partial_fit(self._features(X, sample_rate), y)
+        self.classes_ = self.classifier_.classes_
+        self.n_support_ = int(np.sum(self.classifier_.class_counts_))
         return self
 
     def predict_proba(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
@@ -348,6 +376,13 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         est.extraction_key_ = key.get("extractor", key)
         est.n_support_ = int(meta.get("n_support") or int(np.sum(inner.class_counts_)))
         return est
+
+
+def _labels(X: Any, y: Any) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != len(X):
+        raise ValueError(f"y must be 1-D with one label per clip: {len(X)} clips, y of shape {y.shape}")
+    return y
 
 
 def _auto_device() -> str:

@@ -14,7 +14,8 @@ Defaults (`DEFAULTS`): the values the README's tables and docs/results.md measur
 build the same model: k = 0.25 (a quarter of the heads, for SAV too: every reported run used it;
 the paper's accuracy plateau spans about 20-50 % of the heads), tau_p = 0.03 and tau_w = 0.5 (the
 paper), softmax weights and in-sample reliabilities (the paper), SAV ties to the lower head index
-(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper).
+(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper), no
+kept support set (``keep_support=False``: files hold the fitted state only).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "calibration": "loo-temperature",
         "unknown": None,
         "unknown_label": "unknown",
+        "keep_support": False,
     }
 )
 

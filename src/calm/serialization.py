@@ -8,11 +8,14 @@ knows no estimator class. A file holds the string metadata key ``"calm"``, a JSO
      "classes": [...], "classes_type": "str" | "int" | "float" | "bool",
      "n_classes": C, "n_heads": K, "head_dim": d, "k": k_, "metadata": {...}}
 
+plus ``"n_support": n`` in a file that keeps its support set (``keep_support=True``: the support
+features and labels as tensors of shape (n, K, d) and (n,); files without it have no such key),
+
 the metadata key ``"calm_sha256"`` (:func:`content_digest` of the header text and the tensors;
 files written before it existed lack it and still load), and the estimator's fitted arrays as
 tensors, each named after its attribute without the trailing underscore (``centroids_`` ->
-``centroids``). The estimator lists them as :class:`TensorSpec` (shape in the symbols C, K, d, k of
-the header, dtype kind, value bounds, index range).
+``centroids``). The estimator lists them as :class:`TensorSpec` (shape in the symbols C, K, d, k
+and n of the header, dtype kind, value bounds, index range).
 
 Reading is bounded: the safetensors header is parsed and checked first (:mod:`calm._safetensors`:
 size, JSON depth, offsets inside the file and tiling it), then the tensor names, dtypes and shapes
@@ -114,11 +117,13 @@ class SavedClassifier:
     tensors: dict[str, np.ndarray]
     metadata: dict[str, Any] = field(default_factory=dict)
     calm_version: str = __version__
+    n_support: int | None = None
 
     @property
     def dims(self) -> dict[str, int]:
-        """Values of the shape symbols C, K, d, k."""
-        return {"C": len(self.classes), "K": self.n_heads, "d": self.head_dim, "k": self.k}
+        """Values of the shape symbols C, K, d, k (and n, the kept support clips, when stated)."""
+        dims = {"C": len(self.classes), "K": self.n_heads, "d": self.head_dim, "k": self.k}
+        return dims if self.n_support is None else {**dims, "n": self.n_support}
 
 
 def _classes_to_json(classes: np.ndarray) -> tuple[list[Any], str]:
@@ -182,6 +187,7 @@ def write_classifier(path: str | Path, saved: SavedClassifier) -> None:
         "head_dim": int(saved.head_dim),
         "k": int(saved.k),
         "metadata": dict(saved.metadata or {}),
+        **({} if saved.n_support is None else {"n_support": int(saved.n_support)}),
     }
     try:
         text = json.dumps(header, default=json_default, allow_nan=False)
@@ -223,7 +229,7 @@ def _read_header(path: Path, meta: dict[str, str]) -> dict[str, Any]:
         raise ModelFileError(f"{path}: header is missing {missing}")
     if not isinstance(h["estimator"], str):
         raise ModelFileError(f"{path}: header 'estimator' must be a string, got {_short(h['estimator'])}")
-    for key in ("n_classes", "n_heads", "head_dim", "k"):
+    for key in ("n_classes", "n_heads", "head_dim", "k", *(["n_support"] if "n_support" in h else [])):
         if not isinstance(h[key], int) or isinstance(h[key], bool) or h[key] < 1:
             raise ModelFileError(f"{path}: header field {key!r} must be a positive int, got {_short(h[key])}")
     if not isinstance(h["params"], dict):
@@ -251,6 +257,7 @@ def read_classifier(path: str | Path, layout: Layout | None = None) -> SavedClas
         saved = _saved_from_header(path, meta)
         specs = None if layout is None else layout(saved.estimator, saved.params)
         if specs is not None:
+            _check_symbols(path, specs, saved.dims)
             _check_entries(path, entries, specs, saved.dims)
         digest = hashlib.sha256(b"calm-classifier\0" + meta["calm"].encode("utf-8"))
         for name in sorted(entries):
@@ -295,6 +302,7 @@ def _saved_from_header(path: Path, meta: dict[str, str]) -> SavedClassifier:
         tensors={},
         metadata=md if isinstance(md, dict) else {},
         calm_version=str(h.get("calm_version", "")),
+        n_support=h.get("n_support"),
     )
 
 
@@ -304,6 +312,16 @@ def _expected_shape(spec: TensorSpec, dims: dict[str, int], actual: Sequence[int
     return tuple(
         dims[x] if isinstance(x, str) else free[i] if x is None else x for i, x in enumerate(spec.shape)
     )
+
+
+def _check_symbols(path: Any, specs: Sequence[TensorSpec], dims: dict[str, int]) -> None:
+    """The header states every shape symbol the layout uses, and ``n_support`` only when the
+    layout keeps a support set (it is stated by the file, not inferred from its tensors)."""
+    used = {x for s in specs for x in s.shape if isinstance(x, str)}
+    if "n" in used and "n" not in dims:
+        raise ModelFileError(f"{path}: the parameters keep the support set but the header has no 'n_support'")
+    if "n" in dims and "n" not in used:
+        raise ModelFileError(f"{path}: the header states n_support but the parameters keep no support set")
 
 
 def _check_entries(
@@ -345,6 +363,7 @@ def check_tensors(saved: SavedClassifier, specs: Sequence[TensorSpec], path: str
     indices out of range."""
     dims = saved.dims
     by_name = {s.name: s for s in specs}
+    _check_symbols(path, specs, dims)
     missing = sorted(set(by_name) - set(saved.tensors))
     if missing:
         raise ModelFileError(f"{path}: missing tensors {missing}")

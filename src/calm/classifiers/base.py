@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from calm import _calibration as cal
 from calm import _heads as H
-from calm.classifiers import calibration
+from calm.classifiers import calibration, support
 from calm.classifiers.features import (
     CHUNK_BYTES,
     Features,
@@ -73,7 +73,7 @@ _CALIBRATION_SPECS = (
 _REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
 
 #: Parameters of files written before they existed, and the value such a file meant.
-_OLD_FILE_PARAMS = {"calibration": None, "unknown": None, "unknown_label": "unknown"}
+_OLD_FILE_PARAMS = {"calibration": None, "unknown": None, "unknown_label": "unknown", "keep_support": False}
 
 
 def _old_file_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +124,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "calibration": [StrOptions({"loo-temperature"}), None],
         "unknown": [Interval(Real, 0, 1, closed="neither"), None],
         "unknown_label": [str, Integral],
+        "keep_support": ["boolean"],
     }
 
     # -- fitting --------------------------------------------------------------------------------
@@ -159,8 +160,14 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         self.metadata_: dict[str, Any] = {}
         self._fit_heads(feats, y_t, counts, rows, centroids)  # float64
         calibration.fit_calibration(self, feats, y_idx)
+        support.keep(self, feats, y_idx, self._view_rows(feats))  # keep_support: for partial_fit
         self._prepare(unit_layout(torch.from_numpy(self.centroids_)))  # as after loading
         return self
+
+    def partial_fit(self: _Self, X: Any, y: Any, classes: Any = None) -> _Self:
+        """Add clips X of known or new classes y: ``fit`` on the kept support set, then X (needs
+        ``keep_support=True``; :func:`calm.classifiers.support.partial_fit`); returns self."""
+        return support.partial_fit(self, X, y, classes)
 
     def _fit_heads(
         self,
@@ -300,6 +307,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         ) + (
             (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
             + (_REJECT_SPECS if params.get("unknown") is not None else ())
+            + (support.SUPPORT_SPECS if params.get("keep_support") else ())
         )
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:
@@ -315,6 +323,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             n_heads=int(self.n_heads_),
             head_dim=int(self.head_dim_),
             k=int(self.k_),
+            n_support=len(self.support_labels_) if hasattr(self, "support_labels_") else None,
             tensors={name: np.ascontiguousarray(a) for name, a in arrays.items()},
             metadata=dict(self.metadata_ if metadata is None else metadata),
         )
@@ -336,6 +345,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         clf = cls._checked(_old_file_params(saved.params), path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
+        support.check_loaded(saved, saved.tensors["class_counts"], path)
         clf.classes_ = saved.classes
         for s in specs:
             a = saved.tensors[s.name]

@@ -52,7 +52,7 @@ class CALM(HeadClassifier):
         Margins of support clips against centroids that include them (paper), or against their own
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
-    n_heads, classes, chunk_size, device, calibration, unknown, unknown_label
+    n_heads, classes, chunk_size, device, calibration, unknown, unknown_label, keep_support
         As for :class:`calm.classifiers.SAV`.
 
     Attributes
@@ -61,7 +61,7 @@ class CALM(HeadClassifier):
     (K,) for "global", weights_ (C, K) (rows identical for "global"; each row sums to 1 over its
     kept heads and is 0 elsewhere), heads_ (C, k) for "class" or (k,) for "global": kept heads by
     decreasing reliability, k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
-    calibrated_, reject_threshold_ as for SAV.
+    calibrated_, reject_threshold_, support_features_, support_labels_ as for SAV.
 
     Examples
     --------
@@ -107,6 +107,7 @@ class CALM(HeadClassifier):
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
         unknown_label: Any = DEFAULTS["unknown_label"],
+        keep_support: bool = DEFAULTS["keep_support"],
     ):
         self.k = k
         self.tau_p = tau_p
@@ -121,6 +122,7 @@ class CALM(HeadClassifier):
         self.calibration = calibration
         self.unknown = unknown
         self.unknown_label = unknown_label
+        self.keep_support = keep_support
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:

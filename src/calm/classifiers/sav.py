@@ -62,6 +62,10 @@ class SAV(HeadClassifier):
         (default, the paper's protocol): every clip gets a class.
     unknown_label : str or int
         The label of a rejected clip; default ``"unknown"``.
+    keep_support : bool
+        Keep the support features and labels (``support_features_``, ``support_labels_``; saved in
+        the file) so that ``partial_fit`` can add clips or classes later; default False
+        (:mod:`calm.classifiers.support`).
 
     Attributes
     ----------
@@ -69,7 +73,8 @@ class SAV(HeadClassifier):
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
     only), k_, n_heads_, head_dim_, metadata_; with calibration: temperature_, nonconformity_
     (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class);
-    with unknown: reject_threshold_.
+    with unknown: reject_threshold_; with keep_support: support_features_ (n, K, d),
+    support_labels_ (n,) (indices into classes_).
 
     Examples
     --------
@@ -108,6 +113,7 @@ class SAV(HeadClassifier):
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
         unknown_label: Any = DEFAULTS["unknown_label"],
+        keep_support: bool = DEFAULTS["keep_support"],
     ):
         self.k = k
         self.tie_break = tie_break
@@ -119,6 +125,7 @@ class SAV(HeadClassifier):
         self.calibration = calibration
         self.unknown = unknown
         self.unknown_label = unknown_label
+        self.keep_support = keep_support
 
     @classmethod
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:

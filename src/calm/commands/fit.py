@@ -1,21 +1,27 @@
 """`calm fit`: fit SAV / CALM-global / CALM on a feature store and save it with what `predict` needs
-(the library call is `calm.evaluate.fitting.fit_store`)."""
+(the library call is `calm.evaluate.fitting.fit_store`); `calm fit --add MODEL --data KIND:ROOT`
+adds clips to a classifier that kept its support set (`calm.evaluate.fitting.add_to_file`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
-from calm.commands.options import classifier_options, classifier_spec
+from calm.commands.options import classifier_options, classifier_spec, trust_file_model_option
 from calm.errors import CalmError
 from calm.methods import DEFAULT_METHOD, fit_methods
 
 FIT_METHODS = fit_methods()
 
 
+#: Options that choose how a new classifier is fitted: `--add` takes them from the file.
+_FIT_ONLY = ("method", "key", "shots", "seed", "holdout", "test_fold", "unknown")
+
+
 @click.command()
-@click.argument("store", type=click.Path(file_okay=False, exists=True))
+@click.argument("store", type=click.Path(file_okay=False, exists=True), required=False)
 @click.option("--method", type=click.Choice(FIT_METHODS), default=DEFAULT_METHOD, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="MODEL.safetensors")
 @click.option("--key", default=None, help="Extraction key digest, when the store holds several.")
@@ -40,11 +46,43 @@ FIT_METHODS = fit_methods()
     help="Reject option: accept this fraction of clips of the known classes (e.g. 0.95); "
     '`calm predict` and `calm serve` label the others "unknown" [default: off].',
 )
+@click.option(
+    "--keep-support",
+    is_flag=True,
+    help="Keep the support features in the file (larger) so that `calm fit --add` can add clips later.",
+)
+@click.option(
+    "--add",
+    "add",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="MODEL.safetensors saved with --keep-support: add the clips of --data to it (instead of STORE).",
+)
+@click.option(
+    "--data", "data", default=None, help="With --add: the clips to add, KIND:ROOT (e.g. folder:PATH)."
+)
+@click.option("--device", default="cpu", show_default=True, help="With --add: where the model extracts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="With --add.")
+@trust_file_model_option
 @classifier_options
 def fit(**params: Any) -> None:
-    """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
+    """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header).
+
+    With --add MODEL --data KIND:ROOT (no STORE): extract only the clips of --data, with the model
+    and options MODEL was fitted on, add them to MODEL's kept support set and save the refitted
+    classifier to --out (MODEL itself only when --out names it)."""
+    if params["add"] is not None:
+        _add(params)
+        return
+    if params["store"] is None or params["data"] is not None:
+        raise click.UsageError(
+            "give STORE, or --add MODEL.safetensors --data KIND:ROOT (--data goes with --add)"
+        )
     from calm.evaluate.fitting import fit_store
 
+    chosen = {
+        k: v for k, v in (("unknown", params["unknown"]), ("keep_support", params["keep_support"])) if v
+    }
     try:
         result = fit_store(
             params["store"],
@@ -55,7 +93,7 @@ def fit(**params: Any) -> None:
             holdout=params["holdout"],
             test_fold=params["test_fold"],
             classifier=classifier_spec(params),
-            params=None if params["unknown"] is None else {"unknown": params["unknown"]},
+            params=chosen or None,
         )
     except CalmError as exc:  # a bad store or key, a store with one class, too few clips per class
         raise click.ClickException(str(exc)) from None
@@ -65,3 +103,39 @@ def fit(**params: Any) -> None:
         f"{params['method']} on {len(result.rows)} clips, {len(clf.classes_)} classes, "
         f"{clf.n_heads_} heads -> {params['out']}"
     )
+
+
+def _add(params: dict[str, Any]) -> None:
+    """`calm fit --add MODEL --data KIND:ROOT --out NEW`: the method and its parameters are MODEL's."""
+    from calm.evaluate.fitting import add_to_file
+
+    ctx = click.get_current_context()
+    names = (*_FIT_ONLY, "k", "tau_p", "tau_w", "sav_tie_break", "normalization", "reliability")
+    given = [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+    if params["store"] is not None or params["data"] is None or given:
+        extra = (
+            f"; the method and its options come from {params['add']}: drop {_flags(given)}" if given else ""
+        )
+        raise click.UsageError(f"--add MODEL.safetensors takes --data KIND:ROOT and no STORE{extra}")
+    try:
+        result = add_to_file(
+            params["add"],
+            params["data"],
+            device=params["device"],
+            batch_size=params["batch_size"],
+            progress=False,
+            trust_file_model=params["trust_file_model"],
+            announce=lambda line: click.echo(f"model: {line}", err=True),
+        )
+    except (CalmError, OSError) as exc:  # no kept support, another model's key, an unreadable clip
+        raise click.ClickException(str(exc)) from None
+    clf = result.classifier
+    clf.save(params["out"], metadata=result.metadata)
+    click.echo(
+        f"added {len(result.rows)} clips to {params['add']}: {int(clf.class_counts_.sum())} clips, "
+        f"{len(clf.classes_)} classes -> {params['out']}"
+    )
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)

@@ -7,11 +7,17 @@ method with `ClassifierSpec`'s defaults and returns the fitted estimator with it
 the model as `LoadSpec.from_key(store key).to_metadata()` (the one description of a model), the
 store key, the head names and how it was fitted. Errors are `ProtocolError` / `ValueError` naming
 the store.
+
+`add_to_file(model_file, data)` is `calm fit --add`: a classifier saved with `keep_support=True`,
+the clips of dataset `data` added by `partial_fit` after extracting only them, with the model and
+options the file records (its extraction key checked: `calm.inference.load_predictor`) into a
+temporary feature store of the file's storage dtype, as `calm extract` stored the others.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +30,7 @@ from calm.evaluate.episodes import Part, ProtocolError, make_parts, row_labels, 
 from calm.methods import DEFAULT_METHOD
 from calm.models.spec import LoadSpec
 
-__all__ = ["FitResult", "fit_store", "store_metadata", "support_rows"]
+__all__ = ["FitResult", "add_to_file", "fit_store", "store_metadata", "support_rows"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +125,45 @@ def fit_store(
         "store": str(Path(store).absolute()),
     }
     return FitResult(clf, metadata, rows)
+
+
+def add_to_file(
+    model_file: str | os.PathLike,
+    data: str,
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    progress: Any = None,
+    trust_file_model: bool = False,
+    announce: Any = None,
+) -> FitResult:
+    """The classifier in `model_file` with every clip of dataset `data` (`KIND:ROOT`) added (see
+    the module docstring); `rows` are the new clips' rows. FeatureError naming the file when it
+    keeps no support set (before any model is loaded); `ModelMismatchError` when the model now
+    gives other features than the file's key; `StoreError` when a clip cannot be read."""
+    from calm.classifiers import load
+    from calm.classifiers.support import require
+    from calm.data import load_dataset
+    from calm.inference import load_predictor
+    from calm.store import extract_to_store, load_features
+
+    require(load(model_file), str(model_file))  # before any model is loaded
+    dataset = load_dataset(data)
+    if dataset.multi_label:
+        raise ProtocolError(f"{data}: multi-label clips cannot be added (one class per support clip)")
+    predictor = load_predictor(
+        model_file, device=device, trust_file_model=trust_file_model, announce=announce
+    )
+    clf, metadata = predictor.classifier, dict(predictor.classifier.metadata_)
+    dtype = (metadata.get("extraction_key") or {}).get("dtype") or "float16"
+    with tempfile.TemporaryDirectory(prefix="calm-add-") as tmp:
+        extract_to_store(
+            predictor.extractor, dataset, tmp, batch_size=batch_size, dtype=dtype,
+            allow_failures=False, progress=progress,
+        )  # fmt: skip
+        X, y, _ = load_features(tmp)
+        X, y = np.asarray(X, dtype=np.float32), np.asarray(y).astype(str)  # as fit_store reads a store
+    clf.partial_fit(X, y)
+    added = [*metadata.get("added", []), {"data": data, "clips": len(y)}]
+    metadata.update(n_support=int(np.sum(clf.class_counts_)), added=added)
+    return FitResult(clf, metadata, np.arange(len(y)))
