@@ -33,6 +33,7 @@ ESTIMATOR_CASES = [
     CALM(k=3),
     CALM(k=0.5, weighting="global", normalization="power"),
     CALM(k=2, reliability="leave-one-out", chunk_size=4),
+    CALM(k=3, scores="loo"),
     SAV(k=2),
     SAV(k=3, tie_break="margin", chunk_size=5),
 ]

@@ -13,9 +13,9 @@ Defaults (`DEFAULTS`): the values the README's tables and docs/results.md measur
 `calm.CALM()`, `calm.SAV()`, `calm.AudioClassifier`, `calm fit`, `calm evaluate` and `EvalConfig`
 build the same model: k = 0.25 (a quarter of the heads, for SAV too: every reported run used it;
 the paper's accuracy plateau spans about 20-50 % of the heads), tau_p = 0.03 and tau_w = 0.5 (the
-paper), softmax weights and in-sample reliabilities (the paper), CALM's tau_p and reliability pooling
-chosen per support set by leave-one-out (``scores="loo"``; ``"paper"``: the paper's equations
-exactly; docs/results.md, EmoDB), SAV ties to the lower head index
+paper), softmax weights and in-sample reliabilities (the paper), CALM's class scores by the paper's
+equations (``scores="paper"``; ``"loo"`` chooses tau_p and the reliability pooling per support
+set: an option, not the default, as docs/results.md's EmoDB section measures), SAV ties to the lower head index
 (the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper).
 """
 
@@ -55,7 +55,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "tie_break": "index",
         "normalization": "softmax",
         "reliability": "in-sample",
-        "scores": "loo",
+        "scores": "paper",
         "calibration": "loo-temperature",
         "unknown": None,
         "unknown_label": "unknown",

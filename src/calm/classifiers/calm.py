@@ -28,7 +28,7 @@ __all__ = ["CALM", "LOO_TAU_P"]
 #: the reliability poolings tried (shrinkage lam of :func:`calm._heads.shrunk_reliability`: 0 is
 #: Eq. 11, inf Eq. 7), the pooling when a class has one clip (lam 1: class and global reliabilities
 #: averaged) and the weight of the mean leave-one-out margin next to the leave-one-out accuracy.
-#: Chosen on validation episodes inside the training parts (research/tau_p_loo.py).
+#: Chosen on validation episodes inside the training parts (research/tau_p_loo.py, research/README.md).
 LOO_TAU_P = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
 LOO_POOLING = (0.0, math.inf)
 ONE_SHOT_POOLING = 1.0
@@ -75,14 +75,15 @@ class CALM(HeadClassifier):
         Margins of support clips against centroids that include them (paper), or against their own
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
-    scores : "loo" or "paper"
-        ``"loo"`` (default, ``weighting="class"`` only): per support set, ``tau_p`` (from
+    scores : "paper" or "loo"
+        ``"paper"`` (default, `calm.methods.DEFAULTS`): the paper's equations exactly, with
+        ``tau_p`` and ``weighting`` as given. ``"loo"`` (``weighting="class"`` only; measured in
+        docs/results.md, EmoDB: better on EmoDB, level elsewhere, so not the default): per support set, ``tau_p`` (from
         LOO_TAU_P and ``tau_p`` itself) and the reliability pooling (class-conditional, Eq. 11, or
         global, Eq. 7) are chosen by leave-one-out on the support clips (:func:`loo_criterion`;
         ties: the temperature nearest ``tau_p``, then class-conditional); when a class has one
         clip, no leave-one-out is possible: ``tau_p`` as given and each class's reliabilities
         averaged with the global ones (:func:`calm._heads.shrunk_reliability`, lam 1).
-        ``"paper"``: the paper's equations exactly, with ``tau_p`` and ``weighting`` as given.
         CALM-global (``weighting="global"``) is the paper's either way.
     n_heads, classes, chunk_size, device, calibration, unknown, unknown_label
         As for :class:`calm.classifiers.SAV`.
