@@ -15,8 +15,8 @@ build the same model: k = 0.25 (a quarter of the heads, for SAV too: every repor
 the paper's accuracy plateau spans about 20-50 % of the heads), tau_p = 0.03 and tau_w = 0.5 (the
 paper), softmax weights and in-sample reliabilities (the paper), CALM's class scores by the paper's
 equations (``scores="paper"``; ``"loo"`` chooses tau_p and the reliability pooling per support
-set: an option, not the default, as docs/results.md's EmoDB section measures), SAV ties to the lower head index
-(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper).
+set: an option, not the default, as docs/results.md's EmoDB section measures), SAV ties to the
+lower head index (the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper).
 """
 
 from __future__ import annotations
