@@ -82,8 +82,9 @@ class CALM(HeadClassifier):
         support set, ``tau_p`` (from LOO_TAU_P and ``tau_p`` itself) and the reliability pooling
         (class-conditional, Eq. 11, or global, Eq. 7) are chosen by leave-one-out on the support
         clips (:func:`loo_criterion`; ties: the temperature nearest ``tau_p``, then
-        class-conditional); when a class has one clip, no leave-one-out is possible: ``tau_p`` as given and each class's reliabilities
-        averaged with the global ones (:func:`calm._heads.shrunk_reliability`, lam 1).
+        class-conditional); when a class has one clip, no leave-one-out is possible: ``tau_p``
+        as given and each class's reliabilities averaged with the global ones
+        (:func:`calm._heads.shrunk_reliability`, lam 1).
         CALM-global (``weighting="global"``) is the paper's either way.
     n_heads, classes, chunk_size, device, calibration, unknown, unknown_label
         As for :class:`calm.classifiers.SAV`.
