@@ -16,6 +16,7 @@ lam 1. Printed per store and shots: each rule's mean paired difference to the pa
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -88,7 +89,11 @@ def _select(support, lams, crit):
 def main() -> None:
     import calm
 
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/research")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("stores", type=Path, help="folder holding emodb-, esc10-, fsdd- and speech-features")
+    root = parser.parse_args().stores
     torch.set_num_threads(1)
     for store, group, shots_list in [
         ("emodb", "speaker", (1, 2, 5, 10)),
