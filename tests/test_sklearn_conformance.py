@@ -51,7 +51,7 @@ def expected_failed_checks(estimator) -> dict[str, str]:
 
 
 @parametrize_with_checks(
-    [SAV(k=1, n_heads=1), CALM(k=1, n_heads=1), CALM(k=2, n_heads=2)],
+    [SAV(k=1, n_heads=1), CALM(k=1, n_heads=1), CALM(k=2, n_heads=2), CALM(k=1, n_heads=1, scores="loo")],
     expected_failed_checks=expected_failed_checks,
 )
 def test_scikit_learn_checks(estimator, check):
