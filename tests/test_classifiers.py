@@ -122,7 +122,7 @@ def _two_head_problem():
 
 def test_calm_end_to_end_by_hand():
     X, y = _two_head_problem()
-    clf = CALM(k=None, tau_p=1.0, tau_w=1.0).fit(X, y)
+    clf = CALM(k=None, tau_p=1.0, tau_w=1.0, scores="paper").fit(X, y)
     # head 0: cos own 1, other 0 -> p_own = e / (e + 1), margin (e - 1) / (e + 1); head 1: uniform, margin 0
     m = (math.e - 1) / (math.e + 1)
     np.testing.assert_allclose(clf.reliability_, [[m, 0.0], [m, 0.0]], atol=1e-12)
@@ -136,7 +136,7 @@ def test_calm_end_to_end_by_hand():
     np.testing.assert_allclose(clf.predict_proba(q).sum(), 1.0)
     assert clf.predict(q).tolist() == ["a"]
     assert clf.heads_.tolist() == [[0, 1], [0, 1]]
-    one = CALM(k=1, tau_p=1.0).fit(X, y)
+    one = CALM(k=1, tau_p=1.0, scores="paper").fit(X, y)
     np.testing.assert_allclose(one.weights_, [[1.0, 0.0], [1.0, 0.0]])
     glob = CALM(k=1, weighting="global", tau_p=1.0).fit(X, y)
     np.testing.assert_allclose(glob.reliability_, [m, 0.0], atol=1e-12)
@@ -147,7 +147,7 @@ def test_leave_one_out_by_hand():
     # class a: clips [1, 0] and [1, 1]; class b: [0, 1] and [-1, 1]; one head
     X = np.array([[[1.0, 0.0]], [[1.0, 1.0]], [[0.0, 1.0]], [[-1.0, 1.0]]])
     y = np.array([0, 0, 1, 1])
-    clf = CALM(k=None, tau_p=1.0, reliability="leave-one-out").fit(X, y)
+    clf = CALM(k=None, tau_p=1.0, reliability="leave-one-out", scores="paper").fit(X, y)
     mu_b = np.array([-0.5, 1.0])
 
     def margin(h, own, other):
@@ -540,7 +540,7 @@ def test_calm_float32_scores_are_as_accurate_as_float32_allows(tau_p):
     ys = np.repeat(np.arange(C), 4)
     Xs = (means[ys] + rng.normal(size=(len(ys), K, d))).astype(np.float32)
     Xq = (means[rng.integers(0, C, n)] + rng.normal(size=(n, K, d))).astype(np.float32)
-    clf = CALM(k=0.4, tau_p=tau_p).fit(Xs, ys)
+    clf = CALM(k=0.4, tau_p=tau_p, scores="paper").fit(Xs, ys)
     got = clf.class_scores(Xq)
     assert got.dtype == np.float32
     X = H.l2_normalize(torch.from_numpy(Xq.astype(np.float64)))

@@ -191,7 +191,7 @@ CALM_CASES = [
 @pytest.mark.parametrize("params", CALM_CASES)
 def test_calm_matches_loop_reference(seed, params):
     X, y, Xq, _ = make_problem(seed, shots=2 + seed)
-    clf = calm.CALM(**params).fit(X, y)
+    clf = calm.CALM(**params, scores="paper").fit(X, y)  # the paper's equations exactly
     kk = calm._heads.resolve_k(params["k"], X.shape[1])
     ref = ref_calm_fit(
         X,
@@ -231,7 +231,7 @@ def test_sav_matches_loop_reference(seed, tie_break, k):
 @pytest.mark.parametrize("tau_p", [0.03, 0.01])  # 0.01: the max-shifted path in float32
 def test_float32_input_agrees_with_reference(tau_p):
     X, y, Xq, _ = make_problem(7, shots=4)
-    clf = calm.CALM(k=3, tau_p=tau_p).fit(X.astype(np.float32), y)
+    clf = calm.CALM(k=3, tau_p=tau_p, scores="paper").fit(X.astype(np.float32), y)
     ref = ref_calm_fit(X.astype(np.float32), y, 4, 3, tau_p=tau_p)
     np.testing.assert_allclose(clf.weights_, ref["weights"], atol=1e-4)
     scores = ref_calm_scores(ref, Xq.astype(np.float32), tau_p=tau_p)
@@ -263,7 +263,7 @@ def test_kept_heads_equal_float64_equations_at_small_tau_p(weighting):
     for seed in range(24):
         X, y, _, _ = make_problem(100 + seed, shots=2 + seed % 3, noise=0.35 + 0.05 * (seed % 4))
         X32 = X.astype(np.float32)
-        clf = calm.CALM(k=3, tau_p=0.01, weighting=weighting).fit(X32, y)
+        clf = calm.CALM(k=3, tau_p=0.01, weighting=weighting, scores="paper").fit(X32, y)
         ref = ref_calm_fit(X32, y, 4, 3, tau_p=0.01, weighting=weighting)
         np.testing.assert_allclose(clf.reliability_, ref["reliability"], rtol=0, atol=1e-13)
         resolved += _same_ranking(clf.heads_, ref["heads"], ref["reliability"])

@@ -33,6 +33,7 @@ ESTIMATOR_CASES = [
     CALM(k=3),
     CALM(k=0.5, weighting="global", normalization="power"),
     CALM(k=2, reliability="leave-one-out", chunk_size=4),
+    CALM(k=3, scores="loo"),
     SAV(k=2),
     SAV(k=3, tie_break="margin", chunk_size=5),
 ]
@@ -65,6 +66,8 @@ def test_files_written_before_the_split_load_unchanged(tmp_path, name):
     assert new["params"].pop("unknown") is None  # and without the reject option
     assert new["params"].pop("unknown_label") == "unknown"
     assert new["params"].pop("keep_support") is False  # and without a kept support set
+    if name.startswith("calm"):  # and the paper's equations (no scores= then)
+        assert new["params"].pop("scores") == "paper"
     assert new == old
     a, b = load_file(str(V1 / f"{name}.safetensors")), load_file(str(tmp_path / "again.safetensors"))
     assert sorted(a) == sorted(b)
@@ -155,7 +158,9 @@ def test_predict_paths_change_nothing(tmp_path, est):
 
 def test_calm_scores_use_the_current_tau_p_without_caching_it():
     X, y, Xq, _ = make_problem(37, shots=3)
-    clf = CALM(k=3).fit(X, y).set_params(tau_p=0.2)  # set after fit: weights stay, posteriors change
+    clf = (
+        CALM(k=3, scores="paper").fit(X, y).set_params(tau_p=0.2)
+    )  # set after fit: weights stay, posteriors change
     before = {key: _snapshot(v) for key, v in vars(clf).items()}
     got = clf.decision_function(Xq)
     post = H.head_posteriors(H.cosine_similarities(Xq, clf.centroids_), 0.2)

@@ -62,6 +62,7 @@ def expected_failed_checks(estimator) -> dict[str, str]:
         SAV(k=1, n_heads=1, keep_support=True),
         CALM(k=1, n_heads=1, keep_support=True),
         CALM(k=2, n_heads=2),
+        CALM(k=1, n_heads=1, scores="loo"),
     ],
     expected_failed_checks=expected_failed_checks,
 )

@@ -44,6 +44,8 @@ __all__ = [
     "clamped_margins",
     "global_reliability",
     "class_reliability",
+    "shrunk_reliability",
+    "loo_reliabilities",
     "resolve_k",
     "top_k_mask",
     "head_weights",
@@ -175,6 +177,52 @@ def class_reliability(margins: ArrayLike, y_idx: ArrayLike, n_classes: int) -> t
     if (counts == 0).any():
         raise ValueError("every class needs at least one clip")
     return torch.zeros((n_classes, m.shape[1]), dtype=m.dtype).index_add_(0, y, m) / counts[:, None]
+
+
+def shrunk_reliability(
+    class_r: ArrayLike, global_r: ArrayLike, counts: ArrayLike, lam: float
+) -> torch.Tensor:
+    """Class reliabilities shrunk towards the global one: (n_c r_c + lam r) / (n_c + lam).
+
+    ``class_r`` (..., C, K) (Eq. 11), ``global_r`` (..., K) (Eq. 7), ``counts`` (..., C) clips per
+    class -> (..., C, K). ``lam = 0`` gives Eq. 11, ``lam = inf`` Eq. 7 for every class, ``lam = 1``
+    with one clip a class the mean of the two.
+    """
+    rc, rg = _float(class_r), _float(global_r)
+    if lam == float("inf"):
+        return rg.unsqueeze(-2).expand(rc.shape)
+    n_c = as_tensor(counts, rc.dtype).unsqueeze(-1)
+    return (n_c * rc + lam * rg.unsqueeze(-2)) / (n_c + lam)
+
+
+def loo_reliabilities(
+    margins: ArrayLike,
+    y_idx: ArrayLike,
+    class_r: ArrayLike,
+    global_r: ArrayLike,
+    counts: ArrayLike,
+    lam: float,
+) -> torch.Tensor:
+    """:func:`shrunk_reliability` refitted without each of some support clips in turn.
+
+    ``margins`` (n, K) (Eq. 6) and classes ``y_idx`` (n,) of the clips left out; ``class_r``
+    (C, K) and ``global_r`` (K,), the fitted Eq. 11 / Eq. 7 means over all ``counts`` (C,)
+    support clips (each class at least 2) -> (n, C, K): row i with clip i's margins taken out of
+    its class's mean and out of the global mean.
+    """
+    m = _float(margins)
+    y = as_tensor(y_idx, torch.int64)
+    cnt = as_tensor(counts, torch.int64)
+    rc, rg = _float(class_r).to(m.dtype), _float(global_r).to(m.dtype)
+    n, C, total = m.shape[0], len(cnt), float(cnt.sum())
+    rows = torch.arange(n)
+    n_own = cnt[y].to(m.dtype)[:, None]  # (n, 1)
+    rc_loo = rc[None].expand(n, C, -1).clone()
+    rc_loo[rows, y] = (n_own * rc[y] - m) / (n_own - 1)  # Eq. 11 without clip i
+    n_loo = cnt[None].expand(n, C).clone()
+    n_loo[rows, y] -= 1
+    rg_loo = (total * rg[None] - m) / (total - 1)  # Eq. 7 without clip i, (n, K)
+    return shrunk_reliability(rc_loo, rg_loo, n_loo, lam)
 
 
 def resolve_k(k: float | None, n_heads: int) -> int:

@@ -13,9 +13,11 @@ Defaults (`DEFAULTS`): the values the README's tables and docs/results.md measur
 `calm.CALM()`, `calm.SAV()`, `calm.AudioClassifier`, `calm fit`, `calm evaluate` and `EvalConfig`
 build the same model: k = 0.25 (a quarter of the heads, for SAV too: every reported run used it;
 the paper's accuracy plateau spans about 20-50 % of the heads), tau_p = 0.03 and tau_w = 0.5 (the
-paper), softmax weights and in-sample reliabilities (the paper), SAV ties to the lower head index
-(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper), no
-kept support set (``keep_support=False``: files hold the fitted state only).
+paper), softmax weights and in-sample reliabilities (the paper), CALM's class scores by the paper's
+equations (``scores="paper"``; ``"loo"`` chooses tau_p and the reliability pooling per support
+set: an option, not the default, as docs/results.md's EmoDB section measures), SAV ties to the
+lower head index (the paper), no reject option (``unknown=None``: every clip gets a class, as in
+the paper), no kept support set (``keep_support=False``: files hold the fitted state only).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "tie_break": "index",
         "normalization": "softmax",
         "reliability": "in-sample",
+        "scores": "paper",
         "calibration": "loo-temperature",
         "unknown": None,
         "unknown_label": "unknown",
@@ -214,7 +217,7 @@ def method_of(estimator: Any) -> str:
     raise ValueError(f"no registered method builds a {type(estimator).__name__} like this one")
 
 
-_CALM_PARAMS = {p: p for p in ("k", "tau_p", "tau_w", "normalization", "reliability")}
+_CALM_PARAMS = {p: p for p in ("k", "tau_p", "tau_w", "normalization", "reliability", "scores")}
 _CALM_GRID = {"k": [0.1, 0.25, 0.5], "tau_p": [0.01, 0.03, 0.1], "tau_w": [0.1, 0.5, 2.0]}
 
 register(

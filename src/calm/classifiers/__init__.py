@@ -34,8 +34,9 @@ are passed; every sum runs in float32, or float64 when the features are float64.
 
 The math lives in :mod:`calm._heads` as small pure functions, re-exported here for analyses
 (e.g. ``head_posteriors(cosine_similarities(X, clf.centroids_), clf.tau_p)`` gives the (n, K, C)
-head posteriors of Eq. 5, ``head_weights(clf.reliability_, k, clf.tau_w)`` the weights another k
-would give without refitting). Saving writes safetensors plus a JSON header, never pickle
+head posteriors of Eq. 5, with ``clf.tau_p_`` for a CALM fitted with ``scores="loo"``;
+``head_weights(clf.reliability_, k, clf.tau_w)`` the weights another k would give without
+refitting). Saving writes safetensors plus a JSON header, never pickle
 (:mod:`calm.serialization`); :func:`load` reads it back.
 """
 

@@ -3,6 +3,7 @@ heads weighted by their reliability on the support set, scores as weighted head 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, ClassVar
 
@@ -13,6 +14,7 @@ from sklearn.utils._param_validation import StrOptions
 from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers.base import HeadClassifier, register
+from calm.classifiers.calibration import MAX_CALIBRATION_CLIPS, calibration_rows
 from calm.classifiers.features import Features
 from calm.classifiers.kernels import LOG2E, calm_scores, needs_shift, support_margin_sums
 from calm.classifiers.threads import Workspace, for_each
@@ -20,7 +22,28 @@ from calm.errors import ParameterError
 from calm.methods import DEFAULTS
 from calm.serialization import TensorSpec
 
-__all__ = ["CALM"]
+__all__ = ["CALM", "LOO_TAU_P"]
+
+#: ``scores="loo"``: the posterior temperatures tried per support set (with ``tau_p`` itself),
+#: the reliability poolings tried (shrinkage lam of :func:`calm._heads.shrunk_reliability`: 0 is
+#: Eq. 11, inf Eq. 7), the pooling when a class has one clip (lam 1: class and global reliabilities
+#: averaged) and the weight of the mean leave-one-out margin next to the leave-one-out accuracy.
+#: Chosen on validation episodes inside the training parts (research/tau_p_loo.py, research/README.md).
+LOO_TAU_P = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1)
+LOO_POOLING = (0.0, math.inf)
+ONE_SHOT_POOLING = 1.0
+LOO_MARGIN_WEIGHT = 0.1
+
+
+def loo_criterion(scores: torch.Tensor, y: torch.Tensor) -> float:
+    """How well leave-one-out class ``scores`` (n, C) of support clips of classes ``y`` (n,) do:
+    their accuracy plus LOO_MARGIN_WEIGHT times the mean margin p_y - max_{c != y} p_c of the
+    scores normalised to sum to 1 (a smooth tie-break between equal accuracies)."""
+    p = scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    own = p.gather(1, y.view(-1, 1))[:, 0]
+    rival = p.scatter(1, y.view(-1, 1), -1.0).amax(dim=1)
+    accuracy = (scores.argmax(dim=1) == y).to(p.dtype).mean()
+    return round(float(accuracy + LOO_MARGIN_WEIGHT * (own - rival).mean()), 9)
 
 
 @register
@@ -52,6 +75,17 @@ class CALM(HeadClassifier):
         Margins of support clips against centroids that include them (paper), or against their own
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
+    scores : "paper" or "loo"
+        ``"paper"`` (default, `calm.methods.DEFAULTS`): the paper's equations exactly, with
+        ``tau_p`` and ``weighting`` as given. ``"loo"`` (``weighting="class"`` only; measured in
+        docs/results.md, EmoDB: better on EmoDB, level elsewhere, so not the default): per
+        support set, ``tau_p`` (from LOO_TAU_P and ``tau_p`` itself) and the reliability pooling
+        (class-conditional, Eq. 11, or global, Eq. 7) are chosen by leave-one-out on the support
+        clips (:func:`loo_criterion`; ties: the temperature nearest ``tau_p``, then
+        class-conditional); when a class has one clip, no leave-one-out is possible: ``tau_p``
+        as given and each class's reliabilities averaged with the global ones
+        (:func:`calm._heads.shrunk_reliability`, lam 1).
+        CALM-global (``weighting="global"``) is the paper's either way.
     n_heads, classes, chunk_size, device, calibration, unknown, unknown_label, keep_support
         As for :class:`calm.classifiers.SAV`.
 
@@ -60,7 +94,9 @@ class CALM(HeadClassifier):
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d), reliability_ (C, K) for "class" or
     (K,) for "global", weights_ (C, K) (rows identical for "global"; each row sums to 1 over its
     kept heads and is 0 elsewhere), heads_ (C, k) for "class" or (k,) for "global": kept heads by
-    decreasing reliability, k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
+    decreasing reliability, tau_p_ (the posterior temperature in use: ``tau_p``, or the one
+    ``scores="loo"`` chose), pooling_ (0: class-conditional, inf: global, 1: averaged; not saved),
+    k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
     calibrated_, reject_threshold_, support_features_, support_labels_ as for SAV.
 
     Examples
@@ -89,6 +125,7 @@ class CALM(HeadClassifier):
         "weighting": [StrOptions({"class", "global"})],
         "normalization": [StrOptions({"softmax", "power"})],
         "reliability": [StrOptions({"in-sample", "leave-one-out"})],
+        "scores": [StrOptions({"loo", "paper"})],
     }
 
     def __init__(
@@ -100,6 +137,7 @@ class CALM(HeadClassifier):
         weighting: str = "class",
         normalization: str = DEFAULTS["normalization"],
         reliability: str = DEFAULTS["reliability"],
+        scores: str = DEFAULTS["scores"],
         n_heads: int | None = None,
         classes: Any = None,
         chunk_size: int | None = None,
@@ -115,6 +153,7 @@ class CALM(HeadClassifier):
         self.weighting = weighting
         self.normalization = normalization
         self.reliability = reliability
+        self.scores = scores
         self.n_heads = n_heads
         self.classes = classes
         self.chunk_size = chunk_size
@@ -134,7 +173,17 @@ class CALM(HeadClassifier):
                 "weights", ("C", "K"), bounds=(0, 1), rows_sum_to_one=True, same_dtype_as="reliability"
             ),
             TensorSpec("heads", ("C", "k") if per_class else ("k",), "i", index_of="K"),
-        )
+        ) + ((TensorSpec("tau_p", (1,), bounds=(0, np.inf)),) if cls._chooses(params) else ())
+
+    @classmethod
+    def _checked(cls, params: dict[str, Any], path: Any) -> Any:
+        params.setdefault("scores", "paper")  # files written before scores= existed
+        return super()._checked(params, path)
+
+    @staticmethod
+    def _chooses(params: dict[str, Any]) -> bool:
+        """Whether ``params`` choose tau_p and the pooling per support set (``scores="loo"``)."""
+        return params.get("scores", "paper") == "loo" and params.get("weighting") != "global"
 
     def _fit_heads(
         self,
@@ -153,14 +202,20 @@ class CALM(HeadClassifier):
                 UserWarning,
                 stacklevel=4,
             )
+        self.tau_p_, self.pooling_ = float(self.tau_p), 0.0 if self.weighting == "class" else math.inf
+        if self._chooses(self.get_params(deep=False)):
+            self.tau_p_, self.pooling_ = self._choose(feats, y_t, counts, centroids)
         views = ((start, xb.to(dev)) for start, xb in feats.views(self._view_rows(feats)))  # checked in fit
         margin_sum = support_margin_sums(
-            views, y_t, centroids, self.tau_p, counts if loo else None
+            views, y_t, centroids, self.tau_p_, counts if loo else None
         ).T  # (C, K)
-        if self.weighting == "class":
+        if self.pooling_ == 0.0:
             r = margin_sum / counts.to(dtype)[:, None]  # Eq. 11
-        else:
+        elif self.weighting == "global":
             r = margin_sum.sum(dim=0) / feats.n  # Eq. 7
+        else:  # Eq. 11 shrunk towards Eq. 7 (scores="loo")
+            rc, rg = margin_sum / counts.to(dtype)[:, None], margin_sum.sum(dim=0) / feats.n
+            r = H.shrunk_reliability(rc, rg, counts, self.pooling_)
         w = H.head_weights(r.cpu(), self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ParameterError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
@@ -168,6 +223,51 @@ class CALM(HeadClassifier):
         self.weights_ = (w.expand(C, K) if w.ndim == 1 else w).contiguous().numpy()
         order = torch.sort(r.cpu(), dim=-1, descending=True, stable=True).indices
         self.heads_ = order[..., : self.k_].numpy()
+        self._pooled = (margin_sum.cpu() / counts.cpu().to(dtype)[:, None], margin_sum.cpu().sum(0) / feats.n)
+
+    def _tau(self) -> float:
+        """The posterior temperature in use: the chosen one (``scores="loo"``) or ``tau_p``."""
+        return float(self.tau_p_) if self._chooses(self.__dict__) else self.tau_p
+
+    def _choose(
+        self, feats: Features, y_t: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor
+    ) -> tuple[float, float]:
+        """``scores="loo"``: the (tau_p, pooling) of LOO_TAU_P x LOO_POOLING whose leave-one-out
+        scores of the support clips (at most MAX_CALIBRATION_CLIPS of them, round-robin over the
+        classes) are best by :func:`loo_criterion`; (tau_p, ONE_SHOT_POOLING) when a class has
+        fewer than two of those clips."""
+        y_all = y_t.cpu().numpy()
+        keep = calibration_rows(np.ones(len(y_all), dtype=bool), y_all, MAX_CALIBRATION_CLIPS)
+        y = torch.from_numpy(y_all[keep])
+        sub = torch.bincount(y, minlength=len(counts))
+        if bool((sub < 2).any()):
+            return float(self.tau_p), ONE_SHOT_POOLING
+        cents, parts = centroids.cpu(), []
+        for start, xb in feats.chunks(self._view_rows(feats), torch.float64):
+            rows = torch.from_numpy(keep[start : start + len(xb)])
+            if bool(rows.any()):
+                parts.append(
+                    cal.loo_cosines(
+                        xb[rows], torch.from_numpy(y_all[start : start + len(xb)])[rows], cents, counts.cpu()
+                    )
+                )
+        cos_in, cos_loo = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        grid = sorted(set(LOO_TAU_P) | {float(self.tau_p)}, key=lambda t: (abs(math.log(t / self.tau_p)), -t))
+        best, choice = -math.inf, (float(self.tau_p), 0.0)
+        for tau in grid:  # preferred first: the strictly better replaces it
+            post = H.head_posteriors(cos_loo, tau)  # Eq. 5 against the centroids without the clip
+            m = H.clamped_margins(
+                post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, tau), y
+            )
+            rc, rg = H.class_reliability(m, y, len(sub)), H.global_reliability(m)
+            for lam in LOO_POOLING:
+                w = H.head_weights(
+                    H.loo_reliabilities(m, y, rc, rg, sub, lam), self.k_, self.tau_w, self.normalization
+                )
+                value = loo_criterion(torch.einsum("nkc,nck->nc", post, w), y)  # Eq. 13 per left-out clip
+                if value > best:
+                    best, choice = value, (float(tau), lam)
+        return choice
 
     def _prepare(self, unit: torch.Tensor) -> None:
         used = np.flatnonzero((self.weights_ > 0).any(axis=0))
@@ -181,7 +281,7 @@ class CALM(HeadClassifier):
         self._unit_used = unit.contiguous().to(dev)  # (K_used, d, C)
         self._w_used = w.T.to(unit.dtype).contiguous().to(dev)  # (K_used, C), in the query dtype
         # the unit centroids times log2(e) / tau_p: the matmul gives Eq. 5's exponent in base 2
-        self._scaled = (self.tau_p, self._unit_used * (LOG2E / self.tau_p))
+        self._scaled = (self._tau(), self._unit_used * (LOG2E / self._tau()))
 
     def class_scores(self, X: Any) -> np.ndarray:
         """Raw scores (n, C) of Eq. 13 (Eq. 9 for ``weighting="global"``)."""
@@ -191,9 +291,9 @@ class CALM(HeadClassifier):
         out = np.empty((feats.n, C), dtype=np.float64 if dtype == torch.float64 else np.float32)
         tau_p, scaled = self._scaled
         dev, w_t = self._device(), self._w_used
-        if tau_p != self.tau_p or scaled.device != dev:  # set_params since fit: keep the fitted tensors
-            scaled, w_t = (self._unit_used * (LOG2E / self.tau_p)).to(dev), w_t.to(dev)
-        shift = needs_shift(self.tau_p, C, dtype)
+        if tau_p != self._tau() or scaled.device != dev:  # set_params since fit: keep the fitted tensors
+            scaled, w_t = (self._unit_used * (LOG2E / self._tau())).to(dev), w_t.to(dev)
+        shift = needs_shift(self._tau(), C, dtype)
         heads = None if self._used is None else torch.from_numpy(self._used).to(dev)
 
         def chunk(view: tuple[int, torch.Tensor], ws: Workspace) -> None:
@@ -211,18 +311,27 @@ class CALM(HeadClassifier):
 
     def _contributions(self, cos: torch.Tensor) -> torch.Tensor:
         return cal.posterior_contributions(
-            cos, torch.from_numpy(np.asarray(self.weights_, np.float64)), self.tau_p
+            cos, torch.from_numpy(np.asarray(self.weights_, np.float64)), self._tau()
         )
 
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The clip's own margins taken out of the reliabilities, heads and weights chosen again
         (:func:`calm._calibration.loo_weighted_scores`): in-sample head selection would make the
         left-out scores over-confident."""
-        post = H.head_posteriors(cos_loo, self.tau_p)
-        fitted = post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, self.tau_p)
+        tau = self._tau()
+        post = H.head_posteriors(cos_loo, tau)
+        fitted = post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, tau)
+        margins = H.clamped_margins(fitted, y)
+        if self._chooses(self.__dict__):  # the chosen pooling, refitted without each clip
+            rc, rg = self._pooled
+            r = H.loo_reliabilities(
+                margins, y, rc, rg, torch.from_numpy(np.asarray(self.class_counts_)), self.pooling_
+            )
+            w = H.head_weights(r, self.k_, self.tau_w, self.normalization)
+            return torch.einsum("nkc,nck->nc", post, w)
         return cal.loo_weighted_scores(
             post,
-            H.clamped_margins(fitted, y),
+            margins,
             y,
             torch.from_numpy(np.asarray(self.reliability_, np.float64)),
             torch.from_numpy(np.asarray(self.weights_, np.float64)),

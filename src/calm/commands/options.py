@@ -280,6 +280,14 @@ classifier_options = stack(
             help="CALM margins on the support clips (paper) or each clip against its "
             "class centroid without it.",
         ),
+        click.option(
+            "--scores",
+            type=click.Choice(["loo", "paper"]),
+            default=ClassifierSpec.scores,
+            show_default=True,
+            help="CALM's tau_p and reliability pooling chosen per support set by leave-one-out, "
+            "or the paper's equations exactly.",
+        ),
     ]
 )
 classifier_options.__doc__ = (
@@ -298,6 +306,7 @@ def classifier_spec(params: dict[str, Any]) -> ClassifierSpec:
         sav_tie_break=params["sav_tie_break"],
         normalization=params["normalization"],
         reliability=params["reliability"],
+        scores=params["scores"],
     )
 
 

@@ -33,6 +33,8 @@ class ClassifierSpec:
         sav_tie_break: SAV heads of equal support accuracy: `index` (paper) or `margin`.
         normalization: CALM weights: `softmax` (paper) or `power` (authors' code).
         reliability: CALM margins: `in-sample` (paper) or `leave-one-out`.
+        scores: CALM's tau_p and reliability pooling chosen per support set by leave-one-out
+            (`loo`) or the paper's equations exactly (`paper`).
     """
 
     k: float | int = DEFAULTS["k"]
@@ -42,6 +44,7 @@ class ClassifierSpec:
     sav_tie_break: str = DEFAULTS["tie_break"]
     normalization: str = DEFAULTS["normalization"]
     reliability: str = DEFAULTS["reliability"]
+    scores: str = DEFAULTS["scores"]
 
     def registry(self) -> dict[str, Method]:
         """The few-shot methods with these defaults."""
@@ -53,6 +56,7 @@ class ClassifierSpec:
             sav_tie_break=self.sav_tie_break,
             normalization=self.normalization,
             reliability=self.reliability,
+            scores=self.scores,
         )
 
 
@@ -333,6 +337,7 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
     CliOption("classifier.sav_tie_break", "--sav-tie-break", always=_yes),
     CliOption("classifier.normalization", "--normalization", always=_yes),
     CliOption("classifier.reliability", "--reliability", always=_yes),
+    CliOption("classifier.scores", "--scores", always=_yes),
     CliOption("batch_size", "--batch-size", always=_yes),
     CliOption("figures", "--figures/--no-figures", None),
     CliOption("sweep_seeds", "--sweep-seeds", always=lambda c: c.figures),

@@ -116,11 +116,12 @@ def fewshot_methods(
     sav_tie_break: str | None = None,
     normalization: str | None = None,
     reliability: str | None = None,
+    scores: str | None = None,
 ) -> dict[str, Method]:
     """The few-shot methods of `calm.methods.REGISTRY` with these defaults (None: the registry's
     `DEFAULTS`; `sav_k` None: `k`); the values are the named options of `calm.SAV` / `calm.CALM`,
     recorded in each run's parameters."""
-    spec = _Spec(k, tau_p, tau_w, sav_k, sav_tie_break, normalization, reliability)
+    spec = _Spec(k, tau_p, tau_w, sav_k, sav_tie_break, normalization, reliability, scores)
     return {
         name: Method(name, _builder(name), m.defaults(spec), m.grid)
         for name, m in registry.REGISTRY.items()
@@ -139,6 +140,7 @@ class _Spec:
     sav_tie_break: str | None
     normalization: str | None
     reliability: str | None
+    scores: str | None
 
 
 def _builder(name: str) -> Callable[..., Any]:
