@@ -20,6 +20,7 @@ which `calm._calibration.reject_threshold` sets the threshold accepting `--accep
   class's support mean and the pooled within-class spread of that head (leave-one-out cosines),
   weighted over the kept heads / averaged over all heads;
 - `zfrac_all`: the share of heads whose z is above -2 (inside the class's support spread);
+- `z_mix`: the mean of `z_kept` and `z_all`;
 - `nearest_kept`, `nearest_all`: per head the largest cosine to a support clip of the predicted
   class, weighted over kept heads / averaged over all;
 - `knn1`, `knn3`: cosine (mean over all heads) to the nearest / mean of 3 nearest support clips of
@@ -87,7 +88,10 @@ def _mahalanobis(u: torch.Tensor, means: torch.Tensor, prec: torch.Tensor) -> to
 def _precisions(r: torch.Tensor) -> torch.Tensor:
     """Ledoit-Wolf shrunk precision (K, d, d) of residuals r (n, K, d), one per head."""
     return torch.stack(
-        [torch.as_tensor(LedoitWolf(assume_centered=True).fit(r[:, j].numpy()).precision_) for j in range(r.shape[1])]
+        [
+            torch.as_tensor(LedoitWolf(assume_centered=True).fit(r[:, j].numpy()).precision_)
+            for j in range(r.shape[1])
+        ]
     )
 
 
@@ -139,6 +143,7 @@ def all_scores(clf: HeadClassifier, Xs: np.ndarray, y_idx: np.ndarray, Xq: np.nd
         out["z_kept"] = (W[c] * zz).sum(1)
         out["z_all"] = zz.mean(1)
         out["zfrac_all"] = (zz > -2).mean(1)
+        out["z_mix"] = (out["z_kept"] + out["z_all"]) / 2
         s = sims.copy()  # (n, m_support, K)
         if loo:
             s[np.arange(n), np.arange(n)] = -np.inf
@@ -168,7 +173,7 @@ def all_scores(clf: HeadClassifier, Xs: np.ndarray, y_idx: np.ndarray, Xq: np.nd
 
     s_sup = side_scores(sup, us, ss, True)
     s_qry = side_scores(qry, uq, qs, False)
-    for a in ("sim_kept", "z_all", "nearest_all", "knn1", "maha_all"):
+    for a in ("sim_kept", "z_kept", "z_all", "nearest_all", "knn1", "maha_all"):
         ref_a, ref_t = np.sort(s_sup[a]), np.sort(s_sup["top_proba"])
 
         def rank(v: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -247,7 +252,10 @@ def report(records: list[dict], scen: str, shots: int, method: str) -> None:
         far = [r["scores"][s]["far95"] for r in rs if r["scores"][s]["far95"] is not None]
         acc = [r["scores"][s]["accept_known"] for r in rs if r["scores"][s]["accept_known"] is not None]
         tail = f"FAR@95 {np.mean(far):5.1f} acc.known {np.mean(acc):5.1f}" if far else ""
-        print(f"  {s:22s} AUROC {a.mean():5.1f}  diff {d.mean():+5.1f} [{d.mean() - half:+5.1f}, {d.mean() + half:+5.1f}]  {tail}")
+        print(
+            f"  {s:22s} AUROC {a.mean():5.1f}  diff {d.mean():+5.1f} "
+            f"[{d.mean() - half:+5.1f}, {d.mean() + half:+5.1f}]  {tail}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The reject option (``unknown=``): a threshold on the calibrated top probability, set from the
-support set's leave-one-out scores, returns ``unknown_label`` for clips of no known class."""
+"""The reject option (``unknown=``): a threshold on the known score (``unknown_score``: "centroid-z" or
+the calibrated top probability), set from the support set's leave-one-out scores, returns
+``unknown_label`` for clips of no known class."""
 
 from __future__ import annotations
 
@@ -36,12 +37,13 @@ def estimators(**kw):
     return [calm.SAV(k=0.5, **kw), calm.CALM(k=0.5, **kw), calm.CALM(k=0.5, weighting="global", **kw)]
 
 
+@pytest.mark.parametrize("score", sorted(cal.UNKNOWN_SCORES))
 @pytest.mark.parametrize("index", range(3))
-def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index):
+def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index, score):
     accepted, rejected_unknowns = [], []
     for seed in range(15):
         X, y, Xq, _, Xu = open_world(seed, shots=10)
-        clf = estimators(unknown=0.9)[index].fit(X, y)
+        clf = estimators(unknown=0.9, unknown_score=score)[index].fit(X, y)
         assert cal.ACCEPT_ALL < clf.reject_threshold_ < np.inf
         accepted.append(np.mean(clf.predict(Xq) != "unknown"))
         rejected_unknowns.append(np.mean(clf.predict(Xu) == "unknown"))
@@ -53,20 +55,25 @@ def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index):
         assert np.mean(rejected_unknowns) > 0.6
 
 
+@pytest.mark.parametrize("score", sorted(cal.UNKNOWN_SCORES))
 @pytest.mark.parametrize("index", range(3))
-def test_accepted_clips_keep_their_label(index):
+def test_accepted_clips_keep_their_label(index, score):
     X, y, Xq, _, Xu = open_world(1, shots=6)
     queries = np.concatenate([Xq, Xu])
     plain = estimators()[index].fit(X, y).predict(queries)
-    clf = estimators(unknown=0.8, unknown_label="none of these")[index].fit(X, y)
+    clf = estimators(unknown=0.8, unknown_label="none of these", unknown_score=score)[index].fit(X, y)
     pred = clf.predict(queries)
     kept = pred != "none of these"
     assert 0 < kept.sum() < len(pred)
     assert pred[kept].astype(plain.dtype).tolist() == plain[kept].tolist()
-    top = clf.predict_proba(queries).max(axis=1)
-    assert top[~kept].max() <= top[kept].min()  # a threshold on the top probability
-    odds = cal.proba_log_odds(clf.predict_proba(queries))
-    assert (odds[~kept] < clf.reject_threshold_ + 1e-9).all()
+    known = clf.known_score(queries)  # a threshold on the known score
+    assert (known[~kept] < clf.reject_threshold_).all() and (known[kept] >= clf.reject_threshold_).all()
+    if score == "top-proba":  # the log-odds of the top probability
+        top = clf.predict_proba(queries).max(axis=1)
+        assert top[~kept].max() <= top[kept].min()
+        odds = cal.proba_log_odds(clf.predict_proba(queries))
+        finite = np.isfinite(odds)  # p rounds to 1: its log-odds are infinite, the score's are not
+        assert known[finite] == pytest.approx(odds[finite], rel=1e-3, abs=1e-3)
 
 
 def test_string_classes_get_the_label_unshortened():

@@ -197,13 +197,16 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
             raise error
         return feats.stacked(len(extractor.head_names))[0]
 
-    def _run(self, X: Any, sample_rate: Any, errors: str) -> tuple[Predictor, np.ndarray, ClipFeatures]:
-        """The inference pipeline of `calm predict` over X: (predictor, probabilities, features)."""
+    def _run(
+        self, X: Any, sample_rate: Any, errors: str
+    ) -> tuple[Predictor, np.ndarray, np.ndarray | None, ClipFeatures]:
+        """The inference pipeline of `calm predict` over X: (predictor, probabilities, known scores
+        (None without a reject option), features)."""
         check_is_fitted(self, "classifier_")
         if errors not in ERRORS:
             raise ValueError(f"errors={errors!r}: use one of {ERRORS}")
         predictor = Predictor(self.classifier_, self._checked_extractor())
-        proba, feats = predictor.predict_proba(
+        proba, known, feats = predictor.scored(
             X, sample_rate=sample_rate, batch_size=self.batch_size, cache=self.cache
         )
         error = feats.error()
@@ -215,7 +218,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
                 ClipWarning,
                 stacklevel=3,
             )
-        return predictor, proba, feats
+        return predictor, proba, known, feats
 
     # -- scikit-learn API ------------------------------------------------------------------------
 
@@ -264,9 +267,10 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         """Labels (n,), as `calm predict` gives them (the classifier's `unknown_label` for clips its
         reject option, `unknown=`, rejects); with errors="skip" an object array holding None for
         each failed clip."""
-        predictor, proba, feats = self._run(X, sample_rate, errors)
+        predictor, proba, known, feats = self._run(X, sample_rate, errors)
         ok = [i for i in range(len(feats.sources)) if i not in feats.errors]
-        found = dict(zip(ok, predictor.labels(proba[ok]), strict=True))  # "unknown" where rejected
+        rows = predictor.labels(proba[ok], None if known is None else known[ok])  # "unknown" where rejected
+        found = dict(zip(ok, rows, strict=True))
         labels = [found.get(i) for i in range(len(feats.sources))]
         if errors == "raise":
             unknown = getattr(self.classifier_, "unknown_label", None)

@@ -55,6 +55,7 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "reliability": "in-sample",
         "calibration": "loo-temperature",
         "unknown": None,
+        "unknown_score": "centroid-z",
         "unknown_label": "unknown",
     }
 )

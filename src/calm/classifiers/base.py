@@ -69,11 +69,22 @@ _CALIBRATION_SPECS = (
     TensorSpec("temperature", (1,), bounds=(float(cal.TEMPERATURES[0]), float(cal.TEMPERATURES[-1]))),
     TensorSpec("nonconformity", (None,), bounds=(0, 1)),
 )
-#: The saved rejection threshold (``unknown`` set): a log-odds, shape (1,).
+#: The saved rejection threshold (``unknown`` set): a known score, shape (1,).
 _REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
+#: The saved statistics of ``unknown_score="centroid-z"`` (with calibration): per class and head
+#: the support clips' mean leave-one-out cosine to their centroid, per head the within-class spread.
+_KNOWN_SPECS = (
+    TensorSpec("known_mean", ("C", "K"), bounds=(-1, 1)),
+    TensorSpec("known_spread", ("K",), bounds=(cal.SPREAD_FLOOR, np.inf)),
+)
 
 #: Parameters of files written before they existed, and the value such a file meant.
-_OLD_FILE_PARAMS = {"calibration": None, "unknown": None, "unknown_label": "unknown"}
+_OLD_FILE_PARAMS = {
+    "calibration": None,
+    "unknown": None,
+    "unknown_label": "unknown",
+    "unknown_score": "top-proba",
+}
 
 
 def _old_file_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +96,11 @@ def _old_file_params(params: dict[str, Any]) -> dict[str, Any]:
 
 #: Smallest temperature accepted: 1 / tau must stay far inside float32's range on the query path.
 MIN_TEMPERATURE = 1e-30
+
+
+def _keeps_statistics(params: dict[str, Any]) -> bool:
+    """Whether a classifier with ``params`` fits (and saves) the "centroid-z" statistics."""
+    return params.get("calibration") is not None and params.get("unknown_score") == "centroid-z"
 
 
 def register(cls: _C) -> _C:
@@ -112,6 +128,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     device: Any
     calibration: str | None
     unknown: float | None
+    unknown_score: str
     unknown_label: Any
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -123,6 +140,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "device": [str, torch.device],
         "calibration": [StrOptions({"loo-temperature"}), None],
         "unknown": [Interval(Real, 0, 1, closed="neither"), None],
+        "unknown_score": [StrOptions(set(cal.UNKNOWN_SCORES))],
         "unknown_label": [str, Integral],
     }
 
@@ -247,6 +265,14 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         """The weight (C, K) of each head in each class's score."""
         raise NotImplementedError
 
+    def _loo_weights(
+        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
+    ) -> np.ndarray:
+        """Head weights (n, K) of class ``pred`` (n,) for support clips of classes ``y`` scored as
+        if left out (the "centroid-z" leave-one-out scores); here the fitted ones."""
+        out: np.ndarray = self._head_weights()[pred]
+        return out
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n, C): with ``calibration="loo-temperature"`` (and two or more
         support clips in some class) softmax(log score / ``temperature_``), else the uncalibrated
@@ -267,15 +293,22 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self)
         return calibration.explain(self, X, top)
 
+    def known_score(self, X: Any) -> np.ndarray:
+        """The known score (n,) of each clip, ``unknown_score``'s (higher: more like the support
+        clips of the predicted class): what the reject option (``unknown``) compares with
+        ``reject_threshold_``, usable without it (e.g. to rank clips by novelty)."""
+        check_is_fitted(self)
+        return calibration.known_scores(self, X)
+
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (entries of ``classes_``); ties go to the lower class index. With
-        ``unknown`` set, ``unknown_label`` for clips whose calibrated top probability (as log-odds)
-        is below ``reject_threshold_`` (:func:`calm.classifiers.calibration.with_unknown`)."""
+        ``unknown`` set, ``unknown_label`` for clips whose known score (:meth:`known_score`) is
+        below ``reject_threshold_`` (:func:`calm.classifiers.calibration.with_unknown`)."""
         scores = self.class_scores(X)
         labels: np.ndarray = self.classes_[np.argmax(scores, axis=1)]
         if self.unknown is None:
             return labels
-        return calibration.with_unknown(self, labels, calibration.rejection_scores(self, scores))
+        return calibration.with_unknown(self, labels, calibration.known_scores(self, X, scores))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy of ``predict(X)`` against y."""
@@ -300,6 +333,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         ) + (
             (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
             + (_REJECT_SPECS if params.get("unknown") is not None else ())
+            + (_KNOWN_SPECS if _keeps_statistics(params) else ())
         )
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:

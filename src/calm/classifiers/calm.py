@@ -52,7 +52,7 @@ class CALM(HeadClassifier):
         Margins of support clips against centroids that include them (paper), or against their own
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
-    n_heads, classes, chunk_size, device, calibration, unknown, unknown_label
+    n_heads, classes, chunk_size, device, calibration, unknown, unknown_score, unknown_label
         As for :class:`calm.classifiers.SAV`.
 
     Attributes
@@ -61,7 +61,7 @@ class CALM(HeadClassifier):
     (K,) for "global", weights_ (C, K) (rows identical for "global"; each row sums to 1 over its
     kept heads and is 0 elsewhere), heads_ (C, k) for "class" or (k,) for "global": kept heads by
     decreasing reliability, k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
-    calibrated_, reject_threshold_ as for SAV.
+    calibrated_, known_mean_, known_spread_, reject_threshold_ as for SAV.
 
     Examples
     --------
@@ -106,6 +106,7 @@ class CALM(HeadClassifier):
         device: Any = "cpu",
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
+        unknown_score: str = DEFAULTS["unknown_score"],
         unknown_label: Any = DEFAULTS["unknown_label"],
     ):
         self.k = k
@@ -120,6 +121,7 @@ class CALM(HeadClassifier):
         self.device = device
         self.calibration = calibration
         self.unknown = unknown
+        self.unknown_score = unknown_score
         self.unknown_label = unknown_label
 
     @classmethod
@@ -230,6 +232,23 @@ class CALM(HeadClassifier):
 
     def _head_weights(self) -> np.ndarray:
         return np.asarray(self.weights_)
+
+    def _loo_weights(
+        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
+    ) -> np.ndarray:
+        """Head weights (n, K) of class ``pred`` for support clips of classes ``y`` left out: refitted
+        without the clip (:func:`calm._calibration.loo_head_weights`) for its own class (every class
+        for ``weighting="global"``), the fitted ones for the other classes."""
+        fitted = cos_loo if self.reliability == "leave-one-out" else cos_in
+        w_own = cal.loo_head_weights(
+            H.clamped_margins(H.head_posteriors(fitted, self.tau_p), y),
+            y,
+            torch.from_numpy(np.asarray(self.reliability_, np.float64)),
+            torch.from_numpy(np.asarray(self.class_counts_)),
+            lambda r: H.head_weights(r, self.k_, self.tau_w, self.normalization),
+        ).numpy()
+        own = (pred == y.numpy()) | (self.weighting == "global")
+        return np.where(own[:, None], w_own, np.asarray(self.weights_)[pred])
 
     def _proba(self, s: np.ndarray) -> np.ndarray:
         """Scores normalised to sum to 1 over classes (uncalibrated)."""

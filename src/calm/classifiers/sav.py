@@ -55,11 +55,17 @@ class SAV(HeadClassifier):
         ``decision_function`` are unchanged; needs two clips in some class), or None: the
         uncalibrated probabilities. Default `calm.methods.DEFAULTS`.
     unknown : float in (0, 1) or None
-        Reject option: ``predict`` returns ``unknown_label`` for a clip whose calibrated top
-        probability is below ``reject_threshold_``, set from the support set's leave-one-out top
-        probabilities so that about this fraction of clips of the known classes is accepted (e.g.
-        0.95). Needs calibration; with one shot per class nothing is rejected (a warning). None
-        (default, the paper's protocol): every clip gets a class.
+        Reject option: ``predict`` returns ``unknown_label`` for a clip whose known score
+        (``unknown_score``, :meth:`known_score`) is below ``reject_threshold_``, set from the
+        support set's leave-one-out known scores so that about this fraction of clips of the known
+        classes is accepted (e.g. 0.95). Needs calibration; with one shot per class nothing is
+        rejected (a warning). None (default, the paper's protocol): every clip gets a class.
+    unknown_score : "centroid-z" or "top-proba"
+        The known score of the reject option and of :meth:`known_score`: "centroid-z" (default,
+        `calm.methods.DEFAULTS`, chosen by validation: research/reject_scores.py), each kept head's
+        cosine to the predicted class's centroid standardised by the class's support mean and the
+        head's within-class spread, weighted by the class's head weights; "top-proba", the
+        calibrated top probability (as log-odds).
     unknown_label : str or int
         The label of a rejected clip; default ``"unknown"``.
 
@@ -69,6 +75,7 @@ class SAV(HeadClassifier):
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
     only), k_, n_heads_, head_dim_, metadata_; with calibration: temperature_, nonconformity_
     (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class);
+    with unknown_score="centroid-z" (and calibration): known_mean_ (C, K), known_spread_ (K,);
     with unknown: reject_threshold_.
 
     Examples
@@ -107,6 +114,7 @@ class SAV(HeadClassifier):
         device: Any = "cpu",
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
+        unknown_score: str = DEFAULTS["unknown_score"],
         unknown_label: Any = DEFAULTS["unknown_label"],
     ):
         self.k = k
@@ -118,6 +126,7 @@ class SAV(HeadClassifier):
         self.device = device
         self.calibration = calibration
         self.unknown = unknown
+        self.unknown_score = unknown_score
         self.unknown_label = unknown_label
 
     @classmethod
