@@ -29,7 +29,7 @@ which `calm._calibration.reject_threshold` sets the threshold accepting `--accep
   Ledoit-Wolf shrunk shared within-class covariance per head) to the nearest class mean, and the
   relative version (minus the distance to the all-support mean under its own shrunk covariance);
 - `rank_<a>+top`: the mean of the support-side ranks (empirical CDF of the support scores) of `a`
-  and `top_proba`.
+  and `top_proba`; `rmin_<a>+top`: the smaller of the two ranks.
 
 Prints per scenario, method and shots: AUROC (%) and FAR@95 with the support-side threshold (%),
 means over seeds, and for AUROC the paired difference to `top_proba` with its 95 % t interval;
@@ -181,6 +181,9 @@ def all_scores(clf: HeadClassifier, Xs: np.ndarray, y_idx: np.ndarray, Xq: np.nd
 
         s_sup[f"rank_{a}+top"] = (rank(s_sup[a], ref_a) + rank(s_sup["top_proba"], ref_t)) / 2
         s_qry[f"rank_{a}+top"] = (rank(s_qry[a], ref_a) + rank(s_qry["top_proba"], ref_t)) / 2
+        if a in ("z_kept", "z_all"):  # known only where both are typical of the support set
+            s_sup[f"rmin_{a}+top"] = np.minimum(rank(s_sup[a], ref_a), rank(s_sup["top_proba"], ref_t))
+            s_qry[f"rmin_{a}+top"] = np.minimum(rank(s_qry[a], ref_a), rank(s_qry["top_proba"], ref_t))
     return s_sup, s_qry
 
 

@@ -218,7 +218,7 @@ def reject_threshold(scores: np.ndarray, accept: float) -> float:
 #: default is ``calm.methods.DEFAULTS["unknown_score"]`` (research/reject_scores.py chose it).
 UNKNOWN_SCORES = {
     "top-proba": "log-odds of the calibrated top probability",
-    "centroid-z": "z-scored cosine to the predicted class's centroid, weighted over its kept heads",
+    "centroid-z": "z-scored cosines to the predicted class's centroid (its kept heads and all heads)",
 }
 
 
@@ -254,10 +254,12 @@ def centroid_z(
 ) -> np.ndarray:
     """The "centroid-z" known score (n,): each head's cosine ``cos_pred`` (n, K) to the predicted
     class's centroid, standardised by that class's support mean ``means`` (n, K) (the predicted
-    class's rows) and the head's within-class spread ``spread`` (K,), averaged with the predicted
-    class's head weights ``weights`` (n, K) (rows summing to 1 over the kept heads). Higher is
-    more like the support clips of the class; a clip whose reliable heads all sit at the class's
-    support mean scores 0."""
+    class's rows) and the head's within-class spread ``spread`` (K,); then the mean of two averages
+    of those z: weighted by the predicted class's head weights ``weights`` (n, K) (rows summing to
+    1 over its kept heads: the heads that tell the known classes apart) and over all heads (a novel
+    sound may show in heads kept for none of them). Higher is more like the support clips of the
+    class; a clip whose heads all sit at the class's support mean scores 0."""
     z = (np.asarray(cos_pred, dtype=np.float64) - means) / spread
-    out: np.ndarray = (np.asarray(weights, dtype=np.float64) * z).sum(axis=1)
+    kept = (np.asarray(weights, dtype=np.float64) * z).sum(axis=1)
+    out: np.ndarray = (kept + z.mean(axis=1)) / 2
     return out

@@ -12,14 +12,15 @@ are kept as ``nonconformity_``, the calibration scores of the conformal sets.
 
 Reject option (``unknown=accept``, a fraction in (0, 1)): each clip gets a known score
 (:func:`known_scores`, higher = more like the support set), chosen by ``unknown_score``:
-"centroid-z" (the default, chosen on validation episodes by research/reject_scores.py), each kept
+"centroid-z" (the default, chosen on validation episodes by research/reject_scores.py), each
 head's cosine to the predicted class's centroid standardised by that class's mean and the head's
-within-class spread of the support clips' leave-one-out cosines, weighted by the class's head
-weights (:func:`calm._calibration.centroid_z`); or "top-proba", the calibrated top probability p as
-the log-odds log(p / (1 - p)). ``reject_threshold_`` is set from the leave-one-out known scores of
-the support clips (:func:`calm._calibration.reject_threshold`) so that about a fraction ``accept`` of
-clips of the known classes score at least it, and ``predict`` returns ``unknown_label`` for a clip
-scoring below it. With one shot per class there are no leave-one-out scores: the threshold rejects
+within-class spread of the support clips' leave-one-out cosines, averaged with the class's head
+weights and over all heads, the two averages' mean (:func:`calm._calibration.centroid_z`); or
+"top-proba", the calibrated top probability p as the log-odds log(p / (1 - p)).
+``reject_threshold_`` is set from the leave-one-out known scores of the support clips
+(:func:`calm._calibration.reject_threshold`) so that about a fraction ``accept`` of clips of the
+known classes score at least it, and ``predict`` returns ``unknown_label`` for a clip scoring below
+it. With one shot per class there are no leave-one-out scores: the threshold rejects
 nothing and ``fit`` warns. It needs calibration.
 """
 

@@ -62,10 +62,10 @@ class SAV(HeadClassifier):
         rejected (a warning). None (default, the paper's protocol): every clip gets a class.
     unknown_score : "centroid-z" or "top-proba"
         The known score of the reject option and of :meth:`known_score`: "centroid-z" (default,
-        `calm.methods.DEFAULTS`, chosen by validation: research/reject_scores.py), each kept head's
+        `calm.methods.DEFAULTS`, chosen by validation: research/reject_scores.py), each head's
         cosine to the predicted class's centroid standardised by the class's support mean and the
-        head's within-class spread, weighted by the class's head weights; "top-proba", the
-        calibrated top probability (as log-odds).
+        head's within-class spread, averaged over the class's kept heads (weighted) and over all
+        heads, the mean of the two; "top-proba", the calibrated top probability (as log-odds).
     unknown_label : str or int
         The label of a rejected clip; default ``"unknown"``.
 
