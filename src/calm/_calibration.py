@@ -22,7 +22,6 @@ from calm import _heads as H
 __all__ = [
     "ACCEPT_ALL",
     "TEMPERATURES",
-    "UNKNOWN_SCORES",
     "calibrated_proba",
     "conformal_threshold",
     "centroid_z",
@@ -212,14 +211,6 @@ def reject_threshold(scores: np.ndarray, accept: float) -> float:
     if rank < 1 or m == 0:
         return ACCEPT_ALL
     return float(np.sort(np.asarray(scores, dtype=np.float64))[min(rank, m) - 1])
-
-
-#: The known-vs-unknown scores of the reject option (``unknown_score=``), name -> description; the
-#: default is ``calm.methods.DEFAULTS["unknown_score"]`` (research/reject_scores.py chose it).
-UNKNOWN_SCORES = {
-    "top-proba": "log-odds of the calibrated top probability",
-    "centroid-z": "z-scored cosines to the predicted class's centroid (its kept heads and all heads)",
-}
 
 
 def known_statistics(own: np.ndarray, y_idx: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

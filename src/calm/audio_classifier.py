@@ -43,6 +43,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from calm.audio_inputs import ClipError
+from calm.classifiers import calibration
 from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
 from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
 from calm.errors import CalmWarning
@@ -258,6 +259,14 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         self.extraction_key_ = json.loads(json.dumps(extractor.key, default=str))
         self.n_support_ = len(y)
         return self
+
+    @property
+    def reject_option_(self) -> dict[str, Any] | None:
+        """How the fitted classifier rejects (`unknown=`; None without it): the accept rate, the
+        label, the known score (`unknown_score=`) and its threshold, as `calm serve`'s /info
+        gives them (`calm.classifiers.calibration.reject_info`)."""
+        check_is_fitted(self, "classifier_")
+        return calibration.reject_info(self.classifier_)
 
     def predict_proba(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
         """Class probabilities (n, C); with errors="skip" a failed clip's row is NaN."""

@@ -14,7 +14,9 @@ Defaults (`DEFAULTS`): the values the README's tables and docs/results.md measur
 build the same model: k = 0.25 (a quarter of the heads, for SAV too: every reported run used it;
 the paper's accuracy plateau spans about 20-50 % of the heads), tau_p = 0.03 and tau_w = 0.5 (the
 paper), softmax weights and in-sample reliabilities (the paper), SAV ties to the lower head index
-(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper).
+(the paper), no reject option (``unknown=None``: every clip gets a class, as in the paper); when
+it is on, its known score is "centroid-z" (``unknown_score``: chosen on validation episodes inside
+ESC-10's training folds by research/reject_scores.py; docs/results.md, "The reject option").
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "AUTO_FALLBACK",
     "DEFAULTS",
     "DEFAULT_METHOD",
+    "UNKNOWN_SCORES",
     "REGISTRY",
     "FigureStyle",
     "MethodInfo",
@@ -57,6 +60,15 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "unknown": None,
         "unknown_score": "centroid-z",
         "unknown_label": "unknown",
+    }
+)
+
+#: The known-vs-unknown scores of the reject option (``unknown_score=``, `calm fit --unknown-score`),
+#: name -> description; the math is `calm._calibration` (research/reject_scores.py chose the default).
+UNKNOWN_SCORES: Mapping[str, str] = MappingProxyType(
+    {
+        "centroid-z": "z-scored cosines to the predicted class's centroid (its kept heads and all heads)",
+        "top-proba": "log-odds of the calibrated top probability",
     }
 )
 

@@ -37,6 +37,7 @@ from calm.classifiers.features import (
 from calm.classifiers.kernels import READ_BYTES, check_finite, unit_layout
 from calm.classifiers.threads import Workspace
 from calm.errors import FeatureError
+from calm.methods import UNKNOWN_SCORES
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,
@@ -140,7 +141,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "device": [str, torch.device],
         "calibration": [StrOptions({"loo-temperature"}), None],
         "unknown": [Interval(Real, 0, 1, closed="neither"), None],
-        "unknown_score": [StrOptions(set(cal.UNKNOWN_SCORES))],
+        "unknown_score": [StrOptions(set(UNKNOWN_SCORES))],
         "unknown_label": [str, Integral],
     }
 

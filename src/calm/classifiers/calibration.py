@@ -37,6 +37,7 @@ from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers.features import Features
 from calm.errors import ParameterError
+from calm.methods import UNKNOWN_SCORES
 
 __all__ = [
     "MAX_CALIBRATION_CLIPS",
@@ -48,6 +49,7 @@ __all__ = [
     "predict_set",
     "proba",
     "reject_info",
+    "reject_line",
     "sets_of",
     "with_unknown",
 ]
@@ -285,13 +287,27 @@ def reject_info(clf: Any) -> dict[str, Any] | None:
         "accept_rate": float(clf.unknown),
         "label": clf.unknown_label,
         "score": name,
-        "score_description": cal.UNKNOWN_SCORES[name],
+        "score_description": UNKNOWN_SCORES[name],
         "threshold": t,
         "active": t > cal.ACCEPT_ALL,
     }
     if name == "top-proba":
         out["min_probability"] = float(1.0 / (1.0 + np.exp(-t))) if t > cal.ACCEPT_ALL else 0.0
     return out
+
+
+def reject_line(clf: Any) -> str | None:
+    """:func:`reject_info` as one line for the command line (None without a reject option)."""
+    info = reject_info(clf)
+    if info is None:
+        return None
+    if not info["active"]:
+        return "reject option: inactive (no class has two support clips to set its threshold from)"
+    return (
+        f"reject option: accepts about {100 * info['accept_rate']:.0f} % of clips of the known classes; "
+        f"score {info['score']} ({info['score_description']}), "
+        f"{info['label']!r} below {info['threshold']:.4g}"
+    )
 
 
 def head_labels(clf: Calibratable) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import click
 
 from calm.commands.options import classifier_options, classifier_spec
 from calm.errors import CalmError
-from calm.methods import DEFAULT_METHOD, fit_methods
+from calm.methods import DEFAULT_METHOD, DEFAULTS, UNKNOWN_SCORES, fit_methods
 
 FIT_METHODS = fit_methods()
 
@@ -40,9 +40,17 @@ FIT_METHODS = fit_methods()
     help="Reject option: accept this fraction of clips of the known classes (e.g. 0.95); "
     '`calm predict` and `calm serve` label the others "unknown" [default: off].',
 )
+@click.option(
+    "--unknown-score",
+    type=click.Choice(list(UNKNOWN_SCORES)),
+    default=DEFAULTS["unknown_score"],
+    show_default=True,
+    help='The reject option\'s known score (docs/results.md, "The reject option").',
+)
 @classifier_options
 def fit(**params: Any) -> None:
     """Fit a classifier on the features in STORE and save it to --out (safetensors + JSON header)."""
+    from calm.classifiers.calibration import reject_line
     from calm.evaluate.fitting import fit_store
 
     try:
@@ -55,7 +63,9 @@ def fit(**params: Any) -> None:
             holdout=params["holdout"],
             test_fold=params["test_fold"],
             classifier=classifier_spec(params),
-            params=None if params["unknown"] is None else {"unknown": params["unknown"]},
+            params=None
+            if params["unknown"] is None
+            else {"unknown": params["unknown"], "unknown_score": params["unknown_score"]},
         )
     except CalmError as exc:  # a bad store or key, a store with one class, too few clips per class
         raise click.ClickException(str(exc)) from None
@@ -65,3 +75,6 @@ def fit(**params: Any) -> None:
         f"{params['method']} on {len(result.rows)} clips, {len(clf.classes_)} classes, "
         f"{clf.n_heads_} heads -> {params['out']}"
     )
+    line = reject_line(clf)
+    if line:
+        click.echo(line)
