@@ -64,6 +64,7 @@ def test_files_written_before_the_split_load_unchanged(tmp_path, name):
     assert new["params"].pop("calibration") is None  # older files: uncalibrated, as written
     assert new["params"].pop("unknown") is None  # and without the reject option
     assert new["params"].pop("unknown_label") == "unknown"
+    assert new["params"].pop("unknown_score") == "top-proba"  # what a file without the score meant
     assert new == old
     a, b = load_file(str(V1 / f"{name}.safetensors")), load_file(str(tmp_path / "again.safetensors"))
     assert sorted(a) == sorted(b)

@@ -22,7 +22,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers import calibration
 from calm.classifiers.features import (
@@ -63,22 +62,6 @@ _Self = TypeVar("_Self", bound="HeadClassifier")
 
 _POSITIVE_INT = Interval(Integral, 1, None, closed="left")
 
-#: The saved calibration (``calibration="loo-temperature"``): the temperature (a scalar) and the
-#: leave-one-out nonconformity scores of the support clips (one per clip that could be left out).
-#: A float attribute is saved as a tensor of shape (1,) and restored as a float.
-_CALIBRATION_SPECS = (
-    TensorSpec("temperature", (1,), bounds=(float(cal.TEMPERATURES[0]), float(cal.TEMPERATURES[-1]))),
-    TensorSpec("nonconformity", (None,), bounds=(0, 1)),
-)
-#: The saved rejection threshold (``unknown`` set): a known score, shape (1,).
-_REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
-#: The saved statistics of ``unknown_score="centroid-z"`` (with calibration): per class and head
-#: the support clips' mean leave-one-out cosine to their centroid, per head the within-class spread.
-_KNOWN_SPECS = (
-    TensorSpec("known_mean", ("C", "K"), bounds=(-1, 1)),
-    TensorSpec("known_spread", ("K",), bounds=(cal.SPREAD_FLOOR, np.inf)),
-)
-
 #: Parameters of files written before they existed, and the value such a file meant.
 _OLD_FILE_PARAMS = {
     "calibration": None,
@@ -97,11 +80,6 @@ def _old_file_params(params: dict[str, Any]) -> dict[str, Any]:
 
 #: Smallest temperature accepted: 1 / tau must stay far inside float32's range on the query path.
 MIN_TEMPERATURE = 1e-30
-
-
-def _keeps_statistics(params: dict[str, Any]) -> bool:
-    """Whether a classifier with ``params`` fits (and saves) the "centroid-z" statistics."""
-    return params.get("calibration") is not None and params.get("unknown_score") == "centroid-z"
 
 
 def register(cls: _C) -> _C:
@@ -266,14 +244,6 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         """The weight (C, K) of each head in each class's score."""
         raise NotImplementedError
 
-    def _loo_weights(
-        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
-    ) -> np.ndarray:
-        """Head weights (n, K) of class ``pred`` (n,) for support clips of classes ``y`` scored as
-        if left out (the "centroid-z" leave-one-out scores); here the fitted ones."""
-        out: np.ndarray = self._head_weights()[pred]
-        return out
-
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n, C): with ``calibration="loo-temperature"`` (and two or more
         support clips in some class) softmax(log score / ``temperature_``), else the uncalibrated
@@ -295,9 +265,8 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return calibration.explain(self, X, top)
 
     def known_score(self, X: Any) -> np.ndarray:
-        """The known score (n,) of each clip, ``unknown_score``'s (higher: more like the support
-        clips of the predicted class): what the reject option (``unknown``) compares with
-        ``reject_threshold_``, usable without it (e.g. to rank clips by novelty)."""
+        """Each clip's known score (n,) by ``unknown_score`` (higher: more like the predicted class's
+        support clips), what the reject option compares with ``reject_threshold_``."""
         check_is_fitted(self)
         return calibration.known_scores(self, X)
 
@@ -331,11 +300,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         return (
             TensorSpec("centroids", ("C", "K", "d")),
             TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
-        ) + (
-            (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
-            + (_REJECT_SPECS if params.get("unknown") is not None else ())
-            + (_KNOWN_SPECS if _keeps_statistics(params) else ())
-        )
+        ) + calibration.state_specs(params)
 
     def _to_state(self, metadata: dict[str, Any] | None = None) -> SavedClassifier:
         """The fitted state as a file's contents (``metadata`` default: ``metadata_``)."""

@@ -38,6 +38,7 @@ from calm import _heads as H
 from calm.classifiers.features import Features
 from calm.errors import ParameterError
 from calm.methods import UNKNOWN_SCORES
+from calm.serialization import TensorSpec
 
 __all__ = [
     "MAX_CALIBRATION_CLIPS",
@@ -51,6 +52,7 @@ __all__ = [
     "reject_info",
     "reject_line",
     "sets_of",
+    "state_specs",
     "with_unknown",
 ]
 
@@ -82,9 +84,33 @@ class Calibratable(Protocol):
     def _contributions(self, cos: torch.Tensor) -> torch.Tensor: ...
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
     def _head_weights(self) -> np.ndarray: ...
-    def _loo_weights(
-        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
-    ) -> np.ndarray: ...
+
+
+#: The saved calibration (``calibration="loo-temperature"``): the temperature (a scalar) and the
+#: leave-one-out nonconformity scores of the support clips (one per clip that could be left out).
+#: A float attribute is saved as a tensor of shape (1,) and restored as a float.
+_CALIBRATION_SPECS = (
+    TensorSpec("temperature", (1,), bounds=(float(cal.TEMPERATURES[0]), float(cal.TEMPERATURES[-1]))),
+    TensorSpec("nonconformity", (None,), bounds=(0, 1)),
+)
+#: The saved rejection threshold (``unknown`` set): a known score, shape (1,).
+_REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
+#: The saved statistics of ``unknown_score="centroid-z"`` (with calibration): per class and head
+#: the support clips' mean leave-one-out cosine to their centroid, per head the within-class spread.
+_KNOWN_SPECS = (
+    TensorSpec("known_mean", ("C", "K"), bounds=(-1, 1)),
+    TensorSpec("known_spread", ("K",), bounds=(cal.SPREAD_FLOOR, np.inf)),
+)
+
+
+def state_specs(params: dict[str, Any]) -> tuple[TensorSpec, ...]:
+    """The saved tensors of this module's fitted state for an estimator with ``params``."""
+    calibrated = params.get("calibration") is not None
+    return (
+        (_CALIBRATION_SPECS if calibrated else ())
+        + (_REJECT_SPECS if params.get("unknown") is not None else ())
+        + (_KNOWN_SPECS if calibrated and params.get("unknown_score") == "centroid-z" else ())
+    )
 
 
 #: At most this many support clips are left out to fit T and give the conformal scores (taken
@@ -147,7 +173,8 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
         pred = np.argmax(log_scores, axis=1)
         own.append(_at(cos_loo, yb[keep].numpy()))
         at_pred.append(_at(cos_loo, pred))
-        w_pred.append(clf._loo_weights(cos_in, cos_loo, yb[keep], pred))
+        refit = getattr(clf, "_loo_weights", None)  # CALM: the weights without the clip
+        w_pred.append(clf._head_weights()[pred] if refit is None else refit(cos_in, cos_loo, yb[keep], pred))
     y_loo = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
     log_scores = np.concatenate(logs) if logs else np.zeros((0, C))
     clf.temperature_ = cal.fit_temperature(log_scores, y_loo)
