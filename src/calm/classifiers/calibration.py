@@ -240,7 +240,8 @@ def known_scores(clf: Calibratable, X: Any, scores: np.ndarray | None = None) ->
         return cal.top_log_odds(clf._log_scores(scores), getattr(clf, "temperature_", 1.0))
     if not hasattr(clf, "known_mean_"):
         raise ParameterError(
-            'unknown_score="centroid-z" needs calibration="loo-temperature" (its statistics)'
+            'unknown_score="centroid-z" needs its support statistics: fit with it and '
+            'calibration="loo-temperature"'
         )
     pred = np.argmax(scores, axis=1)
     feats = clf._query(X)
