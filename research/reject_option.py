@@ -43,7 +43,7 @@ def scores(clf: HeadClassifier, X: np.ndarray, y_idx: np.ndarray | None) -> dict
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     if y_idx is None:
         cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(x), H.l2_normalize(centroids))
-        top = calibration.rejection_scores(clf, clf.class_scores(X))
+        top = calibration.known_scores(clf, X)  # unknown_score="top-proba"
         return {"top-p": top, "similarity": similarity(clf, cos)}
     counts = torch.as_tensor(np.asarray(clf.class_counts_))
     y = torch.as_tensor(y_idx)
@@ -84,7 +84,7 @@ def main() -> None:
                 query = np.flatnonzero(fold == args.validation)
                 is_unknown = np.isin(y[query], unknown)
                 Xs = np.asarray(X[support], dtype=np.float32)
-                clf = est.set_params(unknown=args.accept).fit(Xs, y[support])
+                clf = est.set_params(unknown=args.accept, unknown_score="top-proba").fit(Xs, y[support])
                 loo = scores(clf, Xs, np.searchsorted(clf.classes_, y[support]))
                 Xq = np.asarray(X[query], dtype=np.float32)
                 q = scores(clf, Xq, None)

@@ -22,7 +22,8 @@ from sklearn.exceptions import NotFittedError
 import calm
 from calm import _heads as H
 from calm.classifiers import CALM, SAV
-from calm.classifiers.base import ESTIMATORS, HeadClassifier
+from calm.classifiers.base import HeadClassifier
+from calm.classifiers.files import ESTIMATORS
 from calm.serialization import read_classifier, write_classifier
 from tests.test_classifiers_reference import make_problem
 
@@ -68,6 +69,7 @@ def test_files_written_before_the_split_load_unchanged(tmp_path, name):
     assert new["params"].pop("keep_support") is False  # and without a kept support set
     if name.startswith("calm"):  # and the paper's equations (no scores= then)
         assert new["params"].pop("scores") == "paper"
+    assert new["params"].pop("unknown_score") == "top-proba"  # what a file without the score meant
     assert new == old
     a, b = load_file(str(V1 / f"{name}.safetensors")), load_file(str(tmp_path / "again.safetensors"))
     assert sorted(a) == sorted(b)

@@ -13,7 +13,13 @@ import torch
 
 from calm.evaluate import EvalConfig, Method, ProtocolError, run_evaluation
 from calm.evaluate.config import ClassifierSpec
-from calm.evaluate.openset import SCORES, held_out_classes, open_set_metrics, run_open_set
+from calm.evaluate.openset import (
+    SCORES,
+    held_out_classes,
+    open_set_metrics,
+    reject_option_metrics,
+    run_open_set,
+)
 from tests.test_evaluate import synthetic
 from tests.test_methods import NpyExtractor, _clips, store  # noqa: F401 (the fixture)
 
@@ -91,6 +97,20 @@ def test_a_separable_case_scores_an_auroc_near_one(method):
     assert set(metrics) >= {"far95_support", "open_accuracy", "open_macro_f1", "empty_unknown"}
 
 
+@pytest.mark.parametrize("method", ["sav", "calm-global", "calm"])
+def test_the_reject_option_rejects_the_separable_unknowns(method):
+    """The reject option refitted with unknown=0.95: its support-side threshold on the known score
+    (centroid-z) accepts the known queries and no unknown one, where the top probability's accepts
+    many unknowns (it saturates). 36 support clips: 0.95 needs 19 or more to reject anything."""
+    Xk, yk, Xu = _separable(n=24)
+    clf = ClassifierSpec().registry()[method].build().fit(Xk[::2], yk[::2])
+    metrics = reject_option_metrics(clf, Xk[::2], yk[::2], Xk[1::2], list(yk[1::2]), Xu)
+    assert metrics["far95_support_known"] == 0.0 and metrics["accept_support_known"] >= 90.0
+    assert metrics["open_accuracy_known"] >= 95.0
+    plain = open_set_metrics(clf, Xk[1::2], list(yk[1::2]), Xu)
+    assert plain["auroc_known_score"] > 99.0 and plain["far95_support"] > 40.0
+
+
 def test_a_classifier_without_a_score_s_method_leaves_that_score_out():
     Xk, yk, Xu = _separable()
     spy = Spy().fit(Xk[::2], yk[::2])
@@ -126,9 +146,16 @@ def test_run_evaluation_writes_the_open_set_results(store, tmp_path):  # noqa: F
     assert doc["unknowns_features"] == str(unknowns)
     metrics = {s["metric"] for s in doc["summary"]}
     assert {"auroc_top_proba", "auroc_top_decision", "far95_support", "open_accuracy", "coverage"} <= metrics
-    assert {(p["method"], p["a"], p["b"]) for p in doc["paired"]} >= {("calm", "top_decision", "top_proba")}
+    assert {(p["method"], p["a"], p["b"]) for p in doc["paired"]} >= {
+        ("calm", "top_decision", "top_proba"),
+        ("calm", "known_score", "top_proba"),  # the reject option's score, paired against the baseline
+    }
+    assert {"auroc_known_score", "far95_support_known", "open_accuracy_known"} <= metrics
+    assert "centroid-z" in doc["scores"]["known_score"]
     assert all(r["n_unknown"] == 5 + 6 for r in doc["runs"])  # no split: every held-out clip; the store's
     assert "## Open set" in result.markdown and 'id="open-set"' in result.report_html.read_text()
+    assert "AUROC known score (reject option)" in result.markdown
+    assert "FAR@95 reject option (support thr.)" in result.report_html.read_text()
     assert "--open-set 1 --unknowns-features" in result.results["config"]["command"]
 
 

@@ -1,5 +1,6 @@
-"""The reject option (``unknown=``): a threshold on the calibrated top probability, set from the
-support set's leave-one-out scores, returns ``unknown_label`` for clips of no known class."""
+"""The reject option (``unknown=``): a threshold on the known score (``unknown_score``: "centroid-z" or
+the calibrated top probability), set from the support set's leave-one-out scores, returns
+``unknown_label`` for clips of no known class."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import calm
 from calm import _calibration as cal
 from calm.errors import ParameterError
-from calm.serialization import read_classifier, write_classifier
+from calm.methods import UNKNOWN_SCORES
+from calm.serialization import ModelFileError, read_classifier, write_classifier
 
 torch.set_num_threads(1)
 
@@ -36,12 +40,13 @@ def estimators(**kw):
     return [calm.SAV(k=0.5, **kw), calm.CALM(k=0.5, **kw), calm.CALM(k=0.5, weighting="global", **kw)]
 
 
+@pytest.mark.parametrize("score", sorted(UNKNOWN_SCORES))
 @pytest.mark.parametrize("index", range(3))
-def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index):
+def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index, score):
     accepted, rejected_unknowns = [], []
     for seed in range(15):
         X, y, Xq, _, Xu = open_world(seed, shots=10)
-        clf = estimators(unknown=0.9)[index].fit(X, y)
+        clf = estimators(unknown=0.9, unknown_score=score)[index].fit(X, y)
         assert cal.ACCEPT_ALL < clf.reject_threshold_ < np.inf
         accepted.append(np.mean(clf.predict(Xq) != "unknown"))
         rejected_unknowns.append(np.mean(clf.predict(Xu) == "unknown"))
@@ -53,20 +58,25 @@ def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index):
         assert np.mean(rejected_unknowns) > 0.6
 
 
+@pytest.mark.parametrize("score", sorted(UNKNOWN_SCORES))
 @pytest.mark.parametrize("index", range(3))
-def test_accepted_clips_keep_their_label(index):
+def test_accepted_clips_keep_their_label(index, score):
     X, y, Xq, _, Xu = open_world(1, shots=6)
     queries = np.concatenate([Xq, Xu])
     plain = estimators()[index].fit(X, y).predict(queries)
-    clf = estimators(unknown=0.8, unknown_label="none of these")[index].fit(X, y)
+    clf = estimators(unknown=0.8, unknown_label="none of these", unknown_score=score)[index].fit(X, y)
     pred = clf.predict(queries)
     kept = pred != "none of these"
     assert 0 < kept.sum() < len(pred)
     assert pred[kept].astype(plain.dtype).tolist() == plain[kept].tolist()
-    top = clf.predict_proba(queries).max(axis=1)
-    assert top[~kept].max() <= top[kept].min()  # a threshold on the top probability
-    odds = cal.proba_log_odds(clf.predict_proba(queries))
-    assert (odds[~kept] < clf.reject_threshold_ + 1e-9).all()
+    known = clf.known_score(queries)  # a threshold on the known score
+    assert (known[~kept] < clf.reject_threshold_).all() and (known[kept] >= clf.reject_threshold_).all()
+    if score == "top-proba":  # the log-odds of the top probability
+        top = clf.predict_proba(queries).max(axis=1)
+        assert top[~kept].max() <= top[kept].min()
+        odds = cal.proba_log_odds(clf.predict_proba(queries))
+        finite = np.isfinite(odds)  # p rounds to 1: its log-odds are infinite, the score's are not
+        assert known[finite] == pytest.approx(odds[finite], rel=1e-3, abs=1e-3)
 
 
 def test_string_classes_get_the_label_unshortened():
@@ -127,11 +137,81 @@ def test_saved_and_restored(tmp_path, index):
 def test_files_without_the_option_load_with_it_off(tmp_path):
     X, y, _, _, Xu = open_world(6, shots=3)
     saved = calm.CALM(k=0.5).fit(X, y)._to_state()
-    for name in ("unknown", "unknown_label"):  # as written before the option existed
+    for name in ("unknown", "unknown_label", "unknown_score"):  # as written before the options existed
         del saved.params[name]
+    for name in ("known_mean", "known_spread"):
+        del saved.tensors[name]
     write_classifier(tmp_path / "old.safetensors", saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         old = calm.load(tmp_path / "old.safetensors")
-    assert old.unknown is None and old.unknown_label == "unknown"
+    assert old.unknown is None and old.unknown_label == "unknown" and old.unknown_score == "top-proba"
     assert set(old.predict(Xu).tolist()) <= set(range(C))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    shots=st.integers(8, 16),
+    accept=st.sampled_from([0.8, 0.9, 0.95]),
+    index=st.integers(0, 2),
+)
+def test_centroid_z_threshold_accepts_the_requested_share_of_known_clips(seed, shots, accept, index):
+    """The threshold set from the support clips' leave-one-out centroid-z scores accepts about
+    `accept` of new clips of the known classes (the conformal rank: at least it, in expectation)."""
+    X, y, Xq, _, _ = open_world(seed, shots=shots, queries=2000)
+    clf = estimators(unknown=accept)[index].fit(X, y)
+    assert clf.unknown_score == "centroid-z"
+    m = len(y)  # every support clip is left out (classes of two clips or more)
+    rate = float(np.mean(clf.known_score(Xq) >= clf.reject_threshold_))
+    # the rank's share of the m leave-one-out scores, within sampling noise of m scores
+    noise = 3 * np.sqrt(accept * (1 - accept) / m) + 1 / m
+    assert accept - noise <= rate <= min(1.0, accept + noise)
+
+
+def test_far_unknowns_are_rejected_and_known_clips_kept():
+    """A separable case: the unknown class is far from every known one (in every head)."""
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(C, K, D))
+    X = np.concatenate([c + 0.3 * rng.normal(size=(10, K, D)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(C), 10)
+    far = (-centres.mean(0) + 0.3 * rng.normal(size=(50, K, D))).astype(np.float32)
+    known = np.concatenate([c + 0.3 * rng.normal(size=(25, K, D)) for c in centres]).astype(np.float32)
+    for clf in estimators(unknown=0.9):
+        clf.fit(X, y)
+        assert (clf.predict(far) == "unknown").all()
+        assert np.mean(clf.predict(known) != "unknown") >= 0.8
+        assert clf.known_score(far).max() < clf.known_score(known).min()
+
+
+@pytest.mark.parametrize("score", sorted(UNKNOWN_SCORES))
+def test_saving_keeps_the_score(tmp_path, score):
+    X, y, Xq, _, Xu = open_world(8, shots=6)
+    queries = np.concatenate([Xq, Xu])
+    clf = calm.CALM(k=0.5, unknown=0.9, unknown_score=score).fit(X, y)
+    clf.save(tmp_path / "m.safetensors")
+    back = calm.load(tmp_path / "m.safetensors")
+    assert back.unknown_score == score
+    assert back.known_score(queries) == pytest.approx(clf.known_score(queries))
+    assert back.predict(queries).tolist() == clf.predict(queries).tolist()
+    tensors = read_classifier(tmp_path / "m.safetensors").tensors
+    assert ("known_mean" in tensors) == (score == "centroid-z")
+
+
+def test_a_file_naming_an_unknown_score_is_refused_on_one_line(tmp_path):
+    X, y, _, _, _ = open_world(9, shots=4)
+    saved = calm.CALM(k=0.5, unknown=0.9).fit(X, y)._to_state()
+    saved.params["unknown_score"] = "energy"
+    write_classifier(tmp_path / "bad.safetensors", saved)
+    with pytest.raises(ModelFileError) as err:
+        calm.load(tmp_path / "bad.safetensors")
+    message = str(err.value)
+    assert "\n" not in message and "bad.safetensors" in message and "unknown_score" in message
+
+
+def test_centroid_z_without_calibration_is_refused():
+    X, y, Xq, _, _ = open_world(10, shots=4)
+    clf = calm.CALM(k=0.5, calibration=None).fit(X, y)
+    with pytest.raises(ParameterError, match="centroid-z"):
+        clf.known_score(Xq)
+    assert clf.set_params(unknown_score="top-proba").known_score(Xq).shape == (len(Xq),)

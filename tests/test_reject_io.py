@@ -26,6 +26,7 @@ def fitted(tmp_path):
     out = tmp_path / "m.safetensors"
     res = invoke("fit", store, "--out", out, "--unknown", "0.8")
     assert res.exit_code == 0, res.output
+    assert "reject option: accepts about 80 % of clips of the known classes; score centroid-z" in res.output
     known = [tone(tmp_path / "q" / f"{n}.wav", FREQS[n], 900 + i) for i, n in enumerate(("low", "mid"))]
     return out, known, tone(tmp_path / "q" / "high.wav", FREQS["high"], 999)
 
@@ -41,6 +42,7 @@ def test_fit_saves_the_option_and_predict_says_unknown(fitted, tmp_path):
     rows = json.loads(rows_json.read_text())
     assert [r["label"] for r in rows] == ["low", "mid", "unknown"]
     assert "high.wav\tunknown\t" in res.output
+    assert "calm predict: reject option: accepts about 80 %" in res.output and "centroid-z" in res.output
     assert all("set" not in r for r in rows)
     plain = invoke("fit", tmp_path / "store", "--out", tmp_path / "plain.safetensors")
     assert plain.exit_code == 0 and calm.load(tmp_path / "plain.safetensors").unknown is None
@@ -89,6 +91,7 @@ def test_serve_says_unknown_gives_sets_and_info(monkeypatch):
         assert info["calibrated"] is True
         assert info["reject"]["accept_rate"] == 0.9 and info["reject"]["label"] == "unknown"
         assert info["reject"]["threshold"] == 1e6 and info["reject"]["active"] is True
+        assert info["reject"]["score"] == "centroid-z" and "centroid" in info["reject"]["score_description"]
         r = httpx.post(live.url + "/predict", **audio)
         assert r.status_code == 200, r.text
         assert r.json()["label"] == "unknown" and "prediction_set" not in r.json()
@@ -117,3 +120,25 @@ def test_fit_refuses_the_option_where_the_method_has_none(tmp_path):
     res = invoke("fit", store, "--method", "auto", "--out", tmp_path / "m.safetensors", "--unknown", "0.9")
     assert res.exit_code == 1 and "auto has no parameter unknown" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "m.safetensors").exists()
+
+
+def test_fit_takes_the_score_by_name(tmp_path):
+    store = tmp_path / "store"
+    assert extract(make_data(tmp_path / "data", classes=("low", "mid"), n=8), store).exit_code == 0
+    out = tmp_path / "m.safetensors"
+    res = invoke("fit", store, "--out", out, "--unknown", "0.8", "--unknown-score", "top-proba")
+    assert res.exit_code == 0, res.output
+    assert "score top-proba (log-odds of the calibrated top probability)" in res.output
+    assert calm.load(out).unknown_score == "top-proba"
+    assert invoke("fit", store, "--out", out, "--unknown", "0.8", "--unknown-score", "energy").exit_code == 2
+
+
+def test_audio_classifier_says_which_score_rejects(tmp_path):
+    data = make_data(tmp_path / "data", classes=("low", "mid"), n=8)
+    files = sorted(data.rglob("*.wav"))
+    labels = [f.parent.name for f in files]
+    clf = calm.AudioClassifier("fake-tones", "calm", unknown=0.8, unknown_score="top-proba").fit(
+        files, labels
+    )
+    assert clf.reject_option_["score"] == "top-proba" and clf.reject_option_["accept_rate"] == 0.8
+    assert calm.AudioClassifier("fake-tones", "calm").fit(files, labels).reject_option_ is None

@@ -24,8 +24,11 @@ __all__ = [
     "TEMPERATURES",
     "calibrated_proba",
     "conformal_threshold",
+    "centroid_z",
     "fit_temperature",
+    "known_statistics",
     "loo_cosines",
+    "loo_head_weights",
     "loo_weighted_scores",
     "nonconformity",
     "posterior_contributions",
@@ -74,15 +77,29 @@ def loo_weighted_scores(
     (``reliability`` (C, K), Eq. 11: only its class's row changes; (K,), Eq. 7: all rows), the
     top-k heads and their weights chosen again (``head_weights``: rows (n, K) -> (n, K), Eq. 12 /
     8). ``weights`` (C, K) are the fitted ones (the other classes' rows)."""
+    w_own = loo_head_weights(margins, y_idx, reliability, counts, head_weights)  # (n, K)
     if reliability.ndim == 1:
-        total = counts.sum().to(post.dtype)
-        w = head_weights((total * reliability[None] - margins) / (total - 1))  # (n, K)
-        return torch.einsum("nkc,nk->nc", post, w)
-    n_c = counts[y_idx].to(post.dtype)[:, None]
-    w_own = head_weights((n_c * reliability[y_idx] - margins) / (n_c - 1))  # (n, K)
+        return torch.einsum("nkc,nk->nc", post, w_own)
     scores = torch.einsum("nkc,ck->nc", post, weights)
     own = (post.gather(-1, y_idx.view(-1, 1, 1).expand(-1, post.shape[1], 1))[..., 0] * w_own).sum(dim=1)
     return scores.scatter_(1, y_idx.view(-1, 1), own[:, None])
+
+
+def loo_head_weights(
+    margins: torch.Tensor,
+    y_idx: torch.Tensor,
+    reliability: torch.Tensor,
+    counts: torch.Tensor,
+    head_weights: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """CALM's head weights (n, K) of each support clip's own class refitted without the clip (for
+    ``reliability`` (K,), Eq. 7, the shared weights): its clamped margins ``margins`` (n, K) taken
+    out of the reliabilities, the top-k heads and weights chosen again (``head_weights``)."""
+    if reliability.ndim == 1:
+        total = counts.sum().to(margins.dtype)
+        return head_weights((total * reliability[None] - margins) / (total - 1))
+    n_c = counts[y_idx].to(margins.dtype)[:, None]
+    return head_weights((n_c * reliability[y_idx] - margins) / (n_c - 1))
 
 
 def posterior_contributions(cos: torch.Tensor, weights: torch.Tensor, tau_p: float) -> torch.Tensor:
@@ -194,3 +211,46 @@ def reject_threshold(scores: np.ndarray, accept: float) -> float:
     if rank < 1 or m == 0:
         return ACCEPT_ALL
     return float(np.sort(np.asarray(scores, dtype=np.float64))[min(rank, m) - 1])
+
+
+def known_statistics(own: np.ndarray, y_idx: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The support statistics of :func:`centroid_z` from the leave-one-out cosines ``own`` (n, K) of
+    support clips to their own class's centroid (classes ``y_idx`` (n,)): per class and head the
+    mean cosine (C, K), and per head the pooled within-class standard deviation (K,). A class
+    without rows gets the mean over the classes that have some; with no rows at all the means are
+    0 and the spreads 1 (the score is then the weighted cosine itself)."""
+    own, y_idx = np.asarray(own, dtype=np.float64), np.asarray(y_idx)
+    K = own.shape[1]
+    counts = np.bincount(y_idx, minlength=n_classes).astype(np.float64)
+    if len(y_idx) == 0:
+        return np.zeros((n_classes, K)), np.ones(K)
+    sums = np.zeros((n_classes, K))
+    np.add.at(sums, y_idx, own)
+    have = counts > 0
+    means = np.empty((n_classes, K))
+    means[have] = sums[have] / counts[have, None]
+    means[~have] = means[have].mean(axis=0)
+    dof = len(y_idx) - int(have.sum())
+    resid = own - means[y_idx]
+    spread = np.sqrt((resid**2).sum(axis=0) / dof) if dof > 0 else np.ones(K)
+    return means, np.maximum(spread, SPREAD_FLOOR)
+
+
+#: Smallest per-head spread of :func:`known_statistics` (a head whose support cosines all agree).
+SPREAD_FLOOR = 1e-6
+
+
+def centroid_z(
+    cos_pred: np.ndarray, means: np.ndarray, spread: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """The "centroid-z" known score (n,): each head's cosine ``cos_pred`` (n, K) to the predicted
+    class's centroid, standardised by that class's support mean ``means`` (n, K) (the predicted
+    class's rows) and the head's within-class spread ``spread`` (K,); then the mean of two averages
+    of those z: weighted by the predicted class's head weights ``weights`` (n, K) (rows summing to
+    1 over its kept heads: the heads that tell the known classes apart) and over all heads (a novel
+    sound may show in heads kept for none of them). Higher is more like the support clips of the
+    class; a clip whose heads all sit at the class's support mean scores 0."""
+    z = (np.asarray(cos_pred, dtype=np.float64) - means) / spread
+    kept = (np.asarray(weights, dtype=np.float64) * z).sum(axis=1)
+    out: np.ndarray = (kept + z.mean(axis=1)) / 2
+    return out

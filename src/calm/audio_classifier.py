@@ -45,6 +45,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from calm.audio_inputs import ClipError
+from calm.classifiers import calibration
 from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
 from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
 from calm.errors import CalmWarning, ParameterError
@@ -211,13 +212,16 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
             raise error
         return feats.stacked(len(extractor.head_names))[0]
 
-    def _run(self, X: Any, sample_rate: Any, errors: str) -> tuple[Predictor, np.ndarray, ClipFeatures]:
-        """The inference pipeline of `calm predict` over X: (predictor, probabilities, features)."""
+    def _run(
+        self, X: Any, sample_rate: Any, errors: str
+    ) -> tuple[Predictor, np.ndarray, np.ndarray | None, ClipFeatures]:
+        """The inference pipeline of `calm predict` over X: (predictor, probabilities, known scores
+        (None without a reject option), features)."""
         check_is_fitted(self, "classifier_")
         if errors not in ERRORS:
             raise ValueError(f"errors={errors!r}: use one of {ERRORS}")
         predictor = Predictor(self.classifier_, self._checked_extractor())
-        proba, feats = predictor.predict_proba(
+        proba, known, feats = predictor.scored(
             X, sample_rate=sample_rate, batch_size=self.batch_size, cache=self.cache
         )
         error = feats.error()
@@ -229,7 +233,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
                 ClipWarning,
                 stacklevel=3,
             )
-        return predictor, proba, feats
+        return predictor, proba, known, feats
 
     # -- scikit-learn API ------------------------------------------------------------------------
 
@@ -284,6 +288,14 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         self.n_support_ = int(np.sum(self.classifier_.class_counts_))
         return self
 
+    @property
+    def reject_option_(self) -> dict[str, Any] | None:
+        """How the fitted classifier rejects (`unknown=`; None without it): the accept rate, the
+        label, the known score (`unknown_score=`) and its threshold, as `calm serve`'s /info
+        gives them (`calm.classifiers.calibration.reject_info`)."""
+        check_is_fitted(self, "classifier_")
+        return calibration.reject_info(self.classifier_)
+
     def predict_proba(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
         """Class probabilities (n, C); with errors="skip" a failed clip's row is NaN."""
         return self._run(X, sample_rate, errors)[1]
@@ -292,9 +304,10 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         """Labels (n,), as `calm predict` gives them (the classifier's `unknown_label` for clips its
         reject option, `unknown=`, rejects); with errors="skip" an object array holding None for
         each failed clip."""
-        predictor, proba, feats = self._run(X, sample_rate, errors)
+        predictor, proba, known, feats = self._run(X, sample_rate, errors)
         ok = [i for i in range(len(feats.sources)) if i not in feats.errors]
-        found = dict(zip(ok, predictor.labels(proba[ok]), strict=True))  # "unknown" where rejected
+        rows = predictor.labels(proba[ok], None if known is None else known[ok])  # "unknown" where rejected
+        found = dict(zip(ok, rows, strict=True))
         labels = [found.get(i) for i in range(len(feats.sources))]
         if errors == "raise":
             unknown = getattr(self.classifier_, "unknown_label", None)

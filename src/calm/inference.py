@@ -9,8 +9,9 @@ pipelines, each taking only its own options:
 
 - `preprocess(source)`: any accepted input (path, bytes of one file, `(waveform, rate)`, audio dict;
   `calm.audio_inputs`) -> a checked `DecodedClip`. Bad audio raises `ClipError`.
-- `forward(waveforms)`: a batch -> one class-probability row per clip, or a reason string for a
-  clip whose features or scores are not finite (`embed`, then `classify`). A model error in a batch
+- `forward(waveforms)`: a batch -> one class-probability row per clip (a `Scored` row: with a
+  reject option it carries the clip's known score), or a reason string for a clip whose features or
+  scores are not finite (`embed`, then `classify`). A model error in a batch
   is retried clip by clip, so one clip never costs the others.
 - `postprocess(clip, probabilities, top_k=, alpha=)`: -> `Prediction` (label, probability, top-k,
   duration; the classifier's `unknown_label` when its reject option rejects the clip, and with
@@ -49,8 +50,21 @@ __all__ = [
     "UntrustedModelError",
     "Prediction",
     "Predictor",
+    "Scored",
     "load_predictor",
 ]
+
+
+class Scored(np.ndarray):
+    """One clip's class probabilities (C,) carrying its known score `known` (the classifier's
+    `known_score`, what its reject option thresholds; None without a reject option). A view of
+    another shape (a slice, a reshape to rows) keeps it only when the shape is the same."""
+
+    known: float | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        same = obj is not None and getattr(obj, "shape", None) == self.shape
+        self.known = getattr(obj, "known", None) if same else None
 
 
 @dataclass(frozen=True)
@@ -137,13 +151,19 @@ class Predictor(FeaturePipeline):
 
     # -- forward ----------------------------------------------------------------------------------
     def classify(self, features: Sequence[np.ndarray | str]) -> list[np.ndarray | str]:
-        """Class probabilities (C,) per feature array (K, d); a reason string passes through."""
+        """Class probabilities (C,) per feature array (K, d), each a `Scored` row (with a reject
+        option, its known score); a reason string passes through."""
         out: list[np.ndarray | str] = list(features)
         ok = [i for i, f in enumerate(features) if not isinstance(f, str)]
         if ok:
-            proba = np.asarray(self.classifier.predict_proba(np.stack([features[i] for i in ok])), np.float64)
-            for i, p in zip(ok, proba, strict=True):
-                out[i] = p if np.isfinite(p).all() else "non-finite class probabilities"
+            X = np.stack([features[i] for i in ok])
+            proba = np.asarray(self.classifier.predict_proba(X), np.float64)
+            rejects = getattr(self.classifier, "unknown", None) is not None
+            known = self.classifier.known_score(X) if rejects else [None] * len(ok)
+            for i, p, k in zip(ok, proba, known, strict=True):
+                row = p.view(Scored)
+                row.known = None if k is None else float(k)
+                out[i] = row if np.isfinite(p).all() else "non-finite class probabilities"
         return out
 
     def forward(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
@@ -151,23 +171,43 @@ class Predictor(FeaturePipeline):
         return self.classify(self.embed(waveforms))
 
     # -- postprocess ------------------------------------------------------------------------------
-    def labels(self, probabilities: np.ndarray) -> list[Any]:
+    def labels(self, probabilities: np.ndarray, known: Any = None) -> list[Any]:
         """The label of each probability row (n, C): the most probable class (ties: the lower
-        index), or the classifier's `unknown_label` where its reject option rejects the row."""
+        index), or the classifier's `unknown_label` where its reject option rejects the row: its
+        known score (`known` (n,), or a `Scored` row's) below the threshold. Without known scores
+        the "top-proba" score is read off the probabilities; the others need them (ValueError)."""
         p = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(self.classes))
         best = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
-        return list(calibration.with_unknown(self.classifier, best, cal.proba_log_odds(p)))
+        if getattr(self.classifier, "unknown", None) is None:
+            return list(best)
+        known = getattr(probabilities, "known", None) if known is None else known
+        if known is None:
+            if self.classifier.unknown_score != "top-proba":
+                raise ValueError(
+                    f"the {self.classifier.unknown_score} reject option needs the clips' known scores"
+                )
+            known = cal.proba_log_odds(p)
+        return list(
+            calibration.with_unknown(self.classifier, best, np.atleast_1d(np.asarray(known, np.float64)))
+        )
 
     def postprocess(
-        self, clip: DecodedClip, probabilities: np.ndarray, *, top_k: int = 1, alpha: float | None = None
+        self,
+        clip: DecodedClip,
+        probabilities: np.ndarray,
+        *,
+        top_k: int = 1,
+        alpha: float | None = None,
+        known: float | None = None,
     ) -> Prediction:
-        """The label (`labels`), its class's probability, the `top_k` best classes (ties: the lower
-        class index first) and, with `alpha`, the conformal prediction set at that level."""
+        """The label (`labels`; `known`: the clip's known score, else a `Scored` row's), its class's
+        probability, the `top_k` best classes (ties: the lower class index first) and, with
+        `alpha`, the conformal prediction set at that level."""
         order = np.argsort(-probabilities, kind="stable")[: max(1, int(top_k))]
         best = [(self.classes[j], float(probabilities[j])) for j in order]
         sets = None if alpha is None else calibration.sets_of(self.classifier, probabilities[None], alpha)[0]
         plain = [s.item() if hasattr(s, "item") else s for s in sets] if sets is not None else None
-        label = self.labels(probabilities)[0]
+        label = self.labels(probabilities, None if known is None else [known])[0]
         return Prediction(clip.source, label, best[0][1], best, clip.duration, prediction_set=plain)
 
     # -- the three stages over a list of inputs ---------------------------------------------------
@@ -176,8 +216,17 @@ class Predictor(FeaturePipeline):
     ) -> tuple[np.ndarray, ClipFeatures]:
         """(probabilities (n, C), NaN for a clip that failed; what `features` made of X, each failed
         clip's `ClipError` in its `errors`)."""
+        proba, _, feats = self.scored(X, sample_rate=sample_rate, batch_size=batch_size, cache=cache)
+        return proba, feats
+
+    def scored(
+        self, X: Any, *, sample_rate: Any = None, batch_size: int = 8, cache: str | os.PathLike | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, ClipFeatures]:
+        """`predict_proba` with the clips' known scores (n,) (NaN for a clip that failed; None
+        without a reject option): (probabilities, known scores, features)."""
         feats = self.features(X, sample_rate=sample_rate, batch_size=batch_size, cache=cache)
         proba = np.full((len(feats.sources), len(self.classes)), np.nan)
+        known = np.full(len(feats.sources), np.nan)
         order = sorted(feats.rows)
         for i, p in zip(order, self.classify([feats.rows[i] for i in order]), strict=True):
             if isinstance(p, str):
@@ -185,7 +234,10 @@ class Predictor(FeaturePipeline):
                 feats.fail(i, feats.sources[i], p)
             else:
                 proba[i] = p
-        return proba, feats
+                k = getattr(p, "known", None)
+                known[i] = np.nan if k is None else k
+        rejects = getattr(self.classifier, "unknown", None) is not None
+        return proba, known if rejects else None, feats
 
     def __call__(
         self,
@@ -199,7 +251,7 @@ class Predictor(FeaturePipeline):
     ) -> list[Prediction]:
         """One `Prediction` per source, in order; a clip that fails gets its error, the rest go on
         (`alpha`: each with its conformal prediction set)."""
-        proba, feats = self.predict_proba(
+        proba, known, feats = self.scored(
             sources, sample_rate=sample_rate, batch_size=batch_size, cache=cache
         )
         out = []
@@ -208,11 +260,9 @@ class Predictor(FeaturePipeline):
             if i in feats.errors:
                 out.append(Prediction(source, duration=duration, error=feats.errors[i].reason))
             else:
-                out.append(
-                    self.postprocess(
-                        DecodedClip(source, np.empty(0), duration or 0.0), proba[i], top_k=top_k, alpha=alpha
-                    )
-                )
+                clip = DecodedClip(source, np.empty(0), duration or 0.0)
+                k = None if known is None else float(known[i])
+                out.append(self.postprocess(clip, proba[i], top_k=top_k, alpha=alpha, known=k))
         return out
 
 

@@ -17,7 +17,9 @@ paper), softmax weights and in-sample reliabilities (the paper), CALM's class sc
 equations (``scores="paper"``; ``"loo"`` chooses tau_p and the reliability pooling per support
 set: an option, not the default, as docs/results.md's EmoDB section measures), SAV ties to the
 lower head index (the paper), no reject option (``unknown=None``: every clip gets a class, as in
-the paper), no kept support set (``keep_support=False``: files hold the fitted state only).
+the paper; when it is on, its known score is "centroid-z": ``unknown_score``, chosen on validation
+episodes inside ESC-10's training folds by research/reject_scores.py; docs/results.md, "The reject
+option"), no kept support set (``keep_support=False``: files hold the fitted state only).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "AUTO_FALLBACK",
     "DEFAULTS",
     "DEFAULT_METHOD",
+    "UNKNOWN_SCORES",
     "REGISTRY",
     "FigureStyle",
     "MethodInfo",
@@ -59,8 +62,18 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "scores": "paper",
         "calibration": "loo-temperature",
         "unknown": None,
+        "unknown_score": "centroid-z",
         "unknown_label": "unknown",
         "keep_support": False,
+    }
+)
+
+#: The known-vs-unknown scores of the reject option (``unknown_score=``, `calm fit --unknown-score`),
+#: name -> description; the math is `calm._calibration` (research/reject_scores.py chose the default).
+UNKNOWN_SCORES: Mapping[str, str] = MappingProxyType(
+    {
+        "centroid-z": "z-scored cosines to the predicted class's centroid (its kept heads and all heads)",
+        "top-proba": "log-odds of the calibrated top probability",
     }
 )
 

@@ -1,17 +1,16 @@
 """What SAV and CALM share: parameter declarations, fitting the class centroids (Eq. 1), checked and
-chunked queries, labels, and their fitted state as a file (save, load, the estimator registry).
+chunked queries, labels, and their fitted state as a file (save; loading: `calm.classifiers.files`).
 
 A head classifier subclass declares its extra parameters in ``_parameter_constraints`` (checked by
 scikit-learn in ``fit``), fits its heads in ``_fit_heads``, builds its predict-time tensors from
 the fitted state in ``_prepare`` (called at the end of ``fit`` and of loading, never by predict),
 and lists the fitted arrays it saves in ``_state_specs``. Saving turns the state into a
-:class:`calm.serialization.SavedClassifier`; loading reads one, looks the estimator up in
-:data:`ESTIMATORS` (filled by :func:`register`) and calls its ``_from_state``.
+:class:`calm.serialization.SavedClassifier`; :func:`calm.classifiers.files.load` reads one, looks
+the estimator up in its registry and calls its ``_from_state``.
 """
 
 from __future__ import annotations
 
-import os
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -22,7 +21,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
 from sklearn.utils._param_validation import Interval, RealNotInt, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers import calibration, support
 from calm.classifiers.features import (
@@ -34,19 +32,20 @@ from calm.classifiers.features import (
     ndim,
     shaped,
 )
+from calm.classifiers.files import old_file_params
 from calm.classifiers.kernels import READ_BYTES, check_finite, unit_layout
 from calm.classifiers.threads import Workspace
 from calm.errors import FeatureError
+from calm.methods import UNKNOWN_SCORES
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,
     TensorSpec,
     check_tensors,
-    read_classifier,
     write_classifier,
 )
 
-__all__ = ["ESTIMATORS", "HeadClassifier", "load", "register"]
+__all__ = ["HeadClassifier"]
 
 
 def _one_line(e: BaseException) -> str:
@@ -54,43 +53,12 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-#: Estimator classes by the name written into files.
-ESTIMATORS: dict[str, type[HeadClassifier]] = {}
-
-_C = TypeVar("_C", bound="type[HeadClassifier]")
 _Self = TypeVar("_Self", bound="HeadClassifier")
 
 _POSITIVE_INT = Interval(Integral, 1, None, closed="left")
 
-#: The saved calibration (``calibration="loo-temperature"``): the temperature (a scalar) and the
-#: leave-one-out nonconformity scores of the support clips (one per clip that could be left out).
-#: A float attribute is saved as a tensor of shape (1,) and restored as a float.
-_CALIBRATION_SPECS = (
-    TensorSpec("temperature", (1,), bounds=(float(cal.TEMPERATURES[0]), float(cal.TEMPERATURES[-1]))),
-    TensorSpec("nonconformity", (None,), bounds=(0, 1)),
-)
-#: The saved rejection threshold (``unknown`` set): a log-odds, shape (1,).
-_REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
-
-#: Parameters of files written before they existed, and the value such a file meant.
-_OLD_FILE_PARAMS = {"calibration": None, "unknown": None, "unknown_label": "unknown", "keep_support": False}
-
-
-def _old_file_params(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` of a file, completed in place with those it was written before (``_OLD_FILE_PARAMS``)."""
-    for name, value in _OLD_FILE_PARAMS.items():
-        params.setdefault(name, value)
-    return params
-
-
 #: Smallest temperature accepted: 1 / tau must stay far inside float32's range on the query path.
 MIN_TEMPERATURE = 1e-30
-
-
-def register(cls: _C) -> _C:
-    """Class decorator: files naming ``cls.__name__`` load as ``cls``."""
-    ESTIMATORS[cls.__name__] = cls
-    return cls
 
 
 # scikit-learn ships no type information: its bases and `_fit_context` are Any to mypy
@@ -112,6 +80,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     device: Any
     calibration: str | None
     unknown: float | None
+    unknown_score: str
     unknown_label: Any
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
@@ -123,6 +92,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "device": [str, torch.device],
         "calibration": [StrOptions({"loo-temperature"}), None],
         "unknown": [Interval(Real, 0, 1, closed="neither"), None],
+        "unknown_score": [StrOptions(set(UNKNOWN_SCORES))],
         "unknown_label": [str, Integral],
         "keep_support": ["boolean"],
     }
@@ -274,15 +244,21 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self)
         return calibration.explain(self, X, top)
 
+    def known_score(self, X: Any) -> np.ndarray:
+        """Each clip's known score (n,) by ``unknown_score`` (higher: more like the predicted class's
+        support clips), what the reject option compares with ``reject_threshold_``."""
+        check_is_fitted(self)
+        return calibration.known_scores(self, X)
+
     def predict(self, X: Any) -> np.ndarray:
         """Predicted labels (entries of ``classes_``); ties go to the lower class index. With
-        ``unknown`` set, ``unknown_label`` for clips whose calibrated top probability (as log-odds)
-        is below ``reject_threshold_`` (:func:`calm.classifiers.calibration.with_unknown`)."""
+        ``unknown`` set, ``unknown_label`` for clips whose known score (:meth:`known_score`) is
+        below ``reject_threshold_`` (:func:`calm.classifiers.calibration.with_unknown`)."""
         scores = self.class_scores(X)
         labels: np.ndarray = self.classes_[np.argmax(scores, axis=1)]
         if self.unknown is None:
             return labels
-        return calibration.with_unknown(self, labels, calibration.rejection_scores(self, scores))
+        return calibration.with_unknown(self, labels, calibration.known_scores(self, X, scores))
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy of ``predict(X)`` against y."""
@@ -302,11 +278,11 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def _state_specs(cls, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         """The fitted arrays saved for an estimator with ``params`` (attribute = name + "_")."""
         return (
-            TensorSpec("centroids", ("C", "K", "d")),
-            TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
-        ) + (
-            (_CALIBRATION_SPECS if params.get("calibration") is not None else ())
-            + (_REJECT_SPECS if params.get("unknown") is not None else ())
+            (
+                TensorSpec("centroids", ("C", "K", "d")),
+                TensorSpec("class_counts", ("C",), "i", bounds=(1, np.inf)),
+            )
+            + calibration.state_specs(params)
             + (support.SUPPORT_SPECS if params.get("keep_support") else ())
         )
 
@@ -342,7 +318,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def _from_state(cls: type[_Self], saved: SavedClassifier, path: str | Path = "<state>") -> _Self:
         """A fitted estimator restored from ``saved``; ValueError naming ``path`` if it does not fit
         this class (bad parameters, or tensors unlike ``_state_specs``)."""
-        clf = cls._checked(_old_file_params(saved.params), path)
+        clf = cls._checked(old_file_params(saved.params), path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         support.check_loaded(saved, saved.tensors["class_counts"], path)
@@ -373,27 +349,3 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 f"or hold invalid values ({e}); refit"
             ) from e
         write_classifier(path, saved)
-
-
-def _estimator(name: str, path: str | Path) -> type[HeadClassifier]:
-    cls = ESTIMATORS.get(name)
-    if cls is None:
-        raise ModelFileError(f"{path}: unknown estimator {name[:40]!r} (known: {sorted(ESTIMATORS)})")
-    return cls
-
-
-def load(path: str | os.PathLike[str]) -> HeadClassifier:
-    """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict.
-
-    Raises :class:`calm.serialization.ModelFileError` (a ValueError naming the file and the problem)
-    for a malformed, damaged or inconsistent file, before reading any tensor the estimator does not
-    declare; FileNotFoundError when there is no file."""
-    path = Path(path)
-
-    def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
-        cls = _estimator(name, path)
-        cls._checked(_old_file_params(params), path)  # bad parameters are refused before any tensor is read
-        return cls._state_specs(params)
-
-    saved = read_classifier(path, layout)
-    return _estimator(saved.estimator, path)._from_state(saved, path)

@@ -13,9 +13,10 @@ from sklearn.utils._param_validation import StrOptions
 
 from calm import _calibration as cal
 from calm import _heads as H
-from calm.classifiers.base import HeadClassifier, register
+from calm.classifiers.base import HeadClassifier
 from calm.classifiers.calibration import MAX_CALIBRATION_CLIPS, calibration_rows
 from calm.classifiers.features import Features
+from calm.classifiers.files import register
 from calm.classifiers.kernels import LOG2E, calm_scores, needs_shift, support_margin_sums
 from calm.classifiers.threads import Workspace, for_each
 from calm.errors import ParameterError
@@ -86,7 +87,8 @@ class CALM(HeadClassifier):
         as given and each class's reliabilities averaged with the global ones
         (:func:`calm._heads.shrunk_reliability`, lam 1).
         CALM-global (``weighting="global"``) is the paper's either way.
-    n_heads, classes, chunk_size, device, calibration, unknown, unknown_label, keep_support
+    n_heads, classes, chunk_size, device, calibration, unknown, unknown_score, unknown_label,
+    keep_support
         As for :class:`calm.classifiers.SAV`.
 
     Attributes
@@ -97,7 +99,8 @@ class CALM(HeadClassifier):
     decreasing reliability, tau_p_ (the posterior temperature in use: ``tau_p``, or the one
     ``scores="loo"`` chose), pooling_ (0: class-conditional, inf: global, 1: averaged; not saved),
     k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
-    calibrated_, reject_threshold_, support_features_, support_labels_ as for SAV.
+    calibrated_, known_mean_, known_spread_, reject_threshold_, support_features_, support_labels_ as
+    for SAV.
 
     Examples
     --------
@@ -144,6 +147,7 @@ class CALM(HeadClassifier):
         device: Any = "cpu",
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
+        unknown_score: str = DEFAULTS["unknown_score"],
         unknown_label: Any = DEFAULTS["unknown_label"],
         keep_support: bool = DEFAULTS["keep_support"],
     ):
@@ -160,6 +164,7 @@ class CALM(HeadClassifier):
         self.device = device
         self.calibration = calibration
         self.unknown = unknown
+        self.unknown_score = unknown_score
         self.unknown_label = unknown_label
         self.keep_support = keep_support
 
@@ -341,6 +346,23 @@ class CALM(HeadClassifier):
 
     def _head_weights(self) -> np.ndarray:
         return np.asarray(self.weights_)
+
+    def _loo_weights(
+        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
+    ) -> np.ndarray:
+        """Head weights (n, K) of class ``pred`` for support clips of classes ``y`` left out: refitted
+        without the clip (:func:`calm._calibration.loo_head_weights`) for its own class (every class
+        for ``weighting="global"``), the fitted ones for the other classes."""
+        fitted = cos_loo if self.reliability == "leave-one-out" else cos_in
+        w_own = cal.loo_head_weights(
+            H.clamped_margins(H.head_posteriors(fitted, self.tau_p), y),
+            y,
+            torch.from_numpy(np.asarray(self.reliability_, np.float64)),
+            torch.from_numpy(np.asarray(self.class_counts_)),
+            lambda r: H.head_weights(r, self.k_, self.tau_w, self.normalization),
+        ).numpy()
+        own = (pred == y.numpy()) | (self.weighting == "global")
+        return np.where(own[:, None], w_own, np.asarray(self.weights_)[pred])
 
     def _proba(self, s: np.ndarray) -> np.ndarray:
         """Scores normalised to sum to 1 over classes (uncalibrated)."""

@@ -11,8 +11,9 @@ from sklearn.utils._param_validation import StrOptions
 
 from calm import _calibration as cal
 from calm import _heads as H
-from calm.classifiers.base import HeadClassifier, register
+from calm.classifiers.base import HeadClassifier
 from calm.classifiers.features import Features
+from calm.classifiers.files import register
 from calm.classifiers.kernels import normalize_, support_votes
 from calm.methods import DEFAULTS
 from calm.serialization import TensorSpec
@@ -55,11 +56,17 @@ class SAV(HeadClassifier):
         ``decision_function`` are unchanged; needs two clips in some class), or None: the
         uncalibrated probabilities. Default `calm.methods.DEFAULTS`.
     unknown : float in (0, 1) or None
-        Reject option: ``predict`` returns ``unknown_label`` for a clip whose calibrated top
-        probability is below ``reject_threshold_``, set from the support set's leave-one-out top
-        probabilities so that about this fraction of clips of the known classes is accepted (e.g.
-        0.95). Needs calibration; with one shot per class nothing is rejected (a warning). None
-        (default, the paper's protocol): every clip gets a class.
+        Reject option: ``predict`` returns ``unknown_label`` for a clip whose known score
+        (``unknown_score``, :meth:`known_score`) is below ``reject_threshold_``, set from the
+        support set's leave-one-out known scores so that about this fraction of clips of the known
+        classes is accepted (e.g. 0.95). Needs calibration; with one shot per class nothing is
+        rejected (a warning). None (default, the paper's protocol): every clip gets a class.
+    unknown_score : "centroid-z" or "top-proba"
+        The known score of the reject option and of :meth:`known_score`: "centroid-z" (default,
+        `calm.methods.DEFAULTS`, chosen by validation: research/reject_scores.py), each head's
+        cosine to the predicted class's centroid standardised by the class's support mean and the
+        head's within-class spread, averaged over the class's kept heads (weighted) and over all
+        heads, the mean of the two; "top-proba", the calibrated top probability (as log-odds).
     unknown_label : str or int
         The label of a rejected clip; default ``"unknown"``.
     keep_support : bool
@@ -73,6 +80,7 @@ class SAV(HeadClassifier):
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
     only), k_, n_heads_, head_dim_, metadata_; with calibration: temperature_, nonconformity_
     (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class);
+    with unknown_score="centroid-z" (and calibration): known_mean_ (C, K), known_spread_ (K,);
     with unknown: reject_threshold_; with keep_support: support_features_ (n, K, d),
     support_labels_ (n,) (indices into classes_).
 
@@ -112,6 +120,7 @@ class SAV(HeadClassifier):
         device: Any = "cpu",
         calibration: str | None = DEFAULTS["calibration"],
         unknown: float | None = DEFAULTS["unknown"],
+        unknown_score: str = DEFAULTS["unknown_score"],
         unknown_label: Any = DEFAULTS["unknown_label"],
         keep_support: bool = DEFAULTS["keep_support"],
     ):
@@ -124,6 +133,7 @@ class SAV(HeadClassifier):
         self.device = device
         self.calibration = calibration
         self.unknown = unknown
+        self.unknown_score = unknown_score
         self.unknown_label = unknown_label
         self.keep_support = keep_support
 

@@ -11,13 +11,13 @@ from click.core import ParameterSource
 
 from calm.commands.options import classifier_options, classifier_spec, trust_file_model_option
 from calm.errors import CalmError
-from calm.methods import DEFAULT_METHOD, fit_methods
+from calm.methods import DEFAULT_METHOD, DEFAULTS, UNKNOWN_SCORES, fit_methods
 
 FIT_METHODS = fit_methods()
 
 
 #: Options that choose how a new classifier is fitted: `--add` takes them from the file.
-_FIT_ONLY = ("method", "key", "shots", "seed", "holdout", "test_fold", "unknown")
+_FIT_ONLY = ("method", "key", "shots", "seed", "holdout", "test_fold", "unknown", "unknown_score")
 
 
 @click.command()
@@ -47,6 +47,13 @@ _FIT_ONLY = ("method", "key", "shots", "seed", "holdout", "test_fold", "unknown"
     '`calm predict` and `calm serve` label the others "unknown" [default: off].',
 )
 @click.option(
+    "--unknown-score",
+    type=click.Choice(list(UNKNOWN_SCORES)),
+    default=DEFAULTS["unknown_score"],
+    show_default=True,
+    help='The reject option\'s known score (docs/results.md, "The reject option").',
+)
+@click.option(
     "--keep-support",
     is_flag=True,
     help="Keep the support features in the file (larger) so that `calm fit --add` can add clips later.",
@@ -71,6 +78,8 @@ def fit(**params: Any) -> None:
     With --add MODEL --data KIND:ROOT (no STORE): extract only the clips of --data, with the model
     and options MODEL was fitted on, add them to MODEL's kept support set and save the refitted
     classifier to --out (MODEL itself only when --out names it)."""
+    from calm.classifiers.calibration import reject_line
+
     if params["add"] is not None:
         _add(params)
         return
@@ -83,6 +92,8 @@ def fit(**params: Any) -> None:
     chosen = {
         k: v for k, v in (("unknown", params["unknown"]), ("keep_support", params["keep_support"])) if v
     }
+    if params["unknown"] is not None:
+        chosen["unknown_score"] = params["unknown_score"]
     try:
         result = fit_store(
             params["store"],
@@ -103,6 +114,9 @@ def fit(**params: Any) -> None:
         f"{params['method']} on {len(result.rows)} clips, {len(clf.classes_)} classes, "
         f"{clf.n_heads_} heads -> {params['out']}"
     )
+    line = reject_line(clf)
+    if line:
+        click.echo(line)
 
 
 def _add(params: dict[str, Any]) -> None:
@@ -110,7 +124,7 @@ def _add(params: dict[str, Any]) -> None:
     from calm.evaluate.fitting import add_to_file
 
     ctx = click.get_current_context()
-    names = (*_FIT_ONLY, "k", "tau_p", "tau_w", "sav_tie_break", "normalization", "reliability")
+    names = (*_FIT_ONLY, "k", "tau_p", "tau_w", "sav_tie_break", "normalization", "reliability", "scores")
     given = [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
     if params["store"] is not None or params["data"] is None or given:
         extra = (

@@ -85,6 +85,7 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size, alp
     Exit status 1 when any file could not be labelled (its row then holds the error).
     """
     from calm._files import printable
+    from calm.classifiers.calibration import reject_line
     from calm.inference import load_predictor
 
     def announce(line: str) -> None:
@@ -96,6 +97,9 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size, alp
         )
     except (CalmError, OSError) as exc:  # a bad classifier file, a model not found or not matching
         raise click.ClickException(str(exc)) from None
+    line = reject_line(predictor.classifier)
+    if line:
+        click.echo(f"calm predict: {line}", err=True)
     rows = [_row(p) for p in predictor(list(files), batch_size=batch_size, alpha=alpha)]
     for r in rows:
         shown = printable(r["path"])  # a name that is not UTF-8: caf\xe9.ogg, as docs/reliability.md says

@@ -10,7 +10,8 @@ Scores of "known" (higher = more likely known), all from the classifiers' public
 `top_proba`, the calibrated top probability (the baseline); `top_decision`, the top
 `decision_function` score (uncalibrated); `margin`, top minus second calibrated probability;
 `similarity`, the weight-averaged cosine of the clip's heads to the predicted class's centroid over
-the heads `explain` lists for that class (a score is left out where the classifier lacks its method).
+the heads `explain` lists for that class; `known_score`, the reject option's score (`known_score`,
+the classifier's default `unknown_score`) (a score is left out where the classifier lacks its method).
 Each method is fitted with its defaults (never `--tune`). Metrics of one run (%, as every metric
 of the evaluation): `auroc_<score>` (known vs unknown,
 `sklearn.metrics.roc_auc_score`); `far95_<score>`, the false-accept rate of unknowns at the threshold
@@ -18,8 +19,12 @@ accepting 95 % of the known queries (set on the test side); `far95_support`, the
 top-probability threshold set from the support set's leave-one-out probabilities of their own class
 (``1 - nonconformity_``; calibrated classifiers only, so none at 1 shot); `open_accuracy` and
 `open_macro_f1` with "unknown" as one more class (the support-set threshold: top probability below it
-is "unknown"); `coverage` and `set_size`, the conformal sets (alpha 0.1) of the known queries, and
-`empty_unknown`, the share of unknown queries whose set is empty.
+is "unknown"); `far95_support_known`, `accept_support_known` and `open_accuracy_known`: the reject
+option itself (the method refitted with `unknown=0.95`: its threshold on `known_score` set from the
+support set's leave-one-out known scores; calibrated classifiers only): the share of unknown queries
+it accepts, of known ones it accepts, and the open accuracy of its `predict`; `coverage` and
+`set_size`, the conformal sets (alpha 0.1) of the known queries, and `empty_unknown`, the share of
+unknown queries whose set is empty.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from calm.evaluate.episodes import sample_episode as draw
 from calm.evaluate.estimators import Method
 from calm.evaluate.metrics import accuracy, macro_f1
 from calm.evaluate.summary import paired_differences, summarise
+from calm.methods import DEFAULTS
 
 __all__ = [
     "ACCEPT",
@@ -48,6 +54,7 @@ __all__ = [
     "open_set_results",
     "open_set_unknowns",
     "open_set_paired",
+    "reject_option_metrics",
     "run_open_set",
 ]
 
@@ -71,6 +78,10 @@ def _margin(clf: Any, X: np.ndarray) -> np.ndarray:
     return p[:, -1] - p[:, -2]
 
 
+def _known_score(clf: Any, X: np.ndarray) -> np.ndarray:
+    return np.asarray(clf.known_score(X), dtype=np.float64)
+
+
 def _similarity(clf: Any, X: np.ndarray) -> np.ndarray:
     """Per clip, the weight-averaged cosine of its heads to the predicted class's centroid over the
     heads `explain` lists as carrying that class's score (-1 when none does)."""
@@ -89,9 +100,10 @@ SCORES: dict[str, tuple[str, Callable[[Any, np.ndarray], np.ndarray]]] = {
     "top_decision": ("top decision_function score (uncalibrated)", _top_decision),
     "margin": ("top minus second calibrated probability", _margin),
     "similarity": ("weighted cosine to the predicted class's centroid (explain)", _similarity),
+    "known_score": (f"the reject option's known score ({DEFAULTS['unknown_score']})", _known_score),
 }
 NEEDS = {"top_proba": "predict_proba", "top_decision": "decision_function", "margin": "predict_proba"}
-NEEDS |= {"similarity": "explain"}
+NEEDS |= {"similarity": "explain", "known_score": "known_score"}
 BASELINE = "top_proba"
 
 
@@ -149,6 +161,31 @@ def open_set_metrics(clf: Any, Xk: np.ndarray, truth: Sequence[str], Xu: np.ndar
     return out
 
 
+def reject_option_metrics(
+    clf: Any, Xs: np.ndarray, ys: Any, Xk: np.ndarray, truth: Sequence[str], Xu: np.ndarray
+) -> dict[str, float]:
+    """The reject option's metrics (module docstring) of a classifier fitted on `Xs`, `ys`: a clone
+    refitted with `unknown=ACCEPT` ({} without an `unknown` parameter or leave-one-out scores)."""
+    import warnings
+
+    from sklearn.base import clone
+
+    params = clf.get_params() if hasattr(clf, "get_params") else {}
+    if "unknown" not in params or not getattr(clf, "calibrated_", False):
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rej = clone(clf).set_params(unknown=ACCEPT).fit(Xs, ys)
+    pk, pu = np.asarray(rej.predict(Xk), dtype=object), np.asarray(rej.predict(Xu), dtype=object)
+    label = rej.unknown_label
+    true = np.array([*truth, *[label] * len(Xu)], dtype=object)
+    return {
+        "far95_support_known": 100.0 * float(np.mean(pu != label)),
+        "accept_support_known": 100.0 * float(np.mean(pk != label)),
+        "open_accuracy_known": accuracy(true, np.r_[pk, pu]),
+    }
+
+
 def _known_part(part: Part, known_rows: np.ndarray) -> Part:
     """`part` restricted to the rows of known classes."""
     test = None if part.test is None else np.intersect1d(part.test, known_rows)
@@ -176,6 +213,7 @@ def _episode_runs(
     for name, method in methods.items():
         clf = method.build(**method.defaults).fit(Xs, ep.support_y)
         metrics = open_set_metrics(clf, Xk, truth, unknown_X)
+        metrics |= reject_option_metrics(clf, Xs, ep.support_y, Xk, truth, unknown_X)
         runs.append(
             {
                 "method": name,

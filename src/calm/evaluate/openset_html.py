@@ -9,6 +9,7 @@ from typing import Any
 
 from calm.evaluate.openset_report import paired_rows, summary_rows
 from calm.evaluate.report_sections import table
+from calm.methods import DEFAULTS
 
 __all__ = ["open_set_section"]
 
@@ -23,7 +24,8 @@ def open_set_section(results: Mapping[str, Any]) -> str:
         f"{doc.get('n_held_out', 0)} class(es) held out per seed; "
         f"{doc.get('n_unknowns_external', 0)} clips of another store as unknowns. "
         "%, mean ± std over seeds; thresholds accept 95 % of known clips (test side, or set from the "
-        "support set's leave-one-out probabilities)."
+        "support set's leave-one-out scores: the top probability's, and the reject option's on its "
+        f"known score, {DEFAULTS['unknown_score']})."
     )
     head, rows = summary_rows(doc)
     out = [f'<h2 id="open-set">Open set</h2><p class="muted">{escape(note)}</p>']
