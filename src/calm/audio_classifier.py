@@ -47,7 +47,7 @@ from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
 from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
 from calm.errors import CalmWarning
 from calm.inference import Predictor
-from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
+from calm.methods import DEFAULT_METHOD, EXPLAIN_HEADS, SELF_TRAINED, audio_methods, build, method_of
 from calm.models import DEFAULT_MODEL
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
@@ -274,6 +274,16 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         out = np.full(len(labels), None, dtype=object)
         out[:] = [None if lab is None else np.asarray(lab).item() for lab in labels]
         return out
+
+    def explain(self, X: Any, *, top: int = EXPLAIN_HEADS, sample_rate: Any = None) -> list[dict[str, Any]]:
+        """Why each clip got its label (`calm.inference.Predictor.explanation`, as `calm predict
+        --explain` gives it): every class, most probable first, with its `top` heads."""
+        predictor, proba, feats = self._run(X, sample_rate, "raise")
+        order = np.argsort(-proba, axis=1, kind="stable")
+        return [
+            predictor.explanation(feats.rows[i], [predictor.classes[j] for j in order[i]], top)
+            for i in range(len(proba))
+        ]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None, *, sample_rate: Any = None) -> float:
         """Accuracy on clips X with labels y (every clip must be usable)."""

@@ -11,10 +11,12 @@ pipelines, each taking only its own options:
   `calm.audio_inputs`) -> a checked `DecodedClip`. Bad audio raises `ClipError`.
 - `forward(waveforms)`: a batch -> one class-probability row per clip, or a reason string for a
   clip whose features or scores are not finite (`embed`, then `classify`). A model error in a batch
-  is retried clip by clip, so one clip never costs the others.
-- `postprocess(clip, probabilities, top_k=, alpha=)`: -> `Prediction` (label, probability, top-k,
-  duration; the classifier's `unknown_label` when its reject option rejects the clip, and with
-  `alpha` the conformal prediction set, `calm.classifiers.calibration`).
+  is retried clip by clip, so one clip never costs the others. `forward_scored` gives the same rows
+  as `Scored` (probabilities and the features they came from), what `explain=` needs.
+- `postprocess(clip, probabilities, top_k=, alpha=, explain=, features=)`: -> `Prediction` (label,
+  probability, top-k, duration; the classifier's `unknown_label` when its reject option rejects the
+  clip, with `alpha` the conformal prediction set, `calm.classifiers.calibration`, and with
+  `explain=N` why: `explanation`, the top-k classes' scores and the N heads that carried each).
 
 `predictor(sources, top_k=, batch_size=)` runs all three and gives one `Prediction` per source, in
 order, each with either a label or an error; `predict_proba(X)` gives the probability rows.
@@ -36,6 +38,8 @@ from calm import _calibration as cal
 from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
 from calm.classifiers import calibration
 from calm.clip_features import ClipFeatures, FeaturePipeline
+from calm.errors import ParameterError
+from calm.methods import EXPLAIN_HEADS
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
@@ -47,8 +51,10 @@ __all__ = [
     "ClipError",
     "ModelMismatchError",
     "UntrustedModelError",
+    "EXPLAIN_HEADS",
     "Prediction",
     "Predictor",
+    "Scored",
     "load_predictor",
 ]
 
@@ -64,6 +70,7 @@ class Prediction:
     duration: float | None = None
     error: str | None = None
     prediction_set: list[Any] | None = None
+    explanation: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,7 +89,18 @@ class Prediction:
         }
         if self.prediction_set is not None:
             out["prediction_set"] = self.prediction_set
+        if self.explanation is not None:
+            out["explanation"] = self.explanation
         return out
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What `Predictor.forward_scored` gives for one clip: its class probabilities (C,) and the
+    features (K, d) they came from (`Predictor.postprocess` explains them)."""
+
+    probabilities: np.ndarray
+    features: np.ndarray
 
 
 class Predictor(FeaturePipeline):
@@ -150,6 +168,14 @@ class Predictor(FeaturePipeline):
         """Class probabilities (C,) per waveform, or the reason it has none."""
         return self.classify(self.embed(waveforms))
 
+    def forward_scored(self, waveforms: Sequence[np.ndarray]) -> list[Scored | str]:
+        """`forward`, each clip's probabilities kept with its features (`Scored`)."""
+        feats = self.embed(waveforms)
+        return [
+            p if isinstance(p, str) else Scored(p, np.asarray(f))
+            for p, f in zip(self.classify(feats), feats, strict=True)
+        ]
+
     # -- postprocess ------------------------------------------------------------------------------
     def labels(self, probabilities: np.ndarray) -> list[Any]:
         """The label of each probability row (n, C): the most probable class (ties: the lower
@@ -158,17 +184,62 @@ class Predictor(FeaturePipeline):
         best = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
         return list(calibration.with_unknown(self.classifier, best, cal.proba_log_odds(p)))
 
+    def explanation(self, features: np.ndarray, classes: Sequence[Any], heads: int) -> dict[str, Any]:
+        """Why one clip (features (K, d)) got its label: the classifier's `explain` (its prediction
+        and, for each of `classes`, score, probability and the `heads` heads that carried the
+        score most: layer, head and source as the model names them, weight, similarity,
+        contribution). Refuses a classifier without `explain` in one line (`ParameterError`)."""
+        explain = getattr(self.classifier, "explain", None)
+        if explain is None:
+            name = type(self.classifier).__name__
+            raise ParameterError(f"explain: a {name} classifier cannot say why a clip got its label")
+        why = explain(np.asarray(features)[None], top=max(1, int(heads)))[0]
+        names = list(self.extractor.head_names)
+        named = len(names) == int(self.classifier.n_heads_)
+        for rows in why["heads"].values():
+            for row in rows if named else []:  # the model's own names, also for a file without them
+                layer, index, source = names[row["head"]]
+                row.update(layer=int(layer), index=int(index), source=str(source))
+        return {
+            "prediction": why["prediction"],
+            "classes": [
+                {
+                    "label": c,
+                    "score": why["scores"][str(c)],
+                    "probability": why["probabilities"][str(c)],
+                    "heads": why["heads"][str(c)],
+                }
+                for c in classes
+            ],
+        }
+
     def postprocess(
-        self, clip: DecodedClip, probabilities: np.ndarray, *, top_k: int = 1, alpha: float | None = None
+        self,
+        clip: DecodedClip,
+        probabilities: np.ndarray,
+        *,
+        top_k: int = 1,
+        alpha: float | None = None,
+        explain: int | None = None,
+        features: np.ndarray | None = None,
     ) -> Prediction:
         """The label (`labels`), its class's probability, the `top_k` best classes (ties: the lower
-        class index first) and, with `alpha`, the conformal prediction set at that level."""
+        class index first), with `alpha` the conformal prediction set at that level and with
+        `explain` (heads per class; needs the clip's `features`) the `explanation` of the top-k
+        classes."""
         order = np.argsort(-probabilities, kind="stable")[: max(1, int(top_k))]
         best = [(self.classes[j], float(probabilities[j])) for j in order]
         sets = None if alpha is None else calibration.sets_of(self.classifier, probabilities[None], alpha)[0]
         plain = [s.item() if hasattr(s, "item") else s for s in sets] if sets is not None else None
         label = self.labels(probabilities)[0]
-        return Prediction(clip.source, label, best[0][1], best, clip.duration, prediction_set=plain)
+        why = None
+        if explain is not None:
+            if features is None:
+                raise ParameterError("explain needs the clip's features (forward_scored gives them)")
+            why = self.explanation(features, [c for c, _ in best], explain)
+        return Prediction(
+            clip.source, label, best[0][1], best, clip.duration, prediction_set=plain, explanation=why
+        )
 
     # -- the three stages over a list of inputs ---------------------------------------------------
     def predict_proba(
@@ -196,9 +267,11 @@ class Predictor(FeaturePipeline):
         sample_rate: Any = None,
         cache: str | os.PathLike | None = None,
         alpha: float | None = None,
+        explain: int | None = None,
     ) -> list[Prediction]:
         """One `Prediction` per source, in order; a clip that fails gets its error, the rest go on
-        (`alpha`: each with its conformal prediction set)."""
+        (`alpha`: each with its conformal prediction set; `explain`: with its `explanation`, that
+        many heads per class)."""
         proba, feats = self.predict_proba(
             sources, sample_rate=sample_rate, batch_size=batch_size, cache=cache
         )
@@ -210,7 +283,12 @@ class Predictor(FeaturePipeline):
             else:
                 out.append(
                     self.postprocess(
-                        DecodedClip(source, np.empty(0), duration or 0.0), proba[i], top_k=top_k, alpha=alpha
+                        DecodedClip(source, np.empty(0), duration or 0.0),
+                        proba[i],
+                        top_k=top_k,
+                        alpha=alpha,
+                        explain=explain,
+                        features=feats.rows.get(i),
                     )
                 )
         return out

@@ -37,6 +37,7 @@ from calm.classifiers.features import (
 from calm.classifiers.kernels import READ_BYTES, check_finite, unit_layout
 from calm.classifiers.threads import Workspace
 from calm.errors import FeatureError
+from calm.methods import EXPLAIN_HEADS
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,
@@ -260,7 +261,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self)
         return calibration.predict_set(self, X, alpha)
 
-    def explain(self, X: Any, top: int = 5) -> list[dict[str, Any]]:
+    def explain(self, X: Any, top: int = EXPLAIN_HEADS) -> list[dict[str, Any]]:
         """Per clip, the class scores and probabilities and, per class, the ``top`` heads that
         carried its score (layer / head when ``metadata_["head_names"]`` has them, weight,
         similarity, contribution), as plain JSON-ready dicts."""
