@@ -146,11 +146,13 @@ def reliability_section(results: Mapping[str, Any], titles: Mapping[str, str]) -
     )
     rows = "".join(
         f"<tr><td class=l>{escape(titles.get(e['method'], e['method']))}</td><td>{e['shots']}</td>"
-        f"<td>{e['ece_pooled']:.2f}</td><td>{e['ece_episode']:.2f}</td><td>{e['n']}</td></tr>"
+        f'<td data-method="{escape(e["method"])}" data-shots="{e["shots"]}">{e["ece_pooled"]:.2f}</td>'
+        f"<td>{e['ece_episode']:.2f}</td><td>{e['n']}</td></tr>"
         for e in entries
     )
     return (
         '<h2 id="reliability">Calibration</h2>'
-        "<table><tr><th>method</th><th>shots</th><th>ECE pooled (%)</th><th>ECE per episode (%)</th>"
+        '<table class="reliability"><tr><th>method</th><th>shots</th><th>ECE pooled (%)</th>'
+        "<th>ECE per episode (%)</th>"
         f"<th>queries</th></tr>{rows}</table>" + figure_html(reliability_figure(entries, titles), caption)
     )
