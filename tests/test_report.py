@@ -162,8 +162,8 @@ def test_report_in_headless_chromium_holds_the_results(run_dir, tmp_path):
     # the reproducing command and the embedded figures
     assert f"calm evaluate --features {run.parent / 'store'} --out {run}" in dom
     assert "--shots 1,3 --seeds 3 --methods sav,calm-global,calm,linear-probe --test-fold 4" in dom
-    # Fig. 3-6, the reliability diagrams and a head map for each of SAV, CALM-global and CALM
-    assert dom.count("data:image/png;base64,") == 4 + 1 + 3
+    # Fig. 3-6, the reliability diagrams and the head maps (a panel for each of SAV, CALM-global, CALM)
+    assert dom.count("data:image/png;base64,") == 4 + 1 + 1
     ece = {
         (c["attrs"]["data-method"], int(c["attrs"]["data-shots"])): c["text"]
         for c in parser.cells

@@ -113,36 +113,59 @@ def _grid(entry: Mapping[str, Any], head_names: Sequence[Sequence[Any]], n_heads
     return rows, grids
 
 
+#: classes side by side in one row of a method's mosaic
+MOSAIC_COLUMNS = 10
+
+
+def _mosaic(grids: np.ndarray, columns: int) -> np.ndarray:
+    """Per-class (rows, heads) grids tiled `columns` to a row, one NaN row / column between them."""
+    n, r, h = grids.shape
+    n_rows = -(-n // columns)
+    out = np.full((n_rows * (r + 1), min(n, columns) * (h + 1)), np.nan)
+    for k in range(n):
+        i, j = divmod(k, columns)
+        out[i * (r + 1) : i * (r + 1) + r, j * (h + 1) : j * (h + 1) + h] = grids[k]
+    return out
+
+
 def head_map_figure(
-    entry: Mapping[str, Any], head_names: Sequence[Sequence[Any]], n_heads: int, title: str
+    maps: Sequence[Mapping[str, Any]],
+    head_names: Sequence[Sequence[Any]],
+    n_heads: int,
+    titles: Mapping[str, str],
 ) -> Any:
-    """A matplotlib `Figure`: per class (up to `MAX_MAP_CLASSES`) a layers x heads heat map of the
-    head's mean weight over the fits (0: never kept)."""
+    """A matplotlib `Figure`, one panel per method: per class (up to `MAX_MAP_CLASSES`, tiled
+    `MOSAIC_COLUMNS` to a row) a layers x heads heat map of each head's mean weight over the fits
+    (white: never kept)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, grids = _grid(entry, head_names, n_heads)
-    classes = list(entry["classes"])[:MAX_MAP_CLASSES]
-    cols = min(5, len(classes))
-    n_rows = -(-len(classes) // cols)
+    tiles = []
+    for entry in maps:
+        rows, grids = _grid(entry, head_names, n_heads)
+        classes = list(entry["classes"])[:MAX_MAP_CLASSES]
+        tiles.append((entry, rows, classes, _mosaic(grids[: len(classes)], MOSAIC_COLUMNS)))
+    height = sum(0.5 + 0.13 * t[3].shape[0] for t in tiles)
+    width = max(6.0, min(16.0, 1.0 + 0.15 * max(t[3].shape[1] for t in tiles)))
+    ratios = [t[3].shape[0] for t in tiles]
     fig, axes = plt.subplots(
-        n_rows, cols, figsize=(2.6 * cols, 0.5 + (0.6 + 0.16 * len(rows)) * n_rows), squeeze=False
+        len(tiles), 1, figsize=(width, height), squeeze=False, height_ratios=ratios, layout="constrained"
     )
-    top = float(grids.max()) or 1.0
-    for k, ax in enumerate(axes.ravel()):
-        if k >= len(classes):
-            ax.axis("off")
-            continue
-        image = ax.imshow(grids[k], cmap="Blues", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
-        ax.set_title(str(classes[k])[:24], fontsize=8)
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="white", under="white")
+    for ax, (entry, rows, classes, mosaic) in zip(axes[:, 0], tiles, strict=True):
+        top = float(np.nanmax(mosaic)) or 1.0
+        image = ax.imshow(mosaic, cmap=cmap, vmin=1e-9, vmax=top, aspect="auto", interpolation="nearest")
+        r, h = len(rows), mosaic.shape[1] // min(len(classes), MOSAIC_COLUMNS) - 1
+        for k, name in enumerate(classes):
+            i, j = divmod(k, MOSAIC_COLUMNS)
+            ax.text(j * (h + 1) + h / 2 - 0.5, i * (r + 1) - 0.7, str(name)[:16], ha="center", fontsize=6)
         ax.set_xticks([])
-        ax.set_yticks([])
-        if k % cols == 0:  # the first column names the rows
-            ax.set_yticks(range(len(rows)), [f"{SOURCES.get(s, s[:5])} {n}" for s, n in rows], fontsize=5)
-    fig.suptitle(f"{title}, {entry['shots']}-shot: mean head weight over {entry['n_fits']} fits", fontsize=9)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="weight")
+        ax.set_yticks(range(r), [f"{SOURCES.get(s, s[:5])} {n}" for s, n in rows], fontsize=4)
+        title = titles.get(entry["method"], entry["method"])
+        ax.set_title(f"{title}, {entry['shots']}-shot, {entry['n_fits']} fits", fontsize=8, pad=11)
+        fig.colorbar(image, ax=ax, shrink=0.8, pad=0.01).ax.tick_params(labelsize=5)
     return fig
 
 
@@ -158,10 +181,7 @@ def head_map_section(results: Mapping[str, Any], titles: Mapping[str, str]) -> s
         '<h2 id="head-maps">Head maps</h2><p class="muted">Per class, the heads each method kept '
         "(rows: layers, columns: heads in the layer) and their mean weight over the seeds' fits "
         "at the largest shot count; results.json <code>analyses.head_maps</code> has how often "
-        "each was kept.</p>"
+        f"each was kept (the first {MAX_MAP_CLASSES} classes are drawn).</p>"
     ]
-    for entry in maps:
-        title = titles.get(entry["method"], entry["method"])
-        caption = f"{title}, {entry['shots']}-shot head map"
-        out.append(figure_html(head_map_figure(entry, names, n_heads, title), caption))
-    return "\n".join(out)
+    caption = "Mean weight of each head per class over the seeds' fits (white: never kept)"
+    return "".join(out) + figure_html(head_map_figure(maps, names, n_heads, titles), caption)
