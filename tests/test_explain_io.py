@@ -97,10 +97,24 @@ def test_a_classifier_without_explain_is_refused_in_one_line():
         classes_ = np.array(["a", "b"])
         n_heads_ = 2
 
+        def predict_proba(self, X):
+            return np.full((len(X), 2), 0.5)
+
+    predictor = Predictor(Plain(), ToneExtractor())
     with pytest.raises(
         ParameterError, match=r"^explain: a Plain classifier cannot say why a clip got its label$"
     ):
-        Predictor(Plain(), ToneExtractor()).explanation(np.zeros((2, 4)), ["a"], 3)
+        predictor.explanation(np.zeros((2, 4)), ["a"], 3)
+    httpx = pytest.importorskip("httpx")
+    from calm.serve.app import create_app
+    from tests.helpers.serve_app import LiveServer, wav_bytes
+
+    audio = {"content": wav_bytes(), "headers": {"Content-Type": "audio/wav"}, "timeout": 30}
+    with LiveServer(create_app(predictor)) as live:
+        assert httpx.post(live.url + "/predict", **audio).json()["label"] == "a"
+        r = httpx.post(live.url + "/predict", params={"explain": "true"}, **audio)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", r.text
+        assert "cannot say why" in r.json()["error"]["message"]
 
 
 def test_serve_explains_with_the_same_function_as_predict():

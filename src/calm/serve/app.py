@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 
 import calm
 from calm.audio import DecodeLimits
+from calm.errors import ParameterError
 from calm.inference import Predictor, Scored
 from calm.methods import EXPLAIN_HEADS
 from calm.serve.accesslog import AccessLog
@@ -154,9 +155,17 @@ class Service:
             code = "model_error" if output.startswith("model error") else "non_finite_features"
             raise ApiError(code, f"{upload.name}: {output}")
         scored: Scored = output
-        pred = self.predictor.postprocess(
-            clip, scored.probabilities, top_k=top_k, alpha=alpha, explain=explain, features=scored.features
-        )
+        try:
+            pred = self.predictor.postprocess(
+                clip,
+                scored.probabilities,
+                top_k=top_k,
+                alpha=alpha,
+                explain=explain,
+                features=scored.features,
+            )
+        except ParameterError as exc:  # e.g. explain=true for a classifier that cannot explain
+            raise ApiError("invalid_parameter", str(exc)) from None
         answer = {
             "filename": upload.name,
             "label": pred.label,
