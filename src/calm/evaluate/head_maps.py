@@ -156,7 +156,7 @@ def head_map_figure(
     cmap = matplotlib.colormaps["Blues"].with_extremes(bad="white", under="white")
     for ax, (entry, rows, classes, mosaic) in zip(axes[:, 0], tiles, strict=True):
         top = float(np.nanmax(mosaic)) or 1.0
-        image = ax.imshow(mosaic, cmap=cmap, vmin=1e-9, vmax=top, aspect="auto", interpolation="nearest")
+        image = ax.imshow(mosaic, cmap=cmap, vmin=1e-9, vmax=top, interpolation="nearest")
         r, h = len(rows), mosaic.shape[1] // min(len(classes), MOSAIC_COLUMNS) - 1
         for k, name in enumerate(classes):
             i, j = divmod(k, MOSAIC_COLUMNS)
