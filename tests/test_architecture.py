@@ -51,6 +51,7 @@ LAYERS = {
     "calm.inference": 5,
     "calm.clip_features": 5,
     "calm.audio_classifier": 5,
+    "calm.audio_classifier_files": 5,
     "calm.detection": 5,
     "calm.timeline": 5,
     "calm.serve": 6,

@@ -162,7 +162,20 @@ def test_report_in_headless_chromium_holds_the_results(run_dir, tmp_path):
     # the reproducing command and the embedded figures
     assert f"calm evaluate --features {run.parent / 'store'} --out {run}" in dom
     assert "--shots 1,3 --seeds 3 --methods sav,calm-global,calm,linear-probe --test-fold 4" in dom
-    assert dom.count("data:image/png;base64,") == 4  # Fig. 3-6
+    # Fig. 3-6, the reliability diagrams and the head maps (a panel for each of SAV, CALM-global, CALM)
+    assert dom.count("data:image/png;base64,") == 4 + 1 + 1
+    ece = {
+        (c["attrs"]["data-method"], int(c["attrs"]["data-shots"])): c["text"]
+        for c in parser.cells
+        if c["table"] == "reliability" and "data-method" in c["attrs"]
+    }
+    assert ece == {(e["method"], e["shots"]): f"{e['ece_pooled']:.2f}" for e in results["reliability"]}
+    assert {m for m, _ in ece} == {
+        "sav",
+        "calm-global",
+        "calm",
+        "linear-probe",
+    } and '<h2 id="head-maps">' in dom
     assert "http://" not in dom.replace("http://www.w3.org", "") and "https://" not in dom
 
 

@@ -44,16 +44,17 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from calm.audio_classifier_files import auto_device, metadata_of, read
 from calm.audio_inputs import ClipError
 from calm.classifiers import calibration
-from calm.clip_features import CACHE_DTYPE, ClipFeatures, FeaturePipeline
+from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
 from calm.errors import CalmWarning, ParameterError
 from calm.inference import Predictor
-from calm.methods import DEFAULT_METHOD, SELF_TRAINED, audio_methods, build, method_of
+from calm.methods import DEFAULT_METHOD, EXPLAIN_HEADS, SELF_TRAINED, audio_methods, build
 from calm.models import DEFAULT_MODEL
 from calm.models.base import FeatureExtractor
-from calm.models.spec import LoadSpec, ModelMismatchError, check_key
+from calm.models.spec import LoadSpec, check_key
 
 #: few-shot methods; `+st`: self-trained on unlabelled clips given to `fit` (calm.selftraining)
 METHODS = audio_methods()
@@ -174,7 +175,7 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     # -- the frozen model ------------------------------------------------------------------------
 
     def _device(self) -> str:
-        return self.device or _auto_device()
+        return self.device or auto_device()
 
     def model_spec(self) -> LoadSpec:
         """The frozen model as the one description (`model` + `model_options` on `device`)."""
@@ -316,6 +317,16 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         out[:] = [None if lab is None else np.asarray(lab).item() for lab in labels]
         return out
 
+    def explain(self, X: Any, *, top: int = EXPLAIN_HEADS, sample_rate: Any = None) -> list[dict[str, Any]]:
+        """Why each clip got its label (`calm.inference.Predictor.explanation`, as `calm predict
+        --explain` gives it): every class, most probable first, with its `top` heads."""
+        predictor, proba, _, feats = self._run(X, sample_rate, "raise")
+        order = np.argsort(-proba, axis=1, kind="stable")
+        return [
+            predictor.explanation(feats.rows[i], [predictor.classes[j] for j in order[i]], top)
+            for i in range(len(proba))
+        ]
+
     def score(self, X: Any, y: Any, sample_weight: Any = None, *, sample_rate: Any = None) -> float:
         """Accuracy on clips X with labels y (every clip must be usable)."""
         pred = self.predict(X, sample_rate=sample_rate)
@@ -338,24 +349,9 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     # -- files -----------------------------------------------------------------------------------
 
     def metadata(self) -> dict[str, Any]:
-        """What `calm predict` and `AudioClassifier.load` need: the model's `LoadSpec.to_metadata()`
-        (the same fields `calm fit` writes), the extraction key and how the classifier was fitted."""
+        """What `calm predict` and `AudioClassifier.load` need (`calm.audio_classifier_files`)."""
         check_is_fitted(self, "classifier_")
-        return {
-            **self.model_spec().to_metadata(),
-            "extraction_key": {"extractor": self.extraction_key_, "dtype": CACHE_DTYPE},
-            "head_names": [list(h) for h in self.head_names_],
-            "method": self.method,
-            "params": self.classifier_.get_params(),
-            "method_params": dict(self.method_params),
-            "self_training": dict(self.self_training or {}) or None,
-            "shots": None,
-            "seed": None,
-            "holdout": False,
-            "n_support": int(self.n_support_),
-            "store": str(Path(self.cache).absolute()) if self.cache else None,
-            "fitted_by": "calm.AudioClassifier",
-        }
+        return metadata_of(self)
 
     def save(self, path: str | Path) -> None:
         """Write the fitted classifier to `path` (one safetensors file, `calm fit`'s format)."""
@@ -367,27 +363,18 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     ) -> AudioClassifier:
         """An `AudioClassifier` from a file written by `save` or by `calm fit`: the model the file
         describes (`LoadSpec.from_metadata`, as `calm predict` loads it), checked against its key
-        when first used."""
-        from calm.classifiers import load
-
-        inner = load(path)
-        meta = dict(inner.metadata_)
-        try:
-            spec = LoadSpec.from_metadata(meta, device=device or _auto_device())
-        except ModelMismatchError as exc:
-            raise ModelMismatchError(f"{path}: {exc}") from None
-        options = {k: v for k, v in spec.to_metadata().items() if k not in ("model", "device", "options")}
-        options = {**{k: v for k, v in options.items() if v is not None}, **spec.options}
-        method = meta.get("method") or method_of(inner)
-        params = meta.get("method_params", meta.get("params") or {})
-        est = cls(spec.label, method, model_options=options, cache=cache, device=device, **params)
-        est.self_training = meta.get("self_training")
-        est.classifier_ = inner
-        est.classes_ = inner.classes_
-        est.head_names_ = [tuple(h) for h in meta.get("head_names") or []]
-        key = meta.get("extraction_key") or {}
-        est.extraction_key_ = key.get("extractor", key)
-        est.n_support_ = int(meta.get("n_support") or int(np.sum(inner.class_counts_)))
+        when first used (`calm.audio_classifier_files.read`)."""
+        saved = read(path, device=device)
+        options = saved.model_options
+        est = cls(
+            saved.model, saved.method, model_options=options, cache=cache, device=device, **saved.params
+        )
+        est.self_training = saved.self_training
+        est.classifier_ = saved.classifier
+        est.classes_ = saved.classifier.classes_
+        est.head_names_ = saved.head_names
+        est.extraction_key_ = saved.extraction_key
+        est.n_support_ = saved.n_support
         return est
 
 
@@ -396,9 +383,3 @@ def _labels(X: Any, y: Any) -> np.ndarray:
     if y.ndim != 1 or len(y) != len(X):
         raise ValueError(f"y must be 1-D with one label per clip: {len(X)} clips, y of shape {y.shape}")
     return y
-
-
-def _auto_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

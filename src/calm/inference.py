@@ -9,13 +9,15 @@ pipelines, each taking only its own options:
 
 - `preprocess(source)`: any accepted input (path, bytes of one file, `(waveform, rate)`, audio dict;
   `calm.audio_inputs`) -> a checked `DecodedClip`. Bad audio raises `ClipError`.
-- `forward(waveforms)`: a batch -> one class-probability row per clip (a `Scored` row: with a
-  reject option it carries the clip's known score), or a reason string for a clip whose features or
-  scores are not finite (`embed`, then `classify`). A model error in a batch
-  is retried clip by clip, so one clip never costs the others.
-- `postprocess(clip, probabilities, top_k=, alpha=)`: -> `Prediction` (label, probability, top-k,
-  duration; the classifier's `unknown_label` when its reject option rejects the clip, and with
-  `alpha` the conformal prediction set, `calm.classifiers.calibration`).
+- `forward(waveforms)`: a batch -> one class-probability row per clip, or a reason string for a
+  clip whose features or scores are not finite (`embed`, then `classify`). A model error in a batch
+  is retried clip by clip, so one clip never costs the others. `forward_scored` gives each clip as
+  a `Scored`: its probabilities, the features they came from (what `explain=` needs) and, with a
+  reject option, its known score (what the reject option thresholds).
+- `postprocess(clip, probabilities, top_k=, alpha=, known=, explain=, features=)`: -> `Prediction`
+  (label, probability, top-k, duration; the classifier's `unknown_label` when its reject option
+  rejects the clip, with `alpha` the conformal prediction set, `calm.classifiers.calibration`, and
+  with `explain=N` why: `explanation`, the top-k classes' scores and the N heads that carried each).
 
 `predictor(sources, top_k=, batch_size=)` runs all three and gives one `Prediction` per source, in
 order, each with either a label or an error; `predict_proba(X)` gives the probability rows.
@@ -37,6 +39,8 @@ from calm import _calibration as cal
 from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
 from calm.classifiers import calibration
 from calm.clip_features import ClipFeatures, FeaturePipeline
+from calm.errors import ParameterError
+from calm.methods import EXPLAIN_HEADS
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
@@ -48,23 +52,12 @@ __all__ = [
     "ClipError",
     "ModelMismatchError",
     "UntrustedModelError",
+    "EXPLAIN_HEADS",
     "Prediction",
     "Predictor",
     "Scored",
     "load_predictor",
 ]
-
-
-class Scored(np.ndarray):
-    """One clip's class probabilities (C,) carrying its known score `known` (the classifier's
-    `known_score`, what its reject option thresholds; None without a reject option). A view of
-    another shape (a slice, a reshape to rows) keeps it only when the shape is the same."""
-
-    known: float | None = None
-
-    def __array_finalize__(self, obj: Any) -> None:
-        same = obj is not None and getattr(obj, "shape", None) == self.shape
-        self.known = getattr(obj, "known", None) if same else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +71,7 @@ class Prediction:
     duration: float | None = None
     error: str | None = None
     prediction_set: list[Any] | None = None
+    explanation: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -96,7 +90,21 @@ class Prediction:
         }
         if self.prediction_set is not None:
             out["prediction_set"] = self.prediction_set
+        if self.explanation is not None:
+            out["explanation"] = self.explanation
         return out
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What `Predictor.forward_scored` gives for one clip: its class probabilities (C,), the
+    features (K, d) they came from (`Predictor.postprocess` explains them) and, with a reject
+    option, its known score (the classifier's `known_score`, what the reject option thresholds;
+    None without one)."""
+
+    probabilities: np.ndarray
+    features: np.ndarray
+    known: float | None = None
 
 
 class Predictor(FeaturePipeline):
@@ -150,37 +158,40 @@ class Predictor(FeaturePipeline):
         }
 
     # -- forward ----------------------------------------------------------------------------------
-    def classify(self, features: Sequence[np.ndarray | str]) -> list[np.ndarray | str]:
-        """Class probabilities (C,) per feature array (K, d), each a `Scored` row (with a reject
-        option, its known score); a reason string passes through."""
-        out: list[np.ndarray | str] = list(features)
+    def classify(self, features: Sequence[np.ndarray | str]) -> list[Scored | str]:
+        """A `Scored` per feature array (K, d): its class probabilities (C,) and, with a reject
+        option, its known score; a reason string passes through."""
+        failed = "non-finite class probabilities"  # kept for a row whose probabilities are not finite
+        out: list[Scored | str] = [f if isinstance(f, str) else failed for f in features]
         ok = [i for i, f in enumerate(features) if not isinstance(f, str)]
         if ok:
             X = np.stack([features[i] for i in ok])
             proba = np.asarray(self.classifier.predict_proba(X), np.float64)
             rejects = getattr(self.classifier, "unknown", None) is not None
             known = self.classifier.known_score(X) if rejects else [None] * len(ok)
-            for i, p, k in zip(ok, proba, known, strict=True):
-                row = p.view(Scored)
-                row.known = None if k is None else float(k)
-                out[i] = row if np.isfinite(p).all() else "non-finite class probabilities"
+            for j, (i, p, k) in enumerate(zip(ok, proba, known, strict=True)):
+                if np.isfinite(p).all():
+                    out[i] = Scored(p, X[j], None if k is None else float(k))
         return out
 
     def forward(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
         """Class probabilities (C,) per waveform, or the reason it has none."""
+        return [s if isinstance(s, str) else s.probabilities for s in self.forward_scored(waveforms)]
+
+    def forward_scored(self, waveforms: Sequence[np.ndarray]) -> list[Scored | str]:
+        """`forward`, each clip's probabilities kept with its features and known score (`Scored`)."""
         return self.classify(self.embed(waveforms))
 
     # -- postprocess ------------------------------------------------------------------------------
     def labels(self, probabilities: np.ndarray, known: Any = None) -> list[Any]:
         """The label of each probability row (n, C): the most probable class (ties: the lower
         index), or the classifier's `unknown_label` where its reject option rejects the row: its
-        known score (`known` (n,), or a `Scored` row's) below the threshold. Without known scores
-        the "top-proba" score is read off the probabilities; the others need them (ValueError)."""
+        known score (`known` (n,)) below the threshold. Without known scores the "top-proba"
+        score is read off the probabilities; the others need them (ValueError)."""
         p = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(self.classes))
         best = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
         if getattr(self.classifier, "unknown", None) is None:
             return list(best)
-        known = getattr(probabilities, "known", None) if known is None else known
         if known is None:
             if self.classifier.unknown_score != "top-proba":
                 raise ValueError(
@@ -191,6 +202,35 @@ class Predictor(FeaturePipeline):
             calibration.with_unknown(self.classifier, best, np.atleast_1d(np.asarray(known, np.float64)))
         )
 
+    def explanation(self, features: np.ndarray, classes: Sequence[Any], heads: int) -> dict[str, Any]:
+        """Why one clip (features (K, d)) got its label: the classifier's `explain` (its prediction
+        and, for each of `classes`, score, probability and the `heads` heads that carried the
+        score most: layer, head and source as the model names them, weight, similarity,
+        contribution). Refuses a classifier without `explain` in one line (`ParameterError`)."""
+        explain = getattr(self.classifier, "explain", None)
+        if explain is None:
+            name = type(self.classifier).__name__
+            raise ParameterError(f"explain: a {name} classifier cannot say why a clip got its label")
+        why = explain(np.asarray(features)[None], top=max(1, int(heads)))[0]
+        names = list(self.extractor.head_names)
+        named = len(names) == int(self.classifier.n_heads_)
+        for rows in why["heads"].values():
+            for row in rows if named else []:  # the model's own names, also for a file without them
+                layer, index, source = names[row["head"]]
+                row.update(layer=int(layer), index=int(index), source=str(source))
+        return {
+            "prediction": why["prediction"],
+            "classes": [
+                {
+                    "label": c,
+                    "score": why["scores"][str(c)],
+                    "probability": why["probabilities"][str(c)],
+                    "heads": why["heads"][str(c)],
+                }
+                for c in classes
+            ],
+        }
+
     def postprocess(
         self,
         clip: DecodedClip,
@@ -199,16 +239,27 @@ class Predictor(FeaturePipeline):
         top_k: int = 1,
         alpha: float | None = None,
         known: float | None = None,
+        explain: int | None = None,
+        features: np.ndarray | None = None,
     ) -> Prediction:
-        """The label (`labels`; `known`: the clip's known score, else a `Scored` row's), its class's
-        probability, the `top_k` best classes (ties: the lower class index first) and, with
-        `alpha`, the conformal prediction set at that level."""
+        """The label (`labels`; `known`: the clip's known score, needed by a reject option on a
+        score other than "top-proba"), its class's probability, the `top_k` best classes (ties: the
+        lower class index first), with `alpha` the conformal prediction set at that level and with
+        `explain` (heads per class; needs the clip's `features`) the `explanation` of the top-k
+        classes."""
         order = np.argsort(-probabilities, kind="stable")[: max(1, int(top_k))]
         best = [(self.classes[j], float(probabilities[j])) for j in order]
         sets = None if alpha is None else calibration.sets_of(self.classifier, probabilities[None], alpha)[0]
         plain = [s.item() if hasattr(s, "item") else s for s in sets] if sets is not None else None
         label = self.labels(probabilities, None if known is None else [known])[0]
-        return Prediction(clip.source, label, best[0][1], best, clip.duration, prediction_set=plain)
+        why = None
+        if explain is not None:
+            if features is None:
+                raise ParameterError("explain needs the clip's features (forward_scored gives them)")
+            why = self.explanation(features, [c for c, _ in best], explain)
+        return Prediction(
+            clip.source, label, best[0][1], best, clip.duration, prediction_set=plain, explanation=why
+        )
 
     # -- the three stages over a list of inputs ---------------------------------------------------
     def predict_proba(
@@ -233,9 +284,8 @@ class Predictor(FeaturePipeline):
                 del feats.rows[i]
                 feats.fail(i, feats.sources[i], p)
             else:
-                proba[i] = p
-                k = getattr(p, "known", None)
-                known[i] = np.nan if k is None else k
+                proba[i] = p.probabilities
+                known[i] = np.nan if p.known is None else p.known
         rejects = getattr(self.classifier, "unknown", None) is not None
         return proba, known if rejects else None, feats
 
@@ -248,9 +298,11 @@ class Predictor(FeaturePipeline):
         sample_rate: Any = None,
         cache: str | os.PathLike | None = None,
         alpha: float | None = None,
+        explain: int | None = None,
     ) -> list[Prediction]:
         """One `Prediction` per source, in order; a clip that fails gets its error, the rest go on
-        (`alpha`: each with its conformal prediction set)."""
+        (`alpha`: each with its conformal prediction set; `explain`: with its `explanation`, that
+        many heads per class)."""
         proba, known, feats = self.scored(
             sources, sample_rate=sample_rate, batch_size=batch_size, cache=cache
         )
@@ -262,7 +314,17 @@ class Predictor(FeaturePipeline):
             else:
                 clip = DecodedClip(source, np.empty(0), duration or 0.0)
                 k = None if known is None else float(known[i])
-                out.append(self.postprocess(clip, proba[i], top_k=top_k, alpha=alpha, known=k))
+                out.append(
+                    self.postprocess(
+                        clip,
+                        proba[i],
+                        top_k=top_k,
+                        alpha=alpha,
+                        known=k,
+                        explain=explain,
+                        features=feats.rows.get(i),
+                    )
+                )
         return out
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_METHOD",
     "UNKNOWN_SCORES",
+    "EXPLAIN_HEADS",
     "REGISTRY",
     "FigureStyle",
     "MethodInfo",
@@ -49,6 +50,10 @@ __all__ = [
     "principal",
     "register",
 ]
+
+#: Heads listed per class when `explain` is given no number (`HeadClassifier.explain`,
+#: `calm predict --explain`, serve's `top`)
+EXPLAIN_HEADS = 5
 
 #: The one default of each classifier parameter (see the module docstring for the choice).
 DEFAULTS: Mapping[str, Any] = MappingProxyType(

@@ -57,10 +57,9 @@ from calm._heads import (
     vote_counts,
     weighted_scores,
 )
-from calm.classifiers.base import HeadClassifier
+from calm.classifiers.base import HeadClassifier, load
 from calm.classifiers.calm import CALM
 from calm.classifiers.features import CHUNK_BYTES
-from calm.classifiers.files import load
 from calm.classifiers.sav import SAV
 
 __all__ = [

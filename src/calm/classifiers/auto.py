@@ -33,7 +33,7 @@ from sklearn.utils.validation import check_is_fitted
 from calm import methods as registry
 from calm.classifiers.features import labels_array
 from calm.errors import ParameterError
-from calm.methods import AUTO_CANDIDATES, AUTO_FALLBACK
+from calm.methods import AUTO_CANDIDATES, AUTO_FALLBACK, EXPLAIN_HEADS
 
 __all__ = ["AutoHead"]
 
@@ -173,6 +173,10 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def decision_function(self, X: Any) -> np.ndarray:
         return np.asarray(self._fitted().decision_function(X))
+
+    def explain(self, X: Any, top: int = EXPLAIN_HEADS) -> list[dict[str, Any]]:
+        """The chosen classifier's `explain` (why each clip got its label)."""
+        return list(self._fitted().explain(X, top))
 
     @property
     def n_heads_(self) -> int:

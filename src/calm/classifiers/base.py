@@ -1,16 +1,18 @@
 """What SAV and CALM share: parameter declarations, fitting the class centroids (Eq. 1), checked and
-chunked queries, labels, and their fitted state as a file (save; loading: `calm.classifiers.files`).
+chunked queries, labels, and their fitted state as a file (save, load; the estimator registry and
+older files' parameters: `calm.classifiers.files`).
 
 A head classifier subclass declares its extra parameters in ``_parameter_constraints`` (checked by
 scikit-learn in ``fit``), fits its heads in ``_fit_heads``, builds its predict-time tensors from
 the fitted state in ``_prepare`` (called at the end of ``fit`` and of loading, never by predict),
 and lists the fitted arrays it saves in ``_state_specs``. Saving turns the state into a
-:class:`calm.serialization.SavedClassifier`; :func:`calm.classifiers.files.load` reads one, looks
-the estimator up in its registry and calls its ``_from_state``.
+:class:`calm.serialization.SavedClassifier`; :func:`load` reads one, looks the estimator up in
+:data:`calm.classifiers.files.ESTIMATORS` and calls its ``_from_state``.
 """
 
 from __future__ import annotations
 
+import os
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -32,20 +34,21 @@ from calm.classifiers.features import (
     ndim,
     shaped,
 )
-from calm.classifiers.files import old_file_params
+from calm.classifiers.files import ESTIMATORS, old_file_params
 from calm.classifiers.kernels import READ_BYTES, check_finite, unit_layout
 from calm.classifiers.threads import Workspace
 from calm.errors import FeatureError
-from calm.methods import UNKNOWN_SCORES
+from calm.methods import EXPLAIN_HEADS, UNKNOWN_SCORES
 from calm.serialization import (
     ModelFileError,
     SavedClassifier,
     TensorSpec,
     check_tensors,
+    read_classifier,
     write_classifier,
 )
 
-__all__ = ["HeadClassifier"]
+__all__ = ["HeadClassifier", "load"]
 
 
 def _one_line(e: BaseException) -> str:
@@ -237,7 +240,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self)
         return calibration.predict_set(self, X, alpha)
 
-    def explain(self, X: Any, top: int = 5) -> list[dict[str, Any]]:
+    def explain(self, X: Any, top: int = EXPLAIN_HEADS) -> list[dict[str, Any]]:
         """Per clip, the class scores and probabilities and, per class, the ``top`` heads that
         carried its score (layer / head when ``metadata_["head_names"]`` has them, weight,
         similarity, contribution), as plain JSON-ready dicts."""
@@ -349,3 +352,27 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 f"or hold invalid values ({e}); refit"
             ) from e
         write_classifier(path, saved)
+
+
+def _estimator(name: str, path: str | Path) -> type[HeadClassifier]:
+    cls: type[HeadClassifier] | None = ESTIMATORS.get(name)
+    if cls is None:
+        raise ModelFileError(f"{path}: unknown estimator {name[:40]!r} (known: {sorted(ESTIMATORS)})")
+    return cls
+
+
+def load(path: str | os.PathLike[str]) -> HeadClassifier:
+    """Read a classifier written by ``save``; ``metadata_`` holds the stored metadata dict.
+
+    Raises :class:`calm.serialization.ModelFileError` (a ValueError naming the file and the problem)
+    for a malformed, damaged or inconsistent file, before reading any tensor the estimator does not
+    declare; FileNotFoundError when there is no file."""
+    path = Path(path)
+
+    def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
+        cls = _estimator(name, path)
+        cls._checked(old_file_params(params), path)  # bad parameters are refused before any tensor is read
+        return cls._state_specs(params)
+
+    saved = read_classifier(path, layout)
+    return _estimator(saved.estimator, path)._from_state(saved, path)

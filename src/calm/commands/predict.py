@@ -14,6 +14,7 @@ import click
 
 from calm.commands.options import trust_file_model_option
 from calm.errors import CalmError
+from calm.methods import EXPLAIN_HEADS
 
 FIELDS = ["path", "label", "probability", "duration", "error"]
 
@@ -29,6 +30,8 @@ def _row(p) -> dict:
     }
     if p.prediction_set is not None:
         row["set"] = [str(c) for c in p.prediction_set]
+    if p.explanation is not None:
+        row["explanation"] = p.explanation
     return row
 
 
@@ -77,8 +80,27 @@ def write_outputs(rows: list[dict], csv_out: str | None, json_out: str | None) -
     help="Also give each file's conformal prediction set at level ALPHA (e.g. 0.1: the true class "
     'is in it about 90 % of the time); "{}" when no class fits.',
 )
+@click.option(
+    "--explain",
+    type=click.IntRange(min=1),
+    is_flag=False,
+    flag_value=EXPLAIN_HEADS,
+    default=None,
+    metavar="[N]",
+    help=f"In the --json file, say why each file got its label: the top --top-k classes' scores and the N "
+    f"heads (default {EXPLAIN_HEADS}) that carried each (layer, head, weight, similarity).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many classes --explain explains, most probable first.",
+)
 @trust_file_model_option
-def predict(model_path, files, csv_out, json_out, model, device, batch_size, alpha, trust_file_model):
+def predict(
+    model_path, files, csv_out, json_out, model, device, batch_size, alpha, explain, top_k, trust_file_model
+):
     """Print the predicted label and its probability for each audio file ("unknown" where the
     classifier's reject option, `calm fit --unknown`, rejects it).
 
@@ -87,6 +109,9 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size, alp
     from calm._files import printable
     from calm.classifiers.calibration import reject_line
     from calm.inference import load_predictor
+
+    if explain is not None and not json_out:
+        raise click.UsageError("--explain writes its explanations to the --json file: give --json FILE")
 
     def announce(line: str) -> None:
         click.echo(f"calm predict: loading {line}", err=True)
@@ -100,7 +125,11 @@ def predict(model_path, files, csv_out, json_out, model, device, batch_size, alp
     line = reject_line(predictor.classifier)
     if line:
         click.echo(f"calm predict: {line}", err=True)
-    rows = [_row(p) for p in predictor(list(files), batch_size=batch_size, alpha=alpha)]
+    try:
+        preds = predictor(list(files), batch_size=batch_size, alpha=alpha, top_k=top_k, explain=explain)
+    except CalmError as exc:  # a classifier that cannot explain
+        raise click.ClickException(str(exc)) from None
+    rows = [_row(p) for p in preds]
     for r in rows:
         shown = printable(r["path"])  # a name that is not UTF-8: caf\xe9.ogg, as docs/reliability.md says
         if r["error"]:

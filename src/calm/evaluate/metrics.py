@@ -19,8 +19,10 @@ from calm.evaluate.episodes import ProtocolError
 
 __all__ = [
     "PRIMARY_METRIC",
+    "ECE_BINS",
     "accuracy",
     "average_precision",
+    "calibration_bins",
     "class_scores",
     "equal_error_rate",
     "expected_calibration_error",
@@ -84,20 +86,33 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(np.mean(hits / ranks))
 
 
-def expected_calibration_error(confidence: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> float:
-    """ECE (fraction, 0..1): over ``n_bins`` equal-width bins of the top probability ``confidence``
-    (bins (i / n, (i + 1) / n], the first closed at 0), the clip-weighted mean |accuracy - mean
-    confidence| of each bin; ``correct`` says whether each top class is the true one."""
-    conf = np.asarray(confidence, dtype=np.float64)
-    hits = np.asarray(correct, dtype=np.float64)
-    if conf.size == 0:
-        return 0.0
+#: equal-width bins of the top probability in the ECE and the reliability diagrams
+ECE_BINS = 15
+
+
+def calibration_bins(
+    confidence: ArrayLike, correct: ArrayLike, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(bin index, clip count, mean confidence, accuracy) of each non-empty bin of the top
+    probability ``confidence`` over ``n_bins`` equal-width bins ((i / n, (i + 1) / n], the first
+    closed at 0); ``correct`` says whether each top class is the true one."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hits = np.asarray(correct, dtype=np.float64).ravel()
     bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in np.unique(bins):
-        sel = bins == b
-        total += sel.sum() * abs(hits[sel].mean() - conf[sel].mean())
-    return float(total / conf.size)
+    index = np.unique(bins)
+    count = np.array([int((bins == b).sum()) for b in index], dtype=np.int64)
+    mean_conf = np.array([conf[bins == b].mean() for b in index])
+    accuracy = np.array([hits[bins == b].mean() for b in index])
+    return index, count, mean_conf, accuracy
+
+
+def expected_calibration_error(confidence: ArrayLike, correct: ArrayLike, n_bins: int = ECE_BINS) -> float:
+    """ECE (fraction, 0..1): over the bins of :func:`calibration_bins`, the clip-weighted mean
+    |accuracy - mean confidence| of each bin."""
+    _, count, conf, acc = calibration_bins(confidence, correct, n_bins)
+    if count.sum() == 0:
+        return 0.0
+    return float((count * np.abs(acc - conf)).sum() / count.sum())
 
 
 def _probabilities(scores: np.ndarray | None) -> np.ndarray | None:

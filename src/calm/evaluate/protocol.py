@@ -23,6 +23,7 @@ from calm.evaluate.episodes import (
     task_of,
 )
 from calm.evaluate.estimators import Method, choose_params
+from calm.evaluate.head_maps import head_weights
 from calm.evaluate.metrics import class_scores, evaluate_method, prediction_metrics
 from calm.evaluate.predictions import episode_record
 from calm.evaluate.records import Run
@@ -37,8 +38,10 @@ SWEEP_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 class ProtocolResult:
     """What `run_protocol` returns: `runs` (`Run.to_dict()` records), the task (`single`, `spoof`,
     `multilabel`), the classes, a one-line description of the train/test rule, the fitted
-    classifiers `keep_fits` asked for ((method, shots, seed, part) -> classifier), and one
-    prediction record per run (`calm.evaluate.predictions`; none for multi-label tasks)."""
+    classifiers `keep_fits` asked for ((method, shots, seed, part) -> classifier), one
+    prediction record per run (`calm.evaluate.predictions`; none for multi-label tasks) and the head
+    weights (C, K) of the fits `keep_heads` asked for ((method, shots) -> one per fit;
+    `calm.evaluate.head_maps`)."""
 
     runs: list[dict]
     task: str
@@ -46,6 +49,7 @@ class ProtocolResult:
     protocol: str
     fits: dict = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
+    head_weights: dict[tuple[str, int], list[np.ndarray]] = field(default_factory=dict)
 
 
 def _score(
@@ -115,11 +119,12 @@ def run_protocol(
     do_tune: bool = False,
     keep_fits: Callable[[str, int, int, str], bool] | None = None,
     keep_predictions: bool = True,
+    keep_heads: Callable[[str, int], bool] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ProtocolResult:
     """Run every (shots, seed, part) episode for every method; one run record per (episode, method),
     and (`keep_predictions`) its prediction record: each query's true and predicted class and the
-    probabilities of both."""
+    probabilities of both; `keep_heads(method, shots)`: the fit's head weights (`head_weights`)."""
     y = np.asarray(y).astype(str)
     parts, protocol = make_parts(meta, test_fold)
     labels = row_labels(y)
@@ -129,6 +134,7 @@ def run_protocol(
     runs: list[dict] = []
     fits: dict = {}
     predictions: list[dict] = []
+    heads: dict[tuple[str, int], list[np.ndarray]] = {}
     for ep in eps if methods else []:
         for run, clf, record in _episode_runs(X, labels, ep, methods, task, do_tune):
             runs.append(run.to_dict())
@@ -136,9 +142,16 @@ def run_protocol(
                 predictions.append(record)
             if keep_fits is not None and keep_fits(run.method, ep.shots, ep.seed, ep.part):
                 fits[(run.method, ep.shots, ep.seed, ep.part)] = clf
+            w = (
+                head_weights(clf, classes)
+                if keep_heads is not None and keep_heads(run.method, ep.shots)
+                else None
+            )
+            if w is not None:
+                heads.setdefault((run.method, ep.shots), []).append(w)
             if progress is not None:
                 progress(f"{run.method} {ep.shots}-shot seed {ep.seed} {ep.part}")
-    return ProtocolResult(runs, task, classes, protocol, fits, predictions)
+    return ProtocolResult(runs, task, classes, protocol, fits, predictions, heads)
 
 
 def k_sweep(

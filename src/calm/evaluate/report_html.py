@@ -8,8 +8,9 @@ row percentages); per-class accuracy with its spread over seeds and the classes 
 against SAV and the linear probe; the prediction skew (predicted against true counts per class,
 `calm.evaluate.skew`); the misclassified test clips of one seed per method with an
 `<audio>` player (links relative to the run directory, so the page works next to the data); the
-figures; the configuration and the command (`SECTIONS`; `register_section` adds one). Light and dark
-colours follow prefers-color-scheme.
+open-set tables; calibration (ECE and reliability diagrams, `calm.evaluate.reliability`); the
+per-class head maps (`calm.evaluate.head_maps`); the figures; the configuration and the command
+(`SECTIONS`; `register_section` adds one). Light and dark colours follow prefers-color-scheme.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from calm.evaluate.config import ClassifierSpec, EvalConfig
+from calm.evaluate.head_maps import head_map_section
 from calm.evaluate.openset_html import open_set_section
 from calm.evaluate.predictions import Confusion, confusions
+from calm.evaluate.reliability import reliability_section
 from calm.evaluate.report_sections import (
     confusion_section,
     method_title,
@@ -33,7 +36,7 @@ from calm.evaluate.report_sections import (
     skew_section,
     table,
 )
-from calm.evaluate.reports import METRIC_TITLES
+from calm.evaluate.reports import METHOD_TITLES, METRIC_TITLES
 from calm.methods import REGISTRY
 from calm.models import DEFAULT_MODEL
 from calm.models.spec import LoadSpec
@@ -261,6 +264,8 @@ SECTIONS: list[ReportSection] = [
         lambda c: misclassified_section(c.data.predictions, c.data.clip_paths, c.run_dir, c.confusions),
     ),
     ReportSection("open-set", "open set", lambda c: open_set_section(c.data.results)),
+    ReportSection("reliability", "calibration", lambda c: reliability_section(c.data.results, METHOD_TITLES)),
+    ReportSection("head-maps", "head maps", lambda c: head_map_section(c.data.results, METHOD_TITLES)),
     ReportSection("figures", "figures", lambda c: figures_section(c.data.figures)),
     ReportSection("config", "config", lambda c: config_section(c.data.results, c.command)),
 ]

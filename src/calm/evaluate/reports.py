@@ -19,6 +19,7 @@ from calm.evaluate.metrics import PRIMARY_METRIC
 from calm.evaluate.openset_report import open_set_markdown
 from calm.evaluate.predictions import Confusion, confusions, per_class_accuracy
 from calm.evaluate.protocol import ProtocolResult
+from calm.evaluate.reliability import reliability, reliability_markdown
 from calm.evaluate.self_training_runs import st_summary, st_table
 from calm.evaluate.skew import prediction_skew, skew_markdown
 from calm.evaluate.summary import paired_differences, pseudo_label_summary, summarise
@@ -147,6 +148,7 @@ def results_markdown(results: Mapping[str, Any], confusions: Sequence[Confusion]
     lines += _pseudo_label_table(results.get("pseudo_label_summary", []))
     lines += st_table(results.get("self_training_summary", []))
     lines += open_set_markdown(results.get("open_set"))
+    lines += reliability_markdown(results.get("reliability", []))
     lines += _notes(results)
     skew = skew_markdown(results.get("prediction_skew", []), METHOD_TITLES)
     tables = [t for t in (skew, confusion_markdown(confusions), per_class_markdown(confusions)) if t]
@@ -204,7 +206,8 @@ def per_class_markdown(confs: Sequence[Confusion]) -> str:
 
 def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: Any) -> dict:
     """The results.json document: config, summary, runs, paired differences, the prediction skew of
-    the runs' prediction records (`calm.evaluate.skew`) and any extras."""
+    the runs' prediction records (`calm.evaluate.skew`), their reliability diagrams
+    (`calm.evaluate.reliability`) and any extras."""
     primary = PRIMARY_METRIC[result.task]
     config = {
         **config,
@@ -217,6 +220,7 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
     pl = pseudo_label_summary(result.runs)
     st = st_summary(result.runs)
     skew = prediction_skew(confusions(result.predictions)) if result.predictions else []
+    rel = reliability(result.runs, result.predictions)
     return {
         "config": config,
         "summary": summarise(result.runs),
@@ -225,6 +229,7 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
         **({"pseudo_label_summary": pl} if pl else {}),
         **({"self_training_summary": st} if st else {}),
         **({"prediction_skew": skew} if skew else {}),
+        **({"reliability": rel} if rel else {}),
         **extra,
     }
 

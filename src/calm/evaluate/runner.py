@@ -22,6 +22,7 @@ from calm import methods
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import ProtocolError, holdout_split, make_parts, row_labels
 from calm.evaluate.estimators import LALM_METHODS, PL_BASES, Method
+from calm.evaluate.head_maps import head_map_analyses
 from calm.evaluate.lalm_runs import lalm_runs, select_lalm
 from calm.evaluate.openset import open_set_results, open_set_unknowns
 from calm.evaluate.predictions import confusions
@@ -205,6 +206,7 @@ def _few_shot(
         test_fold=config.test_fold,
         do_tune=config.tune,
         keep_fits=(lambda m, n, s, p: need_fits and m == main and n == max_shots),
+        keep_heads=lambda m, n: n == max_shots,
         progress=_counter(progress, "episodes", len(shots) * len(seeds) * n_parts * len(chosen)),
     )
     swept = sorted((m for m in chosen if methods.info(m).sweep), key=lambda m: m != main)  # main first
@@ -228,7 +230,7 @@ def _few_shot(
 
 def _analyses(result: ProtocolResult, n_heads: int, head_names: list[tuple], sweep: list[dict]) -> tuple:
     """(analyses, weights of the first kept CALM fit, per-head top-k counts) behind Fig. 3-6."""
-    analyses: dict = {"k_sweep": sweep}
+    analyses: dict = {"k_sweep": sweep, **head_map_analyses(result.head_weights, result.classes, head_names)}
     if not result.fits:
         return analyses, None, None
     from calm.figures import top_head_counts

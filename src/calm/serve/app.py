@@ -26,7 +26,9 @@ from starlette.requests import ClientDisconnect
 
 import calm
 from calm.audio import DecodeLimits
-from calm.inference import Predictor
+from calm.errors import ParameterError
+from calm.inference import Predictor, Scored
+from calm.methods import EXPLAIN_HEADS
 from calm.serve.accesslog import AccessLog
 from calm.serve.api_errors import CODES, ApiError, install_handlers
 from calm.serve.batcher import Batcher, Replicas
@@ -88,7 +90,7 @@ class Service:
 
     def __init__(self, predictor: Predictor, config: ServeConfig):
         self.predictor, self.config = predictor, config
-        self.replicas = Replicas([p.forward for p in _copies(predictor, config.replicas)])
+        self.replicas = Replicas([p.forward_scored for p in _copies(predictor, config.replicas)])
         self.batcher = Batcher(self.replicas, max_batch=config.max_batch, max_wait_s=config.max_wait_ms / 1e3)
         self.decoder = Decoder(predictor, config.decode_limits, config.decode_workers)
         self.decode_pool = self.decoder.pool
@@ -133,11 +135,17 @@ class Service:
         return None
 
     async def label(
-        self, request: Request, upload: Upload, top_k: int, alpha: float | None = None
+        self,
+        request: Request,
+        upload: Upload,
+        top_k: int,
+        alpha: float | None = None,
+        explain: int | None = None,
     ) -> dict[str, Any]:
         """Decode, batch and post-process one upload: the /predict answer (raises ApiError); the
-        label is the classifier's `unknown_label` where its reject option rejects the clip, and
-        with `alpha` the answer holds the conformal `prediction_set`."""
+        label is the classifier's `unknown_label` where its reject option rejects the clip, with
+        `alpha` the answer holds the conformal `prediction_set` and with `explain` (heads per
+        class) the `explanation` of the top-k classes (`calm.inference.Predictor.postprocess`)."""
         clip = await self.decoder.decode(upload.data, upload.name)
         if await request.is_disconnected():
             raise ClientDisconnect()
@@ -146,7 +154,19 @@ class Service:
         if isinstance(output, str):
             code = "model_error" if output.startswith("model error") else "non_finite_features"
             raise ApiError(code, f"{upload.name}: {output}")
-        pred = self.predictor.postprocess(clip, output, top_k=top_k, alpha=alpha)
+        scored: Scored = output
+        try:
+            pred = self.predictor.postprocess(
+                clip,
+                scored.probabilities,
+                top_k=top_k,
+                alpha=alpha,
+                known=scored.known,
+                explain=explain,
+                features=scored.features,
+            )
+        except ParameterError as exc:  # e.g. explain=true for a classifier that cannot explain
+            raise ApiError("invalid_parameter", str(exc)) from None
         answer = {
             "filename": upload.name,
             "label": pred.label,
@@ -158,6 +178,8 @@ class Service:
         }
         if pred.prediction_set is not None:
             answer["prediction_set"] = pred.prediction_set
+        if pred.explanation is not None:
+            answer["explanation"] = pred.explanation
         return answer
 
 
@@ -188,6 +210,12 @@ ALPHA = Query(
     description="Also return the conformal prediction set at this level (e.g. 0.1: it holds the true "
     "class about 90 % of the time; empty when no class fits)",
 )
+EXPLAIN = Query(
+    False,
+    description="Also return why: the top_k classes' scores and probabilities and, for each, the `top` "
+    "heads that carried its score (layer, head, source, weight, similarity, contribution)",
+)
+TOP = Query(EXPLAIN_HEADS, ge=1, description="With explain: how many heads to list per class")
 
 
 def _service(request: Request) -> Service:
@@ -195,12 +223,16 @@ def _service(request: Request) -> Service:
 
 
 async def _label_all(
-    request: Request, uploads: list[Upload], top_k: int, alpha: float | None = None
+    request: Request,
+    uploads: list[Upload],
+    top_k: int,
+    alpha: float | None = None,
+    explain: int | None = None,
 ) -> list[Any]:
     service = _service(request)
     top_k = min(top_k, len(service.predictor.classes))
     return await asyncio.gather(
-        *(service.label(request, u, top_k, alpha) for u in uploads), return_exceptions=True
+        *(service.label(request, u, top_k, alpha, explain) for u in uploads), return_exceptions=True
     )
 
 
@@ -236,14 +268,16 @@ async def _guarded(request: Request, answer, *, batch: bool):
 
 
 @router.post("/predict", openapi_extra=AUDIO_BODY, responses=UPLOAD_ERRORS)
-async def predict(request: Request, top_k: int = TOP_K, alpha: float | None = ALPHA):
+async def predict(
+    request: Request, top_k: int = TOP_K, alpha: float | None = ALPHA, explain: bool = EXPLAIN, top: int = TOP
+):
     """Label one audio file sent as the body (Content-Type audio/*) or as a multipart file part
     ("unknown" when the classifier's reject option rejects it)."""
 
     async def one(uploads: list[Upload]):
         if len(uploads) != 1:
             raise ApiError("too_many_files", f"{len(uploads)} files: /predict takes one, use /predict/batch")
-        result = (await _label_all(request, uploads, top_k, alpha))[0]
+        result = (await _label_all(request, uploads, top_k, alpha, top if explain else None))[0]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -252,12 +286,15 @@ async def predict(request: Request, top_k: int = TOP_K, alpha: float | None = AL
 
 
 @router.post("/predict/batch", openapi_extra=BATCH_BODY, responses=UPLOAD_ERRORS)
-async def predict_batch(request: Request, top_k: int = TOP_K, alpha: float | None = ALPHA):
+async def predict_batch(
+    request: Request, top_k: int = TOP_K, alpha: float | None = ALPHA, explain: bool = EXPLAIN, top: int = TOP
+):
     """Label several files of one multipart request; a file that fails gets its own error entry."""
 
     async def many(uploads: list[Upload]):
         results = []
-        for u, r in zip(uploads, await _label_all(request, uploads, top_k, alpha), strict=True):
+        labelled = await _label_all(request, uploads, top_k, alpha, top if explain else None)
+        for u, r in zip(uploads, labelled, strict=True):
             if isinstance(r, ApiError):
                 r = {"filename": u.name, "error": {"status": r.status, "code": r.code, "message": r.message}}
             elif isinstance(r, BaseException):

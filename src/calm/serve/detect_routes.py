@@ -50,7 +50,8 @@ class BatchedPredictor:
             futures = [self._batcher.submit(w) for w in waves]
         except RuntimeError:  # the batcher stopped
             raise ApiError("draining", "the server is shutting down", headers={"Retry-After": "5"}) from None
-        return [f.result()[0] for f in futures]
+        outputs = [f.result()[0] for f in futures]  # `Predictor.forward_scored`'s
+        return [out if isinstance(out, str) else out.probabilities for out in outputs]
 
 
 def _pool(request: Request) -> DaemonPool:

@@ -158,8 +158,8 @@ class Session:
             results = await asyncio.gather(*futures)
         except Exception as exc:  # a model batch failed (logged by the batcher)
             raise StreamError("model_error", f"the model failed: {type(exc).__name__}: {exc}") from None
-        for (start, _), (output, _) in zip(windows, results, strict=True):
-            self.detector.add(start, output)
+        for (start, _), (output, _) in zip(windows, results, strict=True):  # `Predictor.forward_scored`'s
+            self.detector.add(start, output if isinstance(output, str) else output.probabilities)
         if self.scores and len(self.detector.rows) > self.scored:
             await self.websocket.send_json(
                 {"type": "scores", "windows": self.detector.window_scores(self.scored)}
