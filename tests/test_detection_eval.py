@@ -173,6 +173,10 @@ def test_the_cli_runs_end_to_end_and_writes_json_markdown_and_html(esc_root, tmp
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and 'id="paired"' in html and "<table" in html
     assert "event_f1\tfull - naive" in result.output
+    assert (
+        doc["command"].startswith("calm evaluate-detection --data esc10:") and "--seeds 2" in doc["command"]
+    )
+    assert "--window" not in doc["command"]  # defaults are left out
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,10 @@ results.md and report.html into --out after every seed.
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from calm.commands.options import parse_int_list, parse_options, parse_seeds
 from calm.detection import DEFAULT_HOP, DEFAULT_MEDIAN, DEFAULT_THRESHOLD, DEFAULT_WINDOW
@@ -21,6 +21,18 @@ from calm.methods import DEFAULT_METHOD, audio_methods
 from calm.models import DEFAULT_MODEL
 
 SPEC = SoundscapeSpec()
+
+
+def given_command(ctx: click.Context) -> str:
+    """`calm evaluate-detection` with the options given on this command line (defaults left out)."""
+    words = ["calm", str(ctx.info_name)]
+    for param in ctx.command.params:
+        if param.name is None or ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        for item in value if isinstance(value, tuple) else (value,):
+            words += [max(param.opts, key=len), str(item)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _classes(text: str) -> tuple[str, ...]:
@@ -90,7 +102,7 @@ def evaluate_detection(**params):
         threshold=params["threshold"],
         batch_size=params["batch_size"],
     )
-    command = "calm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = given_command(click.get_current_context())
     results = run_detection_evaluation(
         config,
         progress=lambda line: click.echo(f"calm evaluate-detection: {line}", err=True),
