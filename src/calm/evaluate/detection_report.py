@@ -21,6 +21,10 @@ METHOD_NOTES = {
 }
 
 
+def _folds(folds: Sequence[int]) -> str:
+    return ", ".join(str(f) for f in folds) or "?"
+
+
 def protocol_note(cfg: Mapping[str, Any]) -> str:
     """One paragraph: what was evaluated, on what, and how it was scored."""
     spec = cfg.get("soundscape", {})
@@ -29,7 +33,7 @@ def protocol_note(cfg: Mapping[str, Any]) -> str:
         f"{spec.get('duration', '?')} s; events: {', '.join(cfg.get('classes', []))} (fold "
         f"{cfg.get('test_fold', '?')}); backgrounds: {', '.join(cfg.get('backgrounds', []))} (fold "
         f"{cfg.get('background_fold', '?')}); {cfg.get('shots', '?')} support clips per class and of "
-        f"'{cfg.get('background_label', '?')}' from folds {cfg.get('support_folds', '?')}; model "
+        f"'{cfg.get('background_label', '?')}' from folds {_folds(cfg.get('support_folds', ()))}; model "
         f"{cfg.get('model', '?')} {cfg.get('model_options') or ''}, method {cfg.get('method', '?')}; "
         f"window {cfg.get('window')} s, hop {cfg.get('hop')} s, median {cfg.get('median')}, threshold "
         f"{cfg.get('threshold')}. Scored with sed_eval: event-based onset collar {T_COLLAR} s, offset "
