@@ -25,14 +25,14 @@ SPEC = SoundscapeSpec()
 
 def given_command(ctx: click.Context) -> str:
     """`calm evaluate-detection` with the options given on this command line (defaults left out)."""
-    words = ["calm", str(ctx.info_name)]
+    words = [str(ctx.info_name)]
     for param in ctx.command.params:
         if param.name is None or ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
             continue
         value = ctx.params[param.name]
         for item in value if isinstance(value, tuple) else (value,):
             words += [max(param.opts, key=len), str(item)]
-    return " ".join(shlex.quote(w) for w in words)
+    return "calm " + " ".join(shlex.quote(w) for w in words)
 
 
 def _classes(text: str) -> tuple[str, ...]:
