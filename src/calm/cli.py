@@ -28,6 +28,7 @@ COMMANDS = {
     "extract": "calm.commands.extract:extract",
     "prompts": "calm.commands.prompts:prompts",
     "evaluate": "calm.commands.evaluate:evaluate",
+    "evaluate-detection": "calm.commands.evaluate_detection:evaluate_detection",
     "fit": "calm.commands.fit:fit",
     "predict": "calm.commands.predict:predict",
     "serve": "calm.commands.serve:serve",
