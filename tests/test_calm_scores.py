@@ -128,10 +128,10 @@ def test_loo_state_is_saved_and_the_chosen_tau_p_kept_after_set_params(tmp_path)
     np.testing.assert_array_equal(clf.set_params(tau_p=0.2).decision_function(Xq), before)
 
 
-def test_paper_is_the_default_and_global_weighting_ignores_loo():
-    assert CALM().scores == DEFAULTS["scores"] == "paper"
+def test_loo_is_the_default_and_global_weighting_ignores_it():
+    assert CALM().scores == DEFAULTS["scores"] == "loo"
     X, y, Xq, _ = make_problem(45, shots=3)
     a = CALM(k=3, weighting="global", scores="loo").fit(X, y)
     b = CALM(k=3, weighting="global", scores="paper").fit(X, y)
     np.testing.assert_array_equal(a.decision_function(Xq), b.decision_function(Xq))
-    assert fewshot_methods(scores="loo")["calm"].defaults["scores"] == "loo"
+    assert fewshot_methods(scores="paper")["calm"].defaults["scores"] == "paper"

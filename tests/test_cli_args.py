@@ -49,7 +49,7 @@ NON_DEFAULT: dict[str, list[Any]] = {
     "classifier.sav_tie_break": ["margin"],
     "classifier.normalization": ["power"],
     "classifier.reliability": ["leave-one-out"],
-    "classifier.scores": ["loo"],
+    "classifier.scores": ["paper"],
     "batch_size": [3],
     "figures": [False],
     "sweep_seeds": [5],

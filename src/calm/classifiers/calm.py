@@ -77,14 +77,14 @@ class CALM(HeadClassifier):
         class centroid without that clip, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); classes with one
         clip fall back to in-sample with a warning.
     scores : "paper" or "loo"
-        ``"paper"`` (default, `calm.methods.DEFAULTS`): the paper's equations exactly, with
-        ``tau_p`` and ``weighting`` as given. ``"loo"`` (``weighting="class"`` only; measured in
-        docs/results.md, EmoDB: better on EmoDB, level elsewhere, so not the default): per
-        support set, ``tau_p`` (from LOO_TAU_P and ``tau_p`` itself) and the reliability pooling
-        (class-conditional, Eq. 11, or global, Eq. 7) are chosen by leave-one-out on the support
-        clips (:func:`loo_criterion`; ties: the temperature nearest ``tau_p``, then
-        class-conditional); when a class has one clip, no leave-one-out is possible: ``tau_p``
-        as given and each class's reliabilities averaged with the global ones
+        ``"paper"``: the paper's equations exactly, with ``tau_p`` and ``weighting`` as given.
+        ``"loo"`` (default, `calm.methods.DEFAULTS`; ``weighting="class"`` only; chosen on
+        validation episodes, docs/results.md's EmoDB section: better on EmoDB's unseen speakers,
+        level elsewhere): per support set, ``tau_p`` (from LOO_TAU_P and ``tau_p`` itself) and
+        the reliability pooling (class-conditional, Eq. 11, or global, Eq. 7) are chosen by
+        leave-one-out on the support clips (:func:`loo_criterion`; ties: the temperature nearest
+        ``tau_p``, then class-conditional); when a class has one clip, no leave-one-out is
+        possible: ``tau_p`` as given and each class's reliabilities averaged with the global ones
         (:func:`calm._heads.shrunk_reliability`, lam 1).
         CALM-global (``weighting="global"``) is the paper's either way.
     n_heads, classes, chunk_size, device, calibration, unknown, unknown_score, unknown_label,
