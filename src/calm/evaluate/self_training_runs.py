@@ -71,6 +71,7 @@ class STSpec:
         pool_per_class: self-train on at most this many pool clips per class, drawn with the
             episode's seed (None: the whole pool).
         pool: unlabelled clips per episode (None: every eligible clip).
+        guard: `cv` (rounds limited by cross-validation on the support set) or None (all rounds).
     """
 
     rounds: int = _ST_DEFAULTS["rounds"]
@@ -81,6 +82,7 @@ class STSpec:
     spread: int = _ST_DEFAULTS["spread"]
     pool_per_class: int | None = _ST_DEFAULTS["pool_per_class"]
     pool: int | None = None
+    guard: str | None = _ST_DEFAULTS["guard"]
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.per_round < 1 or (self.pool is not None and self.pool < 1):
@@ -99,6 +101,7 @@ class STSpec:
             "st_max_labelled": self.max_labelled,
             "st_spread": self.spread,
             "st_pool_per_class": self.pool_per_class,
+            "st_guard": self.guard,
         }
 
     def wrap(self, estimator: Any, seed: int = 0) -> SelfTraining:
@@ -113,6 +116,7 @@ class STSpec:
             spread=self.spread,
             pool_per_class=self.pool_per_class,
             random_state=seed,
+            guard=self.guard,
         )
 
 
@@ -172,6 +176,7 @@ def st_report(
         "pseudo_accuracy": 100.0 * float(right.mean()) if len(right) else None,
         "added_per_class": added,
         "rounds": int(st.n_rounds_),
+        "guard": st.guard_,
         "per_class": per_class,
     }
 

@@ -56,8 +56,9 @@ it), ``classes_``, ``pool_index_`` (rows of ``X_unlabelled`` self-trained on), `
 
 Guard (``guard="cv"``, the default): before self-training, `calm.selftraining.guard` self-trains
 once per fold of the support set without the fold's labelled clips and scores them after every
-round; self-training then stops before the first round whose cross-validated accuracy falls below
-that of the support set alone. It costs about one self-training fit per fold (at most 5).
+round; self-training then runs the whole schedule when the cross-validated accuracy after the
+last round is at least that of the support set alone, else no round. It costs about one
+self-training fit per fold (at most 5).
 """
 
 from __future__ import annotations

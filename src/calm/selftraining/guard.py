@@ -9,10 +9,11 @@ clips (same speaker, other emotion) and every estimate that scores the support s
 pseudo-labels chosen from it (reverse validation, leave-one-out with the pseudo-labels added) rates
 them well while they are mostly wrong (docs/results.md, "The self-training guard").
 
-`choose_rounds` keeps the rounds up to the last one whose cross-validated accuracy is at least that
-of the support set alone and stops at the first that falls below it. With one labelled clip in every
-class there is nothing to hold out: the guard cannot estimate and lets the schedule run (recorded as
-``estimable: False``).
+`choose_rounds` allows the whole schedule when the cross-validated accuracy after its last round
+is at least that of the support set alone, else no round (chosen on validation splits against
+stopping at the first round below round 0, the best round, and the last round at least round 0).
+With one labelled clip in every class there is nothing to hold out: the guard cannot estimate and
+lets the schedule run (recorded as ``estimable: False``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def cv_curve(
     without folds. ``run(train_mask, rounds)`` self-trains on the rows of ``train_mask`` and returns
     the predictions of the other rows after each round run (round 0 first; a run that stops early
     returns fewer, its last one stands for the rest)."""
-    hits = [[] for _ in range(rounds + 1)]
+    hits: list[list[np.ndarray]] = [[] for _ in range(rounds + 1)]
     for out in guard_folds(y):
         preds = run(~out, rounds)
         preds += [preds[-1]] * (rounds + 1 - len(preds))
@@ -58,8 +59,6 @@ def cv_curve(
 
 
 def choose_rounds(curve: list[float]) -> int:
-    """Rounds allowed by a `cv_curve`: up to the first round whose accuracy falls below round 0's."""
-    for r in range(1, len(curve)):
-        if curve[r] < curve[0]:
-            return r - 1
-    return len(curve) - 1
+    """Rounds allowed by a `cv_curve`: all of them when the cross-validated accuracy after the last
+    round is at least that of the support set alone, else none."""
+    return len(curve) - 1 if curve[-1] >= curve[0] else 0
