@@ -14,7 +14,7 @@ round r it records the validation accuracy and the candidate estimates:
 - ``conf``: the mean top ``predict_proba`` of the clips picked in the round (by the estimator that
   picked them);
 - ``agree``: share of the drawn pool on which SAV and CALM (labelled only) agree;
-- ``hcv``: the guard's honest estimate (`calm.selftraining.guard`): per fold of the support set the
+- ``hcv``: the guard's honest estimate (`calm.selftraining.stopping`): per fold of the support set the
   whole self-training re-run without the fold's clips, which are then scored after every round
   (2 shots or more; ``--honest`` only, it costs about 5 self-training fits).
 
@@ -97,8 +97,8 @@ def fold_acc(Xs, ys, shots: int, Xp=None, yp=None) -> float | None:
 
 
 def honest_cv(Xs, ys, Xpool, seed: int) -> list[float] | None:
-    """`calm.selftraining.guard.cv_curve` of the default schedule (what ``guard="cv"`` computes)."""
-    from calm.selftraining.guard import cv_curve
+    """`calm.selftraining.stopping.cv_curve` of the default schedule (what ``guard="cv"`` computes)."""
+    from calm.selftraining.stopping import cv_curve
 
     def run(train, rounds):
         _FITTED.clear()
@@ -248,15 +248,17 @@ def pairs(cv_dir: str, none_dir: str) -> None:
     shots, seeds = sorted({k[1] for k in acc}), sorted({k[2] for k in acc})
     for base in ("calm", "sav"):
         st = base + "+st"
+        if (base, shots[0], seeds[0]) not in acc:
+            continue
         print(f"| shots | {base} | {st} | {st} - {base} | {st} - {st} (guard off) | stopped | time ratio |")
         for s in shots:
-            a = np.array([acc[(base, s, e)]["metrics"]["accuracy"] for e in seeds]) * 100
+            a = np.array([acc[(base, s, e)]["metrics"]["accuracy"] for e in seeds])
             g = [acc[(st, s, e)] for e in seeds]
-            b = np.array([r["metrics"]["accuracy"] for r in g]) * 100
+            b = np.array([r["metrics"]["accuracy"] for r in g])
             same = all(not r["self_training"]["guard"]["estimable"] for r in g)
             o_runs = [acc_off.get((st, s, e)) for e in seeds]
             if all(o is not None for o in o_runs):
-                o = np.array([r["metrics"]["accuracy"] for r in o_runs]) * 100
+                o = np.array([r["metrics"]["accuracy"] for r in o_runs])
                 ratio = np.mean([r["seconds"] for r in g]) / np.mean([r["seconds"] for r in o_runs])
             else:
                 assert same, f"{st} {s} shots: no guard-off run and the guard could judge"

@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from calm import CALM, SAV
 from calm.selftraining import SelfTraining, balanced_picks, class_similarity, confidence_scores
-from calm.selftraining.guard import MAX_FOLDS, choose_rounds, cv_curve, guard_folds
+from calm.selftraining.stopping import MAX_FOLDS, choose_rounds, cv_curve, guard_folds
 
 torch.set_num_threads(1)
 

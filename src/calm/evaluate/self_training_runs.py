@@ -14,7 +14,7 @@ Every run records `self_training`: the pool size and how many of it were drawn (
 with the episode's seed), the pseudo-labelled clips, their accuracy against the hidden labels (%),
 clips added per class, rounds run, the guard's decision (`guard`: None without a guard, else
 whether it could estimate, its folds, the support set's cross-validated accuracy after 0..R rounds
-and the rounds it allowed; `calm.selftraining.guard`), and per class the clips added, how many of
+and the rounds it allowed; `calm.selftraining.stopping`), and per class the clips added, how many of
 them are right and the query recall with and without self-training (single-label data), the numbers
 that explain a gain or a loss. `st_summary` averages them per (method, shots) for results.md.
 """

@@ -54,7 +54,7 @@ it), ``classes_``, ``pool_index_`` (rows of ``X_unlabelled`` self-trained on), `
 ``cv_accuracy``: the support set's cross-validated accuracy after 0..``rounds`` rounds, and
 ``rounds_allowed``).
 
-Guard (``guard="cv"``, the default): before self-training, `calm.selftraining.guard` self-trains
+Guard (``guard="cv"``, the default): before self-training, `calm.selftraining.stopping` self-trains
 once per fold of the support set without the fold's labelled clips and scores them after every
 round; self-training then runs the whole schedule when the cross-validated accuracy after the
 last round is at least that of the support set alone, else no round. It costs about one
@@ -72,8 +72,8 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
-from calm.selftraining.guard import choose_rounds, cv_curve, guard_folds
 from calm.selftraining.picks import _n_rows, _rows, balanced_picks, class_similarity, confidence_scores
+from calm.selftraining.stopping import choose_rounds, cv_curve, guard_folds
 
 __all__ = ["SelfTraining", "balanced_picks", "class_similarity", "confidence_scores"]
 
@@ -129,7 +129,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         Seed of that draw.
     guard : "cv" or None
         "cv": run only as many rounds as cross-validation on the support set allows (each fold
-        self-trained without its held-out clips; `calm.selftraining.guard`); nothing to hold out
+        self-trained without its held-out clips; `calm.selftraining.stopping`); nothing to hold out
         (one clip in every class): all ``rounds``. None: all ``rounds`` (the schedule before the
         guard).
 
@@ -269,7 +269,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
 
     def _guard(self, X_lab: np.ndarray, y_lab: np.ndarray, X_unlabelled) -> dict | None:
         """``guard_``: the guard's cross-validated accuracy after each round and the rounds it allows
-        (`calm.selftraining.guard`); None without a guard, rounds or pool."""
+        (`calm.selftraining.stopping`); None without a guard, rounds or pool."""
         if self.guard is None or not self.rounds or not _pool_rows(X_unlabelled, X_lab):
             return None
 
