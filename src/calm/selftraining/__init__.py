@@ -64,7 +64,7 @@ self-training fit per fold (at most 5).
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, _fit_context, clone
@@ -98,6 +98,20 @@ def _round_report(r: int, added: int, p_cls: np.ndarray, p_conf: np.ndarray, C: 
         "added_per_class": np.bincount(p_cls, minlength=C).tolist(),
         "mean_confidence": float(p_conf.mean()) if len(p_conf) else None,
     }
+
+
+class _Run(NamedTuple):
+    """What one self-training run leaves: the final inner estimator, its classes, the drawn pool rows,
+    the pseudo-labelled rows of the drawn pool (their class index, confidence and round), the rounds."""
+
+    est: Any
+    classes: np.ndarray
+    drawn: np.ndarray
+    pseudo: np.ndarray
+    p_cls: np.ndarray
+    p_conf: np.ndarray
+    p_round: np.ndarray
+    rounds: list[dict]
 
 
 class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
@@ -255,15 +269,15 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.guard_ = self._guard(X_lab, y_lab, X_unlabelled)
         rounds = self.rounds if self.guard_ is None else self.guard_["rounds_allowed"]
         s = self._train(X_lab, y_lab, X_unlabelled, rounds)
-        self.estimator_ = s["est"]
-        self.classes_ = classes = s["classes"]
-        self.pool_index_ = drawn = s["drawn"]
-        self.pseudo_index_ = drawn[s["pseudo"]]
-        self.pseudo_labels_ = classes[s["p_cls"]]
-        self.pseudo_confidence_ = s["p_conf"]
-        self.pseudo_round_ = s["p_round"]
-        self.added_per_class_ = np.bincount(s["p_cls"], minlength=len(classes))
-        self.rounds_ = s["rounds"]
+        self.estimator_ = s.est
+        self.classes_ = s.classes
+        self.pool_index_ = s.drawn
+        self.pseudo_index_ = s.drawn[s.pseudo]
+        self.pseudo_labels_ = s.classes[s.p_cls]
+        self.pseudo_confidence_ = s.p_conf
+        self.pseudo_round_ = s.p_round
+        self.added_per_class_ = np.bincount(s.p_cls, minlength=len(s.classes))
+        self.rounds_ = s.rounds
         self.n_rounds_ = len(self.rounds_)
         return self
 
@@ -290,7 +304,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             "rounds_allowed": self.rounds if curve is None else choose_rounds(curve),
         }
 
-    def _train(self, X_lab: np.ndarray, y_lab: np.ndarray, X_unlabelled, rounds: int, watch=None) -> dict:
+    def _train(self, X_lab: np.ndarray, y_lab: np.ndarray, X_unlabelled, rounds: int, watch=None) -> _Run:
         """Self-training for at most ``rounds`` rounds; ``watch(estimator)`` sees the inner estimator
         after round 0 and after every refit. Returns the state ``fit`` turns into attributes."""
         est = self._inner().fit(X_lab, y_lab)
@@ -333,16 +347,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             if watch is not None:
                 watch(est)
             report.append(_round_report(r, added, p_cls, p_conf, C))
-        return {
-            "est": est,
-            "classes": classes,
-            "drawn": drawn,
-            "pseudo": pseudo,
-            "p_cls": p_cls,
-            "p_conf": p_conf,
-            "p_round": p_round,
-            "rounds": report,
-        }
+        return _Run(est, classes, drawn, pseudo, p_cls, p_conf, p_round, report)
 
     def predict(self, X) -> np.ndarray:
         """Labels predicted by the final inner estimator."""
