@@ -63,6 +63,7 @@ NON_DEFAULT: dict[str, list[Any]] = {
     "self_training.labelled_weight": [3],
     "self_training.max_labelled": [4],
     "self_training.spread": [2],
+    "self_training.guard": [None],
     "self_training.pool_per_class": [None, 12],
     "self_training.pool": [50],
     "ray": [RayOptions()],

@@ -21,7 +21,7 @@ from calm.evaluate import (
     results_markdown,
 )
 from calm.evaluate.protocol import run_protocol
-from calm.evaluate.self_training_runs import STSpec, run_st_protocol, st_pool, st_summary
+from calm.evaluate.self_training_runs import STSpec, run_st_protocol, st_pool, st_summary, st_table
 from tests.test_cli_eval import FREQS, fake_model, tone  # noqa: F401 (fake_model: the fake-tones model)
 
 torch.set_num_threads(1)
@@ -197,6 +197,7 @@ def test_default_spec_draws_the_pool_per_episode_and_max_labelled_stops_self_tra
         "st_max_labelled": None,
         "st_spread": 1,
         "st_pool_per_class": 30,
+        "st_guard": "cv",
     }
     methods = {"calm": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
     runs = run_st_protocol(
@@ -348,6 +349,41 @@ def test_cli_schedule_options_reach_the_runs_and_bad_values_are_usage_errors(tmp
     doc = json.loads((tmp_path / "r" / "results.json").read_text())
     params = next(r["params"] for r in doc["runs"] if r["method"] == "calm+st")
     assert (params["st_labelled_weight"], params["st_max_labelled"], params["st_spread"]) == (1, None, 2)
-    for bad in (["--st-labelled-weight", "0"], ["--st-labelled-weight", "x"], ["--st-max-labelled", "0"]):
+    assert params["st_guard"] == "cv"
+    res = CliRunner().invoke(main, [*args, "--st-guard", "none", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    doc = json.loads((tmp_path / "g" / "results.json").read_text())
+    run = next(r for r in doc["runs"] if r["method"] == "calm+st")
+    assert run["params"]["st_guard"] is None and run["self_training"]["guard"] is None
+    bad_values = (["--st-labelled-weight", "0"], ["--st-labelled-weight", "x"], ["--st-max-labelled", "0"])
+    for bad in (*bad_values, ["--st-guard", "loo"]):
         res = CliRunner().invoke(main, [*args, *bad, "--out", str(tmp_path / "bad")])
         assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+def test_each_run_records_the_guards_decision_and_results_md_counts_the_stops():
+    X, y, meta = synthetic(per_class=40)
+    methods = {"calm+st": Method("calm", lambda **p: CALM(**p), {"k": 0.5})}
+    runs = run_st_protocol(X, y, meta, methods=methods, spec=STSpec(), shots=[1, 3], seeds=[0, 1, 2])
+    for r in runs:
+        g = r["self_training"]["guard"]
+        assert g["guard"] == "cv" and g["rounds_allowed"] in (0, 5)
+        if r["shots"] == 1:
+            assert (g["estimable"], g["folds"], g["cv_accuracy"], g["rounds_allowed"]) == (False, 0, None, 5)
+        else:
+            assert g["estimable"] and g["folds"] == 3 and len(g["cv_accuracy"]) == 6
+            assert all(0 <= a <= 1 for a in g["cv_accuracy"])
+            stopped = g["cv_accuracy"][-1] < g["cv_accuracy"][0]
+            assert g["rounds_allowed"] == (0 if stopped else 5)
+            assert r["self_training"]["rounds"] == (0 if stopped else 5)
+            assert (r["self_training"]["pseudo_labelled"] == 0) == stopped
+    summary = {s["shots"]: s for s in st_summary(runs)}
+    assert (summary[1]["guarded"], summary[1]["guard_estimable"], summary[1]["guard_stopped"]) == (3, 0, 0)
+    n_stopped = sum(r["self_training"]["rounds"] == 0 for r in runs if r["shots"] == 3)
+    assert (summary[3]["guard_estimable"], summary[3]["guard_stopped"]) == (3, n_stopped)
+    md = "\n".join(st_table(st_summary(runs)))
+    assert "| guard stopped |" in md and "cannot judge (1 clip a class) |" in md
+    assert f"| {n_stopped} of 3 |" in md
+    unguarded = run_st_protocol(X, y, meta, methods=methods, spec=STSpec(guard=None), shots=[3], seeds=[0])
+    assert unguarded[0]["self_training"]["guard"] is None
+    assert st_summary(unguarded)[0]["guarded"] == 0 and st_table(st_summary(unguarded))[-1].endswith("| - |")

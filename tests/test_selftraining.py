@@ -11,6 +11,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from calm import CALM, SAV
 from calm.selftraining import SelfTraining, balanced_picks, class_similarity, confidence_scores
+from calm.selftraining.stopping import MAX_FOLDS, choose_rounds, cv_curve, guard_folds
 
 torch.set_num_threads(1)
 
@@ -177,6 +178,8 @@ def test_fit_predict_contract():
         {"relabel": "no"},
         {"max_labelled": 0},
         {"spread": 0},
+        {"guard": "loo"},
+        {"guard": True},
     ],
 )
 def test_invalid_parameters_are_rejected_at_fit(params):
@@ -320,3 +323,120 @@ def test_pool_per_class_self_trains_on_a_seeded_draw_of_the_pool():
     assert whole.pool_index_.tolist() == list(range(300))
     small = SelfTraining(CALM(k=0.5), pool_per_class=100).fit(X, y, Xu)  # 400 > 300 rows: all of them
     assert small.pool_index_.tolist() == list(range(300))
+
+
+def _shifted_pool(seed: int):
+    """3 labelled clips a class; the pool comes from a shifted distribution (every clip like class 0),
+    so the balanced picks give every other class wrong pseudo-labels."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(C, K, D))
+
+    def draw(y):
+        return (mu[y] + 2.0 * rng.normal(size=(len(y), K, D))).astype(np.float32)
+
+    names = np.array([f"c{i}" for i in range(C)])
+    y_lab = np.repeat(np.arange(C), 3)
+    X_lab = draw(y_lab)
+    Xu = (mu[0] + 2.0 * rng.normal(size=(200, K, D))).astype(np.float32)
+    yt = rng.integers(0, C, 400)
+    return X_lab, names[y_lab], Xu, draw(yt), names[yt]
+
+
+@pytest.mark.parametrize("seed", [1, 4])
+def test_guard_stops_when_pseudo_labels_are_systematically_wrong_and_leaves_the_inner_estimator(seed):
+    X, y, Xu, Xt, yt = _shifted_pool(seed)
+    base = CALM(k=0.5).fit(X, y)
+    guarded = SelfTraining(CALM(k=0.5)).fit(X, y, Xu)
+    unguarded = SelfTraining(CALM(k=0.5), guard=None).fit(X, y, Xu)
+    g = guarded.guard_
+    assert g["guard"] == "cv" and g["estimable"] and g["folds"] == 3
+    assert len(g["cv_accuracy"]) == 6 and g["cv_accuracy"][-1] < g["cv_accuracy"][0]
+    assert g["rounds_allowed"] == 0 and guarded.n_rounds_ == 0 and len(guarded.pseudo_index_) == 0
+    np.testing.assert_array_equal(guarded.decision_function(Xt), base.decision_function(Xt))
+    assert unguarded.guard_ is None and unguarded.n_rounds_ == 5
+    assert unguarded.score(Xt, yt) < base.score(Xt, yt) - 0.05  # what the guard avoided
+
+
+def test_guard_lets_helpful_self_training_run_as_before():
+    X, y, Xu, _, Xt, _ = _problem(21, n_pool=200)
+    X3, y3 = np.concatenate([X, X + 0.3, X - 0.3]), np.concatenate([y, y, y])
+    guarded = SelfTraining(CALM(k=0.5)).fit(X3, y3, Xu)
+    unguarded = SelfTraining(CALM(k=0.5), guard=None).fit(X3, y3, Xu)
+    assert guarded.guard_["rounds_allowed"] == 5 and guarded.n_rounds_ == 5
+    assert guarded.guard_["cv_accuracy"][-1] >= guarded.guard_["cv_accuracy"][0]
+    np.testing.assert_array_equal(guarded.pseudo_index_, unguarded.pseudo_index_)
+    np.testing.assert_array_equal(guarded.decision_function(Xt), unguarded.decision_function(Xt))
+
+
+def test_guard_none_is_the_schedule_before_the_guard_bit_for_bit():
+    # pseudo_index_ of the SelfTraining before the guard (commit f34bbc3, whose CALM was the paper's)
+    X, y, Xu, _, _, _ = _problem(21, n_pool=200)
+    X3, y3 = np.concatenate([X, X + 0.3, X - 0.3]), np.concatenate([y, y, y])
+    st = SelfTraining(CALM(k=0.5, scores="paper"), guard=None).fit(X3, y3, Xu)
+    assert st.pseudo_index_[:20].tolist() == [
+        36,
+        177,
+        43,
+        157,
+        141,
+        105,
+        187,
+        145,
+        68,
+        192,
+        142,
+        168,
+        165,
+        6,
+        17,
+        149,
+        75,
+        41,
+        116,
+        72,
+    ]
+    assert st.pseudo_index_[-5:].tolist() == [35, 91, 87, 2, 129]
+    assert len(st.pseudo_index_) == 100 and st.n_rounds_ == 5 and st.guard_ is None
+
+
+def test_guard_cannot_estimate_at_one_shot_and_runs_the_schedule():
+    X, y, Xu, _, Xt, _ = _problem(3)
+    guarded = SelfTraining(CALM(k=0.5)).fit(X, y, Xu)
+    assert guarded.guard_ == {
+        "guard": "cv",
+        "estimable": False,
+        "folds": 0,
+        "cv_accuracy": None,
+        "rounds_allowed": 5,
+    }
+    unguarded = SelfTraining(CALM(k=0.5), guard=None).fit(X, y, Xu)
+    np.testing.assert_array_equal(guarded.decision_function(Xt), unguarded.decision_function(Xt))
+    assert SelfTraining(CALM(k=0.5), rounds=0).fit(X, y, Xu).guard_ is None
+    assert SelfTraining(CALM(k=0.5)).fit(X, y).guard_ is None
+
+
+def test_guard_folds_hold_out_one_clip_a_class_of_the_classes_with_two_or_more():
+    y = np.array(["a", "b", "a", "c", "a", "b"] + ["d"] * 8)
+    folds = guard_folds(y)
+    assert len(folds) == MAX_FOLDS
+    assert [np.flatnonzero(f).tolist() for f in folds[:3]] == [[0, 1, 6], [2, 5, 7], [4, 8]]
+    assert all(not f[3] for f in folds)  # "c" has one clip: never held out
+    assert guard_folds(np.array(["a", "b", "c"])) == []
+
+
+def test_cv_curve_pads_a_run_that_stops_early_and_choose_rounds_is_all_or_none():
+    y = np.array(["a", "a", "b", "b"])
+    calls = []
+
+    def run(train, rounds):
+        calls.append((train.tolist(), rounds))
+        held = y[~train]
+        return [held, held[::-1]]  # right after round 0, swapped after round 1, then it stops
+
+    curve = cv_curve(y, 3, run)
+    assert calls == [([False, True, False, True], 3), ([True, False, True, False], 3)]
+    assert curve == [1.0, 0.0, 0.0, 0.0]
+    assert choose_rounds(curve) == 0
+    assert choose_rounds([0.5, 0.4, 0.6]) == 2 and choose_rounds([0.5, 0.6, 0.5]) == 2
+    assert choose_rounds([0.5, 0.6, 0.4]) == 0
+    assert cv_curve(np.array(["a", "b"]), 3, run) is None

@@ -92,6 +92,7 @@ def eval_config(params: dict[str, Any]) -> EvalConfig:
             spread=params["st_spread"],
             pool_per_class=params["st_pool_per_class"],
             pool=params["st_pool"],
+            guard=params["st_guard"],
         ),
         batch_size=params["batch_size"],
         figures=params["figures"],
@@ -273,6 +274,14 @@ _st_options = stack(
             show_default=True,
             help="Take a class's clips from its spread x quota most confident, least similar to it first "
             "(1: the most confident).",
+        ),
+        click.option(
+            "--st-guard",
+            type=click.Choice(["cv", "none"]),
+            default=str(STSpec.guard),
+            show_default=True,
+            callback=lambda ctx, param, v: None if v == "none" else v,
+            help="Rounds limited by cross-validation on the support set ('cv'), or all of them ('none').",
         ),
     ]
 )

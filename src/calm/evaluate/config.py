@@ -351,6 +351,7 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
         "self_training.pool_per_class", "--st-pool-per-class", _int_or_none, always=_ST, spells_none=True
     ),
     CliOption("self_training.spread", "--st-spread", always=_ST),
+    CliOption("self_training.guard", "--st-guard", _int_or_none, always=_ST, spells_none=True),
     CliOption("lalm.zero_shot_mode", "--zero-shot-mode", always=_LALM),
     CliOption("lalm.pl_rollouts", "--pl-rollouts", always=_LALM),
     CliOption("lalm.pl_pool", "--pl-pool"),

@@ -12,9 +12,11 @@ CALM), on the SAME episodes (support sets and queries) as `run_protocol`, so the
 
 Every run records `self_training`: the pool size and how many of it were drawn (`pool_per_class`,
 with the episode's seed), the pseudo-labelled clips, their accuracy against the hidden labels (%),
-clips added per class, rounds run, and per class the clips added, how many of them are right and the
-query recall with and without self-training (single-label data), the numbers that explain a gain or
-a loss. `st_summary` averages them per (method, shots) for results.md.
+clips added per class, rounds run, the guard's decision (`guard`: None without a guard, else
+whether it could estimate, its folds, the support set's cross-validated accuracy after 0..R rounds
+and the rounds it allowed; `calm.selftraining.stopping`), and per class the clips added, how many of
+them are right and the query recall with and without self-training (single-label data), the numbers
+that explain a gain or a loss. `st_summary` averages them per (method, shots) for results.md.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class STSpec:
         pool_per_class: self-train on at most this many pool clips per class, drawn with the
             episode's seed (None: the whole pool).
         pool: unlabelled clips per episode (None: every eligible clip).
+        guard: `cv` (rounds limited by cross-validation on the support set) or None (all rounds).
     """
 
     rounds: int = _ST_DEFAULTS["rounds"]
@@ -81,6 +84,7 @@ class STSpec:
     spread: int = _ST_DEFAULTS["spread"]
     pool_per_class: int | None = _ST_DEFAULTS["pool_per_class"]
     pool: int | None = None
+    guard: str | None = _ST_DEFAULTS["guard"]
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.per_round < 1 or (self.pool is not None and self.pool < 1):
@@ -99,6 +103,7 @@ class STSpec:
             "st_max_labelled": self.max_labelled,
             "st_spread": self.spread,
             "st_pool_per_class": self.pool_per_class,
+            "st_guard": self.guard,
         }
 
     def wrap(self, estimator: Any, seed: int = 0) -> SelfTraining:
@@ -113,6 +118,7 @@ class STSpec:
             spread=self.spread,
             pool_per_class=self.pool_per_class,
             random_state=seed,
+            guard=self.guard,
         )
 
 
@@ -172,6 +178,7 @@ def st_report(
         "pseudo_accuracy": 100.0 * float(right.mean()) if len(right) else None,
         "added_per_class": added,
         "rounds": int(st.n_rounds_),
+        "guard": st.guard_,
         "per_class": per_class,
     }
 
@@ -256,9 +263,21 @@ def run_st_protocol(
     return runs
 
 
+def _guard_summary(reps: Sequence[dict]) -> dict[str, int]:
+    """How often the guard ran, could estimate and stopped self-training before the schedule's end."""
+    guards = [v["guard"] for v in reps if v.get("guard") is not None]
+    est = [g for g in guards if g["estimable"]]
+    return {
+        "guarded": len(guards),
+        "guard_estimable": len(est),
+        "guard_stopped": sum(g["rounds_allowed"] < len(g["cv_accuracy"]) - 1 for g in est),
+    }
+
+
 def st_summary(runs: Sequence[dict]) -> list[dict]:
     """Per (method, shots) over the self-training runs: mean pool size, pseudo-labelled clips, their
-    accuracy (%, episodes that added nothing left out), and the mean fewest / most clips a class got."""
+    accuracy (%, episodes that added nothing left out), the mean fewest / most clips a class got, and
+    the guard's decisions (episodes guarded, estimable, stopped before the schedule's end)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in runs:
         if r.get("self_training") is not None:
@@ -278,9 +297,19 @@ def st_summary(runs: Sequence[dict]) -> list[dict]:
                 "pseudo_accuracy": float(np.mean(acc)) if acc else None,
                 "added_min": float(np.mean([min(p) for p in per])),
                 "added_max": float(np.mean([max(p) for p in per])),
+                **_guard_summary(reps),
             }
         )
     return out
+
+
+def _guard_cell(s: Mapping) -> str:
+    """E.g. "7 of 10": episodes stopped of those the guard could judge ("-": no guard)."""
+    if not s.get("guarded"):
+        return "-"
+    if not s["guard_estimable"]:
+        return "cannot judge (1 clip a class)"
+    return f"{s['guard_stopped']} of {s['guard_estimable']}"
 
 
 def st_table(summary: Sequence[Mapping]) -> list[str]:
@@ -291,14 +320,15 @@ def st_table(summary: Sequence[Mapping]) -> list[str]:
         "",
         "## Self-training (pseudo-labelled clips; mean over episodes)",
         "",
-        "| method | shots | pool | drawn | pseudo-labelled | right (%) | clips a class (fewest / most) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | shots | pool | drawn | pseudo-labelled | right (%) | clips a class (fewest / most) "
+        "| guard stopped |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         acc = "-" if s["pseudo_accuracy"] is None else f"{s['pseudo_accuracy']:.1f}"
         lines.append(
             f"| {s['method']} | {s['shots']} | {s['pool']:.0f} | {s['pool_drawn']:.0f} "
             f"| {s['pseudo_labelled']:.1f} | {acc} "
-            f"| {s['added_min']:.1f} / {s['added_max']:.1f} |"
+            f"| {s['added_min']:.1f} / {s['added_max']:.1f} | {_guard_cell(s)} |"
         )
     return lines

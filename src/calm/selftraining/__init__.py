@@ -49,13 +49,22 @@ it), ``classes_``, ``pool_index_`` (rows of ``X_unlabelled`` self-trained on), `
 (rows of ``X_unlabelled`` in the final pseudo-labelled set, in the order added), ``pseudo_labels_``,
 ``pseudo_confidence_`` (confidence when chosen), ``pseudo_round_`` (round chosen, 1-based),
 ``added_per_class_`` ((C,) clips per class in the final set), ``rounds_`` (one dict per round run:
-``round``, ``added``, ``n_pseudo``, ``added_per_class``, ``mean_confidence``), ``n_rounds_``.
+``round``, ``added``, ``n_pseudo``, ``added_per_class``, ``mean_confidence``), ``n_rounds_``,
+``guard_`` (None without a guard, rounds or pool; else ``guard``, ``estimable``, ``folds``,
+``cv_accuracy``: the support set's cross-validated accuracy after 0..``rounds`` rounds, and
+``rounds_allowed``).
+
+Guard (``guard="cv"``, the default): before self-training, `calm.selftraining.stopping` self-trains
+once per fold of the support set without the fold's labelled clips and scores them after every
+round; self-training then runs the whole schedule when the cross-validated accuracy after the
+last round is at least that of the support set alone, else no round. It costs about one
+self-training fit per fold (at most 5).
 """
 
 from __future__ import annotations
 
 from numbers import Integral
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, _fit_context, clone
@@ -63,76 +72,10 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
+from calm.selftraining.picks import _n_rows, _rows, balanced_picks, class_similarity, confidence_scores
+from calm.selftraining.stopping import choose_rounds, cv_curve, guard_folds
+
 __all__ = ["SelfTraining", "balanced_picks", "class_similarity", "confidence_scores"]
-
-
-def confidence_scores(estimator, X, measure: str) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class index (n,), confidence (n,)) of a fitted estimator on X.
-
-    "margin": best minus second-best ``decision_function`` score; "probability": the best entry of
-    ``predict_proba``. Ties between classes go to the lower class index, as in ``predict``.
-    """
-    if measure == "margin":
-        s = np.asarray(estimator.decision_function(X), dtype=np.float64)
-    elif measure == "probability":
-        s = np.asarray(estimator.predict_proba(X), dtype=np.float64)
-    else:
-        raise ValueError(f"confidence must be 'margin' or 'probability', got {measure!r}")
-    if s.ndim == 1:  # two classes: scikit-learn's score of classes_[1] minus that of classes_[0]
-        return (s > 0).astype(np.int64), np.abs(s)
-    pred = np.argmax(s, axis=1)
-    if measure == "probability":
-        return pred, s[np.arange(len(s)), pred]
-    top2 = np.sort(s, axis=1)[:, -2:] if s.shape[1] > 1 else np.concatenate([s, s], axis=1)
-    return pred, top2[:, 1] - top2[:, 0]
-
-
-def balanced_picks(
-    pred: np.ndarray,
-    conf: np.ndarray,
-    quota: np.ndarray,
-    eligible: np.ndarray,
-    near: np.ndarray | None = None,
-    spread: int = 1,
-) -> np.ndarray:
-    """Rows to add: for each class c, the ``quota[c]`` eligible rows predicted as c with the highest
-    confidence (ties: the lower row). With ``near`` ((n,) similarity of each row to its predicted
-    class) and ``spread`` > 1, the ``spread * quota[c]`` most confident rows are the candidates and
-    the ``quota[c]`` least similar of them are taken. Returns row indices grouped by class."""
-    picks = []
-    for c in range(len(quota)):
-        rows = np.flatnonzero(eligible & (pred == c))
-        if len(rows) and quota[c] > 0:
-            order = np.lexsort((rows, -conf[rows]))  # confidence descending, then lower row
-            if near is None or spread == 1:
-                picks.append(rows[order[: int(quota[c])]])
-                continue
-            cand = rows[order[: int(quota[c]) * spread]]
-            picks.append(cand[np.lexsort((cand, near[cand]))[: int(quota[c])]])  # least similar first
-    return np.concatenate(picks) if picks else np.empty(0, dtype=np.int64)
-
-
-def class_similarity(
-    X_pool, X_support: np.ndarray, y_idx: np.ndarray, pred: np.ndarray, C: int
-) -> np.ndarray:
-    """(m,) mean over heads of the cosine similarity of each pool clip to the mean of the unit-length
-    features of the support clips (labelled + pseudo-labelled) of its predicted class."""
-    from calm._heads import class_centroids, cosine_similarities, l2_normalize
-
-    centroids = class_centroids(l2_normalize(X_support), y_idx, C)
-    sims = cosine_similarities(_rows(X_pool, np.arange(_n_rows(X_pool))), centroids).mean(dim=1)
-    return sims.numpy()[np.arange(len(pred)), pred]
-
-
-def _rows(X, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of X (NumPy, memory map, torch tensor, ShardedArray) as a NumPy array."""
-    if hasattr(X, "detach"):
-        X = X.detach().cpu().numpy()
-    return np.asarray(X[np.asarray(idx, dtype=np.int64)])
-
-
-def _n_rows(X) -> int:
-    return int(X.shape[0]) if hasattr(X, "shape") else len(X)
 
 
 def _pool_rows(X_unlabelled, X_lab: np.ndarray) -> int:
@@ -155,6 +98,20 @@ def _round_report(r: int, added: int, p_cls: np.ndarray, p_conf: np.ndarray, C: 
         "added_per_class": np.bincount(p_cls, minlength=C).tolist(),
         "mean_confidence": float(p_conf.mean()) if len(p_conf) else None,
     }
+
+
+class _Run(NamedTuple):
+    """What one self-training run leaves: the final inner estimator, its classes, the drawn pool rows,
+    the pseudo-labelled rows of the drawn pool (their class index, confidence and round), the rounds."""
+
+    est: Any
+    classes: np.ndarray
+    drawn: np.ndarray
+    pseudo: np.ndarray
+    p_cls: np.ndarray
+    p_conf: np.ndarray
+    p_round: np.ndarray
+    rounds: list[dict]
 
 
 class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
@@ -184,6 +141,11 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         with ``random_state``; None: the whole pool.
     random_state : int >= 0 or None
         Seed of that draw.
+    guard : "cv" or None
+        "cv": run only as many rounds as cross-validation on the support set allows (each fold
+        self-trained without its held-out clips; `calm.selftraining.stopping`); nothing to hold out
+        (one clip in every class): all ``rounds``. None: all ``rounds`` (the schedule before the
+        guard).
 
     Examples
     --------
@@ -215,6 +177,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         "spread": [Interval(Integral, 1, None, closed="left")],
         "pool_per_class": [Interval(Integral, 1, None, closed="left"), None],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
+        "guard": [StrOptions({"cv"}), None],
     }
 
     def __init__(
@@ -230,6 +193,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         spread: int = 1,
         pool_per_class: int | None = 30,
         random_state: int | None = 0,
+        guard: str | None = "cv",
     ):
         self.estimator = estimator
         self.rounds = rounds
@@ -241,6 +205,7 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.spread = spread
         self.pool_per_class = pool_per_class
         self.random_state = random_state
+        self.guard = guard
 
     def _inner(self):
         if self.estimator is None:
@@ -296,12 +261,55 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     def fit(self, X, y, X_unlabelled=None):
         """Fit on labelled features X (n, K, d) and labels y, self-training on ``X_unlabelled``
         (m, K, d) (rows of any array-like with ``shape`` and row indexing; None or 0 rows: the
-        inner estimator alone). Returns self."""
+        inner estimator alone) for as many rounds as the guard allows. Returns self."""
         X_lab = _rows(X, np.arange(_n_rows(X)))
         y_lab = np.asarray(y)
         if y_lab.ndim != 1 or len(y_lab) != len(X_lab):
             raise ValueError(f"X has {len(X_lab)} samples but y has shape {y_lab.shape}")
+        self.guard_ = self._guard(X_lab, y_lab, X_unlabelled)
+        rounds = self.rounds if self.guard_ is None else self.guard_["rounds_allowed"]
+        s = self._train(X_lab, y_lab, X_unlabelled, rounds)
+        self.estimator_ = s.est
+        self.classes_ = s.classes
+        self.pool_index_ = s.drawn
+        self.pseudo_index_ = s.drawn[s.pseudo]
+        self.pseudo_labels_ = s.classes[s.p_cls]
+        self.pseudo_confidence_ = s.p_conf
+        self.pseudo_round_ = s.p_round
+        self.added_per_class_ = np.bincount(s.p_cls, minlength=len(s.classes))
+        self.rounds_ = s.rounds
+        self.n_rounds_ = len(self.rounds_)
+        return self
+
+    def _guard(self, X_lab: np.ndarray, y_lab: np.ndarray, X_unlabelled) -> dict | None:
+        """``guard_``: the guard's cross-validated accuracy after each round and the rounds it allows
+        (`calm.selftraining.stopping`); None without a guard, rounds or pool."""
+        if self.guard is None or not self.rounds or not _pool_rows(X_unlabelled, X_lab):
+            return None
+
+        def run(train: np.ndarray, rounds: int) -> list[np.ndarray]:
+            preds: list[np.ndarray] = []
+            held_out = X_lab[~train]
+            self._train(
+                X_lab[train], y_lab[train], X_unlabelled, rounds, lambda e: preds.append(e.predict(held_out))
+            )
+            return preds
+
+        curve = cv_curve(y_lab, self.rounds, run)
+        return {
+            "guard": self.guard,
+            "estimable": curve is not None,
+            "folds": len(guard_folds(y_lab)),
+            "cv_accuracy": curve,
+            "rounds_allowed": self.rounds if curve is None else choose_rounds(curve),
+        }
+
+    def _train(self, X_lab: np.ndarray, y_lab: np.ndarray, X_unlabelled, rounds: int, watch=None) -> _Run:
+        """Self-training for at most ``rounds`` rounds; ``watch(estimator)`` sees the inner estimator
+        after round 0 and after every refit. Returns the state ``fit`` turns into attributes."""
         est = self._inner().fit(X_lab, y_lab)
+        if watch is not None:
+            watch(est)
         classes = np.asarray(est.classes_)
         C = len(classes)
         m = _pool_rows(X_unlabelled, X_lab)
@@ -312,8 +320,8 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         p_cls = np.empty(0, dtype=np.int64)
         p_conf = np.empty(0, dtype=np.float64)
         p_round = np.empty(0, dtype=np.int64)
-        self.rounds_ = []
-        for r in range(1, self.rounds + 1 if m else 1):
+        report = []
+        for r in range(1, rounds + 1 if m else 1):
             pred, conf = confidence_scores(est, X_pool, self.confidence)
             if self.relabel:
                 quota = self._quota(y_lab, classes, self.per_round * r)
@@ -336,17 +344,10 @@ class SelfTraining(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             if added == 0 and not self.relabel:
                 break  # nothing left to add: the estimator would not change
             est = self._refit(X_lab, y_lab, X_pool, pseudo, classes[p_cls])
-            self.rounds_.append(_round_report(r, added, p_cls, p_conf, C))
-        self.estimator_ = est
-        self.classes_ = classes
-        self.pool_index_ = drawn
-        self.pseudo_index_ = drawn[pseudo]
-        self.pseudo_labels_ = classes[p_cls]
-        self.pseudo_confidence_ = p_conf
-        self.pseudo_round_ = p_round
-        self.added_per_class_ = np.bincount(p_cls, minlength=C)
-        self.n_rounds_ = len(self.rounds_)
-        return self
+            if watch is not None:
+                watch(est)
+            report.append(_round_report(r, added, p_cls, p_conf, C))
+        return _Run(est, classes, drawn, pseudo, p_cls, p_conf, p_round, report)
 
     def predict(self, X) -> np.ndarray:
         """Labels predicted by the final inner estimator."""
