@@ -127,6 +127,7 @@ def test_evaluate_fit_predict_end_to_end(tmp_path, tones):
         "tau_w": 0.5,
         "normalization": "softmax",
         "reliability": "in-sample",
+        "scores": "loo",
     }
     assert "outside the support" in cfg["protocol"]
     assert (
