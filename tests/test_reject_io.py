@@ -131,6 +131,9 @@ def test_fit_takes_the_score_by_name(tmp_path):
     assert "score top-proba (log-odds of the calibrated top probability)" in res.output
     assert calm.load(out).unknown_score == "top-proba"
     assert invoke("fit", store, "--out", out, "--unknown", "0.8", "--unknown-score", "energy").exit_code == 2
+    alone = invoke("fit", store, "--out", tmp_path / "n.safetensors", "--unknown-score", "top-proba")
+    assert alone.exit_code == 2 and "give --unknown too" in alone.output  # not ignored in silence
+    assert not (tmp_path / "n.safetensors").exists()
 
 
 def test_audio_classifier_says_which_score_rejects(tmp_path):

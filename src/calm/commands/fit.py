@@ -4,6 +4,7 @@ adds clips to a classifier that kept its support set (`calm.evaluate.fitting.add
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -94,6 +95,8 @@ def fit(**params: Any) -> None:
     }
     if params["unknown"] is not None:
         chosen["unknown_score"] = params["unknown_score"]
+    elif _given(["unknown_score"]):
+        raise click.UsageError("--unknown-score chooses the reject option's score: give --unknown too")
     try:
         result = fit_store(
             params["store"],
@@ -123,9 +126,8 @@ def _add(params: dict[str, Any]) -> None:
     """`calm fit --add MODEL --data KIND:ROOT --out NEW`: the method and its parameters are MODEL's."""
     from calm.evaluate.fitting import add_to_file
 
-    ctx = click.get_current_context()
     names = (*_FIT_ONLY, "k", "tau_p", "tau_w", "sav_tie_break", "normalization", "reliability", "scores")
-    given = [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+    given = _given(names)
     if params["store"] is not None or params["data"] is None or given:
         extra = (
             f"; the method and its options come from {params['add']}: drop {_flags(given)}" if given else ""
@@ -153,3 +155,9 @@ def _add(params: dict[str, Any]) -> None:
 
 def _flags(names: list[str]) -> str:
     return ", ".join("--" + n.replace("_", "-") for n in names)
+
+
+def _given(names: Sequence[str]) -> list[str]:
+    """The options among `names` given on the command line (not left at their defaults)."""
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
