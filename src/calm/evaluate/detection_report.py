@@ -138,12 +138,12 @@ def detection_html(results: Mapping[str, Any]) -> str:
 def write_detection_outputs(out_dir: str | Path, results: Mapping[str, Any]) -> dict[str, Path]:
     """Write results.json, results.md and report.html into `out_dir` (atomically); their paths."""
     from calm._files import atomic_write_text
-    from calm.evaluate.reports import _clean
+    from calm.evaluate.reports import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
-    atomic_write_text(paths["json"], json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    write_json(paths["json"], results)
     atomic_write_text(paths["md"], detection_markdown(results))
     atomic_write_text(paths["html"], detection_html(results))
     for path in paths.values():

@@ -32,6 +32,7 @@ __all__ = [
     "confusion_markdown",
     "per_class_markdown",
     "results_markdown",
+    "write_json",
     "write_results",
 ]
 
@@ -257,6 +258,11 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     js = out_dir / "results.json"
     md = out_dir / "results.md"
-    atomic_write_text(js, json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    write_json(js, results)
     atomic_write_text(md, results_markdown(results, confusions))
     return js, md
+
+
+def write_json(path: str | Path, results: Mapping[str, Any]) -> None:
+    """Write `results` as JSON to `path` atomically: NaN / inf as null, NumPy values as Python."""
+    atomic_write_text(Path(path), json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
