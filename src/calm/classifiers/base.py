@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from calm import _heads as H
 from calm.classifiers import calibration, support
+from calm.classifiers.explain import explain as explain_clips
 from calm.classifiers.features import (
     CHUNK_BYTES,
     Features,
@@ -245,7 +246,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         carried its score (layer / head when ``metadata_["head_names"]`` has them, weight,
         similarity, contribution), as plain JSON-ready dicts."""
         check_is_fitted(self)
-        return calibration.explain(self, X, top)
+        return explain_clips(self, X, top)
 
     def known_score(self, X: Any) -> np.ndarray:
         """Each clip's known score (n,) by ``unknown_score`` (higher: more like the predicted class's

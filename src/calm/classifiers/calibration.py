@@ -1,5 +1,6 @@
-"""Calibrated probabilities, conformal prediction sets and explanations of a fitted head classifier
-(SAV, CALM, CALM-global), from the support set alone; the math is :mod:`calm._calibration`.
+"""Calibrated probabilities, conformal prediction sets and the reject option of a fitted head
+classifier (SAV, CALM, CALM-global), from the support set alone; the math is
+:mod:`calm._calibration` (explanations: :mod:`calm.classifiers.explain`).
 
 ``calibration="loo-temperature"``: each support clip is scored as if it had been left out (its
 own class centroid recomputed without it, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); the kept heads
@@ -27,7 +28,6 @@ nothing and ``fit`` warns. It needs calibration.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -44,7 +44,7 @@ __all__ = [
     "MAX_CALIBRATION_CLIPS",
     "Calibratable",
     "calibration_rows",
-    "explain",
+    "float64_rows",
     "fit_calibration",
     "known_scores",
     "predict_set",
@@ -122,7 +122,8 @@ MAX_CALIBRATION_CLIPS = 256
 _CHUNK_BYTES = 64 * 2**20
 
 
-def _chunk(K: int, d: int, C: int) -> int:
+def float64_rows(K: int, d: int, C: int) -> int:
+    """Rows per chunk of float64 work on (rows, K, max(C, d)) arrays: cosines, contributions."""
     return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
 
 
@@ -161,7 +162,7 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
     logs, ys, own, at_pred, w_pred = [], [], [], [], []
-    for start, xb in feats.chunks(_chunk(K, d, C), torch.float64):
+    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
         keep = usable[start : start + len(xb)]
         if not bool(keep.any()):
@@ -250,7 +251,7 @@ def known_scores(clf: Calibratable, X: Any, scores: np.ndarray | None = None) ->
     unit = H.l2_normalize(centroids)
     out = np.empty(feats.n)
     weights = clf._head_weights()
-    for start, xb in feats.chunks(_chunk(K, d, C), torch.float64):
+    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
         p = pred[start : start + len(xb)]
         cos = torch.einsum("nkd,nkd->nk", H.l2_normalize(xb), unit[torch.as_tensor(p)]).numpy()
         out[start : start + len(xb)] = cal.centroid_z(cos, clf.known_mean_[p], clf.known_spread_, weights[p])
@@ -336,59 +337,3 @@ def reject_line(clf: Any) -> str | None:
         f"score {info['score']} ({info['score_description']}), "
         f"{info['label']!r} below {info['threshold']:.4g}"
     )
-
-
-def head_labels(clf: Calibratable) -> list[dict[str, Any]]:
-    """Each head's description: its index, and layer / head / source when ``metadata_`` carries
-    ``head_names`` of the right length."""
-    names: Sequence[Any] = clf.metadata_.get("head_names") or []
-    if len(names) != clf.n_heads_:
-        return [{"head": j} for j in range(clf.n_heads_)]
-    out = []
-    for j, name in enumerate(names):
-        layer, head, source = (list(name) + [None, None, None])[:3]
-        out.append({"head": j, "layer": layer, "index": head, "source": source})
-    return out
-
-
-def explain(clf: Calibratable, X: Any, top: int = 5) -> list[dict[str, Any]]:
-    """Per clip a JSON-ready dict: ``prediction``, ``scores`` and ``probabilities`` by class, and
-    ``heads`` by class: up to ``top`` heads that carried the class's score, largest part first,
-    each with its description (:func:`head_labels`), ``weight`` (CALM: w_c^j; SAV: 1 / k for a
-    kept head), ``similarity`` (cosine to the class centroid) and ``contribution`` (its part of
-    the score: w_c^j p_c^j(x) for CALM, 1 for a SAV vote); heads contributing 0 are left out."""
-    feats = clf._query(X)
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
-    labels, weights = head_labels(clf), clf._head_weights()
-    classes = [c.item() if hasattr(c, "item") else c for c in clf.classes_]
-    all_scores = clf.class_scores(X)  # those predict reads: the same prediction
-    out: list[dict[str, Any]] = []
-    for start, xb in feats.chunks(_chunk(K, d, C), torch.float64):
-        cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(xb), H.l2_normalize(centroids))
-        parts = clf._contributions(cos)
-        scores = all_scores[start : start + len(xb)]
-        probs = proba(clf, scores)
-        for i in range(len(xb)):
-            heads = {}
-            for c, name in enumerate(classes):
-                order = torch.argsort(parts[i, :, c], descending=True, stable=True)[:top]
-                heads[str(name)] = [
-                    {
-                        **labels[int(j)],
-                        "weight": float(weights[c, j]),
-                        "similarity": float(cos[i, j, c]),
-                        "contribution": float(parts[i, j, c]),
-                    }
-                    for j in order.tolist()
-                    if float(parts[i, j, c]) > 0
-                ]
-            out.append(
-                {
-                    "prediction": classes[int(np.argmax(scores[i]))],
-                    "scores": {str(c): float(s) for c, s in zip(classes, scores[i], strict=True)},
-                    "probabilities": {str(c): float(p) for c, p in zip(classes, probs[i], strict=True)},
-                    "heads": heads,
-                }
-            )
-    return out
