@@ -160,3 +160,29 @@ def test_a_stored_clip_below_a_higher_min_seconds_is_refused_without_decoding(fi
     assert decodes == []
     assert str(feats.error()) == f"{short}: too short (0.150 s; at least 0.2 s needed)"
     assert str(FeaturePipeline(Bands(), min_seconds=0.2).features([short]).error()) == str(feats.error())
+
+
+def test_a_store_written_before_durations_were_recorded_reads_back_without_decoding(
+    files, tmp_path, decodes, monkeypatch
+):
+    import calm.store.writer as writer
+    from calm.inference import Predictor
+
+    real_row = writer._index_row
+
+    def older_row(item, digest):  # an index row as stores wrote it before durations were recorded
+        return {k: v for k, v in real_row(item, digest).items() if k != "duration"}
+
+    monkeypatch.setattr(writer, "_index_row", older_row)
+    cache = tmp_path / "cache"
+    clf = AudioClassifier("fake-bands-cache", "sav", device="cpu", k=3, cache=cache)
+    clf.fit(files["train"], files["labels"])
+    (index,) = cache.glob("*/index.jsonl")
+    assert not any("duration" in json.loads(line) for line in index.read_text().splitlines())
+    monkeypatch.setattr(writer, "_index_row", real_row)
+    decodes.clear()
+    feats = FeaturePipeline(Bands()).features(files["train"], cache=cache)
+    assert decodes == [] and feats.durations == {} and sorted(feats.rows) == list(range(6))
+    predictor = Predictor(clf.classifier_, clf._get_extractor())
+    assert [p.duration for p in predictor(files["train"][:2], cache=cache)] == [None, None]
+    assert decodes == []
