@@ -752,17 +752,24 @@ def test_case_fuzz_manifest(tmp_path, data):
 )
 def test_case_fuzz_decoder(tmp_path, data):
     from calm.audio import AudioError
+    from calm.audio_inputs import ClipError, checked_clip
     from calm.store.pipeline import prepare
 
     path = tmp_path / "fuzz.wav"
     path.write_bytes(data)
-    digest, x, reason = prepare(FakeExtractor(), str(path), None)
+    digest, x, reason, _ = prepare(FakeExtractor(), str(path), None)
     if reason is None:
         assert digest and np.isfinite(x).all()
-    else:
-        assert digest is None and x is None and reason and "Traceback" not in reason
-        with pytest.raises(AudioError, match=str(path)):
-            FakeExtractor().load_input(str(path))
+        return
+    assert digest is None and x is None and reason and "Traceback" not in reason
+    try:
+        wave = FakeExtractor().load_input(str(path))
+    except AudioError as exc:
+        assert str(path) in str(exc)
+    else:  # decodable, but refused by the checks every clip passes (too short, empty)
+        with pytest.raises(ClipError) as refused:
+            checked_clip(str(path), wave, FakeExtractor().sample_rate)
+        assert refused.value.reason == reason
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def assert_same_store(store: Path, reference: Path) -> None:
     X0, y0, meta0 = load_features(reference, mmap=False)
     assert meta["path"].tolist() == meta0["path"].tolist() and y.tolist() == y0.tolist()
     assert meta["hash"].tolist() == meta0["hash"].tolist()
+    assert meta["duration"].tolist() == meta0["duration"].tolist() and None not in meta["duration"].tolist()
     assert meta.attrs["key"] == meta0.attrs["key"] and meta.attrs["digest"] == meta0.attrs["digest"]
     assert X.dtype == X0.dtype and np.array_equal(X, X0)
 

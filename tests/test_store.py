@@ -314,8 +314,12 @@ def test_a_run_driven_from_outside_writes_the_same_store(tmp_path, clips, refere
             run(FakeExtractor(), clips, out)  # the lock is held while the run is open
         for start in range(0, len(part.pending), 3):
             chunk = part.pending[start : start + 3]
-            items = [Decoded(p, c, part.hashes.get(p) or file_sha256(p), None, None, True) for p, c in chunk]
-            part.write(items, np.stack([ext.features(load_audio(p, RATE)) for p, _ in chunk]))
+            waves = [load_audio(p, RATE) for p, _ in chunk]
+            items = [
+                Decoded(p, c, part.hashes.get(p) or file_sha256(p), None, None, True, len(w) / RATE)
+                for (p, c), w in zip(chunk, waves, strict=True)
+            ]
+            part.write(items, np.stack([ext.features(w) for w in waves]))
             part.advance(len(items))
     assert (part.report.skipped, part.report.stored, part.report.failed) == (4, 6, [])
     assert [e.done for e in events] == [0, 3, 6] and events[-1].stored == 6

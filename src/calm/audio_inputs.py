@@ -204,10 +204,15 @@ def checked_clip(source: str, wave: Any, sample_rate: int, min_seconds: float = 
         raise ClipError(source, "empty (no audio samples)")
     if not np.isfinite(x).all():
         raise ClipError(source, "contains NaN or infinite samples")
-    duration = x.shape[-1] / float(sample_rate)
+    return DecodedClip(source, x, long_enough(source, x.shape[-1] / float(sample_rate), min_seconds))
+
+
+def long_enough(source: str, duration: float, min_seconds: float = MIN_SECONDS) -> float:
+    """`duration` (seconds), or ClipError when it is below `min_seconds` (`checked_clip`'s length
+    check, also applied to a clip whose features a store gives back with its recorded duration)."""
     if duration < min_seconds:
         raise ClipError(source, too_short(duration, min_seconds))
-    return DecodedClip(source, x, duration)
+    return duration
 
 
 def error_reason(exc: BaseException) -> str:

@@ -9,7 +9,10 @@ classifier on top of it (and `calm predict`, `calm serve` and `calm.AudioClassif
 - `features(X, sample_rate=, batch_size=, cache=)`: both over a list of inputs -> `ClipFeatures`
   (rows, per-clip errors, durations). With `cache=FOLDER` the files go through the feature store
   there (`calm.store.extract_to_store`, float32): clips stored with the same content hash are read
-  back, not extracted. Waveforms are never cached (the store keys features by path and hash).
+  back, not decoded (their duration is the one recorded in the store's index; None in stores
+  written before it was recorded); the others are decoded once, by the store, which applies
+  the same checks (`checked_clip`) and gives the same reasons. Waveforms are never cached (the
+  store keys features by path and hash).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from calm.audio_inputs import (
     bytes_file,
     checked_clip,
     error_reason,
+    long_enough,
     prepare_wave,
 )
 from calm.models.base import FeatureExtractor
@@ -137,6 +141,9 @@ class FeaturePipeline:
         batch: list[tuple[int, DecodedClip]] = []
         stored: list[tuple[int, Path]] = []
         for i, clip_input in enumerate(inputs):
+            if not isinstance(clip_input, ClipError) and cache is not None and clip_input.path is not None:
+                stored.append((i, clip_input.path))  # decoded and checked by the store, if not stored yet
+                continue
             try:
                 if isinstance(clip_input, ClipError):
                     raise clip_input
@@ -145,9 +152,6 @@ class FeaturePipeline:
                 out.errors[i] = exc
                 continue
             out.durations[i] = clip.duration
-            if cache is not None and clip_input.path is not None:
-                stored.append((i, clip_input.path))  # checked here; its features come from the store
-                continue
             batch.append((i, clip))
             if len(batch) == batch_size:
                 self._embed_into(out, batch)
@@ -167,22 +171,37 @@ class FeaturePipeline:
     def _from_store(
         self, out: ClipFeatures, files: list[tuple[int, Path]], cache: Path, batch_size: int
     ) -> None:
-        """ClipFeatures of checked files through the store under `cache` (stored ones are read back)."""
+        """ClipFeatures and durations of files through the store under `cache`: stored ones are read
+        back without decoding, the others decoded, checked and extracted there (one decode each)."""
         from calm.store import extract_to_store, load_features, store_path
 
         paths = [store_path(p) for _, p in files]
         report = extract_to_store(
-            self.extractor, paths, cache, batch_size=batch_size, dtype=CACHE_DTYPE, progress=False
+            self.extractor,
+            paths,
+            cache,
+            batch_size=batch_size,
+            dtype=CACHE_DTYPE,
+            progress=False,
+            min_seconds=self.min_seconds,
         )
         failed = {store_path(p): reason for p, reason in report.failed}
         X, _, meta = load_features(cache, key=report.digest)
         row_of = {p: r for r, p in enumerate(meta["path"])}
+        seconds = meta["duration"].tolist()
         wanted = []
         for (i, _), p in zip(files, paths, strict=True):
-            if p in failed or p not in row_of:
-                out.fail(i, out.sources[i], failed.get(p, "not in the store after extraction"))
-            else:
-                wanted.append((i, row_of[p]))
+            try:
+                if p in failed or p not in row_of:
+                    raise ClipError(out.sources[i], failed.get(p, "not in the store after extraction"))
+                if seconds[row_of[p]] is not None:  # stored under a lower min_seconds: refused here too
+                    out.durations[i] = long_enough(
+                        out.sources[i], float(seconds[row_of[p]]), self.min_seconds
+                    )
+            except ClipError as exc:
+                out.errors[i] = exc
+                continue
+            wanted.append((i, row_of[p]))
         if wanted:
             feats = np.asarray(X[np.asarray([r for _, r in wanted])], dtype=np.float32)
             out.rows.update({i: row for (i, _), row in zip(wanted, feats, strict=True)})

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -314,17 +314,17 @@ class Predictor(FeaturePipeline):
             else:
                 clip = DecodedClip(source, np.empty(0), duration or 0.0)
                 k = None if known is None else float(known[i])
-                out.append(
-                    self.postprocess(
-                        clip,
-                        proba[i],
-                        top_k=top_k,
-                        alpha=alpha,
-                        known=k,
-                        explain=explain,
-                        features=feats.rows.get(i),
-                    )
+                pred = self.postprocess(
+                    clip,
+                    proba[i],
+                    top_k=top_k,
+                    alpha=alpha,
+                    known=k,
+                    explain=explain,
+                    features=feats.rows.get(i),
                 )
+                # read back from a store written before durations were recorded: None, not 0.0
+                out.append(pred if duration is not None else replace(pred, duration=None))
         return out
 
 

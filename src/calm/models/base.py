@@ -109,11 +109,13 @@ def model_revision(model) -> str | None:
 @runtime_checkable
 class ClipSource(Protocol):
     """What the feature store needs of an extractor to read clips and label their rows, without its
-    model (a Ray driver holds only this): the features' identity `key`, `head_names`, `model_id` and
-    `load_input` (thread-safe; the store calls it from worker threads)."""
+    model (a Ray driver holds only this): the features' identity `key`, `head_names`, `model_id`,
+    `load_input` (thread-safe; the store calls it from worker threads) and the `sample_rate` of
+    the waveforms it gives (the store checks their length)."""
 
     model_id: str
     head_names: list[HeadName]
+    sample_rate: int
 
     @property
     def key(self) -> dict[str, Any]:
@@ -131,7 +133,6 @@ class FeatureExtractor(ClipSource, Protocol):
     structural type of `Extractor` (any object with these members works, e.g. a test double).
     Attributes as documented on `Extractor`."""
 
-    sample_rate: int
     max_seconds: float | None
 
     def extract(self, inputs: Sequence[Any]) -> np.ndarray:

@@ -21,7 +21,8 @@ head source, option or storage dtype never reuses another key's features):
                                        "head_names": [[layer, head, source], ...], "feature_shape": [K, d]}
         index.jsonl                   one JSON line per stored clip: path (absolute), hash (sha256 of
                                       the file's bytes), label, labels, fold, split, meta, key (digest),
-                                      shard, row, shard_bytes, shard_sha256
+                                      duration (seconds decoded; absent in older stores), shard,
+                                      row, shard_bytes, shard_sha256
         failures.jsonl                clips of the latest run that failed, with the reason
         shards/shard-NNNNNN.safetensors   one tensor "features" (rows, K, d), float16 or float32
 

@@ -34,11 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from calm.audio_inputs import error_reason
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec
 from calm.store.events import ExtractReport, ProgressCallback
 from calm.store.format import StoreError
-from calm.store.pipeline import Decoded, extract_batch, failure_reason, prepare
+from calm.store.pipeline import Decoded, extract_batch, prepare
 from calm.store.stall import StallWatch
 from calm.store.writer import Extraction, ExtractionRun, _check_failures
 
@@ -160,6 +161,7 @@ class ExtractorShell:
         self.key = extractor.key
         self.head_names = list(extractor.head_names)
         self.model_id = getattr(extractor, "model_id", "model")
+        self.sample_rate = extractor.sample_rate
         reader = object.__new__(type(extractor))
         reader.__dict__.update({k: v for k, v in vars(extractor).items() if _plain(v)})
         self._reader = reader
@@ -200,9 +202,10 @@ class Decode:
         prepared = [
             prepare(self.shell, p, known) for p, known in zip(chunk["paths"], chunk["known"], strict=True)
         ]
-        chunk["hashes"] = [h for h, _, _ in prepared]
-        chunk["inputs"] = [x for _, x, _ in prepared]
-        chunk["reasons"] = [r for _, _, r in prepared]
+        chunk["hashes"] = [p.hash for p in prepared]
+        chunk["inputs"] = [p.input for p in prepared]
+        chunk["reasons"] = [p.reason for p in prepared]
+        chunk["durations"] = [p.duration for p in prepared]
         return {"id": row["id"], "blob": pickle.dumps(chunk, protocol=5)}
 
 
@@ -231,7 +234,7 @@ class Embed:
             feats, done, errors = extract_batch(self.extractor, [inputs[i] for i in good], self.n_heads)
             ok = [good[j] for j in done]
             for j, exc in errors:
-                reasons[good[j]] = f"model error: {failure_reason(exc)}"
+                reasons[good[j]] = f"model error: {error_reason(exc)}"
         out = {**chunk, "ok": ok, "features": feats, "reasons": reasons, "pid": os.getpid()}
         return pickle.dumps(out, protocol=5)
 
@@ -286,8 +289,8 @@ def _quiet(ray: Any) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _decoded(path: str, clip: Any, clip_hash: str | None) -> Decoded:
-    return Decoded(path, clip, clip_hash, None, None, more=False)
+def _decoded(path: str, clip: Any, clip_hash: str | None, duration: float | None) -> Decoded:
+    return Decoded(path, clip, clip_hash, None, None, more=False, duration=duration)
 
 
 def drain(run: ExtractionRun, results: Iterator[dict[str, Any]], watch: StallWatch | None = None) -> int:
@@ -300,11 +303,14 @@ def drain(run: ExtractionRun, results: Iterator[dict[str, Any]], watch: StallWat
     for row in results:
         res = pickle.loads(row["blob"])
         paths, hashes = res["paths"], res["hashes"]
+        durations = res.get("durations", [None] * len(paths))
         fresh = [i for i, p in enumerate(paths) if p not in written]
         duplicates += len(paths) - len(fresh)
         new = set(fresh)
         keep = [j for j, i in enumerate(res["ok"]) if i in new]  # rows of `features`
-        items = [_decoded(paths[i], clips[paths[i]], hashes[i]) for i in (res["ok"][j] for j in keep)]
+        items = [
+            _decoded(paths[i], clips[paths[i]], hashes[i], durations[i]) for i in (res["ok"][j] for j in keep)
+        ]
         if items:
             run.write(items, res["features"][keep])
         for i in fresh:

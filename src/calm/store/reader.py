@@ -203,6 +203,8 @@ def _meta_frame(ordered: list[dict[str, Any]]) -> Any:
         "label": _text_safe([r["label"] for r in ordered]),
         "fold": _fold_column([r.get("fold") for r in ordered]),
         "split": _text_safe([r.get("split") for r in ordered]),
+        # None (not NaN): not a waveform, or a row of a store written before durations were recorded
+        "duration": pd.Series([r.get("duration") for r in ordered], dtype=object),
     }
     meta = pd.DataFrame(base)
     extra_cols: dict[str, list[Any]] = {}
@@ -223,12 +225,13 @@ def load_features(
 
     X: (n, K, d) float32 -- a `ShardedArray` over memory-mapped shards (supports `X[idx]` and
     `np.asarray(X)`), or an in-memory array with `mmap=False`. y: 1-D array of label strings
-    (multi-label joined by `;`). meta: DataFrame with columns path, hash, label, fold, split and
-    the clips' metadata; `meta.attrs` holds "key" (the extractor's key), "dtype" (storage dtype),
-    "head_names" (list of (layer, head, source)), "digest" and "store" (the key folder).
-    Rows are sorted by path. `key` selects the extraction key when the store holds several (see
-    `resolve_key_dir`). Every shard used is checked once per process (size, header and the
-    checksum its index rows record) and every index line against its own check; `verify=True`
+    (multi-label joined by `;`). meta: DataFrame with columns path, hash, label, fold, split,
+    duration (seconds decoded; None in rows of stores written before it was recorded and for inputs
+    that are not waveforms) and the clips' metadata; `meta.attrs` holds "key" (the extractor's key),
+    "dtype" (storage dtype), "head_names" (list of (layer, head, source)), "digest" and "store" (the
+    key folder). Rows are sorted by path. `key` selects the extraction key when the store holds
+    several (see `resolve_key_dir`). Every shard used is checked once per process (size, header and
+    the checksum its index rows record) and every index line against its own check; `verify=True`
     also checks every shard's sha256.
     """
     root = resolve_key_dir(store, key)

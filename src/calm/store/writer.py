@@ -23,11 +23,12 @@ from typing import IO, Any, cast
 import numpy as np
 
 from calm._files import printable
+from calm.audio_inputs import MIN_SECONDS, error_reason
 from calm.models.base import ClipSource, FeatureExtractor
 from calm.store.events import ExtractProgress, ExtractReport, ProgressCallback, as_callback
 from calm.store.folder import KeyFolder, open_key_folder
 from calm.store.format import DTYPES, FAILURES_FILE, LOCK_FILE, StoreError, StoreLock, no_link, store_path
-from calm.store.pipeline import Decoded, decode_ahead, extract_batch, failure_reason, safe_hash
+from calm.store.pipeline import Decoded, decode_ahead, extract_batch, safe_hash
 
 log = logging.getLogger("calm.store")
 
@@ -64,8 +65,10 @@ class Extraction:
     """Extraction of one extractor's features into the store `out` (its key folder for this
     extractor's key and the storage `dtype`), resumable and crash-safe.
 
-    Audio decoding (`extractor.load_input`) and hashing run in `workers` threads (default:
-    min(4, CPUs)), up to `prefetch` clips ahead of the model, which gets batches of `batch_size`.
+    Audio decoding (`extractor.load_input`), the clip checks (`calm.audio_inputs.checked_clip`:
+    a waveform shorter than `min_seconds`, empty or not finite fails with its reason) and hashing
+    run in `workers` threads (default: min(4, CPUs)), up to `prefetch` clips ahead of the model,
+    which gets batches of `batch_size`.
     `progress`: a callable receiving `ExtractProgress` events, True for a `TextProgress` printer
     on stderr, False or None for silence. `run` may be called more than once; each run holds the
     key folder's lock while it works.
@@ -81,6 +84,7 @@ class Extraction:
         workers: int | None = None,
         prefetch: int | None = None,
         progress: bool | ProgressCallback | None = None,
+        min_seconds: float = MIN_SECONDS,
     ):
         if dtype not in DTYPES:
             raise StoreError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -93,6 +97,7 @@ class Extraction:
         self.workers = max(1, workers if workers is not None else min(4, os.cpu_count() or 1))
         self.prefetch = max(prefetch or 2 * batch_size + self.workers, batch_size)
         self.progress = as_callback(progress)
+        self.min_seconds = float(min_seconds)
 
     def open_folder(self) -> KeyFolder:
         """The key folder this extraction writes to (created, not yet locked or recovered)."""
@@ -231,7 +236,12 @@ class ExtractionRun:
         job = self.job
         batch: list[Decoded] = []
         decoded = decode_ahead(
-            job.extractor, self.pending, self.hashes, workers=job.workers, prefetch=job.prefetch
+            job.extractor,
+            self.pending,
+            self.hashes,
+            workers=job.workers,
+            prefetch=job.prefetch,
+            min_seconds=job.min_seconds,
         )
         with closing(decoded):
             for item in decoded:
@@ -252,7 +262,7 @@ class ExtractionRun:
         extractor = cast(FeatureExtractor, self.job.extractor)
         feats, ok, errors = extract_batch(extractor, [d.input for d in batch], n_heads)
         for i, exc in errors:
-            self.fail(batch[i].path, batch[i].hash, f"model error: {failure_reason(exc)}")
+            self.fail(batch[i].path, batch[i].hash, f"model error: {error_reason(exc)}")
         self.write([batch[i] for i in ok], feats)
 
     def write(self, items: list[Decoded], features: np.ndarray) -> None:
@@ -290,6 +300,7 @@ def _index_row(item: Decoded, digest: str) -> dict[str, Any]:
         "split": clip.split,
         "meta": dict(clip.meta),
         "key": digest,
+        "duration": item.duration,
     }
 
 
@@ -305,12 +316,15 @@ def extract_to_store(
     progress: bool | ProgressCallback | None = True,
     workers: int | None = None,
     prefetch: int | None = None,
+    min_seconds: float = MIN_SECONDS,
 ) -> ExtractReport:
     """Extract the features of `clips` into the store `out`, skipping clips already stored.
 
     clips: `Clip`s, a `Dataset`, or paths. `limit` keeps the first N clips (so re-running with
     the same limit resumes the same work). Audio decoding (`extractor.load_input`) and hashing run
-    in `workers` threads (default: min(4, CPUs)), up to `prefetch` clips ahead of the model.
+    in `workers` threads (default: min(4, CPUs)), up to `prefetch` clips ahead of the model. A
+    decoded waveform must pass the checks every clip passes (`calm.audio_inputs.checked_clip`:
+    samples, all finite, at least `min_seconds` long); its duration is recorded in its index row.
     `progress`: a callable receiving `ExtractProgress` events, True for plain lines on stderr
     (`TextProgress`), False or None for none. Clips that fail to load (or whose features are not
     finite) are recorded with the reason in the report and in failures.jsonl; with
@@ -326,5 +340,6 @@ def extract_to_store(
         workers=workers,
         prefetch=prefetch,
         progress=progress,
+        min_seconds=min_seconds,
     )
     return job.run(clips, limit=limit, allow_failures=allow_failures)
