@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calm.classifiers.calibration import sets_of
 from calm.evaluate.config import EvalConfig
 from calm.evaluate.episodes import Part, ProtocolError, episode_features, make_parts, row_labels
 from calm.evaluate.episodes import sample_episode as draw
@@ -64,25 +65,31 @@ UNKNOWN = "unknown"  # the open-set class of the open accuracy and macro-F1
 OPEN_SET_STREAM = 0x4F53  # keeps the held-out classes' random stream apart from the episodes'
 
 
-def _top_proba(clf: Any, X: np.ndarray) -> np.ndarray:
-    return np.asarray(clf.predict_proba(X), dtype=np.float64).max(axis=1)
+def _probabilities(clf: Any, X: np.ndarray) -> np.ndarray | None:
+    """`predict_proba` (n, C) as float64, the one call per fitted classifier and query set every
+    probability score reads (None when the classifier has none)."""
+    return np.asarray(clf.predict_proba(X), dtype=np.float64) if hasattr(clf, "predict_proba") else None
 
 
-def _top_decision(clf: Any, X: np.ndarray) -> np.ndarray:
+def _top_proba(clf: Any, X: np.ndarray, proba: Any) -> np.ndarray:
+    return np.asarray(proba).max(axis=1)
+
+
+def _top_decision(clf: Any, X: np.ndarray, proba: Any) -> np.ndarray:
     d = np.asarray(clf.decision_function(X), dtype=np.float64)
     return np.abs(d) if d.ndim == 1 else d.max(axis=1)  # two classes: |score(c1) - score(c0)|
 
 
-def _margin(clf: Any, X: np.ndarray) -> np.ndarray:
-    p = np.sort(np.asarray(clf.predict_proba(X), dtype=np.float64), axis=1)
+def _margin(clf: Any, X: np.ndarray, proba: Any) -> np.ndarray:
+    p = np.sort(np.asarray(proba), axis=1)
     return p[:, -1] - p[:, -2]
 
 
-def _known_score(clf: Any, X: np.ndarray) -> np.ndarray:
+def _known_score(clf: Any, X: np.ndarray, proba: Any) -> np.ndarray:
     return np.asarray(clf.known_score(X), dtype=np.float64)
 
 
-def _similarity(clf: Any, X: np.ndarray) -> np.ndarray:
+def _similarity(clf: Any, X: np.ndarray, proba: Any) -> np.ndarray:
     """Per clip, the weight-averaged cosine of its heads to the predicted class's centroid over the
     heads `explain` lists as carrying that class's score (-1 when none does)."""
     out = []
@@ -94,8 +101,9 @@ def _similarity(clf: Any, X: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-#: score name -> (description, score of each clip of X under a fitted classifier)
-SCORES: dict[str, tuple[str, Callable[[Any, np.ndarray], np.ndarray]]] = {
+#: score name -> (description, score of each clip of X under a fitted classifier, given the
+#: classifier's `predict_proba(X)` (float64; None when it has none))
+SCORES: dict[str, tuple[str, Callable[[Any, np.ndarray, Any], np.ndarray]]] = {
     "top_proba": ("calibrated top probability (baseline)", _top_proba),
     "top_decision": ("top decision_function score (uncalibrated)", _top_decision),
     "margin": ("top minus second calibrated probability", _margin),
@@ -138,26 +146,27 @@ def open_set_metrics(clf: Any, Xk: np.ndarray, truth: Sequence[str], Xu: np.ndar
 
     out: dict[str, float] = {}
     positive = np.r_[np.ones(len(Xk)), np.zeros(len(Xu))]
+    probk, probu = _probabilities(clf, Xk), _probabilities(clf, Xu)  # once per query set
     for name, (_, score) in SCORES.items():
         if not hasattr(clf, NEEDS[name]):
             continue
-        sk, su = score(clf, Xk), score(clf, Xu)
+        sk, su = score(clf, Xk, probk), score(clf, Xu, probu)
         out[f"auroc_{name}"] = 100.0 * float(roc_auc_score(positive, np.r_[sk, su]))
         out[f"far95_{name}"] = _far(su, float(np.quantile(sk, 1.0 - ACCEPT)))
     threshold = _support_threshold(clf)
     if threshold is not None:
-        pk, pu = _top_proba(clf, Xk), _top_proba(clf, Xu)
+        pk, pu = _top_proba(clf, Xk, probk), _top_proba(clf, Xu, probu)
         out["far95_support"] = _far(pu, threshold)
         pred = np.r_[np.asarray(clf.predict(Xk), dtype=object), np.asarray(clf.predict(Xu), dtype=object)]
         pred[np.r_[pk, pu] < threshold] = UNKNOWN
         true = np.array([*truth, *[UNKNOWN] * len(Xu)], dtype=object)
         out["open_accuracy"] = accuracy(true, pred)
         out["open_macro_f1"] = macro_f1(true, pred, [*map(str, clf.classes_), UNKNOWN])
-    if hasattr(clf, "predict_set"):
-        sets = clf.predict_set(Xk, alpha=ALPHA)
+    if hasattr(clf, "predict_set"):  # `predict_set` of the probabilities above
+        sets = sets_of(clf, np.asarray(probk), ALPHA)
         out["coverage"] = 100.0 * float(np.mean([t in s for t, s in zip(truth, sets, strict=True)]))
         out["set_size"] = float(np.mean([len(s) for s in sets]))
-        out["empty_unknown"] = 100.0 * float(np.mean([not s for s in clf.predict_set(Xu, alpha=ALPHA)]))
+        out["empty_unknown"] = 100.0 * float(np.mean([not s for s in sets_of(clf, np.asarray(probu), ALPHA)]))
     return out
 
 
@@ -260,11 +269,13 @@ def run_open_set(
         is_held = np.array([t[0] in held[seed] for t in labels])
         known_rows, held_rows = np.flatnonzero(~is_held), np.flatnonzero(is_held)
         classes = [c for c in all_classes if c not in held[seed]]
+        unknown_X = [  # read once per seed and part, the unknown queries of every shot count
+            np.concatenate([episode_features(X, _unknown_rows(part, held_rows)), extra]) for part in parts
+        ]
         for n in shots:
-            for part in parts:
-                unknown_X = np.concatenate([episode_features(X, _unknown_rows(part, held_rows)), extra])
+            for part, unknown in zip(parts, unknown_X, strict=True):
                 args = (n, seed, classes)
-                runs += _episode_runs(X, labels, _known_part(part, known_rows), unknown_X, args, methods)
+                runs += _episode_runs(X, labels, _known_part(part, known_rows), unknown, args, methods)
                 if progress is not None:
                     progress(f"open set {n}-shot seed {seed} {part.name}")
     runs.sort(key=lambda r: (list(methods).index(r["method"]), r["shots"], r["seed"]))

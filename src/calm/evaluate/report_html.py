@@ -37,6 +37,7 @@ from calm.evaluate.report_sections import (
     table,
 )
 from calm.evaluate.reports import METHOD_TITLES, METRIC_TITLES
+from calm.evaluate.skew import prediction_skew
 from calm.methods import REGISTRY
 from calm.models import DEFAULT_MODEL
 from calm.models.spec import LoadSpec
@@ -93,6 +94,8 @@ class ReportData:
     clip_paths: audio file of each store row (`query` indices point here); empty = no players.
     figures: figure id ("fig3" ...) -> PNG file, embedded as base64.
     command: the command line that reproduces the run.
+    confusions: the prediction records' confusion matrices when the caller has them already
+      (`calm.evaluate.predictions.confusions`; None: computed from `predictions`).
     """
 
     results: Mapping[str, Any]
@@ -100,6 +103,7 @@ class ReportData:
     clip_paths: Sequence[str] = ()
     figures: Mapping[str, Path] = field(default_factory=dict)
     command: str | None = None
+    confusions: Sequence[Confusion] | None = None
 
 
 def summary_section(results: Mapping[str, Any]) -> str:
@@ -233,12 +237,14 @@ def config_section(results: Mapping[str, Any], command: str) -> str:
 @dataclass(frozen=True)
 class ReportContext:
     """What a section renders from: the report's data, the run folder (links are relative to it),
-    the confusion matrices of the prediction records and the command that reproduces the run."""
+    the confusion matrices of the prediction records, the command that reproduces the run and the
+    prediction skew (results.json's `prediction_skew`, `calm.evaluate.skew`)."""
 
     data: ReportData
     run_dir: Path
     confusions: Sequence[Confusion]
     command: str
+    skew: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -257,7 +263,7 @@ SECTIONS: list[ReportSection] = [
     ReportSection("paired", "paired", lambda c: paired_section(c.data.results)),
     ReportSection("confusion", "confusion", lambda c: confusion_section(c.confusions)),
     ReportSection("per-class", "per class", lambda c: per_class_section(c.confusions)),
-    ReportSection("skew", "prediction skew", lambda c: skew_section(c.confusions)),
+    ReportSection("skew", "prediction skew", lambda c: skew_section(c.skew)),
     ReportSection(
         "misclassified",
         "misclassified",
@@ -287,9 +293,13 @@ def render_report(data: ReportData, run_dir: str | Path) -> str:
     """The report page as one HTML string (links relative to `run_dir`)."""
     run_dir = Path(run_dir).resolve()
     cfg = data.results.get("config", {})
-    confs = confusions(data.predictions) if data.predictions else []
+    confs = data.confusions
+    if confs is None:
+        confs = confusions(data.predictions) if data.predictions else []
+    skew = data.results.get("prediction_skew") or prediction_skew(confs)  # a document without it
     title = f"{cfg.get('model', '?')} on {cfg.get('dataset', '?')}"
-    context = ReportContext(data, run_dir, confs, data.command or reproduce_command(cfg, run_dir))
+    command = data.command or reproduce_command(cfg, run_dir)
+    context = ReportContext(data, run_dir, confs, command, skew)
     nav = " · ".join(f'<a href="#{s.anchor}">{escape(s.nav)}</a>' for s in SECTIONS)
     body = [
         f"<h1>Results: {escape(title)}</h1>",

@@ -15,7 +15,7 @@ import numpy as np
 
 from calm.evaluate.predictions import Confusion, class_changes, misclassified, per_class_accuracy
 from calm.evaluate.reports import METHOD_TITLES
-from calm.evaluate.skew import STARVED_RATIO, prediction_skew
+from calm.evaluate.skew import STARVED_RATIO
 from calm.methods import REGISTRY, principal
 
 MAX_MATRIX_CLASSES = 25  # above this a confusion matrix is summarised by its largest confusions
@@ -136,12 +136,12 @@ def _balance_cell(ratio: float | None, predicted: float, true: float) -> str:
     return f"<td{cls}>{predicted:.1f} / {true:.1f}<small> ×{fmt(ratio)}</small></td>"
 
 
-def skew_section(confs: Sequence[Confusion]) -> str:
+def skew_section(skew: Sequence[Mapping[str, Any]]) -> str:
     """Per method and shots: the largest predicted / true ratio and the classes almost never
-    predicted (`calm.evaluate.skew`), then per shots the predicted / true counts of every class."""
-    if not confs:
+    predicted (`prediction_skew`: `calm.evaluate.skew`), then per shots the predicted / true
+    counts of every class."""
+    if not skew:
         return ""
-    skew = prediction_skew(confs)
     out = [
         '<h2 id="skew">Prediction skew</h2><p class="muted">Per class: queries predicted as it / queries '
         f"of it (mean over seeds) and their ratio; per seed: the mean over seeds of each seed's largest "

@@ -205,10 +205,17 @@ def per_class_markdown(confs: Sequence[Confusion]) -> str:
     return "\n".join(lines)
 
 
-def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: Any) -> dict:
+def build_results(
+    result: ProtocolResult,
+    config: Mapping[str, Any],
+    *,
+    confs: Sequence[Confusion] | None = None,
+    **extra: Any,
+) -> dict:
     """The results.json document: config, summary, runs, paired differences, the prediction skew of
     the runs' prediction records (`calm.evaluate.skew`), their reliability diagrams
-    (`calm.evaluate.reliability`) and any extras."""
+    (`calm.evaluate.reliability`) and any extras. `confs`: the records' confusion matrices when the
+    caller already has them (`confusions(result.predictions)`, computed here otherwise)."""
     primary = PRIMARY_METRIC[result.task]
     config = {
         **config,
@@ -220,7 +227,9 @@ def build_results(result: ProtocolResult, config: Mapping[str, Any], **extra: An
     }
     pl = pseudo_label_summary(result.runs)
     st = st_summary(result.runs)
-    skew = prediction_skew(confusions(result.predictions)) if result.predictions else []
+    if confs is None:
+        confs = confusions(result.predictions) if result.predictions else []
+    skew = prediction_skew(confs)
     rel = reliability(result.runs, result.predictions)
     return {
         "config": config,

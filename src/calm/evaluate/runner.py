@@ -321,7 +321,7 @@ def _figures(out: Path, results: dict, result: ProtocolResult, weights, counts, 
 
 
 def _report(
-    config: EvalConfig, results: dict, result: ProtocolResult, feats: EvalFeatures, made: dict
+    config: EvalConfig, results: dict, result: ProtocolResult, feats: EvalFeatures, made: dict, confs: list
 ) -> Path:
     """RUN_DIR/predictions.jsonl and RUN_DIR/report.html (Fig. 3-6 embedded, players for the clips)."""
     from calm.evaluate.predictions import PREDICTIONS_FILE, write_predictions
@@ -331,7 +331,7 @@ def _report(
     write_predictions(out / PREDICTIONS_FILE, result.predictions)
     paths = [str(p) for p in feats.meta["path"]] if "path" in feats.meta.columns else []
     figures = {k: v for k, v in made.items() if k.startswith("fig")}
-    data = ReportData(results, result.predictions, paths, figures, config.command())
+    data = ReportData(results, result.predictions, paths, figures, config.command(), confs)
     return write_report(data, out)
 
 
@@ -384,13 +384,13 @@ def run_evaluation(
         "extraction": feats.extraction,
     }
     extra = open_set_results(config, feats.X, feats.y, feats.meta, chosen, unknowns, progress)
+    confs = confusions(result.predictions)  # once: results.json's skew, results.md, figures, report
     results = build_results(
-        result, doc, analyses=analyses, skipped_methods=skipped, warnings=warnings, **extra
+        result, doc, confs=confs, analyses=analyses, skipped_methods=skipped, warnings=warnings, **extra
     )
     results["config"]["seconds"] = round(time.perf_counter() - t0, 1)
-    confs = confusions(result.predictions)
     js, md = write_results(out, results, confs)
     made = _figures(out, results, result, weights, counts, head_names, confs) if config.figures else {}
-    html = _report(config, results, result, feats, made)
+    html = _report(config, results, result, feats, made, confs)
     markdown = results_markdown(results, confs)
     return EvaluationResult(results, markdown, js, md, made, result, warnings, skipped, html)
