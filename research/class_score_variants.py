@@ -28,6 +28,7 @@ import argparse
 import numpy as np
 import torch
 
+from calm import _calibration as cal
 from calm import _heads as H
 
 
@@ -87,7 +88,23 @@ def _episode(rng, train, groups, yi, C, shots, group):
     return np.array(support), np.flatnonzero(held)
 
 
-def run(store: str, group: str, shots_list, seeds: int, k_frac: float, tau_p: float) -> None:
+def support_cosines(Xs: torch.Tensor, ys: np.ndarray, Xq: torch.Tensor, C: int):
+    """(labels tensor, clips per class (C,), query cosines (nq, K, C), support cosines in-sample
+    (n, K, C), leave-one-out support cosines or None when a class has one clip) of one episode."""
+    y = torch.from_numpy(ys)
+    counts = torch.bincount(y, minlength=C)
+    mu = H.class_centroids(Xs, y, C)
+    cos_q = H.cosine_similarities(Xq, mu)
+    if not bool((counts >= 2).all()):
+        return y, counts, cos_q, H.cosine_similarities(Xs, mu), None
+    cos_in, cos_loo = cal.loo_cosines(Xs, y, mu, counts)
+    return y, counts, cos_q, cos_in, cos_loo
+
+
+def validation_store(store, group: str):
+    """(X (n, K, d) float32, class indices (n,), classes, training-part mask (n,), group of each clip)
+    of a feature store: the training part is everything but the official test split, or but the last
+    fold, or (group "random") every clip; validation episodes (`_episode`) never leave it."""
     import calm
 
     X_np, labels, meta = calm.load_features(store)
@@ -101,6 +118,11 @@ def run(store: str, group: str, shots_list, seeds: int, k_frac: float, tau_p: fl
     else:
         train = (meta["fold"] != meta["fold"].max()).to_numpy()
     groups = meta[group].astype(str).to_numpy() if group != "random" else np.arange(len(yi)).astype(str)
+    return X, yi, classes, train, groups
+
+
+def run(store: str, group: str, shots_list, seeds: int, k_frac: float, tau_p: float) -> None:
+    X, yi, classes, train, groups = validation_store(store, group)
     k = H.resolve_k(k_frac, X.shape[1])
     acc: dict = {}
     for shots in shots_list:

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from class_score_variants import _episode  # noqa: E402
+from class_score_variants import _episode, support_cosines, validation_store  # noqa: E402
 
-from calm import _calibration as cal  # noqa: E402
 from calm import _heads as H  # noqa: E402
 
 PAPER, TAU_W, INF = 0.03, 0.5, math.inf
@@ -49,12 +48,8 @@ ONE_SHOT = {"L0": 0, "Linf": INF}  # every other rule: lam 1
 
 def _scores(Xs, ys, Xq, yq, C, k):
     """Query accuracy per (lam, tau_p) and leave-one-out (accuracy, margin) of the support clips."""
-    y = torch.from_numpy(ys)
-    counts = torch.bincount(y, minlength=C)
-    mu = H.class_centroids(Xs, y, C)
-    cos_q = H.cosine_similarities(Xq, mu)
-    loo = bool((counts >= 2).all())
-    cos_in, cos_loo = cal.loo_cosines(Xs, y, mu, counts) if loo else (H.cosine_similarities(Xs, mu), None)
+    y, counts, cos_q, cos_in, cos_loo = support_cosines(Xs, ys, Xq, C)
+    loo = cos_loo is not None
     query, support = {}, {}
     for tau in GRID:
         m = H.clamped_margins(H.head_posteriors(cos_in, tau), y).double()
@@ -87,8 +82,6 @@ def _select(support, lams, crit):
 
 
 def main() -> None:
-    import calm
-
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -101,18 +94,8 @@ def main() -> None:
         ("esc10", "fold", (1, 2, 5, 10)),
         ("speech", "random", (1, 2, 3, 5)),
     ]:
-        X_np, labels, meta = calm.load_features(root / f"{store}-features")
-        X = torch.from_numpy(np.asarray(X_np, np.float32))
-        classes = sorted(set(labels))
-        yi = np.array([classes.index(v) for v in labels])
+        X, yi, classes, train, groups = validation_store(root / f"{store}-features", group)
         C, k = len(classes), H.resolve_k(0.25, X.shape[1])
-        if (meta["split"] == "test").any():
-            train = (meta["split"] != "test").to_numpy()
-        elif group == "random":
-            train = np.ones(len(yi), bool)
-        else:
-            train = (meta["fold"] != meta["fold"].max()).to_numpy()
-        groups = meta[group].astype(str).to_numpy() if group != "random" else np.arange(len(yi)).astype(str)
         for shots in shots_list:
             res: dict[str, list[float]] = {}
             for seed in range(20):

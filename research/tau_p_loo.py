@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from class_score_variants import _episode  # noqa: E402
+from class_score_variants import _episode, support_cosines, validation_store  # noqa: E402
 
 from calm import _calibration as cal  # noqa: E402
 from calm import _heads as H  # noqa: E402
@@ -43,12 +43,8 @@ def _pick(loo_acc: dict[float, float]) -> float:
 
 
 def _episode_scores(Xs, ys, Xq, C, k, grid, tau_w=0.5):
-    y = torch.from_numpy(ys)
-    counts = torch.bincount(y, minlength=C)
-    mu = H.class_centroids(Xs, y, C)
-    cos_q = H.cosine_similarities(Xq, mu)
-    loo = bool((counts >= 2).all())
-    cos_in, cos_loo = cal.loo_cosines(Xs, y, mu, counts) if loo else (H.cosine_similarities(Xs, mu), None)
+    y, counts, cos_q, cos_in, cos_loo = support_cosines(Xs, ys, Xq, C)
+    loo = cos_loo is not None
     preds, loo_acc = {}, {}
     for tau in grid:
         m = H.clamped_margins(H.head_posteriors(cos_in, tau), y)
@@ -106,19 +102,7 @@ def _episode_scores(Xs, ys, Xq, C, k, grid, tau_w=0.5):
 
 
 def run(store, group, shots_list, seeds, k_frac, grid):
-    import calm
-
-    X_np, labels, meta = calm.load_features(store)
-    X = torch.from_numpy(np.asarray(X_np, dtype=np.float32))
-    classes = sorted(set(labels))
-    yi = np.array([classes.index(v) for v in labels])
-    if "split" in meta and (meta["split"] == "test").any():
-        train = (meta["split"] != "test").to_numpy()
-    elif group == "random":
-        train = np.ones(len(yi), bool)
-    else:
-        train = (meta["fold"] != meta["fold"].max()).to_numpy()
-    groups = meta[group].astype(str).to_numpy() if group != "random" else np.arange(len(yi)).astype(str)
+    X, yi, classes, train, groups = validation_store(store, group)
     k = H.resolve_k(k_frac, X.shape[1])
     print(f"{store}: k={k}, {seeds} validation seeds, group={group}, grid={grid}")
     for shots in shots_list:
