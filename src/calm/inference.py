@@ -166,9 +166,13 @@ class Predictor(FeaturePipeline):
         ok = [i for i, f in enumerate(features) if not isinstance(f, str)]
         if ok:
             X = np.stack([features[i] for i in ok])
-            proba = np.asarray(self.classifier.predict_proba(X), np.float64)
-            rejects = getattr(self.classifier, "unknown", None) is not None
-            known = self.classifier.known_score(X) if rejects else [None] * len(ok)
+            known: Any = [None] * len(ok)
+            if getattr(self.classifier, "unknown", None) is None:
+                proba = np.asarray(self.classifier.predict_proba(X), np.float64)
+            else:  # the class scores once, for both the probabilities and the known scores
+                scores = self.classifier.class_scores(X)
+                proba = np.asarray(calibration.proba(self.classifier, scores), np.float64)
+                known = calibration.known_scores(self.classifier, X, scores)
             for j, (i, p, k) in enumerate(zip(ok, proba, known, strict=True)):
                 if np.isfinite(p).all():
                     out[i] = Scored(p, X[j], None if k is None else float(k))
