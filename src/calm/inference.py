@@ -120,6 +120,11 @@ class Predictor(FeaturePipeline):
         self.classes = list(np.asarray(classifier.classes_).tolist())
 
     @property
+    def rejects(self) -> bool:
+        """Whether the classifier has a reject option (`unknown=`)."""
+        return getattr(self.classifier, "unknown", None) is not None
+
+    @property
     def model_id(self) -> str:
         return str(self.extractor.model_id)
 
@@ -167,7 +172,7 @@ class Predictor(FeaturePipeline):
         if ok:
             X = np.stack([features[i] for i in ok])
             known: Any = [None] * len(ok)
-            if getattr(self.classifier, "unknown", None) is None:
+            if not self.rejects:
                 proba = np.asarray(self.classifier.predict_proba(X), np.float64)
             else:  # the class scores once, for both the probabilities and the known scores
                 scores = self.classifier.class_scores(X)
@@ -194,7 +199,7 @@ class Predictor(FeaturePipeline):
         score is read off the probabilities; the others need them (ValueError)."""
         p = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(self.classes))
         best = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
-        if getattr(self.classifier, "unknown", None) is None:
+        if not self.rejects:
             return list(best)
         if known is None:
             if self.classifier.unknown_score != "top-proba":
@@ -290,8 +295,7 @@ class Predictor(FeaturePipeline):
             else:
                 proba[i] = p.probabilities
                 known[i] = np.nan if p.known is None else p.known
-        rejects = getattr(self.classifier, "unknown", None) is not None
-        return proba, known if rejects else None, feats
+        return proba, known if self.rejects else None, feats
 
     def __call__(
         self,
