@@ -40,7 +40,6 @@ from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
 from calm.classifiers import calibration
 from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.errors import ParameterError
-from calm.methods import EXPLAIN_HEADS
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
@@ -52,7 +51,6 @@ __all__ = [
     "ClipError",
     "ModelMismatchError",
     "UntrustedModelError",
-    "EXPLAIN_HEADS",
     "Prediction",
     "Predictor",
     "Scored",
