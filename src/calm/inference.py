@@ -105,6 +105,11 @@ class Scored:
     known: float | None = None
 
 
+def probabilities_of(output: Scored | str) -> np.ndarray | str:
+    """A `Predictor.forward_scored` output's class probabilities (a reason string passes through)."""
+    return output if isinstance(output, str) else output.probabilities
+
+
 class Predictor(FeaturePipeline):
     """A fitted classifier and the frozen model it was fitted on (see the module docstring).
 
@@ -183,7 +188,7 @@ class Predictor(FeaturePipeline):
 
     def forward(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
         """Class probabilities (C,) per waveform, or the reason it has none."""
-        return [s if isinstance(s, str) else s.probabilities for s in self.forward_scored(waveforms)]
+        return [probabilities_of(s) for s in self.forward_scored(waveforms)]
 
     def forward_scored(self, waveforms: Sequence[np.ndarray]) -> list[Scored | str]:
         """`forward`, each clip's probabilities kept with its features and known score (`Scored`)."""
@@ -329,8 +334,7 @@ class Predictor(FeaturePipeline):
                     explain=explain,
                     features=feats.rows.get(i),
                 )
-                # read back from a store written before durations were recorded: None, not 0.0
-                out.append(pred if duration is not None else replace(pred, duration=None))
+                out.append(replace(pred, duration=duration))  # None (not 0.0): a store's row without one
         return out
 
 
