@@ -40,7 +40,6 @@ from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
 from calm.classifiers import calibration
 from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.errors import ParameterError
-from calm.methods import EXPLAIN_HEADS
 from calm.models.base import FeatureExtractor
 from calm.models.spec import LoadSpec, ModelMismatchError, check_key
 
@@ -52,7 +51,6 @@ __all__ = [
     "ClipError",
     "ModelMismatchError",
     "UntrustedModelError",
-    "EXPLAIN_HEADS",
     "Prediction",
     "Predictor",
     "Scored",
@@ -107,6 +105,11 @@ class Scored:
     known: float | None = None
 
 
+def probabilities_of(output: Scored | str) -> np.ndarray | str:
+    """A `Predictor.forward_scored` output's class probabilities (a reason string passes through)."""
+    return output if isinstance(output, str) else output.probabilities
+
+
 class Predictor(FeaturePipeline):
     """A fitted classifier and the frozen model it was fitted on (see the module docstring).
 
@@ -118,6 +121,11 @@ class Predictor(FeaturePipeline):
         super().__init__(extractor, min_seconds=min_seconds)
         self.classifier = classifier
         self.classes = list(np.asarray(classifier.classes_).tolist())
+
+    @property
+    def rejects(self) -> bool:
+        """Whether the classifier has a reject option (`unknown=`)."""
+        return getattr(self.classifier, "unknown", None) is not None
 
     @property
     def model_id(self) -> str:
@@ -166,9 +174,13 @@ class Predictor(FeaturePipeline):
         ok = [i for i, f in enumerate(features) if not isinstance(f, str)]
         if ok:
             X = np.stack([features[i] for i in ok])
-            proba = np.asarray(self.classifier.predict_proba(X), np.float64)
-            rejects = getattr(self.classifier, "unknown", None) is not None
-            known = self.classifier.known_score(X) if rejects else [None] * len(ok)
+            known: Any = [None] * len(ok)
+            if not self.rejects:
+                proba = np.asarray(self.classifier.predict_proba(X), np.float64)
+            else:  # the class scores once, for both the probabilities and the known scores
+                scores = self.classifier.class_scores(X)
+                proba = np.asarray(calibration.proba(self.classifier, scores), np.float64)
+                known = calibration.known_scores(self.classifier, X, scores)
             for j, (i, p, k) in enumerate(zip(ok, proba, known, strict=True)):
                 if np.isfinite(p).all():
                     out[i] = Scored(p, X[j], None if k is None else float(k))
@@ -176,7 +188,7 @@ class Predictor(FeaturePipeline):
 
     def forward(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
         """Class probabilities (C,) per waveform, or the reason it has none."""
-        return [s if isinstance(s, str) else s.probabilities for s in self.forward_scored(waveforms)]
+        return [probabilities_of(s) for s in self.forward_scored(waveforms)]
 
     def forward_scored(self, waveforms: Sequence[np.ndarray]) -> list[Scored | str]:
         """`forward`, each clip's probabilities kept with its features and known score (`Scored`)."""
@@ -190,7 +202,7 @@ class Predictor(FeaturePipeline):
         score is read off the probabilities; the others need them (ValueError)."""
         p = np.asarray(probabilities, dtype=np.float64).reshape(-1, len(self.classes))
         best = np.asarray(self.classes, dtype=object)[np.argmax(p, axis=1)]
-        if getattr(self.classifier, "unknown", None) is None:
+        if not self.rejects:
             return list(best)
         if known is None:
             if self.classifier.unknown_score != "top-proba":
@@ -286,8 +298,7 @@ class Predictor(FeaturePipeline):
             else:
                 proba[i] = p.probabilities
                 known[i] = np.nan if p.known is None else p.known
-        rejects = getattr(self.classifier, "unknown", None) is not None
-        return proba, known if rejects else None, feats
+        return proba, known if self.rejects else None, feats
 
     def __call__(
         self,
@@ -323,8 +334,7 @@ class Predictor(FeaturePipeline):
                     explain=explain,
                     features=feats.rows.get(i),
                 )
-                # read back from a store written before durations were recorded: None, not 0.0
-                out.append(pred if duration is not None else replace(pred, duration=None))
+                out.append(replace(pred, duration=duration))  # None (not 0.0): a store's row without one
         return out
 
 

@@ -23,7 +23,7 @@ from calm.audio import AudioError, DecodeLimits, UnsupportedAudioError, decode_l
 from calm.audio_inputs import bytes_file
 from calm.detection import DEFAULT_HOP, DEFAULT_MEDIAN, DEFAULT_THRESHOLD, DEFAULT_WINDOW, detect
 from calm.errors import ParameterError
-from calm.inference import ClipError, Predictor
+from calm.inference import ClipError, Predictor, probabilities_of
 from calm.serve.api_errors import ApiError
 from calm.serve.decoding import DaemonPool
 from calm.serve.openapi import AUDIO_BODY, UPLOAD_ERRORS
@@ -50,8 +50,7 @@ class BatchedPredictor:
             futures = [self._batcher.submit(w) for w in waves]
         except RuntimeError:  # the batcher stopped
             raise ApiError("draining", "the server is shutting down", headers={"Retry-After": "5"}) from None
-        outputs = [f.result()[0] for f in futures]  # `Predictor.forward_scored`'s
-        return [out if isinstance(out, str) else out.probabilities for out in outputs]
+        return [probabilities_of(f.result()[0]) for f in futures]  # of `Predictor.forward_scored`'s
 
 
 def _pool(request: Request) -> DaemonPool:

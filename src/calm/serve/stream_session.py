@@ -29,6 +29,7 @@ from calm.detection import (
     class_thresholds,
 )
 from calm.errors import CalmError, ParameterError
+from calm.inference import probabilities_of
 from calm.serve.api_errors import ApiError
 from calm.serve.guard import bearer_ok
 from calm.serve.stream_detect import StreamDetector
@@ -159,7 +160,7 @@ class Session:
         except Exception as exc:  # a model batch failed (logged by the batcher)
             raise StreamError("model_error", f"the model failed: {type(exc).__name__}: {exc}") from None
         for (start, _), (output, _) in zip(windows, results, strict=True):  # `Predictor.forward_scored`'s
-            self.detector.add(start, output if isinstance(output, str) else output.probabilities)
+            self.detector.add(start, probabilities_of(output))
         if self.scores and len(self.detector.rows) > self.scored:
             await self.websocket.send_json(
                 {"type": "scores", "windows": self.detector.window_scores(self.scored)}
