@@ -29,7 +29,7 @@ def head_labels(clf: Calibratable) -> list[dict[str, Any]]:
     return out
 
 
-def explain(clf: Calibratable, X: Any, top: int = 5) -> list[dict[str, Any]]:
+def explain(clf: Calibratable, X: Any, top: int) -> list[dict[str, Any]]:
     """Per clip a JSON-ready dict: ``prediction``, ``scores`` and ``probabilities`` by class, and
     ``heads`` by class: up to ``top`` heads that carried the class's score, largest part first,
     each with its description (:func:`head_labels`), ``weight`` (CALM: w_c^j; SAV: 1 / k for a
