@@ -180,11 +180,6 @@ class CALM(HeadClassifier):
             TensorSpec("heads", ("C", "k") if per_class else ("k",), "i", index_of="K"),
         ) + ((TensorSpec("tau_p", (1,), bounds=(0, np.inf)),) if cls._chooses(params) else ())
 
-    @classmethod
-    def _checked(cls, params: dict[str, Any], path: Any) -> Any:
-        params.setdefault("scores", "paper")  # files written before scores= existed
-        return super()._checked(params, path)
-
     @staticmethod
     def _chooses(params: dict[str, Any]) -> bool:
         """Whether ``params`` choose tau_p and the pooling per support set (``scores="loo"``)."""
