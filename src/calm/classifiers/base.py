@@ -322,7 +322,7 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def _from_state(cls: type[_Self], saved: SavedClassifier, path: str | Path = "<state>") -> _Self:
         """A fitted estimator restored from ``saved``; ValueError naming ``path`` if it does not fit
         this class (bad parameters, or tensors unlike ``_state_specs``)."""
-        clf = cls._checked(old_file_params(saved.params), path)
+        clf = cls._checked(old_file_params(saved.params, cls), path)
         specs = cls._state_specs(saved.params)
         check_tensors(saved, specs, path)
         support.check_loaded(saved, saved.tensors["class_counts"], path)
@@ -372,7 +372,8 @@ def load(path: str | os.PathLike[str]) -> HeadClassifier:
 
     def layout(name: str, params: dict[str, Any]) -> tuple[TensorSpec, ...]:
         cls = _estimator(name, path)
-        cls._checked(old_file_params(params), path)  # bad parameters are refused before any tensor is read
+        # bad parameters are refused before any tensor is read
+        cls._checked(old_file_params(params, cls), path)
         return cls._state_specs(params)
 
     saved = read_classifier(path, layout)

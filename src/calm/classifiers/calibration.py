@@ -161,6 +161,8 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     )  # clips that can be left out (classes of 2 clips or more), at most MAX_CALIBRATION_CLIPS
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
+    centroid_z = clf.unknown_score == "centroid-z"
+    reject_z = centroid_z and clf.unknown is not None  # the LOO "centroid-z" scores are needed
     logs, ys, own, at_pred, w_pred = [], [], [], [], []
     for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
@@ -171,33 +173,37 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
         log_scores = clf._log_scores(clf._loo_scores(cos_in, cos_loo, yb[keep]).numpy())
         logs.append(log_scores)
         ys.append(yb[keep].numpy())
-        pred = np.argmax(log_scores, axis=1)
-        own.append(_at(cos_loo, yb[keep].numpy()))
-        at_pred.append(_at(cos_loo, pred))
-        refit = getattr(clf, "_loo_weights", None)  # CALM: the weights without the clip
-        w_pred.append(clf._head_weights()[pred] if refit is None else refit(cos_in, cos_loo, yb[keep], pred))
+        if centroid_z:
+            own.append(_at(cos_loo, yb[keep].numpy()))
+        if reject_z:
+            pred = np.argmax(log_scores, axis=1)
+            at_pred.append(_at(cos_loo, pred))
+            w_pred.append(_loo_pred_weights(clf, cos_in, cos_loo, yb[keep], pred))
     y_loo = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
     log_scores = np.concatenate(logs) if logs else np.zeros((0, C))
     clf.temperature_ = cal.fit_temperature(log_scores, y_loo)
     loo_proba = cal.calibrated_proba(log_scores, clf.temperature_)
     clf.nonconformity_ = cal.nonconformity(loo_proba, y_loo)
     clf.calibrated_ = len(y_loo) > 0
-    loo = cal.top_log_odds(log_scores, clf.temperature_)
-    if clf.unknown_score == "centroid-z":
-        own_cos = np.concatenate(own) if own else np.zeros((0, K))
+    own_cos = np.concatenate(own) if own else np.zeros((0, K))
+    if centroid_z:
         clf.known_mean_, clf.known_spread_ = cal.known_statistics(own_cos, y_loo, C)
+    if clf.unknown is None:
+        return
+    if not clf.calibrated_:
+        warnings.warn(
+            "unknown=: no class has two support clips, so there are no leave-one-out scores to set "
+            "the rejection threshold from; nothing will be rejected",
+            UserWarning,
+            stacklevel=3,
+        )
+    if reject_z:
         pred_cos = np.concatenate(at_pred) if at_pred else np.zeros((0, K))
         weights = np.concatenate(w_pred) if w_pred else np.zeros((0, K))
         loo = _loo_centroid_z(clf, (pred_cos, weights), own_cos, np.argmax(log_scores, axis=1), y_loo)
-    if clf.unknown is not None:
-        if not clf.calibrated_:
-            warnings.warn(
-                "unknown=: no class has two support clips, so there are no leave-one-out scores to set "
-                "the rejection threshold from; nothing will be rejected",
-                UserWarning,
-                stacklevel=3,
-            )
-        clf.reject_threshold_ = cal.reject_threshold(loo, clf.unknown)
+    else:
+        loo = cal.top_log_odds(log_scores, clf.temperature_)
+    clf.reject_threshold_ = cal.reject_threshold(loo, clf.unknown)
 
 
 #: The fitted state of ``unknown_score="centroid-z"``: per class and head the support clips' mean
@@ -210,6 +216,15 @@ def _at(cos: torch.Tensor, idx: np.ndarray) -> np.ndarray:
     index = torch.as_tensor(idx).view(-1, 1, 1).expand(-1, cos.shape[1], 1)
     out: np.ndarray = cos.gather(-1, index)[..., 0].numpy()
     return out
+
+
+def _loo_pred_weights(
+    clf: Calibratable, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
+) -> np.ndarray:
+    """Head weights (n, K) of the predicted classes ``pred`` of support clips left out: CALM's
+    refitted without the clip (its ``_loo_weights``), the fitted ones otherwise (SAV)."""
+    refit = getattr(clf, "_loo_weights", None)
+    return clf._head_weights()[pred] if refit is None else np.asarray(refit(cos_in, cos_loo, y, pred))
 
 
 def _loo_centroid_z(

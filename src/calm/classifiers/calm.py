@@ -180,11 +180,6 @@ class CALM(HeadClassifier):
             TensorSpec("heads", ("C", "k") if per_class else ("k",), "i", index_of="K"),
         ) + ((TensorSpec("tau_p", (1,), bounds=(0, np.inf)),) if cls._chooses(params) else ())
 
-    @classmethod
-    def _checked(cls, params: dict[str, Any], path: Any) -> Any:
-        params.setdefault("scores", "paper")  # files written before scores= existed
-        return super()._checked(params, path)
-
     @staticmethod
     def _chooses(params: dict[str, Any]) -> bool:
         """Whether ``params`` choose tau_p and the pooling per support set (``scores="loo"``)."""
@@ -214,12 +209,12 @@ class CALM(HeadClassifier):
         margin_sum = support_margin_sums(
             views, y_t, centroids, self.tau_p_, counts if loo else None
         ).T  # (C, K)
+        rc, rg = margin_sum / counts.to(dtype)[:, None], margin_sum.sum(dim=0) / feats.n  # Eq. 11, Eq. 7
         if self.pooling_ == 0.0:
-            r = margin_sum / counts.to(dtype)[:, None]  # Eq. 11
+            r = rc
         elif self.weighting == "global":
-            r = margin_sum.sum(dim=0) / feats.n  # Eq. 7
+            r = rg
         else:  # Eq. 11 shrunk towards Eq. 7 (scores="loo")
-            rc, rg = margin_sum / counts.to(dtype)[:, None], margin_sum.sum(dim=0) / feats.n
             r = H.shrunk_reliability(rc, rg, counts, self.pooling_)
         w = H.head_weights(r.cpu(), self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
@@ -228,7 +223,7 @@ class CALM(HeadClassifier):
         self.weights_ = (w.expand(C, K) if w.ndim == 1 else w).contiguous().numpy()
         order = torch.sort(r.cpu(), dim=-1, descending=True, stable=True).indices
         self.heads_ = order[..., : self.k_].numpy()
-        self._pooled = (margin_sum.cpu() / counts.cpu().to(dtype)[:, None], margin_sum.cpu().sum(0) / feats.n)
+        self._pooled = (rc.cpu(), rg.cpu())  # for _loo_scores (scores="loo")
 
     def _tau(self) -> float:
         """The posterior temperature in use: the chosen one (``scores="loo"``) or ``tau_p``."""

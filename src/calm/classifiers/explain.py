@@ -29,7 +29,7 @@ def head_labels(clf: Calibratable) -> list[dict[str, Any]]:
     return out
 
 
-def explain(clf: Calibratable, X: Any, top: int = 5) -> list[dict[str, Any]]:
+def explain(clf: Calibratable, X: Any, top: int) -> list[dict[str, Any]]:
     """Per clip a JSON-ready dict: ``prediction``, ``scores`` and ``probabilities`` by class, and
     ``heads`` by class: up to ``top`` heads that carried the class's score, largest part first,
     each with its description (:func:`head_labels`), ``weight`` (CALM: w_c^j; SAV: 1 / k for a
@@ -38,12 +38,13 @@ def explain(clf: Calibratable, X: Any, top: int = 5) -> list[dict[str, Any]]:
     feats = clf._query(X)
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
+    unit = H.l2_normalize(centroids)
     labels, weights = head_labels(clf), clf._head_weights()
     classes = [c.item() if hasattr(c, "item") else c for c in clf.classes_]
     all_scores = clf.class_scores(X)  # those predict reads: the same prediction
     out: list[dict[str, Any]] = []
     for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
-        cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(xb), H.l2_normalize(centroids))
+        cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(xb), unit)
         parts = clf._contributions(cos)
         scores = all_scores[start : start + len(xb)]
         probs = proba(clf, scores)

@@ -23,13 +23,17 @@ OLD_FILE_PARAMS = {
     "unknown_label": "unknown",
     "unknown_score": "top-proba",
     "keep_support": False,
+    "scores": "paper",  # CALM only: the paper's equations
 }
 
 
-def old_file_params(params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` of a file, completed in place with those it was written before (``OLD_FILE_PARAMS``)."""
+def old_file_params(params: dict[str, Any], cls: type) -> dict[str, Any]:
+    """``params`` of a file naming estimator ``cls``, completed in place with those of its
+    parameters (``_parameter_constraints``) that the file was written before (``OLD_FILE_PARAMS``)."""
+    known = getattr(cls, "_parameter_constraints", {})
     for name, value in OLD_FILE_PARAMS.items():
-        params.setdefault(name, value)
+        if name in known:
+            params.setdefault(name, value)
     return params
 
 

@@ -94,17 +94,14 @@ def partial_fit(clf: _H, X: Any, y: Any, classes: Any = None) -> _H:
     ``clf`` is fitted on X (scikit-learn's convention). ``classes`` (scikit-learn's convention:
     every class the calls may bring) is only checked: each label must be one of them."""
     est: Any = clf
-    if not hasattr(est, "classes_"):
-        X_all, y_all = X, labels_array(y)
-    else:
-        X_all, y_all = union(est, X, y)
+    fitted = hasattr(est, "classes_")
+    X_all, y_all = union(est, X, y) if fitted else (X, labels_array(y))
     if classes is not None:
-        outside = sorted(set(np.unique(y_all).tolist()) - set(labels_array(classes).tolist()))
+        allowed = labels_array(classes).tolist()
+        outside = sorted(set(np.unique(y_all).tolist()) - set(allowed))
         if outside:
-            raise FeatureError(
-                f"labels {outside[:5]} are not in classes={labels_array(classes).tolist()[:10]}"
-            )
-    if not hasattr(est, "classes_"):
+            raise FeatureError(f"labels {outside[:5]} are not in classes={allowed[:10]}")
+    if not fitted:
         est.fit(X_all, y_all)
         return clf
     new = clone(est).fit(X_all, y_all)
