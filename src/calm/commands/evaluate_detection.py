@@ -15,12 +15,13 @@ from click.core import ParameterSource
 
 from calm.commands.options import parse_int_list, parse_options, parse_seeds
 from calm.detection import DEFAULT_HOP, DEFAULT_MEDIAN, DEFAULT_THRESHOLD, DEFAULT_WINDOW
-from calm.evaluate.detection_eval import DEFAULT_BACKGROUNDS, DEFAULT_EVENTS
+from calm.evaluate.detection_eval import DEFAULT_BACKGROUNDS, DEFAULT_EVENTS, DetectionEvalConfig
 from calm.evaluate.soundscapes import SoundscapeSpec
 from calm.methods import DEFAULT_METHOD, audio_methods
 from calm.models import DEFAULT_MODEL
 
 SPEC = SoundscapeSpec()
+DEFAULTS = DetectionEvalConfig  # its field defaults are the options' defaults
 
 
 def given_command(ctx: click.Context) -> str:
@@ -49,20 +50,44 @@ def _classes(text: str) -> tuple[str, ...]:
     "-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="Backend option, repeatable."
 )
 @click.option("--method", type=click.Choice(audio_methods()), default=DEFAULT_METHOD, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--shots", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--seeds", default="10", show_default=True, help="N (seeds 0..N-1) or a list like 3,7,11.")
+@click.option("--device", default=DEFAULTS.device, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1), default=DEFAULTS.shots, show_default=True)
+@click.option(
+    "--seeds",
+    default=str(len(DEFAULTS.seeds)),
+    show_default=True,
+    help="N (seeds 0..N-1) or a list like 3,7,11.",
+)
 @click.option("--events", default=",".join(DEFAULT_EVENTS), show_default=True, help="Event classes.")
 @click.option(
     "--backgrounds", default=",".join(DEFAULT_BACKGROUNDS), show_default=True, help="Background classes."
 )
-@click.option("--test-fold", type=int, default=5, show_default=True, help="Fold of the soundscape events.")
 @click.option(
-    "--background-fold", type=int, default=4, show_default=True, help="Fold of the soundscape backgrounds."
+    "--test-fold",
+    type=int,
+    default=DEFAULTS.test_fold,
+    show_default=True,
+    help="Fold of the soundscape events.",
 )
-@click.option("--support-folds", default="1,2,3,4", show_default=True, help="Folds of the support clips.")
 @click.option(
-    "--soundscapes", type=click.IntRange(min=1), default=4, show_default=True, help="Soundscapes per seed."
+    "--background-fold",
+    type=int,
+    default=DEFAULTS.background_fold,
+    show_default=True,
+    help="Fold of the soundscape backgrounds.",
+)
+@click.option(
+    "--support-folds",
+    default=",".join(map(str, DEFAULTS.support_folds)),
+    show_default=True,
+    help="Folds of the support clips.",
+)
+@click.option(
+    "--soundscapes",
+    type=click.IntRange(min=1),
+    default=DEFAULTS.soundscapes,
+    show_default=True,
+    help="Soundscapes per seed.",
 )
 @click.option(
     "--duration", type=float, default=SPEC.duration, show_default=True, help="Seconds per soundscape."
@@ -73,7 +98,7 @@ def _classes(text: str) -> tuple[str, ...]:
     "--median", type=int, default=DEFAULT_MEDIAN, show_default=True, help="Median filter length (odd)."
 )
 @click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULTS.batch_size, show_default=True)
 def evaluate_detection(**params):
     """Score few-shot event detection on soundscapes: event- and segment-based F1, full vs naive."""
     from dataclasses import replace

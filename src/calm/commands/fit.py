@@ -5,6 +5,7 @@ adds clips to a classifier that kept its support set (`calm.evaluate.fitting.add
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 import click
@@ -12,6 +13,7 @@ from click.core import ParameterSource
 
 from calm.commands.options import classifier_options, classifier_spec, trust_file_model_option
 from calm.errors import CalmError
+from calm.evaluate.config import ClassifierSpec
 from calm.methods import DEFAULT_METHOD, DEFAULTS, UNKNOWN_SCORES, fit_methods
 
 FIT_METHODS = fit_methods()
@@ -126,7 +128,8 @@ def _add(params: dict[str, Any]) -> None:
     """`calm fit --add MODEL --data KIND:ROOT --out NEW`: the method and its parameters are MODEL's."""
     from calm.evaluate.fitting import add_to_file
 
-    names = (*_FIT_ONLY, "k", "tau_p", "tau_w", "sav_tie_break", "normalization", "reliability", "scores")
+    spec = (f.name for f in fields(ClassifierSpec) if f.name in params)  # the classifier_options
+    names = (*_FIT_ONLY, *spec)
     given = _given(names)
     if params["store"] is not None or params["data"] is None or given:
         extra = (

@@ -283,7 +283,8 @@ def _uses(kinds: tuple[str, ...]) -> Callable[[EvalConfig], bool]:
     return lambda config: any(info(m).kind in kinds for m in config.methods)
 
 
-def _int_or_none(value: Any) -> str:
+def _word_for_none(value: Any) -> str:
+    """An option's text with None spelled `none` (`--st-max-labelled none`, `--st-guard none`)."""
     return "none" if value is None else str(value)
 
 
@@ -346,12 +347,14 @@ CLI_OPTIONS: tuple[CliOption, ...] = (
     CliOption("self_training.per_round", "--st-per-round", always=_ST),
     CliOption("self_training.confidence", "--st-confidence", always=_ST),
     CliOption("self_training.labelled_weight", "--st-labelled-weight", always=_ST),
-    CliOption("self_training.max_labelled", "--st-max-labelled", _int_or_none, always=_ST, spells_none=True),
     CliOption(
-        "self_training.pool_per_class", "--st-pool-per-class", _int_or_none, always=_ST, spells_none=True
+        "self_training.max_labelled", "--st-max-labelled", _word_for_none, always=_ST, spells_none=True
+    ),
+    CliOption(
+        "self_training.pool_per_class", "--st-pool-per-class", _word_for_none, always=_ST, spells_none=True
     ),
     CliOption("self_training.spread", "--st-spread", always=_ST),
-    CliOption("self_training.guard", "--st-guard", _int_or_none, always=_ST, spells_none=True),
+    CliOption("self_training.guard", "--st-guard", _word_for_none, always=_ST, spells_none=True),
     CliOption("lalm.zero_shot_mode", "--zero-shot-mode", always=_LALM),
     CliOption("lalm.pl_rollouts", "--pl-rollouts", always=_LALM),
     CliOption("lalm.pl_pool", "--pl-pool"),

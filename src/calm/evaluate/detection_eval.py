@@ -127,7 +127,7 @@ def _by_class(dataset: Dataset, classes: Sequence[str], folds: Sequence[int]) ->
 
 def pools_of(dataset: Dataset, config: DetectionEvalConfig) -> Pools:
     """The clip pools of `dataset` (raises `DatasetError` naming what is missing)."""
-    where = f"{config.data}"
+    where = config.data
     if any(c.fold is None for c in dataset.clips):
         raise DatasetError(f"{where}: the detection evaluation needs folds (an esc10: or esc50: dataset)")
     unknown = [c for c in (*config.events, *config.backgrounds) if c not in dataset.classes]
@@ -182,7 +182,8 @@ def naive_events(det: Detection) -> list[Any]:
     )
 
 
-def _full_events(clf: Any, path: Path, config: DetectionEvalConfig) -> Detection:
+def _detect(clf: Any, path: Path, config: DetectionEvalConfig) -> Detection:
+    """`calm detect` on one soundscape with the configured settings (its `events` are `full`'s)."""
     return clf.detect(
         str(path),
         window=config.window,
@@ -213,7 +214,7 @@ def run_seed(clf: Any, pools: Pools, config: DetectionEvalConfig, seed: int) -> 
     scores = {m: SedScores(config.events) for m in METHODS}
     details: list[dict[str, Any]] = []
     for scape in scapes:
-        det = _full_events(clf, scape.audio, config)
+        det = _detect(clf, scape.audio, config)
         found = {"full": det.events, "naive": naive_events(det)}
         for m in METHODS:
             scores[m].add(scape.events, found[m], scape.duration)

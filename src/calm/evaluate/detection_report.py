@@ -11,6 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from calm.evaluate.openset_report import markdown_table
 from calm.evaluate.sed_metrics import METRICS, OFFSET_LENGTH, SEGMENT, T_COLLAR
 
 __all__ = ["detection_html", "detection_markdown", "paired_rows", "seed_rows", "write_detection_outputs"]
@@ -80,20 +81,15 @@ def seed_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["seed", "method", *METRICS.values(), "events detected / reference"], rows
 
 
-def _markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
-
-
 def detection_markdown(results: Mapping[str, Any]) -> str:
     """results.md."""
     cfg = results.get("config", {})
     lines = [f"# Detection results: {cfg.get('model', '?')} on {cfg.get('dataset', '?')}", ""]
     lines += [protocol_note(cfg), ""]
-    lines += ["## Mean ± std over seeds", "", *_markdown_table(*summary_rows(results))]
+    lines += ["## Mean ± std over seeds", "", *markdown_table(*summary_rows(results))]
     lines += ["## Paired per-seed differences (same support sets and soundscapes)", ""]
-    lines += _markdown_table(*paired_rows(results))
-    lines += ["## Per seed", "", *_markdown_table(*seed_rows(results))]
+    lines += markdown_table(*paired_rows(results))
+    lines += ["## Per seed", "", *markdown_table(*seed_rows(results))]
     if results.get("command"):
         lines += ["## Command", "", "```", str(results["command"]), "```", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -102,14 +102,14 @@ def _grid(entry: Mapping[str, Any], head_names: Sequence[Sequence[Any]], n_heads
     names = (
         [tuple(h) for h in head_names] if len(head_names) == n_heads else [(0, j, "") for j in range(n_heads)]
     )
-    rows = sorted({(str(n[2]) if len(n) > 2 else "", int(n[0])) for n in names})
+    row_of = [(str(n[2]) if len(n) > 2 else "", int(n[0])) for n in names]  # (source, layer)
+    rows = sorted(set(row_of))
     where = {r: i for i, r in enumerate(rows)}
     n_cols = 1 + max(int(n[1]) for n in names)
+    weight = np.asarray(entry["weight"])
     grids = np.zeros((len(entry["classes"]), len(rows), n_cols))
     for col, j in enumerate(entry["heads"]):
-        n = names[j]
-        r = where[(str(n[2]) if len(n) > 2 else "", int(n[0]))]
-        grids[:, r, int(n[1])] = np.asarray(entry["weight"])[:, col]
+        grids[:, where[row_of[j]], int(names[j][1])] = weight[:, col]
     return rows, grids
 
 

@@ -4,12 +4,12 @@ same rows."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from calm.methods import REGISTRY
 
-__all__ = ["COLUMNS", "open_set_markdown", "paired_rows", "summary_rows"]
+__all__ = ["COLUMNS", "markdown_table", "open_set_markdown", "paired_rows", "summary_rows"]
 
 #: metric -> its column title (the metrics of `calm.evaluate.openset`, in table order)
 COLUMNS: dict[str, str] = {
@@ -63,7 +63,8 @@ def paired_rows(doc: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A results.md table (lines, a blank one last) of already formatted cells."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
@@ -87,9 +88,9 @@ def open_set_markdown(doc: Mapping[str, Any] | None) -> list[str]:
         + f". Thresholds accept {100 * doc.get('accept', 0.95):.0f} % of known clips.",
         "",
     ]
-    lines += _markdown_table(*summary_rows(doc))
+    lines += markdown_table(*summary_rows(doc))
     head, rows = paired_rows(doc)
     if rows:
         lines += ["### Open set: paired per-seed differences against the top-probability baseline", ""]
-        lines += _markdown_table(head, rows)
+        lines += markdown_table(head, rows)
     return lines

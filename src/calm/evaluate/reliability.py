@@ -31,6 +31,7 @@ from calm.evaluate.metrics import ECE_BINS, calibration_bins, expected_calibrati
 __all__ = [
     "figure_html",
     "png_data",
+    "png_html",
     "reliability",
     "reliability_figure",
     "reliability_markdown",
@@ -128,11 +129,16 @@ def png_data(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def png_html(data: str, caption: str) -> str:
+    """A base64 PNG embedded in report.html with its caption (escaped here)."""
+    shown = escape(caption)
+    image = f'<img alt="{shown}" src="data:image/png;base64,{data}">'
+    return f"<figure>{image}<figcaption>{shown}</figcaption></figure>"
+
+
 def figure_html(fig: Any, caption: str) -> str:
     """A figure embedded in report.html (base64 PNG) with its caption."""
-    shown = escape(caption)
-    image = f'<img alt="{shown}" src="data:image/png;base64,{png_data(fig)}">'
-    return f"<figure>{image}<figcaption>{shown}</figcaption></figure>"
+    return png_html(png_data(fig), caption)
 
 
 def reliability_section(results: Mapping[str, Any], titles: Mapping[str, str]) -> str:

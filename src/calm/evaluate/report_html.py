@@ -27,7 +27,7 @@ from calm.evaluate.config import ClassifierSpec, EvalConfig
 from calm.evaluate.head_maps import head_map_section
 from calm.evaluate.openset_html import open_set_section
 from calm.evaluate.predictions import Confusion, confusions
-from calm.evaluate.reliability import reliability_section
+from calm.evaluate.reliability import png_html, reliability_section
 from calm.evaluate.report_sections import (
     confusion_section,
     method_title,
@@ -174,11 +174,7 @@ def figures_section(figures: Mapping[str, Path]) -> str:
     out = ['<h2 id="figures">Figures</h2>']
     for key, path in shown:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        caption = escape(FIGURE_CAPTIONS.get(key, path.stem))
-        out.append(
-            f'<figure><img alt="{caption}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
+        out.append(png_html(data, FIGURE_CAPTIONS.get(key, path.stem)))
     return "\n".join(out)
 
 
