@@ -216,3 +216,36 @@ def test_centroid_z_without_calibration_is_refused():
     with pytest.raises(ParameterError, match="centroid-z"):
         clf.known_score(Xq)
     assert clf.set_params(unknown_score="top-proba").known_score(Xq).shape == (len(Xq),)
+
+
+def _weights_without(clf, X, y, i, pred):
+    """Head weights (K,) of class ``pred`` refitted without support clip i, from the primitives:
+    the fitted temperature and pooling, in-sample margins (Eq. 6) of the other clips."""
+    from calm import _heads as H
+
+    x = torch.from_numpy(X.astype(np.float64))
+    yt = torch.from_numpy(y)
+    cents = torch.stack([x[yt == c].mean(0) for c in range(C)])  # Eq. 1, of the raw features
+    cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(x), H.l2_normalize(cents))
+    m = H.clamped_margins(H.head_posteriors(cos, clf.tau_p_), yt)
+    rest = torch.arange(len(y)) != i
+    rc = H.class_reliability(m[rest], yt[rest], C)
+    rg = H.global_reliability(m[rest])
+    r = H.shrunk_reliability(rc, rg, torch.bincount(yt[rest], minlength=C), clf.pooling_)
+    return H.head_weights(r, clf.k_, clf.tau_w, clf.normalization)[pred].numpy()
+
+
+def test_centroid_z_leave_one_out_weights_follow_the_chosen_temperature_and_pooling():
+    """CALM(scores="loo") sets its reject threshold from head weights refitted without each support
+    clip with the tau_p and pooling it chose (it used the tau_p parameter and class pooling)."""
+    X, y, *_ = open_world(3, shots=6, noise=3.0)
+    clf = calm.CALM(k=0.5, tau_p=0.1, unknown=0.9).fit(X, y)
+    assert (clf.tau_p_, clf.pooling_) != (0.1, 0.0)  # the case where the old weights were wrong
+    x = torch.from_numpy(X.astype(np.float64))
+    yt = torch.from_numpy(y)
+    cents = torch.stack([x[yt == c].mean(0) for c in range(C)])
+    cos_in, cos_loo = cal.loo_cosines(x, yt, cents, torch.bincount(yt, minlength=C))
+    pred = (np.arange(len(y)) + np.arange(len(y)) % 2) % C  # own class and another one
+    got = clf._loo_weights(cos_in, cos_loo, yt, pred)
+    for i in range(len(y)):
+        np.testing.assert_allclose(got[i], _weights_without(clf, X, y, i, pred[i]), atol=1e-9)

@@ -314,21 +314,32 @@ class CALM(HeadClassifier):
             cos, torch.from_numpy(np.asarray(self.weights_, np.float64)), self._tau()
         )
 
+    def _loo_margins(
+        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head posteriors (n, K, C) of support clips left out (against the centroids without
+        them, Eq. 5 at the temperature in use) and their clamped margins (n, K) as the fit saw them
+        (Eq. 6: leave-one-out or in-sample, as ``reliability`` says)."""
+        tau = self._tau()
+        post = H.head_posteriors(cos_loo, tau)
+        fitted = post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, tau)
+        return post, H.clamped_margins(fitted, y)
+
+    def _pooled_loo_weights(self, margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``scores="loo"``: every class's head weights (n, C, K) refitted without each left-out
+        clip, with the chosen pooling (:func:`calm._heads.loo_reliabilities`)."""
+        rc, rg = self._pooled
+        counts = torch.from_numpy(np.asarray(self.class_counts_))
+        r = H.loo_reliabilities(margins, y, rc, rg, counts, self.pooling_)
+        return H.head_weights(r, self.k_, self.tau_w, self.normalization)
+
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The clip's own margins taken out of the reliabilities, heads and weights chosen again
         (:func:`calm._calibration.loo_weighted_scores`): in-sample head selection would make the
         left-out scores over-confident."""
-        tau = self._tau()
-        post = H.head_posteriors(cos_loo, tau)
-        fitted = post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, tau)
-        margins = H.clamped_margins(fitted, y)
+        post, margins = self._loo_margins(cos_in, cos_loo, y)
         if self._chooses(self.__dict__):  # the chosen pooling, refitted without each clip
-            rc, rg = self._pooled
-            r = H.loo_reliabilities(
-                margins, y, rc, rg, torch.from_numpy(np.asarray(self.class_counts_)), self.pooling_
-            )
-            w = H.head_weights(r, self.k_, self.tau_w, self.normalization)
-            return torch.einsum("nkc,nck->nc", post, w)
+            return torch.einsum("nkc,nck->nc", post, self._pooled_loo_weights(margins, y))
         return cal.loo_weighted_scores(
             post,
             margins,
@@ -345,12 +356,16 @@ class CALM(HeadClassifier):
     def _loo_weights(
         self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, pred: np.ndarray
     ) -> np.ndarray:
-        """Head weights (n, K) of class ``pred`` for support clips of classes ``y`` left out: refitted
-        without the clip (:func:`calm._calibration.loo_head_weights`) for its own class (every class
-        for ``weighting="global"``), the fitted ones for the other classes."""
-        fitted = cos_loo if self.reliability == "leave-one-out" else cos_in
+        """Head weights (n, K) of class ``pred`` for support clips of classes ``y`` left out, refitted
+        as the fit chose them: ``scores="loo"``, every class with the chosen tau_p and pooling
+        (:meth:`_pooled_loo_weights`); otherwise (:func:`calm._calibration.loo_head_weights`) its own
+        class (every class for ``weighting="global"``), the fitted ones for the other classes."""
+        _, margins = self._loo_margins(cos_in, cos_loo, y)
+        if self._chooses(self.__dict__):
+            weights: np.ndarray = self._pooled_loo_weights(margins, y)[torch.arange(len(y)), torch.as_tensor(pred)].numpy()
+            return weights
         w_own = cal.loo_head_weights(
-            H.clamped_margins(H.head_posteriors(fitted, self.tau_p), y),
+            margins,
             y,
             torch.from_numpy(np.asarray(self.reliability_, np.float64)),
             torch.from_numpy(np.asarray(self.class_counts_)),
