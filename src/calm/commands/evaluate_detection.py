@@ -7,13 +7,11 @@ results.md and report.html into --out after every seed.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from calm.commands.options import parse_int_list, parse_options, parse_seeds
+from calm.commands.options import given_command, parse_int_list, parse_options, parse_seeds
 from calm.detection import DEFAULT_HOP, DEFAULT_MEDIAN, DEFAULT_THRESHOLD, DEFAULT_WINDOW
 from calm.evaluate.detection_eval import DEFAULT_BACKGROUNDS, DEFAULT_EVENTS, DetectionEvalConfig
 from calm.evaluate.soundscapes import SoundscapeSpec
@@ -22,18 +20,6 @@ from calm.models import DEFAULT_MODEL
 
 SPEC = SoundscapeSpec()
 DEFAULTS = DetectionEvalConfig  # its field defaults are the options' defaults
-
-
-def given_command(ctx: click.Context) -> str:
-    """`calm evaluate-detection` with the options given on this command line (defaults left out)."""
-    words = [str(ctx.info_name)]
-    for param in ctx.command.params:
-        if param.name is None or ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
-            continue
-        value = ctx.params[param.name]
-        for item in value if isinstance(value, tuple) else (value,):
-            words += [max(param.opts, key=len), str(item)]
-    return "calm " + " ".join(shlex.quote(w) for w in words)
 
 
 def _classes(text: str) -> tuple[str, ...]:

@@ -4,14 +4,17 @@ adds clips to a classifier that kept its support set (`calm.evaluate.fitting.add
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
-from calm.commands.options import classifier_options, classifier_spec, trust_file_model_option
+from calm.commands.options import (
+    classifier_options,
+    classifier_spec,
+    given_options,
+    trust_file_model_option,
+)
 from calm.errors import CalmError
 from calm.evaluate.config import ClassifierSpec
 from calm.methods import DEFAULT_METHOD, DEFAULTS, UNKNOWN_SCORES, fit_methods
@@ -97,7 +100,7 @@ def fit(**params: Any) -> None:
     }
     if params["unknown"] is not None:
         chosen["unknown_score"] = params["unknown_score"]
-    elif _given(["unknown_score"]):
+    elif given_options(["unknown_score"]):
         raise click.UsageError("--unknown-score chooses the reject option's score: give --unknown too")
     try:
         result = fit_store(
@@ -130,7 +133,7 @@ def _add(params: dict[str, Any]) -> None:
 
     spec = (f.name for f in fields(ClassifierSpec) if f.name in params)  # the classifier_options
     names = (*_FIT_ONLY, *spec)
-    given = _given(names)
+    given = given_options(names)
     if params["store"] is not None or params["data"] is None or given:
         extra = (
             f"; the method and its options come from {params['add']}: drop {_flags(given)}" if given else ""
@@ -158,9 +161,3 @@ def _add(params: dict[str, Any]) -> None:
 
 def _flags(names: list[str]) -> str:
     return ", ".join("--" + n.replace("_", "-") for n in names)
-
-
-def _given(names: Sequence[str]) -> list[str]:
-    """The options among `names` given on the command line (not left at their defaults)."""
-    ctx = click.get_current_context()
-    return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+import shlex
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from calm.evaluate.config import ClassifierSpec
 from calm.models.spec import LoadSpec
@@ -18,6 +20,8 @@ __all__ = [
     "classifier_options",
     "classifier_spec",
     "engine_options",
+    "given_command",
+    "given_options",
     "model_options",
     "model_spec",
     "parse_int_list",
@@ -317,3 +321,21 @@ trust_file_model_option = click.option(
     help="Load the model the classifier file names even when it is a hub id or a local directory "
     "(a registered model needs no confirmation; --model NAME confirms one by name).",
 )
+
+
+def given_options(names: Sequence[str]) -> list[str]:
+    """The options among ``names`` given on the current command line (not left at their defaults)."""
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
+
+
+def given_command(ctx: click.Context) -> str:
+    """The command ``ctx`` runs, with the options given on its command line (defaults left out)."""
+    words = [str(ctx.info_name)]
+    for param in ctx.command.params:
+        if param.name is None or param.name not in given_options([param.name]):
+            continue
+        value = ctx.params[param.name]
+        for item in value if isinstance(value, tuple) else (value,):
+            words += [max(param.opts, key=len), str(item)]
+    return "calm " + " ".join(shlex.quote(w) for w in words)
