@@ -1,5 +1,5 @@
-"""The reject option (``unknown=``): a threshold on the known score (``unknown_score``: "centroid-z" or
-the calibrated top probability), set from the support set's leave-one-out scores, returns
+"""The reject option (``unknown=``): a threshold on the known score (``unknown_score``: "centroid-z+top",
+"centroid-z" or the calibrated top probability), set from the support set's leave-one-out scores, returns
 ``unknown_label`` for clips of no known class."""
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def test_files_without_the_option_load_with_it_off(tmp_path):
     saved = calm.CALM(k=0.5).fit(X, y)._to_state()
     for name in ("unknown", "unknown_label", "unknown_score"):  # as written before the options existed
         del saved.params[name]
-    for name in ("known_mean", "known_spread"):
+    for name in ("known_mean", "known_spread", "known_loc", "known_scale"):
         del saved.tensors[name]
     write_classifier(tmp_path / "old.safetensors", saved)
     with warnings.catch_warnings():
@@ -156,13 +156,13 @@ def test_files_without_the_option_load_with_it_off(tmp_path):
     shots=st.integers(8, 16),
     accept=st.sampled_from([0.8, 0.9, 0.95]),
     index=st.integers(0, 2),
+    score=st.sampled_from(["centroid-z+top", "centroid-z"]),
 )
-def test_centroid_z_threshold_accepts_the_requested_share_of_known_clips(seed, shots, accept, index):
-    """The threshold set from the support clips' leave-one-out centroid-z scores accepts about
+def test_centroid_z_threshold_accepts_the_requested_share_of_known_clips(seed, shots, accept, index, score):
+    """The threshold set from the support clips' leave-one-out centroid-z (+top) scores accepts about
     `accept` of new clips of the known classes (the conformal rank: at least it, in expectation)."""
     X, y, Xq, _, _ = open_world(seed, shots=shots, queries=2000)
-    clf = estimators(unknown=accept)[index].fit(X, y)
-    assert clf.unknown_score == "centroid-z"
+    clf = estimators(unknown=accept, unknown_score=score)[index].fit(X, y)
     m = len(y)  # every support clip is left out (classes of two clips or more)
     rate = float(np.mean(clf.known_score(Xq) >= clf.reject_threshold_))
     # the rank's share of the m leave-one-out scores, within sampling noise of m scores
@@ -196,7 +196,8 @@ def test_saving_keeps_the_score(tmp_path, score):
     assert back.known_score(queries) == pytest.approx(clf.known_score(queries))
     assert back.predict(queries).tolist() == clf.predict(queries).tolist()
     tensors = read_classifier(tmp_path / "m.safetensors").tensors
-    assert ("known_mean" in tensors) == (score == "centroid-z")
+    assert ("known_mean" in tensors) == (score != "top-proba")
+    assert ("known_loc" in tensors) == (score == "centroid-z+top")
 
 
 def test_a_file_naming_an_unknown_score_is_refused_on_one_line(tmp_path):
