@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -250,3 +251,74 @@ def test_centroid_z_leave_one_out_weights_follow_the_chosen_temperature_and_pool
     got = clf._loo_weights(cos_in, cos_loo, yt, pred)
     for i in range(len(y)):
         np.testing.assert_allclose(got[i], _weights_without(clf, X, y, i, pred[i]), atol=1e-9)
+
+
+def test_the_sum_score_is_the_standardised_sum_of_its_two_parts():
+    """ "centroid-z+top": centroid-z and the top log-odds, each minus the mean over the support
+    clips' leave-one-out scores and over their standard deviation, summed; on queries and on the
+    support clips left out (what the threshold is set from)."""
+    from calm.classifiers import calibration
+    from calm.classifiers.features import Features
+
+    X, y, Xq, _, Xu = open_world(11, shots=8)
+    queries = np.concatenate([Xq, Xu])
+    for index in range(3):
+        fits = {s: estimators(unknown=0.9, unknown_score=s)[index].fit(X, y) for s in UNKNOWN_SCORES}
+        both, z, top = fits["centroid-z+top"], fits["centroid-z"], fits["top-proba"]
+        loo = calibration.leave_one_out(both, Features(X), y)
+        parts = np.stack([calibration.loo_known_scores(z, loo), calibration.loo_known_scores(top, loo)], 1)
+        np.testing.assert_allclose(both.known_loc_, parts.mean(0), atol=1e-12)
+        np.testing.assert_allclose(both.known_scale_, parts.std(0), atol=1e-12)
+        standard = (parts - parts.mean(0)) / parts.std(0)
+        np.testing.assert_allclose(calibration.loo_known_scores(both, loo), standard.sum(1), atol=1e-9)
+        q = np.stack([z.known_score(queries), top.known_score(queries)], 1)
+        want = ((q - parts.mean(0)) / parts.std(0)).sum(1)
+        np.testing.assert_allclose(both.known_score(queries), want, atol=1e-9)
+        assert both.reject_threshold_ == cal.reject_threshold(standard.sum(1), 0.9)
+
+
+def test_the_leave_one_out_score_equals_scoring_the_clip_against_the_support_set_without_it():
+    """SAV (fixed kept heads): each support clip's leave-one-out "centroid-z+top" score (closed
+    forms) equals its score as a query of the fitted classifier with its class's centroid refitted
+    without it and its class's mean cosine taken over the other clips of the class only (their
+    fitted leave-one-out cosines: each to the class centroid without that clip), computed directly
+    here. The support-wide statistics (head spreads, temperature, the two scales) stay the fitted
+    ones, as the leave-one-out scores keep them."""
+    from calm.classifiers import calibration
+    from calm.classifiers.features import Features
+    from calm.classifiers.kernels import unit_layout
+
+    X, y, _, _, _ = open_world(12, shots=6, noise=2.0)
+    clf = calm.SAV(k=0.5, unknown=0.9).fit(X, y)
+    got = calibration.loo_known_scores(clf, calibration.leave_one_out(clf, Features(X), y))
+    x = X.astype(np.float64)
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    for i in range(len(y)):
+        rest = np.arange(len(y)) != i
+        c = y[i]
+        refit = copy.deepcopy(clf)
+        refit.centroids_ = np.stack([x[rest & (y == k)].mean(0) for k in range(C)]).astype(
+            clf.centroids_.dtype
+        )
+        refit._prepare(unit_layout(torch.from_numpy(refit.centroids_)))
+        others = np.flatnonzero(rest & (y == c))
+        members = np.flatnonzero(y == c)
+        own = [(unit(x[j]) * unit(x[members[members != j]].mean(0))).sum(-1) for j in others]
+        refit.known_mean_ = clf.known_mean_.copy()
+        refit.known_mean_[c] = np.mean(own, axis=0)
+        assert refit.known_score(X[i : i + 1])[0] == pytest.approx(got[i], abs=1e-4)
+
+
+def test_one_shot_sum_score_has_unit_scales_and_rejects_nothing():
+    """With one clip per class there are no leave-one-out scores: the two parts are summed as they
+    are (location 0, scale 1), every score is finite and nothing is rejected (a warning)."""
+    X, y, Xq, _, Xu = open_world(13, shots=1)
+    with pytest.warns(UserWarning, match="nothing will be rejected"):
+        clf = calm.CALM(k=0.5, unknown=0.9).fit(X, y)
+    assert clf.unknown_score == "centroid-z+top"
+    assert clf.known_loc_.tolist() == [0.0, 0.0] and clf.known_scale_.tolist() == [1.0, 1.0]
+    assert np.isfinite(clf.known_score(np.concatenate([Xq, Xu]))).all()
+    assert "unknown" not in clf.predict(Xu).tolist()
