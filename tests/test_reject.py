@@ -312,13 +312,18 @@ def test_the_leave_one_out_score_equals_scoring_the_clip_against_the_support_set
         assert refit.known_score(X[i : i + 1])[0] == pytest.approx(got[i], abs=1e-4)
 
 
-def test_one_shot_sum_score_has_unit_scales_and_rejects_nothing():
-    """With one clip per class there are no leave-one-out scores: the two parts are summed as they
-    are (location 0, scale 1), every score is finite and nothing is rejected (a warning)."""
+def test_one_shot_sum_score_is_centroid_z_alone_and_rejects_nothing(tmp_path):
+    """With one clip per class there are no leave-one-out scores to put the two parts on one scale:
+    the score is centroid-z alone (the top log-odds ignored), as before "centroid-z+top" existed;
+    every score is finite and nothing is rejected (a warning)."""
     X, y, Xq, _, Xu = open_world(13, shots=1)
+    queries = np.concatenate([Xq, Xu])
     with pytest.warns(UserWarning, match="nothing will be rejected"):
         clf = calm.CALM(k=0.5, unknown=0.9).fit(X, y)
     assert clf.unknown_score == "centroid-z+top"
-    assert clf.known_loc_.tolist() == [0.0, 0.0] and clf.known_scale_.tolist() == [1.0, 1.0]
-    assert np.isfinite(clf.known_score(np.concatenate([Xq, Xu]))).all()
+    assert clf.known_loc_.tolist() == [0.0, 0.0] and clf.known_scale_.tolist() == [1.0, cal.IGNORED]
+    z = calm.CALM(k=0.5, unknown_score="centroid-z").fit(X, y).known_score(queries)
+    np.testing.assert_allclose(clf.known_score(queries), z, atol=1e-12)
     assert "unknown" not in clf.predict(Xu).tolist()
+    clf.save(tmp_path / "m.safetensors")  # the ignored part's scale is finite: it saves and loads
+    np.testing.assert_allclose(calm.load(tmp_path / "m.safetensors").known_score(queries), z, atol=1e-12)

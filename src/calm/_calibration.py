@@ -21,6 +21,7 @@ from calm import _heads as H
 
 __all__ = [
     "ACCEPT_ALL",
+    "IGNORED",
     "at_class",
     "TEMPERATURES",
     "calibrated_proba",
@@ -266,13 +267,20 @@ def centroid_z(
     return out
 
 
+#: The scale of a part of :func:`standardised_sum` that counts for nothing (finite, as a model
+#: file's tensors must be).
+IGNORED = float(np.finfo(np.float64).max)
+
+
 def score_scales(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The location and scale (P,) of each column of ``parts`` (m, P), scores of the support clips
-    (leave-one-out): the mean and the standard deviation (floored at ``SPREAD_FLOOR``); with no
-    rows 0 and 1 (the sum of the raw scores)."""
+    (leave-one-out): the mean and the standard deviation (floored at ``SPREAD_FLOOR``). With no
+    rows (one clip per class) the parts cannot be put on one scale: the first column counts as it
+    is (location 0, scale 1) and the others not at all (scale ``IGNORED``), so "centroid-z+top" is
+    centroid-z alone there, as before it (a ranking that needs no scale)."""
     parts = np.asarray(parts, dtype=np.float64)
     if len(parts) == 0:
-        return np.zeros(parts.shape[1]), np.ones(parts.shape[1])
+        return np.zeros(parts.shape[1]), np.r_[1.0, np.full(parts.shape[1] - 1, IGNORED)]
     return parts.mean(axis=0), np.maximum(parts.std(axis=0), SPREAD_FLOOR)
 
 
