@@ -20,6 +20,13 @@ without the clip for the support clips (as shipped). Candidates:
   (pooled variance weighted as ``NU`` clips), plain / centred;
 - `zc_q20`: centred, the mean of the kept-heads average and the 20 % quantile over all heads;
 - `zc_rival`: centred z-mix of the predicted class minus the largest z-mix of another class;
+- `zcap0_mix`, `zcap1_mix`: `z_mix` with each head's z capped at 0 / 1 (a clip very typical in some
+  heads cannot make up for atypical others);
+- `zf`: z weighted per head by how far the class's members' mean cosine to its centroid sits above
+  the other classes' clips' (over the head's spread; a per-head Fisher ratio); `zf_mix`, `zf_kept`:
+  its mean with the all-heads / kept-heads average;
+- `z_kept75`: 3/4 of the kept-heads average plus 1/4 of the all-heads one;
+- `z_best`: the largest z-mix over all classes (each with its own weights), not the predicted one;
 - `dm_mix`: per head a diagonal Mahalanobis distance of the unit head features to the predicted
   class's mean (pooled within-class variance per dimension, shrunk half-way to the head's mean
   variance), z-scored per class and head like `z_mix` (minus, so higher is known);
@@ -29,7 +36,8 @@ without the clip for the support clips (as shipped). Candidates:
 
 Prints per scenario and shots: AUROC and FAR@95 (support threshold), accepted known share; paired
 AUROC differences against `top` and against `z_mix` with 95 % t intervals. ``--json`` keeps every
-per-seed figure.
+per-seed figure. Chosen on seeds 0-19, confirmed on seeds 20-39 (``--seed-start 20``):
+`sum_z_mix+top` became ``unknown_score="centroid-z+top"`` (research/README.md).
 
     nice -n 10 python research/reject_scores_z.py STORE --unknowns UNKNOWN_STORE --seeds 20 \\
         --shots 5,10 --methods calm --json runs/reject-z.json
