@@ -100,9 +100,10 @@ def test_a_separable_case_scores_an_auroc_near_one(method):
 @pytest.mark.parametrize("method", ["sav", "calm-global", "calm"])
 def test_the_reject_option_rejects_the_separable_unknowns(method):
     """The reject option refitted with unknown=0.95: its support-side threshold on the known score
-    (centroid-z) accepts the known queries and no unknown one, where the top probability's accepts
-    many unknowns (it saturates). 36 support clips: 0.95 needs 19 or more to reject anything."""
-    Xk, yk, Xu = _separable(n=24)
+    (centroid-z+top) accepts the known queries and no unknown one, where the top probability's
+    accepts many unknowns (it saturates). 72 support clips (0.95 needs 19 or more to reject
+    anything) and 72 known queries, so that sampling noise stays under the 5 points of slack."""
+    Xk, yk, Xu = _separable(n=48)
     clf = ClassifierSpec().registry()[method].build().fit(Xk[::2], yk[::2])
     metrics = reject_option_metrics(clf, Xk[::2], yk[::2], Xk[1::2], list(yk[1::2]), Xu)
     assert metrics["far95_support_known"] == 0.0 and metrics["accept_support_known"] >= 90.0

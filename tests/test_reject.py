@@ -1,9 +1,10 @@
-"""The reject option (``unknown=``): a threshold on the known score (``unknown_score``: "centroid-z" or
-the calibrated top probability), set from the support set's leave-one-out scores, returns
+"""The reject option (``unknown=``): a threshold on the known score (``unknown_score``: "centroid-z+top",
+"centroid-z" or the calibrated top probability), set from the support set's leave-one-out scores, returns
 ``unknown_label`` for clips of no known class."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -140,7 +141,7 @@ def test_files_without_the_option_load_with_it_off(tmp_path):
     saved = calm.CALM(k=0.5).fit(X, y)._to_state()
     for name in ("unknown", "unknown_label", "unknown_score"):  # as written before the options existed
         del saved.params[name]
-    for name in ("known_mean", "known_spread"):
+    for name in ("known_mean", "known_spread", "known_loc", "known_scale"):
         del saved.tensors[name]
     write_classifier(tmp_path / "old.safetensors", saved)
     with warnings.catch_warnings():
@@ -156,13 +157,13 @@ def test_files_without_the_option_load_with_it_off(tmp_path):
     shots=st.integers(8, 16),
     accept=st.sampled_from([0.8, 0.9, 0.95]),
     index=st.integers(0, 2),
+    score=st.sampled_from(["centroid-z+top", "centroid-z"]),
 )
-def test_centroid_z_threshold_accepts_the_requested_share_of_known_clips(seed, shots, accept, index):
-    """The threshold set from the support clips' leave-one-out centroid-z scores accepts about
+def test_centroid_z_threshold_accepts_the_requested_share_of_known_clips(seed, shots, accept, index, score):
+    """The threshold set from the support clips' leave-one-out centroid-z (+top) scores accepts about
     `accept` of new clips of the known classes (the conformal rank: at least it, in expectation)."""
     X, y, Xq, _, _ = open_world(seed, shots=shots, queries=2000)
-    clf = estimators(unknown=accept)[index].fit(X, y)
-    assert clf.unknown_score == "centroid-z"
+    clf = estimators(unknown=accept, unknown_score=score)[index].fit(X, y)
     m = len(y)  # every support clip is left out (classes of two clips or more)
     rate = float(np.mean(clf.known_score(Xq) >= clf.reject_threshold_))
     # the rank's share of the m leave-one-out scores, within sampling noise of m scores
@@ -196,7 +197,8 @@ def test_saving_keeps_the_score(tmp_path, score):
     assert back.known_score(queries) == pytest.approx(clf.known_score(queries))
     assert back.predict(queries).tolist() == clf.predict(queries).tolist()
     tensors = read_classifier(tmp_path / "m.safetensors").tensors
-    assert ("known_mean" in tensors) == (score == "centroid-z")
+    assert ("known_mean" in tensors) == (score != "top-proba")
+    assert ("known_loc" in tensors) == (score == "centroid-z+top")
 
 
 def test_a_file_naming_an_unknown_score_is_refused_on_one_line(tmp_path):
@@ -249,3 +251,79 @@ def test_centroid_z_leave_one_out_weights_follow_the_chosen_temperature_and_pool
     got = clf._loo_weights(cos_in, cos_loo, yt, pred)
     for i in range(len(y)):
         np.testing.assert_allclose(got[i], _weights_without(clf, X, y, i, pred[i]), atol=1e-9)
+
+
+def test_the_sum_score_is_the_standardised_sum_of_its_two_parts():
+    """ "centroid-z+top": centroid-z and the top log-odds, each minus the mean over the support
+    clips' leave-one-out scores and over their standard deviation, summed; on queries and on the
+    support clips left out (what the threshold is set from)."""
+    from calm.classifiers import calibration
+    from calm.classifiers.features import Features
+
+    X, y, Xq, _, Xu = open_world(11, shots=8)
+    queries = np.concatenate([Xq, Xu])
+    for index in range(3):
+        fits = {s: estimators(unknown=0.9, unknown_score=s)[index].fit(X, y) for s in UNKNOWN_SCORES}
+        both, z, top = fits["centroid-z+top"], fits["centroid-z"], fits["top-proba"]
+        loo = calibration.leave_one_out(both, Features(X), y)
+        parts = np.stack([calibration.loo_known_scores(z, loo), calibration.loo_known_scores(top, loo)], 1)
+        np.testing.assert_allclose(both.known_loc_, parts.mean(0), atol=1e-12)
+        np.testing.assert_allclose(both.known_scale_, parts.std(0), atol=1e-12)
+        standard = (parts - parts.mean(0)) / parts.std(0)
+        np.testing.assert_allclose(calibration.loo_known_scores(both, loo), standard.sum(1), atol=1e-9)
+        q = np.stack([z.known_score(queries), top.known_score(queries)], 1)
+        want = ((q - parts.mean(0)) / parts.std(0)).sum(1)
+        np.testing.assert_allclose(both.known_score(queries), want, atol=1e-9)
+        assert both.reject_threshold_ == cal.reject_threshold(standard.sum(1), 0.9)
+
+
+def test_the_leave_one_out_score_equals_scoring_the_clip_against_the_support_set_without_it():
+    """SAV (fixed kept heads): each support clip's leave-one-out "centroid-z+top" score (closed
+    forms) equals its score as a query of the fitted classifier with its class's centroid refitted
+    without it and its class's mean cosine taken over the other clips of the class only (their
+    fitted leave-one-out cosines: each to the class centroid without that clip), computed directly
+    here. The support-wide statistics (head spreads, temperature, the two scales) stay the fitted
+    ones, as the leave-one-out scores keep them."""
+    from calm.classifiers import calibration
+    from calm.classifiers.features import Features
+    from calm.classifiers.kernels import unit_layout
+
+    X, y, _, _, _ = open_world(12, shots=6, noise=2.0)
+    clf = calm.SAV(k=0.5, unknown=0.9).fit(X, y)
+    got = calibration.loo_known_scores(clf, calibration.leave_one_out(clf, Features(X), y))
+    x = X.astype(np.float64)
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    for i in range(len(y)):
+        rest = np.arange(len(y)) != i
+        c = y[i]
+        refit = copy.deepcopy(clf)
+        refit.centroids_ = np.stack([x[rest & (y == k)].mean(0) for k in range(C)]).astype(
+            clf.centroids_.dtype
+        )
+        refit._prepare(unit_layout(torch.from_numpy(refit.centroids_)))
+        others = np.flatnonzero(rest & (y == c))
+        members = np.flatnonzero(y == c)
+        own = [(unit(x[j]) * unit(x[members[members != j]].mean(0))).sum(-1) for j in others]
+        refit.known_mean_ = clf.known_mean_.copy()
+        refit.known_mean_[c] = np.mean(own, axis=0)
+        assert refit.known_score(X[i : i + 1])[0] == pytest.approx(got[i], abs=1e-4)
+
+
+def test_one_shot_sum_score_is_centroid_z_alone_and_rejects_nothing(tmp_path):
+    """With one clip per class there are no leave-one-out scores to put the two parts on one scale:
+    the score is centroid-z alone (the top log-odds ignored), as before "centroid-z+top" existed;
+    every score is finite and nothing is rejected (a warning)."""
+    X, y, Xq, _, Xu = open_world(13, shots=1)
+    queries = np.concatenate([Xq, Xu])
+    with pytest.warns(UserWarning, match="nothing will be rejected"):
+        clf = calm.CALM(k=0.5, unknown=0.9).fit(X, y)
+    assert clf.unknown_score == "centroid-z+top"
+    assert clf.known_loc_.tolist() == [0.0, 0.0] and clf.known_scale_.tolist() == [1.0, cal.IGNORED]
+    z = calm.CALM(k=0.5, unknown_score="centroid-z").fit(X, y).known_score(queries)
+    np.testing.assert_allclose(clf.known_score(queries), z, atol=1e-12)
+    assert "unknown" not in clf.predict(Xu).tolist()
+    clf.save(tmp_path / "m.safetensors")  # the ignored part's scale is finite: it saves and loads
+    np.testing.assert_allclose(calm.load(tmp_path / "m.safetensors").known_score(queries), z, atol=1e-12)

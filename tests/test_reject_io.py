@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import calm
+from calm.methods import DEFAULTS
 from tests.test_cli_errors import extract, fake_model, invoke, make_data  # noqa: F401 (a fixture)
 from tests.test_cli_eval import FREQS, tone
 
@@ -91,7 +92,10 @@ def test_serve_says_unknown_gives_sets_and_info(monkeypatch):
         assert info["calibrated"] is True
         assert info["reject"]["accept_rate"] == 0.9 and info["reject"]["label"] == "unknown"
         assert info["reject"]["threshold"] == 1e6 and info["reject"]["active"] is True
-        assert info["reject"]["score"] == "centroid-z" and "centroid" in info["reject"]["score_description"]
+        assert (
+            info["reject"]["score"] == DEFAULTS["unknown_score"]
+            and "centroid" in info["reject"]["score_description"]
+        )
         r = httpx.post(live.url + "/predict", **audio)
         assert r.status_code == 200, r.text
         assert r.json()["label"] == "unknown" and "prediction_set" not in r.json()

@@ -21,6 +21,8 @@ from calm import _heads as H
 
 __all__ = [
     "ACCEPT_ALL",
+    "IGNORED",
+    "at_class",
     "TEMPERATURES",
     "calibrated_proba",
     "conformal_threshold",
@@ -35,6 +37,8 @@ __all__ = [
     "proba_log_odds",
     "prediction_sets",
     "reject_threshold",
+    "score_scales",
+    "standardised_sum",
     "top_log_odds",
     "vote_contributions",
 ]
@@ -100,6 +104,13 @@ def loo_head_weights(
         return head_weights((total * reliability[None] - margins) / (total - 1))
     n_c = counts[y_idx].to(margins.dtype)[:, None]
     return head_weights((n_c * reliability[y_idx] - margins) / (n_c - 1))
+
+
+def at_class(cos: torch.Tensor, idx: np.ndarray) -> np.ndarray:
+    """Cosines (n, K) of ``cos`` (n, K, C) at class ``idx`` (n,) of each row."""
+    index = torch.as_tensor(idx).view(-1, 1, 1).expand(-1, cos.shape[1], 1)
+    out: np.ndarray = cos.gather(-1, index)[..., 0].numpy()
+    return out
 
 
 def posterior_contributions(cos: torch.Tensor, weights: torch.Tensor, tau_p: float) -> torch.Tensor:
@@ -253,4 +264,29 @@ def centroid_z(
     z = (np.asarray(cos_pred, dtype=np.float64) - means) / spread
     kept = (np.asarray(weights, dtype=np.float64) * z).sum(axis=1)
     out: np.ndarray = (kept + z.mean(axis=1)) / 2
+    return out
+
+
+#: The scale of a part of :func:`standardised_sum` that counts for nothing (finite, as a model
+#: file's tensors must be).
+IGNORED = float(np.finfo(np.float64).max)
+
+
+def score_scales(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The location and scale (P,) of each column of ``parts`` (m, P), scores of the support clips
+    (leave-one-out): the mean and the standard deviation (floored at ``SPREAD_FLOOR``). With no
+    rows (one clip per class) the parts cannot be put on one scale: the first column counts as it
+    is (location 0, scale 1) and the others not at all (scale ``IGNORED``), so "centroid-z+top" is
+    centroid-z alone there, as before it (a ranking that needs no scale)."""
+    parts = np.asarray(parts, dtype=np.float64)
+    if len(parts) == 0:
+        return np.zeros(parts.shape[1]), np.r_[1.0, np.full(parts.shape[1] - 1, IGNORED)]
+    return parts.mean(axis=0), np.maximum(parts.std(axis=0), SPREAD_FLOOR)
+
+
+def standardised_sum(parts: np.ndarray, loc: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The "centroid-z+top" known score (n,): the sum over the columns of ``parts`` (n, P) (the
+    centroid-z score and the top log-odds) of (score - loc) / scale, each score put on the scale of
+    the support clips' own (:func:`score_scales`), so that each counts alike."""
+    out: np.ndarray = ((np.asarray(parts, dtype=np.float64) - loc) / scale).sum(axis=1)
     return out

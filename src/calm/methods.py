@@ -19,9 +19,10 @@ equations except tau_p and the reliability pooling, chosen per support set by le
 and speech_commands_mini, docs/results.md's EmoDB section; ``"paper"`` keeps the paper's
 equations exactly), SAV ties to the
 lower head index (the paper), no reject option (``unknown=None``: every clip gets a class, as in
-the paper; when it is on, its known score is "centroid-z": ``unknown_score``, chosen on validation
-episodes inside ESC-10's training folds by research/reject_scores.py; docs/results.md, "The reject
-option"), no kept support set (``keep_support=False``: files hold the fitted state only).
+the paper; when it is on, its known score is "centroid-z+top": ``unknown_score``, chosen on
+validation episodes inside ESC-10's training folds by research/reject_scores.py and
+research/reject_scores_z.py; docs/results.md, "The reject option"), no kept support set
+(``keep_support=False``: files hold the fitted state only).
 """
 
 from __future__ import annotations
@@ -69,16 +70,18 @@ DEFAULTS: Mapping[str, Any] = MappingProxyType(
         "scores": "loo",
         "calibration": "loo-temperature",
         "unknown": None,
-        "unknown_score": "centroid-z",
+        "unknown_score": "centroid-z+top",
         "unknown_label": "unknown",
         "keep_support": False,
     }
 )
 
 #: The known-vs-unknown scores of the reject option (``unknown_score=``, `calm fit --unknown-score`),
-#: name -> description; the math is `calm._calibration` (research/reject_scores.py chose the default).
+#: name -> description; the math is `calm._calibration` (research/reject_scores.py and
+#: research/reject_scores_z.py chose the default).
 UNKNOWN_SCORES: Mapping[str, str] = MappingProxyType(
     {
+        "centroid-z+top": "centroid-z plus the top log-odds, each on the support clips' scale",
         "centroid-z": "z-scored cosines to the predicted class's centroid (its kept heads and all heads)",
         "top-proba": "log-odds of the calibrated top probability",
     }

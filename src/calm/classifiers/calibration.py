@@ -12,22 +12,18 @@ False (``predict_proba`` is then the uncalibrated one). The leave-one-out probab
 are kept as ``nonconformity_``, the calibration scores of the conformal sets.
 
 Reject option (``unknown=accept``, a fraction in (0, 1)): each clip gets a known score
-(:func:`known_scores`, higher = more like the support set), chosen by ``unknown_score``:
-"centroid-z" (the default, chosen on validation episodes by research/reject_scores.py), each
-head's cosine to the predicted class's centroid standardised by that class's mean and the head's
-within-class spread of the support clips' leave-one-out cosines, averaged with the class's head
-weights and over all heads, the two averages' mean (:func:`calm._calibration.centroid_z`); or
-"top-proba", the calibrated top probability p as the log-odds log(p / (1 - p)).
-``reject_threshold_`` is set from the leave-one-out known scores of the support clips
+(:func:`known_scores`, higher = more like the support set) by ``unknown_score`` (`calm.methods`);
+``reject_threshold_`` is set from the support clips' leave-one-out known scores
 (:func:`calm._calibration.reject_threshold`) so that about a fraction ``accept`` of clips of the
 known classes score at least it, and ``predict`` returns ``unknown_label`` for a clip scoring below
-it. With one shot per class there are no leave-one-out scores: the threshold rejects
-nothing and ``fit`` warns. It needs calibration.
+it. With one shot per class there are no leave-one-out scores: nothing is rejected and ``fit``
+warns. It needs calibration.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,11 +38,15 @@ from calm.serialization import TensorSpec
 
 __all__ = [
     "MAX_CALIBRATION_CLIPS",
+    "CENTROID_Z_SCORES",
     "Calibratable",
+    "LeaveOneOut",
     "calibration_rows",
     "float64_rows",
     "fit_calibration",
     "known_scores",
+    "leave_one_out",
+    "loo_known_scores",
     "predict_set",
     "proba",
     "reject_info",
@@ -75,6 +75,8 @@ class Calibratable(Protocol):
     reject_threshold_: float
     known_mean_: np.ndarray
     known_spread_: np.ndarray
+    known_loc_: np.ndarray
+    known_scale_: np.ndarray
 
     def _query(self, X: Any) -> Features: ...
     def class_scores(self, X: Any) -> np.ndarray: ...
@@ -95,21 +97,30 @@ _CALIBRATION_SPECS = (
 )
 #: The saved rejection threshold (``unknown`` set): a known score, shape (1,).
 _REJECT_SPECS = (TensorSpec("reject_threshold", (1,)),)
-#: The saved statistics of ``unknown_score="centroid-z"`` (with calibration): per class and head
-#: the support clips' mean leave-one-out cosine to their centroid, per head the within-class spread.
+#: The saved statistics of ``unknown_score`` "centroid-z" and "centroid-z+top" (with calibration):
+#: per class and head the support clips' mean leave-one-out cosine to their centroid, per head the
+#: within-class spread.
 _KNOWN_SPECS = (
     TensorSpec("known_mean", ("C", "K"), bounds=(-1, 1)),
     TensorSpec("known_spread", ("K",), bounds=(cal.SPREAD_FLOOR, np.inf)),
+)
+#: The saved scales of ``unknown_score="centroid-z+top"``: the locations and scales of the support
+#: clips' leave-one-out centroid-z and top log-odds, shape (2,) each.
+_SUM_SPECS = (
+    TensorSpec("known_loc", (2,)),
+    TensorSpec("known_scale", (2,), bounds=(cal.SPREAD_FLOOR, np.inf)),
 )
 
 
 def state_specs(params: dict[str, Any]) -> tuple[TensorSpec, ...]:
     """The saved tensors of this module's fitted state for an estimator with ``params``."""
     calibrated = params.get("calibration") is not None
+    score = params.get("unknown_score")
     return (
         (_CALIBRATION_SPECS if calibrated else ())
         + (_REJECT_SPECS if params.get("unknown") is not None else ())
-        + (_KNOWN_SPECS if calibrated and params.get("unknown_score") == "centroid-z" else ())
+        + (_KNOWN_SPECS if calibrated and score in CENTROID_Z_SCORES else ())
+        + (_SUM_SPECS if calibrated and score == "centroid-z+top" else ())
     )
 
 
@@ -146,48 +157,25 @@ def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.nd
 
 def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> None:
     """Set ``temperature_``, ``nonconformity_`` and ``calibrated_`` of a fitted ``clf`` from its
-    support features and class indices, with ``unknown_score="centroid-z"`` its support statistics
-    (``known_mean_``, ``known_spread_``), and with ``unknown`` its ``reject_threshold_`` from the
-    leave-one-out known scores (nothing, and those attributes removed, with ``calibration=None``)."""
+    support features and class indices, the support statistics of its ``unknown_score``
+    (``known_mean_``, ``known_spread_``; for "centroid-z+top" also ``known_loc_``, ``known_scale_``),
+    and with ``unknown`` its ``reject_threshold_`` from the leave-one-out known scores (nothing, and
+    those attributes removed, with ``calibration=None``)."""
     for attr in ("temperature_", "nonconformity_", "calibrated_", "reject_threshold_", *_KNOWN_STATE):
         clf.__dict__.pop(attr, None)  # from an earlier fit
     if clf.calibration is None:
         if clf.unknown is not None:
             raise ParameterError("unknown= needs calibration='loo-temperature' (its leave-one-out scores)")
         return
-    counts = torch.as_tensor(np.asarray(clf.class_counts_))
-    usable = torch.as_tensor(
-        calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS)
-    )  # clips that can be left out (classes of 2 clips or more), at most MAX_CALIBRATION_CLIPS
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
-    centroid_z = clf.unknown_score == "centroid-z"
-    reject_z = centroid_z and clf.unknown is not None  # the LOO "centroid-z" scores are needed
-    logs, ys, own, at_pred, w_pred = [], [], [], [], []
-    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
-        yb = torch.as_tensor(y_idx[start : start + len(xb)])
-        keep = usable[start : start + len(xb)]
-        if not bool(keep.any()):
-            continue
-        cos_in, cos_loo = cal.loo_cosines(xb[keep], yb[keep], centroids, counts)
-        log_scores = clf._log_scores(clf._loo_scores(cos_in, cos_loo, yb[keep]).numpy())
-        logs.append(log_scores)
-        ys.append(yb[keep].numpy())
-        if centroid_z:
-            own.append(_at(cos_loo, yb[keep].numpy()))
-        if reject_z:
-            pred = np.argmax(log_scores, axis=1)
-            at_pred.append(_at(cos_loo, pred))
-            w_pred.append(_loo_pred_weights(clf, cos_in, cos_loo, yb[keep], pred))
-    y_loo = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
-    log_scores = np.concatenate(logs) if logs else np.zeros((0, C))
-    clf.temperature_ = cal.fit_temperature(log_scores, y_loo)
-    loo_proba = cal.calibrated_proba(log_scores, clf.temperature_)
-    clf.nonconformity_ = cal.nonconformity(loo_proba, y_loo)
-    clf.calibrated_ = len(y_loo) > 0
-    own_cos = np.concatenate(own) if own else np.zeros((0, K))
-    if centroid_z:
-        clf.known_mean_, clf.known_spread_ = cal.known_statistics(own_cos, y_loo, C)
+    score, loo = clf.unknown_score, leave_one_out(clf, feats, y_idx)
+    clf.temperature_ = cal.fit_temperature(loo.log_scores, loo.y)
+    loo_proba = cal.calibrated_proba(loo.log_scores, clf.temperature_)
+    clf.nonconformity_ = cal.nonconformity(loo_proba, loo.y)
+    clf.calibrated_ = len(loo.y) > 0
+    if score in CENTROID_Z_SCORES:
+        clf.known_mean_, clf.known_spread_ = cal.known_statistics(loo.own, loo.y, len(clf.classes_))
+    if score == "centroid-z+top":
+        clf.known_loc_, clf.known_scale_ = cal.score_scales(_loo_parts(clf, loo))
     if clf.unknown is None:
         return
     if not clf.calibrated_:
@@ -197,25 +185,78 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
             UserWarning,
             stacklevel=3,
         )
-    if reject_z:
-        pred_cos = np.concatenate(at_pred) if at_pred else np.zeros((0, K))
-        weights = np.concatenate(w_pred) if w_pred else np.zeros((0, K))
-        loo = _loo_centroid_z(clf, (pred_cos, weights), own_cos, np.argmax(log_scores, axis=1), y_loo)
-    else:
-        loo = cal.top_log_odds(log_scores, clf.temperature_)
-    clf.reject_threshold_ = cal.reject_threshold(loo, clf.unknown)
+    clf.reject_threshold_ = cal.reject_threshold(loo_known_scores(clf, loo), clf.unknown)
 
 
-#: The fitted state of ``unknown_score="centroid-z"``: per class and head the support clips' mean
-#: leave-one-out cosine to their centroid (C, K), per head the within-class spread (K,).
-_KNOWN_STATE = ("known_mean_", "known_spread_")
+#: The known scores built on the centroid-z support statistics (``known_mean_``, ``known_spread_``).
+CENTROID_Z_SCORES = ("centroid-z", "centroid-z+top")
+
+#: The fitted state of the known scores (``_KNOWN_SPECS``, ``_SUM_SPECS``).
+_KNOWN_STATE = ("known_mean_", "known_spread_", "known_loc_", "known_scale_")
 
 
-def _at(cos: torch.Tensor, idx: np.ndarray) -> np.ndarray:
-    """Cosines (n, K) of ``cos`` (n, K, C) at class ``idx`` (n,) of each row."""
-    index = torch.as_tensor(idx).view(-1, 1, 1).expand(-1, cos.shape[1], 1)
-    out: np.ndarray = cos.gather(-1, index)[..., 0].numpy()
-    return out
+@dataclass
+class LeaveOneOut:
+    """The support clips left out (:data:`MAX_CALIBRATION_CLIPS` at most): their classes ``y``
+    (m,), leave-one-out log class scores ``log_scores`` (m, C), cosines ``own`` (m, K) to their own
+    class's centroid without them, ``pred_cos`` (m, K) to the predicted class's centroid (without
+    them where it is their class) and that class's head weights ``pred_weights`` (m, K) refitted
+    without them."""
+
+    y: np.ndarray  # (m,)
+    log_scores: np.ndarray  # (m, C)
+    own: np.ndarray  # (m, K)
+    pred_cos: np.ndarray  # (m, K)
+    pred_weights: np.ndarray  # (m, K)
+
+
+def leave_one_out(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> LeaveOneOut:
+    """The :class:`LeaveOneOut` quantities of a fitted ``clf``'s support clips (classes of two clips
+    or more), chunk by chunk."""
+    counts = torch.as_tensor(np.asarray(clf.class_counts_))
+    usable = torch.as_tensor(calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS))
+    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
+    C, K, d = centroids.shape
+    logs, ys, own, pred_cos, pred_w = [], [], [], [], []
+    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
+        yb = torch.as_tensor(y_idx[start : start + len(xb)])
+        keep = usable[start : start + len(xb)]
+        if not bool(keep.any()):
+            continue
+        cos_in, cos_loo = cal.loo_cosines(xb[keep], yb[keep], centroids, counts)
+        log_scores = clf._log_scores(clf._loo_scores(cos_in, cos_loo, yb[keep]).numpy())
+        logs.append(log_scores)
+        ys.append(yb[keep].numpy())
+        own.append(cal.at_class(cos_loo, yb[keep].numpy()))
+        pred = np.argmax(log_scores, axis=1)
+        pred_cos.append(cal.at_class(cos_loo, pred))
+        pred_w.append(_loo_pred_weights(clf, cos_in, cos_loo, yb[keep], pred))
+
+    def rows(parts: list[np.ndarray], width: int) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros((0, width))
+
+    return LeaveOneOut(
+        y=np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64),
+        log_scores=rows(logs, C),
+        own=rows(own, K),
+        pred_cos=rows(pred_cos, K),
+        pred_weights=rows(pred_w, K),
+    )
+
+
+def loo_known_scores(clf: Calibratable, loo: LeaveOneOut) -> np.ndarray:
+    """The known scores (m,) under ``clf.unknown_score`` of the support clips left out (each scored
+    as :func:`known_scores` scores a query, with what depends on the clip refitted without it)."""
+    if clf.unknown_score == "top-proba":
+        return cal.top_log_odds(loo.log_scores, clf.temperature_)
+    if clf.unknown_score == "centroid-z":
+        return _loo_centroid_z(clf, loo)
+    return cal.standardised_sum(_loo_parts(clf, loo), clf.known_loc_, clf.known_scale_)
+
+
+def _loo_parts(clf: Calibratable, loo: LeaveOneOut) -> np.ndarray:
+    """The parts (m, 2) of "centroid-z+top" of the support clips left out: centroid-z, top log-odds."""
+    return np.stack([_loo_centroid_z(clf, loo), cal.top_log_odds(loo.log_scores, clf.temperature_)], axis=1)
 
 
 def _loo_pred_weights(
@@ -227,39 +268,43 @@ def _loo_pred_weights(
     return clf._head_weights()[pred] if refit is None else np.asarray(refit(cos_in, cos_loo, y, pred))
 
 
-def _loo_centroid_z(
-    clf: Calibratable,
-    at_pred: tuple[np.ndarray, np.ndarray],
-    own: np.ndarray,
-    pred: np.ndarray,
-    y_loo: np.ndarray,
-) -> np.ndarray:
-    """Leave-one-out "centroid-z" scores (n,) of the support clips left out: ``at_pred``, their
-    cosines (n, K) to the predicted class's centroid without them and that class's head weights
-    (n, K) refitted without them, the cosines standardised by the class's mean without their own
-    cosine where the prediction is their class (``own``, true classes ``y_loo``)."""
-    pred_cos, weights = at_pred
+def _loo_centroid_z(clf: Calibratable, loo: LeaveOneOut) -> np.ndarray:
+    """Leave-one-out "centroid-z" scores (m,) of the support clips left out: their cosines to the
+    predicted class's centroid without them and that class's head weights refitted without them,
+    the cosines standardised by the class's mean without their own cosine where the prediction is
+    their class."""
+    pred = np.argmax(loo.log_scores, axis=1)
     means = clf.known_mean_[pred].copy()
-    n_c = np.bincount(y_loo, minlength=len(clf.classes_)).astype(np.float64)[pred]
-    same = (pred == y_loo) & (n_c > 1)
-    means[same] = (n_c[same, None] * means[same] - own[same]) / (n_c[same, None] - 1)
-    return cal.centroid_z(pred_cos, means, clf.known_spread_, weights)
+    n_c = np.bincount(loo.y, minlength=len(clf.classes_)).astype(np.float64)[pred]
+    same = (pred == loo.y) & (n_c > 1)
+    means[same] = (n_c[same, None] * means[same] - loo.own[same]) / (n_c[same, None] - 1)
+    return cal.centroid_z(loo.pred_cos, means, clf.known_spread_, loo.pred_weights)
 
 
 def known_scores(clf: Calibratable, X: Any, scores: np.ndarray | None = None) -> np.ndarray:
     """The known score (n,) of clips X under ``clf.unknown_score`` (higher: more like the support
     set; the reject option rejects a clip scoring below ``reject_threshold_``): "top-proba", the
     log-odds of the calibrated top probability; "centroid-z", :func:`calm._calibration.centroid_z`
-    at the predicted class. ``scores``: ``clf.class_scores(X)`` when already computed."""
+    at the predicted class; "centroid-z+top", the two on the support clips' scales and summed
+    (:func:`calm._calibration.standardised_sum`). ``scores``: ``clf.class_scores(X)`` when already
+    computed."""
     scores = clf.class_scores(X) if scores is None else scores
+    top = cal.top_log_odds(clf._log_scores(scores), getattr(clf, "temperature_", 1.0))
     if clf.unknown_score == "top-proba":
-        return cal.top_log_odds(clf._log_scores(scores), getattr(clf, "temperature_", 1.0))
+        return top
     if not hasattr(clf, "known_mean_"):
         raise ParameterError(
-            'unknown_score="centroid-z" needs its support statistics: fit with it and '
+            f'unknown_score="{clf.unknown_score}" needs its support statistics: fit with it and '
             'calibration="loo-temperature"'
         )
-    pred = np.argmax(scores, axis=1)
+    z = _centroid_z(clf, X, np.argmax(scores, axis=1))
+    if clf.unknown_score == "centroid-z":
+        return z
+    return cal.standardised_sum(np.stack([z, top], axis=1), clf.known_loc_, clf.known_scale_)
+
+
+def _centroid_z(clf: Calibratable, X: Any, pred: np.ndarray) -> np.ndarray:
+    """:func:`calm._calibration.centroid_z` (n,) of clips X at their predicted classes ``pred``."""
     feats = clf._query(X)
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape

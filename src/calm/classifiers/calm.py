@@ -99,7 +99,8 @@ class CALM(HeadClassifier):
     decreasing reliability, tau_p_ (the posterior temperature in use: ``tau_p``, or the one
     ``scores="loo"`` chose), pooling_ (0: class-conditional, inf: global, 1: averaged; not saved),
     k_, n_heads_, head_dim_, metadata_; temperature_, nonconformity_,
-    calibrated_, known_mean_, known_spread_, reject_threshold_, support_features_, support_labels_ as
+    calibrated_, known_mean_, known_spread_, known_loc_, known_scale_, reject_threshold_,
+    support_features_, support_labels_ as
     for SAV.
 
     Examples
@@ -362,7 +363,9 @@ class CALM(HeadClassifier):
         class (every class for ``weighting="global"``), the fitted ones for the other classes."""
         _, margins = self._loo_margins(cos_in, cos_loo, y)
         if self._chooses(self.__dict__):
-            weights: np.ndarray = self._pooled_loo_weights(margins, y)[torch.arange(len(y)), torch.as_tensor(pred)].numpy()
+            weights: np.ndarray = self._pooled_loo_weights(margins, y)[
+                torch.arange(len(y)), torch.as_tensor(pred)
+            ].numpy()
             return weights
         w_own = cal.loo_head_weights(
             margins,

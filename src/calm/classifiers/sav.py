@@ -61,9 +61,11 @@ class SAV(HeadClassifier):
         support set's leave-one-out known scores so that about this fraction of clips of the known
         classes is accepted (e.g. 0.95). Needs calibration; with one shot per class nothing is
         rejected (a warning). None (default, the paper's protocol): every clip gets a class.
-    unknown_score : "centroid-z" or "top-proba"
-        The known score of the reject option and of :meth:`known_score`: "centroid-z" (default,
-        `calm.methods.DEFAULTS`, chosen by validation: research/reject_scores.py), each head's
+    unknown_score : "centroid-z+top", "centroid-z" or "top-proba"
+        The known score of the reject option and of :meth:`known_score` (`calm.methods.UNKNOWN_SCORES`):
+        "centroid-z+top" (default, `calm.methods.DEFAULTS`, chosen by validation:
+        research/reject_scores_z.py), the sum of "centroid-z" and "top-proba", each standardised by
+        the mean and spread of the support clips' leave-one-out scores; "centroid-z", each head's
         cosine to the predicted class's centroid standardised by the class's support mean and the
         head's within-class spread, averaged over the class's kept heads (weighted) and over all
         heads, the mean of the two; "top-proba", the calibrated top probability (as log-odds).
@@ -80,7 +82,8 @@ class SAV(HeadClassifier):
     each head, heads_ (k,) kept heads in rank order, head_margins_ (K,) (``tie_break="margin"``
     only), k_, n_heads_, head_dim_, metadata_; with calibration: temperature_, nonconformity_
     (leave-one-out 1 - p_y of the support clips), calibrated_ (False with one clip per class);
-    with unknown_score="centroid-z" (and calibration): known_mean_ (C, K), known_spread_ (K,);
+    with unknown_score "centroid-z" or "centroid-z+top" (and calibration): known_mean_ (C, K),
+    known_spread_ (K,); with "centroid-z+top" also known_loc_ (2,), known_scale_ (2,);
     with unknown: reject_threshold_; with keep_support: support_features_ (n, K, d),
     support_labels_ (n,) (indices into classes_).
 
