@@ -12,17 +12,26 @@ records, around the default CALM (`calm.methods`):
   (entropy of the predicted class counts / log C), ``starved`` (share of classes predicted fewer
   than ``per_round`` times), ``top_proba`` (mean calibrated top probability over the pool),
   ``pick_proba`` (the same over round 1's picks), ``agree2`` / ``agree3`` (share of the pool on which
-  SAV and CALM / SAV, CALM and CALM-global agree), ``agree_picks`` (SAV agrees with CALM on round 1's
-  picks);
+  SAV and CALM / SAV, CALM and CALM-global agree), ``agree_picks`` / ``agree_global_picks`` /
+  ``agree_probe_picks`` (SAV / CALM-global / the linear probe agrees with CALM on round 1's picks),
+  ``agree_on_sav_picks`` (CALM agrees with SAV on the picks SAV's own margins would make),
+  ``picks_share`` (round 1's picks over the drawn pool), ``loco_*`` (`loco`: leave-one-class-out,
+  how often a held-out class's labelled clip would be picked by another class); and, from the
+  hidden labels as a diagnostic only, ``calm_picks_right`` / ``sav_picks_right`` (share of round 1's
+  picks right when CALM's / SAV's margins rank them);
 - ``variants``: validation accuracy of pick rules with the guard off: ``agree2`` / ``agree3`` (only
   pool clips on which the labelled-only SAV and CALM (and CALM-global) agree may be picked),
-  ``per_round=2``, ``labelled_weight=5``;
+  ``per_round=2``, ``labelled_weight=5``, ``picks by sav`` / ``picks by min-rank`` (`Picker`: CALM
+  fitted every round, the picks ranked by SAV's margins, or among the clips where SAV and CALM agree
+  by the smaller of their two margins' rank shares);
 - ``hcv`` (2 shots or more): the guard's honest cross-validated accuracy after 0..5 rounds
   (`calm.selftraining.stopping.cv_curve`, what ``guard="cv"`` computes) and ``n_held`` (held-out
   clips), for stricter acceptance rules.
 
-``--report`` prints per dataset and shots the estimates' per-episode distributions and the mean
-validation difference (against CALM and against the unguarded schedule) of each rule.
+``--only estimates`` / ``--only pickers`` record only those (fast); ``--report`` merges files by
+episode and prints per dataset and shots the estimates' per-episode distributions, the pick-rule
+variants, and the mean validation difference (against CALM and against the unguarded schedule) of
+each stopping / acceptance rule.
 
     S="--store esc10=/work/research/esc10-features --store fsdd=/work/research/fsdd-features \
        --store speech_commands=/work/research/speech-features --store emodb=/work/research/emodb-features"
@@ -99,8 +108,9 @@ class Picker(BaseEstimator):
         return out
 
 
-def estimates(Xs, ys, Xd) -> tuple[dict, dict]:
-    """Support-free estimates on the drawn pool ``Xd`` and the agreement masks."""
+def estimates(Xs, ys, Xd, yd) -> tuple[dict, dict]:
+    """Support-free estimates on the drawn pool ``Xd`` and the agreement masks; ``yd`` (the pool's
+    hidden labels) only for the diagnostics ``calm_picks_right`` / ``sav_picks_right``."""
     calm = base().fit(Xs, ys)
     others = {n: base(n).fit(Xs, ys).predict(Xd) for n in ("sav", "calm-global", "linear-probe")}
     C = len(calm.classes_)
@@ -110,7 +120,10 @@ def estimates(Xs, ys, Xd) -> tuple[dict, dict]:
     counts = np.bincount(pred, minlength=C)
     p = counts / counts.sum()
     ent = float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(C))
-    picks = balanced_picks(pred, conf, np.full(C, per_round), np.ones(len(pred), bool))
+    quota, every = np.full(C, per_round), np.ones(len(pred), bool)
+    picks = balanced_picks(pred, conf, quota, every)
+    s_pred, s_conf = confidence_scores(base("sav").fit(Xs, ys), Xd, "margin")
+    s_picks = balanced_picks(s_pred, s_conf, quota, every)
     p_cal = calm.predict(Xd)
     a2 = p_cal == others["sav"]
     a3 = a2 & (p_cal == others["calm-global"])
@@ -125,7 +138,10 @@ def estimates(Xs, ys, Xd) -> tuple[dict, dict]:
         "agree_picks": float(a2[picks].mean()),
         "agree_global_picks": float(np.mean((p_cal == others["calm-global"])[picks])),
         "agree_probe_picks": float(np.mean((p_cal == others["linear-probe"])[picks])),
+        "agree_on_sav_picks": float(a2[s_picks].mean()),
         "picks_share": float(len(picks) / len(Xd)),
+        "calm_picks_right": float(np.mean(calm.classes_[pred[picks]] == yd[picks])),
+        "sav_picks_right": float(np.mean(calm.classes_[s_pred[s_picks]] == yd[s_picks])),
         **loco(Xs, ys, Xd, per_round, SelfTraining().rounds),
     }
     return est, {"agree2": a2, "agree3": a3}
@@ -178,7 +194,7 @@ def episode(X, y, sup, pool, Xv, yv, shots: int, seed: int, only: str = "") -> d
     drawn = st._draw(len(pool), C)
     if only == "pickers":
         return {"variants": picker_variants(Xs, ys, Xpool, Xv, yv, seed)}
-    est, masks = estimates(Xs, ys, X[pool[drawn]])
+    est, masks = estimates(Xs, ys, X[pool[drawn]], y[pool[drawn]])
     if only == "estimates":
         return est
     rec: dict = {"val": val_curve(st, Xs, ys, Xpool, Xv, yv), **est}
@@ -228,7 +244,10 @@ ESTIMATES = (
     "agree_picks",
     "agree_global_picks",
     "agree_probe_picks",
+    "agree_on_sav_picks",
     "picks_share",
+    "calm_picks_right",
+    "sav_picks_right",
     "loco_first",
     "loco_all",
     "loco_rank",
