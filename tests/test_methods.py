@@ -116,7 +116,9 @@ def test_registry_lookups_and_refusals():
         methods.info("knn")
     assert methods.method_of(calm.CALM(weighting="global")) == "calm-global"
     assert methods.method_of(calm.SAV()) == "sav" and methods.principal().name == "calm"
-    assert methods.audio_methods()[:4] == methods.fit_methods() == ("sav", "calm-global", "calm", "auto")
+    assert methods.method_of(calm.LinearProbe()) == "linear-probe"
+    fit_methods = ("sav", "calm-global", "calm", "auto", "linear-probe")
+    assert methods.audio_methods()[:5] == methods.fit_methods() == fit_methods
 
 
 # -- the same classifier through every front end -------------------------------------------------------

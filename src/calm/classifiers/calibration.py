@@ -1,15 +1,17 @@
 """Calibrated probabilities, conformal prediction sets and the reject option of a fitted head
-classifier (SAV, CALM, CALM-global), from the support set alone; the math is
+classifier (SAV, CALM, CALM-global, the linear probe), from the support set alone; the math is
 :mod:`calm._calibration` (explanations: :mod:`calm.classifiers.explain`).
 
 ``calibration="loo-temperature"``: each support clip is scored as if it had been left out (its
 own class centroid recomputed without it, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); the kept heads
-and weights stay those of the full fit), and one temperature T is chosen on those scores by
-minimising their negative log-likelihood; ``predict_proba`` is softmax(log score / T), a monotone
-map of the scores (the argmax never changes). Clips of classes with one support clip cannot be
-left out: with one shot per class there is no calibration data, T stays 1 and ``calibrated_`` is
-False (``predict_proba`` is then the uncalibrated one). The leave-one-out probabilities' 1 - p_y
-are kept as ``nonconformity_``, the calibration scores of the conformal sets.
+and weights stay those of the full fit; the linear probe instead scores each clip with a probe
+refitted without it and the rest of its fold: ``_held_out_log_scores``), and one temperature T
+is chosen on those scores by minimising their negative log-likelihood; ``predict_proba`` is
+softmax(log score / T), a monotone map of the scores (the argmax never changes). Clips of
+classes with one support clip cannot be left out: with one shot per class there is no calibration
+data, T stays 1 and ``calibrated_`` is False (``predict_proba`` is then the uncalibrated one). The
+leave-one-out probabilities' 1 - p_y are kept as ``nonconformity_``, the calibration scores of
+the conformal sets.
 
 Reject option (``unknown=accept``, a fraction in (0, 1)): each clip gets a known score
 (:func:`known_scores`, higher = more like the support set), chosen by ``unknown_score``:
@@ -83,6 +85,10 @@ class Calibratable(Protocol):
     def _log_scores(self, scores: np.ndarray) -> np.ndarray: ...
     def _contributions(self, cos: torch.Tensor) -> torch.Tensor: ...
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def _held_out_log_scores(
+        self, feats: Features, y_idx: np.ndarray, usable: np.ndarray
+    ) -> np.ndarray | None: ...
+    def _head_parts(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor: ...
     def _head_weights(self) -> np.ndarray: ...
 
 
@@ -155,22 +161,20 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
         if clf.unknown is not None:
             raise ParameterError("unknown= needs calibration='loo-temperature' (its leave-one-out scores)")
         return
-    counts = torch.as_tensor(np.asarray(clf.class_counts_))
-    usable = torch.as_tensor(
-        calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS)
-    )  # clips that can be left out (classes of 2 clips or more), at most MAX_CALIBRATION_CLIPS
+    counts, usable = _left_out_rows(clf, y_idx)
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
     centroid_z = clf.unknown_score == "centroid-z"
     reject_z = centroid_z and clf.unknown is not None  # the LOO "centroid-z" scores are needed
     logs, ys, own, at_pred, w_pred = [], [], [], [], []
+    held_out = clf._held_out_log_scores(feats, y_idx, usable.numpy())  # None: leave-one-out scores
     for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
         keep = usable[start : start + len(xb)]
         if not bool(keep.any()):
             continue
         cos_in, cos_loo = cal.loo_cosines(xb[keep], yb[keep], centroids, counts)
-        log_scores = clf._log_scores(clf._loo_scores(cos_in, cos_loo, yb[keep]).numpy())
+        log_scores = _left_out_scores(clf, held_out, (start, keep), (cos_in, cos_loo), yb[keep])
         logs.append(log_scores)
         ys.append(yb[keep].numpy())
         if centroid_z:
@@ -204,6 +208,31 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     else:
         loo = cal.top_log_odds(log_scores, clf.temperature_)
     clf.reject_threshold_ = cal.reject_threshold(loo, clf.unknown)
+
+
+def _left_out_rows(clf: Calibratable, y_idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class counts (C,) of ``clf`` and the mask (n,) of the support clips that can be left out
+    (classes of 2 clips or more), at most MAX_CALIBRATION_CLIPS (:func:`calibration_rows`)."""
+    counts = torch.as_tensor(np.asarray(clf.class_counts_))
+    usable = calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS)
+    return counts, torch.as_tensor(usable)
+
+
+def _left_out_scores(
+    clf: Calibratable,
+    held_out: np.ndarray | None,
+    rows: tuple[int, torch.Tensor],
+    cos: tuple[torch.Tensor, torch.Tensor],
+    y: torch.Tensor,
+) -> np.ndarray:
+    """Log-scores (m, C) of the support clips ``rows`` (chunk start, mask of the chunk's clips left
+    out) of classes ``y`` (m,): rows of ``clf``'s own ``held_out`` scores (n, C) when it gives them,
+    else its leave-one-out scores of their cosines ``cos`` (in-sample, leave-one-out)."""
+    if held_out is None:
+        return clf._log_scores(clf._loo_scores(*cos, y).numpy())
+    start, keep = rows
+    out: np.ndarray = held_out[start : start + len(keep)][keep.numpy()]
+    return out
 
 
 #: The fitted state of ``unknown_score="centroid-z"``: per class and head the support clips' mean
