@@ -38,10 +38,10 @@ def _standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_probe(
     X: np.ndarray, y_idx: np.ndarray, n_classes: int, C: float, max_iter: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(mean (D,), scale (D,), coef (n_classes, D), intercept (n_classes,)) of a logistic regression
-    on float32 rows X (n, D) standardised by their mean and spread, with class indices y_idx (n,)
-    (every index below n_classes present). Two classes: scikit-learn's one log-odds w x + b is
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(mean (D,), scale (D,), coef (n_classes, D), intercept (n_classes,), solver iterations) of a
+    logistic regression on float32 rows X (n, D) standardised by their mean and spread, with class
+    indices y_idx (n,) (every index below n_classes present). Two classes: scikit-learn's one log-odds w x + b is
     split as -(w x + b) / 2, (w x + b) / 2 (the same probabilities, exactly the same difference).
     The BLAS runs on one thread (see :class:`LinearProbe`)."""
     from sklearn.linear_model import LogisticRegression
@@ -55,7 +55,7 @@ def fit_probe(
             np.concatenate([-coef / 2, coef / 2]),
             np.concatenate([-intercept / 2, intercept / 2]),
         )
-    return mean, scale, coef, intercept
+    return mean, scale, coef, intercept, int(np.max(model.n_iter_))
 
 
 def probe_logits(
@@ -64,7 +64,11 @@ def probe_logits(
     """Class scores (n, C) of float32 rows X (n, D): standardised, times coef (C, D), plus intercept
     (C,), in float32 as scikit-learn's ``decision_function`` computes them (one BLAS thread), then
     as float64."""
+    binary = len(coef) == 2 and np.array_equal(coef[0], -coef[1]) and intercept[0] == -intercept[1]
     with threadpool_limits(limits=1, user_api="blas"):
+        if binary:  # the one log-odds column scikit-learn computes (another BLAS kernel than two)
+            half = ((X - mean) / scale) @ coef[1:].T + intercept[1:]
+            return np.concatenate([-half, half], axis=1).astype(np.float64)
         out: np.ndarray = (((X - mean) / scale) @ coef.T + intercept).astype(np.float64)
     return out
 
@@ -123,8 +127,8 @@ class LinearProbe(HeadClassifier):
     ----------
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d) (for the "centroid-z" known score),
     mean_ (K, d) and scale_ (K, d) float32 standardisation, coef_ (C, K, d) and intercept_ (C,)
-    float32 (class score = sum of coef_ * standardised features + intercept_), k_ = n_heads_,
-    head_dim_, metadata_; calibration, reject option and kept support as for `calm.SAV`.
+    float32 (class score = sum of coef_ * standardised features + intercept_), n_iter_ (the
+    solver's iterations; not saved), k_ = n_heads_, head_dim_, metadata_; calibration, reject option and kept support as for `calm.SAV`.
 
     Examples
     --------
@@ -202,7 +206,7 @@ class LinearProbe(HeadClassifier):
     ) -> None:
         K, d, C = feats.K, feats.d, len(counts)
         X = self._support_rows(feats)
-        mean, scale, coef, intercept = fit_probe(X, y_t.cpu().numpy(), C, self.C, self.max_iter)
+        mean, scale, coef, intercept, self.n_iter_ = fit_probe(X, y_t.cpu().numpy(), C, self.C, self.max_iter)
         self.mean_, self.scale_ = mean.reshape(K, d), scale.reshape(K, d)
         self.coef_, self.intercept_ = coef.reshape(C, K, d), intercept
 
@@ -215,7 +219,7 @@ class LinearProbe(HeadClassifier):
         for f in np.unique(folds[folds >= 0]):
             train = folds != f
             state = fit_probe(X[train], y_idx[train], C, self.C, self.max_iter)
-            out[folds == f] = _log_softmax(probe_logits(X[folds == f], *state))
+            out[folds == f] = _log_softmax(probe_logits(X[folds == f], *state[:4]))
         return out
 
     def _prepare(self, unit: torch.Tensor) -> None:
