@@ -41,9 +41,9 @@ def fit_probe(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """(mean (D,), scale (D,), coef (n_classes, D), intercept (n_classes,), solver iterations) of a
     logistic regression on float32 rows X (n, D) standardised by their mean and spread, with class
-    indices y_idx (n,) (every index below n_classes present). Two classes: scikit-learn's one log-odds w x + b is
-    split as -(w x + b) / 2, (w x + b) / 2 (the same probabilities, exactly the same difference).
-    The BLAS runs on one thread (see :class:`LinearProbe`)."""
+    indices y_idx (n,) (every index below n_classes present). Two classes: scikit-learn's one
+    log-odds w x + b is split as -(w x + b) / 2, (w x + b) / 2 (the same probabilities, exactly the
+    same difference). The BLAS runs on one thread (see :class:`LinearProbe`)."""
     from sklearn.linear_model import LogisticRegression
 
     mean, scale = _standardisation(X)
@@ -128,7 +128,8 @@ class LinearProbe(HeadClassifier):
     classes_ (C,), class_counts_ (C,), centroids_ (C, K, d) (for the "centroid-z" known score),
     mean_ (K, d) and scale_ (K, d) float32 standardisation, coef_ (C, K, d) and intercept_ (C,)
     float32 (class score = sum of coef_ * standardised features + intercept_), n_iter_ (the
-    solver's iterations; not saved), k_ = n_heads_, head_dim_, metadata_; calibration, reject option and kept support as for `calm.SAV`.
+    solver's iterations; not saved), k_ = n_heads_, head_dim_, metadata_; calibration, reject
+    option and kept support as for `calm.SAV`.
 
     Examples
     --------
