@@ -231,3 +231,17 @@ def test_audio_classifier_calm_predict_and_serve_run_the_probe(tmp_path):
         ).json()
     assert info["estimator"] == "LinearProbe" and info["method"] == "linear-probe" and info["calibrated"]
     assert answer["label"] == "low"
+
+
+def test_tune_scores_its_folds_without_the_probes_calibration(monkeypatch):
+    import calm.classifiers.probe as probe
+    from calm.evaluate.estimators import fewshot_methods, tune
+
+    X, y = blobs(6, seed=6)
+    fits: list[int] = []
+    real = probe.fit_probe
+    monkeypatch.setattr(probe, "fit_probe", lambda *a, **k: fits.append(1) or real(*a, **k))
+    method = fewshot_methods()["linear-probe"]
+    params, report = tune(method, X, y, seed=0)
+    assert report["tuned"] and report["cv_folds"] == 5 and params["C"] in method.grid["C"]
+    assert len(fits) == len(method.grid["C"]) * 5  # one probe a fold and grid point: no held-out refits
