@@ -106,7 +106,8 @@ def _labels_only(method: Method) -> dict:
     """Parameters that make a fold's fit skip its calibration pass, where the estimator has one and
     nothing needs it (a fold is scored by its labels: calibration cannot move an argmax, and the
     linear probe's refits 5 more probes)."""
-    params = method.build(**method.defaults).get_params()
+    built = method.build(**method.defaults)
+    params = built.get_params() if hasattr(built, "get_params") else {}
     needed = "calibration" in method.defaults or method.defaults.get("unknown") is not None
     return {"calibration": None} if "calibration" in params and not needed else {}
 
