@@ -85,7 +85,7 @@ def test_ties_go_to_the_fallback_then_to_the_earlier_candidate():
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"candidates": ("linear-probe",)}, "candidates and fallback must be among"),
+        ({"candidates": ("zero-shot",)}, "candidates and fallback must be among"),
         ({"candidates": ("auto",)}, "candidates and fallback must be among"),
         ({"candidates": ()}, "candidates and fallback must be among"),
         ({"fallback": "knn"}, "knn"),

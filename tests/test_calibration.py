@@ -1,5 +1,5 @@
-"""Calibrated probabilities, conformal prediction sets and explain() of SAV / CALM / CALM-global
-(calm._calibration, calm.classifiers.calibration) and the ECE metric."""
+"""Calibrated probabilities, conformal prediction sets and explain() of SAV / CALM / CALM-global /
+the linear probe (calm._calibration, calm.classifiers.calibration) and the ECE metric."""
 
 from __future__ import annotations
 
@@ -33,10 +33,15 @@ def gaussian(seed: int, shots: int, queries: int = 200, noise: float = 2.0):
 
 
 def estimators(**kw):
-    return [calm.SAV(k=0.5, **kw), calm.CALM(k=0.5, **kw), calm.CALM(k=0.5, weighting="global", **kw)]
+    return [
+        calm.SAV(k=0.5, **kw),
+        calm.CALM(k=0.5, **kw),
+        calm.CALM(k=0.5, weighting="global", **kw),
+        calm.LinearProbe(**kw),
+    ]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_calibration_keeps_argmax_and_decision_function(index):
     X, y, Xq, _ = gaussian(0, shots=6)
     plain = estimators(calibration=None)[index].fit(X, y)
@@ -106,7 +111,7 @@ def test_conformal_threshold_is_the_finite_sample_quantile():
     assert sets.tolist() == [[True, True, False], [False, False, True]]
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_prediction_sets_cover_at_the_nominal_level(index):
     coverage, sizes = [], []
     for seed in range(15):
@@ -115,7 +120,11 @@ def test_prediction_sets_cover_at_the_nominal_level(index):
         sets = clf.predict_set(Xq, alpha=0.1)
         coverage.append(np.mean([t in s for t, s in zip(yq, sets, strict=True)]))
         sizes.append(np.mean([len(s) for s in sets]))
-    assert abs(np.mean(coverage) - 0.9) < 0.04
+    if index == 3:  # the probe's held-out scores come from probes fitted on 4/5 of the support set,
+        # less sure than the full probe: its sets err on the safe side
+        assert 0.9 - 0.04 < np.mean(coverage) < 0.98
+    else:
+        assert abs(np.mean(coverage) - 0.9) < 0.04
     assert np.mean(sizes) < C  # the sets exclude classes
     loose = clf.predict_set(Xq, alpha=0.5)
     assert np.mean([len(s) for s in loose]) <= np.mean([len(s) for s in sets])
@@ -129,7 +138,7 @@ def test_predict_set_refuses_a_bad_alpha():
             clf.predict_set(Xq, alpha=alpha)
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_calibration_is_saved_and_restored(tmp_path, index):
     X, y, Xq, _ = gaussian(3, shots=5)
     clf = estimators()[index].fit(X, y)

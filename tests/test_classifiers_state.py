@@ -21,7 +21,7 @@ from sklearn.exceptions import NotFittedError
 
 import calm
 from calm import _heads as H
-from calm.classifiers import CALM, SAV
+from calm.classifiers import CALM, SAV, LinearProbe
 from calm.classifiers.base import HeadClassifier
 from calm.classifiers.files import ESTIMATORS
 from calm.serialization import read_classifier, write_classifier
@@ -37,6 +37,8 @@ ESTIMATOR_CASES = [
     CALM(k=3, scores="loo"),
     SAV(k=2),
     SAV(k=3, tie_break="margin", chunk_size=5),
+    LinearProbe(),
+    LinearProbe(C=0.1, chunk_size=4, unknown=0.9, unknown_score="top-proba"),
 ]
 
 
@@ -184,7 +186,7 @@ def test_fit_returns_self_and_refit_replaces_state():
 @pytest.mark.parametrize("method", ["decision_function", "predict_proba", "predict", "save"])
 def test_unfitted_estimators_refuse(tmp_path, method):
     _, _, Xq, _ = make_problem(34)
-    for est in (CALM(), SAV()):
+    for est in (CALM(), SAV(), LinearProbe()):
         arg = tmp_path / "m.safetensors" if method == "save" else Xq
         with pytest.raises(NotFittedError, match="not fitted"):
             getattr(est, method)(arg)
@@ -207,7 +209,8 @@ def test_unknown_estimator_names_the_known_ones(tmp_path):
     saved.estimator = "KNN"
     write_classifier(tmp_path / "m.safetensors", saved)
     assert read_classifier(tmp_path / "m.safetensors").estimator == "KNN"
-    with pytest.raises(ValueError, match=r"unknown estimator 'KNN' \(known: \['CALM', 'SAV'\]\)"):
+    known = r"\['CALM', 'LinearProbe', 'SAV'\]"
+    with pytest.raises(ValueError, match=rf"unknown estimator 'KNN' \(known: {known}\)"):
         calm.load(tmp_path / "m.safetensors")
     assert issubclass(ESTIMATORS["CALM"], HeadClassifier)
 

@@ -116,7 +116,9 @@ def test_registry_lookups_and_refusals():
         methods.info("knn")
     assert methods.method_of(calm.CALM(weighting="global")) == "calm-global"
     assert methods.method_of(calm.SAV()) == "sav" and methods.principal().name == "calm"
-    assert methods.audio_methods()[:4] == methods.fit_methods() == ("sav", "calm-global", "calm", "auto")
+    assert methods.method_of(calm.LinearProbe()) == "linear-probe"
+    fit_methods = ("sav", "calm-global", "calm", "auto", "linear-probe")
+    assert methods.audio_methods()[:5] == methods.fit_methods() == fit_methods
 
 
 # -- the same classifier through every front end -------------------------------------------------------
@@ -174,7 +176,7 @@ def store(tmp_path, monkeypatch):
     return tmp_path / "store", fake, queries
 
 
-@pytest.mark.parametrize("method", ["sav", "calm-global", "calm"])
+@pytest.mark.parametrize("method", ["sav", "calm-global", "calm", "linear-probe"])
 def test_python_audio_classifier_and_calm_fit_build_the_same_classifier(store, tmp_path, method):
     """`calm.SAV()` / `calm.CALM()` with their defaults, `AudioClassifier(method=)` and `calm fit
     --method` on the same store: the same probabilities for new clips (the defaults used to differ:
@@ -184,7 +186,12 @@ def test_python_audio_classifier_and_calm_fit_build_the_same_classifier(store, t
 
     folder, fake, queries = store
     X, y, meta = load_features(folder)
-    direct = {"sav": calm.SAV(), "calm-global": calm.CALM(weighting="global"), "calm": calm.CALM()}[method]
+    direct = {
+        "sav": calm.SAV(),
+        "calm-global": calm.CALM(weighting="global"),
+        "calm": calm.CALM(),
+        "linear-probe": calm.LinearProbe(),
+    }[method]
     direct.fit(np.asarray(X, dtype=np.float32), y)
     Xq = fake.extract([fake.load_input(p) for p in queries])
     expected = direct.predict_proba(Xq)

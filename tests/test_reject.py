@@ -38,11 +38,16 @@ def open_world(seed: int, shots: int, queries: int = 200, noise: float = 1.5):
 
 
 def estimators(**kw):
-    return [calm.SAV(k=0.5, **kw), calm.CALM(k=0.5, **kw), calm.CALM(k=0.5, weighting="global", **kw)]
+    return [
+        calm.SAV(k=0.5, **kw),
+        calm.CALM(k=0.5, **kw),
+        calm.CALM(k=0.5, weighting="global", **kw),
+        calm.LinearProbe(**kw),
+    ]
 
 
 @pytest.mark.parametrize("score", sorted(UNKNOWN_SCORES))
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index, score):
     accepted, rejected_unknowns = [], []
     for seed in range(15):
@@ -60,7 +65,7 @@ def test_accept_rate_is_the_requested_one_and_unknowns_are_rejected(index, score
 
 
 @pytest.mark.parametrize("score", sorted(UNKNOWN_SCORES))
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_accepted_clips_keep_their_label(index, score):
     X, y, Xq, _, Xu = open_world(1, shots=6)
     queries = np.concatenate([Xq, Xu])
@@ -124,7 +129,7 @@ def test_top_log_odds_is_that_of_the_calibrated_top_probability():
         assert np.isfinite(odds).all() and odds[2] > 100  # p rounds to 1, its log-odds do not
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_saved_and_restored(tmp_path, index):
     X, y, _, _, Xu = open_world(5, shots=5)
     clf = estimators(unknown=0.8, unknown_label="other")[index].fit(X, y)

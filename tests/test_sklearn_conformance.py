@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from calm import CALM, SAV
+from calm import CALM, SAV, LinearProbe
 
 ODD = "the check's X has an odd number of features, which cannot be split into 2 heads"
 ONE_DIM = "2 features make heads of 1 dimension, where a cosine similarity only sees the sign"
@@ -63,6 +63,7 @@ def expected_failed_checks(estimator) -> dict[str, str]:
         CALM(k=1, n_heads=1, keep_support=True),
         CALM(k=2, n_heads=2),
         CALM(k=1, n_heads=1, scores="loo"),
+        LinearProbe(n_heads=1),
     ],
     expected_failed_checks=expected_failed_checks,
 )
@@ -81,7 +82,9 @@ def blobs(n_per: int = 6, classes=("a", "b"), heads: int = 4, dim: int = 3, seed
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: SAV(k=2, n_heads=4), lambda: CALM(k=2, n_heads=4)], ids=["sav", "calm"]
+    "make",
+    [lambda: SAV(k=2, n_heads=4), lambda: CALM(k=2, n_heads=4), lambda: LinearProbe(n_heads=4)],
+    ids=["sav", "calm", "linear-probe"],
 )
 def test_the_named_gaps(make):
     X, y = blobs()  # object-dtype labels, two classes

@@ -1,11 +1,11 @@
 """calm-audio: few-shot audio classification with class-conditional sparse attention vectors.
 
 Public API (imported lazily so that `import calm` stays light):
-`calm.AudioClassifier` (audio in, labels out), `calm.SAV`, `calm.CALM`, `calm.SelfTraining`
-(either refitted on its confident predictions of unlabelled clips), `calm.load` (a saved
-classifier), `calm.load_features` (a feature store), `calm.load_extractor` (a frozen model as a
-per-head feature extractor), `calm.load_dataset`; `calm.CalmError`, the base of every error a
-user can cause (`calm.errors`).
+`calm.AudioClassifier` (audio in, labels out), `calm.SAV`, `calm.CALM`, `calm.LinearProbe`,
+`calm.SelfTraining` (SAV or CALM refitted on its confident predictions of unlabelled clips),
+`calm.load` (a saved classifier), `calm.load_features` (a feature store), `calm.load_extractor`
+(a frozen model as a per-head feature extractor), `calm.load_dataset`; `calm.CalmError`, the base
+of every error a user can cause (`calm.errors`).
 
 Type checkers read the real classes from the `if TYPE_CHECKING:` imports below; at run time
 `__getattr__` imports a name's module on first use (`_LAZY`, which lists the same names).
@@ -21,7 +21,7 @@ from calm.errors import CalmError
 
 if TYPE_CHECKING:  # the same names as _LAZY (tests/test_public_api.py checks they agree)
     from calm.audio_classifier import AudioClassifier
-    from calm.classifiers import CALM, SAV, load
+    from calm.classifiers import CALM, SAV, LinearProbe, load
     from calm.data import load_dataset
     from calm.models import load_extractor
     from calm.selftraining import SelfTraining
@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the same names as _LAZY (tests/test_public_api.py checks th
 _LAZY = {
     "SAV": "calm.classifiers",
     "CALM": "calm.classifiers",
+    "LinearProbe": "calm.classifiers",
     "SelfTraining": "calm.selftraining",
     "load": "calm.classifiers",
     "load_features": "calm.store",
@@ -43,6 +44,7 @@ __all__ = [
     "SAV",
     "AudioClassifier",
     "CalmError",
+    "LinearProbe",
     "SelfTraining",
     "__version__",
     "load",

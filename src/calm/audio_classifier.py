@@ -9,8 +9,8 @@ X is a list of clips: paths, `(waveform, sample_rate)` tuples, bare waveforms wi
 or Hugging Face audio dicts, decoded and checked like `calm predict` and `calm serve` do
 (`calm.audio_inputs`; the same pipeline, `calm.inference.Predictor`, labels them). `fit` extracts
 per-head features with the frozen model (`calm.models.spec.LoadSpec.from_options(model,
-model_options, device=...)`) and fits SAV, CALM-global or
-CALM (`method`, with `**method_params` for `calm.SAV` / `calm.CALM`); a method with the suffix
+model_options, device=...)`) and fits SAV, CALM-global, CALM or the linear probe (`method`, with
+`**method_params` for `calm.SAV` / `calm.CALM` / `calm.LinearProbe`); a method with the suffix
 `+st` (`calm.methods.SELF_TRAINED`) also self-trains on unlabelled clips, `fit(X, y, X_unlabelled=[...])`,
 with `self_training={...}` for `calm.selftraining.SelfTraining`. With `cache=FOLDER` files go
 through the feature store there, so a second fit or predict on the same files extracts nothing;
@@ -46,7 +46,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from calm.audio_classifier_files import auto_device, metadata_of, read
 from calm.audio_inputs import ClipError
-from calm.classifiers import calibration
+from calm.classifiers import rejection
 from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.detection import DEFAULT_HOP, DEFAULT_WINDOW, Detection, detect
 from calm.errors import CalmWarning, ParameterError
@@ -97,7 +97,8 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
         Parameters of `calm.selftraining.SelfTraining` for the "+st" methods (`rounds`,
         `per_round`, ...; None: its defaults).
     **method_params
-        Parameters of `calm.SAV` / `calm.CALM` (`k`, `tau_p`, `tau_w`, ...); `keep_support=True`
+        Parameters of `calm.SAV` / `calm.CALM` (`k`, `tau_p`, `tau_w`, ...) or `calm.LinearProbe`
+        (`C`, `max_iter`, ...); `keep_support=True`
         keeps the support clips' features in the classifier (and in the file `save` writes), so
         that `partial_fit` can add clips or classes later without extracting the earlier ones.
 
@@ -293,9 +294,9 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
     def reject_option_(self) -> dict[str, Any] | None:
         """How the fitted classifier rejects (`unknown=`; None without it): the accept rate, the
         label, the known score (`unknown_score=`) and its threshold, as `calm serve`'s /info
-        gives them (`calm.classifiers.calibration.reject_info`)."""
+        gives them (`calm.classifiers.rejection.reject_info`)."""
         check_is_fitted(self, "classifier_")
-        return calibration.reject_info(self.classifier_)
+        return rejection.reject_info(self.classifier_)
 
     def predict_proba(self, X: Any, *, sample_rate: Any = None, errors: str = "raise") -> np.ndarray:
         """Class probabilities (n, C); with errors="skip" a failed clip's row is NaN."""

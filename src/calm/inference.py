@@ -37,7 +37,7 @@ import numpy as np
 
 from calm import _calibration as cal
 from calm.audio_inputs import MIN_SECONDS, ClipError, DecodedClip
-from calm.classifiers import calibration
+from calm.classifiers import calibration, rejection
 from calm.clip_features import ClipFeatures, FeaturePipeline
 from calm.errors import ParameterError
 from calm.models.base import FeatureExtractor
@@ -147,7 +147,7 @@ class Predictor(FeaturePipeline):
 
     def info(self) -> dict[str, Any]:
         """Classes, model, prompt, heads, how the classifier was fitted, whether its probabilities
-        are calibrated and how it rejects (`calm.classifiers.calibration.reject_info`; JSON-ready)."""
+        are calibrated and how it rejects (`calm.classifiers.rejection.reject_info`; JSON-ready)."""
         meta = dict(getattr(self.classifier, "metadata_", {}) or {})
         return {
             "classes": self.classes,
@@ -162,7 +162,7 @@ class Predictor(FeaturePipeline):
             "max_seconds": self.extractor.max_seconds,
             "min_seconds": self.min_seconds,
             "calibrated": bool(getattr(self.classifier, "calibrated_", False)),
-            "reject": calibration.reject_info(self.classifier),
+            "reject": rejection.reject_info(self.classifier),
         }
 
     # -- forward ----------------------------------------------------------------------------------

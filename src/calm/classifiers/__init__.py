@@ -1,4 +1,5 @@
-"""Head classifiers on per-head features: SAV, CALM-global and CALM (METHOD.md; paper Eq. 1-13).
+"""Head classifiers on per-head features: SAV, CALM-global and CALM (METHOD.md; paper Eq. 1-13), and
+the linear probe (:mod:`~calm.classifiers.probe`).
 
 Modules: :mod:`~calm.classifiers.features` (input checks, labels, chunk sizes),
 :mod:`~calm.classifiers.kernels` (in-place chunk math), :mod:`~calm.classifiers.base` (shared fit /
@@ -60,11 +61,13 @@ from calm._heads import (
 from calm.classifiers.base import HeadClassifier, load
 from calm.classifiers.calm import CALM
 from calm.classifiers.features import CHUNK_BYTES
+from calm.classifiers.probe import LinearProbe
 from calm.classifiers.sav import SAV
 
 __all__ = [
     "SAV",
     "CALM",
+    "LinearProbe",
     "HeadClassifier",
     "load",
     "CHUNK_BYTES",

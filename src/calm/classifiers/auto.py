@@ -1,8 +1,9 @@
-"""`AutoHead`: the best of SAV, CALM-global and CALM for one support set, chosen by cross-validation
-on the support clips only (method ``auto``).
+"""`AutoHead`: the best of SAV, CALM-global, CALM and the linear probe for one support set, chosen by
+cross-validation on the support clips only (method ``auto``).
 
-Why: no single head classifier wins everywhere. On speech emotions (EmoDB) CALM falls below SAV
-and CALM-global, while on ESC-10 it is the best of the three (docs/results.md, "EmoDB").
+Why: no single classifier wins everywhere. On speech emotions (EmoDB) the linear probe leads at 5
+and 10 shots and SAV at one, while on ESC-10 CALM and CALM-global are the best (docs/results.md,
+"EmoDB").
 ``AutoHead`` estimates each candidate's accuracy by stratified k-fold cross-validation inside the
 support set (``cv`` folds, at most the smallest class's clip count: at 5 shots with ``cv=5`` each
 fold holds out one clip per class), keeps the best, and refits it on every support clip. The
@@ -13,9 +14,9 @@ With a class of a single support clip there is nothing to cross-validate: ``fall
 spoken words at one shot (FSDD, speech_commands_mini: 27-48 % against 85-87 %); on EmoDB SAV is the
 better one-shot method (docs/results.md, "EmoDB").
 
-Saving writes the chosen inner classifier (a `calm.SAV` / `calm.CALM` file) with the choice under
-the metadata key ``"selection"``, so `calm.load` returns a working classifier and `calm predict` /
-`calm serve` read the file like any other.
+Saving writes the chosen inner classifier (a `calm.SAV` / `calm.CALM` / `calm.LinearProbe` file)
+with the choice under the metadata key ``"selection"``, so `calm.load` returns a working
+classifier and `calm predict` / `calm serve` read the file like any other.
 """
 
 from __future__ import annotations

@@ -224,6 +224,20 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         here the fitted heads scoring the latter."""
         return self._contributions(cos_loo).sum(dim=1)
 
+    def _held_out_log_scores(
+        self, feats: Features, y_idx: np.ndarray, usable: np.ndarray
+    ) -> np.ndarray | None:
+        """Log-scores (n, C) of the support clips, each scored without it where ``usable`` (n,)
+        (the other rows are not read), for a classifier whose held-out scores are not a function of
+        the leave-one-out cosines (the linear probe refits per fold); None (here): the calibration
+        takes :meth:`_loo_scores` of the cosines."""
+        return None
+
+    def _head_parts(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+        """Per-head parts (n, K, C) of the class scores of clips ``x`` (n, K, d) with cosines ``cos``
+        (n, K, C) to the centroids (``explain``); here :meth:`_contributions` of the cosines."""
+        return self._contributions(cos)
+
     def _head_weights(self) -> np.ndarray:
         """The weight (C, K) of each head in each class's score."""
         raise NotImplementedError

@@ -1,15 +1,17 @@
 """Calibrated probabilities, conformal prediction sets and the reject option of a fitted head
-classifier (SAV, CALM, CALM-global), from the support set alone; the math is
+classifier (SAV, CALM, CALM-global, the linear probe), from the support set alone; the math is
 :mod:`calm._calibration` (explanations: :mod:`calm.classifiers.explain`).
 
 ``calibration="loo-temperature"``: each support clip is scored as if it had been left out (its
 own class centroid recomputed without it, mu^{-i} = (n_c mu_c - h_i) / (n_c - 1); the kept heads
-and weights stay those of the full fit), and one temperature T is chosen on those scores by
-minimising their negative log-likelihood; ``predict_proba`` is softmax(log score / T), a monotone
-map of the scores (the argmax never changes). Clips of classes with one support clip cannot be
-left out: with one shot per class there is no calibration data, T stays 1 and ``calibrated_`` is
-False (``predict_proba`` is then the uncalibrated one). The leave-one-out probabilities' 1 - p_y
-are kept as ``nonconformity_``, the calibration scores of the conformal sets.
+and weights stay those of the full fit; the linear probe instead scores each clip with a probe
+refitted without it and the rest of its fold: ``_held_out_log_scores``), and one temperature T
+is chosen on those scores by minimising their negative log-likelihood; ``predict_proba`` is
+softmax(log score / T), a monotone map of the scores (the argmax never changes). Clips of
+classes with one support clip cannot be left out: with one shot per class there is no calibration
+data, T stays 1 and ``calibrated_`` is False (``predict_proba`` is then the uncalibrated one). The
+leave-one-out probabilities' 1 - p_y are kept as ``nonconformity_``, the calibration scores of
+the conformal sets.
 
 Reject option (``unknown=accept``, a fraction in (0, 1)): each clip gets a known score
 (:func:`known_scores`, higher = more like the support set) by ``unknown_score`` (`calm.methods`);
@@ -33,7 +35,6 @@ from calm import _calibration as cal
 from calm import _heads as H
 from calm.classifiers.features import Features
 from calm.errors import ParameterError
-from calm.methods import UNKNOWN_SCORES
 from calm.serialization import TensorSpec
 
 __all__ = [
@@ -49,8 +50,6 @@ __all__ = [
     "loo_known_scores",
     "predict_set",
     "proba",
-    "reject_info",
-    "reject_line",
     "sets_of",
     "state_specs",
     "with_unknown",
@@ -85,6 +84,10 @@ class Calibratable(Protocol):
     def _log_scores(self, scores: np.ndarray) -> np.ndarray: ...
     def _contributions(self, cos: torch.Tensor) -> torch.Tensor: ...
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def _held_out_log_scores(
+        self, feats: Features, y_idx: np.ndarray, usable: np.ndarray
+    ) -> np.ndarray | None: ...
+    def _head_parts(self, x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor: ...
     def _head_weights(self) -> np.ndarray: ...
 
 
@@ -188,6 +191,23 @@ def fit_calibration(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> No
     clf.reject_threshold_ = cal.reject_threshold(loo_known_scores(clf, loo), clf.unknown)
 
 
+def _left_out_scores(
+    clf: Calibratable,
+    held_out: np.ndarray | None,
+    rows: tuple[int, torch.Tensor],
+    cos: tuple[torch.Tensor, torch.Tensor],
+    y: torch.Tensor,
+) -> np.ndarray:
+    """Log-scores (m, C) of the support clips ``rows`` (chunk start, mask of the chunk's clips left
+    out) of classes ``y`` (m,): rows of ``clf``'s own ``held_out`` scores (n, C) when it gives them,
+    else its leave-one-out scores of their cosines ``cos`` (in-sample, leave-one-out)."""
+    if held_out is None:
+        return clf._log_scores(clf._loo_scores(*cos, y).numpy())
+    start, keep = rows
+    out: np.ndarray = held_out[start : start + len(keep)][keep.numpy()]
+    return out
+
+
 #: The known scores built on the centroid-z support statistics (``known_mean_``, ``known_spread_``).
 CENTROID_Z_SCORES = ("centroid-z", "centroid-z+top")
 
@@ -218,13 +238,14 @@ def leave_one_out(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> Leav
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
     logs, ys, own, pred_cos, pred_w = [], [], [], [], []
+    held_out = clf._held_out_log_scores(feats, y_idx, usable.numpy())  # None: leave-one-out scores
     for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
         keep = usable[start : start + len(xb)]
         if not bool(keep.any()):
             continue
         cos_in, cos_loo = cal.loo_cosines(xb[keep], yb[keep], centroids, counts)
-        log_scores = clf._log_scores(clf._loo_scores(cos_in, cos_loo, yb[keep]).numpy())
+        log_scores = _left_out_scores(clf, held_out, (start, keep), (cos_in, cos_loo), yb[keep])
         logs.append(log_scores)
         ys.append(yb[keep].numpy())
         own.append(cal.at_class(cos_loo, yb[keep].numpy()))
@@ -361,39 +382,3 @@ def sets_of(clf: Calibratable, probabilities: np.ndarray, alpha: float) -> list[
     scores = getattr(clf, "nonconformity_", np.zeros(0)) if getattr(clf, "calibrated_", False) else []
     member = cal.prediction_sets(probabilities, cal.conformal_threshold(np.asarray(scores), alpha))
     return [list(clf.classes_[row]) for row in member]
-
-
-def reject_info(clf: Any) -> dict[str, Any] | None:
-    """How ``clf`` rejects, JSON-ready (None without ``unknown``): the accept rate asked for, the
-    label, the known score (``unknown_score``: its name and description) and its threshold, the
-    smallest calibrated top probability accepted ("top-proba" only), and whether anything can be
-    rejected (not with one shot per class)."""
-    if getattr(clf, "unknown", None) is None:
-        return None
-    t = float(clf.reject_threshold_)
-    name = getattr(clf, "unknown_score", "top-proba")
-    out = {
-        "accept_rate": float(clf.unknown),
-        "label": clf.unknown_label,
-        "score": name,
-        "score_description": UNKNOWN_SCORES[name],
-        "threshold": t,
-        "active": t > cal.ACCEPT_ALL,
-    }
-    if name == "top-proba":
-        out["min_probability"] = float(1.0 / (1.0 + np.exp(-t))) if t > cal.ACCEPT_ALL else 0.0
-    return out
-
-
-def reject_line(clf: Any) -> str | None:
-    """:func:`reject_info` as one line for the command line (None without a reject option)."""
-    info = reject_info(clf)
-    if info is None:
-        return None
-    if not info["active"]:
-        return "reject option: inactive (no class has two support clips to set its threshold from)"
-    return (
-        f"reject option: accepts about {100 * info['accept_rate']:.0f} % of clips of the known classes; "
-        f"score {info['score']} ({info['score_description']}), "
-        f"{info['label']!r} below {info['threshold']:.4g}"
-    )

@@ -1,6 +1,7 @@
-"""Why a fitted head classifier (SAV, CALM, CALM-global) gave a clip its label: per class, its score,
-its calibrated probability and the heads that carried the score (layer, head, source as the
-model names them, weight, cosine similarity to the class centroid, contribution)."""
+"""Why a fitted head classifier (SAV, CALM, CALM-global, the linear probe) gave a clip its label:
+per class, its score, its calibrated probability and the heads that carried the score (layer,
+head, source as the model names them, weight, cosine similarity to the class centroid,
+contribution)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ def explain(clf: Calibratable, X: Any, top: int) -> list[dict[str, Any]]:
     """Per clip a JSON-ready dict: ``prediction``, ``scores`` and ``probabilities`` by class, and
     ``heads`` by class: up to ``top`` heads that carried the class's score, largest part first,
     each with its description (:func:`head_labels`), ``weight`` (CALM: w_c^j; SAV: 1 / k for a
-    kept head), ``similarity`` (cosine to the class centroid) and ``contribution`` (its part of
-    the score: w_c^j p_c^j(x) for CALM, 1 for a SAV vote); heads contributing 0 are left out."""
+    kept head; the linear probe: 1 / K), ``similarity`` (cosine to the class centroid) and
+    ``contribution`` (its part of the score: w_c^j p_c^j(x) for CALM, 1 for a SAV vote, for the
+    linear probe the head's sum of coef * standardised feature, whose sum plus the intercept is the
+    score); heads contributing 0 or less are left out."""
     feats = clf._query(X)
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
@@ -45,7 +48,7 @@ def explain(clf: Calibratable, X: Any, top: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
         cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(xb), unit)
-        parts = clf._contributions(cos)
+        parts = clf._head_parts(xb, cos)
         scores = all_scores[start : start + len(xb)]
         probs = proba(clf, scores)
         for i in range(len(xb)):

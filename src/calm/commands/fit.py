@@ -84,7 +84,7 @@ def fit(**params: Any) -> None:
     With --add MODEL --data KIND:ROOT (no STORE): extract only the clips of --data, with the model
     and options MODEL was fitted on, add them to MODEL's kept support set and save the refitted
     classifier to --out (MODEL itself only when --out names it)."""
-    from calm.classifiers.calibration import reject_line
+    from calm.classifiers.rejection import reject_line
 
     if params["add"] is not None:
         _add(params)

@@ -107,7 +107,7 @@ def predict(
     Exit status 1 when any file could not be labelled (its row then holds the error).
     """
     from calm._files import printable
-    from calm.classifiers.calibration import reject_line
+    from calm.classifiers.rejection import reject_line
     from calm.inference import load_predictor
 
     if explain is not None and not json_out:

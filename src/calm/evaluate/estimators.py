@@ -1,6 +1,6 @@
 """The few-shot methods as the protocol runs them (`Method`, `fewshot_methods`, read from
-`calm.methods.REGISTRY`), tuning inside the support set, and
-the linear-probe baseline.
+`calm.methods.REGISTRY`) and tuning inside the support set (`LinearProbe`, the linear-probe
+baseline, is `calm.classifiers.LinearProbe`, re-exported here).
 
 `tune=True` chooses hyper-parameters per episode by stratified cross-validation inside the support
 set only (never the queries); with fewer than two support clips in some class there is nothing to
@@ -14,17 +14,12 @@ import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils._param_validation import Interval
-from sklearn.utils.validation import check_is_fitted
-from threadpoolctl import threadpool_limits
 
 from calm import methods as registry
-from calm.evaluate.episodes import ProtocolError
+from calm.classifiers import LinearProbe
 
 __all__ = [
     "FEWSHOT_METHODS",
@@ -44,57 +39,6 @@ LALM_METHODS = registry.names("answers", "pseudo-labels")  # need a model that a
 (ZERO_SHOT,) = registry.names("answers")  # the one method scoring the model's own answers
 #: pseudo-label method -> the few-shot method it fits
 PL_BASES = {m.name: str(m.base) for m in registry.REGISTRY.values() if m.kind == "pseudo-labels"}
-
-
-class LinearProbe(ClassifierMixin, BaseEstimator):
-    """Logistic regression on the flattened, standardised head features (what a practitioner tries
-    first); a scikit-learn estimator on (n, K, d) input.
-
-    Reproducible to the digit: the BLAS runs on one thread while the probe fits and predicts.
-    OpenBLAS splits its float32 products differently with the thread count (1 against 2 threads
-    gives probabilities a few ulp apart, enough to flip a near tie), so the same seeds gave other
-    accuracies under other thread counts; the probe's problems are small, one thread costs little.
-    """
-
-    _parameter_constraints: dict = {
-        "C": [Interval(Real, 0, None, closed="neither")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
-    }
-
-    def __init__(self, C: float = 1.0, max_iter: int = 2000):
-        self.C = C
-        self.max_iter = max_iter
-
-    @staticmethod
-    def _flat(X) -> np.ndarray:
-        X = np.asarray(X)
-        return X.reshape(len(X), -1).astype(np.float32)
-
-    def fit(self, X, y) -> LinearProbe:
-        from sklearn.linear_model import LogisticRegression
-
-        self._validate_params()
-        Xf = self._flat(X)
-        self.mean_ = Xf.mean(0)
-        self.scale_ = Xf.std(0)
-        self.scale_[self.scale_ < 1e-8] = 1.0  # constant features stay at 0
-        y = np.asarray(y)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ProtocolError("linear probe needs at least two classes")
-        with threadpool_limits(limits=1, user_api="blas"):
-            self.model_ = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(
-                (Xf - self.mean_) / self.scale_, y
-            )
-        return self
-
-    def predict_proba(self, X) -> np.ndarray:
-        check_is_fitted(self, "model_")
-        with threadpool_limits(limits=1, user_api="blas"):
-            return self.model_.predict_proba((self._flat(X) - self.mean_) / self.scale_)
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
 @dataclass(frozen=True)
@@ -158,6 +102,16 @@ def _grid_points(method: Method) -> list[dict]:
     return [{**method.defaults, **p} for p in ([default] if len(default) == len(keys) else []) + rest]
 
 
+def _labels_only(method: Method) -> dict:
+    """Parameters that make a fold's fit skip its calibration pass, where the estimator has one and
+    nothing needs it (a fold is scored by its labels: calibration cannot move an argmax, and the
+    linear probe's refits 5 more probes)."""
+    built = method.build(**method.defaults)
+    params = built.get_params() if hasattr(built, "get_params") else {}
+    needed = "calibration" in method.defaults or method.defaults.get("unknown") is not None
+    return {"calibration": None} if "calibration" in params and not needed else {}
+
+
 def tune(method: Method, X: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[dict, dict]:
     """Choose `method`'s parameters by stratified k-fold CV on (X, y), the support set ONLY.
 
@@ -174,11 +128,11 @@ def tune(method: Method, X: np.ndarray, y: np.ndarray, *, seed: int) -> tuple[di
         return dict(method.defaults), {"tuned": False, "reason": reason}
     folds = list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
     best: dict = dict(method.defaults)
-    best_score, scores = -math.inf, []
+    best_score, scores, quiet = -math.inf, [], _labels_only(method)
     for params in _grid_points(method):
         correct = 0
         for tr, va in folds:
-            clf = method.build(**params).fit(X[tr], y[tr])
+            clf = method.build(**params, **quiet).fit(X[tr], y[tr])
             correct += int((np.asarray(clf.predict(X[va])) == y[va]).sum())
         score = correct / len(y)
         scores.append(score)

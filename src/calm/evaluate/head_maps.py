@@ -49,8 +49,9 @@ class HeadWeighted(Protocol):
 
 def head_weights(clf: Any, classes: Sequence[str]) -> np.ndarray | None:
     """The weight (C, K) of each head in each class's score, rows in `classes` order (zeros for a
-    class the fit has not seen), or None for a classifier without head weights."""
-    if not callable(getattr(clf, "_head_weights", None)):
+    class the fit has not seen), or None for a classifier without head weights or one that keeps
+    every head alike (``selects_heads = False``: the linear probe, nothing to map)."""
+    if not callable(getattr(clf, "_head_weights", None)) or not getattr(clf, "selects_heads", True):
         return None
     fitted: HeadWeighted = clf
     w = np.asarray(fitted._head_weights(), dtype=np.float64)
