@@ -45,8 +45,10 @@ def test_chooses_the_best_cross_validated_candidate_and_refits_it_on_all_clips()
     X, y = support(6)
     clf = AutoHead(cv=3).fit(X, y)
     assert clf.cv_folds_ == 3 and set(clf.cv_scores_) == set(methods.AUTO_CANDIDATES)
-    for name, score in clf.cv_scores_.items():
-        assert score == pytest.approx(by_hand(name, X, y, 3), abs=1e-4)
+    assert clf.n_repeats == methods.AUTO_CV_REPEATS > 1 and clf.selection_["cv_repeats"] == clf.n_repeats
+    for name, score in clf.cv_scores_.items():  # the mean over the shuffles seeded 0, 1, ...
+        by_seed = [by_hand(name, X, y, 3, seed=r) for r in range(clf.n_repeats)]
+        assert score == pytest.approx(np.mean(by_seed), abs=1e-4)
     best = max(clf.cv_scores_.values())
     assert clf.cv_scores_[clf.chosen_] == best
     if clf.cv_scores_[methods.AUTO_FALLBACK] == best:
@@ -56,6 +58,18 @@ def test_chooses_the_best_cross_validated_candidate_and_refits_it_on_all_clips()
     np.testing.assert_array_equal(clf.predict_proba(Xq), direct.predict_proba(Xq))
     assert list(clf.classes_) == ["dog", "rain", "siren"] and clf.score(X, y) > 0.5
     assert clf.selection_["chosen"] == clf.chosen_ and "cross-validated" in clf.reason_
+
+
+def test_one_repeat_is_one_shuffle_of_the_folds_seeded_by_random_state():
+    X, y = support(5, seed=3)
+    one = AutoHead(cv=5, n_repeats=1, random_state=2).fit(X, y)
+    for name, score in one.cv_scores_.items():
+        assert score == pytest.approx(by_hand(name, X, y, 5, seed=2), abs=1e-4)
+    assert "shuffles" not in one.reason_ and "mean of 3 shuffles" in AutoHead(n_repeats=3).fit(X, y).reason_
+    again = AutoHead(cv=5, n_repeats=4).fit(X, y)
+    assert again.cv_scores_ == AutoHead(cv=5, n_repeats=4).fit(X, y).cv_scores_  # deterministic
+    with pytest.raises(ValueError, match="n_repeats"):
+        AutoHead(n_repeats=0).fit(X, y)
 
 
 def test_folds_are_capped_by_the_smallest_class_and_one_candidate_is_chosen():
@@ -107,6 +121,7 @@ def test_scikit_learn_conventions():
         "cv": 4,
         "fallback": "calm-global",
         "random_state": 0,
+        "n_repeats": methods.AUTO_CV_REPEATS,
     }
     with pytest.raises(NotFittedError):
         est.predict(support(1)[0])

@@ -6,7 +6,9 @@ and 10 shots and SAV at one, while on ESC-10 CALM and CALM-global are the best (
 "EmoDB").
 ``AutoHead`` estimates each candidate's accuracy by stratified k-fold cross-validation inside the
 support set (``cv`` folds, at most the smallest class's clip count: at 5 shots with ``cv=5`` each
-fold holds out one clip per class), keeps the best, and refits it on every support clip. The
+fold holds out one clip per class), averaged over ``n_repeats`` shuffles of the folds
+(`calm.methods.AUTO_CV_REPEATS`, chosen on validation), keeps the best, and refits it on every
+support clip. The
 candidates use their registered default parameters (`calm.methods.DEFAULTS`).
 
 With a class of a single support clip there is nothing to cross-validate: ``fallback``
@@ -34,7 +36,7 @@ from sklearn.utils.validation import check_is_fitted
 from calm import methods as registry
 from calm.classifiers.features import labels_array
 from calm.errors import ParameterError
-from calm.methods import AUTO_CANDIDATES, AUTO_FALLBACK, EXPLAIN_HEADS
+from calm.methods import AUTO_CANDIDATES, AUTO_CV_REPEATS, AUTO_FALLBACK, EXPLAIN_HEADS
 
 __all__ = ["AutoHead"]
 
@@ -50,17 +52,21 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     cv : int, default 5
         Stratified folds (at most the smallest class's support count is used; fewer than 2 possible:
         no cross-validation, ``fallback`` is fitted).
+    n_repeats : int, default `calm.methods.AUTO_CV_REPEATS`
+        Shuffles of the folds (seeds ``random_state``, ``random_state + 1``, ...) whose accuracies
+        are averaged; 1 is the single shuffle ``auto`` used before.
     fallback : str, default `calm.methods.AUTO_FALLBACK`
         The method fitted without cross-validation; also wins ties of the CV accuracy (otherwise
         ties go to the earlier candidate).
     random_state : int, default 0
-        Seed of the fold shuffle.
+        Seed of the first fold shuffle.
 
     Attributes
     ----------
     estimator_ : the chosen classifier, refitted on every support clip.
     chosen_ : str, its method name.
-    cv_scores_ : dict, method -> CV accuracy (%) on the support set (empty without CV).
+    cv_scores_ : dict, method -> CV accuracy (%) on the support set, the mean over the shuffles
+        (empty without CV).
     cv_folds_ : int, folds used (0 without CV).
     reason_ : str, how the choice was made.
     classes_ : the classes (of ``estimator_``).
@@ -79,6 +85,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "candidates": [list, tuple],
         "cv": [Interval(Integral, 2, None, closed="left")],
+        "n_repeats": [Interval(Integral, 1, None, closed="left")],
         "fallback": [str],
         "random_state": [Interval(Integral, 0, None, closed="left")],
     }
@@ -89,9 +96,11 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         cv: int = 5,
         fallback: str = AUTO_FALLBACK,
         random_state: int = 0,
+        n_repeats: int = AUTO_CV_REPEATS,
     ) -> None:
         self.candidates = candidates
         self.cv = cv
+        self.n_repeats = n_repeats
         self.fallback = fallback
         self.random_state = random_state
 
@@ -113,8 +122,13 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     def _cv_scores(self, X: Any, y: np.ndarray, names: list[str], n_splits: int) -> dict[str, float]:
         from sklearn.model_selection import StratifiedKFold
 
-        folds = StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state)
-        splits = list(folds.split(np.zeros(len(y)), y))
+        splits = [
+            split
+            for r in range(self.n_repeats)
+            for split in StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state + r).split(
+                np.zeros(len(y)), y
+            )
+        ]
         scores = {}
         for name in names:
             right = 0
@@ -122,7 +136,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
                 # a fold is scored by its labels only: no calibration pass (it cannot move an argmax)
                 clf = self._build(name, calibration=None).fit(X[train], y[train])
                 right += int((np.asarray(clf.predict(X[test])) == y[test]).sum())
-            scores[name] = round(100.0 * right / len(y), 4)
+            scores[name] = round(100.0 * right / (len(y) * self.n_repeats), 4)
         return scores
 
     def fit(self, X: Any, y: Any) -> AutoHead:
@@ -142,7 +156,8 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             best = max(scores.values())
             tied = [m for m in names if scores[m] == best]
             chosen = self.fallback if self.fallback in tied else tied[0]
-            reason = f"best {n_splits}-fold cross-validated accuracy on the support set"
+            shuffles = f", mean of {self.n_repeats} shuffles" if self.n_repeats > 1 else ""
+            reason = f"best {n_splits}-fold cross-validated accuracy on the support set{shuffles}"
         self.estimator_ = self._build(chosen).fit(X, y_arr)
         self.chosen_, self.cv_scores_, self.cv_folds_, self.reason_ = chosen, scores, n_splits, reason
         self.classes_ = self.estimator_.classes_
@@ -156,6 +171,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             "chosen": self.chosen_,
             "cv_scores": dict(self.cv_scores_),
             "cv_folds": self.cv_folds_,
+            "cv_repeats": self.n_repeats if self.cv_folds_ else 0,
             "reason": self.reason_,
             "candidates": list(self.candidates),
         }
