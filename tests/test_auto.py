@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedKFold
 import calm
 from calm import methods
 from calm.audio_classifier import AudioClassifier
-from calm.classifiers.auto import AutoHead
+from calm.classifiers.auto import FINAL_FIT_PARAMS, AutoHead
 from calm.errors import ParameterError
 from calm.evaluate import EvalConfig, run_evaluation
 from calm.evaluate.episodes import episodes, make_parts
@@ -122,6 +122,7 @@ def test_scikit_learn_conventions():
         "fallback": "calm-global",
         "random_state": 0,
         "n_repeats": methods.AUTO_CV_REPEATS,
+        **{p: methods.DEFAULTS[p] for p in FINAL_FIT_PARAMS},
     }
     with pytest.raises(NotFittedError):
         est.predict(support(1)[0])
@@ -139,6 +140,27 @@ def test_saved_file_is_the_chosen_classifier_with_the_choice(tmp_path):
         json.dumps(clf.selection_)
     )
     np.testing.assert_allclose(back.predict_proba(X), clf.predict_proba(X), rtol=0, atol=1e-6)
+
+
+def test_the_chosen_classifier_is_fitted_with_the_reject_option_and_calibration(tmp_path):
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(3, 6, 8))
+    X = np.concatenate([c + 0.3 * rng.normal(size=(6, 6, 8)) for c in centres]).astype(np.float32)
+    y = np.repeat(["dog", "rain", "siren"], 6)
+    far = (-centres.mean(0) + 0.3 * rng.normal(size=(3, 6, 8))).astype(np.float32)  # no class's
+    clf = AutoHead(unknown=0.9, unknown_label="none", keep_support=True).fit(X, y)
+    params = {"unknown": 0.9, "unknown_label": "none", "keep_support": True}
+    direct = methods.build(clf.chosen_, {**methods.info(clf.chosen_).defaults(), **params}).fit(X, y)
+    Xq = np.concatenate([centres + 0.3 * rng.normal(size=(3, 6, 8)), far]).astype(np.float32)
+    np.testing.assert_array_equal(clf.predict(Xq), direct.predict(Xq))
+    np.testing.assert_array_equal(clf.known_score(Xq), direct.known_score(Xq))
+    assert clf.predict_set(Xq, 0.2) == direct.predict_set(Xq, 0.2)
+    assert list(clf.predict(far)) == ["none"] * 3
+    clf.save(tmp_path / "auto.safetensors")
+    back = calm.load(tmp_path / "auto.safetensors")
+    assert back.unknown == 0.9 and back.keep_support and list(back.predict(far)) == ["none"] * 3
+    bare = AutoHead(calibration=None).fit(X, y)
+    assert bare.estimator_.calibration is None and not hasattr(bare.estimator_, "temperature_")
 
 
 def test_auto_is_registered_and_not_run_by_default():
@@ -186,11 +208,20 @@ def test_cli_fit_evaluate_and_audio_classifier_take_auto(store, tmp_path):  # no
     assert {r["method"] for r in doc["runs"]} == {"auto", "sav"}
     assert all("selection" in r["tuning"] for r in doc["runs"] if r["method"] == "auto")
 
+    reject = tmp_path / "reject.safetensors"
+    result = CliRunner().invoke(
+        main, ["fit", str(folder), "--method", "auto", "--unknown", "0.9", "--out", str(reject)]
+    )
+    assert result.exit_code == 0 and "reject option" in result.output, result.output
+    assert calm.load(reject).unknown == 0.9
+
     # last: the classifier's cache adds the unlabelled query clips to the store
     audio = AudioClassifier("npy-test", "auto", cache=folder).fit(list(meta["path"]), list(y))
-    assert audio.classifier_.chosen_ == direct.chosen_
+    assert audio.selection_ == direct.selection_ and type(audio.classifier_) is type(direct.estimator_)
     np.testing.assert_allclose(audio.predict_proba(queries), direct.predict_proba(Xq), rtol=0, atol=1e-6)
     audio.save(tmp_path / "audio.safetensors")
     back = AudioClassifier.load(tmp_path / "audio.safetensors", cache=folder)
-    assert back.method == "auto"
+    assert back.method == "auto" and back.classifier_.metadata_["selection"] == json.loads(
+        json.dumps(direct.selection_)
+    )
     np.testing.assert_allclose(back.predict_proba(queries), direct.predict_proba(Xq), rtol=0, atol=1e-6)

@@ -118,12 +118,23 @@ def test_serve_says_unknown_gives_sets_and_info(monkeypatch):
         assert httpx.get(live.url + "/info").json()["reject"] is None
 
 
-def test_fit_refuses_the_option_where_the_method_has_none(tmp_path):
+def test_fit_store_refuses_a_parameter_the_method_has_not(tmp_path):
+    from calm.evaluate.episodes import ProtocolError
+    from calm.evaluate.fitting import fit_store
+
     store = tmp_path / "store"
     assert extract(make_data(tmp_path / "data", classes=("low", "mid"), n=4), store).exit_code == 0
-    res = invoke("fit", store, "--method", "auto", "--out", tmp_path / "m.safetensors", "--unknown", "0.9")
-    assert res.exit_code == 1 and "auto has no parameter unknown" in res.output
-    assert "Traceback" not in res.output and not (tmp_path / "m.safetensors").exists()
+    with pytest.raises(ProtocolError, match="sav has no parameter C$"):
+        fit_store(store, method="sav", params={"C": 2.0})
+
+
+def test_fit_gives_auto_the_reject_option(tmp_path):
+    store = tmp_path / "store"
+    assert extract(make_data(tmp_path / "data", classes=("low", "mid"), n=4), store).exit_code == 0
+    out = tmp_path / "m.safetensors"
+    res = invoke("fit", store, "--method", "auto", "--out", out, "--unknown", "0.9")
+    assert res.exit_code == 0 and "reject option" in res.output, res.output
+    assert calm.load(out).unknown == 0.9
 
 
 def test_fit_takes_the_score_by_name(tmp_path):

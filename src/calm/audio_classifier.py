@@ -104,9 +104,12 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
 
     Attributes
     ----------
-    classifier_ : the fitted `calm.SAV` / `calm.CALM` (for "+st", the one fitted in the last round,
-    on the support and pseudo-labelled clips); self_training_ : the fitted `SelfTraining` ("+st" only:
-    `pseudo_labels_`, `added_per_class_`, ...); classes_ ; head_names_ ; extraction_key_.
+    classifier_ : the fitted `calm.SAV` / `calm.CALM` / `calm.LinearProbe` (for "+st", the one
+    fitted in the last round, on the support and pseudo-labelled clips; for "auto", the one it
+    chose, as a saved file loads); self_training_ : the fitted `SelfTraining` ("+st" only:
+    `pseudo_labels_`, `added_per_class_`, ...); selection_ : what "auto" chose and why
+    (`AutoHead.selection_`, also in the saved file's metadata); classes_ ; head_names_ ;
+    extraction_key_.
 
     Examples
     --------
@@ -266,7 +269,10 @@ class AudioClassifier(ClassifierMixin, BaseEstimator):
             st = SelfTraining(base, **(self.self_training or {})).fit(feats, y, X_unlabelled=pool)
             self.self_training_, self.classifier_ = st, st.estimator_
         else:
-            self.classifier_ = base.fit(feats, y)
+            fitted = base.fit(feats, y)
+            self.classifier_ = getattr(fitted, "estimator_", fitted)  # "auto": the one it chose
+            if fitted is not self.classifier_:
+                self.selection_ = fitted.selection_
         extractor = self._get_extractor()
         self.classes_ = self.classifier_.classes_
         self.head_names_ = [tuple(h) for h in extractor.head_names]

@@ -78,6 +78,7 @@ def metadata_of(clf: FittedAudioClassifier) -> dict[str, Any]:
         "n_support": int(clf.n_support_),
         "store": str(Path(clf.cache).absolute()) if clf.cache else None,
         "fitted_by": "calm.AudioClassifier",
+        **({"selection": clf.selection_} if hasattr(clf, "selection_") else {}),  # "auto"
     }
 
 

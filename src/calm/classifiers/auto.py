@@ -34,11 +34,16 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from calm import methods as registry
+from calm.classifiers.base import HeadClassifier
 from calm.classifiers.features import labels_array
 from calm.errors import ParameterError
-from calm.methods import AUTO_CANDIDATES, AUTO_CV_REPEATS, AUTO_FALLBACK, EXPLAIN_HEADS
+from calm.methods import AUTO_CANDIDATES, AUTO_CV_REPEATS, AUTO_FALLBACK, DEFAULTS, EXPLAIN_HEADS
 
 __all__ = ["AutoHead"]
+
+#: Parameters of every candidate that ``AutoHead`` passes to the chosen one's final fit on all the
+#: support clips (the cross-validation folds fit without them: only their labels are scored).
+FINAL_FIT_PARAMS = ("calibration", "unknown", "unknown_score", "unknown_label", "keep_support")
 
 
 # scikit-learn ships no type information: its bases are Any to mypy
@@ -60,6 +65,9 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         ties go to the earlier candidate).
     random_state : int, default 0
         Seed of the first fold shuffle.
+    calibration, unknown, unknown_score, unknown_label, keep_support : as `calm.CALM`'s
+        Given to the chosen classifier's final fit (`FINAL_FIT_PARAMS`; defaults
+        `calm.methods.DEFAULTS`): its calibrated probabilities, reject option and kept support set.
 
     Attributes
     ----------
@@ -86,6 +94,7 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         "candidates": [list, tuple],
         "cv": [Interval(Integral, 2, None, closed="left")],
         "n_repeats": [Interval(Integral, 1, None, closed="left")],
+        **{p: HeadClassifier._parameter_constraints[p] for p in FINAL_FIT_PARAMS},
         "fallback": [str],
         "random_state": [Interval(Integral, 0, None, closed="left")],
     }
@@ -97,10 +106,21 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
         fallback: str = AUTO_FALLBACK,
         random_state: int = 0,
         n_repeats: int = AUTO_CV_REPEATS,
+        *,
+        calibration: str | None = DEFAULTS["calibration"],
+        unknown: float | None = DEFAULTS["unknown"],
+        unknown_score: str = DEFAULTS["unknown_score"],
+        unknown_label: Any = DEFAULTS["unknown_label"],
+        keep_support: bool = DEFAULTS["keep_support"],
     ) -> None:
         self.candidates = candidates
         self.cv = cv
         self.n_repeats = n_repeats
+        self.calibration = calibration
+        self.unknown = unknown
+        self.unknown_score = unknown_score
+        self.unknown_label = unknown_label
+        self.keep_support = keep_support
         self.fallback = fallback
         self.random_state = random_state
 
@@ -158,7 +178,8 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
             chosen = self.fallback if self.fallback in tied else tied[0]
             shuffles = f", mean of {self.n_repeats} shuffles" if self.n_repeats > 1 else ""
             reason = f"best {n_splits}-fold cross-validated accuracy on the support set{shuffles}"
-        self.estimator_ = self._build(chosen).fit(X, y_arr)
+        final = {p: getattr(self, p) for p in FINAL_FIT_PARAMS}
+        self.estimator_ = self._build(chosen, **final).fit(X, y_arr)
         self.chosen_, self.cv_scores_, self.cv_folds_, self.reason_ = chosen, scores, n_splits, reason
         self.classes_ = self.estimator_.classes_
         return self
@@ -190,6 +211,14 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
 
     def decision_function(self, X: Any) -> np.ndarray:
         return np.asarray(self._fitted().decision_function(X))
+
+    def predict_set(self, X: Any, alpha: float = 0.1) -> list[list[Any]]:
+        """The chosen classifier's conformal prediction sets."""
+        return list(self._fitted().predict_set(X, alpha))
+
+    def known_score(self, X: Any) -> np.ndarray:
+        """The chosen classifier's known score (its reject option's, ``unknown_score``)."""
+        return np.asarray(self._fitted().known_score(X))
 
     def explain(self, X: Any, top: int = EXPLAIN_HEADS) -> list[dict[str, Any]]:
         """The chosen classifier's `explain` (why each clip got its label)."""

@@ -18,7 +18,8 @@ def reject_info(clf: Any) -> dict[str, Any] | None:
     """How ``clf`` rejects, JSON-ready (None without ``unknown``): the accept rate asked for, the
     label, the known score (``unknown_score``: its name and description) and its threshold, the
     smallest calibrated top probability accepted ("top-proba" only), and whether anything can be
-    rejected (not with one shot per class)."""
+    rejected (not with one shot per class). ``auto`` answers for the classifier it chose."""
+    clf = getattr(clf, "estimator_", clf)
     if getattr(clf, "unknown", None) is None:
         return None
     t = float(clf.reject_threshold_)

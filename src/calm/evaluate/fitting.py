@@ -108,7 +108,7 @@ def fit_store(
     m = (classifier or ClassifierSpec()).registry()[method]
     chosen = {**m.defaults, **(params or {})}
     foreign = sorted(set(params) - set(m.build(**m.defaults).get_params())) if params else []
-    if foreign:  # e.g. the reject option on `auto`
+    if foreign:  # e.g. k on the linear probe
         raise ProtocolError(f"{store}: {method} has no parameter {', '.join(foreign)}")
     try:
         clf = m.build(**chosen).fit(np.asarray(X[rows], dtype=np.float32), support_y)
