@@ -9,16 +9,26 @@ cross-validated inside it as `calm.classifiers.auto.AutoHead` does (stratified, 
 ``--repeats`` shuffles). Rules, all from the support set alone:
 
   heads        the three head methods only, first shuffle (``auto`` before the probe joined)
-  shipped      the four candidates, first shuffle: ``AutoHead``'s defaults
-  repN         the mean CV accuracy over the first N shuffles
+  shipped1     the four candidates, first shuffle (``AutoHead(n_repeats=1)``)
+  repN         the mean CV accuracy over the first N shuffles (rep3: ``AutoHead``'s defaults)
   probe+M      the probe unless another candidate's CV accuracy beats it by more than M points
   repN/probe+M both: the mean over N shuffles, the probe unless beaten by more than M points
+  repN/tie-ll  repN, ties to the higher mean log-probability of the held-out clips' true class
+               (uncalibrated predict_proba, floored at LOG_FLOOR); tie-p: the mean probability
+  repN/ll, /p  that mean log-probability / probability alone
+  repN/acc+Wll accuracy (%) plus W times the mean log-probability (acc+Wp: probability)
+  loso/...     the same on leave-one-shot-out folds (``--loso``: as many folds as the smallest
+               class has clips, one pass; with 5 or fewer shots the first shuffle's folds)
   oracle       the best candidate on the queries (a bound, not a rule)
 
 Printed per store and shot count: each rule's mean query accuracy and its paired difference to the
 single method with the best mean (95 % t interval), and how often each rule chose the probe.
 
     python research/auto_choice_rules.py runs/emodb/features --group speaker
+    python research/auto_choice_rules.py runs/emodb/features --group speaker --loso --json e.json
+    python research/auto_choice_rules.py e.json --summary esc10.json fsdd.json speech.json
+
+``--summary`` applies round 2's adoption rule (research/README.md) to the ``--json`` files.
 """
 
 from __future__ import annotations
@@ -206,9 +216,25 @@ def run(
     return diffs
 
 
+def summary(emodb: str, others: list[str], base: str = "rep3") -> None:
+    """The adoption rule of round 2 (research/README.md) on ``--json`` files: per rule, its mean
+    paired difference to the best single method on EmoDB over the shot counts, its gain on ``base``
+    there, and its worst shortfall against ``base`` on the other stores at any shot count."""
+    emo = json.loads(Path(emodb).read_text())
+    rest = [json.loads(Path(f).read_text()) for f in others]
+    print(f"{'rule':>16}  EmoDB mean  gain on {base}  worst elsewhere vs {base}  passes (a)+(b)")
+    for rule in next(iter(emo.values())):
+        mean = float(np.mean([np.mean(d[rule]) for d in emo.values()]))
+        gain = mean - float(np.mean([np.mean(d[base]) for d in emo.values()]))
+        worst = min(np.mean(d[rule]) - np.mean(d[base]) for doc in rest for d in doc.values())
+        ok = gain >= 0.3 and worst >= -0.3 and rule != "oracle"
+        print(f"{rule:>16}  {mean:+10.2f}  {gain:+12.2f}  {worst:+26.2f}  {'yes' if ok else 'no'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("store")
+    ap.add_argument("store", help="a feature store; with --summary: EmoDB's --json file")
+    ap.add_argument("--summary", nargs="*", help="the other stores' --json files: apply the adoption rule")
     ap.add_argument("--group", default="speaker")
     ap.add_argument("--shots", default="5,10")
     ap.add_argument("--seeds", type=int, default=20)
@@ -218,6 +244,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--margins", default="0,2.5,5")
     a = ap.parse_args()
+    if a.summary is not None:
+        summary(a.store, a.summary)
+        return
     shots = [int(s) for s in a.shots.split(",")]
     seeds = range(a.first_seed, a.first_seed + a.seeds)
     diffs = run(a.store, a.group, shots, seeds, a.repeats, [float(m) for m in a.margins.split(",")], a.loso)
