@@ -50,6 +50,8 @@ from calm import methods  # noqa: E402
 HEADS = ("sav", "calm-global", "calm")
 #: floor of a held-out probability before its log (SAV's uncalibrated probabilities are near 0 / 1)
 LOG_FLOOR = 1e-4
+#: temperatures tried by the calibrated criterion (round 3)
+TEMPERATURES = np.exp(np.linspace(np.log(0.05), np.log(20.0), 41))
 ALL = (*HEADS, "linear-probe")
 
 
@@ -57,31 +59,45 @@ def _build(name: str):
     return methods.build(name, {**methods.info(name).defaults(), "calibration": None})
 
 
-def _fold_stats(X, y, folds, m: str) -> tuple[float, float, float]:
-    """(accuracy %, mean log-probability, mean probability of the true class) of candidate ``m``
-    over one set of folds covering every clip once (uncalibrated predict_proba, as a fold is fitted
-    in AutoHead)."""
-    right, logp, prob = 0, 0.0, 0.0
+def _calibrated_ll(logp: np.ndarray, true: np.ndarray) -> float:
+    """The mean log-probability of the true class after the best single temperature on these
+    held-out log-probabilities (so candidates with sharper or softer raw probabilities compare)."""
+    best = -np.inf
+    for t in TEMPERATURES:
+        z = logp / t
+        z = z - z.max(axis=1, keepdims=True)
+        ll = z[np.arange(len(true)), true] - np.log(np.exp(z).sum(axis=1))
+        best = max(best, float(ll.mean()))
+    return best
+
+
+def _fold_stats(X, y, folds, m: str) -> tuple[float, float, float, float]:
+    """(accuracy %, mean log-probability, mean probability of the true class, temperature-calibrated
+    mean log-probability) of candidate ``m`` over one set of folds covering every clip once
+    (uncalibrated predict_proba, as a fold is fitted in AutoHead)."""
+    right = 0
+    logp_all = np.zeros((len(y), int(y.max()) + 1))
     for tr, te in folds:
         clf = _build(m).fit(X[tr], y[tr])
         proba = np.asarray(clf.predict_proba(X[te]), dtype=np.float64)
-        col = np.searchsorted(np.asarray(clf.classes_), y[te])
-        p_true = proba[np.arange(len(te)), col]
+        logp_all[te] = np.log(np.clip(proba, 1e-12, 1.0))[
+            :, np.searchsorted(np.asarray(clf.classes_), np.arange(logp_all.shape[1]))
+        ]
         right += int((np.asarray(clf.predict(X[te])) == y[te]).sum())
-        logp += float(np.log(np.clip(p_true, LOG_FLOOR, 1.0)).sum())
-        prob += float(p_true.sum())
-    return 100.0 * right / len(y), logp / len(y), prob / len(y)
+    p_true = np.exp(logp_all[np.arange(len(y)), y])
+    logp = float(np.log(np.clip(p_true, LOG_FLOOR, 1.0)).mean())
+    return 100.0 * right / len(y), logp, float(p_true.mean()), _calibrated_ll(logp_all, y)
 
 
 def _cv(
     X: np.ndarray, y: np.ndarray, repeats: int, loso: bool
-) -> dict[str, list[tuple[float, float, float]]]:
+) -> dict[str, list[tuple[float, ...]]]:
     """Per candidate, (accuracy %, mean log p, mean p of the true class) for each shuffle (seed 0, 1,
     ...) of at most 5 stratified folds, as AutoHead scores them; with ``loso`` one more entry under
     ``"loso:" + name``: leave-one-shot-out (as many folds as the smallest class has clips)."""
     n_min = int(np.bincount(y).min())
     n_splits = min(5, n_min)
-    out: dict[str, list[tuple[float, float, float]]] = {m: [] for m in ALL}
+    out: dict[str, list[tuple[float, ...]]] = {m: [] for m in ALL}
     if n_splits < 2:
         return out
     for r in range(repeats):
@@ -119,7 +135,7 @@ def _pick_key(scores: dict[str, float], names: tuple[str, ...], tie: dict[str, f
     return methods.AUTO_FALLBACK if methods.AUTO_FALLBACK in tied else tied[0]
 
 
-def _finer(cv: dict[str, list[tuple[float, float, float]]], r: int, prefix: str = "") -> dict[str, str]:
+def _finer(cv: dict[str, list[tuple[float, ...]]], r: int, prefix: str = "") -> dict[str, str]:
     """The finer criteria on the mean over the first ``r`` shuffles (keys ``prefix + name``)."""
     acc = {m: float(np.mean([v[0] for v in cv[prefix + m][:r]])) for m in ALL}
     ll = {m: float(np.mean([v[1] for v in cv[prefix + m][:r]])) for m in ALL}
@@ -135,13 +151,23 @@ def _finer(cv: dict[str, list[tuple[float, float, float]]], r: int, prefix: str 
         out[f"{tag}/acc+{w:g}ll"] = _pick_key({m: acc[m] + w * ll[m] for m in ALL}, ALL)
     for w in (5.0, 10.0, 20.0):
         out[f"{tag}/acc+{w:g}p"] = _pick_key({m: acc[m] + w * pr[m] for m in ALL}, ALL)
+    cll = {m: float(np.mean([v[3] for v in cv[prefix + m][:r]])) for m in ALL}
+    out[f"{tag}/cll"] = _pick_key(cll, ALL)
+    out[f"{tag}/tie-cll"] = _pick_key(acc, ALL, cll)
+    for w in (2.0, 5.0, 10.0):
+        out[f"{tag}/acc+{w:g}cll"] = _pick_key({m: acc[m] + w * cll[m] for m in ALL}, ALL)
+    best = max(acc.values())
+    tied = [m for m in ALL if acc[m] == best]
+    fb = methods.AUTO_FALLBACK in tied
+    out[f"{tag}/tie-fb-cll"] = methods.AUTO_FALLBACK if fb else _pick_key(acc, ALL, cll)
+    out[f"{tag}/tie-fb-p"] = methods.AUTO_FALLBACK if fb else _pick_key(acc, ALL, pr)
     if prefix:
         out["loso"] = _pick_key(acc, ALL)
     return out
 
 
 def rules(
-    cv: dict[str, list[tuple[float, float, float]]], query: dict[str, float], margins: list[float]
+    cv: dict[str, list[tuple[float, ...]]], query: dict[str, float], margins: list[float]
 ) -> dict[str, str]:
     """The method each rule picks on one episode."""
     out: dict[str, str] = {}
