@@ -89,10 +89,8 @@ def _fold_stats(X, y, folds, m: str) -> tuple[float, float, float, float]:
     return 100.0 * right / len(y), logp, float(p_true.mean()), _calibrated_ll(logp_all, y)
 
 
-def _cv(
-    X: np.ndarray, y: np.ndarray, repeats: int, loso: bool
-) -> dict[str, list[tuple[float, ...]]]:
-    """Per candidate, (accuracy %, mean log p, mean p of the true class) for each shuffle (seed 0, 1,
+def _cv(X: np.ndarray, y: np.ndarray, repeats: int, loso: bool) -> dict[str, list[tuple[float, ...]]]:
+    """Per candidate, `_fold_stats` (accuracy %, mean log p, mean p, calibrated log p) per shuffle (seed 0, 1,
     ...) of at most 5 stratified folds, as AutoHead scores them; with ``loso`` one more entry under
     ``"loso:" + name``: leave-one-shot-out (as many folds as the smallest class has clips)."""
     n_min = int(np.bincount(y).min())
