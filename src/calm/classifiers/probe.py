@@ -137,6 +137,7 @@ class LinearProbe(HeadClassifier):
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(12, 4, 8)).astype(np.float32); X[6:, 0] += 2.0
     >>> y = np.array(["dog"] * 6 + ["rain"] * 6)
+    >>> from calm import LinearProbe
     >>> clf = LinearProbe().fit(X, y)
     >>> clf.predict(X[[0, 11]]).tolist(), clf.coef_.shape
     (['dog', 'rain'], (2, 4, 8))
