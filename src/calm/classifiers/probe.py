@@ -5,7 +5,7 @@ calibration, reject option, conformal sets, ``explain``, ``partial_fit``)."""
 from __future__ import annotations
 
 from numbers import Integral, Real
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from calm.classifiers.files import register
 from calm.methods import DEFAULTS
 from calm.serialization import TensorSpec
 
-__all__ = ["HELD_OUT_FOLDS", "LinearProbe"]
+__all__ = ["HELD_OUT_FOLDS", "LinearProbe", "ProbeWeights"]
 
 #: Folds of the held-out probe scores that calibrate ``predict_proba`` (and set the reject
 #: threshold): each support clip that can be held out is scored by a probe fitted without its fold.
@@ -36,12 +36,22 @@ def _standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
+class ProbeWeights(NamedTuple):
+    """A fitted probe on flat features (D = K * d): class scores = ((x - mean) / scale) @ coef.T +
+    intercept."""
+
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    coef: np.ndarray  # (C, D)
+    intercept: np.ndarray  # (C,)
+
+
 def fit_probe(
     X: np.ndarray, y_idx: np.ndarray, n_classes: int, C: float, max_iter: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(mean (D,), scale (D,), coef (n_classes, D), intercept (n_classes,), solver iterations) of a
-    logistic regression on float32 rows X (n, D) standardised by their mean and spread, with class
-    indices y_idx (n,) (every index below n_classes present). Two classes: scikit-learn's one
+) -> tuple[ProbeWeights, int]:
+    """(the :class:`ProbeWeights`, the solver's iterations) of a logistic regression on float32
+    rows X (n, D) standardised by their mean and spread, with class indices y_idx (n,) (every index
+    below n_classes present). Two classes: scikit-learn's one
     log-odds w x + b is split as -(w x + b) / 2, (w x + b) / 2 (the same probabilities, exactly the
     same difference). The BLAS runs on one thread (see :class:`LinearProbe`)."""
     from sklearn.linear_model import LogisticRegression
@@ -55,15 +65,14 @@ def fit_probe(
             np.concatenate([-coef / 2, coef / 2]),
             np.concatenate([-intercept / 2, intercept / 2]),
         )
-    return mean, scale, coef, intercept, int(np.max(model.n_iter_))
+    return ProbeWeights(mean, scale, coef, intercept), int(np.max(model.n_iter_))
 
 
-def probe_logits(
-    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: np.ndarray
-) -> np.ndarray:
-    """Class scores (n, C) of float32 rows X (n, D): standardised, times coef (C, D), plus intercept
-    (C,), in float32 as scikit-learn's ``decision_function`` computes them (one BLAS thread), then
-    as float64."""
+def probe_logits(X: np.ndarray, probe: ProbeWeights) -> np.ndarray:
+    """Class scores (n, C) of float32 rows X (n, D) under ``probe``: standardised, times coef
+    (C, D), plus intercept (C,), in float32 as scikit-learn's ``decision_function`` computes them
+    (one BLAS thread), then as float64."""
+    mean, scale, coef, intercept = probe
     binary = len(coef) == 2 and np.array_equal(coef[0], -coef[1]) and intercept[0] == -intercept[1]
     with threadpool_limits(limits=1, user_api="blas"):
         if binary:  # the one log-odds column scikit-learn computes (another BLAS kernel than two)
@@ -85,6 +94,7 @@ def held_out_folds(y_idx: np.ndarray, usable: np.ndarray, n_folds: int = HELD_OU
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
+    """log-softmax over classes of scores z (n, C), float64."""
     z = np.asarray(z, dtype=np.float64)
     shifted = z - z.max(axis=1, keepdims=True)
     out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -208,9 +218,9 @@ class LinearProbe(HeadClassifier):
     ) -> None:
         K, d, C = feats.K, feats.d, len(counts)
         X = self._support_rows(feats)
-        mean, scale, coef, intercept, self.n_iter_ = fit_probe(X, y_t.cpu().numpy(), C, self.C, self.max_iter)
-        self.mean_, self.scale_ = mean.reshape(K, d), scale.reshape(K, d)
-        self.coef_, self.intercept_ = coef.reshape(C, K, d), intercept
+        probe, self.n_iter_ = fit_probe(X, y_t.cpu().numpy(), C, self.C, self.max_iter)
+        self.mean_, self.scale_ = probe.mean.reshape(K, d), probe.scale.reshape(K, d)
+        self.coef_, self.intercept_ = probe.coef.reshape(C, K, d), probe.intercept
 
     def _held_out_log_scores(self, feats: Features, y_idx: np.ndarray, usable: np.ndarray) -> np.ndarray:
         """Log-probabilities (n, C) of the support clips, each ``usable`` one's from a probe fitted on
@@ -220,13 +230,15 @@ class LinearProbe(HeadClassifier):
         out = np.zeros((len(y_idx), C))
         for f in np.unique(folds[folds >= 0]):
             train = folds != f
-            state = fit_probe(X[train], y_idx[train], C, self.C, self.max_iter)
-            out[folds == f] = _log_softmax(probe_logits(X[folds == f], *state[:4]))
+            probe, _ = fit_probe(X[train], y_idx[train], C, self.C, self.max_iter)
+            out[folds == f] = _log_softmax(probe_logits(X[folds == f], probe))
         return out
 
     def _prepare(self, unit: torch.Tensor) -> None:
         C = len(self.classes_)
-        self._flat = (self.mean_.reshape(-1), self.scale_.reshape(-1), self.coef_.reshape(C, -1))
+        self._flat = ProbeWeights(  # on the flat features (K * d,)
+            self.mean_.reshape(-1), self.scale_.reshape(-1), self.coef_.reshape(C, -1), self.intercept_
+        )
 
     # -- predict paths --------------------------------------------------------------------------
 
@@ -238,7 +250,7 @@ class LinearProbe(HeadClassifier):
         rows = max(1, CHUNK_BYTES // (8 * self.n_features_in_))
         for start, xb in feats.chunks(rows, torch.float32):
             flat = xb.numpy().reshape(len(xb), -1)
-            out[start : start + len(xb)] = probe_logits(flat, *self._flat, self.intercept_)
+            out[start : start + len(xb)] = probe_logits(flat, self._flat)
         return out
 
     def _proba(self, scores: np.ndarray) -> np.ndarray:
