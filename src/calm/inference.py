@@ -168,8 +168,7 @@ class Predictor(FeaturePipeline):
     # -- forward ----------------------------------------------------------------------------------
     def classify(self, features: Sequence[np.ndarray | str], *, known: bool = True) -> list[Scored | str]:
         """A `Scored` per feature array (K, d): its class probabilities (C,) and, with a reject
-        option and `known`, its known score (`known=False`: None, not computed); a reason string
-        passes through."""
+        option and `known`, its known score (else None); a reason string passes through."""
         failed = "non-finite class probabilities"  # kept for a row whose probabilities are not finite
         out: list[Scored | str] = [f if isinstance(f, str) else failed for f in features]
         ok = [i for i, f in enumerate(features) if not isinstance(f, str)]
@@ -188,8 +187,7 @@ class Predictor(FeaturePipeline):
         return out
 
     def forward(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
-        """Class probabilities (C,) per waveform, or the reason it has none (no known scores:
-        detection windows read only the probabilities)."""
+        """Class probabilities (C,) per waveform, or the reason it has none (no known scores)."""
         return [probabilities_of(s) for s in self.classify(self.embed(waveforms), known=False)]
 
     def forward_scored(self, waveforms: Sequence[np.ndarray]) -> list[Scored | str]:
