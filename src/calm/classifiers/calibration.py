@@ -114,6 +114,13 @@ _SUM_SPECS = (
 )
 
 
+#: The known scores built on the centroid-z support statistics (``known_mean_``, ``known_spread_``).
+CENTROID_Z_SCORES = ("centroid-z", "centroid-z+top")
+
+#: The fitted state of the known scores: the attributes of ``_KNOWN_SPECS`` and ``_SUM_SPECS``.
+_KNOWN_STATE = tuple(spec.name + "_" for spec in _KNOWN_SPECS + _SUM_SPECS)
+
+
 def state_specs(params: dict[str, Any]) -> tuple[TensorSpec, ...]:
     """The saved tensors of this module's fitted state for an estimator with ``params``."""
     calibrated = params.get("calibration") is not None
@@ -205,13 +212,6 @@ def _left_out_scores(
     start, keep = rows
     out: np.ndarray = held_out[start : start + len(keep)][keep.numpy()]
     return out
-
-
-#: The known scores built on the centroid-z support statistics (``known_mean_``, ``known_spread_``).
-CENTROID_Z_SCORES = ("centroid-z", "centroid-z+top")
-
-#: The fitted state of the known scores (``_KNOWN_SPECS``, ``_SUM_SPECS``).
-_KNOWN_STATE = ("known_mean_", "known_spread_", "known_loc_", "known_scale_")
 
 
 @dataclass
