@@ -43,6 +43,7 @@ __all__ = [
     "Calibratable",
     "LeaveOneOut",
     "calibration_rows",
+    "class_ranks",
     "float64_rows",
     "fit_calibration",
     "known_scores",
@@ -147,6 +148,16 @@ def float64_rows(K: int, d: int, C: int) -> int:
     return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
 
 
+def class_ranks(y_idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rank (n,) of each ``mask`` (n,) clip among its class's masked clips in support order
+    (0, 1, ...), -1 elsewhere: the round-robin order over the classes of the clips left out."""
+    mask, rank = np.asarray(mask, dtype=bool), np.full(len(y_idx), -1, dtype=np.int64)
+    for c in np.unique(y_idx[mask]):
+        members = np.flatnonzero(mask & (y_idx == c))
+        rank[members] = np.arange(len(members))
+    return rank
+
+
 def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.ndarray:
     """Boolean mask of the support clips left out for calibration: every `usable` one when there
     are at most `limit`, else `limit` of them taken round-robin over the classes (each class's
@@ -154,10 +165,7 @@ def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.nd
     rows = np.flatnonzero(usable)
     if len(rows) <= limit:
         return np.asarray(usable, dtype=bool)
-    rank = np.zeros(len(y_idx), dtype=np.int64)
-    for c in np.unique(y_idx[rows]):
-        members = rows[y_idx[rows] == c]
-        rank[members] = np.arange(len(members))
+    rank = class_ranks(y_idx, usable)
     chosen = rows[np.lexsort((rows, rank[rows]))[:limit]]
     mask = np.zeros(len(y_idx), dtype=bool)
     mask[chosen] = True

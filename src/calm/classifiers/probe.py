@@ -14,6 +14,7 @@ from threadpoolctl import threadpool_limits
 
 from calm.classifiers import support
 from calm.classifiers.base import HeadClassifier
+from calm.classifiers.calibration import class_ranks
 from calm.classifiers.features import CHUNK_BYTES, Features
 from calm.classifiers.files import register
 from calm.methods import DEFAULTS
@@ -86,11 +87,8 @@ def held_out_folds(y_idx: np.ndarray, usable: np.ndarray, n_folds: int = HELD_OU
     """Fold (n,) of each support clip: -1 where not ``usable``; the usable clips of each class take
     folds 0, 1, ... in support order, so a class of n_c >= 2 clips never has all of them in one
     fold (every fold's training part keeps every class)."""
-    folds = np.full(len(y_idx), -1, dtype=np.int64)
-    for c in np.unique(y_idx[usable]):
-        rows = np.flatnonzero(usable & (y_idx == c))
-        folds[rows] = np.arange(len(rows)) % n_folds
-    return folds
+    rank = class_ranks(y_idx, usable)
+    return np.where(rank >= 0, rank % n_folds, -1)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
