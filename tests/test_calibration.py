@@ -223,3 +223,16 @@ def test_a_large_support_set_is_calibrated_on_a_round_robin_subset(monkeypatch):
     monkeypatch.setattr(calibration, "MAX_CALIBRATION_CLIPS", 12)
     clf = calm.CALM(k=2).fit(X, labels)
     assert clf.calibrated_ and len(clf.nonconformity_) == 12
+
+
+def test_class_ranks_order_each_class_s_clips_and_give_the_probe_its_folds():
+    """`class_ranks`, the one per-class order of the clips left out: the calibration's round-robin
+    subset and the linear probe's held-out folds (rank mod the fold count) both read it."""
+    from calm.classifiers.calibration import class_ranks
+    from calm.classifiers.probe import held_out_folds
+
+    y = np.array([2, 0, 2, 1, 0, 2, 1, 2, 2, 2, 2, 2, 0])
+    mask = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1], dtype=bool)
+    want = np.array([0, 0, 1, 0, -1, 2, 1, 3, 4, 5, 6, 7, 1])
+    np.testing.assert_array_equal(class_ranks(y, mask), want)
+    np.testing.assert_array_equal(held_out_folds(y, mask, n_folds=5), np.where(want >= 0, want % 5, -1))

@@ -12,6 +12,7 @@ MODULES = [
     "calm.classifiers.sav",
     "calm.classifiers.calm",
     "calm.classifiers.auto",
+    "calm.classifiers.probe",
     "calm.selftraining",
     "calm.audio_classifier",
 ]

@@ -98,8 +98,8 @@ def test_calibration_is_a_temperature_on_held_out_fold_scores():
     flat = X.reshape(len(X), -1)
     logits = np.zeros((len(y), 3))
     for f in range(5):
-        state = fit_probe(flat[folds != f], y_idx[folds != f], 3, 1.0, 2000)
-        logits[folds == f] = probe_logits(flat[folds == f], *state[:4])
+        probe, _ = fit_probe(flat[folds != f], y_idx[folds != f], 3, 1.0, 2000)
+        logits[folds == f] = probe_logits(flat[folds == f], probe)
     log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     assert clf.calibrated_ and clf.temperature_ == cal.fit_temperature(log_p, y_idx)
     np.testing.assert_allclose(

@@ -332,3 +332,17 @@ def test_one_shot_sum_score_is_centroid_z_alone_and_rejects_nothing(tmp_path):
     assert "unknown" not in clf.predict(Xu).tolist()
     clf.save(tmp_path / "m.safetensors")  # the ignored part's scale is finite: it saves and loads
     np.testing.assert_allclose(calm.load(tmp_path / "m.safetensors").known_score(queries), z, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [calm.SAV, calm.CALM, calm.LinearProbe])
+def test_a_refit_drops_the_known_statistics_its_score_does_not_use(cls):
+    """Every known score's fitted state (``known_mean_``, ``known_spread_``, ``known_loc_``,
+    ``known_scale_``: the attributes of the saved known-score tensors) goes with a refit that does
+    not set it, so a file saved after it holds only its own score's tensors."""
+    X, y, *_ = open_world(5, shots=4)
+    clf = cls(unknown=0.9).fit(X, y)
+    assert all(hasattr(clf, a) for a in ("known_mean_", "known_spread_", "known_loc_", "known_scale_"))
+    clf.set_params(unknown_score="centroid-z").fit(X, y)
+    assert hasattr(clf, "known_mean_") and not hasattr(clf, "known_loc_") and not hasattr(clf, "known_scale_")
+    clf.set_params(unknown_score="top-proba").fit(X, y)
+    assert not any(hasattr(clf, a) for a in ("known_mean_", "known_spread_", "known_loc_", "known_scale_"))

@@ -166,29 +166,29 @@ class Predictor(FeaturePipeline):
         }
 
     # -- forward ----------------------------------------------------------------------------------
-    def classify(self, features: Sequence[np.ndarray | str]) -> list[Scored | str]:
+    def classify(self, features: Sequence[np.ndarray | str], *, known: bool = True) -> list[Scored | str]:
         """A `Scored` per feature array (K, d): its class probabilities (C,) and, with a reject
-        option, its known score; a reason string passes through."""
+        option and `known`, its known score (else None); a reason string passes through."""
         failed = "non-finite class probabilities"  # kept for a row whose probabilities are not finite
         out: list[Scored | str] = [f if isinstance(f, str) else failed for f in features]
         ok = [i for i, f in enumerate(features) if not isinstance(f, str)]
         if ok:
             X = np.stack([features[i] for i in ok])
-            known: Any = [None] * len(ok)
-            if not self.rejects:
+            knowns: Any = [None] * len(ok)
+            if not (known and self.rejects):
                 proba = np.asarray(self.classifier.predict_proba(X), np.float64)
             else:  # the class scores once, for both the probabilities and the known scores
                 scores = self.classifier.class_scores(X)
                 proba = np.asarray(calibration.proba(self.classifier, scores), np.float64)
-                known = calibration.known_scores(self.classifier, X, scores)
-            for j, (i, p, k) in enumerate(zip(ok, proba, known, strict=True)):
+                knowns = calibration.known_scores(self.classifier, X, scores)
+            for j, (i, p, k) in enumerate(zip(ok, proba, knowns, strict=True)):
                 if np.isfinite(p).all():
                     out[i] = Scored(p, X[j], None if k is None else float(k))
         return out
 
     def forward(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray | str]:
-        """Class probabilities (C,) per waveform, or the reason it has none."""
-        return [probabilities_of(s) for s in self.forward_scored(waveforms)]
+        """Class probabilities (C,) per waveform, or the reason it has none (no known scores)."""
+        return [probabilities_of(s) for s in self.classify(self.embed(waveforms), known=False)]
 
     def forward_scored(self, waveforms: Sequence[np.ndarray]) -> list[Scored | str]:
         """`forward`, each clip's probabilities kept with its features and known score (`Scored`)."""

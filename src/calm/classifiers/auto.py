@@ -57,14 +57,14 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     cv : int, default 5
         Stratified folds (at most the smallest class's support count is used; fewer than 2 possible:
         no cross-validation, ``fallback`` is fitted).
-    n_repeats : int, default `calm.methods.AUTO_CV_REPEATS`
-        Shuffles of the folds (seeds ``random_state``, ``random_state + 1``, ...) whose accuracies
-        are averaged; 1 is the single shuffle ``auto`` used before.
     fallback : str, default `calm.methods.AUTO_FALLBACK`
         The method fitted without cross-validation; also wins ties of the CV accuracy (otherwise
         ties go to the earlier candidate).
     random_state : int, default 0
         Seed of the first fold shuffle.
+    n_repeats : int, default `calm.methods.AUTO_CV_REPEATS`
+        Shuffles of the folds (seeds ``random_state``, ``random_state + 1``, ...) whose accuracies
+        are averaged; 1 is the single shuffle ``auto`` used before.
     calibration, unknown, unknown_score, unknown_label, keep_support : as `calm.CALM`'s
         Given to the chosen classifier's final fit (`FINAL_FIT_PARAMS`; defaults
         `calm.methods.DEFAULTS`): its calibrated probabilities, reject option and kept support set.
@@ -93,10 +93,10 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "candidates": [list, tuple],
         "cv": [Interval(Integral, 2, None, closed="left")],
-        "n_repeats": [Interval(Integral, 1, None, closed="left")],
-        **{p: HeadClassifier._parameter_constraints[p] for p in FINAL_FIT_PARAMS},
         "fallback": [str],
         "random_state": [Interval(Integral, 0, None, closed="left")],
+        "n_repeats": [Interval(Integral, 1, None, closed="left")],
+        **{p: HeadClassifier._parameter_constraints[p] for p in FINAL_FIT_PARAMS},
     }
 
     def __init__(
@@ -115,14 +115,14 @@ class AutoHead(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     ) -> None:
         self.candidates = candidates
         self.cv = cv
+        self.fallback = fallback
+        self.random_state = random_state
         self.n_repeats = n_repeats
         self.calibration = calibration
         self.unknown = unknown
         self.unknown_score = unknown_score
         self.unknown_label = unknown_label
         self.keep_support = keep_support
-        self.fallback = fallback
-        self.random_state = random_state
 
     def _check_methods(self) -> list[str]:
         allowed = [m for m in registry.fit_methods() if registry.info(m).estimator_class() is not AutoHead]

@@ -43,6 +43,7 @@ __all__ = [
     "Calibratable",
     "LeaveOneOut",
     "calibration_rows",
+    "class_ranks",
     "float64_rows",
     "fit_calibration",
     "known_scores",
@@ -82,7 +83,6 @@ class Calibratable(Protocol):
     def predict_proba(self, X: Any) -> np.ndarray: ...
     def _proba(self, scores: np.ndarray) -> np.ndarray: ...
     def _log_scores(self, scores: np.ndarray) -> np.ndarray: ...
-    def _contributions(self, cos: torch.Tensor) -> torch.Tensor: ...
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
     def _held_out_log_scores(
         self, feats: Features, y_idx: np.ndarray, usable: np.ndarray
@@ -115,6 +115,13 @@ _SUM_SPECS = (
 )
 
 
+#: The known scores built on the centroid-z support statistics (``known_mean_``, ``known_spread_``).
+CENTROID_Z_SCORES = ("centroid-z", "centroid-z+top")
+
+#: The fitted state of the known scores: the attributes of ``_KNOWN_SPECS`` and ``_SUM_SPECS``.
+_KNOWN_STATE = tuple(spec.name + "_" for spec in _KNOWN_SPECS + _SUM_SPECS)
+
+
 def state_specs(params: dict[str, Any]) -> tuple[TensorSpec, ...]:
     """The saved tensors of this module's fitted state for an estimator with ``params``."""
     calibrated = params.get("calibration") is not None
@@ -141,6 +148,16 @@ def float64_rows(K: int, d: int, C: int) -> int:
     return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
 
 
+def class_ranks(y_idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Rank (n,) of each ``mask`` (n,) clip among its class's masked clips in support order
+    (0, 1, ...), -1 elsewhere: the round-robin order over the classes of the clips left out."""
+    mask, rank = np.asarray(mask, dtype=bool), np.full(len(y_idx), -1, dtype=np.int64)
+    for c in np.unique(y_idx[mask]):
+        members = np.flatnonzero(mask & (y_idx == c))
+        rank[members] = np.arange(len(members))
+    return rank
+
+
 def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.ndarray:
     """Boolean mask of the support clips left out for calibration: every `usable` one when there
     are at most `limit`, else `limit` of them taken round-robin over the classes (each class's
@@ -148,10 +165,7 @@ def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.nd
     rows = np.flatnonzero(usable)
     if len(rows) <= limit:
         return np.asarray(usable, dtype=bool)
-    rank = np.zeros(len(y_idx), dtype=np.int64)
-    for c in np.unique(y_idx[rows]):
-        members = rows[y_idx[rows] == c]
-        rank[members] = np.arange(len(members))
+    rank = class_ranks(y_idx, usable)
     chosen = rows[np.lexsort((rows, rank[rows]))[:limit]]
     mask = np.zeros(len(y_idx), dtype=bool)
     mask[chosen] = True
@@ -206,13 +220,6 @@ def _left_out_scores(
     start, keep = rows
     out: np.ndarray = held_out[start : start + len(keep)][keep.numpy()]
     return out
-
-
-#: The known scores built on the centroid-z support statistics (``known_mean_``, ``known_spread_``).
-CENTROID_Z_SCORES = ("centroid-z", "centroid-z+top")
-
-#: The fitted state of the known scores (``_KNOWN_SPECS``, ``_SUM_SPECS``).
-_KNOWN_STATE = ("known_mean_", "known_spread_", "known_loc_", "known_scale_")
 
 
 @dataclass

@@ -217,7 +217,7 @@ class CALM(HeadClassifier):
             r = rg
         else:  # Eq. 11 shrunk towards Eq. 7 (scores="loo")
             r = H.shrunk_reliability(rc, rg, counts, self.pooling_)
-        w = H.head_weights(r.cpu(), self.k_, self.tau_w, self.normalization)  # Eq. 12 / 8
+        w = self._weights_of(r.cpu())
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ParameterError(f"tau_w={self.tau_w!r} gives non-finite head weights; use a larger tau_w")
         self.reliability_ = r.cpu().numpy()
@@ -225,6 +225,11 @@ class CALM(HeadClassifier):
         order = torch.sort(r.cpu(), dim=-1, descending=True, stable=True).indices
         self.heads_ = order[..., : self.k_].numpy()
         self._pooled = (rc.cpu(), rg.cpu())  # for _loo_scores (scores="loo")
+
+    def _weights_of(self, r: torch.Tensor) -> torch.Tensor:
+        """Head weights (..., K) of reliabilities ``r`` (..., K) (Eq. 12 / 8,
+        :func:`calm._heads.head_weights` at ``k_``, ``tau_w`` and ``normalization``)."""
+        return H.head_weights(r, self.k_, self.tau_w, self.normalization)
 
     def _tau(self) -> float:
         """The posterior temperature in use: the chosen one (``scores="loo"``) or ``tau_p``."""
@@ -262,9 +267,7 @@ class CALM(HeadClassifier):
             )
             rc, rg = H.class_reliability(m, y, len(sub)), H.global_reliability(m)
             for lam in LOO_POOLING:
-                w = H.head_weights(
-                    H.loo_reliabilities(m, y, rc, rg, sub, lam), self.k_, self.tau_w, self.normalization
-                )
+                w = self._weights_of(H.loo_reliabilities(m, y, rc, rg, sub, lam))
                 value = loo_criterion(torch.einsum("nkc,nck->nc", post, w), y)  # Eq. 13 per left-out clip
                 if value > best:
                     best, choice = value, (float(tau), lam)
@@ -332,7 +335,7 @@ class CALM(HeadClassifier):
         rc, rg = self._pooled
         counts = torch.from_numpy(np.asarray(self.class_counts_))
         r = H.loo_reliabilities(margins, y, rc, rg, counts, self.pooling_)
-        return H.head_weights(r, self.k_, self.tau_w, self.normalization)
+        return self._weights_of(r)
 
     def _loo_scores(self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The clip's own margins taken out of the reliabilities, heads and weights chosen again
@@ -348,7 +351,7 @@ class CALM(HeadClassifier):
             torch.from_numpy(np.asarray(self.reliability_, np.float64)),
             torch.from_numpy(np.asarray(self.weights_, np.float64)),
             torch.from_numpy(np.asarray(self.class_counts_)),
-            lambda r: H.head_weights(r, self.k_, self.tau_w, self.normalization),
+            self._weights_of,
         )
 
     def _head_weights(self) -> np.ndarray:
@@ -372,7 +375,7 @@ class CALM(HeadClassifier):
             y,
             torch.from_numpy(np.asarray(self.reliability_, np.float64)),
             torch.from_numpy(np.asarray(self.class_counts_)),
-            lambda r: H.head_weights(r, self.k_, self.tau_w, self.normalization),
+            self._weights_of,
         ).numpy()
         own = (pred == y.numpy()) | (self.weighting == "global")
         return np.where(own[:, None], w_own, np.asarray(self.weights_)[pred])

@@ -5,7 +5,7 @@ calibration, reject option, conformal sets, ``explain``, ``partial_fit``)."""
 from __future__ import annotations
 
 from numbers import Integral, Real
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -14,12 +14,13 @@ from threadpoolctl import threadpool_limits
 
 from calm.classifiers import support
 from calm.classifiers.base import HeadClassifier
+from calm.classifiers.calibration import class_ranks
 from calm.classifiers.features import CHUNK_BYTES, Features
 from calm.classifiers.files import register
 from calm.methods import DEFAULTS
 from calm.serialization import TensorSpec
 
-__all__ = ["HELD_OUT_FOLDS", "LinearProbe"]
+__all__ = ["HELD_OUT_FOLDS", "LinearProbe", "ProbeWeights"]
 
 #: Folds of the held-out probe scores that calibrate ``predict_proba`` (and set the reject
 #: threshold): each support clip that can be held out is scored by a probe fitted without its fold.
@@ -36,12 +37,22 @@ def _standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, scale
 
 
+class ProbeWeights(NamedTuple):
+    """A fitted probe on flat features (D = K * d): class scores = ((x - mean) / scale) @ coef.T +
+    intercept."""
+
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    coef: np.ndarray  # (C, D)
+    intercept: np.ndarray  # (C,)
+
+
 def fit_probe(
     X: np.ndarray, y_idx: np.ndarray, n_classes: int, C: float, max_iter: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """(mean (D,), scale (D,), coef (n_classes, D), intercept (n_classes,), solver iterations) of a
-    logistic regression on float32 rows X (n, D) standardised by their mean and spread, with class
-    indices y_idx (n,) (every index below n_classes present). Two classes: scikit-learn's one
+) -> tuple[ProbeWeights, int]:
+    """(the :class:`ProbeWeights`, the solver's iterations) of a logistic regression on float32
+    rows X (n, D) standardised by their mean and spread, with class indices y_idx (n,) (every index
+    below n_classes present). Two classes: scikit-learn's one
     log-odds w x + b is split as -(w x + b) / 2, (w x + b) / 2 (the same probabilities, exactly the
     same difference). The BLAS runs on one thread (see :class:`LinearProbe`)."""
     from sklearn.linear_model import LogisticRegression
@@ -55,15 +66,14 @@ def fit_probe(
             np.concatenate([-coef / 2, coef / 2]),
             np.concatenate([-intercept / 2, intercept / 2]),
         )
-    return mean, scale, coef, intercept, int(np.max(model.n_iter_))
+    return ProbeWeights(mean, scale, coef, intercept), int(np.max(model.n_iter_))
 
 
-def probe_logits(
-    X: np.ndarray, mean: np.ndarray, scale: np.ndarray, coef: np.ndarray, intercept: np.ndarray
-) -> np.ndarray:
-    """Class scores (n, C) of float32 rows X (n, D): standardised, times coef (C, D), plus intercept
-    (C,), in float32 as scikit-learn's ``decision_function`` computes them (one BLAS thread), then
-    as float64."""
+def probe_logits(X: np.ndarray, probe: ProbeWeights) -> np.ndarray:
+    """Class scores (n, C) of float32 rows X (n, D) under ``probe``: standardised, times coef
+    (C, D), plus intercept (C,), in float32 as scikit-learn's ``decision_function`` computes them
+    (one BLAS thread), then as float64."""
+    mean, scale, coef, intercept = probe
     binary = len(coef) == 2 and np.array_equal(coef[0], -coef[1]) and intercept[0] == -intercept[1]
     with threadpool_limits(limits=1, user_api="blas"):
         if binary:  # the one log-odds column scikit-learn computes (another BLAS kernel than two)
@@ -77,14 +87,12 @@ def held_out_folds(y_idx: np.ndarray, usable: np.ndarray, n_folds: int = HELD_OU
     """Fold (n,) of each support clip: -1 where not ``usable``; the usable clips of each class take
     folds 0, 1, ... in support order, so a class of n_c >= 2 clips never has all of them in one
     fold (every fold's training part keeps every class)."""
-    folds = np.full(len(y_idx), -1, dtype=np.int64)
-    for c in np.unique(y_idx[usable]):
-        rows = np.flatnonzero(usable & (y_idx == c))
-        folds[rows] = np.arange(len(rows)) % n_folds
-    return folds
+    rank = class_ranks(y_idx, usable)
+    return np.where(rank >= 0, rank % n_folds, -1)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
+    """log-softmax over classes of scores z (n, C), float64."""
     z = np.asarray(z, dtype=np.float64)
     shifted = z - z.max(axis=1, keepdims=True)
     out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -137,6 +145,7 @@ class LinearProbe(HeadClassifier):
     >>> rng = np.random.default_rng(0)
     >>> X = rng.normal(size=(12, 4, 8)).astype(np.float32); X[6:, 0] += 2.0
     >>> y = np.array(["dog"] * 6 + ["rain"] * 6)
+    >>> from calm import LinearProbe
     >>> clf = LinearProbe().fit(X, y)
     >>> clf.predict(X[[0, 11]]).tolist(), clf.coef_.shape
     (['dog', 'rain'], (2, 4, 8))
@@ -207,9 +216,9 @@ class LinearProbe(HeadClassifier):
     ) -> None:
         K, d, C = feats.K, feats.d, len(counts)
         X = self._support_rows(feats)
-        mean, scale, coef, intercept, self.n_iter_ = fit_probe(X, y_t.cpu().numpy(), C, self.C, self.max_iter)
-        self.mean_, self.scale_ = mean.reshape(K, d), scale.reshape(K, d)
-        self.coef_, self.intercept_ = coef.reshape(C, K, d), intercept
+        probe, self.n_iter_ = fit_probe(X, y_t.cpu().numpy(), C, self.C, self.max_iter)
+        self.mean_, self.scale_ = probe.mean.reshape(K, d), probe.scale.reshape(K, d)
+        self.coef_, self.intercept_ = probe.coef.reshape(C, K, d), probe.intercept
 
     def _held_out_log_scores(self, feats: Features, y_idx: np.ndarray, usable: np.ndarray) -> np.ndarray:
         """Log-probabilities (n, C) of the support clips, each ``usable`` one's from a probe fitted on
@@ -219,13 +228,15 @@ class LinearProbe(HeadClassifier):
         out = np.zeros((len(y_idx), C))
         for f in np.unique(folds[folds >= 0]):
             train = folds != f
-            state = fit_probe(X[train], y_idx[train], C, self.C, self.max_iter)
-            out[folds == f] = _log_softmax(probe_logits(X[folds == f], *state[:4]))
+            probe, _ = fit_probe(X[train], y_idx[train], C, self.C, self.max_iter)
+            out[folds == f] = _log_softmax(probe_logits(X[folds == f], probe))
         return out
 
     def _prepare(self, unit: torch.Tensor) -> None:
         C = len(self.classes_)
-        self._flat = (self.mean_.reshape(-1), self.scale_.reshape(-1), self.coef_.reshape(C, -1))
+        self._flat = ProbeWeights(  # on the flat features (K * d,)
+            self.mean_.reshape(-1), self.scale_.reshape(-1), self.coef_.reshape(C, -1), self.intercept_
+        )
 
     # -- predict paths --------------------------------------------------------------------------
 
@@ -237,7 +248,7 @@ class LinearProbe(HeadClassifier):
         rows = max(1, CHUNK_BYTES // (8 * self.n_features_in_))
         for start, xb in feats.chunks(rows, torch.float32):
             flat = xb.numpy().reshape(len(xb), -1)
-            out[start : start + len(xb)] = probe_logits(flat, *self._flat, self.intercept_)
+            out[start : start + len(xb)] = probe_logits(flat, self._flat)
         return out
 
     def _proba(self, scores: np.ndarray) -> np.ndarray:

@@ -323,17 +323,19 @@ trust_file_model_option = click.option(
 )
 
 
-def given_options(names: Sequence[str]) -> list[str]:
-    """The options among ``names`` given on the current command line (not left at their defaults)."""
-    ctx = click.get_current_context()
+def given_options(names: Sequence[str], ctx: click.Context | None = None) -> list[str]:
+    """The options among ``names`` given on the command line of ``ctx`` (default: the current
+    context), not left at their defaults."""
+    ctx = click.get_current_context() if ctx is None else ctx
     return [n for n in names if ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None)]
 
 
 def given_command(ctx: click.Context) -> str:
     """The command ``ctx`` runs, with the options given on its command line (defaults left out)."""
     words = [str(ctx.info_name)]
+    given = set(given_options([p.name for p in ctx.command.params if p.name is not None], ctx))
     for param in ctx.command.params:
-        if param.name is None or param.name not in given_options([param.name]):
+        if param.name not in given:
             continue
         value = ctx.params[param.name]
         for item in value if isinstance(value, tuple) else (value,):
