@@ -25,6 +25,7 @@ warns. It needs calibration.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ __all__ = [
     "Calibratable",
     "LeaveOneOut",
     "calibration_rows",
+    "float64_chunks",
     "float64_rows",
     "fit_calibration",
     "known_scores",
@@ -141,6 +143,16 @@ def float64_rows(K: int, d: int, C: int) -> int:
     return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
 
 
+def float64_chunks(
+    clf: Calibratable, feats: Features
+) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
+    """``clf``'s centroids (C, K, d) as float64 (as stored: in the query dtype, as a loaded file's)
+    and the clips ``feats`` as float64 (start, chunk (rows, K, d)) pairs of :func:`float64_rows` rows."""
+    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
+    C, K, d = centroids.shape
+    return centroids, feats.chunks(float64_rows(K, d, C), torch.float64)
+
+
 def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.ndarray:
     """Boolean mask of the support clips left out for calibration: every `usable` one when there
     are at most `limit`, else `limit` of them taken round-robin over the classes (each class's
@@ -235,11 +247,11 @@ def leave_one_out(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> Leav
     or more), chunk by chunk."""
     counts = torch.as_tensor(np.asarray(clf.class_counts_))
     usable = torch.as_tensor(calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS))
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
+    centroids, chunks = float64_chunks(clf, feats)
+    C, K, _ = centroids.shape
     logs, ys, own, pred_cos, pred_w = [], [], [], [], []
     held_out = clf._held_out_log_scores(feats, y_idx, usable.numpy())  # None: leave-one-out scores
-    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
+    for start, xb in chunks:
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
         keep = usable[start : start + len(xb)]
         if not bool(keep.any()):
@@ -327,12 +339,11 @@ def known_scores(clf: Calibratable, X: Any, scores: np.ndarray | None = None) ->
 def _centroid_z(clf: Calibratable, X: Any, pred: np.ndarray) -> np.ndarray:
     """:func:`calm._calibration.centroid_z` (n,) of clips X at their predicted classes ``pred``."""
     feats = clf._query(X)
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
+    centroids, chunks = float64_chunks(clf, feats)
     unit = H.l2_normalize(centroids)
     out = np.empty(feats.n)
     weights = clf._head_weights()
-    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
+    for start, xb in chunks:
         p = pred[start : start + len(xb)]
         cos = torch.einsum("nkd,nkd->nk", H.l2_normalize(xb), unit[torch.as_tensor(p)]).numpy()
         out[start : start + len(xb)] = cal.centroid_z(cos, clf.known_mean_[p], clf.known_spread_, weights[p])
