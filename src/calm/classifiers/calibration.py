@@ -45,7 +45,6 @@ __all__ = [
     "LeaveOneOut",
     "calibration_rows",
     "float64_chunks",
-    "float64_rows",
     "fit_calibration",
     "known_scores",
     "leave_one_out",
@@ -138,18 +137,14 @@ MAX_CALIBRATION_CLIPS = 256
 _CHUNK_BYTES = 64 * 2**20
 
 
-def float64_rows(K: int, d: int, C: int) -> int:
-    """Rows per chunk of float64 work on (rows, K, max(C, d)) arrays: cosines, contributions."""
-    return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
-
-
 def float64_chunks(
     clf: Calibratable, feats: Features
 ) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
-    """``clf``'s stored centroids (C, K, d) and ``feats``' (start, (rows, K, d)) chunks, in float64."""
+    """``clf``'s stored centroids (C, K, d) and ``feats``' (start, (rows, K, d)) chunks in float64, as
+    many rows as keep a chunk's float64 work on (rows, K, max(C, d)) arrays (cosines) in budget."""
     centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
     C, K, d = centroids.shape
-    return centroids, feats.chunks(float64_rows(K, d, C), torch.float64)
+    return centroids, feats.chunks(max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3)), torch.float64)
 
 
 def calibration_rows(usable: np.ndarray, y_idx: np.ndarray, limit: int) -> np.ndarray:
