@@ -282,13 +282,8 @@ def loo_known_scores(clf: Calibratable, loo: LeaveOneOut) -> np.ndarray:
 
 
 def _loo_parts(clf: Calibratable, loo: LeaveOneOut) -> np.ndarray:
-    """The parts (m, 2) of "centroid-z+top" of the support clips left out (:func:`_sum_parts`)."""
-    return _sum_parts(_loo_centroid_z(clf, loo), cal.top_log_odds(loo.log_scores, clf.temperature_))
-
-
-def _sum_parts(z: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """The parts (n, 2) of "centroid-z+top" in ``known_loc_``'s order: centroid-z ``z``, top log-odds."""
-    return np.stack([z, top], axis=1)
+    """The parts (m, 2) of "centroid-z+top" of the support clips left out: centroid-z, top log-odds."""
+    return np.stack([_loo_centroid_z(clf, loo), cal.top_log_odds(loo.log_scores, clf.temperature_)], axis=1)
 
 
 def _loo_pred_weights(
@@ -332,7 +327,7 @@ def known_scores(clf: Calibratable, X: Any, scores: np.ndarray | None = None) ->
     z = _centroid_z(clf, X, np.argmax(scores, axis=1))
     if clf.unknown_score == "centroid-z":
         return z
-    return cal.standardised_sum(_sum_parts(z, top), clf.known_loc_, clf.known_scale_)
+    return cal.standardised_sum(np.stack([z, top], axis=1), clf.known_loc_, clf.known_scale_)
 
 
 def _centroid_z(clf: Calibratable, X: Any, pred: np.ndarray) -> np.ndarray:
