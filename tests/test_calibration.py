@@ -236,3 +236,21 @@ def test_class_ranks_order_each_class_s_clips_and_give_the_probe_its_folds():
     want = np.array([0, 0, 1, 0, -1, 2, 1, 3, 4, 5, 6, 7, 1])
     np.testing.assert_array_equal(class_ranks(y, mask), want)
     np.testing.assert_array_equal(held_out_folds(y, mask, n_folds=5), np.where(want >= 0, want % 5, -1))
+
+
+def test_at_class_reads_each_rows_own_class():
+    cos = torch.arange(2 * 3 * 4, dtype=torch.float64).reshape(2, 3, 4)  # (n, K, C)
+    out = cal.at_class(cos, np.array([1, 3]))
+    np.testing.assert_array_equal(out, np.stack([cos[0, :, 1].numpy(), cos[1, :, 3].numpy()]))
+
+
+def test_score_scales_put_each_part_on_the_support_clips_scale():
+    parts = np.array([[1.0, 10.0, 7.0], [3.0, 30.0, 7.0]])  # (m, P); the last part is constant
+    loc, scale = cal.score_scales(parts)
+    np.testing.assert_allclose(loc, [2.0, 20.0, 7.0])
+    np.testing.assert_allclose(scale, [1.0, 10.0, cal.SPREAD_FLOOR])  # floored, never 0
+    np.testing.assert_allclose(cal.standardised_sum(parts, loc, scale), [-2.0, 2.0])
+    # no support rows (one clip per class): the first part as it is, the others count for nothing
+    loc, scale = cal.score_scales(np.zeros((0, 2)))
+    assert loc.tolist() == [0.0, 0.0] and scale.tolist() == [1.0, cal.IGNORED]
+    np.testing.assert_allclose(cal.standardised_sum(np.array([[5.0, 1e6]]), loc, scale), [5.0])

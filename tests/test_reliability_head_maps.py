@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from calm import CALM, SAV
+from calm.classifiers import HeadClassifier
 from calm.evaluate.estimators import LinearProbe, fewshot_methods
 from calm.evaluate.head_maps import head_map_analyses, head_map_section, head_maps, head_weights
 from calm.evaluate.metrics import calibration_bins, expected_calibration_error
@@ -96,6 +97,8 @@ def test_head_weights_and_maps_fold_the_fits():
     assert w.shape == (3, 6) and (w[2] == 0).all()
     assert np.flatnonzero(w[0]).tolist() == sorted(np.asarray(sav.heads_).tolist()) and w[0].max() == 0.5
     assert head_weights(LinearProbe().fit(X, y), ["c0"]) is None
+    assert HeadClassifier.__dict__["selects_heads"] and SAV.selects_heads and CALM.selects_heads
+    assert not LinearProbe.selects_heads
     fits = [
         head_weights(CALM(k=2).fit(X[rng.permutation(len(y))[:18]], y[:18]), ["c0", "c1", "c2"])
         for _ in range(4)

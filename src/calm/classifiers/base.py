@@ -87,6 +87,10 @@ class HeadClassifier(ClassifierMixin, BaseEstimator):  # type: ignore[misc]
     unknown_score: str
     unknown_label: Any
 
+    #: whether the fit ranks / weights heads (a head map to draw, `calm.evaluate.head_maps`); the
+    #: linear probe keeps every head alike
+    selects_heads: ClassVar[bool] = True
+
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "k": [_POSITIVE_INT, Interval(RealNotInt, 0, 1, closed="right"), None],
         "tau_p": [Interval(Real, MIN_TEMPERATURE, np.inf, closed="left")],

@@ -25,6 +25,7 @@ warns. It needs calibration.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -44,7 +45,7 @@ __all__ = [
     "LeaveOneOut",
     "calibration_rows",
     "class_ranks",
-    "float64_rows",
+    "float64_chunks",
     "fit_calibration",
     "known_scores",
     "leave_one_out",
@@ -143,9 +144,14 @@ MAX_CALIBRATION_CLIPS = 256
 _CHUNK_BYTES = 64 * 2**20
 
 
-def float64_rows(K: int, d: int, C: int) -> int:
-    """Rows per chunk of float64 work on (rows, K, max(C, d)) arrays: cosines, contributions."""
-    return max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3))
+def float64_chunks(
+    clf: Calibratable, feats: Features
+) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
+    """``clf``'s stored centroids (C, K, d) and ``feats``' (start, (rows, K, d)) chunks in float64, as
+    many rows as keep a chunk's float64 work on (rows, K, max(C, d)) arrays (cosines) in budget."""
+    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
+    C, K, d = centroids.shape
+    return centroids, feats.chunks(max(1, _CHUNK_BYTES // (8 * K * max(C, d) * 3)), torch.float64)
 
 
 def class_ranks(y_idx: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -242,11 +248,11 @@ def leave_one_out(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> Leav
     or more), chunk by chunk."""
     counts = torch.as_tensor(np.asarray(clf.class_counts_))
     usable = torch.as_tensor(calibration_rows(counts.numpy()[y_idx] >= 2, y_idx, MAX_CALIBRATION_CLIPS))
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
+    centroids, chunks = float64_chunks(clf, feats)
+    C, K, _ = centroids.shape
     logs, ys, own, pred_cos, pred_w = [], [], [], [], []
     held_out = clf._held_out_log_scores(feats, y_idx, usable.numpy())  # None: leave-one-out scores
-    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
+    for start, xb in chunks:
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
         keep = usable[start : start + len(xb)]
         if not bool(keep.any()):
@@ -334,12 +340,11 @@ def known_scores(clf: Calibratable, X: Any, scores: np.ndarray | None = None) ->
 def _centroid_z(clf: Calibratable, X: Any, pred: np.ndarray) -> np.ndarray:
     """:func:`calm._calibration.centroid_z` (n,) of clips X at their predicted classes ``pred``."""
     feats = clf._query(X)
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
+    centroids, chunks = float64_chunks(clf, feats)
     unit = H.l2_normalize(centroids)
     out = np.empty(feats.n)
     weights = clf._head_weights()
-    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
+    for start, xb in chunks:
         p = pred[start : start + len(xb)]
         cos = torch.einsum("nkd,nkd->nk", H.l2_normalize(xb), unit[torch.as_tensor(p)]).numpy()
         out[start : start + len(xb)] = cal.centroid_z(cos, clf.known_mean_[p], clf.known_spread_, weights[p])

@@ -261,10 +261,7 @@ class CALM(HeadClassifier):
         grid = sorted(set(LOO_TAU_P) | {float(self.tau_p)}, key=lambda t: (abs(math.log(t / self.tau_p)), -t))
         best, choice = -math.inf, (float(self.tau_p), 0.0)
         for tau in grid:  # preferred first: the strictly better replaces it
-            post = H.head_posteriors(cos_loo, tau)  # Eq. 5 against the centroids without the clip
-            m = H.clamped_margins(
-                post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, tau), y
-            )
+            post, m = self._loo_margins(cos_in, cos_loo, y, tau)
             rc, rg = H.class_reliability(m, y, len(sub)), H.global_reliability(m)
             for lam in LOO_POOLING:
                 w = self._weights_of(H.loo_reliabilities(m, y, rc, rg, sub, lam))
@@ -319,12 +316,12 @@ class CALM(HeadClassifier):
         )
 
     def _loo_margins(
-        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor
+        self, cos_in: torch.Tensor, cos_loo: torch.Tensor, y: torch.Tensor, tau: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Head posteriors (n, K, C) of support clips left out (against the centroids without
-        them, Eq. 5 at the temperature in use) and their clamped margins (n, K) as the fit saw them
-        (Eq. 6: leave-one-out or in-sample, as ``reliability`` says)."""
-        tau = self._tau()
+        them, Eq. 5 at ``tau``, default the temperature in use) and their clamped margins (n, K)
+        as the fit saw them (Eq. 6: leave-one-out or in-sample, as ``reliability`` says)."""
+        tau = self._tau() if tau is None else tau
         post = H.head_posteriors(cos_loo, tau)
         fitted = post if self.reliability == "leave-one-out" else H.head_posteriors(cos_in, tau)
         return post, H.clamped_margins(fitted, y)

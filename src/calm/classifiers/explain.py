@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from calm import _heads as H
-from calm.classifiers.calibration import Calibratable, float64_rows, proba
+from calm.classifiers.calibration import Calibratable, float64_chunks, proba
 
 __all__ = ["explain", "head_labels"]
 
@@ -39,14 +39,13 @@ def explain(clf: Calibratable, X: Any, top: int) -> list[dict[str, Any]]:
     linear probe the head's sum of coef * standardised feature, whose sum plus the intercept is the
     score); heads contributing 0 or less are left out."""
     feats = clf._query(X)
-    centroids = torch.as_tensor(np.asarray(clf.centroids_, dtype=np.float64))
-    C, K, d = centroids.shape
+    centroids, chunks = float64_chunks(clf, feats)
     unit = H.l2_normalize(centroids)
     labels, weights = head_labels(clf), clf._head_weights()
     classes = [c.item() if hasattr(c, "item") else c for c in clf.classes_]
     all_scores = clf.class_scores(X)  # those predict reads: the same prediction
     out: list[dict[str, Any]] = []
-    for start, xb in feats.chunks(float64_rows(K, d, C), torch.float64):
+    for start, xb in chunks:
         cos = torch.einsum("nkd,ckd->nkc", H.l2_normalize(xb), unit)
         parts = clf._head_parts(xb, cos)
         scores = all_scores[start : start + len(xb)]

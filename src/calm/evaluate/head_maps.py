@@ -43,6 +43,7 @@ class HeadWeighted(Protocol):
     """A fitted head classifier (`calm.classifiers.HeadClassifier`): its classes and head weights."""
 
     classes_: Any
+    selects_heads: bool
 
     def _head_weights(self) -> np.ndarray: ...
 
@@ -50,7 +51,8 @@ class HeadWeighted(Protocol):
 def head_weights(clf: Any, classes: Sequence[str]) -> np.ndarray | None:
     """The weight (C, K) of each head in each class's score, rows in `classes` order (zeros for a
     class the fit has not seen), or None for a classifier without head weights or one that keeps
-    every head alike (``selects_heads = False``: the linear probe, nothing to map)."""
+    every head alike (``selects_heads`` False, `calm.classifiers.HeadClassifier.selects_heads`: the
+    linear probe, nothing to map)."""
     if not callable(getattr(clf, "_head_weights", None)) or not getattr(clf, "selects_heads", True):
         return None
     fitted: HeadWeighted = clf
