@@ -48,9 +48,12 @@ def test_loo_reliabilities_are_the_shrunk_reliabilities_refitted_without_each_cl
 
 def test_loo_criterion_by_hand():
     scores = torch.tensor([[3.0, 1.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
-    # normalised rows [.75, .25], [.5, .5], [0, 1]: predictions 0, 0 (tie: lower class), 1;
-    # right, wrong, right; margins p_y - max rival: .5, 0, 1
-    assert loo_criterion(scores, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3 + 0.1 * 0.5)
+    # normalised rows [.75, .25], [.5, .5], [0, 1]: right, a tie of two (half right), right;
+    # margins p_y - max rival: .5, 0, 1
+    assert loo_criterion(scores, torch.tensor([0, 1, 1])) == pytest.approx(2.5 / 3 + 0.1 * 0.5)
+    # the same with the classes swapped: a tie counts the same whichever class comes first
+    swapped = loo_criterion(scores.flip(1), torch.tensor([1, 0, 0]))
+    assert swapped == loo_criterion(scores, torch.tensor([0, 1, 1]))
 
 
 def test_one_clip_a_class_averages_class_and_global_reliabilities():

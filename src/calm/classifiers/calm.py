@@ -39,11 +39,14 @@ LOO_MARGIN_WEIGHT = 0.1
 def loo_criterion(scores: torch.Tensor, y: torch.Tensor) -> float:
     """How well leave-one-out class ``scores`` (n, C) of support clips of classes ``y`` (n,) do:
     their accuracy plus LOO_MARGIN_WEIGHT times the mean margin p_y - max_{c != y} p_c of the
-    scores normalised to sum to 1 (a smooth tie-break between equal accuracies)."""
+    scores normalised to sum to 1 (a smooth tie-break between equal accuracies). A clip whose own
+    class ties with others for the top score counts 1 / (classes tied), so the criterion does not
+    depend on the order of the classes (argmax would give the tie to the lowest index)."""
     p = scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
     own = p.gather(1, y.view(-1, 1))[:, 0]
     rival = p.scatter(1, y.view(-1, 1), -1.0).amax(dim=1)
-    accuracy = (scores.argmax(dim=1) == y).to(p.dtype).mean()
+    top = scores == scores.amax(dim=1, keepdim=True)
+    accuracy = (top.gather(1, y.view(-1, 1))[:, 0] / top.sum(dim=1)).to(p.dtype).mean()
     return round(float(accuracy + LOO_MARGIN_WEIGHT * (own - rival).mean()), 9)
 
 
