@@ -234,7 +234,7 @@ class LeaveOneOut:
     (m,), leave-one-out log class scores ``log_scores`` (m, C), cosines ``own`` (m, K) to their own
     class's centroid without them, ``pred_cos`` (m, K) to the predicted class's centroid (without
     them where it is their class) and that class's head weights ``pred_weights`` (m, K) refitted
-    without them."""
+    without them (these three (0, K) under "top-proba", which reads none of them)."""
 
     y: np.ndarray  # (m,)
     log_scores: np.ndarray  # (m, C)
@@ -252,6 +252,7 @@ def leave_one_out(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> Leav
     C, K, _ = centroids.shape
     logs, ys, own, pred_cos, pred_w = [], [], [], [], []
     held_out = clf._held_out_log_scores(feats, y_idx, usable.numpy())  # None: leave-one-out scores
+    centroid_z = clf.unknown_score in CENTROID_Z_SCORES
     for start, xb in chunks:
         yb = torch.as_tensor(y_idx[start : start + len(xb)])
         keep = usable[start : start + len(xb)]
@@ -261,6 +262,8 @@ def leave_one_out(clf: Calibratable, feats: Features, y_idx: np.ndarray) -> Leav
         log_scores = _left_out_scores(clf, held_out, (start, keep), (cos_in, cos_loo), yb[keep])
         logs.append(log_scores)
         ys.append(yb[keep].numpy())
+        if not centroid_z:
+            continue
         own.append(cal.at_class(cos_loo, yb[keep].numpy()))
         pred = np.argmax(log_scores, axis=1)
         pred_cos.append(cal.at_class(cos_loo, pred))
