@@ -187,6 +187,22 @@ def all_scores(clf: HeadClassifier, Xs: np.ndarray, y_idx: np.ndarray, Xq: np.nd
     return s_sup, s_qry
 
 
+def validation_data(args: argparse.Namespace):
+    """The store's clips of folds 1..``args.folds`` only (X, y, fold), the unknown clips U of
+    ``args.unknowns`` (None without), the classes, and the scenarios {name: classes held out}."""
+    X, y, meta = load_features(args.store)
+    fold = meta["fold"].astype(int).to_numpy()
+    y = np.asarray(y).astype(str)
+    keep = fold <= args.folds
+    X, y, fold = np.asarray(X[np.flatnonzero(keep)], np.float32), y[keep], fold[keep]
+    U = None
+    if args.unknowns:
+        U = np.asarray(load_features(args.unknowns, key=meta.attrs.get("digest"))[0][:], np.float32)
+    all_classes = sorted(set(y))
+    scenarios = {"held-out": args.held_out} | ({"speech": 0} if U is not None else {})
+    return X, y, fold, U, all_classes, scenarios
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("store")
@@ -200,16 +216,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    X, y, meta = load_features(args.store)
-    fold = meta["fold"].astype(int).to_numpy()
-    y = np.asarray(y).astype(str)
-    keep = fold <= args.folds
-    X, y, fold = np.asarray(X[np.flatnonzero(keep)], np.float32), y[keep], fold[keep]
-    U = None
-    if args.unknowns:
-        U = np.asarray(load_features(args.unknowns, key=meta.attrs.get("digest"))[0][:], np.float32)
-    all_classes = sorted(set(y))
-    scenarios = {"held-out": args.held_out} | ({"speech": 0} if U is not None else {})
+    X, y, fold, U, all_classes, scenarios = validation_data(args)
     records = []
     for scen, n_held in scenarios.items():
         for shots in [int(s) for s in args.shots.split(",")]:

@@ -50,13 +50,12 @@ import json
 
 import numpy as np
 import torch
-from reject_scores import METHODS
+from reject_scores import METHODS, validation_data
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from calm import _calibration as cal
 from calm.evaluate.openset import held_out_classes
-from calm.store import load_features
 
 #: Weight (in clips) of the pooled per-head variance in the shrunk class variance.
 NU = 5.0
@@ -245,16 +244,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    X, y, meta = load_features(args.store)
-    fold = meta["fold"].astype(int).to_numpy()
-    y = np.asarray(y).astype(str)
-    keep = fold <= args.folds
-    X, y, fold = np.asarray(X[np.flatnonzero(keep)], np.float32), y[keep], fold[keep]
-    U = None
-    if args.unknowns:
-        U = np.asarray(load_features(args.unknowns, key=meta.attrs.get("digest"))[0][:], np.float32)
-    all_classes = sorted(set(y))
-    scenarios = {"held-out": args.held_out} | ({"speech": 0} if U is not None else {})
+    X, y, fold, U, all_classes, scenarios = validation_data(args)
     records = []
     for scen, n_held in scenarios.items():
         for shots in [int(s) for s in args.shots.split(",")]:
